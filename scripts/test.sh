@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install what the tests need into .venv (created if missing) and run the whole suite.
+# Exits non-zero on any failure, and also when pytest collects no test (its exit code 5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -r requirements.txt
+.venv/bin/python -m pytest -q "$@"
