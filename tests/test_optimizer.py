@@ -1,0 +1,195 @@
+"""Optimizers, schedules and clipping against values worked out by hand."""
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import optimizer
+from optimizer import SGD, Adam, AdamW, LRSchedule, clip_grad_norm, decay_mask, global_grad_norm
+
+
+def test_cosine_schedule_warmup_then_decay_to_min():
+    s = LRSchedule(base_lr=3e-4, warmup_steps=10, max_steps=110, min_lr=3e-5)
+    assert s(0) == pytest.approx(3e-5)              # 1/10 of base: the first update is never lr 0
+    assert s(4) == pytest.approx(1.5e-4)
+    assert s(9) == pytest.approx(3e-4)              # warmup ends at the base rate
+    assert s(10) == pytest.approx(3e-4)             # cos(0) = 1
+    assert s(60) == pytest.approx((3e-4 + 3e-5) / 2)  # halfway: cos(pi/2) = 0
+    assert s(35) == pytest.approx(3e-5 + 0.5 * (1 + math.cos(math.pi / 4)) * 2.7e-4)
+    assert s(110) == pytest.approx(3e-5)
+    assert s(500) == pytest.approx(3e-5)            # stays at the minimum afterwards
+    lrs = [s(i) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_linear_and_constant_schedules():
+    lin = LRSchedule(base_lr=1.0, warmup_steps=2, max_steps=12, min_lr=0.1, kind="linear")
+    assert [lin(i) for i in (0, 1, 2, 7, 12, 20)] == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1, 0.1])
+    const = LRSchedule(base_lr=0.2, warmup_steps=4, max_steps=10, kind="constant")
+    assert [const(i) for i in (0, 3, 4, 9, 100)] == pytest.approx([0.05, 0.2, 0.2, 0.2, 0.2])
+    no_warmup = LRSchedule(base_lr=0.2, warmup_steps=0, max_steps=10, min_lr=0.0)
+    assert no_warmup(0) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="schedule"):
+        LRSchedule(1.0, kind="step")
+    with pytest.raises(ValueError, match="min_lr"):
+        LRSchedule(1e-4, min_lr=1e-3)
+
+
+def test_clip_grad_norm_scales_to_max_norm_and_reports_the_old_norm():
+    grads = {"a": np.array([3.0, 0.0], dtype=np.float32), "b": np.array([[4.0]], dtype=np.float32)}
+    a_buf = grads["a"]
+    norm = clip_grad_norm(grads, max_norm=1.0)
+    assert norm == pytest.approx(5.0)
+    assert grads["a"] is a_buf                       # in place
+    np.testing.assert_allclose(grads["a"], [0.6, 0.0], rtol=1e-5)
+    np.testing.assert_allclose(grads["b"], [[0.8]], rtol=1e-5)
+    assert global_grad_norm(grads) == pytest.approx(1.0, rel=1e-5)
+    # below the threshold (or clipping off): untouched
+    small = {"a": np.array([0.3, 0.4])}
+    assert clip_grad_norm(small, max_norm=1.0) == pytest.approx(0.5)
+    np.testing.assert_array_equal(small["a"], [0.3, 0.4])
+    assert clip_grad_norm({"a": np.array([30.0, 40.0])}, max_norm=0) == pytest.approx(50.0)
+    bad = {"a": np.array([np.nan, 1.0])}
+    assert math.isnan(clip_grad_norm(bad, 1.0))
+
+
+def test_sgd_plain_and_with_momentum_three_steps_by_hand():
+    p = {"w": np.array([1.0, -2.0])}
+    opt = SGD(p)
+    opt.step({"w": np.array([0.5, 1.0])}, lr=0.1)
+    np.testing.assert_allclose(p["w"], [0.95, -2.1])
+
+    p = {"w": np.array([1.0])}
+    opt = SGD(p, momentum=0.9)
+    # buf: 1 -> 0.9*1 + 2 = 2.9 -> 0.9*2.9 - 1 = 1.61 ; p: 1 - 0.1 - 0.29 - 0.161
+    for g in (1.0, 2.0, -1.0):
+        opt.step({"w": np.array([g])}, lr=0.1)
+    np.testing.assert_allclose(p["w"], [1 - 0.1 - 0.29 - 0.161])
+    assert opt.t == 3
+
+
+def adam_by_hand(p, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
+    """Scalar Adam(W) in plain Python floats, straight from the paper's formulas."""
+    m = v = 0.0
+    for t, g in enumerate(grads, start=1):
+        p = p * (1 - lr * wd)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        p = p - lr * m_hat / (math.sqrt(v_hat) + eps)
+    return p
+
+
+def test_adam_first_step_moves_each_weight_by_lr():
+    # with bias correction the first step is lr * g/|g| (up to eps), whatever |g|
+    p = {"w": np.array([[1.0, 2.0], [3.0, 4.0]])}
+    Adam(p).step({"w": np.array([[0.1, -5.0], [1e-3, 2.0]])}, lr=0.01)
+    np.testing.assert_allclose(p["w"], [[0.99, 2.01], [2.99, 3.99]], rtol=1e-6)
+
+
+def test_adam_three_steps_match_hand_computation():
+    gs = [0.5, -1.0, 2.0]
+    p = {"w": np.array([[1.0]]), "b": np.array([0.2])}
+    opt = Adam(p, betas=(0.8, 0.9), eps=1e-6)
+    for g in gs:
+        opt.step({"w": np.array([[g]]), "b": np.array([-g])}, lr=0.1)
+    assert p["w"][0, 0] == pytest.approx(adam_by_hand(1.0, gs, 0.1, 0.8, 0.9, 1e-6), rel=1e-12)
+    assert p["b"][0] == pytest.approx(adam_by_hand(0.2, [-g for g in gs], 0.1, 0.8, 0.9, 1e-6), rel=1e-12)
+    # the second moment uses (1 - b2) * g^2: check the buffer itself
+    assert opt.v["w"][0, 0] == pytest.approx(0.9 * (0.9 * 0.1 * 0.25 + 0.1 * 1.0) + 0.1 * 4.0)
+    assert opt.m["w"][0, 0] == pytest.approx(0.8 * (0.8 * 0.2 * 0.5 + 0.2 * -1.0) + 0.2 * 2.0)
+    assert opt.t == 3  # once per step, not once per parameter
+
+
+def test_adamw_decays_matrices_only():
+    params = {
+        "wte": np.full((3, 2), 1.0), "wpe": np.full((4, 2), 1.0),
+        "h.0.attn.c_attn.weight": np.full((2, 6), 1.0), "h.0.attn.c_attn.bias": np.full(6, 1.0),
+        "h.0.ln_1.weight": np.full(2, 1.0), "ln_f.bias": np.full(2, 1.0),
+        "lm_head.weight": np.full((3, 2), 1.0),
+    }
+    mask = decay_mask(params)
+    assert {k for k, v in mask.items() if v} == {"h.0.attn.c_attn.weight", "lm_head.weight"}
+    assert decay_mask(params, decay_embeddings=True)["wte"] and decay_mask(params, True)["wpe"]
+
+    gs = [0.5, -1.0, 2.0]
+    opt = AdamW(params, weight_decay=0.1)
+    for g in gs:
+        opt.step({k: np.full_like(v, g) for k, v in params.items()}, lr=0.05)
+    decayed = adam_by_hand(1.0, gs, 0.05, wd=0.1)
+    plain = adam_by_hand(1.0, gs, 0.05)
+    assert decayed != pytest.approx(plain, rel=1e-6)
+    for name, p in params.items():
+        np.testing.assert_allclose(p, decayed if mask[name] else plain, rtol=1e-12, err_msg=name)
+
+
+def test_blocked_update_equals_the_obvious_formula_in_float32():
+    # arrays larger than one block, float32, the shape of a real embedding table
+    rng = np.random.default_rng(0)
+    shape = (optimizer.BLOCK // 64 + 37, 128)
+    p0 = rng.standard_normal(shape).astype(np.float32)
+    params = {"h.0.mlp.c_fc.weight": p0.copy()}
+    opt = AdamW(params, weight_decay=0.01)
+    m = np.zeros_like(p0, dtype=np.float64)
+    v = np.zeros_like(m)
+    p = p0.astype(np.float64)
+    for t in range(1, 4):
+        g = rng.standard_normal(shape).astype(np.float32)
+        opt.step({"h.0.mlp.c_fc.weight": g}, lr=1e-2)
+        p *= 1 - 1e-2 * 0.01
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g.astype(np.float64) ** 2
+        p -= 1e-2 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    assert params["h.0.mlp.c_fc.weight"].dtype == np.float32
+    np.testing.assert_allclose(params["h.0.mlp.c_fc.weight"], p, rtol=1e-5, atol=1e-5)
+
+
+def test_step_is_in_place_and_allocates_nothing_big():
+    rng = np.random.default_rng(1)
+    params = {"wte": rng.standard_normal((2000, 64)).astype(np.float32),
+              "h.0.ln_1.weight": np.ones(64, dtype=np.float32)}
+    grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+    for opt in (AdamW(params), SGD(params, momentum=0.9)):
+        ids = {k: id(v) for k, v in params.items()}
+        opt.step(grads, lr=1e-3)  # warm up
+        tracemalloc.start()
+        opt.step(grads, lr=1e-3)
+        clip_grad_norm(grads, 1.0)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert peak < 0.05 * params["wte"].nbytes, f"{type(opt).__name__} allocated {peak} bytes"
+        assert {k: id(v) for k, v in params.items()} == ids
+
+
+def test_state_dict_round_trip_continues_identically():
+    rng = np.random.default_rng(2)
+    init = {"w": rng.standard_normal((5, 3)), "b": rng.standard_normal(3)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in init.items()} for _ in range(4)]
+
+    a = {k: v.copy() for k, v in init.items()}
+    opt_a = AdamW(a, weight_decay=0.1)
+    for g in grads:
+        opt_a.step(g, lr=0.01)
+
+    b = {k: v.copy() for k, v in init.items()}
+    opt_b = AdamW(b, weight_decay=0.1)
+    for g in grads[:2]:
+        opt_b.step(g, lr=0.01)
+    saved = {k: np.array(v) for k, v in opt_b.state_dict().items()}
+    c = {k: v.copy() for k, v in b.items()}
+    opt_c = AdamW(c, weight_decay=0.1)
+    opt_c.load_state_dict(saved)
+    assert opt_c.t == 2
+    for g in grads[2:]:
+        opt_c.step(g, lr=0.01)
+    for k in init:
+        np.testing.assert_array_equal(a[k], c[k])
+    with pytest.raises(ValueError, match="m/w"):
+        AdamW({"w": np.zeros((5, 3))}).load_state_dict({"t": 1})
+
+
+def test_mismatched_grads_are_an_error():
+    opt = Adam({"w": np.zeros(2)})
+    with pytest.raises(ValueError, match="different keys"):
+        opt.step({"v": np.zeros(2)}, lr=0.1)
