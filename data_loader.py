@@ -1,0 +1,354 @@
+"""Token datasets for training: tokenized .jsonl -> memory-mapped binary -> batches.
+
+The tokenizer writes `X.jsonl` (one JSON array of token ids per line) and, with it,
+a sidecar `X.jsonl.meta.json` naming the tokenizer. Parsing JSON every run would be
+slow for the full dataset, so the first load converts the file once, streaming,
+into a flat binary token file next to it, and later loads memory-map that:
+
+    X.jsonl.tokens.bin    all token ids back to back (uint16 if vocab <= 65535, else uint32)
+    X.jsonl.tokens.json   {"format": "numpy-gpt token cache", "version": 1, "dtype", "vocab_size",
+                           "num_tokens", "num_documents", "tokenizer", "num_bytes", "source": {size, mtime}}
+
+The cache is rebuilt whenever the .jsonl changes (size or modification time differ).
+Stories are joined with the end-of-text token, so every window of seq_len + 1
+consecutive tokens is a training example and nothing is padded. A tokenizer sidecar
+says the last chunk of each story already ends with end-of-text; a plain .jsonl
+(the guide's format, no sidecar) gets end-of-text appended after every line.
+
+    from data_loader import load_dataset, RandomBatches, eval_batches
+    train = load_dataset("data/train_tokenized.jsonl", vocab_size=50257)
+    batches = RandomBatches(train, batch_size=32, seq_len=128, seed=0)
+    x, y = batches.next()                      # (B, T) int64 each, y = x shifted by one
+    for x, y in eval_batches(val, batch_size=32, seq_len=128):   # every token once
+        ...
+
+Command line (convert ahead of time and print what is in a file):
+    python3 data_loader.py data/train_tokenized.jsonl
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+CACHE_FORMAT = "numpy-gpt token cache"
+CACHE_VERSION = 1
+SIDECAR_FORMAT = "numpy-gpt tokenized jsonl"
+GPT2_EOT_ID = 50256  # <|endoftext|> in tiktoken's gpt2 encoding
+CHUNK_TOKENS = 1 << 20  # tokens buffered in memory while converting
+
+
+class DataError(Exception):
+    """A data file is missing, malformed, or does not fit the model; the message says what to do."""
+
+
+def sidecar_path(jsonl_path):
+    return str(jsonl_path) + ".meta.json"
+
+
+def cache_paths(jsonl_path):
+    return str(jsonl_path) + ".tokens.bin", str(jsonl_path) + ".tokens.json"
+
+
+def read_sidecar(jsonl_path):
+    """The tokenizer's sidecar dict for jsonl_path, or None for a plain .jsonl."""
+    path = sidecar_path(jsonl_path)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read tokenizer sidecar ({e}); re-run tokenizer.py or delete it") from None
+    if meta.get("format") != SIDECAR_FORMAT:
+        raise DataError(f"{path}: not a numpy-gpt tokenized-jsonl sidecar (format={meta.get('format')!r})")
+    return meta
+
+
+def _source_stamp(path):
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _atomic_write_text(path, text):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def convert_jsonl(jsonl_path, eot_id=None):
+    """Stream jsonl_path into its binary cache; return the cache's meta dict.
+
+    Memory stays bounded by CHUNK_TOKENS whatever the file size. eot_id is appended
+    after every line for a plain .jsonl (no sidecar); ignored when a sidecar exists.
+    """
+    jsonl_path = str(jsonl_path)
+    bin_path, meta_path = cache_paths(jsonl_path)
+    sidecar = read_sidecar(jsonl_path)
+    stamp = _source_stamp(jsonl_path)
+    if sidecar is not None:
+        tokenizer = sidecar.get("tokenizer")
+        vocab = int(tokenizer["n_vocab"]) if tokenizer and tokenizer.get("n_vocab") else None
+        append_eot = not sidecar.get("eot_appended", False)
+        eot_id = tokenizer.get("eot_id") if tokenizer else eot_id
+    else:
+        tokenizer, vocab, append_eot = None, None, True
+    if append_eot and eot_id is None:
+        raise DataError(f"{jsonl_path}: no tokenizer sidecar, so the end-of-text id is unknown; pass eot_id")
+
+    # A first pass finds the largest id, so the dtype is known before writing.
+    # (Two cheap streaming passes keep memory flat; no list of all tokens is ever built.)
+    max_id, max_line, num_tokens, num_lines = -1, 0, 0, 0
+    for lineno, ids in _iter_jsonl(jsonl_path):
+        num_lines += 1
+        num_tokens += len(ids) + (1 if append_eot else 0)
+        if ids:
+            top = max(ids)
+            if top > max_id:
+                max_id, max_line = top, lineno
+    if num_tokens == 0:
+        raise DataError(f"{jsonl_path} is empty: no token ids in it. Tokenize some text first (tokenizer.py).")
+    if append_eot and eot_id > max_id:
+        max_id, max_line = eot_id, 0
+    v = vocab if vocab is not None else max_id + 1
+    dtype = np.uint16 if max(v, max_id + 1) <= 65535 else np.uint32
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(bin_path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            buf, num_docs = [], 0
+            for _, ids in _iter_jsonl(jsonl_path):
+                buf.extend(ids)
+                if append_eot:
+                    buf.append(eot_id)
+                if len(buf) >= CHUNK_TOKENS:
+                    out.write(np.asarray(buf, dtype=dtype).tobytes())
+                    buf = []
+            out.write(np.asarray(buf, dtype=dtype).tobytes())
+        os.replace(tmp, bin_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if sidecar is not None and sidecar.get("num_documents") is not None:
+        num_docs = int(sidecar["num_documents"])
+    else:
+        num_docs = num_lines
+    meta = {
+        "format": CACHE_FORMAT, "version": CACHE_VERSION,
+        "dtype": np.dtype(dtype).name, "vocab_size": v, "num_tokens": num_tokens,
+        "num_documents": num_docs, "num_lines": num_lines, "max_id": max_id, "max_id_line": max_line,
+        "eot_id": eot_id, "eot_appended_here": append_eot, "tokenizer": tokenizer,
+        "num_bytes": sidecar.get("num_bytes") if sidecar else None,
+        "source": stamp, "sidecar": _source_stamp(sidecar_path(jsonl_path)) if sidecar else None,
+    }
+    _atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    return meta
+
+
+def _iter_jsonl(path):
+    """Yield (line number, list of ids) for each non-blank line; clear errors for bad lines."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                ids = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e}); each line must be a JSON array "
+                                "of token ids, e.g. [256, 345, 123]") from None
+            if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+                raise DataError(f"{path}:{lineno}: expected a JSON array of integer token ids, "
+                                f"got {raw[:60].decode('utf-8', 'replace')!r}")
+            if ids and min(ids) < 0:
+                raise DataError(f"{path}:{lineno}: negative token id {min(ids)}")
+            yield lineno, ids
+
+
+def _cache_is_fresh(jsonl_path, eot_id):
+    bin_path, meta_path = cache_paths(jsonl_path)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    side = sidecar_path(jsonl_path)
+    if (meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION
+            or meta.get("source") != _source_stamp(jsonl_path)
+            or meta.get("sidecar") != (_source_stamp(side) if os.path.exists(side) else None)
+            or (meta.get("eot_appended_here") and meta.get("eot_id") != eot_id)
+            or not os.path.exists(bin_path)
+            or os.path.getsize(bin_path) != meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize):
+        return None
+    return meta
+
+
+class TokenDataset:
+    """A memory-mapped flat array of token ids plus what is known about it.
+
+    tokens: np.memmap (uint16/uint32) of num_tokens ids; meta: the cache meta dict;
+    tokenizer: identity dict or None; num_bytes: UTF-8 bytes of the source text or None.
+    """
+
+    def __init__(self, path, tokens, meta):
+        self.path, self.tokens, self.meta = path, tokens, meta
+        self.tokenizer = meta.get("tokenizer")
+        self.num_bytes = meta.get("num_bytes")
+        self.num_documents = meta.get("num_documents")
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __repr__(self):
+        return (f"TokenDataset({self.path!r}: {len(self):,} tokens, {self.num_documents} documents, "
+                f"{self.tokens.dtype}, tokenizer={(self.tokenizer or {}).get('name')})")
+
+
+def load_dataset(path, vocab_size=None, eot_id=None, rebuild=False, log=None):
+    """Open a tokenized .jsonl as a TokenDataset, converting it to the binary cache if needed.
+
+    vocab_size: the model's vocabulary; every id must be below it (checked from the
+    cache meta, so no pass over the data). eot_id: end-of-text id to append after each
+    line of a plain .jsonl; defaults to GPT-2's 50256 when vocab_size is 50257, else
+    vocab_size - 1 (pass it explicitly for other tokenizers). log: callable for messages.
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        raise DataError(f"data file not found: {path}. Tokenize your text first (see tokenizer.py / the guide).")
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a directory; pass the tokenized .jsonl file")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path} is empty: no token ids in it. Tokenize some text first (tokenizer.py).")
+    if eot_id is None and read_sidecar(path) is None:
+        if vocab_size is None:
+            raise DataError(f"{path} has no tokenizer sidecar; pass vocab_size or eot_id")
+        eot_id = GPT2_EOT_ID if vocab_size == GPT2_EOT_ID + 1 else vocab_size - 1
+        if log:
+            log(f"{path}: no tokenizer sidecar ({os.path.basename(sidecar_path(path))}); "
+                f"joining lines with end-of-text id {eot_id}")
+    meta = None if rebuild else _cache_is_fresh(path, eot_id)
+    if meta is None:
+        if log:
+            log(f"converting {path} to a binary token file (once; reused while the .jsonl is unchanged)")
+        meta = convert_jsonl(path, eot_id=eot_id)
+    bin_path, _ = cache_paths(path)
+    tokens = np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["num_tokens"],))
+    if vocab_size is not None and meta["max_id"] >= vocab_size:
+        where = f" (line {meta['max_id_line']})" if meta.get("max_id_line") else " (the end-of-text id)"
+        tok = meta.get("tokenizer") or {}
+        hint = f"; its tokenizer {tok.get('name')!r} has {tok['n_vocab']} tokens" if tok.get("n_vocab") else ""
+        raise DataError(f"{path} contains token id {meta['max_id']}{where}, but --vocab_size is {vocab_size}"
+                        f"{hint}. Use --vocab_size {max(meta['max_id'] + 1, tok.get('n_vocab') or 0)} "
+                        "(or re-tokenize with the tokenizer you meant).")
+    return TokenDataset(path, tokens, meta)
+
+
+def same_tokenizer(a, b):
+    """True when two tokenizer identity dicts name the same tokenizer (None = unknown = compatible)."""
+    if a is None or b is None:
+        return True
+    keys = ("type", "name", "n_vocab", "eot_id", "sha256")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def check_same_tokenizer(train, val):
+    """Raise DataError if two datasets were tokenized by different tokenizers (per their sidecars)."""
+    if not same_tokenizer(train.tokenizer, val.tokenizer):
+        def name(t):
+            return f"{t.get('type')}:{t.get('name')} (n_vocab {t.get('n_vocab')}, sha256 {str(t.get('sha256'))[:12]})"
+        raise DataError(f"train and validation data were tokenized differently: {train.path} by "
+                        f"{name(train.tokenizer)}, {val.path} by {name(val.tokenizer)}. "
+                        "Re-tokenize both with the same tokenizer.")
+
+
+class RandomBatches:
+    """Random training windows from a seeded generator; its state can be saved and restored.
+
+    Each call to next() draws batch_size start offsets uniformly from all
+    len - seq_len possible windows and returns (x, y), both (B, T) int64, y = x shifted.
+    """
+
+    def __init__(self, dataset, batch_size, seq_len, seed=0):
+        n = len(dataset.tokens)
+        if n < seq_len + 1:
+            raise DataError(f"{dataset.path} has {n} tokens, fewer than one window of seq_len + 1 = "
+                            f"{seq_len + 1}; use a smaller --seq_len or more data")
+        self.tokens, self.batch_size, self.seq_len = dataset.tokens, batch_size, seq_len
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.num_windows = n - seq_len
+        self.batches_drawn = 0
+        self._offsets = np.arange(seq_len + 1)
+        self._idx = np.empty((batch_size, seq_len + 1), dtype=np.int64)
+
+    def next(self):
+        starts = self.rng.integers(0, self.num_windows, size=self.batch_size)
+        np.add(starts[:, None], self._offsets, out=self._idx)          # (B, T+1) token positions
+        window = self.tokens[self._idx].astype(np.int64)                # reads only these pages
+        self.batches_drawn += 1
+        return window[:, :-1], window[:, 1:]
+
+    def state(self):
+        """JSON-able position: the generator state and how many batches were drawn."""
+        return {"bit_generator": self.rng.bit_generator.state, "batches_drawn": self.batches_drawn}
+
+    def set_state(self, state):
+        self.rng.bit_generator.state = state["bit_generator"]
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+def num_eval_windows(dataset, seq_len):
+    """How many non-overlapping windows of seq_len + 1 tokens the dataset holds."""
+    return (len(dataset.tokens) - 1) // seq_len
+
+
+def eval_batches(dataset, batch_size, seq_len, max_batches=None):
+    """Deterministic pass over non-overlapping windows: window i is tokens[i*T : i*T + T + 1].
+
+    Every token after the first is a target exactly once (except a tail shorter
+    than a window). With max_batches, evenly spaced windows across the whole set
+    are used instead of all of them, so a capped evaluation still sees all of it.
+    """
+    n_windows = num_eval_windows(dataset, seq_len)
+    if n_windows < 1:
+        raise DataError(f"{dataset.path} has {len(dataset.tokens)} tokens, fewer than one window of "
+                        f"seq_len + 1 = {seq_len + 1}; use a smaller --seq_len or more validation data")
+    windows = np.arange(n_windows)
+    if max_batches is not None and max_batches * batch_size < n_windows:
+        windows = np.linspace(0, n_windows - 1, max_batches * batch_size).round().astype(np.int64)
+    offsets = np.arange(seq_len + 1)
+    for i in range(0, len(windows), batch_size):
+        idx = windows[i:i + batch_size, None] * seq_len + offsets       # (b, T+1)
+        window = dataset.tokens[idx].astype(np.int64)
+        yield window[:, :-1], window[:, 1:]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Convert tokenized .jsonl files to the binary token cache "
+                                     "(train.py does this itself when needed) and print what is in them.")
+    parser.add_argument("files", nargs="+", help="tokenized .jsonl files (one JSON array of ids per line)")
+    parser.add_argument("--vocab_size", type=int, default=None, help="check every id is below this")
+    parser.add_argument("--eot_id", type=int, default=None,
+                        help="end-of-text id to join lines of a plain .jsonl (default: from the sidecar, "
+                             "else 50256 for vocab 50257, else vocab_size - 1)")
+    parser.add_argument("--rebuild", action="store_true", help="convert again even if the cache is fresh")
+    args = parser.parse_args(argv)
+    try:
+        for path in args.files:
+            ds = load_dataset(path, vocab_size=args.vocab_size, eot_id=args.eot_id, rebuild=args.rebuild,
+                              log=lambda m: print(m, file=sys.stderr))
+            print(ds)
+    except DataError as e:
+        parser.exit(1, f"error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
