@@ -1,0 +1,99 @@
+"""checkpoint.py: round trips, atomic writes, and clear errors for files that are not checkpoints."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import checkpoint
+from checkpoint import CheckpointError, find_latest, load_checkpoint, load_model, read_meta, save_checkpoint
+from language_model import LanguageModel, ModelConfig
+
+CFG = ModelConfig(vocab_size=32, d_model=8, n_heads=2, d_ff=16, n_layers=1, max_seq_len=8)
+
+
+def test_round_trip_keeps_weights_optimizer_state_and_meta(tmp_path):
+    model = LanguageModel(CFG, seed=1)
+    arrays = {"t": np.array(7), "m/wte": np.full((32, 8), 0.5, np.float32)}
+    meta = {"step": 7, "rng": {"state": 2**100 + 3}, "tokenizer": {"type": "tiktoken", "name": "gpt2"},
+            "tokenizer_model_json": None}
+    path = save_checkpoint(tmp_path / "ck.npz", CFG, model.params, meta, arrays)
+    ck = load_checkpoint(path)
+    assert ck.config == CFG
+    assert ck.params.keys() == model.params.keys()
+    for k, v in model.params.items():
+        assert ck.params[k].dtype == v.dtype
+        np.testing.assert_array_equal(ck.params[k], v)
+    assert int(ck.arrays["t"]) == 7 and ck.arrays["m/wte"][3, 4] == 0.5
+    assert ck.meta["step"] == 7 and ck.meta["rng"]["state"] == 2**100 + 3   # big ints survive
+    assert ck.meta["format"] == "numpy-gpt checkpoint" and ck.meta["version"] == checkpoint.VERSION
+    assert read_meta(path)["config"] == CFG.to_dict()
+    loaded, meta2 = load_model(path)
+    x = np.array([[1, 2, 3]])
+    np.testing.assert_array_equal(loaded.forward(x), model.forward(x))
+    assert meta2["step"] == 7
+
+
+def test_write_is_atomic_a_crash_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
+    model = LanguageModel(CFG, seed=1)
+    path = save_checkpoint(tmp_path / "ck.npz", CFG, model.params, {"step": 1})
+    before = open(path, "rb").read()
+
+    def crash(file, **arrays):
+        file.write(b"PK\x03\x04 half a zip file")
+        raise KeyboardInterrupt  # e.g. Ctrl-C or a kill in the middle of writing
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, CFG, model.params, {"step": 2})
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["ck.npz"]    # no temp file left behind
+    assert load_checkpoint(path).meta["step"] == 1
+
+
+def test_refuses_to_save_non_finite_weights(tmp_path):
+    model = LanguageModel(CFG, seed=1)
+    model.params["h.0.mlp.c_fc.weight"][0, 0] = np.nan
+    with pytest.raises(CheckpointError, match="c_fc.weight.*NaN"):
+        save_checkpoint(tmp_path / "ck.npz", CFG, model.params, {"step": 1})
+    assert not os.listdir(tmp_path)
+
+
+def test_files_that_are_not_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable numpy-gpt checkpoint"):
+        load_checkpoint(tmp_path / "text.npz")
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(CheckpointError, match="no 'meta'"):
+        load_checkpoint(tmp_path / "other.npz")
+    np.savez(tmp_path / "newer.npz", meta=np.array(json.dumps({"format": "numpy-gpt checkpoint", "version": 99})))
+    with pytest.raises(CheckpointError, match="version 99.*update"):
+        load_checkpoint(tmp_path / "newer.npz")
+    # truncated file (e.g. copied while a write was in progress)
+    model = LanguageModel(CFG, seed=1)
+    good = save_checkpoint(tmp_path / "good.npz", CFG, model.params, {"step": 1})
+    data = open(good, "rb").read()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "cut.npz")
+
+
+def test_find_latest_picks_the_highest_step(tmp_path):
+    model = LanguageModel(CFG, seed=1)
+    assert find_latest(tmp_path) is None
+    for step in (5, 20, 10):
+        save_checkpoint(tmp_path / f"checkpoint_step_{step}.npz", CFG, model.params, {"step": step})
+    assert find_latest(tmp_path).endswith("checkpoint_step_20.npz")
+    save_checkpoint(tmp_path / "checkpoint_final.npz", CFG, model.params, {"step": 20})
+    assert find_latest(tmp_path).endswith("checkpoint_final.npz")
+    save_checkpoint(tmp_path / "checkpoint_step_30.npz", CFG, model.params, {"step": 30})
+    assert find_latest(tmp_path).endswith("checkpoint_step_30.npz")
+
+
+def test_command_line_prints_a_summary(tmp_path, capsys):
+    model = LanguageModel(CFG, seed=1)
+    path = save_checkpoint(tmp_path / "ck.npz", CFG, model.params, {"step": 3})
+    assert checkpoint.main([path]) == 0
+    out = capsys.readouterr().out
+    assert "step 3" in out and f"{sum(p.size for p in model.params.values()):,} parameters" in out
