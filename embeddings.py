@@ -1,0 +1,43 @@
+"""Token embedding plus positional encoding: the model's first layer.
+
+Shapes: B batch, T sequence length, C model width (d_model), V vocabulary size,
+T_max the longest sequence the positional table covers (max_seq_len).
+
+    x[b, t] = wte[idx[b, t]] + pos[start + t]
+
+`pos` is either the learned table `wpe` (T_max, C), as in GPT-2, or a fixed sinusoidal
+table of the same shape (Vaswani et al. 2017) that has no parameters and gets no gradient.
+"""
+import numpy as np
+
+
+def sinusoidal_positions(T_max, C, dtype=np.float32):
+    """The fixed (T_max, C) table: sin on even channels, cos on odd ones, wavelengths 2pi..10000*2pi."""
+    pos = np.arange(T_max, dtype=np.float64)[:, None]  # (T_max, 1)
+    freq = 10000.0 ** (-np.arange(0, C, 2, dtype=np.float64) / C)  # (ceil(C/2),)
+    angle = pos * freq  # (T_max, ceil(C/2))
+    table = np.empty((T_max, C))
+    table[:, 0::2] = np.sin(angle)
+    table[:, 1::2] = np.cos(angle[:, : C // 2])
+    return table.astype(dtype)
+
+
+def embedding_forward(idx, wte, pos_table, start=0):
+    """idx (B, T) int, wte (V, C), pos_table (T_max, C) -> x (B, T, C).
+
+    `start` is the position of idx[:, 0]; it is non-zero only when decoding with a key/value cache.
+    """
+    T = idx.shape[1]
+    return wte[idx] + pos_table[start : start + T]  # (B, T, C)
+
+
+def embedding_backward(dx, idx, dwte, dwpe=None):
+    """Accumulate the gradient of x into the rows of dwte that were looked up (and into dwpe).
+
+    Forward was x[b, t] = wte[idx[b, t]] + pos[t], so every use of a token adds dx[b, t] to its row.
+    """
+    C = dx.shape[-1]
+    np.add.at(dwte, idx.ravel(), dx.reshape(-1, C))  # (B*T, C) scattered into (V, C)
+    if dwpe is not None:
+        T = idx.shape[1]
+        dwpe[:T] += dx.sum(axis=0)  # (B, T, C) -> (T, C)

@@ -1,0 +1,83 @@
+"""The language-model head: final layer norm, projection to the vocabulary, and the loss.
+
+Shapes: B batch, T sequence length, N = B*T rows, C model width, V vocabulary size,
+R rows per chunk.
+
+    logits = layernorm(x) @ w_out.T          w_out (V, C): the token embedding wte when tied
+
+With GPT-2's vocabulary this is over 90% of a small model's arithmetic, and the (N, V)
+logits are the largest array by far (800 MB for N = 4096 in float32). So training never
+holds them all: `lm_head_loss` goes through the rows in chunks of R, and for each chunk
+computes the logits into one preallocated (R, V) buffer, turns them in place into
+dloss/dlogits, and immediately multiplies them back into dx and dw_out. `lm_head_forward`
+is the plain unchunked version (used for generation and as the tests' reference).
+"""
+import numpy as np
+
+from loss import IGNORE_INDEX, softmax_cross_entropy_inplace
+from transformer import layernorm_backward, layernorm_forward
+
+ROWS_PER_CHUNK = 1024  # rows of logits per matrix product: big enough for BLAS to run at full speed
+ROWS_PER_BLOCK = 16  # rows per softmax pass: (16, 50257) float32 is 3 MB, which stays in cache
+
+
+def lm_head_forward(x, w_ln, b_ln, w_out):
+    """(B, T, C) -> logits (B, T, V)."""
+    h, _ = layernorm_forward(x, w_ln, b_ln)
+    return h @ w_out.T  # (B, T, C) @ (C, V) -> (B, T, V)
+
+
+class HeadWorkspace:
+    """Buffers reused from step to step: fresh 100s-of-MB temporaries cost page faults each time."""
+
+    def __init__(self):
+        self.arrays = {}
+
+    def get(self, name, shape, dtype):
+        a = self.arrays.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            a = self.arrays[name] = np.empty(shape, dtype)
+        return a
+
+
+def lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=None, workspace=None,
+                 rows_per_chunk=ROWS_PER_CHUNK, ignore_index=IGNORE_INDEX):
+    """Cross-entropy of the head's logits against targets, chunked over rows.
+
+    x (B, T, C), targets (B, T). `grads`: None for evaluation, or (dw_ln, db_ln, dw_out), into
+    which the gradients of the mean loss are added. Returns
+    (loss_sum, n_correct, n_counted, dx): the loss summed over the counted (not ignored)
+    targets, how many of them had the highest logit, how many there were, and dx (B, T, C) or None.
+    """
+    B, T, C = x.shape
+    V = w_out.shape[0]
+    N = B * T
+    ws = workspace or HeadWorkspace()
+    h, ln_cache = layernorm_forward(x.reshape(N, C), w_ln, b_ln)  # (N, C)
+    t = targets.reshape(N)
+    n_counted = int(np.count_nonzero(t != ignore_index))
+    grad_scale = 1.0 / max(n_counted, 1) if grads is not None else None
+    R = min(rows_per_chunk, N)
+    buf = ws.get("logits", (R, V), x.dtype)
+    if grads is not None:
+        dw_ln, db_ln, dw_out = grads
+        dh = np.empty_like(h)  # (N, C)
+        dw_chunk = ws.get("dw_out", (V, C), x.dtype)
+    loss_sum, n_correct = 0.0, 0
+    for r0 in range(0, N, R):
+        r1 = min(N, r0 + R)
+        logits = buf[: r1 - r0]
+        np.matmul(h[r0:r1], w_out.T, out=logits)  # (R, C) @ (C, V) -> (R, V)
+        for b0 in range(0, r1 - r0, ROWS_PER_BLOCK):
+            b1 = min(r1 - r0, b0 + ROWS_PER_BLOCK)
+            s, c = softmax_cross_entropy_inplace(logits[b0:b1], t[r0 + b0 : r0 + b1], grad_scale, ignore_index)
+            loss_sum += s
+            n_correct += c
+        if grads is not None:  # logits now holds dlogits
+            np.matmul(logits, w_out, out=dh[r0:r1])  # (R, V) @ (V, C) -> (R, C)
+            np.matmul(logits.T, h[r0:r1], out=dw_chunk)  # (V, R) @ (R, C) -> (V, C)
+            dw_out += dw_chunk
+    if grads is None:
+        return loss_sum, n_correct, n_counted, None
+    dx = layernorm_backward(dh, ln_cache, dw_ln, db_ln)
+    return loss_sum, n_correct, n_counted, dx.reshape(B, T, C)

@@ -1,0 +1,63 @@
+"""Softmax cross-entropy for next-token prediction, and the metrics derived from it.
+
+Shapes: N rows (B*T token positions), V vocabulary size.
+A target equal to IGNORE_INDEX contributes neither loss nor gradient nor accuracy.
+"""
+import numpy as np
+
+IGNORE_INDEX = -100  # as in PyTorch's cross_entropy
+
+
+def cross_entropy_reference(logits, targets, ignore_index=IGNORE_INDEX):
+    """The plain version, for tests: (N, V), (N,) -> mean loss, accuracy, dlogits (N, V).
+
+    Makes full-size temporaries; the model uses softmax_cross_entropy_inplace instead.
+    """
+    valid = targets != ignore_index
+    n = max(int(valid.sum()), 1)
+    z = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    rows = np.nonzero(valid)[0]
+    loss = -np.log(probs[rows, targets[rows]]).sum() / n
+    accuracy = (logits[rows].argmax(axis=1) == targets[rows]).sum() / n
+    dlogits = probs.copy()
+    dlogits[rows, targets[rows]] -= 1.0
+    dlogits *= valid[:, None] / n
+    return loss, accuracy, dlogits
+
+
+def softmax_cross_entropy_inplace(logits, targets, grad_scale=None, ignore_index=IGNORE_INDEX):
+    """Fused softmax + cross-entropy on logits (N, V), overwriting them.
+
+    Returns (sum of the counted rows' losses as a float, number of rows whose target has the
+    highest logit). With grad_scale, logits end up holding dloss/dlogits =
+    grad_scale * (softmax(logits) - onehot(targets)), zero on ignored rows: the caller passes
+    grad_scale = 1 / (number of counted tokens in the whole batch). Without it (evaluation)
+    they end up holding unnormalised probabilities. No (N, V) temporary is made, so a block
+    of rows that fits in cache stays there for all passes.
+    """
+    rows = np.arange(logits.shape[0])
+    valid = targets != ignore_index
+    tgt = np.where(valid, targets, 0)
+    target_logit = logits[rows, tgt]  # (N,) a copy, taken before logits is overwritten
+    m = logits.max(axis=1)  # (N,)
+    # a tie for the maximum counts as correct; argmax would cost another pass over the row
+    n_correct = int((valid & (target_logit >= m)).sum())
+    np.subtract(logits, m[:, None], out=logits)
+    np.exp(logits, out=logits)  # unnormalised probabilities, each in (0, 1]
+    s = logits.sum(axis=1, dtype=np.float64)  # (N,)
+    losses = np.log(s) + m - target_logit  # -log softmax at the target = logsumexp - target logit
+    if grad_scale is not None:
+        np.multiply(logits, (grad_scale * valid / s).astype(logits.dtype)[:, None], out=logits)
+        logits[rows[valid], tgt[valid]] -= logits.dtype.type(grad_scale)
+    return float(losses[valid].sum()), n_correct
+
+
+def perplexity(mean_loss):
+    """exp of the mean loss over all tokens (not a mean of per-batch perplexities)."""
+    return float(np.exp(min(mean_loss, 700.0)))
+
+
+def bits_per_byte(loss_sum, n_bytes):
+    """Total nats over the text's UTF-8 bytes, in bits: comparable across tokenizers."""
+    return float(loss_sum / np.log(2) / n_bytes)

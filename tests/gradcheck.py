@@ -1,0 +1,38 @@
+"""Float64 central finite differences, the oracle every backward pass is checked against."""
+import numpy as np
+
+
+def numerical_gradient(f, x, h=1e-6):
+    """d f() / d x for a scalar function f of the array x (perturbed in place and restored)."""
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        fp = f()
+        flat[i] = old - h
+        fm = f()
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2 * h)
+    return grad
+
+
+def rel_error(a, b):
+    """max |a - b| / max(|a| + |b|): scale-free, and 0 only when they agree."""
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a) + np.abs(b)), 1e-30))
+
+
+def check_layer(forward, backward, inputs, grads, rng, tol=1e-6):
+    """Check backward against finite differences of sum(forward(**inputs) * dout).
+
+    forward() -> out, cache; backward(dout, cache) -> {name: analytic gradient} for the names
+    of `grads` (a subset of `inputs`), with a random upstream gradient dout.
+    """
+    out, cache = forward()
+    dout = rng.standard_normal(out.shape)
+    analytic = backward(dout, cache)
+    for name in grads:
+        numeric = numerical_gradient(lambda: float(np.sum(forward()[0] * dout)), inputs[name])
+        err = rel_error(analytic[name], numeric)
+        assert err < tol, f"gradient of {name}: relative error {err:.2e} >= {tol}"
+        assert np.abs(numeric).max() > 0, f"gradient of {name} is zero: the check would prove nothing"

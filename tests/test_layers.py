@@ -1,0 +1,201 @@
+"""Every layer's backward pass against float64 central finite differences (B=2, T=3, C=4-ish)."""
+import numpy as np
+import pytest
+
+from embeddings import embedding_backward, embedding_forward, sinusoidal_positions
+from gradcheck import check_layer, numerical_gradient, rel_error
+from lm_head import lm_head_forward, lm_head_loss
+from loss import IGNORE_INDEX, cross_entropy_reference, softmax_cross_entropy_inplace
+from transformer import (attention_backward, attention_forward, block_backward, block_forward,
+                         layernorm_backward, layernorm_forward, mlp_backward, mlp_forward)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def zeros_like(d, names):
+    return {k: np.zeros_like(d[k]) for k in names}
+
+
+def test_layernorm(rng):
+    p = {"x": rng.standard_normal((2, 3, 4)), "w": rng.standard_normal(4), "b": rng.standard_normal(4)}
+
+    def backward(dout, cache):
+        g = zeros_like(p, ["w", "b"])
+        g["x"] = layernorm_backward(dout, cache, g["w"], g["b"])
+        return g
+
+    check_layer(lambda: layernorm_forward(p["x"], p["w"], p["b"]), backward, p, ["x", "w", "b"], rng)
+
+
+def test_layernorm_output_is_normalised(rng):
+    x = rng.standard_normal((5, 16)) * 3 + 7
+    out, _ = layernorm_forward(x, np.ones(16), np.zeros(16))
+    np.testing.assert_allclose(out.mean(-1), 0, atol=1e-12)
+    np.testing.assert_allclose(out.var(-1), 1 / (1 + 1e-5 / x.var(-1)), rtol=1e-10)  # eps = 1e-5
+
+
+def attention_params(rng, C=8):
+    return {"x": rng.standard_normal((2, 3, C)),
+            "w_attn": rng.standard_normal((C, 3 * C)) * 0.5, "b_attn": rng.standard_normal(3 * C) * 0.1,
+            "w_proj": rng.standard_normal((C, C)) * 0.5, "b_proj": rng.standard_normal(C) * 0.1}
+
+
+def test_attention(rng):
+    p = attention_params(rng)
+
+    def forward():
+        return attention_forward(p["x"], p["w_attn"], p["b_attn"], p["w_proj"], p["b_proj"], n_heads=2)
+
+    def backward(dout, cache):
+        g = zeros_like(p, ["w_attn", "b_attn", "w_proj", "b_proj"])
+        g["x"] = attention_backward(dout, cache, p["w_attn"], p["w_proj"],
+                                    g["w_attn"], g["b_attn"], g["w_proj"], g["b_proj"])
+        return g
+
+    check_layer(forward, backward, p, list(p), rng)
+
+
+def test_attention_is_causal(rng):
+    """No gradient flows from a position to an earlier one, and the future never changes the past."""
+    p = attention_params(rng)
+    p["x"] = rng.standard_normal((2, 5, 8))
+    args = (p["w_attn"], p["b_attn"], p["w_proj"], p["b_proj"])
+    out, cache = attention_forward(p["x"], *args, n_heads=2)
+    for t in range(5):
+        dout = np.zeros_like(out)
+        dout[:, t] = rng.standard_normal((2, 8))
+        g = zeros_like(p, ["w_attn", "b_attn", "w_proj", "b_proj"])
+        dx = attention_backward(dout, cache, p["w_attn"], p["w_proj"], g["w_attn"], g["b_attn"], g["w_proj"], g["b_proj"])
+        assert np.all(dx[:, t + 1:] == 0), f"output {t} has gradient from a later input"
+        assert np.all(np.abs(dx[:, : t + 1]).sum(-1) > 0), f"output {t} ignores an earlier input"
+    x2 = p["x"].copy()
+    x2[:, 3:] = rng.standard_normal((2, 2, 8))  # change the future
+    out2, _ = attention_forward(x2, *args, n_heads=2)
+    np.testing.assert_array_equal(out2[:, :3], out[:, :3])
+    assert not np.allclose(out2[:, 3:], out[:, 3:])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_mlp(rng, activation):
+    C, F = 4, 6
+    p = {"x": rng.standard_normal((2, 3, C)),
+         "w_fc": rng.standard_normal((C, F)), "b_fc": rng.standard_normal(F),
+         "w_proj": rng.standard_normal((F, C)), "b_proj": rng.standard_normal(C)}
+
+    def forward():
+        return mlp_forward(p["x"], p["w_fc"], p["b_fc"], p["w_proj"], p["b_proj"], activation)
+
+    def backward(dout, cache):
+        g = zeros_like(p, ["w_fc", "b_fc", "w_proj", "b_proj"])
+        g["x"] = mlp_backward(dout, cache, p["w_fc"], p["w_proj"], g["w_fc"], g["b_fc"], g["w_proj"], g["b_proj"])
+        return g
+
+    check_layer(forward, backward, p, list(p), rng)
+
+
+def test_gelu_is_gpt2s_tanh_form():
+    from transformer import gelu_forward
+    x = np.linspace(-4, 4, 81)
+    expected = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    np.testing.assert_allclose(gelu_forward(x)[0], expected, rtol=1e-15, atol=1e-15)
+
+
+def block_params(rng, C=8, F=12):
+    shapes = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+              "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+              "mlp.c_fc.weight": (C, F), "mlp.c_fc.bias": (F,), "mlp.c_proj.weight": (F, C), "mlp.c_proj.bias": (C,)}
+    return {k: rng.standard_normal(s) * 0.5 for k, s in shapes.items()}
+
+
+def test_block(rng):
+    p = block_params(rng)
+    p["x"] = rng.standard_normal((2, 3, 8))
+
+    def backward(dout, cache):
+        g = zeros_like(p, [k for k in p if k != "x"])
+        g["x"] = block_backward(dout, cache, p, g)
+        return g
+
+    check_layer(lambda: block_forward(p["x"], p, n_heads=2), backward, p, list(p), rng)
+
+
+def test_embedding_learned_positions(rng):
+    idx = np.array([[1, 4, 1], [0, 4, 2]])  # token 1 and 4 used twice: their gradients must add up
+    p = {"wte": rng.standard_normal((5, 4)), "wpe": rng.standard_normal((6, 4))}
+
+    def backward(dout, cache):
+        g = zeros_like(p, ["wte", "wpe"])
+        embedding_backward(dout, idx, g["wte"], g["wpe"])
+        return g
+
+    check_layer(lambda: (embedding_forward(idx, p["wte"], p["wpe"]), None), backward, p, ["wte", "wpe"], rng)
+
+
+def test_sinusoidal_table_matches_the_formula():
+    table = sinusoidal_positions(7, 6, np.float64)
+    for pos in range(7):
+        for i in range(3):
+            assert table[pos, 2 * i] == pytest.approx(np.sin(pos / 10000 ** (2 * i / 6)), abs=1e-15)
+            assert table[pos, 2 * i + 1] == pytest.approx(np.cos(pos / 10000 ** (2 * i / 6)), abs=1e-15)
+    assert sinusoidal_positions(4, 5).shape == (4, 5)  # odd widths work too
+
+
+def test_fused_cross_entropy_matches_reference(rng):
+    logits = rng.standard_normal((6, 9)) * 3
+    targets = np.array([0, 8, IGNORE_INDEX, 3, 3, 5])
+    loss, acc, dlogits = cross_entropy_reference(logits, targets)
+    buf = logits.copy()
+    s, n_correct = softmax_cross_entropy_inplace(buf, targets, grad_scale=1 / 5)
+    assert s / 5 == pytest.approx(loss, rel=1e-12)
+    assert n_correct / 5 == pytest.approx(acc)
+    np.testing.assert_allclose(buf, dlogits, rtol=1e-12, atol=1e-15)
+    assert np.all(buf[2] == 0)  # an ignored row gets no gradient
+
+
+def test_cross_entropy_reference_gradient(rng):
+    logits = rng.standard_normal((4, 7))
+    targets = np.array([1, IGNORE_INDEX, 6, 0])
+    _, _, dlogits = cross_entropy_reference(logits, targets)
+    numeric = numerical_gradient(lambda: cross_entropy_reference(logits, targets)[0], logits)
+    assert rel_error(dlogits, numeric) < 1e-7
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 4, 1024])
+def test_chunked_head_loss(rng, rows_per_chunk):
+    """The chunked head + loss against finite differences and against the plain unchunked version."""
+    B, T, C, V = 2, 3, 4, 11
+    p = {"x": rng.standard_normal((B, T, C)), "w_ln": rng.standard_normal(C), "b_ln": rng.standard_normal(C),
+         "w_out": rng.standard_normal((V, C))}
+    targets = rng.integers(0, V, (B, T))
+    targets[1, 2] = IGNORE_INDEX
+
+    def mean_loss():
+        s, _, n, _ = lm_head_loss(p["x"], p["w_ln"], p["b_ln"], p["w_out"], targets, rows_per_chunk=rows_per_chunk)
+        return s / n
+
+    g = zeros_like(p, ["w_ln", "b_ln", "w_out"])
+    s, n_correct, n, dx = lm_head_loss(p["x"], p["w_ln"], p["b_ln"], p["w_out"], targets,
+                                       grads=(g["w_ln"], g["b_ln"], g["w_out"]), rows_per_chunk=rows_per_chunk)
+    g["x"] = dx
+    assert n == 5
+    for name in p:
+        assert rel_error(g[name], numerical_gradient(mean_loss, p[name])) < 1e-6, name
+    logits = lm_head_forward(p["x"], p["w_ln"], p["b_ln"], p["w_out"]).reshape(B * T, V)
+    ref_loss, ref_acc, _ = cross_entropy_reference(logits, targets.reshape(-1))
+    assert s / n == pytest.approx(ref_loss, rel=1e-12)
+    assert n_correct / n == pytest.approx(ref_acc)
+
+
+def test_head_loss_accumulates_into_gradients(rng):
+    """Backward adds: a gradient buffer holding something keeps it (the tied weight relies on this)."""
+    x, w_ln, b_ln, w_out = rng.standard_normal((1, 2, 4)), np.ones(4), np.zeros(4), rng.standard_normal((5, 4))
+    targets = np.array([[1, 2]])
+    fresh = [np.zeros(4), np.zeros(4), np.zeros((5, 4))]
+    lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=fresh)
+    preset = [np.ones(4), np.ones(4), np.ones((5, 4))]
+    lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=preset)
+    for f, p in zip(fresh, preset):
+        np.testing.assert_allclose(p, f + 1, rtol=1e-12)

@@ -1,0 +1,226 @@
+"""The whole model: end-to-end gradients, GPT-2 equivalence, the cache, bad input, overfitting."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gradcheck import numerical_gradient, rel_error
+from language_model import LanguageModel, ModelConfig, param_shapes
+from loss import IGNORE_INDEX
+
+TINY = dict(vocab_size=11, d_model=8, n_heads=2, d_ff=12, n_layers=2, max_seq_len=6)
+
+
+def tiny_model(seed=0, **overrides):
+    return LanguageModel(ModelConfig(**{**TINY, **overrides}), seed=seed, dtype=np.float64)
+
+
+def batch(rng, B=2, T=4, V=11):
+    tokens = rng.integers(0, V, (B, T + 1))
+    return tokens[:, :-1], tokens[:, 1:].copy()
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # sinusoidal positions, GELU, tied head
+    {"use_learned_pos": True, "tie_embeddings": False, "activation": "relu"},
+])
+def test_whole_model_gradients(overrides):
+    rng = np.random.default_rng(0)
+    model = tiny_model(**overrides)
+    for k in model.params:  # move off the initialisation's symmetric values (unit gains, zero biases)
+        model.params[k] += rng.standard_normal(model.params[k].shape) * 0.1
+    idx, targets = batch(rng)
+    targets[0, 1] = IGNORE_INDEX
+    model.forward_backward(idx, targets)
+    assert set(model.grads) == set(model.params)
+    for name, p in model.params.items():
+        numeric = numerical_gradient(lambda: model.evaluate(idx, targets)[0] / 7, p)
+        err = rel_error(model.grads[name], numeric)
+        assert err < 1e-6, f"{name}: relative error {err:.2e}"
+
+
+def test_tied_weight_collects_embedding_and_head_gradients():
+    rng = np.random.default_rng(1)
+    idx, targets = batch(rng)
+    tied = tiny_model(seed=3)
+    untied = tiny_model(seed=3, tie_embeddings=False)
+    for k in tied.params:
+        untied.params[k][...] = tied.params[k]
+    untied.params["lm_head.weight"][...] = tied.params["wte"]
+    loss_tied, _ = tied.forward_backward(idx, targets)
+    loss_untied, _ = untied.forward_backward(idx, targets)
+    assert loss_tied == pytest.approx(loss_untied, rel=1e-14)
+    both = untied.grads["wte"] + untied.grads["lm_head.weight"]
+    np.testing.assert_allclose(tied.grads["wte"], both, rtol=1e-12, atol=1e-15)
+    assert np.abs(untied.grads["wte"]).max() > 0 and np.abs(untied.grads["lm_head.weight"]).max() > 0
+
+
+def test_future_tokens_do_not_change_earlier_logits():
+    rng = np.random.default_rng(2)
+    model = tiny_model()
+    idx = rng.integers(0, 11, (2, 6))
+    changed = idx.copy()
+    changed[:, 4:] = (changed[:, 4:] + 1) % 11
+    a, b = model.forward(idx), model.forward(changed)
+    np.testing.assert_array_equal(a[:, :4], b[:, :4])
+    assert not np.allclose(a[:, 4:], b[:, 4:])
+
+
+def gpt2_reference_logits(params, cfg, idx, positions):
+    """An independent, picoGPT-style GPT-2 forward pass (float64), written from the paper's equations."""
+    def layer_norm(x, g, b):
+        mu = x.mean(-1, keepdims=True)
+        return g * (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5) + b
+
+    def gelu(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    T = len(idx)
+    x = params["wte"][idx] + positions[:T]
+    hs = cfg.d_model // cfg.n_heads
+    for i in range(cfg.n_layers):
+        P = lambda n: params[f"h.{i}.{n}"]  # noqa: E731
+        h = layer_norm(x, P("ln_1.weight"), P("ln_1.bias"))
+        q, k, v = np.split(h @ P("attn.c_attn.weight") + P("attn.c_attn.bias"), 3, axis=-1)
+        heads = []
+        for j in range(cfg.n_heads):
+            s = slice(j * hs, (j + 1) * hs)
+            scores = q[:, s] @ k[:, s].T / np.sqrt(hs) + (1 - np.tri(T)) * -1e10
+            heads.append(softmax(scores) @ v[:, s])
+        x = x + np.hstack(heads) @ P("attn.c_proj.weight") + P("attn.c_proj.bias")
+        h = layer_norm(x, P("ln_2.weight"), P("ln_2.bias"))
+        x = x + gelu(h @ P("mlp.c_fc.weight") + P("mlp.c_fc.bias")) @ P("mlp.c_proj.weight") + P("mlp.c_proj.bias")
+    return layer_norm(x, params["ln_f.weight"], params["ln_f.bias"]) @ params["wte"].T
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_computes_gpt2s_function(learned):
+    rng = np.random.default_rng(4)
+    model = tiny_model(use_learned_pos=learned)
+    for k in model.params:
+        model.params[k] += rng.standard_normal(model.params[k].shape) * 0.3
+    idx = rng.integers(0, 11, (2, 6))
+    if learned:
+        positions = model.params["wpe"]
+    else:  # PE(pos, 2i) = sin(pos / 10000^(2i/C)), PE(pos, 2i+1) = cos(...)
+        pos, i = np.arange(6)[:, None], np.arange(0, 8, 2)[None, :]
+        positions = np.zeros((6, 8))
+        positions[:, 0::2] = np.sin(pos / 10000 ** (i / 8))
+        positions[:, 1::2] = np.cos(pos / 10000 ** (i / 8))
+    logits = model.forward(idx)
+    for b in range(2):
+        ref = gpt2_reference_logits(model.params, model.config, idx[b], positions)
+        np.testing.assert_allclose(logits[b], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_parameter_names_and_layouts_follow_gpt2():
+    cfg = ModelConfig(vocab_size=50257, d_model=768, n_heads=12, d_ff=3072, n_layers=12, max_seq_len=1024,
+                      use_learned_pos=True)
+    shapes = param_shapes(cfg)
+    assert shapes["wte"] == (50257, 768) and shapes["wpe"] == (1024, 768)
+    assert shapes["h.11.attn.c_attn.weight"] == (768, 2304) and shapes["h.0.mlp.c_proj.weight"] == (3072, 768)
+    assert sum(np.prod(s) for s in shapes.values()) == 124_439_808  # GPT-2 small's published count
+
+
+def test_kv_cache_gives_the_same_logits_as_a_full_pass():
+    rng = np.random.default_rng(5)
+    model = tiny_model()
+    idx = rng.integers(0, 11, (3, 6))
+    full = model.forward(idx)
+    cache = model.new_kv_cache(3)
+    pieces = [model.forward(idx[:, :2], kv_cache=cache)]
+    for t in range(2, 6):
+        pieces.append(model.forward(idx[:, t:t + 1], kv_cache=cache))
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.forward(idx[:, :1], kv_cache=cache)
+
+
+def test_dtype_follows_the_parameters():
+    rng = np.random.default_rng(6)
+    idx, targets = batch(rng)
+    m32 = LanguageModel(ModelConfig(**TINY), dtype=np.float32)
+    assert m32.forward(idx).dtype == np.float32
+    m32.forward_backward(idx, targets)
+    assert all(g.dtype == np.float32 for g in m32.grads.values())
+    m64 = LanguageModel(ModelConfig(**TINY), dtype=np.float64)
+    assert m64.forward(idx).dtype == np.float64
+    np.testing.assert_allclose(m32.forward(idx), m64.forward(idx), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.array([[1, 2, 11]]), "outside"),
+    (np.array([[1, -5, 3]]), "outside"),
+    (np.zeros((1, 7), dtype=int), "max_seq_len"),
+    (np.array([[1.0, 2.0]]), "integer"),
+    (np.array([1, 2, 3]), "shape"),
+    ([[1, 2, 3]], "NumPy array"),
+])
+def test_bad_input_gets_a_clear_error(bad, message):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        model.forward(bad)
+
+
+def test_bad_config_gets_a_clear_error():
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(**{**TINY, "n_heads": 3})
+    with pytest.raises(ValueError, match="activation"):
+        ModelConfig(**{**TINY, "activation": "swish"})
+    with pytest.raises(ValueError, match="unknown"):
+        ModelConfig.from_dict({**TINY, "n_embd": 3})
+    assert ModelConfig.from_dict(ModelConfig(**TINY).to_dict()) == ModelConfig(**TINY)
+
+
+def test_parameter_count():
+    model = LanguageModel(ModelConfig(vocab_size=50257, d_model=128, n_heads=4, d_ff=512, n_layers=2))
+    assert model.num_parameters(include_embeddings=False) == 396_800
+    assert model.num_parameters() == 396_800 + 50257 * 128
+
+
+def test_tiny_model_overfits_one_batch():
+    """With Adam (written out here, independent of optimizer.py) the loss on one batch falls below 0.1."""
+    rng = np.random.default_rng(7)
+    model = LanguageModel(ModelConfig(vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=2, max_seq_len=16), seed=1)
+    idx, targets = batch(rng, B=4, T=16, V=32)
+    m = {k: np.zeros_like(v) for k, v in model.params.items()}
+    v = {k: np.zeros_like(p) for k, p in model.params.items()}
+    lr, b1, b2 = 1e-2, 0.9, 0.999
+    losses = []
+    for step in range(1, 301):
+        loss, acc = model.forward_backward(idx, targets)
+        losses.append(loss)
+        for k, p in model.params.items():
+            g = model.grads[k]
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            p -= lr * (m[k] / (1 - b1 ** step)) / (np.sqrt(v[k] / (1 - b2 ** step)) + 1e-8)
+        if loss < 0.1:
+            break
+    assert losses[0] > 3.0  # starts near ln(32) = 3.47
+    assert losses[-1] < 0.1, f"loss only fell to {losses[-1]:.3f}"
+    assert acc > 0.95
+
+
+@pytest.mark.slow
+def test_small_model_step_stays_under_1_2_gb():
+    """The guide's Small model (vocab 50257, batch 32, seq 128): peak resident memory of a training step."""
+    code = """
+import resource, numpy as np
+from language_model import LanguageModel, ModelConfig
+model = LanguageModel(ModelConfig(vocab_size=50257, d_model=128, n_heads=4, d_ff=512, n_layers=2, max_seq_len=128))
+tokens = np.random.default_rng(0).integers(0, 50257, (32, 129))
+for _ in range(2):
+    model.forward_backward(tokens[:, :-1], tokens[:, 1:])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    peak_mb = int(out.stdout.strip()) / 1024
+    assert peak_mb < 1200, f"peak resident memory {peak_mb:.0f} MB"

@@ -1,0 +1,212 @@
+"""The Transformer block: layer norm, causal self-attention, feed-forward, residuals.
+
+Shapes: B batch, T sequence length (of the queries), S length of the keys (T, or more with a
+key/value cache), C model width, H heads, hs = C // H head size, F feed-forward width (d_ff).
+
+Each layer is a pair of plain functions side by side: `*_forward(...) -> out, cache` and
+`*_backward(dout, cache, grads) -> dx`. Backward *adds* into the gradient arrays it is given
+(zeroed once per step by the caller), so a weight used twice collects both contributions.
+Parameter layouts follow GPT-2: a linear layer is `x @ weight + bias`, weight (in, out).
+"""
+from typing import NamedTuple
+
+import math
+
+import numpy as np
+
+LN_EPS = 1e-5
+GELU_K = math.sqrt(2.0 / math.pi)  # GELU's tanh approximation, as in GPT-2
+
+
+# ----------------------------------------------------------------------------- layer norm
+
+class LayerNormCache(NamedTuple):
+    x: np.ndarray  # (..., C) input
+    w: np.ndarray  # (C,) gain
+    mean: np.ndarray  # (..., 1)
+    rstd: np.ndarray  # (..., 1) = 1 / sqrt(var + eps)
+
+
+def layernorm_forward(x, w, b):
+    """(..., C) -> (..., C): each row to zero mean and unit variance, then scaled and shifted."""
+    mean = x.mean(axis=-1, keepdims=True)
+    xc = x - mean
+    var = np.mean(xc * xc, axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + LN_EPS)
+    return xc * rstd * w + b, LayerNormCache(x, w, mean, rstd)
+
+
+def layernorm_backward(dout, cache, dw, db):
+    """Forward was out = xhat * w + b, xhat = (x - mean) * rstd. Returns dx."""
+    xhat = (cache.x - cache.mean) * cache.rstd  # recomputed: cheaper than keeping it
+    rows = tuple(range(dout.ndim - 1))
+    dw += (dout * xhat).sum(axis=rows)
+    db += dout.sum(axis=rows)
+    dxhat = dout * cache.w
+    # xhat depends on x directly and through mean and rstd; together:
+    return cache.rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                         - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+
+
+# ----------------------------------------------------------------------------- attention
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, for incremental decoding.
+
+    k[i], v[i]: (B, H, T_max, hs) preallocated; positions [0, length) are filled.
+    The model advances `length` once all layers have seen the new positions.
+    """
+
+    def __init__(self, n_layers, B, H, T_max, hs, dtype):
+        self.k = [np.zeros((B, H, T_max, hs), dtype) for _ in range(n_layers)]
+        self.v = [np.zeros((B, H, T_max, hs), dtype) for _ in range(n_layers)]
+        self.length = 0
+        self.max_length = T_max
+
+
+class AttentionCache(NamedTuple):
+    x: np.ndarray  # (B, T, C) input
+    q: np.ndarray  # (B, H, T, hs)
+    k: np.ndarray  # (B, H, S, hs)
+    v: np.ndarray  # (B, H, S, hs)
+    att: np.ndarray  # (B, H, T, S) softmax probabilities
+    y: np.ndarray  # (B, T, C) heads re-assembled, input of the output projection
+
+
+def causal_mask(T, S):
+    """(T, S) True where query t (the last T of S positions) may NOT look: at a later key."""
+    return np.triu(np.ones((T, S), dtype=bool), k=S - T + 1)
+
+
+def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer=0):
+    """Multi-head causal self-attention, (B, T, C) -> (B, T, C).
+
+    With `kv` (a KVCache), x holds the positions after the kv.length cached ones: their keys
+    and values are written into the cache and the queries attend to all cached positions.
+    """
+    B, T, C = x.shape
+    H = n_heads
+    hs = C // H
+    qkv = x @ w_attn + b_attn  # (B, T, C) -> (B, T, 3C)
+    qkv = qkv.reshape(B, T, 3, H, hs).transpose(2, 0, 3, 1, 4)  # -> (3, B, H, T, hs)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if kv is not None:
+        start = kv.length
+        kv.k[layer][:, :, start : start + T] = k
+        kv.v[layer][:, :, start : start + T] = v
+        k = kv.k[layer][:, :, : start + T]  # (B, H, S, hs)
+        v = kv.v[layer][:, :, : start + T]
+    S = k.shape[2]
+    att = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))  # (B, H, T, S)
+    att[..., causal_mask(T, S)] = -np.inf
+    att -= att.max(axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    y = att @ v  # (B, H, T, S) @ (B, H, S, hs) -> (B, H, T, hs)
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble the heads
+    out = y @ w_proj + b_proj  # (B, T, C)
+    return out, AttentionCache(x, q, k, v, att, y)
+
+
+def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, db_proj):
+    """Reverse of attention_forward (training only, no key/value cache). Returns dx."""
+    x, q, k, v, att, y = cache
+    B, T, C = x.shape
+    H, hs = q.shape[1], q.shape[3]
+    # forward was: out = y @ w_proj + b_proj
+    dw_proj += y.reshape(-1, C).T @ dout.reshape(-1, C)  # (C, B*T) @ (B*T, C) -> (C, C)
+    db_proj += dout.sum(axis=(0, 1))
+    dy = (dout @ w_proj.T).reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # -> (B, H, T, hs)
+    # forward was: y = att @ v
+    datt = dy @ v.transpose(0, 1, 3, 2)  # (B, H, T, S)
+    dv = att.transpose(0, 1, 3, 2) @ dy  # (B, H, S, hs)
+    # forward was: att = softmax(pre), so dpre = att * (datt - sum(att * datt)); masked entries have att = 0
+    datt -= (datt * att).sum(axis=-1, keepdims=True)
+    datt *= att
+    # forward was: pre = q @ k.T / sqrt(hs)
+    datt *= 1.0 / math.sqrt(hs)
+    dq = datt @ k  # (B, H, T, hs)
+    dk = datt.transpose(0, 1, 3, 2) @ q  # (B, H, S, hs)
+    dqkv = np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * C)  # (3, B, H, T, hs) -> (B, T, 3C)
+    # forward was: qkv = x @ w_attn + b_attn
+    dw_attn += x.reshape(-1, C).T @ dqkv.reshape(-1, 3 * C)  # (C, 3C)
+    db_attn += dqkv.sum(axis=(0, 1))
+    return dqkv @ w_attn.T  # (B, T, 3C) -> (B, T, C)
+
+
+# ----------------------------------------------------------------------------- feed-forward
+
+def gelu_forward(x):
+    """GELU, tanh form: 0.5 x (1 + tanh(k (x + 0.044715 x^3))). Returns out and the tanh (for backward)."""
+    t = np.tanh(GELU_K * (x + 0.044715 * x * x * x))
+    return 0.5 * x * (1.0 + t), t
+
+
+def gelu_backward(dout, x, t):
+    """d/dx of 0.5 x (1 + t) with t = tanh(u), u = k (x + 0.044715 x^3)."""
+    du_dx = GELU_K * (1.0 + 3 * 0.044715 * x * x)
+    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)
+
+
+class MLPCache(NamedTuple):
+    x: np.ndarray  # (B, T, C) input
+    h: np.ndarray  # (B, T, F) pre-activation
+    a: np.ndarray  # (B, T, F) activation
+    t: np.ndarray | None  # (B, T, F) GELU's tanh, None for ReLU
+
+
+def mlp_forward(x, w_fc, b_fc, w_proj, b_proj, activation="gelu"):
+    """Position-wise feed-forward, (B, T, C) -> (B, T, F) -> (B, T, C)."""
+    h = x @ w_fc + b_fc  # (B, T, C) -> (B, T, F)
+    if activation == "gelu":
+        a, t = gelu_forward(h)
+    else:
+        a, t = np.maximum(h, 0), None
+    return a @ w_proj + b_proj, MLPCache(x, h, a, t)  # (B, T, F) -> (B, T, C)
+
+
+def mlp_backward(dout, cache, w_fc, w_proj, dw_fc, db_fc, dw_proj, db_proj):
+    """Reverse of mlp_forward. Returns dx."""
+    x, h, a, t = cache
+    C, F = w_fc.shape
+    dw_proj += a.reshape(-1, F).T @ dout.reshape(-1, C)  # (F, C)
+    db_proj += dout.sum(axis=(0, 1))
+    da = dout @ w_proj.T  # (B, T, C) -> (B, T, F)
+    dh = gelu_backward(da, h, t) if t is not None else da * (h > 0)
+    dw_fc += x.reshape(-1, C).T @ dh.reshape(-1, F)  # (C, F)
+    db_fc += dh.sum(axis=(0, 1))
+    return dh @ w_fc.T  # (B, T, F) -> (B, T, C)
+
+
+# ----------------------------------------------------------------------------- block
+
+class BlockCache(NamedTuple):
+    ln_1: LayerNormCache
+    attn: AttentionCache
+    ln_2: LayerNormCache
+    mlp: MLPCache
+
+
+def block_forward(x, p, n_heads, activation="gelu", kv=None, layer=0):
+    """Pre-norm block: x + attn(ln_1(x)), then + mlp(ln_2(.)). `p` maps 'ln_1.weight'... to arrays."""
+    h, c_ln1 = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"])
+    a, c_attn = attention_forward(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"],
+                                  p["attn.c_proj.weight"], p["attn.c_proj.bias"], n_heads, kv, layer)
+    x = x + a
+    h, c_ln2 = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])
+    m, c_mlp = mlp_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"],
+                           p["mlp.c_proj.weight"], p["mlp.c_proj.bias"], activation)
+    return x + m, BlockCache(c_ln1, c_attn, c_ln2, c_mlp)
+
+
+def block_backward(dout, cache, p, g):
+    """Reverse of block_forward; `g` holds the gradient arrays under the same names as `p`."""
+    # forward was: out = x1 + mlp(ln_2(x1)), so dx1 = dout + the path through the MLP
+    dh = mlp_backward(dout, cache.mlp, p["mlp.c_fc.weight"], p["mlp.c_proj.weight"],
+                      g["mlp.c_fc.weight"], g["mlp.c_fc.bias"], g["mlp.c_proj.weight"], g["mlp.c_proj.bias"])
+    dx1 = dout + layernorm_backward(dh, cache.ln_2, g["ln_2.weight"], g["ln_2.bias"])
+    # forward was: x1 = x + attn(ln_1(x))
+    dh = attention_backward(dx1, cache.attn, p["attn.c_attn.weight"], p["attn.c_proj.weight"],
+                            g["attn.c_attn.weight"], g["attn.c_attn.bias"],
+                            g["attn.c_proj.weight"], g["attn.c_proj.bias"])
+    return dx1 + layernorm_backward(dh, cache.ln_1, g["ln_1.weight"], g["ln_1.bias"])
