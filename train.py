@@ -1,0 +1,493 @@
+"""Train the NumPy GPT on tokenized TinyStories: resumable, observable, robust.
+
+Small model from the guide (about 1 s a step on 2 cores):
+    python3 train.py \\
+        --train_data data/train_tokenized.jsonl --val_data data/valid_tokenized.jsonl \\
+        --vocab_size 50257 --d_model 128 --n_heads 4 --d_ff 512 --n_layers 2 \\
+        --batch_size 32 --seq_len 128 --max_steps 5000 --learning_rate 3e-4 \\
+        --warmup_steps 500 --save_dir checkpoints_small --log_interval 50 --eval_interval 500
+
+Continue an interrupted run (same flags plus --resume; the newest checkpoint in
+--save_dir, or name one). The result is bit-for-bit what the uninterrupted run gives:
+    python3 train.py <same flags as before> --resume
+    python3 train.py <same flags as before> --resume checkpoints_small/checkpoint_step_1000.npz
+
+A tiny smoke run that takes seconds, with a profile of where the time goes:
+    python3 train.py --train_data data/train_tokenized.jsonl --val_data data/valid_tokenized.jsonl \\
+        --d_model 32 --n_heads 2 --d_ff 64 --n_layers 1 --batch_size 8 --seq_len 32 \\
+        --max_steps 200 --warmup_steps 20 --save_dir checkpoints_tiny --log_interval 20 \\
+        --eval_interval 100 --eval_batches 10 --profile
+
+Every logged number also goes to <save_dir>/metrics.jsonl; draw the curves with
+    python3 plot_metrics.py checkpoints_small/metrics.jsonl      (needs matplotlib)
+
+Ctrl-C finishes the current step, saves checkpoint_step_N.npz and exits; a NaN loss
+stops the run without saving and names the last good checkpoint.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from checkpoint import CheckpointError, copy_params, find_latest, load_checkpoint, save_checkpoint
+from data_loader import (DataError, RandomBatches, check_same_tokenizer, eval_batches, load_dataset,
+                         num_eval_windows, same_tokenizer)
+from optimizer import OPTIMIZERS, LRSchedule, clip_grad_norm
+
+try:
+    from tqdm import tqdm
+except ImportError:  # tqdm is in requirements.txt, but training must not depend on a progress bar
+    tqdm = None
+
+ARCH_FLAGS = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "seq_len",
+              "use_learned_pos", "no_tie_embeddings", "activation")
+# flags that change the sequence of updates: resuming with other values is allowed but not exact
+TRAJECTORY_FLAGS = ("batch_size", "learning_rate", "min_lr", "warmup_steps", "lr_schedule", "weight_decay",
+                    "decay_embeddings", "grad_clip", "optimizer", "beta1", "beta2", "momentum", "seed",
+                    "max_steps", "train_data")
+NAN_REMEDIES = ("lower --learning_rate (e.g. halve it), keep --grad_clip at 1.0 or lower it, use more "
+                "--warmup_steps, and check the data for extreme or wrong token ids")
+
+
+class TrainError(Exception):
+    """Bad flags or state: the message says what to do."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Train a GPT-style language model in NumPy on tokenized .jsonl data.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--train_data", required=True, help="tokenized training .jsonl (one JSON array of ids per line)")
+    d.add_argument("--val_data", default=None, help="tokenized validation .jsonl (no evaluation without it)")
+    d.add_argument("--eot_id", type=int, default=None,
+                   help="end-of-text id joining the lines of a plain .jsonl without tokenizer sidecar "
+                        "(default: 50256 for vocab 50257, else vocab_size - 1)")
+    m = p.add_argument_group("model")
+    m.add_argument("--vocab_size", type=int, default=50257, help="vocabulary size (50257 for GPT-2's tiktoken)")
+    m.add_argument("--d_model", type=int, default=128, help="width of the residual stream")
+    m.add_argument("--n_heads", type=int, default=4, help="attention heads per layer (must divide d_model)")
+    m.add_argument("--d_ff", type=int, default=512, help="hidden width of the feed-forward block")
+    m.add_argument("--n_layers", type=int, default=2, help="number of transformer blocks")
+    m.add_argument("--seq_len", type=int, default=128,
+                   help="tokens per training window; also the model's max_seq_len (longest context)")
+    m.add_argument("--use_learned_pos", action="store_true",
+                   help="learned positional embeddings (GPT-2) instead of fixed sinusoidal ones")
+    m.add_argument("--no_tie_embeddings", action="store_true",
+                   help="give the output layer its own weight instead of reusing the token embedding")
+    m.add_argument("--activation", choices=("gelu", "relu"), default="gelu", help="feed-forward nonlinearity")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--batch_size", type=int, default=32, help="windows per step")
+    o.add_argument("--max_steps", type=int, default=5000, help="total optimizer steps")
+    o.add_argument("--learning_rate", type=float, default=3e-4, help="peak learning rate, reached after warmup")
+    o.add_argument("--min_lr", type=float, default=3e-5, help="learning rate at the end of the decay")
+    o.add_argument("--warmup_steps", type=int, default=500, help="steps of linear warmup from 0 to --learning_rate")
+    o.add_argument("--lr_schedule", choices=LRSchedule.KINDS, default="cosine",
+                   help="decay after warmup: cosine or linear to --min_lr, or constant")
+    o.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw", help="update rule")
+    o.add_argument("--weight_decay", type=float, default=0.01,
+                   help="decoupled weight decay (AdamW/SGD) on weight matrices, never on biases or layer norms")
+    o.add_argument("--decay_embeddings", action="store_true", help="also apply weight decay to the embedding tables")
+    o.add_argument("--beta1", type=float, default=0.9, help="Adam/AdamW first-moment decay")
+    o.add_argument("--beta2", type=float, default=0.999, help="Adam/AdamW second-moment decay")
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0 for plain SGD)")
+    o.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
+    o.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the batch order")
+    r = p.add_argument_group("logging, evaluation, checkpoints")
+    r.add_argument("--save_dir", default="checkpoints", help="directory for checkpoints and metrics.jsonl")
+    r.add_argument("--log_interval", type=int, default=50, help="print training metrics every this many steps")
+    r.add_argument("--eval_interval", type=int, default=500,
+                   help="evaluate on --val_data every this many steps (0: only at the end)")
+    r.add_argument("--eval_batches", type=int, default=None,
+                   help="cap each evaluation at this many batches, spread evenly over the validation set "
+                        "(default: the whole set)")
+    r.add_argument("--save_interval", type=int, default=5000,
+                   help="write checkpoint_step_N.npz every this many steps (0: only the final one)")
+    r.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT, or alone: the newest checkpoint in --save_dir "
+                        "(pass the same flags as the interrupted run)")
+    r.add_argument("--max_time", type=float, default=None,
+                   help="stop after this many minutes of training, saving a checkpoint to resume from")
+    r.add_argument("--profile", action="store_true",
+                   help="print where step time goes (model vs data, clipping, optimizer, logging)")
+    r.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    return p
+
+
+def check_args(args):
+    positive = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "seq_len", "batch_size",
+                "max_steps", "log_interval")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    for name in ("warmup_steps", "eval_interval", "save_interval", "grad_clip", "weight_decay", "min_lr"):
+        if getattr(args, name) < 0:
+            raise TrainError(f"--{name} must not be negative (got {getattr(args, name)})")
+    if args.d_model % args.n_heads:
+        raise TrainError(f"--d_model {args.d_model} is not divisible by --n_heads {args.n_heads}")
+    if not args.learning_rate > 0:
+        raise TrainError(f"--learning_rate must be positive (got {args.learning_rate})")
+    if args.min_lr > args.learning_rate:
+        raise TrainError(f"--min_lr {args.min_lr} is above --learning_rate {args.learning_rate}")
+    if args.eval_batches is not None and args.eval_batches < 1:
+        raise TrainError("--eval_batches must be at least 1")
+
+
+def model_config(args):
+    from language_model import ModelConfig
+    try:
+        return ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads,
+                           d_ff=args.d_ff, n_layers=args.n_layers, max_seq_len=args.seq_len,
+                           use_learned_pos=args.use_learned_pos, tie_embeddings=not args.no_tie_embeddings,
+                           activation=args.activation)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def make_optimizer(args, params):
+    if args.optimizer == "sgd":
+        return OPTIMIZERS["sgd"](params, momentum=args.momentum, weight_decay=args.weight_decay,
+                                 decay_embeddings=args.decay_embeddings)
+    return OPTIMIZERS[args.optimizer](params, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
+                                      decay_embeddings=args.decay_embeddings)
+
+
+def tokenizer_model_json(identity, log):
+    """The BPE model's JSON text for a lecture2_bpe tokenizer (embedded in checkpoints), else None."""
+    if not identity or identity.get("type") != "lecture2_bpe":
+        return None
+    try:
+        from tokenizer import tokenizer_from_identity
+        return tokenizer_from_identity(identity).model_json()
+    except Exception as e:  # missing file or module: training still works, generate.py needs the file then
+        log(f"warning: could not embed the BPE model in checkpoints ({e}); generate.py will need "
+            f"{identity.get('model_file')}")
+        return None
+
+
+class MetricsLog:
+    """Prints messages (through tqdm when a bar is showing) and appends records to metrics.jsonl."""
+
+    def __init__(self, save_dir, resume_step=None):
+        self.path = os.path.join(save_dir, "metrics.jsonl")
+        self.bar = None
+        if resume_step is not None and os.path.exists(self.path):
+            # records past the checkpoint belong to the part of the run that was lost: drop them
+            with open(self.path, encoding="utf-8") as f:
+                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+        elif resume_step is None and os.path.exists(self.path):
+            os.replace(self.path, self.path + ".old")
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def say(self, msg):
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def record(self, **fields):
+        fields["time"] = round(time.time(), 3)
+        self.file.write(json.dumps(fields) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+class Interrupt:
+    """SIGINT sets a flag the loop checks between steps; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def evaluate(model, val, batch_size, seq_len, max_batches=None, interrupt=None):
+    """Loss, perplexity, accuracy and bits per byte over the validation windows.
+
+    Perplexity is exp(total loss / total tokens), not a mean of per-batch values;
+    bits per byte divides the total loss in bits by the UTF-8 bytes those tokens
+    stand for: the sidecar's num_bytes times the fraction of the set evaluated.
+    Returns None if interrupted.
+    """
+    loss_sum, n_correct, n_tokens = 0.0, 0, 0
+    for x, y in eval_batches(val, batch_size, seq_len, max_batches):
+        if interrupt is not None and interrupt.requested:
+            return None
+        s, c, n = model.evaluate(x, y)
+        loss_sum += float(s)
+        n_correct += int(c)
+        n_tokens += int(n)
+    mean = loss_sum / n_tokens
+    out = {"val_loss": mean, "val_perplexity": math.exp(min(mean, 700.0)), "val_accuracy": n_correct / n_tokens,
+           "val_bpb": None, "val_tokens": n_tokens}
+    if val.num_bytes:
+        bytes_seen = val.num_bytes * n_tokens / (len(val.tokens) - 1)
+        out["val_bpb"] = loss_sum / math.log(2) / bytes_seen
+    return out
+
+
+def resolve_resume(args):
+    if args.resume == "latest":
+        path = find_latest(args.save_dir)
+        if path is None:
+            raise TrainError(f"--resume: no checkpoint_*.npz in {args.save_dir}; pass --resume PATH or "
+                             "start without --resume")
+        return path
+    return args.resume
+
+
+def check_resume(ck, path, args, config, identity, log):
+    """Errors for a checkpoint of another architecture or tokenizer; warnings for other changed flags."""
+    saved, wanted = ck.config.to_dict(), config.to_dict()
+    if saved != wanted:
+        diffs = ", ".join(f"{k}={saved.get(k)!r} (flags give {wanted.get(k)!r})"
+                          for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
+        raise TrainError(f"{path} is a different architecture: {diffs}. Resume with the flags of the run "
+                         "that wrote it (they are in its meta: python3 checkpoint.py " + path + ")")
+    if not same_tokenizer(ck.meta.get("tokenizer"), identity):
+        raise TrainError(f"{path} was trained on data from tokenizer {ck.meta.get('tokenizer')}, but "
+                         f"{args.train_data} comes from {identity}")
+    old = ck.meta.get("train_args") or {}
+    changed = [f"--{k} {old[k]} -> {getattr(args, k)}" for k in TRAJECTORY_FLAGS
+               if k in old and old[k] != getattr(args, k)]
+    if changed:
+        log("note: resuming with changed flags (" + "; ".join(changed) + "): training continues, "
+            "but will not repeat the uninterrupted run exactly")
+
+
+def train(args):
+    check_args(args)
+    os.makedirs(args.save_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(args.save_dir, "checkpoint_*.tmp")):
+        os.unlink(stale)  # left by a crash in the middle of a checkpoint write
+    early = []  # messages before the metrics log exists
+
+    train_ds = load_dataset(args.train_data, vocab_size=args.vocab_size, eot_id=args.eot_id, log=early.append)
+    val_ds = None
+    if args.val_data:
+        val_ds = load_dataset(args.val_data, vocab_size=args.vocab_size, eot_id=args.eot_id, log=early.append)
+        check_same_tokenizer(train_ds, val_ds)
+        if num_eval_windows(val_ds, args.seq_len) < 1:
+            raise DataError(f"{args.val_data} has {len(val_ds)} tokens, fewer than one window of seq_len + 1 = "
+                            f"{args.seq_len + 1}; use a smaller --seq_len or more validation data")
+    batches = RandomBatches(train_ds, args.batch_size, args.seq_len, seed=[args.seed, 1])  # own stream
+    identity = train_ds.tokenizer
+    if identity and identity.get("n_vocab") and identity["n_vocab"] != args.vocab_size:
+        early.append(f"note: --vocab_size {args.vocab_size} differs from the tokenizer's {identity['n_vocab']} tokens")
+
+    from language_model import LanguageModel
+    config = model_config(args)
+    model = LanguageModel(config, seed=args.seed, dtype=np.float32)
+    opt = make_optimizer(args, model.params)
+    schedule = LRSchedule(args.learning_rate, args.warmup_steps, args.max_steps, args.min_lr, args.lr_schedule)
+
+    step, last_good, resume_path = 0, None, None
+    if args.resume:
+        resume_path = resolve_resume(args)
+        ck = load_checkpoint(resume_path)
+        check_resume(ck, resume_path, args, config, identity, early.append)
+        copy_params(model.params, ck.params, resume_path)
+        try:
+            opt.load_state_dict(ck.arrays)
+            batches.set_state(ck.meta["data"])
+        except (ValueError, KeyError) as e:
+            raise TrainError(f"{resume_path} lacks the optimizer or data state to resume exactly ({e}); "
+                             "it may be a weights-only file") from None
+        step, last_good = int(ck.meta["step"]), resume_path
+
+    log = MetricsLog(args.save_dir, resume_step=step if args.resume else None)
+    for msg in early:
+        log.say(msg)
+    n_params = model.num_parameters()
+    log.say(f"model: {n_params:,} parameters ({config.to_dict()})")
+    log.say(f"data: {len(train_ds):,} training tokens" +
+            (f", {len(val_ds):,} validation tokens" if val_ds else ", no validation set"))
+    if args.resume:
+        log.say(f"resumed from {resume_path} at step {step}")
+        log.record(type="resume", step=step, checkpoint=resume_path)
+    else:
+        log.record(type="config", step=0, args=vars(args), config=config.to_dict(), num_parameters=n_params)
+
+    model_json = tokenizer_model_json(identity, log.say)
+    train_args = {k: v for k, v in vars(args).items() if k != "resume"}
+
+    def save(name):
+        path = os.path.join(args.save_dir, name)
+        meta = {"step": step, "tokenizer": identity, "tokenizer_model_json": model_json,
+                "rng": batches.state()["bit_generator"], "data": batches.state(),
+                "train_args": train_args}
+        t = time.perf_counter()
+        save_checkpoint(path, config, model.params, meta, opt.state_dict())
+        log.say(f"saved {path} ({time.perf_counter() - t:.1f}s)")
+        log.record(type="checkpoint", step=step, path=path)
+        return path
+
+    def run_eval():
+        t = time.perf_counter()
+        res = evaluate(model, val_ds, args.batch_size, args.seq_len, args.eval_batches, interrupt)
+        if res is None:
+            return
+        bpb = "n/a" if res["val_bpb"] is None else f"{res['val_bpb']:.4f}"
+        log.say(f"eval step {step}: val loss {res['val_loss']:.4f} | val perplexity {res['val_perplexity']:.2f} | "
+                f"val acc {res['val_accuracy']:.4f} | bits/byte {bpb} | {res['val_tokens']:,} tokens "
+                f"({time.perf_counter() - t:.1f}s)")
+        log.record(type="eval", step=step, **res)
+
+    if step >= args.max_steps:
+        log.say(f"checkpoint is at step {step}, already >= --max_steps {args.max_steps}: nothing to train")
+        log.close()
+        return 0
+
+    tokens_per_step = args.batch_size * args.seq_len
+    timers = {"model": 0.0, "data": 0.0, "clip": 0.0, "optimizer": 0.0, "bookkeeping": 0.0}
+    loop_time, loop_steps = 0.0, 0
+    acc_loss = acc_acc = 0.0
+    acc_n, interval_time, grad_norm = 0, 0.0, 0.0
+    deadline = time.monotonic() + 60 * args.max_time if args.max_time else None
+    exit_code, final = 0, True
+    show = not args.no_progress and tqdm is not None
+    bar = tqdm(total=args.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=None if show else True,
+               smoothing=0.1) if tqdm is not None else None
+    log.bar = bar if (bar is not None and not bar.disable) else None
+    clock = time.perf_counter
+    try:
+        with Interrupt() as interrupt:
+            while step < args.max_steps:
+                if interrupt.requested:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                t0 = clock()
+                lr = schedule(step)
+                x, y = batches.next()
+                t1 = clock()
+                loss, accuracy = model.forward_backward(x, y)
+                t2 = clock()
+                if not math.isfinite(loss):
+                    raise TrainError(nan_message("loss", loss, step + 1, last_good))
+                grad_norm = clip_grad_norm(model.grads, args.grad_clip)
+                if not math.isfinite(grad_norm):
+                    raise TrainError(nan_message("gradient norm", grad_norm, step + 1, last_good))
+                t3 = clock()
+                opt.step(model.grads, lr)
+                t4 = clock()
+                step += 1
+                acc_loss += loss
+                acc_acc += accuracy
+                acc_n += 1
+                if bar is not None:
+                    bar.update(1)
+                if step % args.log_interval == 0 or step == args.max_steps:
+                    interval_time += clock() - t0
+                    log_train(log, bar, step, args, acc_loss / acc_n, acc_acc / acc_n, lr, grad_norm,
+                              acc_n / interval_time, acc_n * tokens_per_step / interval_time)
+                    acc_loss = acc_acc = 0.0
+                    acc_n, interval_time = 0, 0.0
+                    t5 = clock()
+                else:
+                    t5 = clock()
+                    interval_time += t5 - t0
+                timers["data"] += t1 - t0
+                timers["model"] += t2 - t1
+                timers["clip"] += t3 - t2
+                timers["optimizer"] += t4 - t3
+                timers["bookkeeping"] += t5 - t4
+                loop_time += t5 - t0
+                loop_steps += 1
+                if val_ds is not None and args.eval_interval and step % args.eval_interval == 0 \
+                        and step != args.max_steps:
+                    run_eval()
+                if args.save_interval and step % args.save_interval == 0 and step != args.max_steps:
+                    last_good = save(f"checkpoint_step_{step}.npz")
+            if step < args.max_steps:  # stopped early: Ctrl-C or --max_time
+                final = False
+                why = "interrupted (Ctrl-C)" if interrupt.requested else f"--max_time {args.max_time} min reached"
+                if bar is not None:
+                    bar.close()
+                log.bar = None
+                path = save(f"checkpoint_step_{step}.npz")
+                log.say(f"{why} at step {step}; resume with the same flags plus --resume ({path})")
+                log.record(type="stopped", step=step, reason=why)
+                exit_code = 130 if interrupt.requested else 0
+    except TrainError as e:
+        log.record(type="error", step=step + 1, message=str(e))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        log.bar = None
+    if final:
+        if val_ds is not None:
+            run_eval()
+        path = save("checkpoint_final.npz")
+        log.say(f"done: {step} steps; final weights in {path}")
+    if loop_steps:
+        report_profile(log, step, timers, loop_time, loop_steps, verbose=args.profile)
+    log.close()
+    return exit_code
+
+
+def log_train(log, bar, step, args, loss, accuracy, lr, grad_norm, steps_per_s, tokens_per_s):
+    log.say(f"step {step:>6}/{args.max_steps} | loss {loss:.4f} | acc {accuracy:.4f} | lr {lr:.2e} | "
+            f"grad norm {grad_norm:.3f} | {steps_per_s:.2f} steps/s | {tokens_per_s:,.0f} tokens/s")
+    log.record(type="train", step=step, loss=loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm,
+               steps_per_s=steps_per_s, tokens_per_s=tokens_per_s)
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+
+def report_profile(log, step, timers, loop_time, loop_steps, verbose):
+    """Time the loop adds on top of model.forward_backward (evaluation and checkpoints excluded)."""
+    model_t = timers["model"]
+    overhead = (loop_time - model_t) / model_t * 100 if model_t > 0 else float("nan")
+    parts = ", ".join(f"{k} {v / model_t * 100:.2f}%" for k, v in timers.items() if k != "model")
+    log.record(type="profile", step=step, steps=loop_steps, loop_ms_per_step=1000 * loop_time / loop_steps,
+               overhead_pct=overhead,
+               **{f"{k}_ms_per_step": 1000 * v / loop_steps for k, v in timers.items()})
+    if verbose:
+        log.say(f"profile over {loop_steps} steps: model forward_backward {1000 * model_t / loop_steps:.2f} ms/step; "
+                f"the loop adds {overhead:.2f}% ({parts})")
+
+
+def nan_message(what, value, step, last_good):
+    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    return (f"{what} is {value} at step {step}; stopped without saving so no good checkpoint is overwritten "
+            f"({where}). Remedies: {NAN_REMEDIES}; then start again or --resume from that checkpoint.")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return train(args)
+    except (TrainError, DataError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
