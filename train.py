@@ -247,7 +247,7 @@ def evaluate(model, val, batch_size, seq_len, max_batches=None, interrupt=None):
     out = {"val_loss": mean, "val_perplexity": math.exp(min(mean, 700.0)), "val_accuracy": n_correct / n_tokens,
            "val_bpb": None, "val_tokens": n_tokens}
     if val.num_bytes:
-        bytes_seen = val.num_bytes * n_tokens / (len(val.tokens) - 1)
+        bytes_seen = val.num_bytes * n_tokens / len(val.tokens)  # bytes per token x tokens evaluated
         out["val_bpb"] = loss_sum / math.log(2) / bytes_seen
     return out
 

@@ -1,0 +1,239 @@
+"""train.py end to end on a tiny model: learning, metrics, checkpoints, exact resume, failures."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train
+from checkpoint import load_checkpoint, load_model, read_meta
+from data_loader import load_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+V, EOT = 64, 63
+IDENTITY = {"type": "lecture2_bpe", "name": "toy", "n_vocab": V, "eot_id": EOT, "sha256": "0" * 64,
+            "model_file": None}
+
+
+def write_data(path, n_docs, seed, identity=IDENTITY, bytes_per_token=4):
+    """Counting stories: a random start, then +1 (mod 60) each token, then end-of-text.
+    Easy to learn, so a few hundred tiny steps show the loss falling."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n_docs):
+        start, length = rng.integers(0, 60), rng.integers(10, 40)
+        lines.append([int((start + i) % 60) for i in range(length)] + [EOT])
+    with open(path, "w") as f:
+        f.writelines(json.dumps(ids) + "\n" for ids in lines)
+    n_tokens = sum(map(len, lines))
+    if identity is not None:
+        meta = {"format": "numpy-gpt tokenized jsonl", "version": 1, "tokenizer": identity,
+                "num_documents": n_docs, "num_lines": n_docs, "num_tokens": n_tokens,
+                "num_bytes": bytes_per_token * n_tokens, "eot_appended": True, "max_length": 512,
+                "source": "toy"}
+        with open(str(path) + ".meta.json", "w") as f:
+            json.dump(meta, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_data(d / "train.jsonl", 400, seed=1), write_data(d / "valid.jsonl", 60, seed=2)
+
+
+def tiny_flags(data, save_dir, **over):
+    flags = {"train_data": data[0], "val_data": data[1], "vocab_size": V, "d_model": 16, "n_heads": 2,
+             "d_ff": 32, "n_layers": 1, "batch_size": 8, "seq_len": 16, "max_steps": 150,
+             "learning_rate": 1e-2, "min_lr": 1e-3, "warmup_steps": 10, "save_dir": save_dir,
+             "log_interval": 10, "eval_interval": 50, "save_interval": 50}
+    flags.update(over)
+    argv = []
+    for k, v in flags.items():
+        if v is True:
+            argv.append(f"--{k}")
+        elif v is not None and v is not False:
+            argv += [f"--{k}", str(v)]
+    return argv + ["--no_progress"]
+
+
+def metrics(save_dir):
+    with open(os.path.join(save_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_model_learns_and_everything_is_recorded(data, tmp_path, capsys):
+    save_dir = str(tmp_path / "ck")
+    assert train.main(tiny_flags(data, save_dir, profile=True)) == 0
+    out = capsys.readouterr().out
+    assert "val perplexity" in out and "bits/byte" in out and "the loop adds" in out
+    recs = metrics(save_dir)
+    tr = [r for r in recs if r["type"] == "train"]
+    ev = [r for r in recs if r["type"] == "eval"]
+    assert [r["step"] for r in tr] == list(range(10, 151, 10))
+    assert tr[-1]["loss"] < 0.5 * tr[0]["loss"]          # it learns to count
+    assert tr[-1]["accuracy"] > 0.5
+    for r in tr:
+        assert r["lr"] > 0 and r["steps_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["steps_per_s"] * 128)
+    assert [r["step"] for r in ev] == [50, 100, 150]
+    assert ev[-1]["val_loss"] < ev[0]["val_loss"]
+    for r in ev:
+        assert r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"]))
+        # bits per byte: the toy sidecar says 4 bytes per token
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) / 4, rel=1e-9)
+    assert sorted(os.listdir(save_dir)) == ["checkpoint_final.npz", "checkpoint_step_100.npz",
+                                            "checkpoint_step_50.npz", "metrics.jsonl"]
+    ck = load_checkpoint(os.path.join(save_dir, "checkpoint_final.npz"))
+    assert ck.meta["step"] == 150 and ck.meta["version"] == 1 and ck.meta["tokenizer"] == IDENTITY
+    assert ck.meta["data"]["batches_drawn"] == 150 and ck.meta["train_args"]["d_model"] == 16
+    assert int(ck.arrays["t"]) == 150 and ck.arrays["m/wte"].shape == (V, 16)
+    model, _ = load_model(os.path.join(save_dir, "checkpoint_final.npz"))
+    logits = model.forward(np.arange(10, 20)[None])
+    assert (logits[0, -1].argmax()) == 20                # ... 18, 19 -> 20
+
+
+def test_evaluation_uses_token_sums_and_scales_bits_per_byte(data, tmp_path):
+    from language_model import LanguageModel, ModelConfig
+    model = LanguageModel(ModelConfig(vocab_size=V, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=16))
+    val = load_dataset(data[1], vocab_size=V)
+    full = train.evaluate(model, val, batch_size=7, seq_len=16)
+    n_windows = (len(val.tokens) - 1) // 16
+    assert full["val_tokens"] == n_windows * 16
+    sums = [model.evaluate(x, y) for x, y in __import__("data_loader").eval_batches(val, 7, 16)]
+    total = sum(float(s) for s, _, _ in sums)
+    assert full["val_loss"] == pytest.approx(total / full["val_tokens"])
+    assert full["val_perplexity"] == pytest.approx(math.exp(total / full["val_tokens"]))
+    # capped: the bytes are scaled to the part evaluated, so bits/byte stays comparable
+    part = train.evaluate(model, val, batch_size=7, seq_len=16, max_batches=2)
+    assert part["val_tokens"] == 2 * 7 * 16
+    assert part["val_bpb"] == pytest.approx(part["val_loss"] / math.log(2) / 4, rel=1e-9)
+    no_bytes = load_dataset(write_data(tmp_path / "plain.jsonl", 20, seed=3, identity=None), vocab_size=V)
+    assert train.evaluate(model, no_bytes, 4, 16)["val_bpb"] is None
+
+
+def run_cli(argv, **kw):
+    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(predicate, proc, timeout=60):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"run ended early: {proc.communicate()}"
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+def test_killed_and_interrupted_runs_resume_to_exactly_the_same_weights(data, tmp_path):
+    steps = 600
+    ref_dir, dir_b = str(tmp_path / "ref"), str(tmp_path / "b")
+    common = dict(max_steps=steps, save_interval=20, log_interval=50, eval_interval=200, eval_batches=2)
+    assert train.main(tiny_flags(data, ref_dir, **common)) == 0
+
+    def checkpoints():
+        return sorted(int(p[len("checkpoint_step_"):-4]) for p in os.listdir(dir_b)
+                      if p.startswith("checkpoint_step_") and p.endswith(".npz")) if os.path.isdir(dir_b) else []
+
+    # 1. SIGKILL (no chance to clean up) some time after the first checkpoint
+    proc = run_cli(tiny_flags(data, dir_b, **common))
+    wait_for(lambda: len(checkpoints()) >= 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(checkpoints())
+    assert not os.path.exists(os.path.join(dir_b, "checkpoint_final.npz")), "killed too late to test anything"
+
+    # 2. resume the newest checkpoint, then Ctrl-C: it saves where it stopped and exits 130
+    proc = run_cli(tiny_flags(data, dir_b, resume=True, **common))
+    wait_for(lambda: max(checkpoints()) >= killed_at + 40, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in out and f"resumed from" in out
+    stopped_at = max(checkpoints())
+    assert stopped_at < steps and "Traceback" not in err
+
+    # 3. resume to the end: bit-for-bit the uninterrupted run
+    assert train.main(tiny_flags(data, dir_b, resume=True, **common)) == 0
+    ref = load_checkpoint(os.path.join(ref_dir, "checkpoint_final.npz"))
+    got = load_checkpoint(os.path.join(dir_b, "checkpoint_final.npz"))
+    assert got.meta["step"] == steps and got.meta["data"] == ref.meta["data"]
+    for k, v in ref.params.items():
+        assert np.array_equal(got.params[k], v), k
+    for k, v in ref.arrays.items():
+        assert np.array_equal(got.arrays[k], v), k
+    # the metrics file reads as one run: each train step logged once, in order
+    steps_logged = [r["step"] for r in metrics(dir_b) if r["type"] == "train"]
+    assert steps_logged == list(range(50, steps + 1, 50))
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_the_good_checkpoint(data, tmp_path, monkeypatch):
+    from language_model import LanguageModel
+    real = LanguageModel.forward_backward
+    calls = []
+
+    def flaky(self, idx, targets):
+        calls.append(1)
+        loss, acc = real(self, idx, targets)
+        return (float("nan"), acc) if len(calls) == 13 else (loss, acc)
+    monkeypatch.setattr(LanguageModel, "forward_backward", flaky)
+    save_dir = str(tmp_path / "ck")
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_flags(data, save_dir, max_steps=30, save_interval=5))
+    msg = str(e.value.code)
+    assert "loss is nan at step 13" in msg
+    assert "checkpoint_step_10.npz" in msg and "--learning_rate" in msg
+    assert sorted(p for p in os.listdir(save_dir) if p.endswith(".npz")) == \
+        ["checkpoint_step_10.npz", "checkpoint_step_5.npz"]
+    assert read_meta(os.path.join(save_dir, "checkpoint_step_10.npz"))["step"] == 10
+    assert metrics(save_dir)[-1]["type"] == "error"
+
+
+def test_bad_input_gives_clear_errors(data, tmp_path):
+    def error(argv):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        return str(e.value.code)
+
+    d = str(tmp_path / "ck")
+    assert "not found" in error(tiny_flags((str(tmp_path / "nope.jsonl"), data[1]), d))
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "empty" in error(tiny_flags((str(tmp_path / "empty.jsonl"), data[1]), d))
+    (tmp_path / "bad.jsonl").write_text("[1, 2, 63]\n[1, 2,\n")
+    assert "bad.jsonl:2: malformed JSON" in error(tiny_flags((str(tmp_path / "bad.jsonl"), data[1]), d))
+    msg = error(tiny_flags(data, d, vocab_size=32))
+    assert "token id 63" in msg and "--vocab_size 64" in msg
+    short = tmp_path / "short.jsonl"
+    short.write_text("[1, 2, 3, 63]\n")
+    assert "fewer than one window" in error(tiny_flags((data[0], str(short)), d))
+    other = write_data(tmp_path / "other.jsonl", 30, seed=5, identity=dict(IDENTITY, sha256="1" * 64))
+    assert "tokenized differently" in error(tiny_flags((data[0], other), d))
+    assert "divisible" in error(tiny_flags(data, d, n_heads=3))
+    assert "no checkpoint" in error(tiny_flags(data, d, resume=True))
+    # a checkpoint of another architecture
+    assert train.main(tiny_flags(data, d, max_steps=3, eval_interval=0)) == 0
+    msg = error(tiny_flags(data, d, d_model=32, resume=True))
+    assert "different architecture" in msg and "d_model=16 (flags give 32)" in msg
+
+
+def test_cli_errors_have_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--train_data", str(tmp_path / "missing.jsonl"),
+                           "--save_dir", str(tmp_path / "ck")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: data file not found") and "Traceback" not in proc.stderr
+
+
+def test_plot_metrics_draws_a_png(data, tmp_path):
+    pytest.importorskip("matplotlib")
+    import plot_metrics
+    save_dir = str(tmp_path / "ck")
+    train.main(tiny_flags(data, save_dir, max_steps=20, eval_interval=10))
+    out = str(tmp_path / "loss.png")
+    assert plot_metrics.main([os.path.join(save_dir, "metrics.jsonl"), "--out", out]) == 0
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
