@@ -45,7 +45,7 @@ def softmax_cross_entropy_inplace(logits, targets, grad_scale=None, ignore_index
     n_correct = int((valid & (target_logit >= m)).sum())
     np.subtract(logits, m[:, None], out=logits)
     np.exp(logits, out=logits)  # unnormalised probabilities, each in (0, 1]
-    s = logits.sum(axis=1, dtype=np.float64)  # (N,)
+    s = logits.sum(axis=1).astype(np.float64)  # (N,) float32 pairwise summation is accurate enough
     losses = np.log(s) + m - target_logit  # -log softmax at the target = logsumexp - target logit
     if grad_scale is not None:
         np.multiply(logits, (grad_scale * valid / s).astype(logits.dtype)[:, None], out=logits)

@@ -73,9 +73,22 @@ class AttentionCache(NamedTuple):
     y: np.ndarray  # (B, T, C) heads re-assembled, input of the output projection
 
 
-def causal_mask(T, S):
-    """(T, S) True where query t (the last T of S positions) may NOT look: at a later key."""
-    return np.triu(np.ones((T, S), dtype=bool), k=S - T + 1)
+_masks = {}
+
+
+def causal_mask(T, S, dtype):
+    """(T, S) additive mask: -inf where query t (the last T of S positions) would see a later key, else 0."""
+    key = (T, S, np.dtype(dtype).str)
+    if key not in _masks:
+        _masks[key] = np.triu(np.full((T, S), -np.inf, dtype), k=S - T + 1)
+    return _masks[key]
+
+
+def softmax_inplace(a):
+    """Softmax over the last axis, in place (no temporaries of a's size)."""
+    a -= a.max(axis=-1, keepdims=True)
+    np.exp(a, out=a)
+    a *= 1.0 / a.sum(axis=-1, keepdims=True)
 
 
 def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer=0):
@@ -87,8 +100,9 @@ def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer
     B, T, C = x.shape
     H = n_heads
     hs = C // H
-    qkv = x @ w_attn + b_attn  # (B, T, C) -> (B, T, 3C)
-    qkv = qkv.reshape(B, T, 3, H, hs).transpose(2, 0, 3, 1, 4)  # -> (3, B, H, T, hs)
+    qkv = x @ w_attn  # (B, T, C) -> (B, T, 3C)
+    qkv += b_attn
+    qkv = qkv.reshape(B, T, 3, H, hs).transpose(2, 0, 3, 1, 4)  # -> (3, B, H, T, hs), a view
     q, k, v = qkv[0], qkv[1], qkv[2]
     if kv is not None:
         start = kv.length
@@ -97,14 +111,15 @@ def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer
         k = kv.k[layer][:, :, : start + T]  # (B, H, S, hs)
         v = kv.v[layer][:, :, : start + T]
     S = k.shape[2]
-    att = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))  # (B, H, T, S)
-    att[..., causal_mask(T, S)] = -np.inf
-    att -= att.max(axis=-1, keepdims=True)
-    np.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
-    y = att @ v  # (B, H, T, S) @ (B, H, S, hs) -> (B, H, T, hs)
-    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble the heads
-    out = y @ w_proj + b_proj  # (B, T, C)
+    att = q @ k.transpose(0, 1, 3, 2)  # (B, H, T, hs) @ (B, H, hs, S) -> (B, H, T, S)
+    att *= 1.0 / math.sqrt(hs)
+    att += causal_mask(T, S, att.dtype)  # -inf where a query would see a later key
+    softmax_inplace(att)
+    y = np.empty((B, T, H, hs), x.dtype)
+    np.matmul(att, v, out=y.transpose(0, 2, 1, 3))  # (B, H, T, S) @ (B, H, S, hs) -> (B, H, T, hs), heads side by side
+    y = y.reshape(B, T, C)
+    out = y @ w_proj  # (B, T, C)
+    out += b_proj
     return out, AttentionCache(x, q, k, v, att, y)
 
 
@@ -116,18 +131,21 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
     # forward was: out = y @ w_proj + b_proj
     dw_proj += y.reshape(-1, C).T @ dout.reshape(-1, C)  # (C, B*T) @ (B*T, C) -> (C, C)
     db_proj += dout.sum(axis=(0, 1))
-    dy = (dout @ w_proj.T).reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # -> (B, H, T, hs)
+    dy = (dout @ w_proj.T).reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # -> (B, H, T, hs), a view
+    dqkv = np.empty((B, T, 3, H, hs), x.dtype)  # written through its (3, B, H, T, hs) view below
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
     # forward was: y = att @ v
     datt = dy @ v.transpose(0, 1, 3, 2)  # (B, H, T, S)
-    dv = att.transpose(0, 1, 3, 2) @ dy  # (B, H, S, hs)
+    np.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)  # (B, H, S, hs)
     # forward was: att = softmax(pre), so dpre = att * (datt - sum(att * datt)); masked entries have att = 0
-    datt -= (datt * att).sum(axis=-1, keepdims=True)
+    datt -= np.einsum("bhts,bhts->bht", datt, att)[..., None]
     datt *= att
-    # forward was: pre = q @ k.T / sqrt(hs)
-    datt *= 1.0 / math.sqrt(hs)
-    dq = datt @ k  # (B, H, T, hs)
-    dk = datt.transpose(0, 1, 3, 2) @ q  # (B, H, S, hs)
-    dqkv = np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * C)  # (3, B, H, T, hs) -> (B, T, 3C)
+    # forward was: pre = q @ k.T / sqrt(hs); the scale is applied to the smaller (B, H, T, hs) results
+    np.matmul(datt, k, out=dq)  # (B, H, T, hs)
+    np.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)  # (B, H, S, hs)
+    dqk = dqkv[:, :, :2]
+    dqk *= 1.0 / math.sqrt(hs)
+    dqkv = dqkv.reshape(B, T, 3 * C)
     # forward was: qkv = x @ w_attn + b_attn
     dw_attn += x.reshape(-1, C).T @ dqkv.reshape(-1, 3 * C)  # (C, 3C)
     db_attn += dqkv.sum(axis=(0, 1))
@@ -137,42 +155,64 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
 # ----------------------------------------------------------------------------- feed-forward
 
 def gelu_forward(x):
-    """GELU, tanh form: 0.5 x (1 + tanh(k (x + 0.044715 x^3))). Returns out and the tanh (for backward)."""
-    t = np.tanh(GELU_K * (x + 0.044715 * x * x * x))
-    return 0.5 * x * (1.0 + t), t
+    """GELU, GPT-2's tanh form: 0.5 x (1 + tanh(u)), u = k (x + 0.044715 x^3).
+
+    Computed as x * sigmoid(2u), the same function (0.5 (1 + tanh(u)) = sigmoid(2u)) with
+    one exp instead of a tanh, which NumPy evaluates several times slower.
+    Returns out and s = sigmoid(2u), which backward needs.
+    """
+    s = x * x
+    s *= -2 * GELU_K * 0.044715
+    s -= 2 * GELU_K
+    s *= x  # -2u
+    with np.errstate(over="ignore"):  # exp(-2u) = inf for very negative x gives s = 0, the right limit
+        np.exp(s, out=s)
+    s += 1.0
+    np.reciprocal(s, out=s)  # sigmoid(2u)
+    return x * s, s
 
 
-def gelu_backward(dout, x, t):
-    """d/dx of 0.5 x (1 + t) with t = tanh(u), u = k (x + 0.044715 x^3)."""
-    du_dx = GELU_K * (1.0 + 3 * 0.044715 * x * x)
-    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)
+def gelu_backward(dout, x, s):
+    """d/dx of x * s with s = sigmoid(2u): s + x * 2 s (1 - s) du/dx, du/dx = k (1 + 3 * 0.044715 x^2)."""
+    d = x * x
+    d *= 3 * 0.044715 * 2 * GELU_K
+    d += 2 * GELU_K  # 2 du/dx
+    d *= x
+    d *= 1.0 - s
+    d += 1.0
+    d *= s
+    d *= dout
+    return d
 
 
 class MLPCache(NamedTuple):
     x: np.ndarray  # (B, T, C) input
     h: np.ndarray  # (B, T, F) pre-activation
     a: np.ndarray  # (B, T, F) activation
-    t: np.ndarray | None  # (B, T, F) GELU's tanh, None for ReLU
+    s: np.ndarray | None  # (B, T, F) GELU's sigmoid(2u), None for ReLU
 
 
 def mlp_forward(x, w_fc, b_fc, w_proj, b_proj, activation="gelu"):
     """Position-wise feed-forward, (B, T, C) -> (B, T, F) -> (B, T, C)."""
-    h = x @ w_fc + b_fc  # (B, T, C) -> (B, T, F)
+    h = x @ w_fc  # (B, T, C) -> (B, T, F)
+    h += b_fc
     if activation == "gelu":
-        a, t = gelu_forward(h)
+        a, s = gelu_forward(h)
     else:
-        a, t = np.maximum(h, 0), None
-    return a @ w_proj + b_proj, MLPCache(x, h, a, t)  # (B, T, F) -> (B, T, C)
+        a, s = np.maximum(h, 0), None
+    out = a @ w_proj  # (B, T, F) -> (B, T, C)
+    out += b_proj
+    return out, MLPCache(x, h, a, s)
 
 
 def mlp_backward(dout, cache, w_fc, w_proj, dw_fc, db_fc, dw_proj, db_proj):
     """Reverse of mlp_forward. Returns dx."""
-    x, h, a, t = cache
+    x, h, a, s = cache
     C, F = w_fc.shape
     dw_proj += a.reshape(-1, F).T @ dout.reshape(-1, C)  # (F, C)
     db_proj += dout.sum(axis=(0, 1))
     da = dout @ w_proj.T  # (B, T, C) -> (B, T, F)
-    dh = gelu_backward(da, h, t) if t is not None else da * (h > 0)
+    dh = gelu_backward(da, h, s) if s is not None else da * (h > 0)
     dw_fc += x.reshape(-1, C).T @ dh.reshape(-1, F)  # (C, F)
     db_fc += dh.sum(axis=(0, 1))
     return dh @ w_fc.T  # (B, T, F) -> (B, T, C)

@@ -1,0 +1,142 @@
+"""How close is a training step to the cost of its matrix multiplies?
+
+Times forward + backward + AdamW update steps of the model on random tokens and, in the same
+run, the matrix products such a step cannot avoid done alone with NumPy (same shapes, same
+layouts, preallocated outputs). Prints both, their ratio, tokens/s and peak memory. The two
+are timed alternately, so a busy machine slows both alike; compare ratios, not seconds.
+
+    python3 benchmark.py                                  # the guide's Small model
+    python3 benchmark.py --d_model 256 --n_heads 8 --d_ff 1024 --n_layers 4 --batch_size 16 --seq_len 256
+    python3 benchmark.py --all                            # Tiny, Small, Medium and Small with a 4096 vocabulary
+"""
+import argparse
+import resource
+import time
+
+import numpy as np
+
+from language_model import LanguageModel, ModelConfig
+from lm_head import ROWS_PER_CHUNK
+
+PRESETS = {  # name: (model flags, batch_size, seq_len), as in the guide
+    "tiny": (dict(vocab_size=50257, d_model=64, n_heads=2, d_ff=256, n_layers=2), 32, 128),
+    "small": (dict(vocab_size=50257, d_model=128, n_heads=4, d_ff=512, n_layers=2), 32, 128),
+    "medium": (dict(vocab_size=50257, d_model=256, n_heads=8, d_ff=1024, n_layers=4), 16, 256),
+    "small-v4096": (dict(vocab_size=4096, d_model=128, n_heads=4, d_ff=512, n_layers=2), 32, 128),
+}
+
+
+def adamw_update(params, grads, state, lr=3e-4, b1=0.9, b2=0.95, eps=1e-8, wd=0.01):
+    """A plain in-place AdamW step, so the benchmark's step includes an update's memory traffic."""
+    state["t"] = state.get("t", 0) + 1
+    for k, p in params.items():
+        g = grads[k]
+        m = state.setdefault("m" + k, np.zeros_like(p))
+        v = state.setdefault("v" + k, np.zeros_like(p))
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * g * g
+        p *= 1 - lr * wd
+        p -= (lr / (1 - b1 ** state["t"])) * m / (np.sqrt(v / (1 - b2 ** state["t"])) + eps)
+
+
+class MatmulsOnly:
+    """The matrix products of one training step, alone: N = B*T rows, per layer and for the head."""
+
+    def __init__(self, cfg, B, T, dtype=np.float32):
+        rng = np.random.default_rng(0)
+        C, F, V, H = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_heads
+        hs, N, R = C // H, B * T, min(ROWS_PER_CHUNK, B * T)
+
+        def r(*shape):
+            return rng.standard_normal(shape).astype(dtype)
+
+        x, x3, xf, w3, w, wf, wp = r(N, C), r(N, 3 * C), r(N, F), r(C, 3 * C), r(C, C), r(C, F), r(F, C)
+        q, att = r(B, H, T, hs), r(B, H, T, T)
+        wte, logits = r(V, C), r(R, V)
+        o = {s: np.empty(s, dtype) for s in [(N, C), (N, 3 * C), (N, F), (C, 3 * C), (C, C), (C, F), (F, C),
+                                              (B, H, T, T), (B, H, T, hs), (R, V), (R, C), (V, C)]}
+        layer = [  # (a, b, out) for out = a @ b
+            (x, w3, o[N, 3 * C]), (q, q.transpose(0, 1, 3, 2), o[B, H, T, T]), (att, q, o[B, H, T, hs]),
+            (x, w, o[N, C]), (x, wf, o[N, F]), (xf, wp, o[N, C]),  # forward
+            (x.T, x, o[C, C]), (x, w.T, o[N, C]),  # attn.c_proj: dW, dx
+            (q, q.transpose(0, 1, 3, 2), o[B, H, T, T]), (att.transpose(0, 1, 3, 2), q, o[B, H, T, hs]),  # datt, dv
+            (att, q, o[B, H, T, hs]), (att.transpose(0, 1, 3, 2), q, o[B, H, T, hs]),  # dq, dk
+            (x.T, x3, o[C, 3 * C]), (x3, w3.T, o[N, C]),  # attn.c_attn: dW, dx
+            (xf.T, x, o[F, C]), (x, wp.T, o[N, F]),  # mlp.c_proj: dW, dx
+            (x.T, xf, o[C, F]), (xf, wf.T, o[N, C]),  # mlp.c_fc: dW, dx
+        ]
+        head = [(x[:R], wte.T, o[R, V]), (logits, wte, o[R, C]), (logits.T, x[:R], o[V, C])]
+        self.products = layer * cfg.n_layers + head * (-(-N // R))
+        self.flops = sum(2 * a.size * b.shape[-1] for a, b, _ in self.products)
+
+    def run(self):
+        for a, b, out in self.products:
+            np.matmul(a, b, out=out)
+
+
+def median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench(cfg, B, T, steps=5, warmup=2):
+    model = LanguageModel(cfg, seed=0)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
+    state = {}
+
+    def step():
+        model.forward_backward(tokens[:, :-1], tokens[:, 1:])
+        adamw_update(model.params, model.grads, state)
+
+    for _ in range(warmup):
+        step()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mm = MatmulsOnly(cfg, B, T)
+    mm.run()
+    step_times, mm_times = [], []
+    for _ in range(steps):  # alternate, so both see the same machine
+        step_times.append(median_time(step, 1))
+        mm_times.append(median_time(mm.run, 1))
+    t_step, t_mm = float(np.median(step_times)), float(np.median(mm_times))
+    return dict(step_s=t_step, matmul_s=t_mm, ratio=t_step / t_mm, tokens_per_s=B * T / t_step,
+                gflops=mm.flops / t_mm / 1e9, peak_mb=peak_mb, params=model.num_parameters())
+
+
+def report(name, cfg, B, T, r):
+    print(f"{name}: d_model={cfg.d_model} n_heads={cfg.n_heads} d_ff={cfg.d_ff} n_layers={cfg.n_layers} "
+          f"vocab={cfg.vocab_size} batch={B} seq={T} params={r['params']:,}")
+    print(f"  step {r['step_s']:.3f} s   matmuls alone {r['matmul_s']:.3f} s ({r['gflops']:.0f} GFLOP/s)   "
+          f"ratio {r['ratio']:.2f}   {r['tokens_per_s']:,.0f} tokens/s   peak memory {r['peak_mb']:.0f} MB",
+          flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocab_size", type=int, default=50257, help="vocabulary size (default 50257, GPT-2's)")
+    ap.add_argument("--d_model", type=int, default=128, help="model width C (default 128)")
+    ap.add_argument("--n_heads", type=int, default=4, help="attention heads (default 4)")
+    ap.add_argument("--d_ff", type=int, default=512, help="feed-forward width (default 512)")
+    ap.add_argument("--n_layers", type=int, default=2, help="Transformer blocks (default 2)")
+    ap.add_argument("--batch_size", type=int, default=32, help="sequences per step (default 32)")
+    ap.add_argument("--seq_len", type=int, default=128, help="tokens per sequence (default 128)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    ap.add_argument("--all", action="store_true", help="run the guide's Tiny, Small, Medium and Small-with-4096-vocab")
+    args = ap.parse_args(argv)
+    if args.all:
+        runs = [(name, ModelConfig(**flags, max_seq_len=T), B, T) for name, (flags, B, T) in PRESETS.items()]
+    else:
+        cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
+                          n_layers=args.n_layers, max_seq_len=args.seq_len)
+        runs = [("model", cfg, args.batch_size, args.seq_len)]
+    for name, cfg, B, T in runs:
+        report(name, cfg, B, T, bench(cfg, B, T, steps=args.steps))
+
+
+if __name__ == "__main__":
+    main()
