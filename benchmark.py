@@ -116,6 +116,19 @@ def report(name, cfg, B, T, r):
           flush=True)
 
 
+SIZES = {"Tiny": (64, 2, 256, 2), "Small": (128, 4, 512, 2), "Medium": (256, 8, 1024, 4), "Large": (512, 16, 2048, 6)}
+
+
+def print_sizes(vocab_size=50257):
+    """The guide's model sizes: parameters with and without the (V, C) token embedding (tied to the head)."""
+    print(f"| Size | d_model | n_heads | d_ff | n_layers | Params (all) | Params (without the {vocab_size}-token embedding) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (C, H, F, L) in SIZES.items():
+        model = LanguageModel(ModelConfig(vocab_size=vocab_size, d_model=C, n_heads=H, d_ff=F, n_layers=L))
+        print(f"| {name} | {C} | {H} | {F} | {L} | {model.num_parameters():,} | "
+              f"{model.num_parameters(include_embeddings=False):,} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab_size", type=int, default=50257, help="vocabulary size (default 50257, GPT-2's)")
@@ -127,7 +140,11 @@ def main(argv=None):
     ap.add_argument("--seq_len", type=int, default=128, help="tokens per sequence (default 128)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
     ap.add_argument("--all", action="store_true", help="run the guide's Tiny, Small, Medium and Small-with-4096-vocab")
+    ap.add_argument("--sizes", action="store_true", help="only print the guide's model sizes with their parameter counts")
     args = ap.parse_args(argv)
+    if args.sizes:
+        print_sizes()
+        return
     if args.all:
         runs = [(name, ModelConfig(**flags, max_seq_len=T), B, T) for name, (flags, B, T) in PRESETS.items()]
     else:

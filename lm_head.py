@@ -12,50 +12,32 @@ computes the logits into one preallocated (R, V) buffer, turns them in place int
 dloss/dlogits, and immediately multiplies them back into dx and dw_out. `lm_head_forward`
 is the plain unchunked version (used for generation and as the tests' reference).
 """
-import os
-from concurrent.futures import ThreadPoolExecutor
+import functools
 
 import numpy as np
 
 from loss import IGNORE_INDEX, softmax_cross_entropy_inplace
-from transformer import layernorm_backward, layernorm_forward
+from transformer import in_threads, layernorm_backward, layernorm_forward
 
 ROWS_PER_CHUNK = 1024  # rows of logits per matrix product: big enough for BLAS to run at full speed
 ROWS_PER_BLOCK = 8  # rows per softmax pass: (8, 50257) float32 is 1.6 MB, which stays in cache
-# NumPy's element-wise work runs on one core while BLAS uses them all, so the softmax passes
-# over the logits (the largest element-wise cost of a step) are split across threads: NumPy
-# releases the GIL inside ufuncs, so the threads really run at the same time.
-N_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-_pool = None
-
-
-def parallel_rows(fn, n_rows, *args):
-    """Call fn(lo, hi, *args) on N_THREADS contiguous row ranges at once; returns the results."""
-    global _pool
-    bounds = np.linspace(0, n_rows, min(N_THREADS, n_rows) + 1).astype(int)
-    if len(bounds) <= 2:
-        return [fn(0, n_rows, *args)]
-    if _pool is None:
-        _pool = ThreadPoolExecutor(N_THREADS, thread_name_prefix="rows")
-    futures = [_pool.submit(fn, lo, hi, *args) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return [f.result() for f in futures]
-
-
-def _loss_blocks(lo, hi, logits, targets, grad_scale, ignore_index):
-    """softmax_cross_entropy_inplace over rows [lo, hi), a cache-sized block at a time."""
-    loss_sum, n_correct = 0.0, 0
-    for b0 in range(lo, hi, ROWS_PER_BLOCK):
-        b1 = min(hi, b0 + ROWS_PER_BLOCK)
-        s, c = softmax_cross_entropy_inplace(logits[b0:b1], targets[b0:b1], grad_scale, ignore_index)
-        loss_sum += s
-        n_correct += c
-    return loss_sum, n_correct
 
 
 def lm_head_forward(x, w_ln, b_ln, w_out):
     """(B, T, C) -> logits (B, T, V)."""
     h, _ = layernorm_forward(x, w_ln, b_ln)
     return h @ w_out.T  # (B, T, C) @ (C, V) -> (B, T, V)
+
+
+def _loss_blocks(logits, targets, grad_scale, ignore_index):
+    """softmax_cross_entropy_inplace over the rows of logits, a cache-sized block at a time."""
+    loss_sum, n_correct = 0.0, 0
+    for b0 in range(0, len(logits), ROWS_PER_BLOCK):
+        b1 = b0 + ROWS_PER_BLOCK
+        s, c = softmax_cross_entropy_inplace(logits[b0:b1], targets[b0:b1], grad_scale, ignore_index)
+        loss_sum += s
+        n_correct += c
+    return loss_sum, n_correct
 
 
 class HeadWorkspace:
@@ -99,7 +81,8 @@ def lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=None, workspace=None,
         r1 = min(N, r0 + R)
         logits = buf[: r1 - r0]
         np.matmul(h[r0:r1], w_out.T, out=logits)  # (R, C) @ (C, V) -> (R, V)
-        for s, c in parallel_rows(_loss_blocks, r1 - r0, logits, t[r0:r1], grad_scale, ignore_index):
+        loss_blocks = functools.partial(_loss_blocks, grad_scale=grad_scale, ignore_index=ignore_index)
+        for s, c in in_threads(loss_blocks, logits, t[r0:r1]):  # the softmax passes on every core
             loss_sum += s
             n_correct += c
         if grads is not None:  # logits now holds dlogits

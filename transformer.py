@@ -11,11 +11,34 @@ Parameter layouts follow GPT-2: a linear layer is `x @ weight + bias`, weight (i
 from typing import NamedTuple
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 LN_EPS = 1e-5
 GELU_K = math.sqrt(2.0 / math.pi)  # GELU's tanh approximation, as in GPT-2
+
+# ----------------------------------------------------------------------------- threads
+# BLAS runs matrix products on every core, but NumPy's element-wise work runs on one.
+# NumPy releases the GIL inside ufuncs, so threads working on disjoint slices of an array
+# really do run at the same time: the large element-wise passes (softmax, GELU) use this.
+N_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_pool = None
+
+
+def in_threads(fn, *arrays):
+    """fn(*parts) on N_THREADS slices of the arrays along their first axis, at once; returns the results."""
+    global _pool
+    n = len(arrays[0])
+    parts = min(N_THREADS, n)
+    if parts <= 1:
+        return [fn(*arrays)]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(N_THREADS, thread_name_prefix="numpy-gpt")
+    bounds = [n * i // parts for i in range(parts + 1)]
+    futures = [_pool.submit(fn, *(a[lo:hi] for a in arrays)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return [f.result() for f in futures]
 
 
 # ----------------------------------------------------------------------------- layer norm
@@ -91,6 +114,12 @@ def softmax_inplace(a):
     a *= 1.0 / a.sum(axis=-1, keepdims=True)
 
 
+def softmax_backward_inplace(da, a):
+    """da (upstream gradient of a = softmax(pre)) becomes dpre = a * (da - sum(a * da)), in place."""
+    da -= np.einsum("...s,...s->...", da, a)[..., None]
+    da *= a
+
+
 def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer=0):
     """Multi-head causal self-attention, (B, T, C) -> (B, T, C).
 
@@ -114,7 +143,7 @@ def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer
     att = q @ k.transpose(0, 1, 3, 2)  # (B, H, T, hs) @ (B, H, hs, S) -> (B, H, T, S)
     att *= 1.0 / math.sqrt(hs)
     att += causal_mask(T, S, att.dtype)  # -inf where a query would see a later key
-    softmax_inplace(att)
+    in_threads(softmax_inplace, att)
     y = np.empty((B, T, H, hs), x.dtype)
     np.matmul(att, v, out=y.transpose(0, 2, 1, 3))  # (B, H, T, S) @ (B, H, S, hs) -> (B, H, T, hs), heads side by side
     y = y.reshape(B, T, C)
@@ -137,9 +166,8 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
     # forward was: y = att @ v
     datt = dy @ v.transpose(0, 1, 3, 2)  # (B, H, T, S)
     np.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)  # (B, H, S, hs)
-    # forward was: att = softmax(pre), so dpre = att * (datt - sum(att * datt)); masked entries have att = 0
-    datt -= np.einsum("bhts,bhts->bht", datt, att)[..., None]
-    datt *= att
+    # forward was: att = softmax(pre); masked entries have att = 0, so they get no gradient
+    in_threads(softmax_backward_inplace, datt, att)
     # forward was: pre = q @ k.T / sqrt(hs); the scale is applied to the smaller (B, H, T, hs) results
     np.matmul(datt, k, out=dq)  # (B, H, T, hs)
     np.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)  # (B, H, S, hs)
@@ -154,14 +182,14 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
 
 # ----------------------------------------------------------------------------- feed-forward
 
-def gelu_forward(x):
-    """GELU, GPT-2's tanh form: 0.5 x (1 + tanh(u)), u = k (x + 0.044715 x^3).
+def gelu_forward(x, out, s):
+    """GELU, GPT-2's tanh form: out = 0.5 x (1 + tanh(u)), u = k (x + 0.044715 x^3).
 
     Computed as x * sigmoid(2u), the same function (0.5 (1 + tanh(u)) = sigmoid(2u)) with
-    one exp instead of a tanh, which NumPy evaluates several times slower.
-    Returns out and s = sigmoid(2u), which backward needs.
+    one exp instead of a tanh, which NumPy evaluates several times slower. Writes into
+    `out` and into `s` = sigmoid(2u), which backward needs.
     """
-    s = x * x
+    np.multiply(x, x, out=s)
     s *= -2 * GELU_K * 0.044715
     s -= 2 * GELU_K
     s *= x  # -2u
@@ -169,11 +197,11 @@ def gelu_forward(x):
         np.exp(s, out=s)
     s += 1.0
     np.reciprocal(s, out=s)  # sigmoid(2u)
-    return x * s, s
+    np.multiply(x, s, out=out)
 
 
-def gelu_backward(dout, x, s):
-    """d/dx of x * s with s = sigmoid(2u): s + x * 2 s (1 - s) du/dx, du/dx = k (1 + 3 * 0.044715 x^2)."""
+def gelu_backward_inplace(dout, x, s):
+    """dout becomes dout * d/dx (x s), s = sigmoid(2u): s + x * 2 s (1 - s) du/dx, du/dx = k (1 + 3 * 0.044715 x^2)."""
     d = x * x
     d *= 3 * 0.044715 * 2 * GELU_K
     d += 2 * GELU_K  # 2 du/dx
@@ -181,8 +209,7 @@ def gelu_backward(dout, x, s):
     d *= 1.0 - s
     d += 1.0
     d *= s
-    d *= dout
-    return d
+    dout *= d
 
 
 class MLPCache(NamedTuple):
@@ -197,7 +224,8 @@ def mlp_forward(x, w_fc, b_fc, w_proj, b_proj, activation="gelu"):
     h = x @ w_fc  # (B, T, C) -> (B, T, F)
     h += b_fc
     if activation == "gelu":
-        a, s = gelu_forward(h)
+        a, s = np.empty_like(h), np.empty_like(h)
+        in_threads(gelu_forward, h, a, s)
     else:
         a, s = np.maximum(h, 0), None
     out = a @ w_proj  # (B, T, F) -> (B, T, C)
@@ -212,7 +240,11 @@ def mlp_backward(dout, cache, w_fc, w_proj, dw_fc, db_fc, dw_proj, db_proj):
     dw_proj += a.reshape(-1, F).T @ dout.reshape(-1, C)  # (F, C)
     db_proj += dout.sum(axis=(0, 1))
     da = dout @ w_proj.T  # (B, T, C) -> (B, T, F)
-    dh = gelu_backward(da, h, s) if s is not None else da * (h > 0)
+    if s is not None:
+        in_threads(gelu_backward_inplace, da, h, s)
+    else:
+        da *= h > 0
+    dh = da
     dw_fc += x.reshape(-1, C).T @ dh.reshape(-1, F)  # (C, F)
     db_fc += dh.sum(axis=(0, 1))
     return dh @ w_fc.T  # (B, T, F) -> (B, T, C)
