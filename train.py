@@ -203,27 +203,33 @@ class MetricsLog:
 
 
 class Interrupt:
-    """SIGINT sets a flag the loop checks between steps; a second Ctrl-C stops at once."""
+    """Ctrl-C (SIGINT) or SIGTERM sets a flag the loop checks between steps, so the run
+    stops at a step boundary and saves; a second signal stops at once."""
+
+    SIGNALS = {signal.SIGINT: ("interrupted (Ctrl-C)", 130), signal.SIGTERM: ("terminated (SIGTERM)", 143)}
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.reason, self.exit_code = None, 0
+        self.previous = {}
 
     def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self.previous = None
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler, signals behave as usual
+                pass
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.reason, self.exit_code = self.SIGNALS[signum]
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
         return False
 
 
@@ -262,7 +268,7 @@ def resolve_resume(args):
     return args.resume
 
 
-def check_resume(ck, path, args, config, identity, log):
+def check_resume(ck, path, args, config, identity, num_tokens, log):
     """Errors for a checkpoint of another architecture or tokenizer; warnings for other changed flags."""
     saved, wanted = ck.config.to_dict(), config.to_dict()
     if saved != wanted:
@@ -276,6 +282,9 @@ def check_resume(ck, path, args, config, identity, log):
     old = ck.meta.get("train_args") or {}
     changed = [f"--{k} {old[k]} -> {getattr(args, k)}" for k in TRAJECTORY_FLAGS
                if k in old and old[k] != getattr(args, k)]
+    saved_tokens = (ck.meta.get("data") or {}).get("num_tokens")
+    if saved_tokens is not None and saved_tokens != num_tokens:
+        changed.append(f"training data {saved_tokens:,} -> {num_tokens:,} tokens")
     if changed:
         log("note: resuming with changed flags (" + "; ".join(changed) + "): training continues, "
             "but will not repeat the uninterrupted run exactly")
@@ -308,10 +317,13 @@ def train(args):
     schedule = LRSchedule(args.learning_rate, args.warmup_steps, args.max_steps, args.min_lr, args.lr_schedule)
 
     step, last_good, resume_path = 0, None, None
+    if not args.resume and find_latest(args.save_dir):
+        early.append(f"note: {args.save_dir} already holds checkpoints of an earlier run; this fresh run will "
+                     "overwrite those at the same steps (use --resume to continue that run instead)")
     if args.resume:
         resume_path = resolve_resume(args)
         ck = load_checkpoint(resume_path)
-        check_resume(ck, resume_path, args, config, identity, early.append)
+        check_resume(ck, resume_path, args, config, identity, len(train_ds), early.append)
         copy_params(model.params, ck.params, resume_path)
         try:
             opt.load_state_dict(ck.arrays)
@@ -340,13 +352,16 @@ def train(args):
     def save(name):
         path = os.path.join(args.save_dir, name)
         meta = {"step": step, "tokenizer": identity, "tokenizer_model_json": model_json,
-                "rng": batches.state()["bit_generator"], "data": batches.state(),
+                "rng": batches.state()["bit_generator"],
+                "data": dict(batches.state(), train_data=args.train_data, num_tokens=len(train_ds)),
                 "train_args": train_args}
         t = time.perf_counter()
         save_checkpoint(path, config, model.params, meta, opt.state_dict())
         log.say(f"saved {path} ({time.perf_counter() - t:.1f}s)")
         log.record(type="checkpoint", step=step, path=path)
         return path
+
+    hinted = []
 
     def run_eval():
         t = time.perf_counter()
@@ -358,6 +373,14 @@ def train(args):
                 f"val acc {res['val_accuracy']:.4f} | bits/byte {bpb} | {res['val_tokens']:,} tokens "
                 f"({time.perf_counter() - t:.1f}s)")
         log.record(type="eval", step=step, **res)
+        eval_s = time.perf_counter() - t
+        if args.eval_batches is None and args.eval_interval and loop_steps and not hinted:
+            train_s = loop_time / loop_steps * args.eval_interval
+            if eval_s > 0.25 * train_s:
+                hinted.append(1)
+                log.say(f"note: evaluating the whole validation set takes {eval_s:.0f}s, "
+                        f"{100 * eval_s / train_s:.0f}% of the {args.eval_interval} training steps between "
+                        "evaluations; --eval_batches N samples N batches evenly across it instead")
 
     if step >= args.max_steps:
         log.say(f"checkpoint is at step {step}, already >= --max_steps {args.max_steps}: nothing to train")
@@ -370,7 +393,7 @@ def train(args):
     acc_loss = acc_acc = 0.0
     acc_n, interval_time, grad_norm = 0, 0.0, 0.0
     deadline = time.monotonic() + 60 * args.max_time if args.max_time else None
-    exit_code, final = 0, True
+    exit_code = 0
     show = not args.no_progress and tqdm is not None
     bar = tqdm(total=args.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=None if show else True,
                smoothing=0.1) if tqdm is not None else None
@@ -426,15 +449,22 @@ def train(args):
                 if args.save_interval and step % args.save_interval == 0 and step != args.max_steps:
                     last_good = save(f"checkpoint_step_{step}.npz")
             if step < args.max_steps:  # stopped early: Ctrl-C or --max_time
-                final = False
-                why = "interrupted (Ctrl-C)" if interrupt.requested else f"--max_time {args.max_time} min reached"
+                why = interrupt.reason if interrupt.requested else f"--max_time {args.max_time} min reached"
                 if bar is not None:
                     bar.close()
                 log.bar = None
                 path = save(f"checkpoint_step_{step}.npz")
                 log.say(f"{why} at step {step}; resume with the same flags plus --resume ({path})")
                 log.record(type="stopped", step=step, reason=why)
-                exit_code = 130 if interrupt.requested else 0
+                exit_code = interrupt.exit_code if interrupt.requested else 0
+            else:
+                if bar is not None:
+                    bar.close()
+                log.bar = None
+                if val_ds is not None:
+                    run_eval()  # a Ctrl-C here skips the evaluation, never the final save
+                path = save("checkpoint_final.npz")
+                log.say(f"done: {step} steps; final weights in {path}")
     except TrainError as e:
         log.record(type="error", step=step + 1, message=str(e))
         raise
@@ -442,11 +472,6 @@ def train(args):
         if bar is not None:
             bar.close()
         log.bar = None
-    if final:
-        if val_ds is not None:
-            run_eval()
-        path = save("checkpoint_final.npz")
-        log.say(f"done: {step} steps; final weights in {path}")
     if loop_steps:
         report_profile(log, step, timers, loop_time, loop_steps, verbose=args.profile)
     log.close()

@@ -237,3 +237,14 @@ def test_plot_metrics_draws_a_png(data, tmp_path):
     out = str(tmp_path / "loss.png")
     assert plot_metrics.main([os.path.join(save_dir, "metrics.jsonl"), "--out", out]) == 0
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_max_time_stops_with_a_checkpoint_to_resume_from(data, tmp_path, capsys):
+    save_dir = str(tmp_path / "ck")
+    assert train.main(tiny_flags(data, save_dir, max_steps=100000, max_time=0.002)) == 0  # 0.12 s
+    out = capsys.readouterr().out
+    assert "--max_time" in out and "--resume" in out
+    saved = [p for p in os.listdir(save_dir) if p.startswith("checkpoint_step_")]
+    assert len(saved) == 1 and not os.path.exists(os.path.join(save_dir, "checkpoint_final.npz"))
+    step = read_meta(os.path.join(save_dir, saved[0]))["step"]
+    assert 0 < step < 100000
