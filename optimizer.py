@@ -4,7 +4,9 @@ Everything works on two dicts with the same keys, ``params`` and ``grads``
 (name -> np.ndarray), like ``LanguageModel.params`` / ``LanguageModel.grads``.
 Updates are in place: moment buffers are allocated once, and every step is a
 fixed sequence of ``out=`` ufuncs over cache-sized blocks, so a step allocates
-nothing and reads each large array only once from memory.
+nothing and reads each large array only once from memory. The blocks are shared
+out to a few threads (ufuncs release the GIL); each element's update is
+independent, so results do not depend on the number of threads.
 
     from optimizer import AdamW, LRSchedule, clip_grad_norm
     opt = AdamW(model.params, weight_decay=0.01)
@@ -21,6 +23,8 @@ Conventions follow PyTorch so numbers can be compared with it:
   AdamW: p *= 1 - lr * weight_decay (decoupled, only for decayed params), then Adam.
 """
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -30,10 +34,30 @@ import numpy as np
 BLOCK = 1 << 16
 
 
-def _blocks(n):
-    """Yield slices covering range(n) in BLOCK-sized pieces."""
-    for start in range(0, n, BLOCK):
-        yield slice(start, min(start + BLOCK, n))
+def _blocks(lo, hi):
+    """Yield slices covering range(lo, hi) in BLOCK-sized pieces."""
+    for start in range(lo, hi, BLOCK):
+        yield slice(start, min(start + BLOCK, hi))
+
+
+def default_threads():
+    """Cores this process may use (at most 8): NumPy ufuncs release the GIL, so the
+    element-wise update of disjoint slices runs in parallel."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+_pool = None
+
+
+def _thread_pool(n):
+    global _pool
+    if _pool is None or _pool._max_workers < n:
+        _pool = ThreadPoolExecutor(n, thread_name_prefix="optimizer")
+    return _pool
 
 
 def _flat(a):
@@ -134,18 +158,57 @@ def decay_mask(params, decay_embeddings=False):
 
 
 class Optimizer:
-    """Base class: holds references to the parameter arrays and a step counter."""
+    """Base class: holds references to the parameter arrays and a step counter.
 
-    def __init__(self, params):
+    threads: how many threads share the element-wise work of a step (default: the
+    cores available, at most 8). Every element's update is independent of the others,
+    so the result is bit-for-bit the same whatever the number of threads.
+    """
+
+    def __init__(self, params, threads=None):
         if not params:
             raise ValueError("optimizer got no parameters")
         self.params = params
         self.t = 0  # number of completed steps (bumped once per step, not per parameter)
         self.state = {}  # buffer name -> dict(param name -> array)
+        self.threads = int(threads or default_threads())
         biggest = max(p.size for p in params.values())
         dtypes = {p.dtype for p in params.values()}
-        # one shared scratch block per dtype, reused by every update
-        self._scratch = {dt: np.empty(min(BLOCK, biggest), dtype=dt) for dt in dtypes}
+        # one scratch block per thread and dtype, reused by every update
+        self._scratch = [{dt: np.empty(min(BLOCK, biggest), dtype=dt) for dt in dtypes}
+                         for _ in range(self.threads)]
+        self._plan = self._make_plan()
+
+    def _make_plan(self):
+        """Split the parameters' elements into one task list per thread, balanced by size.
+
+        A task is (name, lo, hi): a range of the flattened parameter. Large arrays are
+        cut into BLOCK-aligned pieces so every thread gets about the same amount of work.
+        """
+        total = sum(p.size for p in self.params.values())
+        share = max(BLOCK, -(-total // self.threads // BLOCK) * BLOCK)  # per-thread target, BLOCK multiple
+        tasks = []
+        for name, p in self.params.items():
+            for lo in range(0, p.size, share):
+                tasks.append((name, lo, min(lo + share, p.size)))
+        plan, loads = [[] for _ in range(self.threads)], [0] * self.threads
+        for task in sorted(tasks, key=lambda t: t[1] - t[2]):  # biggest first, to the least loaded
+            i = loads.index(min(loads))
+            plan[i].append(task)
+            loads[i] += task[2] - task[1]
+        return [tasks for tasks in plan if tasks]
+
+    def _run(self, kernel):
+        """Call kernel(name, lo, hi, scratch) on every task of the plan, one thread per task list."""
+        def work(i):
+            for name, lo, hi in self._plan[i]:
+                kernel(name, lo, hi, self._scratch[i])
+        if len(self._plan) == 1:
+            work(0)
+            return
+        futures = [_thread_pool(len(self._plan)).submit(work, i) for i in range(len(self._plan))]
+        for f in futures:
+            f.result()  # re-raises a worker's exception here
 
     def _buffer(self, kind):
         self.state[kind] = {k: np.zeros_like(p) for k, p in self.params.items()}
@@ -184,43 +247,45 @@ class Optimizer:
 class SGD(Optimizer):
     """Plain SGD, optionally with (heavy-ball) momentum: buf = mu*buf + g; p -= lr*buf."""
 
-    def __init__(self, params, momentum=0.0, weight_decay=0.0, decay_embeddings=False):
-        super().__init__(params)
+    def __init__(self, params, momentum=0.0, weight_decay=0.0, decay_embeddings=False, threads=None):
+        super().__init__(params, threads)
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.decay = decay_mask(params, decay_embeddings)
         self.buf = self._buffer("momentum") if self.momentum else None
 
     def step(self, grads, lr):
+        """One update with learning rate lr, in place."""
         self._check(grads)
-        for name, p in self.params.items():
-            g = grads[name]
-            if self.weight_decay and self.decay[name]:
-                np.multiply(p, p.dtype.type(1.0 - lr * self.weight_decay), out=p)
-            self._sgd_blocked(p, g, None if self.buf is None else self.buf[name], lr)
-        self.t += 1
 
-    def _sgd_blocked(self, p, g, buf, lr):
-        pf, gf = _flat(p), _flat(g)
-        bf = _flat(buf) if buf is not None else None
-        scratch = self._scratch[p.dtype]
-        lr_, mu = p.dtype.type(lr), p.dtype.type(self.momentum)
-        for s in _blocks(pf.size):
-            tmp = scratch[: s.stop - s.start]
-            if bf is None:
-                np.multiply(gf[s], lr_, out=tmp)
-            else:
-                b = bf[s]
-                np.multiply(b, mu, out=b)
-                np.add(b, gf[s], out=b)
-                np.multiply(b, lr_, out=tmp)
-            np.subtract(pf[s], tmp, out=pf[s])
+        def kernel(name, lo, hi, scratch):
+            p = self.params[name]
+            ty = p.dtype.type
+            lr_, mu = ty(lr), ty(self.momentum)
+            decay = ty(1.0 - lr * self.weight_decay) if (self.weight_decay and self.decay[name]) else None
+            pf, gf = _flat(p), _flat(grads[name])
+            bf = _flat(self.buf[name]) if self.buf is not None else None
+            for s in _blocks(lo, hi):
+                pb, tmp = pf[s], scratch[p.dtype][: s.stop - s.start]
+                if decay is not None:
+                    np.multiply(pb, decay, out=pb)
+                if bf is None:
+                    np.multiply(gf[s], lr_, out=tmp)
+                else:                                    # buf = mu * buf + g
+                    b = bf[s]
+                    np.multiply(b, mu, out=b)
+                    np.add(b, gf[s], out=b)
+                    np.multiply(b, lr_, out=tmp)
+                np.subtract(pb, tmp, out=pb)             # p -= lr * buf
+        self._run(kernel)
+        self.t += 1
 
 
 class Adam(Optimizer):
     """Adam (Kingma & Ba) with bias correction; weight_decay here is decoupled (see AdamW)."""
 
-    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_embeddings=False):
-        super().__init__(params)
+    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_embeddings=False,
+                 threads=None):
+        super().__init__(params, threads)
         self.beta1, self.beta2 = (float(b) for b in betas)
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
@@ -237,35 +302,33 @@ class Adam(Optimizer):
         bc2 = 1.0 - self.beta2 ** self.t
         step_size = lr / bc1
         inv_sqrt_bc2 = 1.0 / math.sqrt(bc2)
-        for name, p in self.params.items():
-            decay = 1.0 - lr * self.weight_decay if (self.weight_decay and self.decay[name]) else None
-            self._update(p, grads[name], self.m[name], self.v[name], step_size, inv_sqrt_bc2, decay)
 
-    def _update(self, p, g, m, v, step_size, inv_sqrt_bc2, decay):
-        ty = p.dtype.type
-        b1, b2, eps = ty(self.beta1), ty(self.beta2), ty(self.eps)
-        step_size, inv_sqrt_bc2 = ty(step_size), ty(inv_sqrt_bc2)
-        decay = None if decay is None else ty(decay)
-        pf, gf, mf, vf = _flat(p), _flat(g), _flat(m), _flat(v)
-        scratch = self._scratch[p.dtype]
-        for s in _blocks(pf.size):
-            pb, gb, mb, vb = pf[s], gf[s], mf[s], vf[s]
-            tmp = scratch[: s.stop - s.start]
-            if decay is not None:
-                np.multiply(pb, decay, out=pb)       # decoupled weight decay
-            np.subtract(mb, gb, out=mb)              # m = b1*(m - g) + g = b1*m + (1-b1)*g
-            np.multiply(mb, b1, out=mb)
-            np.add(mb, gb, out=mb)
-            np.multiply(gb, gb, out=tmp)             # v = b2*(v - g^2) + g^2
-            np.subtract(vb, tmp, out=vb)
-            np.multiply(vb, b2, out=vb)
-            np.add(vb, tmp, out=vb)
-            np.sqrt(vb, out=tmp)                     # denom = sqrt(v) / sqrt(bc2) + eps
-            np.multiply(tmp, inv_sqrt_bc2, out=tmp)
-            np.add(tmp, eps, out=tmp)
-            np.divide(mb, tmp, out=tmp)              # p -= lr/bc1 * m / denom
-            np.multiply(tmp, step_size, out=tmp)
-            np.subtract(pb, tmp, out=pb)
+        def kernel(name, lo, hi, scratch):
+            p = self.params[name]
+            ty = p.dtype.type
+            b1, b2, eps = ty(self.beta1), ty(self.beta2), ty(self.eps)
+            lr_t, inv_bc2 = ty(step_size), ty(inv_sqrt_bc2)
+            decay = ty(1.0 - lr * self.weight_decay) if (self.weight_decay and self.decay[name]) else None
+            pf, gf, mf, vf = _flat(p), _flat(grads[name]), _flat(self.m[name]), _flat(self.v[name])
+            for s in _blocks(lo, hi):
+                pb, gb, mb, vb = pf[s], gf[s], mf[s], vf[s]
+                tmp = scratch[p.dtype][: s.stop - s.start]
+                if decay is not None:
+                    np.multiply(pb, decay, out=pb)       # decoupled weight decay
+                np.subtract(mb, gb, out=mb)              # m = b1*(m - g) + g = b1*m + (1-b1)*g
+                np.multiply(mb, b1, out=mb)
+                np.add(mb, gb, out=mb)
+                np.multiply(gb, gb, out=tmp)             # v = b2*(v - g^2) + g^2
+                np.subtract(vb, tmp, out=vb)
+                np.multiply(vb, b2, out=vb)
+                np.add(vb, tmp, out=vb)
+                np.sqrt(vb, out=tmp)                     # denom = sqrt(v) / sqrt(bc2) + eps
+                np.multiply(tmp, inv_bc2, out=tmp)
+                np.add(tmp, eps, out=tmp)
+                np.divide(mb, tmp, out=tmp)              # p -= lr/bc1 * m / denom
+                np.multiply(tmp, lr_t, out=tmp)
+                np.subtract(pb, tmp, out=pb)
+        self._run(kernel)
 
 
 class AdamW(Adam):
@@ -275,9 +338,10 @@ class AdamW(Adam):
     the embedding tables only when decay_embeddings=True.
     """
 
-    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, decay_embeddings=False):
+    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, decay_embeddings=False,
+                 threads=None):
         super().__init__(params, betas=betas, eps=eps, weight_decay=weight_decay,
-                         decay_embeddings=decay_embeddings)
+                         decay_embeddings=decay_embeddings, threads=threads)
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}

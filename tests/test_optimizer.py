@@ -193,3 +193,27 @@ def test_mismatched_grads_are_an_error():
     opt = Adam({"w": np.zeros(2)})
     with pytest.raises(ValueError, match="different keys"):
         opt.step({"v": np.zeros(2)}, lr=0.1)
+
+
+@pytest.mark.parametrize("make", [lambda p, th: AdamW(p, threads=th), lambda p, th: SGD(p, 0.9, 0.1, threads=th)])
+def test_threads_split_the_work_without_changing_a_bit(make):
+    rng = np.random.default_rng(3)
+    init = {"wte": rng.standard_normal((3 * optimizer.BLOCK // 16 + 5, 16)).astype(np.float32),
+            "h.0.mlp.c_fc.weight": rng.standard_normal((16, 64)).astype(np.float32),
+            "h.0.mlp.c_fc.bias": rng.standard_normal(64).astype(np.float32)}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in init.items()} for _ in range(3)]
+    results = []
+    for threads in (1, 3):
+        params = {k: v.copy() for k, v in init.items()}
+        opt = make(params, threads)
+        covered = sorted((name, lo, hi) for tasks in opt._plan for name, lo, hi in tasks)
+        for name, p in params.items():   # the plan covers every element exactly once
+            ranges = [(lo, hi) for n, lo, hi in covered if n == name]
+            assert ranges[0][0] == 0 and ranges[-1][1] == p.size
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        for g in grads:
+            opt.step(g, lr=1e-2)
+        results.append(params)
+    assert len(make({k: v.copy() for k, v in init.items()}, 3)._plan) == 3
+    for k in init:
+        assert np.array_equal(results[0][k], results[1][k]), k
