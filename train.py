@@ -163,7 +163,11 @@ def tokenizer_model_json(identity, log):
     if not identity or identity.get("type") != "lecture2_bpe":
         return None
     try:
-        from tokenizer import tokenizer_from_identity
+        try:
+            from tokenizer import tokenizer_from_identity
+        except ImportError:  # no tokenizer.py here: embed the model file as it is
+            with open(identity["model_file"], encoding="utf-8") as f:
+                return f.read()
         return tokenizer_from_identity(identity).model_json()
     except Exception as e:  # missing file or module: training still works, generate.py needs the file then
         log(f"warning: could not embed the BPE model in checkpoints ({e}); generate.py will need "

@@ -248,3 +248,20 @@ def test_max_time_stops_with_a_checkpoint_to_resume_from(data, tmp_path, capsys)
     assert len(saved) == 1 and not os.path.exists(os.path.join(save_dir, "checkpoint_final.npz"))
     step = read_meta(os.path.join(save_dir, saved[0]))["step"]
     assert 0 < step < 100000
+
+
+def test_checkpoint_embeds_the_bpe_model_so_generation_needs_nothing_else(data, tmp_path, monkeypatch):
+    import types
+    seen = []
+
+    class FakeBPE:
+        def model_json(self):
+            return '{"merges": "the exact model file text"}'
+    fake = types.ModuleType("tokenizer")
+    fake.tokenizer_from_identity = lambda identity, model_json=None: seen.append(identity) or FakeBPE()
+    monkeypatch.setitem(sys.modules, "tokenizer", fake)
+    save_dir = str(tmp_path / "ck")
+    assert train.main(tiny_flags(data, save_dir, max_steps=2, eval_interval=0)) == 0
+    meta = read_meta(os.path.join(save_dir, "checkpoint_final.npz"))
+    assert seen == [IDENTITY] and meta["tokenizer"] == IDENTITY
+    assert meta["tokenizer_model_json"] == '{"merges": "the exact model file text"}'
