@@ -104,39 +104,59 @@ def convert_jsonl(jsonl_path, eot_id=None):
     if append_eot and eot_id is None:
         raise DataError(f"{jsonl_path}: no tokenizer sidecar, so the end-of-text id is unknown; pass eot_id")
 
-    # A first pass finds the largest id, so the dtype is known before writing.
-    # (Two cheap streaming passes keep memory flat; no list of all tokens is ever built.)
+    # One streaming pass parses the JSON. With a sidecar the vocabulary, hence the dtype,
+    # is known up front; without one, ids are written as uint32 and narrowed afterwards
+    # by a cheap binary pass if they all fit in uint16. Memory stays bounded either way.
+    wide = np.uint16 if (vocab is not None and vocab <= 65535) else np.uint32
     max_id, max_line, num_tokens, num_lines = -1, 0, 0, 0
-    for lineno, ids in _iter_jsonl(jsonl_path):
-        num_lines += 1
-        num_tokens += len(ids) + (1 if append_eot else 0)
-        if ids:
-            top = max(ids)
-            if top > max_id:
-                max_id, max_line = top, lineno
-    if num_tokens == 0:
-        raise DataError(f"{jsonl_path} is empty: no token ids in it. Tokenize some text first (tokenizer.py).")
-    if append_eot and eot_id > max_id:
-        max_id, max_line = eot_id, 0
-    v = vocab if vocab is not None else max_id + 1
-    dtype = np.uint16 if max(v, max_id + 1) <= 65535 else np.uint32
-
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(bin_path)), suffix=".tmp")
+    directory = os.path.dirname(os.path.abspath(bin_path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    except OSError as e:
+        raise DataError(f"cannot write the binary token cache next to {jsonl_path} ({e}); "
+                        "copy the .jsonl into a writable directory") from None
+    tmp2 = None
     try:
         with os.fdopen(fd, "wb") as out:
-            buf, num_docs = [], 0
-            for _, ids in _iter_jsonl(jsonl_path):
+            buf = []
+            for lineno, ids in _iter_jsonl(jsonl_path):
+                num_lines += 1
+                if ids:
+                    top = max(ids)
+                    if top > max_id:
+                        max_id, max_line = top, lineno
+                        if top > np.iinfo(wide).max:
+                            raise DataError(f"{jsonl_path}:{lineno}: token id {top} does not fit the tokenizer's "
+                                            f"vocabulary of {vocab} (sidecar {sidecar_path(jsonl_path)}); "
+                                            "re-tokenize the data")
                 buf.extend(ids)
                 if append_eot:
                     buf.append(eot_id)
                 if len(buf) >= CHUNK_TOKENS:
-                    out.write(np.asarray(buf, dtype=dtype).tobytes())
+                    out.write(np.asarray(buf, dtype=wide).tobytes())
+                    num_tokens += len(buf)
                     buf = []
-            out.write(np.asarray(buf, dtype=dtype).tobytes())
+            out.write(np.asarray(buf, dtype=wide).tobytes())
+            num_tokens += len(buf)
+        if num_tokens == 0:
+            raise DataError(f"{jsonl_path} is empty: no token ids in it. Tokenize some text first (tokenizer.py).")
+        if append_eot and eot_id > max_id:
+            max_id, max_line = eot_id, 0
+        v = vocab if vocab is not None else max_id + 1
+        dtype = np.uint16 if max(v, max_id + 1) <= 65535 else np.uint32
+        if dtype != wide:  # narrow uint32 -> uint16 chunk by chunk
+            src = np.memmap(tmp, dtype=wide, mode="r")
+            fd2, tmp2 = tempfile.mkstemp(dir=directory, suffix=".tmp")
+            with os.fdopen(fd2, "wb") as out:
+                for lo in range(0, len(src), CHUNK_TOKENS):
+                    out.write(src[lo:lo + CHUNK_TOKENS].astype(dtype).tobytes())
+            del src
+            os.replace(tmp2, tmp)
         os.replace(tmp, bin_path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, tmp2):
+            if path and os.path.exists(path):
+                os.unlink(path)
         raise
     if sidecar is not None and sidecar.get("num_documents") is not None:
         num_docs = int(sidecar["num_documents"])

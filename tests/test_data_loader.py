@@ -42,6 +42,7 @@ def test_plain_jsonl_gets_end_of_text_after_each_line_and_big_vocab_uses_uint32(
     path = write_jsonl(tmp_path / "plain.jsonl", [[1, 2], [3], [4, 5, 6]])
     ds = load_dataset(path, vocab_size=50257)
     np.testing.assert_array_equal(ds.tokens, [1, 2, 50256, 3, 50256, 4, 5, 6, 50256])
+    assert ds.tokens.dtype == np.uint16   # written wide, then narrowed: no sidecar said the vocabulary
     assert ds.tokenizer is None and ds.num_bytes is None
     ds = load_dataset(path, vocab_size=64)  # eot defaults to the last id for other vocabularies
     np.testing.assert_array_equal(ds.tokens, [1, 2, 63, 3, 63, 4, 5, 6, 63])
@@ -75,6 +76,13 @@ def test_conversion_streams_in_chunks(tmp_path, monkeypatch):
     ds = load_dataset(path, eot_id=99)
     expected = [t for ids in lines for t in ids + [99]]
     np.testing.assert_array_equal(ds.tokens, expected)
+    assert ds.tokens.dtype == np.uint16
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    # a sidecar vocabulary that fits uint16 but an id that does not: an error, never a silent wrap
+    bad = write_jsonl(tmp_path / "bad.jsonl", [[1, 2, 3], [70000, 3]], dict(IDENTITY, n_vocab=4, eot_id=3))
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: token id 70000"):
+        load_dataset(bad)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 def test_bad_files_give_clear_errors(tmp_path):
