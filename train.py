@@ -294,214 +294,235 @@ def check_resume(ck, path, args, config, identity, num_tokens, log):
             "but will not repeat the uninterrupted run exactly")
 
 
-def train(args):
-    check_args(args)
-    os.makedirs(args.save_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(args.save_dir, "checkpoint_*.tmp")):
-        os.unlink(stale)  # left by a crash in the middle of a checkpoint write
-    early = []  # messages before the metrics log exists
+class Trainer:
+    """One training run: data, model, optimizer, schedule and batch order, restored from a
+    checkpoint when resuming. run() trains to --max_steps; every piece of state that
+    decides the next update is in the checkpoints, so a resumed run repeats exactly."""
 
-    train_ds = load_dataset(args.train_data, vocab_size=args.vocab_size, eot_id=args.eot_id, log=early.append)
-    val_ds = None
-    if args.val_data:
-        val_ds = load_dataset(args.val_data, vocab_size=args.vocab_size, eot_id=args.eot_id, log=early.append)
-        check_same_tokenizer(train_ds, val_ds)
-        if num_eval_windows(val_ds, args.seq_len) < 1:
-            raise DataError(f"{args.val_data} has {len(val_ds)} tokens, fewer than one window of seq_len + 1 = "
-                            f"{args.seq_len + 1}; use a smaller --seq_len or more validation data")
-    batches = RandomBatches(train_ds, args.batch_size, args.seq_len, seed=[args.seed, 1])  # own stream
-    identity = train_ds.tokenizer
-    if identity and identity.get("n_vocab") and identity["n_vocab"] != args.vocab_size:
-        early.append(f"note: --vocab_size {args.vocab_size} differs from the tokenizer's {identity['n_vocab']} tokens")
+    def __init__(self, args):
+        check_args(args)
+        self.args = args
+        os.makedirs(args.save_dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(args.save_dir, "checkpoint_*.tmp")):
+            os.unlink(stale)  # left by a crash in the middle of a checkpoint write
+        notes = []  # messages from before the metrics log exists
 
-    from language_model import LanguageModel
-    config = model_config(args)
-    model = LanguageModel(config, seed=args.seed, dtype=np.float32)
-    opt = make_optimizer(args, model.params)
-    schedule = LRSchedule(args.learning_rate, args.warmup_steps, args.max_steps, args.min_lr, args.lr_schedule)
+        self.train_ds = load_dataset(args.train_data, vocab_size=args.vocab_size, eot_id=args.eot_id,
+                                     log=notes.append)
+        self.val_ds = None
+        if args.val_data:
+            self.val_ds = load_dataset(args.val_data, vocab_size=args.vocab_size, eot_id=args.eot_id,
+                                       log=notes.append)
+            check_same_tokenizer(self.train_ds, self.val_ds)
+            if num_eval_windows(self.val_ds, args.seq_len) < 1:
+                raise DataError(f"{args.val_data} has {len(self.val_ds)} tokens, fewer than one window of "
+                                f"seq_len + 1 = {args.seq_len + 1}; use a smaller --seq_len or more validation data")
+        self.identity = self.train_ds.tokenizer
+        n_vocab = (self.identity or {}).get("n_vocab")
+        if n_vocab and n_vocab != args.vocab_size:
+            notes.append(f"note: --vocab_size {args.vocab_size} differs from the tokenizer's {n_vocab} tokens")
+        # the batch order has its own random stream, separate from the initial weights'
+        self.batches = RandomBatches(self.train_ds, args.batch_size, args.seq_len, seed=[args.seed, 1])
 
-    step, last_good, resume_path = 0, None, None
-    if not args.resume and find_latest(args.save_dir):
-        early.append(f"note: {args.save_dir} already holds checkpoints of an earlier run; this fresh run will "
-                     "overwrite those at the same steps (use --resume to continue that run instead)")
-    if args.resume:
-        resume_path = resolve_resume(args)
-        ck = load_checkpoint(resume_path)
-        check_resume(ck, resume_path, args, config, identity, len(train_ds), early.append)
-        copy_params(model.params, ck.params, resume_path)
+        from language_model import LanguageModel
+        self.config = model_config(args)
+        self.model = LanguageModel(self.config, seed=args.seed, dtype=np.float32)
+        self.opt = make_optimizer(args, self.model.params)
+        self.schedule = LRSchedule(args.learning_rate, args.warmup_steps, args.max_steps, args.min_lr,
+                                   args.lr_schedule)
+        self.step = 0             # updates done so far
+        self.last_good = None     # newest checkpoint known to be good (named when stopping on NaN)
+        if args.resume:
+            self.restore(resolve_resume(args), notes)
+        elif find_latest(args.save_dir):
+            notes.append(f"note: {args.save_dir} already holds checkpoints of an earlier run; this fresh run will "
+                         "overwrite those at the same steps (use --resume to continue that run instead)")
+
+        self.log = MetricsLog(args.save_dir, resume_step=self.step if args.resume else None)
+        for msg in notes:
+            self.log.say(msg)
+        n_params = self.model.num_parameters()
+        self.log.say(f"model: {n_params:,} parameters ({self.config.to_dict()})")
+        self.log.say(f"data: {len(self.train_ds):,} training tokens" +
+                     (f", {len(self.val_ds):,} validation tokens" if self.val_ds else ", no validation set"))
+        if args.resume:
+            self.log.say(f"resumed from {self.last_good} at step {self.step}")
+            self.log.record(type="resume", step=self.step, checkpoint=self.last_good)
+        else:
+            self.log.record(type="config", step=0, args=vars(args), config=self.config.to_dict(),
+                            num_parameters=n_params)
+        self.model_json = tokenizer_model_json(self.identity, self.log.say)
+        self.interrupt = Interrupt()
+        # seconds per part of a step, summed over the steps this process ran (see report_profile)
+        self.timers = {"model": 0.0, "data": 0.0, "clip": 0.0, "optimizer": 0.0, "bookkeeping": 0.0}
+        self.loop_time, self.loop_steps = 0.0, 0
+        self.eval_hinted = False
+
+    def restore(self, path, notes):
+        ck = load_checkpoint(path)
+        check_resume(ck, path, self.args, self.config, self.identity, len(self.train_ds), notes.append)
+        copy_params(self.model.params, ck.params, path)   # in place: the optimizer holds these arrays
         try:
-            opt.load_state_dict(ck.arrays)
-            batches.set_state(ck.meta["data"])
+            self.opt.load_state_dict(ck.arrays)
+            self.batches.set_state(ck.meta["data"])
         except (ValueError, KeyError) as e:
-            raise TrainError(f"{resume_path} lacks the optimizer or data state to resume exactly ({e}); "
+            raise TrainError(f"{path} lacks the optimizer or data state to resume exactly ({e}); "
                              "it may be a weights-only file") from None
-        step, last_good = int(ck.meta["step"]), resume_path
+        self.step, self.last_good = int(ck.meta["step"]), path
 
-    log = MetricsLog(args.save_dir, resume_step=step if args.resume else None)
-    for msg in early:
-        log.say(msg)
-    n_params = model.num_parameters()
-    log.say(f"model: {n_params:,} parameters ({config.to_dict()})")
-    log.say(f"data: {len(train_ds):,} training tokens" +
-            (f", {len(val_ds):,} validation tokens" if val_ds else ", no validation set"))
-    if args.resume:
-        log.say(f"resumed from {resume_path} at step {step}")
-        log.record(type="resume", step=step, checkpoint=resume_path)
-    else:
-        log.record(type="config", step=0, args=vars(args), config=config.to_dict(), num_parameters=n_params)
-
-    model_json = tokenizer_model_json(identity, log.say)
-    train_args = {k: v for k, v in vars(args).items() if k != "resume"}
-
-    def save(name):
-        path = os.path.join(args.save_dir, name)
-        meta = {"step": step, "tokenizer": identity, "tokenizer_model_json": model_json,
-                "rng": batches.state()["bit_generator"],
-                "data": dict(batches.state(), train_data=args.train_data, num_tokens=len(train_ds)),
-                "train_args": train_args}
+    def save(self, name):
+        path = os.path.join(self.args.save_dir, name)
+        meta = {"step": self.step, "tokenizer": self.identity, "tokenizer_model_json": self.model_json,
+                "rng": self.batches.state()["bit_generator"],
+                "data": dict(self.batches.state(), train_data=self.args.train_data, num_tokens=len(self.train_ds)),
+                "train_args": {k: v for k, v in vars(self.args).items() if k != "resume"}}
         t = time.perf_counter()
-        save_checkpoint(path, config, model.params, meta, opt.state_dict())
-        log.say(f"saved {path} ({time.perf_counter() - t:.1f}s)")
-        log.record(type="checkpoint", step=step, path=path)
+        save_checkpoint(path, self.config, self.model.params, meta, self.opt.state_dict())
+        self.log.say(f"saved {path} ({time.perf_counter() - t:.1f}s)")
+        self.log.record(type="checkpoint", step=self.step, path=path)
+        self.last_good = path
         return path
 
-    hinted = []
-
-    def run_eval():
-        t = time.perf_counter()
-        res = evaluate(model, val_ds, args.batch_size, args.seq_len, args.eval_batches, interrupt)
-        if res is None:
+    def evaluate(self):
+        args, t = self.args, time.perf_counter()
+        res = evaluate(self.model, self.val_ds, args.batch_size, args.seq_len, args.eval_batches, self.interrupt)
+        if res is None:  # interrupted
             return
-        bpb = "n/a" if res["val_bpb"] is None else f"{res['val_bpb']:.4f}"
-        log.say(f"eval step {step}: val loss {res['val_loss']:.4f} | val perplexity {res['val_perplexity']:.2f} | "
-                f"val acc {res['val_accuracy']:.4f} | bits/byte {bpb} | {res['val_tokens']:,} tokens "
-                f"({time.perf_counter() - t:.1f}s)")
-        log.record(type="eval", step=step, **res)
         eval_s = time.perf_counter() - t
-        if args.eval_batches is None and args.eval_interval and loop_steps and not hinted:
-            train_s = loop_time / loop_steps * args.eval_interval
+        bpb = "n/a" if res["val_bpb"] is None else f"{res['val_bpb']:.4f}"
+        self.log.say(f"eval step {self.step}: val loss {res['val_loss']:.4f} | val perplexity "
+                     f"{res['val_perplexity']:.2f} | val acc {res['val_accuracy']:.4f} | bits/byte {bpb} | "
+                     f"{res['val_tokens']:,} tokens ({eval_s:.1f}s)")
+        self.log.record(type="eval", step=self.step, **res)
+        if args.eval_batches is None and args.eval_interval and self.loop_steps and not self.eval_hinted:
+            train_s = self.loop_time / self.loop_steps * args.eval_interval
             if eval_s > 0.25 * train_s:
-                hinted.append(1)
-                log.say(f"note: evaluating the whole validation set takes {eval_s:.0f}s, "
-                        f"{100 * eval_s / train_s:.0f}% of the {args.eval_interval} training steps between "
-                        "evaluations; --eval_batches N samples N batches evenly across it instead")
+                self.eval_hinted = True
+                self.log.say(f"note: evaluating the whole validation set takes {eval_s:.0f}s, "
+                             f"{100 * eval_s / train_s:.0f}% of the {args.eval_interval} training steps between "
+                             "evaluations; --eval_batches N samples N batches evenly across it instead")
 
-    if step >= args.max_steps:
-        log.say(f"checkpoint is at step {step}, already >= --max_steps {args.max_steps}: nothing to train")
-        log.close()
-        return 0
+    def train_step(self):
+        """One update; returns (loss, accuracy, lr, grad_norm). Stops on a non-finite loss or gradient
+        before touching the weights."""
+        clock = time.perf_counter
+        t0 = clock()
+        lr = self.schedule(self.step)
+        x, y = self.batches.next()
+        t1 = clock()
+        loss, accuracy = self.model.forward_backward(x, y)
+        t2 = clock()
+        if not math.isfinite(loss):
+            raise TrainError(nan_message("loss", loss, self.step + 1, self.last_good))
+        grad_norm = clip_grad_norm(self.model.grads, self.args.grad_clip)
+        if not math.isfinite(grad_norm):
+            raise TrainError(nan_message("gradient norm", grad_norm, self.step + 1, self.last_good))
+        t3 = clock()
+        self.opt.step(self.model.grads, lr)
+        t4 = clock()
+        self.step += 1
+        for name, dt in (("data", t1 - t0), ("model", t2 - t1), ("clip", t3 - t2), ("optimizer", t4 - t3)):
+            self.timers[name] += dt
+        return loss, accuracy, lr, grad_norm
 
-    tokens_per_step = args.batch_size * args.seq_len
-    timers = {"model": 0.0, "data": 0.0, "clip": 0.0, "optimizer": 0.0, "bookkeeping": 0.0}
-    loop_time, loop_steps = 0.0, 0
-    acc_loss = acc_acc = 0.0
-    acc_n, interval_time, grad_norm = 0, 0.0, 0.0
-    deadline = time.monotonic() + 60 * args.max_time if args.max_time else None
-    exit_code = 0
-    show = not args.no_progress and tqdm is not None
-    bar = tqdm(total=args.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=None if show else True,
-               smoothing=0.1) if tqdm is not None else None
-    log.bar = bar if (bar is not None and not bar.disable) else None
-    clock = time.perf_counter
-    try:
-        with Interrupt() as interrupt:
-            while step < args.max_steps:
-                if interrupt.requested:
-                    break
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-                t0 = clock()
-                lr = schedule(step)
-                x, y = batches.next()
-                t1 = clock()
-                loss, accuracy = model.forward_backward(x, y)
-                t2 = clock()
-                if not math.isfinite(loss):
-                    raise TrainError(nan_message("loss", loss, step + 1, last_good))
-                grad_norm = clip_grad_norm(model.grads, args.grad_clip)
-                if not math.isfinite(grad_norm):
-                    raise TrainError(nan_message("gradient norm", grad_norm, step + 1, last_good))
-                t3 = clock()
-                opt.step(model.grads, lr)
-                t4 = clock()
-                step += 1
-                acc_loss += loss
-                acc_acc += accuracy
-                acc_n += 1
+    def run(self):
+        """Train to --max_steps (or until Ctrl-C / SIGTERM / --max_time); returns the exit code."""
+        args, log = self.args, self.log
+        if self.step >= args.max_steps:
+            log.say(f"checkpoint is at step {self.step}, already >= --max_steps {args.max_steps}: nothing to train")
+            return 0
+        deadline = time.monotonic() + 60 * args.max_time if args.max_time else None
+        bar = None
+        if tqdm is not None and not args.no_progress:
+            bar = tqdm(total=args.max_steps, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1)
+            log.bar = None if bar.disable else bar  # tqdm hides itself when stderr is not a terminal
+        interval = {"loss": 0.0, "accuracy": 0.0, "steps": 0, "time": 0.0}
+        try:
+            with self.interrupt:
+                while self.step < args.max_steps and not self.interrupt.requested:
+                    if deadline is not None and time.monotonic() > deadline:
+                        break
+                    t0 = time.perf_counter()
+                    loss, accuracy, lr, grad_norm = self.train_step()
+                    interval["loss"] += loss
+                    interval["accuracy"] += accuracy
+                    interval["steps"] += 1
+                    if bar is not None:
+                        bar.update(1)
+                    t_bookkeeping = time.perf_counter()
+                    interval["time"] += t_bookkeeping - t0
+                    if self.step % args.log_interval == 0 or self.step == args.max_steps:
+                        self.log_train(interval, lr, grad_norm, bar)
+                        interval = {"loss": 0.0, "accuracy": 0.0, "steps": 0, "time": 0.0}
+                    t_end = time.perf_counter()
+                    self.timers["bookkeeping"] += t_end - t_bookkeeping
+                    self.loop_time += t_end - t0
+                    self.loop_steps += 1
+                    if self.step == args.max_steps:
+                        break  # the final evaluation and checkpoint follow
+                    if self.val_ds is not None and args.eval_interval and self.step % args.eval_interval == 0:
+                        self.evaluate()
+                    if args.save_interval and self.step % args.save_interval == 0:
+                        self.save(f"checkpoint_step_{self.step}.npz")
                 if bar is not None:
-                    bar.update(1)
-                if step % args.log_interval == 0 or step == args.max_steps:
-                    interval_time += clock() - t0
-                    log_train(log, bar, step, args, acc_loss / acc_n, acc_acc / acc_n, lr, grad_norm,
-                              acc_n / interval_time, acc_n * tokens_per_step / interval_time)
-                    acc_loss = acc_acc = 0.0
-                    acc_n, interval_time = 0, 0.0
-                    t5 = clock()
+                    bar.close()
+                log.bar = None
+                if self.step < args.max_steps:  # stopped early: a signal or --max_time
+                    why = self.interrupt.reason if self.interrupt.requested else \
+                        f"--max_time {args.max_time} min reached"
+                    path = self.save(f"checkpoint_step_{self.step}.npz")
+                    log.say(f"{why} at step {self.step}; resume with the same flags plus --resume ({path})")
+                    log.record(type="stopped", step=self.step, reason=why)
+                    exit_code = self.interrupt.exit_code if self.interrupt.requested else 0
                 else:
-                    t5 = clock()
-                    interval_time += t5 - t0
-                timers["data"] += t1 - t0
-                timers["model"] += t2 - t1
-                timers["clip"] += t3 - t2
-                timers["optimizer"] += t4 - t3
-                timers["bookkeeping"] += t5 - t4
-                loop_time += t5 - t0
-                loop_steps += 1
-                if val_ds is not None and args.eval_interval and step % args.eval_interval == 0 \
-                        and step != args.max_steps:
-                    run_eval()
-                if args.save_interval and step % args.save_interval == 0 and step != args.max_steps:
-                    last_good = save(f"checkpoint_step_{step}.npz")
-            if step < args.max_steps:  # stopped early: Ctrl-C or --max_time
-                why = interrupt.reason if interrupt.requested else f"--max_time {args.max_time} min reached"
-                if bar is not None:
-                    bar.close()
-                log.bar = None
-                path = save(f"checkpoint_step_{step}.npz")
-                log.say(f"{why} at step {step}; resume with the same flags plus --resume ({path})")
-                log.record(type="stopped", step=step, reason=why)
-                exit_code = interrupt.exit_code if interrupt.requested else 0
-            else:
-                if bar is not None:
-                    bar.close()
-                log.bar = None
-                if val_ds is not None:
-                    run_eval()  # a Ctrl-C here skips the evaluation, never the final save
-                path = save("checkpoint_final.npz")
-                log.say(f"done: {step} steps; final weights in {path}")
-    except TrainError as e:
-        log.record(type="error", step=step + 1, message=str(e))
-        raise
-    finally:
+                    if self.val_ds is not None:
+                        self.evaluate()  # a Ctrl-C here skips the evaluation, never the final save
+                    path = self.save("checkpoint_final.npz")
+                    log.say(f"done: {self.step} steps; final weights in {path}")
+                    exit_code = 0
+        except TrainError as e:
+            log.record(type="error", step=self.step + 1, message=str(e))
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            log.bar = None
+        self.report_profile()
+        return exit_code
+
+    def log_train(self, interval, lr, grad_norm, bar):
+        n, secs = interval["steps"], interval["time"]
+        loss, accuracy = interval["loss"] / n, interval["accuracy"] / n
+        steps_per_s, tokens_per_s = n / secs, n * self.args.batch_size * self.args.seq_len / secs
+        self.log.say(f"step {self.step:>6}/{self.args.max_steps} | loss {loss:.4f} | acc {accuracy:.4f} | "
+                     f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {steps_per_s:.2f} steps/s | "
+                     f"{tokens_per_s:,.0f} tokens/s")
+        self.log.record(type="train", step=self.step, loss=loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm,
+                        steps_per_s=steps_per_s, tokens_per_s=tokens_per_s)
         if bar is not None:
-            bar.close()
-        log.bar = None
-    if loop_steps:
-        report_profile(log, step, timers, loop_time, loop_steps, verbose=args.profile)
-    log.close()
-    return exit_code
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    def report_profile(self):
+        """Time the loop adds on top of model.forward_backward (evaluation and checkpoints excluded)."""
+        if not self.loop_steps:
+            return
+        n, model_t = self.loop_steps, self.timers["model"]
+        overhead = (self.loop_time - model_t) / model_t * 100 if model_t > 0 else float("nan")
+        self.log.record(type="profile", step=self.step, steps=n, loop_ms_per_step=1000 * self.loop_time / n,
+                        overhead_pct=overhead, **{f"{k}_ms_per_step": 1000 * v / n for k, v in self.timers.items()})
+        if self.args.profile:
+            parts = ", ".join(f"{k} {v / model_t * 100:.2f}%" for k, v in self.timers.items() if k != "model")
+            self.log.say(f"profile over {n} steps: model forward_backward {1000 * model_t / n:.2f} ms/step; "
+                         f"the loop adds {overhead:.2f}% ({parts})")
 
 
-def log_train(log, bar, step, args, loss, accuracy, lr, grad_norm, steps_per_s, tokens_per_s):
-    log.say(f"step {step:>6}/{args.max_steps} | loss {loss:.4f} | acc {accuracy:.4f} | lr {lr:.2e} | "
-            f"grad norm {grad_norm:.3f} | {steps_per_s:.2f} steps/s | {tokens_per_s:,.0f} tokens/s")
-    log.record(type="train", step=step, loss=loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm,
-               steps_per_s=steps_per_s, tokens_per_s=tokens_per_s)
-    if bar is not None:
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-
-
-def report_profile(log, step, timers, loop_time, loop_steps, verbose):
-    """Time the loop adds on top of model.forward_backward (evaluation and checkpoints excluded)."""
-    model_t = timers["model"]
-    overhead = (loop_time - model_t) / model_t * 100 if model_t > 0 else float("nan")
-    parts = ", ".join(f"{k} {v / model_t * 100:.2f}%" for k, v in timers.items() if k != "model")
-    log.record(type="profile", step=step, steps=loop_steps, loop_ms_per_step=1000 * loop_time / loop_steps,
-               overhead_pct=overhead,
-               **{f"{k}_ms_per_step": 1000 * v / loop_steps for k, v in timers.items()})
-    if verbose:
-        log.say(f"profile over {loop_steps} steps: model forward_backward {1000 * model_t / loop_steps:.2f} ms/step; "
-                f"the loop adds {overhead:.2f}% ({parts})")
+def train(args):
+    """Run training for parsed args; returns the exit code (0 done or stopped by --max_time, 130 Ctrl-C)."""
+    trainer = Trainer(args)
+    try:
+        return trainer.run()
+    finally:
+        trainer.log.close()
 
 
 def nan_message(what, value, step, last_good):

@@ -155,7 +155,7 @@ def test_killed_and_interrupted_runs_resume_to_exactly_the_same_weights(data, tm
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "interrupted" in out and f"resumed from" in out
+    assert "interrupted" in out and "resumed from" in out
     stopped_at = max(checkpoints())
     assert stopped_at < steps and "Traceback" not in err
 
