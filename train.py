@@ -434,8 +434,10 @@ class Trainer:
         deadline = time.monotonic() + 60 * args.max_time if args.max_time else None
         bar = None
         if tqdm is not None and not args.no_progress:
-            bar = tqdm(total=args.max_steps, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1)
-            log.bar = None if bar.disable else bar  # tqdm hides itself when stderr is not a terminal
+            # disable=None: no bar when stderr is not a terminal (a log file would fill with redraws)
+            bar = tqdm(total=args.max_steps, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1,
+                       disable=None)
+            log.bar = None if bar.disable else bar
         interval = {"loss": 0.0, "accuracy": 0.0, "steps": 0, "time": 0.0}
         try:
             with self.interrupt:

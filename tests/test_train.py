@@ -265,3 +265,17 @@ def test_checkpoint_embeds_the_bpe_model_so_generation_needs_nothing_else(data, 
     meta = read_meta(os.path.join(save_dir, "checkpoint_final.npz"))
     assert seen == [IDENTITY] and meta["tokenizer"] == IDENTITY
     assert meta["tokenizer_model_json"] == '{"merges": "the exact model file text"}'
+
+
+def test_progress_bar_with_eta_on_a_terminal(data, tmp_path, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    flags = [f for f in tiny_flags(data, str(tmp_path / "ck"), max_steps=20, eval_interval=0) if f != "--no_progress"]
+    assert train.main(flags) == 0
+    bar = err.getvalue()
+    assert "20/20 [" in bar and "step/s" in bar and "<" in bar   # elapsed<remaining, rate
