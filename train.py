@@ -137,6 +137,8 @@ def check_args(args):
         raise TrainError(f"--min_lr {args.min_lr} is above --learning_rate {args.learning_rate}")
     if args.eval_batches is not None and args.eval_batches < 1:
         raise TrainError("--eval_batches must be at least 1")
+    if args.max_time is not None and not args.max_time > 0:
+        raise TrainError(f"--max_time must be a positive number of minutes (got {args.max_time})")
 
 
 def model_config(args):

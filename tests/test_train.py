@@ -215,6 +215,7 @@ def test_bad_input_gives_clear_errors(data, tmp_path):
     other = write_data(tmp_path / "other.jsonl", 30, seed=5, identity=dict(IDENTITY, sha256="1" * 64))
     assert "tokenized differently" in error(tiny_flags((data[0], other), d))
     assert "divisible" in error(tiny_flags(data, d, n_heads=3))
+    assert "--max_time" in error(tiny_flags(data, d, max_time=-1))
     assert "no checkpoint" in error(tiny_flags(data, d, resume=True))
     # a checkpoint of another architecture
     assert train.main(tiny_flags(data, d, max_steps=3, eval_interval=0)) == 0
@@ -241,7 +242,11 @@ def test_plot_metrics_draws_a_png(data, tmp_path):
 
 def test_max_time_stops_with_a_checkpoint_to_resume_from(data, tmp_path, capsys):
     save_dir = str(tmp_path / "ck")
+    os.makedirs(save_dir)
+    stale = os.path.join(save_dir, "checkpoint_step_7.npz.x1y2.tmp")  # as a kill mid-write leaves it
+    open(stale, "wb").write(b"PK half a file")
     assert train.main(tiny_flags(data, save_dir, max_steps=100000, max_time=0.002)) == 0  # 0.12 s
+    assert not os.path.exists(stale)
     out = capsys.readouterr().out
     assert "--max_time" in out and "--resume" in out
     saved = [p for p in os.listdir(save_dir) if p.startswith("checkpoint_step_")]
