@@ -253,6 +253,12 @@ def test_max_time_stops_with_a_checkpoint_to_resume_from(data, tmp_path, capsys)
     assert len(saved) == 1 and not os.path.exists(os.path.join(save_dir, "checkpoint_final.npz"))
     step = read_meta(os.path.join(save_dir, saved[0]))["step"]
     assert 0 < step < 100000
+    # --resume PATH continues from that file (here with more steps: a note says it is not the same run)
+    path = os.path.join(save_dir, saved[0])
+    assert train.main(tiny_flags(data, str(tmp_path / "more"), max_steps=step + 3, resume=path)) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {path} at step {step}" in out and "--max_steps 100000 -> " in out
+    assert read_meta(str(tmp_path / "more" / "checkpoint_final.npz"))["step"] == step + 3
 
 
 def test_checkpoint_embeds_the_bpe_model_so_generation_needs_nothing_else(data, tmp_path, monkeypatch):
