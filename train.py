@@ -185,13 +185,25 @@ class MetricsLog:
         self.bar = None
         if resume_step is not None and os.path.exists(self.path):
             # records past the checkpoint belong to the part of the run that was lost: drop them
+            # (and a line cut short by a kill in the middle of writing it)
             with open(self.path, encoding="utf-8") as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w", encoding="utf-8") as f:
+                keep = [line for line in f if self._record_step(line) <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(keep)
+            os.replace(tmp, self.path)
         elif resume_step is None and os.path.exists(self.path):
             os.replace(self.path, self.path + ".old")
         self.file = open(self.path, "a", encoding="utf-8")
+
+    @staticmethod
+    def _record_step(line):
+        """The step of a metrics line; infinity for a line that is not a complete record."""
+        try:
+            step = json.loads(line).get("step")
+            return step if isinstance(step, int) else 0
+        except (ValueError, AttributeError):
+            return math.inf
 
     def say(self, msg):
         if self.bar is not None:

@@ -149,6 +149,9 @@ def test_killed_and_interrupted_runs_resume_to_exactly_the_same_weights(data, tm
     killed_at = max(checkpoints())
     assert not os.path.exists(os.path.join(dir_b, "checkpoint_final.npz")), "killed too late to test anything"
 
+    with open(os.path.join(dir_b, "metrics.jsonl"), "a") as f:
+        f.write('{"type": "train", "step": 4')   # as if killed in the middle of writing a record
+
     # 2. resume the newest checkpoint, then Ctrl-C: it saves where it stopped and exits 130
     proc = run_cli(tiny_flags(data, dir_b, resume=True, **common))
     wait_for(lambda: max(checkpoints()) >= killed_at + 40, proc)
