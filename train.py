@@ -59,10 +59,19 @@ class TrainError(Exception):
     """Bad flags or state: the message says what to do."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a default worth showing."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         description="Train a GPT-style language model in NumPy on tokenized .jsonl data.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--train_data", required=True, help="tokenized training .jsonl (one JSON array of ids per line)")
     d.add_argument("--val_data", default=None, help="tokenized validation .jsonl (no evaluation without it)")
@@ -92,7 +101,8 @@ def build_parser():
                    help="decay after warmup: cosine or linear to --min_lr, or constant")
     o.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw", help="update rule")
     o.add_argument("--weight_decay", type=float, default=0.01,
-                   help="decoupled weight decay (AdamW/SGD) on weight matrices, never on biases or layer norms")
+                   help="decoupled weight decay for adamw and sgd (plain adam has none) on weight matrices, "
+                        "never on biases or layer norms")
     o.add_argument("--decay_embeddings", action="store_true", help="also apply weight decay to the embedding tables")
     o.add_argument("--beta1", type=float, default=0.9, help="Adam/AdamW first-moment decay")
     o.add_argument("--beta2", type=float, default=0.999, help="Adam/AdamW second-moment decay")
@@ -156,7 +166,8 @@ def make_optimizer(args, params):
     if args.optimizer == "sgd":
         return OPTIMIZERS["sgd"](params, momentum=args.momentum, weight_decay=args.weight_decay,
                                  decay_embeddings=args.decay_embeddings)
-    return OPTIMIZERS[args.optimizer](params, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
+    weight_decay = args.weight_decay if args.optimizer == "adamw" else 0.0
+    return OPTIMIZERS[args.optimizer](params, betas=(args.beta1, args.beta2), weight_decay=weight_decay,
                                       decay_embeddings=args.decay_embeddings)
 
 
