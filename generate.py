@@ -318,10 +318,10 @@ def load_tokenizer(meta, args):
         return tokenizer_from_identity(identity, model_json=model_json)
     # a checkpoint trained on plain .jsonl files does not know its tokenizer: the flags say
     if (args.tokenizer_type or "tiktoken") == "tiktoken":
-        return get_tokenizer("tiktoken", encoding=args.encoding)
+        return get_tokenizer("tiktoken", encoding=args.encoding, verbose=False)
     if not args.model_file:
         raise GenerateError("--tokenizer_type lecture2_bpe needs --model_file path/to/bpe.json")
-    return get_tokenizer("lecture2_bpe", model_file=args.model_file)
+    return get_tokenizer("lecture2_bpe", model_file=args.model_file, verbose=False)
 
 
 def run_benchmark(args, out):
