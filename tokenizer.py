@@ -643,42 +643,47 @@ def _worker_init(identity, model_json):
 
 
 def _encode_batch(job):
-    """(lines, max_length) -> (jsonl text, documents, chunks, tokens, bytes, input bytes)."""
-    lines, max_length, in_bytes = job
+    """(raw bytes of whole lines, first line number, path, max_length) -> (jsonl text, stories, chunks, tokens,
+    story bytes, raw bytes). Runs in the worker processes, so decoding and formatting are parallel too."""
+    raw, first_line, path, max_length = job
     tok = _WORKER["tok"]
     eot = tok.eot_id
-    out, n_chunks, n_tokens, n_bytes = [], 0, 0, 0
-    for line in lines:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = first_line + raw.count(b"\n", 0, e.start)
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise TokenizerError(f"{path} line {lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte {col} of "
+                             "the line); fix that line or re-create the file with prepare_tinystories.py") from None
+    out, n_docs, n_chunks, n_tokens, n_bytes = [], 0, 0, 0, 0
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line or line == ENDOFTEXT:  # blank lines, or the separators of a raw TinyStories file
+            continue
         ids = tok.encode_ordinary(line)
         ids.append(eot)
+        n_docs += 1
         n_tokens += len(ids)
         n_bytes += len(line.encode("utf-8"))
         step = max_length if max_length > 0 else len(ids)
         for s in range(0, len(ids), step):
             out.append("[" + ",".join(map(str, ids[s:s + step])) + "]\n")
             n_chunks += 1
-    return "".join(out), len(lines), n_chunks, n_tokens, n_bytes, in_bytes
+    return "".join(out), n_docs, n_chunks, n_tokens, n_bytes, len(raw)
 
 
-def _read_story_batches(path, max_length, batch_bytes):
-    """Yield (stories, max_length, input bytes) from a one-story-per-line file; bad UTF-8 names its line."""
-    batch, size = [], 0
+def _read_raw_batches(path, max_length, batch_bytes):
+    """Yield jobs for _encode_batch: about batch_bytes of whole lines each, with the first line's number."""
+    lineno = 1
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise TokenizerError(f"{path} line {lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at "
-                                     f"byte {e.start + 1} of the line); fix that line or re-create the file with "
-                                     "prepare_tinystories.py") from None
-            size += len(raw)
-            if line and line != ENDOFTEXT:
-                batch.append(line)
-            if size >= batch_bytes:
-                yield batch, max_length, size
-                batch, size = [], 0
-    if batch or size:
-        yield batch, max_length, size
+        while True:
+            raw = f.read(batch_bytes)
+            if not raw:
+                return
+            if not raw.endswith(b"\n"):
+                raw += f.readline()
+            yield raw, lineno, str(path), max_length
+            lineno += raw.count(b"\n")
 
 
 def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, batch_bytes=1 << 18, progress=True):
@@ -702,7 +707,7 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
     pool = None
     try:
         _WORKER["tok"] = tok
-        jobs = _read_story_batches(input_path, max_length, batch_bytes)
+        jobs = _read_raw_batches(input_path, max_length, batch_bytes)
         if workers > 1 and total > batch_bytes:
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
