@@ -237,7 +237,7 @@ def stream_url(url, retries=5, backoff=1.0, timeout=30, chunk_size=1 << 16, sess
             _backoff_sleep(attempt, backoff, url, e, retries)
 
 
-def download(url, dest, sha256=None, retries=5, backoff=1.0, timeout=30, chunk_size=1 << 20, progress=True,
+def download(url, dest, sha256=None, retries=5, backoff=1.0, timeout=30, chunk_size=1 << 16, progress=True,
              session=None):
     """Download url to dest: resumes dest.part, checks size (and sha256 when given), renames when whole.
 
