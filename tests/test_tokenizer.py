@@ -1,0 +1,254 @@
+"""tokenizer.py: GPT-2 offline, our byte-level BPE (fast trainer and tiktoken-engine encoder against
+the plain reference versions), the file tokenizer's output and sidecar, and clear CLI errors."""
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import tokenizer as T
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
+TRAIN_TEXT = (SAMPLE / "TinyStoriesV2-GPT4-train.sample.txt").read_text(encoding="utf-8")
+VALID_TEXT = (SAMPLE / "TinyStories-valid.sample.txt").read_text(encoding="utf-8")
+TRICKY = ["héllo wörld, naïve café", "emoji 🎉🙂‍↔️ and 👩‍👩‍👧 family", "日本語のテキスト", "tabs\tand\r\nCRLF\n\n\n",
+          "   leading and trailing   ", "numbers 12345 3.14159 and 1,000,000", "it's we'll they've I'd you're",
+          "a<|endoftext|>b", "<|endoftext|><|endoftext|>", "x" * 300, "", "e\u0301 combining", "\x00\x01 control"]
+
+
+@pytest.fixture(scope="module")
+def bpe_model():
+    return T.train_bpe(TRAIN_TEXT[:300_000], 1000)
+
+
+@pytest.fixture(scope="module")
+def bpe(bpe_model):
+    return T.BPETokenizer(bpe_model, bpe_model.to_json())
+
+
+# ---------------------------------------------------------------- tiktoken gpt2, offline
+
+def test_gpt2_from_the_bundled_ranks_matches_tiktoken_gpt2(capsys):
+    tok = T.get_tokenizer("tiktoken", encoding="gpt2")
+    assert "tiktoken gpt2 from" in capsys.readouterr().err
+    assert tok.n_vocab == 50257 and tok.eot_id == 50256
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.encode(" Once upon a time") == [4874, 2402, 257, 640]
+    assert tok.encode("<|endoftext|>") == [50256]
+    assert tok.encode_ordinary("<|endoftext|>") != [50256]
+    for text in TRICKY:
+        assert tok.decode(tok.encode(text)) == text
+    ident = tok.identity()
+    assert ident == {"type": "tiktoken", "name": "gpt2", "n_vocab": 50257, "eot_id": 50256,
+                     "sha256": T.R50K_SHA256, "model_file": None}
+    assert tok.model_json() is None
+    assert T.tokenizer_from_identity(ident).encode("Hello world") == [15496, 995]
+
+
+def test_gpt2_bundle_with_a_wrong_hash_is_refused(tmp_path):
+    bad = tmp_path / "r50k_base.tiktoken"
+    data = bytearray((SAMPLE / "r50k_base.tiktoken").read_bytes())
+    data[10] ^= 1
+    bad.write_bytes(bytes(data))
+    with pytest.raises(T.TokenizerError, match="restore"):
+        T.gpt2_encoding_from_bundle(bad)
+
+
+# ---------------------------------------------------------------- BPE training
+
+def test_fast_trainer_gives_the_reference_merges():
+    text = TRAIN_TEXT[:40_000] + "\nzz zz zz yy yy yy ab ab ba ba\n"  # adds exact count ties
+    fast = T.train_bpe(text, 420)
+    ref = T.train_bpe_reference(text, 420)
+    assert fast.merges == ref.merges and fast.vocab == ref.vocab and fast.specials == ref.specials
+    assert fast.vocab_size == 420 and fast.specials == {"<|endoftext|>": 419}
+
+
+def test_training_is_deterministic_and_the_json_round_trips(bpe_model):
+    again = T.train_bpe(TRAIN_TEXT[:300_000], 1000)
+    assert again.to_json() == bpe_model.to_json()
+    loaded = T.BPEModel.from_json(bpe_model.to_json(), "x.json")
+    assert loaded.merges == bpe_model.merges and loaded.vocab == bpe_model.vocab
+    d = json.loads(bpe_model.to_json())
+    assert d["format"] == T.BPE_FORMAT and d["version"] == 1 and d["vocab_size"] == 1000
+    assert len(d["merges"]) == 1000 - 256 - 1 and d["vocab"][999] is None
+    assert bytes(d["vocab"][256]) == bytes(d["vocab"][d["merges"][0][0]]) + bytes(d["vocab"][d["merges"][0][1]])
+
+
+def test_special_token_is_never_merged_across():
+    text = "<|endoftext|>".join(["the cat sat on the mat"] * 200) + "<|endoftext|>"
+    model = T.train_bpe(text, 300)
+    assert all(b"<|" not in v and b"|>" not in v for v in model.vocab if v is not None)
+    tok = T.BPETokenizer(model, model.to_json())
+    ids = tok.encode("the cat<|endoftext|>the mat")
+    assert ids.count(tok.eot_id) == 1 and tok.decode(ids) == "the cat<|endoftext|>the mat"
+
+
+def test_train_4096_on_the_v2_sample_is_fast():
+    t0 = time.perf_counter()
+    model = T.train_bpe(TRAIN_TEXT, 4096)
+    secs = time.perf_counter() - t0
+    assert model.vocab_size == 4096 and len(model.merges) == 4096 - 257
+    assert secs < 20, f"training took {secs:.1f} s"
+
+
+# ---------------------------------------------------------------- BPE encoding
+
+def test_tiktoken_engine_gives_the_reference_ids(bpe, bpe_model):
+    assert isinstance(bpe._enc, T.tiktoken.Encoding)
+    text = VALID_TEXT[:120_000]
+    assert bpe.encode(text) == T.encode_reference(bpe_model, text)
+    for t in TRICKY:
+        assert bpe.encode(t) == T.encode_reference(bpe_model, t), t
+        assert bpe.encode_ordinary(t) == T.encode_reference(bpe_model, t, allow_special=False), t
+
+
+def test_decode_round_trips_any_text(bpe):
+    for t in TRICKY + [VALID_TEXT[:20_000]]:
+        assert bpe.decode(bpe.encode(t)) == t
+        assert bpe.decode(bpe.encode_ordinary(t)) == t
+    assert len(bpe.encode(" the")) == 1  # a merged token, not bytes
+
+
+def test_identity_and_rebuilding_from_the_embedded_json(bpe, tmp_path):
+    path = tmp_path / "bpe.json"
+    path.write_text(bpe.model_json(), encoding="utf-8")
+    tok = T.get_tokenizer("lecture2_bpe", model_file=str(path), verbose=False)
+    ident = tok.identity()
+    assert ident["type"] == "lecture2_bpe" and ident["n_vocab"] == 1000 and ident["eot_id"] == 999
+    assert ident["model_file"] == str(path) and len(ident["sha256"]) == 64
+    assert tok.model_json() == path.read_text(encoding="utf-8")
+    os.unlink(path)  # the checkpoint's embedded copy is enough
+    again = T.tokenizer_from_identity(ident, tok.model_json())
+    assert again.encode("Once upon a time") == tok.encode("Once upon a time")
+    with pytest.raises(T.TokenizerError, match="sha256"):
+        T.tokenizer_from_identity(ident, tok.model_json().replace('"version": 1', '"version":  1'))
+    with pytest.raises(T.TokenizerError, match="cannot read BPE model"):
+        T.tokenizer_from_identity(ident)
+
+
+def test_vocab_json_and_merges_txt_load_as_the_same_tokenizer(bpe, bpe_model, tmp_path):
+    b2u = T.bytes_to_unicode()
+    s = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
+    vocab = {s(v): i for i, v in enumerate(bpe_model.vocab) if v is not None}
+    vocab["<|endoftext|>"] = bpe.eot_id
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "".join(
+        f"{s(bpe_model.vocab[a])} {s(bpe_model.vocab[b])}\n" for a, b in bpe_model.merges), encoding="utf-8")
+    tok = T.get_tokenizer("lecture2_bpe", model_file=str(tmp_path / "vocab.json"), verbose=False)
+    assert tok.n_vocab == bpe.n_vocab and tok.eot_id == bpe.eot_id
+    text = VALID_TEXT[:30_000] + TRICKY[1]
+    assert tok.encode(text) == bpe.encode(text)
+
+
+def test_ranks_that_tiktoken_cannot_follow_use_the_reference_encoder():
+    # merges in an order where ids do not grow with rank: b+c (id 257) is applied before a+b (id 256)
+    vocab = [bytes([i]) for i in range(256)] + [b"ab", b"bc", None]
+    model = T.BPEModel(vocab, [(98, 99), (97, 98)], {"<|endoftext|>": 258}, merge_ids=[257, 256])
+    assert model.tiktoken_ranks() is None
+    tok = T.BPETokenizer(model, model.to_json())
+    assert tok.encode("abc") == T.encode_reference(model, "abc") == [97, 257]
+    assert tok.decode(tok.encode("abc<|endoftext|>")) == "abc<|endoftext|>"
+
+
+# ---------------------------------------------------------------- tokenizing files
+
+def _stories(n=300):
+    return [" ".join(s.split()) for s in TRAIN_TEXT.split("<|endoftext|>") if s.strip()][:n]
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_cli_tokenizes_one_story_per_line_with_chunks_and_sidecar(tmp_path, capsys):
+    stories = _stories()
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n".join(stories) + "\n\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert T.main([str(inp), str(out), "--tokenizer", "tiktoken", "--encoding", "gpt2", "--max_length", "64",
+                   "--quiet"]) == 0
+    assert "MB/s" in capsys.readouterr().err
+    rows = _read_jsonl(out)
+    assert all(1 <= len(r) <= 64 for r in rows)
+    tok = T.get_tokenizer("tiktoken", verbose=False)
+    # chunks concatenate back to each story + end-of-text; only a story's last chunk ends with it
+    flat = [i for r in rows for i in r]
+    docs = tok.decode(flat).split("<|endoftext|>")
+    assert docs[:-1] == stories and docs[-1] == ""
+    assert sum(r[-1] == 50256 for r in rows) == len(stories) == flat.count(50256)
+    meta = json.loads((tmp_path / "out.jsonl.meta.json").read_text())
+    assert meta["format"] == "numpy-gpt tokenized jsonl" and meta["version"] == 1
+    assert meta["tokenizer"] == tok.identity()
+    assert meta["num_documents"] == len(stories) and meta["num_lines"] == len(rows)
+    assert meta["num_tokens"] == len(flat) and meta["eot_appended"] is True and meta["max_length"] == 64
+    assert meta["num_bytes"] == sum(len(s.encode()) for s in stories)
+
+
+def test_all_cores_give_the_same_file_as_one(tmp_path, bpe):
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n".join(_stories(400)) + "\n", encoding="utf-8")
+    T.tokenize_file(bpe, str(inp), str(tmp_path / "one.jsonl"), 128, workers=1, batch_bytes=10_000, progress=False)
+    _, st = T.tokenize_file(bpe, str(inp), str(tmp_path / "many.jsonl"), 128, workers=2, batch_bytes=10_000,
+                            progress=False)
+    assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "many.jsonl").read_bytes()
+    assert st["workers"] == 2 and st["docs"] == 400
+
+
+def test_cli_trains_a_bpe_and_tokenizes_with_it(tmp_path):
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n".join(_stories(200)) + "\n", encoding="utf-8")
+    model = tmp_path / "bpe.json"
+    assert T.main(["--train_bpe", "--vocab_size", "600", str(inp), "--model_file", str(model), "--quiet"]) == 0
+    out = tmp_path / "o.jsonl"
+    assert T.main([str(inp), str(out), "--tokenizer", "lecture2_bpe", "--model_file", str(model),
+                   "--max_length", "512", "--quiet"]) == 0
+    meta = json.loads((tmp_path / "o.jsonl.meta.json").read_text())
+    assert meta["tokenizer"]["type"] == "lecture2_bpe" and meta["tokenizer"]["n_vocab"] == 600
+    assert max(i for r in _read_jsonl(out) for i in r) == 599  # the end-of-text id
+
+
+def test_loader_reads_the_output(tmp_path):
+    data_loader = pytest.importorskip("data_loader")
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n".join(_stories(50)) + "\n", encoding="utf-8")
+    assert T.main([str(inp), str(tmp_path / "t.jsonl"), "--quiet"]) == 0
+    ds = data_loader.load_dataset(str(tmp_path / "t.jsonl"))
+    assert ds.tokenizer["name"] == "gpt2"
+
+
+# ---------------------------------------------------------------- bad input: clear errors, no traceback
+
+@pytest.mark.parametrize("case", ["empty", "blank", "utf8", "not_bpe", "small_vocab", "missing", "no_model"])
+def test_bad_input_gives_a_clear_error(tmp_path, capsys, case):
+    inp = tmp_path / "in.txt"
+    inp.write_text("Once upon a time.\nThe end.\n", encoding="utf-8")
+    out = str(tmp_path / "o.jsonl")
+    if case == "empty":
+        inp.write_bytes(b"")
+        args, want = [str(inp), out], "is empty"
+    elif case == "blank":
+        inp.write_text("\n  \n\n")
+        args, want = [str(inp), out], "no stories"
+    elif case == "utf8":
+        inp.write_bytes(b"good line\nanother\nbad \xff byte\n")
+        args, want = [str(inp), out], "line 3: not valid UTF-8"
+    elif case == "not_bpe":
+        bad = tmp_path / "m.json"
+        bad.write_text('{"hello": "world"}')
+        args, want = [str(inp), out, "--tokenizer", "lecture2_bpe", "--model_file", str(bad)], "is not a numpy-gpt BPE"
+    elif case == "small_vocab":
+        args, want = ["--train_bpe", "--vocab_size", "200", str(inp), "--model_file", str(tmp_path / "m.json")], \
+            "257 at least"
+    elif case == "missing":
+        args, want = [str(tmp_path / "nope.txt"), out], "input file not found"
+    else:
+        args, want = [str(inp), out, "--tokenizer", "lecture2_bpe", "--model_file", str(tmp_path / "x.json")], \
+            "cannot read BPE model"
+    assert T.main(args + ["--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert want in err and "Traceback" not in err
+    assert not os.path.exists(out) and not os.path.exists(out + ".meta.json")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
