@@ -34,6 +34,13 @@ FORMAT = "numpy-gpt checkpoint"
 VERSION = 1
 
 
+def _file_mode():
+    """Permissions a plain open() would give (mkstemp's temp files are private, 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 class CheckpointError(Exception):
     """A file is not a usable checkpoint; the message says why and what to do."""
 
@@ -71,6 +78,7 @@ def save_checkpoint(path, config, params, meta, arrays=None):
             np.savez(f, **payload)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -72,11 +72,19 @@ def _source_stamp(path):
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _file_mode():
+    """Permissions a plain open() would give (mkstemp's temp files are private, 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write_text(path, text):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -152,6 +160,7 @@ def convert_jsonl(jsonl_path, eot_id=None):
                     out.write(src[lo:lo + CHUNK_TOKENS].astype(dtype).tobytes())
             del src
             os.replace(tmp2, tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, bin_path)
     except BaseException:
         for path in (tmp, tmp2):
