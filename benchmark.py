@@ -10,7 +10,10 @@ are timed alternately, so a busy machine slows both alike; compare ratios, not s
     python3 benchmark.py --all                            # Tiny, Small, Medium and Small with a 4096 vocabulary
 """
 import argparse
+import os
 import resource
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -145,14 +148,15 @@ def main(argv=None):
     if args.sizes:
         print_sizes()
         return
-    if args.all:
-        runs = [(name, ModelConfig(**flags, max_seq_len=T), B, T) for name, (flags, B, T) in PRESETS.items()]
-    else:
-        cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
-                          n_layers=args.n_layers, max_seq_len=args.seq_len)
-        runs = [("model", cfg, args.batch_size, args.seq_len)]
-    for name, cfg, B, T in runs:
-        report(name, cfg, B, T, bench(cfg, B, T, steps=args.steps))
+    if args.all:  # each in a fresh process, so each peak memory is its own
+        for name, (flags, B, T) in PRESETS.items():
+            print(f"== {name}", flush=True)
+            argv = [f"--{k}={v}" for k, v in {**flags, "batch_size": B, "seq_len": T, "steps": args.steps}.items()]
+            subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
+        return
+    cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
+                      n_layers=args.n_layers, max_seq_len=args.seq_len)
+    report("model", cfg, args.batch_size, args.seq_len, bench(cfg, args.batch_size, args.seq_len, steps=args.steps))
 
 
 if __name__ == "__main__":
