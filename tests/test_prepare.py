@@ -194,3 +194,10 @@ def test_failed_download_falls_back_to_the_bundled_sample_unless_told_not_to(ser
     assert P.main(args) == 0
     assert "FALLING BACK" in capsys.readouterr().err
     assert len(lines(tmp_path / "tinystories_train_sample.txt")) == 1727
+
+
+def test_sample_mode_that_cannot_finish_leaves_no_output(server, tmp_path):
+    args = ["--data_dir", str(tmp_path), "--base_url", f"{server.url}/alltrunc", "--sample_size", "100000",
+            "--retries", "1", "--backoff", "0.001", "--no_fallback", "--quiet"]
+    assert P.main(args) == 1
+    assert list(tmp_path.iterdir()) == []

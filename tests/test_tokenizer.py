@@ -252,3 +252,20 @@ def test_bad_input_gives_a_clear_error(tmp_path, capsys, case):
     assert want in err and "Traceback" not in err
     assert not os.path.exists(out) and not os.path.exists(out + ".meta.json")
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_gpt2_never_waits_on_the_network_when_tiktoken_has_no_cache(tmp_path, monkeypatch, capsys):
+    import requests
+
+    def no_network(*a, **k):
+        raise requests.ConnectionError("tried to download")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(requests, "get", no_network)
+    monkeypatch.setattr(T.tiktoken.registry, "ENCODINGS", {})
+    tok = T.load_tiktoken("gpt2")
+    err = capsys.readouterr().err
+    assert "bundled r50k_base.tiktoken" in err and "tried to download" not in err
+    assert tok.encode("Hello world") == [15496, 995]
+    monkeypatch.setattr(T.tiktoken.registry, "ENCODINGS", {})
+    tok = T.load_tiktoken("gpt2", allow_download=True)  # asked to try: the failure falls back too
+    assert "tried to download" in capsys.readouterr().err and tok.n_vocab == 50257
