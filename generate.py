@@ -27,6 +27,7 @@ last one of the nucleus, so the kept set does not depend on how a sort breaks ti
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -77,45 +78,60 @@ def nucleus_threshold(probs, top_p):
         m = min(V, 8 * m)
 
 
-def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """The distribution the next token is drawn from, (V,) float64: zero outside the kept set, sums to 1."""
+def kept_tokens(logits, temperature=1.0, top_k=None, top_p=None):
+    """The tokens the next one is drawn from and their probabilities: (ids ascending, probs summing to 1).
+
+    Works on the kept candidates only, so with top_k the softmax covers k values, not the vocabulary.
+    """
     check_sampling(temperature, top_k, top_p)
-    z = np.asarray(logits, np.float64)
+    z = np.asarray(logits)
     if z.ndim != 1 or z.size == 0:
         raise ValueError(f"logits must be a non-empty vector, got shape {z.shape}")
     if np.isnan(z).any() or np.isposinf(z).any():
         raise ValueError("logits contain NaN or +inf: the model's weights are broken")
     V = z.size
     if is_greedy(temperature, top_k):
-        probs = np.zeros(V)
-        probs[np.argmax(z)] = 1.0  # ties: the lowest id
-        return probs
-    z = z / temperature
+        return np.array([np.argmax(z)]), np.ones(1)  # ties: the lowest id
     if top_k is not None and top_k < V:
-        kth = np.partition(z, V - top_k)[V - top_k]  # the k-th largest
-        z = np.where(z >= kth, z, -np.inf)
-    probs = np.exp(z - z.max())
+        kth = np.partition(z, V - top_k)[V - top_k]  # the k-th largest logit
+        ids = np.flatnonzero(z >= kth)  # ties with it are kept too
+    else:
+        ids = np.flatnonzero(z > -np.inf)
+        if ids.size == 0:
+            raise ValueError("every logit is -inf: no token can be sampled")
+    zk = z[ids].astype(np.float64)
+    with np.errstate(over="ignore"):  # shift first, so a tiny temperature gives -inf, never inf - inf
+        probs = np.exp((zk - zk.max()) / temperature)
     probs /= probs.sum()
     if top_p is not None and top_p < 1:
-        probs = np.where(probs >= nucleus_threshold(probs, top_p), probs, 0.0)
+        keep = probs >= nucleus_threshold(probs, top_p)
+        ids, probs = ids[keep], probs[keep]
         probs /= probs.sum()
+    return ids, probs
+
+
+def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """The distribution the next token is drawn from, (V,) float64: zero outside the kept set, sums to 1."""
+    ids, p = kept_tokens(logits, temperature, top_k, top_p)
+    probs = np.zeros(np.asarray(logits).size)
+    probs[ids] = p
     return probs
 
 
 def draw(probs, rng):
-    """One token id drawn from probs (V,); tokens of probability 0 are never drawn."""
-    kept = np.flatnonzero(probs)
-    cdf = np.cumsum(probs[kept])
+    """An index drawn from probs (n,); entries of probability 0 are never drawn."""
+    cdf = np.cumsum(probs)
     i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    return int(kept[min(i, kept.size - 1)])  # u * total can round up to total
+    i = min(i, probs.size - 1)  # u * total can round up to total
+    while probs[i] == 0:  # only after that rounding: step back to the last token that can be drawn
+        i -= 1
+    return i
 
 
 def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
-    """The next token id: argmax when greedy, else one draw from next_token_probs."""
-    if is_greedy(temperature, top_k):
-        check_sampling(temperature, top_k, top_p)
-        return int(np.argmax(logits))
-    return draw(next_token_probs(logits, temperature, top_k, top_p), rng)
+    """The next token id: argmax when greedy, else one draw from the kept tokens."""
+    ids, probs = kept_tokens(logits, temperature, top_k, top_p)
+    return int(ids[0]) if ids.size == 1 else int(ids[draw(probs, rng)])
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -335,6 +351,8 @@ def run_benchmark(args, out):
         for name, preset in BENCH_PRESETS.items():
             cfg = dict(preset, max_seq_len=max(preset["max_seq_len"], args.benchmark_tokens))
             models[name] = LanguageModel(ModelConfig(**cfg), seed=0, dtype=np.float32)
+    if hasattr(os, "getloadavg"):  # other work on the machine slows every figure below
+        out.write(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
     for name, model in models.items():
         c = model.config
         out.write(f"{name}: vocab {c.vocab_size}, d_model {c.d_model}, {c.n_heads} heads, d_ff {c.d_ff}, "

@@ -96,6 +96,7 @@ def test_greedy_is_argmax_and_ignores_the_rng():
     # very low temperature is greedy in effect, and must not overflow
     assert sample_next(logits, rng, temperature=1e-6) == best
     assert sample_next(np.array([0.0, 1e30, -1e30]), rng, temperature=1e-30) == 1
+    assert sample_next(np.array([0.0, 1e4, 2.0]), rng, temperature=1e-300, top_p=0.9) == 1
 
 
 def test_masked_logits_are_never_drawn_and_bad_logits_are_refused():
@@ -119,15 +120,18 @@ def test_no_token_outside_the_kept_set_is_ever_drawn(setting):
 def test_draw_never_returns_a_zero_probability_token_even_at_the_edges():
     probs = np.array([0.0, 0.5, 0.0, 0.5, 0.0])
 
-    class EdgeRng:  # the two ends of [0, 1)
+    class EdgeRng:  # the two ends of [0, 1), and exactly 1 (as if u * total had rounded up)
         def __init__(self, values):
             self.values = list(values)
 
         def random(self):
             return self.values.pop(0)
 
-    edges = EdgeRng([0.0, np.nextafter(1.0, 0), 0.5, np.nextafter(0.5, 0)])
-    assert [draw(probs, edges) for _ in range(4)] == [1, 3, 3, 1]
+    edges = EdgeRng([0.0, np.nextafter(1.0, 0), 0.5, np.nextafter(0.5, 0), 1.0])
+    assert [draw(probs, edges) for _ in range(5)] == [1, 3, 3, 1, 3]
+    # kept tokens whose probability underflowed to 0 (a very low temperature) are not drawn either
+    rng = np.random.default_rng(0)
+    assert {sample_next(np.array([0.0, 5.0, 4.0]), rng, temperature=1e-3, top_k=2) for _ in range(50)} == {1}
 
 
 def test_fixed_seed_reproduces_the_draws():
