@@ -116,11 +116,19 @@ def split_stories(text):
     return sp.feed(text) + sp.finish()
 
 
+def _normal_permissions(fd):
+    """mkstemp makes 0600 files; give ours what a plain open() would (0666 minus the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+
+
 def _atomic_lines(path, stories):
     """Write stories (an iterable of one-line strings) to path atomically; return (count, bytes)."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    _normal_permissions(fd)
     n = size = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:

@@ -78,11 +78,19 @@ def _sha256_text(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _normal_permissions(fd):
+    """mkstemp makes 0600 files; give ours what a plain open() would (0666 minus the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+
+
 def _atomic_write_text(path, text):
     """Write text to path through a temp file in the same folder + fsync + rename."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    _normal_permissions(fd)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -699,6 +707,7 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
     out_path = os.path.abspath(output_path)
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out_path), prefix=os.path.basename(out_path) + ".", suffix=".tmp")
+    _normal_permissions(fd)
     stats = dict(docs=0, lines=0, tokens=0, bytes=0)
     from tqdm import tqdm
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {os.path.basename(input_path)}",

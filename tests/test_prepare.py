@@ -74,6 +74,9 @@ def test_offline_writes_the_bundled_stories_one_per_line(tmp_path, capsys):
     assert " ".join(train).split() == TRAIN_RAW.decode().replace("<|endoftext|>", " ").split()
     assert len(valid) > 400
     assert "offline" in capsys.readouterr().err
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(tmp_path / "tinystories_train_sample.txt").st_mode & 0o777 == 0o666 & ~mask
     assert P.main(["--data_dir", str(tmp_path), "--offline", "--sample_size", "10", "--valid_size", "3",
                    "--quiet"]) == 0
     assert lines(tmp_path / "tinystories_train_sample.txt") == train[:10]

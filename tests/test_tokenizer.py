@@ -185,6 +185,10 @@ def test_cli_tokenizes_one_story_per_line_with_chunks_and_sidecar(tmp_path, caps
     assert meta["num_documents"] == len(stories) and meta["num_lines"] == len(rows)
     assert meta["num_tokens"] == len(flat) and meta["eot_appended"] is True and meta["max_length"] == 64
     assert meta["num_bytes"] == sum(len(s.encode()) for s in stories)
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in (out, tmp_path / "out.jsonl.meta.json"):  # not mkstemp's 0600
+        assert os.stat(p).st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_all_cores_give_the_same_file_as_one(tmp_path, bpe):
