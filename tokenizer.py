@@ -287,9 +287,8 @@ class BPEModel:
     def check(self, source):
         """Raise TokenizerError unless vocab, merges and specials agree."""
         n = len(self.vocab)
-        if n < 256 or any(self.vocab[i] is None or len(self.vocab[i]) != 1 for i in range(256)):
-            if sorted(v for v in self.vocab if v is not None and len(v) == 1) != [bytes([i]) for i in range(256)]:
-                raise TokenizerError(f"{source}: the vocabulary lacks some of the 256 single bytes")
+        if sorted(v for v in self.vocab if v is not None and len(v) == 1) != [bytes([i]) for i in range(256)]:
+            raise TokenizerError(f"{source}: the vocabulary must hold each of the 256 single bytes exactly once")
         for (a, b), t in zip(self.merges, self.merge_ids):
             if not (0 <= a < n and 0 <= b < n and 0 <= t < n) or None in (self.vocab[a], self.vocab[b]) \
                     or self.vocab[t] != self.vocab[a] + self.vocab[b]:
@@ -311,9 +310,9 @@ class BPEModel:
             return None  # two ids with the same bytes
         if any(t2 <= t1 for t1, t2 in zip(self.merge_ids, self.merge_ids[1:])):
             return None
-        if any(self.merge_ids[0] <= i for i, v in enumerate(self.vocab) if v is not None and len(v) == 1) \
-                if self.merge_ids else False:
-            return None
+        first_merge = self.merge_ids[0] if self.merge_ids else len(self.vocab)
+        if any(i >= first_merge for i, v in enumerate(self.vocab) if v is not None and len(v) == 1):
+            return None  # a single byte ranked after a merge
         if sum(1 for v in self.vocab if v is not None and len(v) > 1) != len(self.merges):
             return None
         return ranks

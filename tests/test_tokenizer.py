@@ -273,3 +273,18 @@ def test_gpt2_never_waits_on_the_network_when_tiktoken_has_no_cache(tmp_path, mo
     monkeypatch.setattr(T.tiktoken.registry, "ENCODINGS", {})
     tok = T.load_tiktoken("gpt2", allow_download=True)  # asked to try: the failure falls back too
     assert "tried to download" in capsys.readouterr().err and tok.n_vocab == 50257
+
+
+def test_inconsistent_or_newer_model_files_are_refused(bpe_model):
+    d = json.loads(bpe_model.to_json())
+    d["merges"][5] = [1, 2]
+    with pytest.raises(T.TokenizerError, match=r"m.json: merge \(1, 2\) -> 261 does not match"):
+        T.BPEModel.from_json(json.dumps(d), "m.json")
+    d = json.loads(bpe_model.to_json())
+    d["version"] = 2
+    with pytest.raises(T.TokenizerError, match="version 2.*update tokenizer.py"):
+        T.BPEModel.from_json(json.dumps(d), "m.json")
+    d = json.loads(bpe_model.to_json())
+    d["vocab"][65] = [66]
+    with pytest.raises(T.TokenizerError, match="256 single bytes"):
+        T.BPEModel.from_json(json.dumps(d), "m.json")
