@@ -12,7 +12,7 @@ Stories are split on the dataset's `<|endoftext|>` lines. Text with no such mark
 bundled validation sample, exported by the dataset viewer, separates stories *and* paragraphs by
 blank lines) is split heuristically: a blank-line paragraph that opens like a story ("Once upon a
 time", "Once there was", "There once was", ...) starts a new story, any other paragraph continues the
-current one. That finds about 430 stories in the bundled sample; a story that opens differently is
+current one. That finds 416 stories in the bundled sample; a story that opens differently is
 merged into the one before it, which costs nothing for language modelling.
 
 Downloads (requests) stream to disk with a progress bar, retry with exponential backoff, resume
@@ -397,8 +397,7 @@ def prepare_full(data_dir, base_url, dataset="V2", retries=5, backoff=1.0, timeo
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Download TinyStories and write one story per line (see the module "
-                                            "docstring for the outputs).")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="data", help="folder for the outputs (default: data)")
     p.add_argument("--sample_size", type=int, default=10000,
                    help="train stories to keep in sample mode; the download stops once it has them (default: 10000)")
