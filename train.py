@@ -183,8 +183,8 @@ def tokenizer_model_json(identity, log):
                 return f.read()
         return tokenizer_from_identity(identity).model_json()
     except Exception as e:  # missing file or module: training still works, generate.py needs the file then
-        log(f"warning: could not embed the BPE model in checkpoints ({e}); generate.py will need "
-            f"{identity.get('model_file')}")
+        needs = f"--model_file {identity['model_file']}" if identity.get("model_file") else "its --model_file"
+        log(f"warning: could not embed the BPE model in checkpoints ({e}); generate.py will need {needs}")
         return None
 
 
