@@ -256,18 +256,17 @@ def benchmark(model, n_tokens=256, contexts=(16, 64, 128, 256), out=sys.stdout):
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Generate text from a numpy-gpt checkpoint (key/value-cached decoding).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Generate text from a numpy-gpt checkpoint (key/value-cached decoding).")
     p.add_argument("--checkpoint", help="path to a .npz checkpoint written by train.py (required unless --benchmark)")
     p.add_argument("--prompt", default="", help="text to continue; empty starts from the end-of-text token")
-    p.add_argument("--max_length", type=int, default=100, help="most new tokens per sample (stops earlier at end-of-text)")
+    p.add_argument("--max_length", type=int, default=100, help="most new tokens per sample, default 100 (stops earlier at end-of-text)")
     p.add_argument("--temperature", type=float, default=1.0,
-                   help="divides the logits: < 1 more focused, > 1 more random, 0 = greedy (argmax)")
-    p.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens (1 = greedy)")
+                   help="divides the logits: < 1 more focused, > 1 more random, 0 = greedy (argmax); default 1.0")
+    p.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens (1 = greedy); default: all")
     p.add_argument("--top_p", type=float, default=None,
-                   help="nucleus sampling: only the most likely tokens whose probability totals p, in (0, 1]")
-    p.add_argument("--num_samples", type=int, default=1, help="how many samples to generate from the prompt")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples (default: fresh, printed)")
+                   help="nucleus sampling: only the most likely tokens whose probability totals p, in (0, 1]; default: off")
+    p.add_argument("--num_samples", type=int, default=1, help="how many samples to generate from the prompt, default 1")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples (default: a fresh one, printed on stderr)")
     p.add_argument("--stream", action="store_true", help="print each token as soon as it is produced")
     p.add_argument("--no_cache", action="store_true",
                    help="re-run the model over the whole context for every token (slow; for comparison)")
@@ -275,7 +274,7 @@ def build_parser():
     t.add_argument("--tokenizer_type", choices=("tiktoken", "lecture2_bpe"), default=None,
                    help="must match the checkpoint's tokenizer; used only if the checkpoint names none")
     t.add_argument("--encoding", default="gpt2",
-                   help="tiktoken encoding, used only if the checkpoint names no tokenizer")
+                   help="tiktoken encoding (default gpt2), used only if the checkpoint names no tokenizer")
     t.add_argument("--model_file", default=None,
                    help="BPE model .json, needed only if the checkpoint lacks the embedded BPE model")
     a = p.add_argument_group("architecture (optional: taken from the checkpoint, checked if given)")
@@ -288,7 +287,7 @@ def build_parser():
     b.add_argument("--benchmark", action="store_true",
                    help="report tokens/s with and without the cache, for --checkpoint or else the guide's "
                         "Small and Medium models (random weights, max_seq_len 256)")
-    b.add_argument("--benchmark_tokens", type=int, default=256, help="tokens to decode per benchmark run")
+    b.add_argument("--benchmark_tokens", type=int, default=256, help="tokens to decode per benchmark run, default 256")
     return p
 
 
