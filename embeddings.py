@@ -7,19 +7,29 @@ T_max the longest sequence the positional table covers (max_seq_len).
 
 `pos` is either the learned table `wpe` (T_max, C), as in GPT-2, or a fixed sinusoidal
 table of the same shape (Vaswani et al. 2017) that has no parameters and gets no gradient.
+
+The sinusoids are scaled to the size of the token embeddings (initialised with std 0.02):
+at their natural amplitude of 1 the position signal is 50 times stronger than the token
+identity, and a model trained on real text stays stuck at the unigram loss. (Vaswani et
+al. instead multiply the embeddings by sqrt(C); with GPT-2's initialisation that still
+leaves the positions several times stronger.)
 """
 import numpy as np
 
 
-def sinusoidal_positions(T_max, C, dtype=np.float32):
-    """The fixed (T_max, C) table: sin on even channels, cos on odd ones, wavelengths 2pi..10000*2pi."""
+SINUSOID_SCALE = 0.02  # the token embeddings' initial std
+
+
+def sinusoidal_positions(T_max, C, dtype=np.float32, scale=SINUSOID_SCALE):
+    """The fixed (T_max, C) table: scale * sin on even channels, scale * cos on odd ones,
+    wavelengths 2pi .. 10000 * 2pi."""
     pos = np.arange(T_max, dtype=np.float64)[:, None]  # (T_max, 1)
     freq = 10000.0 ** (-np.arange(0, C, 2, dtype=np.float64) / C)  # (ceil(C/2),)
     angle = pos * freq  # (T_max, ceil(C/2))
     table = np.empty((T_max, C))
     table[:, 0::2] = np.sin(angle)
     table[:, 1::2] = np.cos(angle[:, : C // 2])
-    return table.astype(dtype)
+    return (scale * table).astype(dtype)
 
 
 def embedding_forward(idx, wte, pos_table, start=0):

@@ -141,12 +141,13 @@ def test_embedding_learned_positions(rng):
 
 
 def test_sinusoidal_table_matches_the_formula():
-    table = sinusoidal_positions(7, 6, np.float64)
+    table = sinusoidal_positions(7, 6, np.float64, scale=1.0)
     for pos in range(7):
         for i in range(3):
             assert table[pos, 2 * i] == pytest.approx(np.sin(pos / 10000 ** (2 * i / 6)), abs=1e-15)
             assert table[pos, 2 * i + 1] == pytest.approx(np.cos(pos / 10000 ** (2 * i / 6)), abs=1e-15)
     assert sinusoidal_positions(4, 5).shape == (4, 5)  # odd widths work too
+    np.testing.assert_allclose(sinusoidal_positions(7, 6, np.float64), 0.02 * table)  # the model's scale
 
 
 def test_fused_cross_entropy_matches_reference(rng):
