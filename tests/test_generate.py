@@ -13,7 +13,7 @@ from tokenizer import get_tokenizer, train_bpe
 TINY = ModelConfig(vocab_size=64, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=8)
 
 
-def fixed_model(cfg=TINY, seed=1, scale=0.6, dtype=np.float64):
+def fixed_model(cfg=TINY, seed=4, scale=1.0, dtype=np.float64):
     """A model whose weights come from this test's own generator (not from init_params, which may
     change), large enough that greedy choices have clear margins."""
     model = LanguageModel(cfg, seed=0, dtype=dtype)
@@ -96,7 +96,8 @@ def test_sampled_generation_is_reproducible_and_identical_with_and_without_cache
 
 # Greedy output of fixed_model() from [1, 2, 3], computed once (llama2.c style) and pinned: a
 # change in the model's math or in decoding shows up here. The window of 8 slides after 5 tokens.
-PINNED_GREEDY = [59, 27, 49, 27, 42, 34, 46, 49, 49, 49, 17, 17, 59, 59, 59, 38, 51, 57, 61, 37, 57, 61, 61, 61]
+# (Re-pinned after c156ce1 scaled the sinusoidal table to the embeddings' 0.02: a deliberate change.)
+PINNED_GREEDY = [38, 12, 29, 7, 29, 29, 44, 6, 6, 14, 17, 21, 37, 14, 14, 14, 14, 31, 46, 63, 6, 6, 6, 6]
 
 
 def test_greedy_generation_is_the_pinned_sequence():
