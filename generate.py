@@ -161,13 +161,13 @@ class Decoder:
         self.tokens.extend(ids)
         window = np.array([self.tokens[-self.max_len:]])  # (1, T)
         if not self.use_cache:
-            return self.model.forward(window)[0, -1]
+            return self.model.forward(window, last_only=True)[0, -1]
         if self.cache is not None and self.cache.length + len(ids) <= self.max_len:
-            return self.model.forward(np.array([ids]), kv_cache=self.cache)[0, -1]  # only the new positions
+            return self.model.forward(np.array([ids]), kv_cache=self.cache, last_only=True)[0, -1]  # only the new positions
         # first call, or the window slid: every position changed, so start the cache afresh
         self.cache = self.model.new_kv_cache(1)
         self.rebuilds += 1
-        return self.model.forward(window, kv_cache=self.cache)[0, -1]
+        return self.model.forward(window, kv_cache=self.cache, last_only=True)[0, -1]
 
 
 def generate(model, prompt_ids, max_new_tokens, rng=None, temperature=1.0, top_k=None, top_p=None,

@@ -171,11 +171,14 @@ class LanguageModel:
             kv.length += idx.shape[1]
         return x, caches
 
-    def forward(self, idx, kv_cache=None):
-        """idx (B, T) -> logits (B, T, V). With kv_cache, idx continues the cached positions."""
+    def forward(self, idx, kv_cache=None, last_only=False):
+        """idx (B, T) -> logits (B, T, V), or (B, 1, V) for the last position only (generation).
+        With kv_cache, idx continues the cached positions."""
         start = kv_cache.length if kv_cache is not None else 0
         self.check_tokens(idx, start=start)
         x, _ = self._trunk_forward(idx, kv_cache)
+        if last_only:
+            x = x[:, -1:]  # (B, T, C) -> (B, 1, C): the head is most of the cost
         return lm_head_forward(x, self.params["ln_f.weight"], self.params["ln_f.bias"], self.head_weight())
 
     def forward_backward(self, idx, targets):

@@ -53,17 +53,18 @@ def test_cached_decoding_feeds_one_position_per_token_until_the_window_slides():
     seen = []
     forward = model.forward
 
-    def spy(idx, kv_cache=None):
-        seen.append((idx.shape[1], kv_cache is not None))
-        return forward(idx, kv_cache=kv_cache)
+    def spy(idx, kv_cache=None, last_only=False):
+        seen.append((idx.shape[1], kv_cache is not None, last_only))
+        return forward(idx, kv_cache=kv_cache, last_only=last_only)
 
     model.forward = spy
     decoder = Decoder(model)
     decoder.feed([1, 2, 3])
     for t in range(7):
         decoder.feed([t])
-    # prefill of 3, then single positions up to the full window of 8, then rebuilds of the whole window
-    assert seen == [(3, True)] + [(1, True)] * 5 + [(8, True)] * 2
+    # prefill of 3, then single positions up to the full window of 8, then rebuilds of the whole window;
+    # only the last position's logits are ever asked for
+    assert seen == [(3, True, True)] + [(1, True, True)] * 5 + [(8, True, True)] * 2
 
 
 def test_generate_stops_at_end_of_text_and_at_max_length():

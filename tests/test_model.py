@@ -140,6 +140,7 @@ def test_kv_cache_gives_the_same_logits_as_a_full_pass():
     for t in range(2, 6):
         pieces.append(model.forward(idx[:, t:t + 1], kv_cache=cache))
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(model.forward(idx, last_only=True), full[:, -1:], rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="max_seq_len"):
         model.forward(idx[:, :1], kv_cache=cache)
 
