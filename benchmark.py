@@ -20,6 +20,7 @@ import numpy as np
 
 from language_model import LanguageModel, ModelConfig
 from lm_head import ROWS_PER_CHUNK
+from optimizer import AdamW, clip_grad_norm
 
 PRESETS = {  # name: (model flags, batch_size, seq_len), as in the guide
     "tiny": (dict(vocab_size=50257, d_model=64, n_heads=2, d_ff=256, n_layers=2), 32, 128),
@@ -27,21 +28,6 @@ PRESETS = {  # name: (model flags, batch_size, seq_len), as in the guide
     "medium": (dict(vocab_size=50257, d_model=256, n_heads=8, d_ff=1024, n_layers=4), 16, 256),
     "small-v4096": (dict(vocab_size=4096, d_model=128, n_heads=4, d_ff=512, n_layers=2), 32, 128),
 }
-
-
-def adamw_update(params, grads, state, lr=3e-4, b1=0.9, b2=0.95, eps=1e-8, wd=0.01):
-    """A plain in-place AdamW step, so the benchmark's step includes an update's memory traffic."""
-    state["t"] = state.get("t", 0) + 1
-    for k, p in params.items():
-        g = grads[k]
-        m = state.setdefault("m" + k, np.zeros_like(p))
-        v = state.setdefault("v" + k, np.zeros_like(p))
-        m *= b1
-        m += (1 - b1) * g
-        v *= b2
-        v += (1 - b2) * g * g
-        p *= 1 - lr * wd
-        p -= (lr / (1 - b1 ** state["t"])) * m / (np.sqrt(v / (1 - b2 ** state["t"])) + eps)
 
 
 class MatmulsOnly:
@@ -91,11 +77,12 @@ def median_time(fn, repeats):
 def bench(cfg, B, T, steps=5, warmup=2):
     model = LanguageModel(cfg, seed=0)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
-    state = {}
+    optimizer = AdamW(model.params)
 
-    def step():
+    def step():  # what train.py does each step, less the data and the logging
         model.forward_backward(tokens[:, :-1], tokens[:, 1:])
-        adamw_update(model.params, model.grads, state)
+        clip_grad_norm(model.grads, 1.0)
+        optimizer.step(model.grads, lr=3e-4)
 
     for _ in range(warmup):
         step()

@@ -12,6 +12,7 @@ h.{i}.attn.c_attn.weight (C, 3C), ..., ln_f.bias), so with learned positions, GE
 tied embeddings this computes exactly GPT-2's function. `grads` has the same keys.
 All computation happens in the parameters' dtype: float32 to train, float64 to check.
 """
+import ctypes
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -95,10 +96,29 @@ def init_params(cfg, rng, dtype=np.float32):
     return params
 
 
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel.
+
+    A training step allocates and frees the same few hundred MB of temporaries every time.
+    By default glibc returns blocks over 32 MB (served by mmap) and the free top of its heap
+    to the kernel, so the next step page-faults on every 4 KB page of them again. Measured on
+    the guide's Medium model (2 cores): 37,000 page faults and 4.8-5.4 s a step before,
+    none and 3.5-3.8 s after, same peak memory. Does nothing where libc is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+        libc.mallopt(M_MMAP_MAX, 0)  # large blocks from the heap too, where they can be reused
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # never shrink the heap
+    except (OSError, AttributeError):
+        pass
+
+
 class LanguageModel:
     """Parameters, their gradients, and the forward/backward passes of the whole model."""
 
     def __init__(self, config, seed=0, dtype=np.float32, params=None):
+        keep_freed_memory()
         self.config = config
         if params is None:
             params = init_params(config, np.random.default_rng(seed), dtype)
