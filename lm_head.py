@@ -12,12 +12,10 @@ computes the logits into one preallocated (R, V) buffer, turns them in place int
 dloss/dlogits, and immediately multiplies them back into dx and dw_out. `lm_head_forward`
 is the plain unchunked version (used for generation and as the tests' reference).
 """
-import functools
-
 import numpy as np
 
 from loss import IGNORE_INDEX, softmax_cross_entropy_inplace
-from transformer import in_threads, layernorm_backward, layernorm_forward
+from transformer import layernorm_backward, layernorm_forward
 
 ROWS_PER_CHUNK = 1024  # rows of logits per matrix product: big enough for BLAS to run at full speed
 ROWS_PER_BLOCK = 8  # rows per softmax pass: (8, 50257) float32 is 1.6 MB, which stays in cache
@@ -81,10 +79,9 @@ def lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=None, workspace=None,
         r1 = min(N, r0 + R)
         logits = buf[: r1 - r0]
         np.matmul(h[r0:r1], w_out.T, out=logits)  # (R, C) @ (C, V) -> (R, V)
-        loss_blocks = functools.partial(_loss_blocks, grad_scale=grad_scale, ignore_index=ignore_index)
-        for s, c in in_threads(loss_blocks, logits, t[r0:r1]):  # the softmax passes on every core
-            loss_sum += s
-            n_correct += c
+        s, c = _loss_blocks(logits, t[r0:r1], grad_scale, ignore_index)
+        loss_sum += s
+        n_correct += c
         if grads is not None:  # logits now holds dlogits
             np.matmul(logits, w_out, out=dh[r0:r1])  # (R, V) @ (V, C) -> (R, C)
             np.matmul(logits.T, h[r0:r1], out=dw_chunk)  # (V, R) @ (R, C) -> (V, C)

@@ -11,35 +11,11 @@ Parameter layouts follow GPT-2: a linear layer is `x @ weight + bias`, weight (i
 from typing import NamedTuple
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 LN_EPS = 1e-5
 GELU_K = math.sqrt(2.0 / math.pi)  # GELU's tanh approximation, as in GPT-2
-
-# ----------------------------------------------------------------------------- threads
-# BLAS runs matrix products on every core, but NumPy's element-wise work runs on one.
-# NumPy releases the GIL inside ufuncs, so threads working on disjoint slices of an array
-# really do run at the same time: the large element-wise passes (softmax, GELU) use this.
-N_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-_pool = None
-
-
-def in_threads(fn, *arrays):
-    """fn(*parts) on N_THREADS slices of the arrays along their first axis, at once; returns the results."""
-    global _pool
-    n = len(arrays[0])
-    parts = min(N_THREADS, n)
-    if parts <= 1:
-        return [fn(*arrays)]
-    if _pool is None:
-        _pool = ThreadPoolExecutor(N_THREADS, thread_name_prefix="numpy-gpt")
-    bounds = [n * i // parts for i in range(parts + 1)]
-    futures = [_pool.submit(fn, *(a[lo:hi] for a in arrays)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return [f.result() for f in futures]
-
 
 # ----------------------------------------------------------------------------- layer norm
 
@@ -143,7 +119,7 @@ def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer
     att = q @ k.transpose(0, 1, 3, 2)  # (B, H, T, hs) @ (B, H, hs, S) -> (B, H, T, S)
     att *= 1.0 / math.sqrt(hs)
     att += causal_mask(T, S, att.dtype)  # -inf where a query would see a later key
-    in_threads(softmax_inplace, att)
+    softmax_inplace(att)
     y = np.empty((B, T, H, hs), x.dtype)
     np.matmul(att, v, out=y.transpose(0, 2, 1, 3))  # (B, H, T, S) @ (B, H, S, hs) -> (B, H, T, hs), heads side by side
     y = y.reshape(B, T, C)
@@ -167,7 +143,7 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
     datt = dy @ v.transpose(0, 1, 3, 2)  # (B, H, T, S)
     np.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)  # (B, H, S, hs)
     # forward was: att = softmax(pre); masked entries have att = 0, so they get no gradient
-    in_threads(softmax_backward_inplace, datt, att)
+    softmax_backward_inplace(datt, att)
     # forward was: pre = q @ k.T / sqrt(hs); the scale is applied to the smaller (B, H, T, hs) results
     np.matmul(datt, k, out=dq)  # (B, H, T, hs)
     np.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)  # (B, H, S, hs)
@@ -182,14 +158,14 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
 
 # ----------------------------------------------------------------------------- feed-forward
 
-def gelu_forward(x, out, s):
+def gelu_forward(x):
     """GELU, GPT-2's tanh form: out = 0.5 x (1 + tanh(u)), u = k (x + 0.044715 x^3).
 
     Computed as x * sigmoid(2u), the same function (0.5 (1 + tanh(u)) = sigmoid(2u)) with
-    one exp instead of a tanh, which NumPy evaluates several times slower. Writes into
-    `out` and into `s` = sigmoid(2u), which backward needs.
+    one exp instead of a tanh, which NumPy evaluates several times slower. Returns out and
+    s = sigmoid(2u), which backward needs.
     """
-    np.multiply(x, x, out=s)
+    s = x * x
     s *= -2 * GELU_K * 0.044715
     s -= 2 * GELU_K
     s *= x  # -2u
@@ -197,7 +173,7 @@ def gelu_forward(x, out, s):
         np.exp(s, out=s)
     s += 1.0
     np.reciprocal(s, out=s)  # sigmoid(2u)
-    np.multiply(x, s, out=out)
+    return x * s, s
 
 
 def gelu_backward_inplace(dout, x, s):
@@ -224,8 +200,7 @@ def mlp_forward(x, w_fc, b_fc, w_proj, b_proj, activation="gelu"):
     h = x @ w_fc  # (B, T, C) -> (B, T, F)
     h += b_fc
     if activation == "gelu":
-        a, s = np.empty_like(h), np.empty_like(h)
-        in_threads(gelu_forward, h, a, s)
+        a, s = gelu_forward(h)
     else:
         a, s = np.maximum(h, 0), None
     out = a @ w_proj  # (B, T, F) -> (B, T, C)
@@ -241,7 +216,7 @@ def mlp_backward(dout, cache, w_fc, w_proj, dw_fc, db_fc, dw_proj, db_proj):
     db_proj += dout.sum(axis=(0, 1))
     da = dout @ w_proj.T  # (B, T, C) -> (B, T, F)
     if s is not None:
-        in_threads(gelu_backward_inplace, da, h, s)
+        gelu_backward_inplace(da, h, s)
     else:
         da *= h > 0
     dh = da
