@@ -24,21 +24,15 @@ import glob
 import json
 import os
 import re
-import tempfile
 import zipfile
 from typing import NamedTuple
 
 import numpy as np
 
+from atomic import atomic_write
+
 FORMAT = "numpy-gpt checkpoint"
 VERSION = 1
-
-
-def _file_mode():
-    """Permissions a plain open() would give (mkstemp's temp files are private, 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 class CheckpointError(Exception):
@@ -70,28 +64,8 @@ def save_checkpoint(path, config, params, meta, arrays=None):
     for k, v in (arrays or {}).items():
         payload[f"opt/{k}"] = v
     payload["meta"] = np.array(json.dumps(record))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **payload)
     return path
 
 

@@ -26,12 +26,14 @@ Command line (convert ahead of time and print what is in a file):
     python3 data_loader.py data/train_tokenized.jsonl
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
+
+from atomic import atomic_write
 
 CACHE_FORMAT = "numpy-gpt token cache"
 CACHE_VERSION = 1
@@ -72,26 +74,6 @@ def _source_stamp(path):
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _file_mode():
-    """Permissions a plain open() would give (mkstemp's temp files are private, 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_write_text(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def convert_jsonl(jsonl_path, eot_id=None):
     """Stream jsonl_path into its binary cache; return the cache's meta dict.
 
@@ -114,59 +96,43 @@ def convert_jsonl(jsonl_path, eot_id=None):
 
     # One streaming pass parses the JSON. With a sidecar the vocabulary, hence the dtype,
     # is known up front; without one, ids are written as uint32 and narrowed afterwards
-    # by a cheap binary pass if they all fit in uint16. Memory stays bounded either way.
+    # in place by a cheap binary pass if they all fit in uint16. Memory stays bounded either way.
     wide = np.uint16 if (vocab is not None and vocab <= 65535) else np.uint32
     max_id, max_line, num_tokens, num_lines = -1, 0, 0, 0
-    directory = os.path.dirname(os.path.abspath(bin_path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    except OSError as e:
-        raise DataError(f"cannot write the binary token cache next to {jsonl_path} ({e}); "
-                        "copy the .jsonl into a writable directory") from None
-    tmp2 = None
-    try:
-        with os.fdopen(fd, "wb") as out:
-            buf = []
-            for lineno, ids in _iter_jsonl(jsonl_path):
-                num_lines += 1
-                if ids:
-                    top = max(ids)
-                    if top > max_id:
-                        max_id, max_line = top, lineno
-                        if top > np.iinfo(wide).max:
-                            raise DataError(f"{jsonl_path}:{lineno}: token id {top} does not fit the tokenizer's "
-                                            f"vocabulary of {vocab} (sidecar {sidecar_path(jsonl_path)}); "
-                                            "re-tokenize the data")
-                buf.extend(ids)
-                if append_eot:
-                    buf.append(eot_id)
-                if len(buf) >= CHUNK_TOKENS:
-                    out.write(np.asarray(buf, dtype=wide).tobytes())
-                    num_tokens += len(buf)
-                    buf = []
-            out.write(np.asarray(buf, dtype=wide).tobytes())
-            num_tokens += len(buf)
+    with contextlib.ExitStack() as stack:
+        try:
+            out = stack.enter_context(atomic_write(bin_path, "w+b"))  # w+b: the narrowing pass reads back
+        except OSError as e:
+            raise DataError(f"cannot write the binary token cache next to {jsonl_path} ({e}); "
+                            "copy the .jsonl into a writable directory") from None
+        buf = []
+        for lineno, ids in _iter_jsonl(jsonl_path):
+            num_lines += 1
+            if ids:
+                top = max(ids)
+                if top > max_id:
+                    max_id, max_line = top, lineno
+                    if top > np.iinfo(wide).max:
+                        raise DataError(f"{jsonl_path}:{lineno}: token id {top} does not fit the tokenizer's "
+                                        f"vocabulary of {vocab} (sidecar {sidecar_path(jsonl_path)}); "
+                                        "re-tokenize the data")
+            buf.extend(ids)
+            if append_eot:
+                buf.append(eot_id)
+            if len(buf) >= CHUNK_TOKENS:
+                out.write(np.asarray(buf, dtype=wide).tobytes())
+                num_tokens += len(buf)
+                buf = []
+        out.write(np.asarray(buf, dtype=wide).tobytes())
+        num_tokens += len(buf)
         if num_tokens == 0:
             raise DataError(f"{jsonl_path} is empty: no token ids in it. Tokenize some text first (tokenizer.py).")
         if append_eot and eot_id > max_id:
             max_id, max_line = eot_id, 0
         v = vocab if vocab is not None else max_id + 1
         dtype = np.uint16 if max(v, max_id + 1) <= 65535 else np.uint32
-        if dtype != wide:  # narrow uint32 -> uint16 chunk by chunk
-            src = np.memmap(tmp, dtype=wide, mode="r")
-            fd2, tmp2 = tempfile.mkstemp(dir=directory, suffix=".tmp")
-            with os.fdopen(fd2, "wb") as out:
-                for lo in range(0, len(src), CHUNK_TOKENS):
-                    out.write(src[lo:lo + CHUNK_TOKENS].astype(dtype).tobytes())
-            del src
-            os.replace(tmp2, tmp)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, bin_path)
-    except BaseException:
-        for path in (tmp, tmp2):
-            if path and os.path.exists(path):
-                os.unlink(path)
-        raise
+        if dtype != wide:
+            _narrow_in_place(out, num_tokens, wide, dtype)
     if sidecar is not None and sidecar.get("num_documents") is not None:
         num_docs = int(sidecar["num_documents"])
     else:
@@ -179,8 +145,24 @@ def convert_jsonl(jsonl_path, eot_id=None):
         "num_bytes": sidecar.get("num_bytes") if sidecar else None,
         "source": stamp, "sidecar": _source_stamp(sidecar_path(jsonl_path)) if sidecar else None,
     }
-    _atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    with atomic_write(meta_path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(meta, indent=1))
     return meta
+
+
+def _narrow_in_place(f, n, wide, dtype):
+    """Rewrite the n ids of dtype `wide` in file f as the narrower dtype, chunk by chunk.
+
+    Front to back is safe: chunk i is read in full before its narrow copy is written, and
+    that copy ends at or before the end of chunk i, so it only overwrites ids already read.
+    """
+    w, d = np.dtype(wide).itemsize, np.dtype(dtype).itemsize
+    for lo in range(0, n, CHUNK_TOKENS):
+        f.seek(lo * w)
+        chunk = np.frombuffer(f.read(min(CHUNK_TOKENS, n - lo) * w), dtype=wide)
+        f.seek(lo * d)
+        f.write(chunk.astype(dtype).tobytes())
+    f.truncate(n * d)
 
 
 def _iter_jsonl(path):

@@ -29,11 +29,12 @@ import hashlib
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import requests
+
+from atomic import atomic_write
 
 HF_BASE_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
 FILES = {"V2": ("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"),
@@ -116,33 +117,14 @@ def split_stories(text):
     return sp.feed(text) + sp.finish()
 
 
-def _normal_permissions(fd):
-    """mkstemp makes 0600 files; give ours what a plain open() would (0666 minus the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)
-
-
 def _atomic_lines(path, stories):
     """Write stories (an iterable of one-line strings) to path atomically; return (count, bytes)."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
-    _normal_permissions(fd)
     n = size = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for s in stories:
-                f.write(s + "\n")
-                n += 1
-                size += len(s.encode("utf-8")) + 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w", encoding="utf-8", newline="\n") as f:
+        for s in stories:
+            f.write(s + "\n")
+            n += 1
+            size += len(s.encode("utf-8")) + 1
     return n, size
 
 

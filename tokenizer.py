@@ -52,6 +52,8 @@ from pathlib import Path
 import regex
 import tiktoken
 
+from atomic import atomic_write
+
 ENDOFTEXT = "<|endoftext|>"
 # GPT-2's pre-tokenisation pattern, exactly as tiktoken 0.14 spells it for r50k_base / gpt2.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -76,31 +78,6 @@ def _say(msg):
 
 def _sha256_text(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _normal_permissions(fd):
-    """mkstemp makes 0600 files; give ours what a plain open() would (0666 minus the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)
-
-
-def _atomic_write_text(path, text):
-    """Write text to path through a temp file in the same folder + fsync + rename."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
-    _normal_permissions(fd)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def split_on_specials(text, specials):
@@ -704,9 +681,6 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
     workers = max(1, workers or os.cpu_count() or 1)
     identity, model_json = tok.identity(), tok.model_json()
     out_path = os.path.abspath(output_path)
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out_path), prefix=os.path.basename(out_path) + ".", suffix=".tmp")
-    _normal_permissions(fd)
     stats = dict(docs=0, lines=0, tokens=0, bytes=0)
     from tqdm import tqdm
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {os.path.basename(input_path)}",
@@ -724,7 +698,8 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
             results = pool.imap(_encode_batch, jobs)
         else:
             results = map(_encode_batch, jobs)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        side = out_path + ".meta.json"
+        with atomic_write(out_path, "w", encoding="utf-8") as f:
             for text, d, c, n, b, in_bytes in results:
                 f.write(text)
                 stats["docs"] += d
@@ -732,27 +707,22 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
                 stats["tokens"] += n
                 stats["bytes"] += b
                 bar.update(in_bytes)
-            f.flush()
-            os.fsync(f.fileno())
-        if pool is not None:
-            pool.close()
-            pool.join()
-        if stats["docs"] == 0:
-            raise TokenizerError(f"{input_path} has no stories (only blank lines); nothing to tokenize")
+            if pool is not None:
+                pool.close()
+                pool.join()
+            if stats["docs"] == 0:
+                raise TokenizerError(f"{input_path} has no stories (only blank lines); nothing to tokenize")
+            if os.path.exists(side):
+                os.unlink(side)  # never leave an old sidecar describing the new jsonl
         sidecar = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "tokenizer": identity,
                    "num_documents": stats["docs"], "num_lines": stats["lines"], "num_tokens": stats["tokens"],
                    "num_bytes": stats["bytes"], "eot_appended": True, "max_length": max_length,
                    "source": str(input_path)}
-        side = out_path + ".meta.json"
-        if os.path.exists(side):
-            os.unlink(side)  # never leave an old sidecar describing the new jsonl
-        os.replace(tmp, out_path)
-        _atomic_write_text(side, json.dumps(sidecar, indent=1) + "\n")
+        with atomic_write(side, "w", encoding="utf-8") as f:
+            f.write(json.dumps(sidecar, indent=1) + "\n")
     except BaseException:
         if pool is not None:
             pool.terminate()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise
     finally:
         bar.close()
@@ -830,7 +800,8 @@ def main(argv=None):
                               training={"input": os.path.basename(args.input),
                                         "input_bytes": len(text.encode("utf-8"))})
             secs = time.perf_counter() - t0
-            _atomic_write_text(args.model_file, model.to_json())
+            with atomic_write(args.model_file, "w", encoding="utf-8") as f:
+                f.write(model.to_json())
             _say(f"trained BPE: {model.vocab_size} tokens ({len(model.merges)} merges) on "
                  f"{len(text.encode('utf-8')) / 1e6:.2f} MB in {secs:.1f} s -> {args.model_file}")
             return 0
