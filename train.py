@@ -35,6 +35,7 @@ import time
 
 import numpy as np
 
+from atomic import atomic_write
 from checkpoint import CheckpointError, copy_params, find_latest, load_checkpoint, save_checkpoint
 from data_loader import (DataError, RandomBatches, check_same_tokenizer, eval_batches, load_dataset,
                          num_eval_windows, same_tokenizer)
@@ -199,10 +200,8 @@ class MetricsLog:
             # (and a line cut short by a kill in the middle of writing it)
             with open(self.path, encoding="utf-8") as f:
                 keep = [line for line in f if self._record_step(line) <= resume_step]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
+            with atomic_write(self.path, "w", encoding="utf-8") as f:
                 f.writelines(keep)
-            os.replace(tmp, self.path)
         elif resume_step is None and os.path.exists(self.path):
             os.replace(self.path, self.path + ".old")
         self.file = open(self.path, "a", encoding="utf-8")
