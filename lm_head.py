@@ -19,7 +19,7 @@ from transformer import layernorm_backward, layernorm_forward
 
 ROWS_PER_CHUNK = 1024  # rows of logits per matrix product: big enough for BLAS to run at full speed
 BLOCK_ELEMENTS = 1 << 19  # logits per softmax pass: 2 MB of float32 stays in cache, and is big enough
-# that NumPy's per-call overhead does not matter (8 rows of GPT-2's vocabulary, 128 of a 4096 one)
+# that NumPy's per-call overhead does not matter (10 rows of GPT-2's vocabulary, 128 of a 4096 one)
 
 
 def lm_head_forward(x, w_ln, b_ln, w_out):
