@@ -177,7 +177,13 @@ def _no_network(err):
     return isinstance(err, requests.ConnectionError) and ("NameResolution" in str(err) or "resolve" in str(err))
 
 
-def _backoff_sleep(attempt, backoff, url, err, retries):
+def _retry_or_give_up(url, err, attempt, retries, backoff, kept=""):
+    """After failed attempt number `attempt` in a row: wait (doubling each time) or raise DownloadError."""
+    if _no_network(err):
+        raise DownloadError(f"cannot reach {url}: no network ({err}). Use --offline") from None
+    if attempt > retries:
+        raise DownloadError(f"could not download {url} after {retries + 1} attempts in a row "
+                            f"(last error: {err}){kept}. Try again later, or use --offline") from None
     delay = backoff * 2 ** (attempt - 1)
     _say(f"download: {url}: {err}; retry {attempt}/{retries} in {delay:.3g} s")
     time.sleep(delay)
@@ -219,12 +225,7 @@ def stream_url(url, retries=5, backoff=1.0, timeout=30, chunk_size=1 << 16, sess
             return
         except (requests.RequestException, _Retry) as e:
             attempt += 1
-            if _no_network(e):
-                raise DownloadError(f"cannot reach {url}: no network ({e}). Use --offline") from None
-            if attempt > retries:
-                raise DownloadError(f"could not download {url} after {retries + 1} attempts in a row "
-                                    f"(last error: {e}). Try again later, or use --offline") from None
-            _backoff_sleep(attempt, backoff, url, e, retries)
+            _retry_or_give_up(url, e, attempt, retries, backoff)
 
 
 def download(url, dest, sha256=None, retries=5, backoff=1.0, timeout=30, chunk_size=1 << 16, progress=True,
@@ -287,13 +288,8 @@ def download(url, dest, sha256=None, retries=5, backoff=1.0, timeout=30, chunk_s
                 break
             except (requests.RequestException, _Retry) as e:
                 attempt += 1
-                if _no_network(e):
-                    raise DownloadError(f"cannot reach {url}: no network ({e}). Use --offline") from None
-                if attempt > retries:
-                    kept = f"; {part} is kept and the next run resumes it" if os.path.exists(part) else ""
-                    raise DownloadError(f"could not download {url} after {retries + 1} attempts in a row "
-                                        f"(last error: {e}){kept}. Try again later, or use --offline") from None
-                _backoff_sleep(attempt, backoff, url, e, retries)
+                kept = f"; {part} is kept and the next run resumes it" if os.path.exists(part) else ""
+                _retry_or_give_up(url, e, attempt, retries, backoff, kept)
     finally:
         if bar is not None:
             bar.close()
