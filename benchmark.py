@@ -4,6 +4,8 @@ Times forward + backward + AdamW update steps of the model on random tokens and,
 run, the matrix products such a step cannot avoid done alone with NumPy (same shapes, same
 layouts, preallocated outputs). Prints both, their ratio, tokens/s and peak memory. The two
 are timed alternately, so a busy machine slows both alike; compare ratios, not seconds.
+The step splits the batch over the cores (parallel.py); the matmuls alone use NumPy's BLAS as
+it comes, on every core.
 
     python3 benchmark.py                                  # the guide's Small model
     python3 benchmark.py --d_model 256 --n_heads 8 --d_ff 1024 --n_layers 4 --batch_size 16 --seq_len 256
@@ -91,7 +93,12 @@ def bench(cfg, B, T, steps=5, warmup=2):
     mm.run()
     step_times, mm_times = [], []
     for _ in range(steps):  # alternate, so both see the same machine
+        # Each is timed right after an untimed run of itself, as in a loop of its own: after
+        # the matmuls, OpenBLAS's threads spin-wait for more work for ~0.1 s and would slow
+        # a step's first tenth of a second (training runs steps back to back, never this mix).
+        step()
         step_times.append(median_time(step, 1))
+        mm.run()
         mm_times.append(median_time(mm.run, 1))
     t_step, t_mm = float(np.median(step_times)), float(np.median(mm_times))
     return dict(step_s=t_step, matmul_s=t_mm, ratio=t_step / t_mm, tokens_per_s=B * T / t_step,

@@ -14,12 +14,14 @@ All computation happens in the parameters' dtype: float32 to train, float64 to c
 """
 import ctypes
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 
 from embeddings import embedding_backward, embedding_forward, sinusoidal_positions
 from lm_head import HeadWorkspace, lm_head_forward, lm_head_loss
 from loss import IGNORE_INDEX
+from parallel import ShardRunner
 from transformer import KVCache, block_backward, block_forward
 
 
@@ -114,17 +116,28 @@ def keep_freed_memory():
         pass
 
 
-class LanguageModel:
-    """Parameters, their gradients, and the forward/backward passes of the whole model."""
+class Shard(NamedTuple):
+    """What one worker of forward_backward and evaluate owns: its gradients and head buffers."""
+    grads: dict
+    workspace: HeadWorkspace
 
-    def __init__(self, config, seed=0, dtype=np.float32, params=None):
+
+class LanguageModel:
+    """Parameters, their gradients, and the forward/backward passes of the whole model.
+
+    Training and evaluation split the batch into one shard of sequences per core (workers,
+    by default as many as NumPy's BLAS has threads) and run them in parallel: parallel.py.
+    """
+
+    def __init__(self, config, seed=0, dtype=np.float32, params=None, workers=None):
         keep_freed_memory()
         self.config = config
         if params is None:
             params = init_params(config, np.random.default_rng(seed), dtype)
         self.params = params
         self.grads = {k: np.zeros_like(v) for k, v in params.items()}
-        self.workspace = HeadWorkspace()
+        self.runner = ShardRunner(workers)
+        self.shards = [Shard(self.grads, HeadWorkspace())]  # more are added when first needed
         self._pos_table = None
 
     # ------------------------------------------------------------------ helpers
@@ -201,32 +214,56 @@ class LanguageModel:
             x = x[:, -1:]  # (B, T, C) -> (B, 1, C): the head is most of the cost
         return lm_head_forward(x, self.params["ln_f.weight"], self.params["ln_f.bias"], self.head_weight())
 
+    def _split(self, idx, targets):
+        """The batch's rows in up to one contiguous slice per worker, each with its Shard."""
+        n = min(self.runner.n_workers, len(idx))
+        while len(self.shards) < n:
+            self.shards.append(Shard({k: np.zeros_like(v) for k, v in self.params.items()}, HeadWorkspace()))
+        bounds = np.linspace(0, len(idx), n + 1).astype(int)
+        return [(idx[a:b], targets[a:b], self.shards[i]) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+
+    def _shard_pass(self, idx, targets, shard, mean_over=None):
+        """Forward, loss and (with mean_over, the batch's number of counted targets) backward of one
+        shard, its gradients added into shard.grads. Returns (loss_sum, n_correct, n_counted)."""
+        p, g = self.params, shard.grads
+        x, caches = self._trunk_forward(idx)
+        head = None
+        if mean_over is not None:
+            head = (g["ln_f.weight"], g["ln_f.bias"], g["wte"] if self.config.tie_embeddings else g["lm_head.weight"])
+        loss_sum, n_correct, n, dx = lm_head_loss(x, p["ln_f.weight"], p["ln_f.bias"], self.head_weight(), targets,
+                                                  grads=head, workspace=shard.workspace, mean_over=mean_over)
+        if mean_over is not None:
+            for i in reversed(range(self.config.n_layers)):
+                dx = block_backward(dx, caches[i], self.layer(i, p), self.layer(i, g))
+            embedding_backward(dx, idx, g["wte"], g.get("wpe"))
+        return loss_sum, n_correct, n
+
     def forward_backward(self, idx, targets):
         """One training pass: returns (mean loss, token accuracy) and leaves the gradients in self.grads."""
         self.check_tokens(idx)
         self.check_tokens(targets, "targets", allow_ignore=True)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {targets.shape} differs from idx shape {idx.shape}")
-        p, g = self.params, self.grads
-        for v in g.values():
-            v.fill(0)
-        x, caches = self._trunk_forward(idx)
-        dw_out = g["wte"] if self.config.tie_embeddings else g["lm_head.weight"]
-        loss_sum, n_correct, n, dx = lm_head_loss(
-            x, p["ln_f.weight"], p["ln_f.bias"], self.head_weight(), targets,
-            grads=(g["ln_f.weight"], g["ln_f.bias"], dw_out), workspace=self.workspace)
-        for i in reversed(range(self.config.n_layers)):
-            dx = block_backward(dx, caches[i], self.layer(i, p), self.layer(i, g))
-        embedding_backward(dx, idx, g["wte"], g.get("wpe"))
-        n = max(n, 1)
-        return loss_sum / n, n_correct / n
+        self.positions()  # made once here, not by racing threads
+        n = max(int(np.count_nonzero(targets != IGNORE_INDEX)), 1)
+
+        def run(part):
+            idx_part, targets_part, shard = part
+            for v in shard.grads.values():
+                v.fill(0)
+            return self._shard_pass(idx_part, targets_part, shard, mean_over=n)
+
+        parts = self._split(idx, targets)
+        results = self.runner.map(run, parts)
+        for _, _, shard in parts[1:]:  # in a fixed order: the sum does not depend on thread timing
+            for k, v in self.grads.items():
+                v += shard.grads[k]
+        return sum(r[0] for r in results) / n, sum(r[1] for r in results) / n
 
     def evaluate(self, idx, targets):
         """No gradients: returns (loss summed over tokens, number correct, number of tokens)."""
         self.check_tokens(idx)
         self.check_tokens(targets, "targets", allow_ignore=True)
-        x, _ = self._trunk_forward(idx)
-        p = self.params
-        loss_sum, n_correct, n, _ = lm_head_loss(x, p["ln_f.weight"], p["ln_f.bias"], self.head_weight(),
-                                                 targets, workspace=self.workspace)
-        return loss_sum, n_correct, n
+        self.positions()
+        results = self.runner.map(lambda part: self._shard_pass(*part), self._split(idx, targets))
+        return tuple(sum(r[i] for r in results) for i in range(3))

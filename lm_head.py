@@ -17,7 +17,7 @@ import numpy as np
 from loss import IGNORE_INDEX, softmax_cross_entropy_inplace
 from transformer import layernorm_backward, layernorm_forward
 
-ROWS_PER_CHUNK = 1024  # rows of logits per matrix product: big enough for BLAS to run at full speed
+ROWS_PER_CHUNK = 512  # rows of logits per matrix product: big enough for BLAS to run at full speed
 BLOCK_ELEMENTS = 1 << 19  # logits per softmax pass: 2 MB of float32 stays in cache, and is big enough
 # that NumPy's per-call overhead does not matter (10 rows of GPT-2's vocabulary, 128 of a 4096 one)
 
@@ -54,11 +54,12 @@ class HeadWorkspace:
 
 
 def lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=None, workspace=None,
-                 rows_per_chunk=ROWS_PER_CHUNK, ignore_index=IGNORE_INDEX):
+                 rows_per_chunk=ROWS_PER_CHUNK, ignore_index=IGNORE_INDEX, mean_over=None):
     """Cross-entropy of the head's logits against targets, chunked over rows.
 
     x (B, T, C), targets (B, T). `grads`: None for evaluation, or (dw_ln, db_ln, dw_out), into
-    which the gradients of the mean loss are added. Returns
+    which the gradients of the mean loss are added: the mean over `mean_over` targets, by
+    default the counted ones in `targets` (a shard of a batch passes the whole batch's count). Returns
     (loss_sum, n_correct, n_counted, dx): the loss summed over the counted (not ignored)
     targets, how many of them had the highest logit, how many there were, and dx (B, T, C) or None.
     """
@@ -69,7 +70,9 @@ def lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=None, workspace=None,
     h, ln_cache = layernorm_forward(x.reshape(N, C), w_ln, b_ln)  # (N, C)
     t = targets.reshape(N)
     n_counted = int(np.count_nonzero(t != ignore_index))
-    grad_scale = 1.0 / max(n_counted, 1) if grads is not None else None
+    if mean_over is None:
+        mean_over = n_counted
+    grad_scale = 1.0 / max(mean_over, 1) if grads is not None else None
     R = min(rows_per_chunk, N)
     buf = ws.get("logits", (R, V), x.dtype)
     if grads is not None:
