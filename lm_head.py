@@ -9,7 +9,8 @@ With GPT-2's vocabulary this is over 90% of a small model's arithmetic, and the 
 logits are the largest array by far (800 MB for N = 4096 in float32). So training never
 holds them all: `lm_head_loss` goes through the rows in chunks of R, and for each chunk
 computes the logits into one preallocated (R, V) buffer, turns them in place into
-dloss/dlogits, and immediately multiplies them back into dx and dw_out. `lm_head_forward`
+dloss/dlogits (up to a scale per row, applied to the small operands), and immediately
+multiplies them back into dx and dw_out. `lm_head_forward`
 is the plain unchunked version (used for generation and as the tests' reference).
 """
 import numpy as np
@@ -30,14 +31,16 @@ def lm_head_forward(x, w_ln, b_ln, w_out):
 
 def _loss_blocks(logits, targets, grad_scale, ignore_index):
     """softmax_cross_entropy_inplace over the rows of logits, a cache-sized block at a time."""
-    loss_sum, n_correct = 0.0, 0
+    loss_sum, n_correct, row_scale = 0.0, 0, np.empty(len(logits), logits.dtype)
     rows = max(1, BLOCK_ELEMENTS // logits.shape[1])
     for b0 in range(0, len(logits), rows):
         b1 = b0 + rows
-        s, c = softmax_cross_entropy_inplace(logits[b0:b1], targets[b0:b1], grad_scale, ignore_index)
+        s, c, scale = softmax_cross_entropy_inplace(logits[b0:b1], targets[b0:b1], grad_scale, ignore_index)
         loss_sum += s
         n_correct += c
-    return loss_sum, n_correct
+        if scale is not None:
+            row_scale[b0:b1] = scale
+    return loss_sum, n_correct, row_scale
 
 
 class HeadWorkspace:
@@ -79,17 +82,20 @@ def lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=None, workspace=None,
         dw_ln, db_ln, dw_out = grads
         dh = np.empty_like(h)  # (N, C)
         dw_chunk = ws.get("dw_out", (V, C), x.dtype)
+        h_scaled = ws.get("h_scaled", (R, C), x.dtype)
     loss_sum, n_correct = 0.0, 0
     for r0 in range(0, N, R):
         r1 = min(N, r0 + R)
         logits = buf[: r1 - r0]
         np.matmul(h[r0:r1], w_out.T, out=logits)  # (R, C) @ (C, V) -> (R, V)
-        s, c = _loss_blocks(logits, t[r0:r1], grad_scale, ignore_index)
+        s, c, row_scale = _loss_blocks(logits, t[r0:r1], grad_scale, ignore_index)
         loss_sum += s
         n_correct += c
-        if grads is not None:  # logits now holds dlogits
+        if grads is not None:  # dlogits = row_scale[:, None] * logits: scale the (R, C) operands instead
             np.matmul(logits, w_out, out=dh[r0:r1])  # (R, V) @ (V, C) -> (R, C)
-            np.matmul(logits.T, h[r0:r1], out=dw_chunk)  # (V, R) @ (R, C) -> (V, C)
+            dh[r0:r1] *= row_scale[:, None]
+            np.multiply(h[r0:r1], row_scale[:, None], out=h_scaled[: r1 - r0])
+            np.matmul(logits.T, h_scaled[: r1 - r0], out=dw_chunk)  # (V, R) @ (R, C) -> (V, C)
             dw_out += dw_chunk
     if grads is None:
         return loss_sum, n_correct, n_counted, None
