@@ -109,9 +109,10 @@ def keep_freed_memory():
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+        M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # from glibc's malloc.h
         libc.mallopt(M_MMAP_MAX, 0)  # large blocks from the heap too, where they can be reused
         libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # never shrink the heap
+        libc.mallopt(M_ARENA_MAX, 1)  # worker threads too (parallel.py): their own arenas give memory back
     except (OSError, AttributeError):
         pass
 
