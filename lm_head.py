@@ -19,28 +19,12 @@ from loss import IGNORE_INDEX, softmax_cross_entropy_inplace
 from transformer import layernorm_backward, layernorm_forward
 
 ROWS_PER_CHUNK = 512  # rows of logits per matrix product: big enough for BLAS to run at full speed
-BLOCK_ELEMENTS = 1 << 19  # logits per softmax pass: 2 MB of float32 stays in cache, and is big enough
-# that NumPy's per-call overhead does not matter (10 rows of GPT-2's vocabulary, 128 of a 4096 one)
 
 
 def lm_head_forward(x, w_ln, b_ln, w_out):
     """(B, T, C) -> logits (B, T, V)."""
     h, _ = layernorm_forward(x, w_ln, b_ln)
     return h @ w_out.T  # (B, T, C) @ (C, V) -> (B, T, V)
-
-
-def _loss_blocks(logits, targets, grad_scale, ignore_index):
-    """softmax_cross_entropy_inplace over the rows of logits, a cache-sized block at a time."""
-    loss_sum, n_correct, row_scale = 0.0, 0, np.empty(len(logits), logits.dtype)
-    rows = max(1, BLOCK_ELEMENTS // logits.shape[1])
-    for b0 in range(0, len(logits), rows):
-        b1 = b0 + rows
-        s, c, scale = softmax_cross_entropy_inplace(logits[b0:b1], targets[b0:b1], grad_scale, ignore_index)
-        loss_sum += s
-        n_correct += c
-        if scale is not None:
-            row_scale[b0:b1] = scale
-    return loss_sum, n_correct, row_scale
 
 
 class HeadWorkspace:
@@ -88,7 +72,7 @@ def lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=None, workspace=None,
         r1 = min(N, r0 + R)
         logits = buf[: r1 - r0]
         np.matmul(h[r0:r1], w_out.T, out=logits)  # (R, C) @ (C, V) -> (R, V)
-        s, c, row_scale = _loss_blocks(logits, t[r0:r1], grad_scale, ignore_index)
+        s, c, row_scale = softmax_cross_entropy_inplace(logits, t[r0:r1], grad_scale, ignore_index)
         loss_sum += s
         n_correct += c
         if grads is not None:  # dlogits = row_scale[:, None] * logits: scale the (R, C) operands instead

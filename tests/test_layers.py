@@ -158,6 +158,23 @@ def test_fused_cross_entropy_matches_reference(rng):
     assert row_scale[2] == 0  # an ignored row gets no gradient
 
 
+@pytest.mark.parametrize("offsets", [(0, 0), (500, 500), (-500, -500), (-500, 70), (0, 1e4)])
+def test_fused_cross_entropy_survives_logits_exp_cannot_take_as_they_are(rng, offsets):
+    """Rows whose largest logit would overflow exp (or leave only underflowing terms) get shifted;
+    here in blocks of several rows (30000 logits a row), the two halves offset differently."""
+    logits = rng.standard_normal((20, 30000)).astype(np.float32) * 3
+    logits[:10] += offsets[0]
+    logits[10:] += offsets[1]
+    targets = rng.integers(0, 30000, 20)
+    targets[3] = IGNORE_INDEX
+    loss, acc, dlogits = cross_entropy_reference(logits.astype(np.float64), targets)
+    buf = logits.copy()
+    s, n_correct, row_scale = softmax_cross_entropy_inplace(buf, targets, grad_scale=1 / 19)
+    assert np.isfinite(s) and s / 19 == pytest.approx(loss, rel=1e-5)
+    assert n_correct / 19 == pytest.approx(acc)
+    np.testing.assert_allclose(row_scale[:, None] * buf, dlogits, rtol=1e-4, atol=1e-9)
+
+
 def test_cross_entropy_reference_gradient(rng):
     logits = rng.standard_normal((4, 7))
     targets = np.array([1, IGNORE_INDEX, 6, 0])
