@@ -20,31 +20,46 @@ GELU_K = math.sqrt(2.0 / math.pi)  # GELU's tanh approximation, as in GPT-2
 # ----------------------------------------------------------------------------- layer norm
 
 class LayerNormCache(NamedTuple):
-    x: np.ndarray  # (..., C) input
+    xhat: np.ndarray  # (..., C) the normalised input, (x - mean) * rstd
     w: np.ndarray  # (C,) gain
-    mean: np.ndarray  # (..., 1)
     rstd: np.ndarray  # (..., 1) = 1 / sqrt(var + eps)
+
+
+def row_mean(a):
+    """(..., C) -> (..., 1): the mean of each row. einsum sums a short last axis (C = 64...1024)
+    several times faster than a.mean(axis=-1), whose per-row reduction calls cost more than the adds."""
+    return np.einsum("...c->...", a)[..., None] * (1.0 / a.shape[-1])
+
+
+def row_dot_mean(a, b):
+    """(..., C), (..., C) -> (..., 1): mean of a * b along each row, without the temporary a * b."""
+    return np.einsum("...c,...c->...", a, b)[..., None] * (1.0 / a.shape[-1])
 
 
 def layernorm_forward(x, w, b):
     """(..., C) -> (..., C): each row to zero mean and unit variance, then scaled and shifted."""
-    mean = x.mean(axis=-1, keepdims=True)
-    xc = x - mean
-    var = np.mean(xc * xc, axis=-1, keepdims=True)
-    rstd = 1.0 / np.sqrt(var + LN_EPS)
-    return xc * rstd * w + b, LayerNormCache(x, w, mean, rstd)
+    xhat = x - row_mean(x)
+    rstd = 1.0 / np.sqrt(row_dot_mean(xhat, xhat) + LN_EPS)
+    xhat *= rstd
+    out = xhat * w
+    out += b
+    return out, LayerNormCache(xhat, w, rstd)
 
 
 def layernorm_backward(dout, cache, dw, db):
     """Forward was out = xhat * w + b, xhat = (x - mean) * rstd. Returns dx."""
-    xhat = (cache.x - cache.mean) * cache.rstd  # recomputed: cheaper than keeping it
-    rows = tuple(range(dout.ndim - 1))
-    dw += (dout * xhat).sum(axis=rows)
-    db += dout.sum(axis=rows)
-    dxhat = dout * cache.w
+    xhat, w, rstd = cache
+    C = dout.shape[-1]
+    dw += np.einsum("nc,nc->c", dout.reshape(-1, C), xhat.reshape(-1, C))  # summed over all rows
+    db += np.einsum("nc->c", dout.reshape(-1, C))
+    dxhat = dout * w
     # xhat depends on x directly and through mean and rstd; together:
-    return cache.rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
-                         - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    c = row_dot_mean(dxhat, xhat)
+    dxhat -= row_mean(dxhat)
+    dxhat -= xhat * c
+    dxhat *= rstd
+    return dxhat
 
 
 # ----------------------------------------------------------------------------- attention
