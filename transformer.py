@@ -173,6 +173,21 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
 
 # ----------------------------------------------------------------------------- feed-forward
 
+BLOCK = 1 << 16  # elements per block of the element-wise chains: 256 KB of float32 stays in L2 cache
+
+
+def blocks(*arrays):
+    """Matching flat blocks of same-shape C-contiguous arrays, for chains of in-place passes that
+    then run in cache (about 1.6x faster than whole-array passes on a (2048, 512) array)."""
+    flats = []
+    for a in arrays:
+        if not a.flags.c_contiguous:
+            raise ValueError("blocks() needs C-contiguous arrays (a flat view, never a copy)")
+        flats.append(a.reshape(-1))
+    for i in range(0, flats[0].size, BLOCK):
+        yield tuple(f[i : i + BLOCK] for f in flats)
+
+
 def gelu_forward(x):
     """GELU, GPT-2's tanh form: out = 0.5 x (1 + tanh(u)), u = k (x + 0.044715 x^3).
 
@@ -180,27 +195,36 @@ def gelu_forward(x):
     one exp instead of a tanh, which NumPy evaluates several times slower. Returns out and
     s = sigmoid(2u), which backward needs.
     """
-    s = x * x
-    s *= -2 * GELU_K * 0.044715
-    s -= 2 * GELU_K
-    s *= x  # -2u
-    with np.errstate(over="ignore"):  # exp(-2u) = inf for very negative x gives s = 0, the right limit
-        np.exp(s, out=s)
-    s += 1.0
-    np.reciprocal(s, out=s)  # sigmoid(2u)
-    return x * s, s
+    x = np.ascontiguousarray(x)
+    out, s = np.empty_like(x), np.empty_like(x)
+    for xb, sb, ob in blocks(x, s, out):
+        np.multiply(xb, xb, out=sb)
+        sb *= -2 * GELU_K * 0.044715
+        sb -= 2 * GELU_K
+        sb *= xb  # -2u
+        with np.errstate(over="ignore"):  # exp(-2u) = inf for very negative x gives s = 0, the right limit
+            np.exp(sb, out=sb)
+        sb += 1.0
+        np.reciprocal(sb, out=sb)  # sigmoid(2u)
+        np.multiply(xb, sb, out=ob)
+    return out, s
 
 
 def gelu_backward_inplace(dout, x, s):
-    """dout becomes dout * d/dx (x s), s = sigmoid(2u): s + x * 2 s (1 - s) du/dx, du/dx = k (1 + 3 * 0.044715 x^2)."""
-    d = x * x
-    d *= 3 * 0.044715 * 2 * GELU_K
-    d += 2 * GELU_K  # 2 du/dx
-    d *= x
-    d *= 1.0 - s
-    d += 1.0
-    d *= s
-    dout *= d
+    """dout becomes dout * d/dx (x s), s = sigmoid(2u):
+    d/dx (x s) = s + x * 2 s (1 - s) du/dx = s (1 + x 2du/dx (1 - s)), du/dx = k (1 + 3 * 0.044715 x^2)."""
+    d, t = np.empty(BLOCK, x.dtype), np.empty(BLOCK, x.dtype)
+    for gb, xb, sb in blocks(dout, np.ascontiguousarray(x), s):
+        db, tb = d[: len(xb)], t[: len(xb)]
+        np.multiply(xb, xb, out=db)
+        db *= 3 * 0.044715 * 2 * GELU_K
+        db += 2 * GELU_K  # 2 du/dx
+        db *= xb
+        np.subtract(1.0, sb, out=tb)
+        db *= tb
+        db += 1.0
+        db *= sb
+        gb *= db
 
 
 class MLPCache(NamedTuple):
