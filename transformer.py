@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from loss import SHIFT_FREE
+
 LN_EPS = 1e-5
 GELU_K = math.sqrt(2.0 / math.pi)  # GELU's tanh approximation, as in GPT-2
 
@@ -80,7 +82,7 @@ class KVCache:
 
 class AttentionCache(NamedTuple):
     x: np.ndarray  # (B, T, C) input
-    q: np.ndarray  # (B, H, T, hs)
+    q: np.ndarray  # (B, H, T, hs) the queries already divided by sqrt(hs)
     k: np.ndarray  # (B, H, S, hs)
     v: np.ndarray  # (B, H, S, hs)
     att: np.ndarray  # (B, H, T, S) softmax probabilities
@@ -98,11 +100,23 @@ def causal_mask(T, S, dtype):
     return _masks[key]
 
 
-def softmax_inplace(a):
-    """Softmax over the last axis, in place (no temporaries of a's size)."""
-    a -= a.max(axis=-1, keepdims=True)
-    np.exp(a, out=a)
-    a *= 1.0 / a.sum(axis=-1, keepdims=True)
+def causal_softmax_inplace(att):
+    """Scores (..., T, S) -> attention weights, in place: softmax over the keys of each query,
+    the causal mask applied (query t, the last T of S positions, sees keys up to its own).
+
+    Softmax usually subtracts each row's max first so that exp cannot overflow; here that max,
+    a reduction over short rows, would be the costliest pass. Every row's max is at least the
+    score of the query's own key (never masked) and at most the largest score of all, so when
+    those lie in SHIFT_FREE exp can neither overflow nor underflow a whole row, and the shift
+    is skipped (loss.py explains the bounds). Otherwise the rows are shifted as usual.
+    """
+    T, S = att.shape[-2:]
+    att += causal_mask(T, S, att.dtype)  # -inf where a query would see a later key
+    own = np.diagonal(att, offset=S - T, axis1=-2, axis2=-1)  # (..., T) a view
+    if own.min() < SHIFT_FREE[0] or att.max() > SHIFT_FREE[1]:
+        att -= att.max(axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    att *= 1.0 / np.einsum("...s->...", att)[..., None]
 
 
 def softmax_backward_inplace(da, a):
@@ -122,6 +136,7 @@ def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer
     hs = C // H
     qkv = x @ w_attn  # (B, T, C) -> (B, T, 3C)
     qkv += b_attn
+    qkv[..., :C] *= 1.0 / math.sqrt(hs)  # the scores' scale, applied to q: (B, T, C), not (B, H, T, S)
     qkv = qkv.reshape(B, T, 3, H, hs).transpose(2, 0, 3, 1, 4)  # -> (3, B, H, T, hs), a view
     q, k, v = qkv[0], qkv[1], qkv[2]
     if kv is not None:
@@ -132,9 +147,7 @@ def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer
         v = kv.v[layer][:, :, : start + T]
     S = k.shape[2]
     att = q @ k.transpose(0, 1, 3, 2)  # (B, H, T, hs) @ (B, H, hs, S) -> (B, H, T, S)
-    att *= 1.0 / math.sqrt(hs)
-    att += causal_mask(T, S, att.dtype)  # -inf where a query would see a later key
-    softmax_inplace(att)
+    causal_softmax_inplace(att)
     y = np.empty((B, T, H, hs), x.dtype)
     np.matmul(att, v, out=y.transpose(0, 2, 1, 3))  # (B, H, T, S) @ (B, H, S, hs) -> (B, H, T, hs), heads side by side
     y = y.reshape(B, T, C)
@@ -159,12 +172,11 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
     np.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)  # (B, H, S, hs)
     # forward was: att = softmax(pre); masked entries have att = 0, so they get no gradient
     softmax_backward_inplace(datt, att)
-    # forward was: pre = q @ k.T / sqrt(hs); the scale is applied to the smaller (B, H, T, hs) results
-    np.matmul(datt, k, out=dq)  # (B, H, T, hs)
+    # forward was: pre = qs @ k.T with qs = q / sqrt(hs), the q that the cache holds
+    np.matmul(datt, k, out=dq)  # (B, H, T, hs) dqs
     np.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)  # (B, H, S, hs)
-    dqk = dqkv[:, :, :2]
-    dqk *= 1.0 / math.sqrt(hs)
     dqkv = dqkv.reshape(B, T, 3 * C)
+    dqkv[..., :C] *= 1.0 / math.sqrt(hs)  # dqs -> dq
     # forward was: qkv = x @ w_attn + b_attn
     dw_attn += x.reshape(-1, C).T @ dqkv.reshape(-1, 3 * C)  # (C, 3C)
     db_attn += dqkv.sum(axis=(0, 1))

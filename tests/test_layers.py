@@ -7,7 +7,7 @@ from gradcheck import check_layer, numerical_gradient, rel_error
 from lm_head import lm_head_forward, lm_head_loss
 from loss import IGNORE_INDEX, cross_entropy_reference, softmax_cross_entropy_inplace
 from transformer import (attention_backward, attention_forward, block_backward, block_forward,
-                         layernorm_backward, layernorm_forward, mlp_backward, mlp_forward)
+                         causal_softmax_inplace, layernorm_backward, layernorm_forward, mlp_backward, mlp_forward)
 
 
 @pytest.fixture
@@ -43,8 +43,10 @@ def attention_params(rng, C=8):
             "w_proj": rng.standard_normal((C, C)) * 0.5, "b_proj": rng.standard_normal(C) * 0.1}
 
 
-def test_attention(rng):
+@pytest.mark.parametrize("scale", [1, 8])  # 8: scores in the hundreds, past what exp takes unshifted
+def test_attention(rng, scale):
     p = attention_params(rng)
+    p["w_attn"] *= scale
 
     def forward():
         return attention_forward(p["x"], p["w_attn"], p["b_attn"], p["w_proj"], p["b_proj"], n_heads=2)
@@ -56,6 +58,20 @@ def test_attention(rng):
         return g
 
     check_layer(forward, backward, p, list(p), rng)
+
+
+@pytest.mark.parametrize("offset", [0, 100, -100, -1e4])
+@pytest.mark.parametrize("T, S", [(5, 5), (2, 6)])  # queries T, keys S: with a key/value cache S > T
+def test_causal_softmax_matches_the_plain_formula(rng, offset, T, S):
+    scores = rng.standard_normal((2, 3, T, S)) * 4 + offset
+    keep = np.tril(np.ones((T, S), bool), k=S - T)  # query t sees keys up to its own, S - T + t
+    z = np.where(keep, scores, -np.inf)
+    expected = np.exp(z - z.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    att = scores.copy()
+    causal_softmax_inplace(att)
+    np.testing.assert_allclose(att, expected, rtol=1e-12, atol=1e-300)
+    assert np.all(att[..., ~keep] == 0)
 
 
 def test_attention_is_causal(rng):
