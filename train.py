@@ -110,6 +110,9 @@ def build_parser():
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0 for plain SGD)")
     o.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
     o.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the batch order")
+    o.add_argument("--workers", type=int, default=None,
+                   help="threads each batch is split over, one per core (default: as many as NumPy's BLAS uses, "
+                        "normally every core; 1: no split). Each adds a copy of the gradients and a logits buffer")
     r = p.add_argument_group("logging, evaluation, checkpoints")
     r.add_argument("--save_dir", default="checkpoints", help="directory for checkpoints and metrics.jsonl")
     r.add_argument("--log_interval", type=int, default=50, help="print training metrics every this many steps")
@@ -146,8 +149,9 @@ def check_args(args):
         raise TrainError(f"--learning_rate must be positive (got {args.learning_rate})")
     if args.min_lr > args.learning_rate:
         raise TrainError(f"--min_lr {args.min_lr} is above --learning_rate {args.learning_rate}")
-    if args.eval_batches is not None and args.eval_batches < 1:
-        raise TrainError("--eval_batches must be at least 1")
+    for name in ("eval_batches", "workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.max_time is not None and not args.max_time > 0:
         raise TrainError(f"--max_time must be a positive number of minutes (got {args.max_time})")
 
@@ -350,7 +354,7 @@ class Trainer:
 
         from language_model import LanguageModel
         self.config = model_config(args)
-        self.model = LanguageModel(self.config, seed=args.seed, dtype=np.float32)
+        self.model = LanguageModel(self.config, seed=args.seed, dtype=np.float32, workers=args.workers)
         self.opt = make_optimizer(args, self.model.params)
         self.schedule = LRSchedule(args.learning_rate, args.warmup_steps, args.max_steps, args.min_lr,
                                    args.lr_schedule)

@@ -198,6 +198,27 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_good_checkpoint(data, tmp_p
     assert metrics(save_dir)[-1]["type"] == "error"
 
 
+def test_one_worker_or_several_train_the_same_model(data, tmp_path, monkeypatch):
+    import parallel
+    shard_counts, real_map = [], parallel.ShardRunner.map
+
+    def counting_map(self, fn, shards):
+        shard_counts.append(len(shards))
+        return real_map(self, fn, shards)
+
+    monkeypatch.setattr(parallel.ShardRunner, "map", counting_map)
+    weights = {}
+    for workers in (1, 3):
+        d = str(tmp_path / f"w{workers}")
+        # SGD: Adam would blow roundoff in gradients that are zero in exact arithmetic (the keys'
+        # bias) up into steps of the learning rate's size
+        assert train.main(tiny_flags(data, d, max_steps=20, eval_interval=0, workers=workers, optimizer="sgd")) == 0
+        weights[workers] = load_model(os.path.join(d, "checkpoint_final.npz"))[0].params
+    assert set(shard_counts) == {1, 3}  # the batch of 8 really was split in 3
+    for name, w in weights[1].items():  # the same sums in another order: float32 roundings apart
+        np.testing.assert_allclose(weights[3][name], w, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 def test_bad_input_gives_clear_errors(data, tmp_path):
     def error(argv):
         with pytest.raises(SystemExit) as e:
@@ -219,6 +240,7 @@ def test_bad_input_gives_clear_errors(data, tmp_path):
     assert "tokenized differently" in error(tiny_flags((data[0], other), d))
     assert "divisible" in error(tiny_flags(data, d, n_heads=3))
     assert "--max_time" in error(tiny_flags(data, d, max_time=-1))
+    assert "--workers must be at least 1" in error(tiny_flags(data, d, workers=0))
     assert "no checkpoint" in error(tiny_flags(data, d, resume=True))
     # a checkpoint of another architecture
     assert train.main(tiny_flags(data, d, max_steps=3, eval_interval=0)) == 0
