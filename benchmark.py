@@ -12,6 +12,7 @@ it comes, on every core.
     python3 benchmark.py --all                            # Tiny, Small, Medium and Small with a 4096 vocabulary
 """
 import argparse
+import math
 import os
 import resource
 import subprocess
@@ -76,7 +77,7 @@ def median_time(fn, repeats):
     return float(np.median(times))
 
 
-def bench(cfg, B, T, steps=5, warmup=2):
+def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2):
     model = LanguageModel(cfg, seed=0)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
     optimizer = AdamW(model.params)
@@ -88,6 +89,7 @@ def bench(cfg, B, T, steps=5, warmup=2):
 
     for _ in range(warmup):
         step()
+    steps = max(steps, math.ceil(min_seconds / median_time(step, 1)))  # short steps: more of them, less noise
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mm = MatmulsOnly(cfg, B, T)
     mm.run()
@@ -135,7 +137,9 @@ def main(argv=None):
     ap.add_argument("--n_layers", type=int, default=2, help="Transformer blocks (default 2)")
     ap.add_argument("--batch_size", type=int, default=32, help="sequences per step (default 32)")
     ap.add_argument("--seq_len", type=int, default=128, help="tokens per sequence (default 128)")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps at least; the median is reported (default 5)")
+    ap.add_argument("--min_seconds", type=float, default=3.0,
+                    help="time at least this many seconds of steps: short steps are noisy (default 3)")
     ap.add_argument("--all", action="store_true", help="run the guide's Tiny, Small, Medium and Small-with-4096-vocab")
     ap.add_argument("--sizes", action="store_true", help="only print the guide's model sizes with their parameter counts")
     args = ap.parse_args(argv)
@@ -145,12 +149,14 @@ def main(argv=None):
     if args.all:  # each in a fresh process, so each peak memory is its own
         for name, (flags, B, T) in PRESETS.items():
             print(f"== {name}", flush=True)
-            argv = [f"--{k}={v}" for k, v in {**flags, "batch_size": B, "seq_len": T, "steps": args.steps}.items()]
+            argv = [f"--{k}={v}" for k, v in {**flags, "batch_size": B, "seq_len": T, "steps": args.steps,
+                                                  "min_seconds": args.min_seconds}.items()]
             subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
         return
     cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
                       n_layers=args.n_layers, max_seq_len=args.seq_len)
-    report("model", cfg, args.batch_size, args.seq_len, bench(cfg, args.batch_size, args.seq_len, steps=args.steps))
+    result = bench(cfg, args.batch_size, args.seq_len, steps=args.steps, min_seconds=args.min_seconds)
+    report("model", cfg, args.batch_size, args.seq_len, result)
 
 
 if __name__ == "__main__":
