@@ -121,6 +121,23 @@ def test_gelu_is_gpt2s_tanh_form():
     np.testing.assert_array_equal(out, [0, 1e4])
 
 
+@pytest.mark.parametrize("F", [130, 70000])  # rows per block: 504 (the last one partial), and 1 (a row > a block)
+def test_gelu_in_blocks_matches_the_whole_array_formulas(rng, F):
+    from transformer import gelu_backward_inplace, gelu_forward
+    x = rng.standard_normal((3, 700 if F == 130 else 2, F)) * 3
+    bias = rng.standard_normal(F)
+    z = x + bias
+    u = np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)
+    du = np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * z ** 2)
+    dout = rng.standard_normal(x.shape)
+    out, s = gelu_forward(x, bias=bias)
+    np.testing.assert_allclose(x, z, rtol=1e-15)  # the bias was added in place
+    np.testing.assert_allclose(out, 0.5 * z * (1 + np.tanh(u)), rtol=1e-12, atol=1e-15)
+    expected = dout * (0.5 * (1 + np.tanh(u)) + 0.5 * z * (1 - np.tanh(u) ** 2) * du)
+    gelu_backward_inplace(dout, x, s)
+    np.testing.assert_allclose(dout, expected, rtol=1e-10, atol=1e-13)
+
+
 def block_params(rng, C=8, F=12):
     shapes = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
               "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
