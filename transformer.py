@@ -230,18 +230,18 @@ def gelu_backward_inplace(dout, x, s):
     """dout becomes dout * d/dx (x s), s = sigmoid(2u):
     d/dx (x s) = s + x * 2 s (1 - s) du/dx = s (1 + x 2du/dx (1 - s)), du/dx = k (1 + 3 * 0.044715 x^2)."""
     F = x.shape[-1]
-    d, t = (np.empty((max(1, BLOCK // F), F), x.dtype) for _ in range(2))  # scratch, one block's worth
+    scratch = np.empty((2, max(1, BLOCK // F), F), x.dtype)  # two blocks' worth
     for gb, xb, sb in blocks(dout, x, s):
-        db, tb = d[: len(xb)], t[: len(xb)]
-        np.multiply(xb, xb, out=db)
-        db *= 3 * 0.044715 * 2 * GELU_K
-        db += 2 * GELU_K  # 2 du/dx
-        db *= xb
-        np.subtract(1.0, sb, out=tb)
-        db *= tb
-        db += 1.0
-        db *= sb
-        gb *= db
+        d, t = scratch[:, : len(xb)]
+        np.multiply(xb, xb, out=d)
+        d *= 3 * 0.044715 * 2 * GELU_K
+        d += 2 * GELU_K  # 2 du/dx
+        d *= xb
+        np.subtract(1.0, sb, out=t)
+        d *= t
+        d += 1.0
+        d *= sb  # d/dx (x s)
+        gb *= d
 
 
 class MLPCache(NamedTuple):
