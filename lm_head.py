@@ -10,8 +10,8 @@ logits are the largest array by far (800 MB for N = 4096 in float32). So trainin
 holds them all: `lm_head_loss` goes through the rows in chunks of R, and for each chunk
 computes the logits into one preallocated (R, V) buffer, turns them in place into
 dloss/dlogits (up to a scale per row, applied to the small operands), and immediately
-multiplies them back into dx and dw_out. `lm_head_forward`
-is the plain unchunked version (used for generation and as the tests' reference).
+multiplies them back into dx and dw_out. `lm_head_forward` is the plain unchunked version
+(used for generation and as the tests' reference).
 """
 import numpy as np
 
