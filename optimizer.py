@@ -24,9 +24,10 @@ Conventions follow PyTorch so numbers can be compared with it:
 """
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from parallel import ShardRunner
 
 # Elements per block in the blocked update loops: 4 float32 arrays of this size
 # (param, grad, m, v) plus one scratch block stay within a typical L2 cache, so
@@ -48,16 +49,6 @@ def default_threads():
     except AttributeError:
         n = os.cpu_count() or 1
     return max(1, min(8, n))
-
-
-_pool = None
-
-
-def _thread_pool(n):
-    global _pool
-    if _pool is None or _pool._max_workers < n:
-        _pool = ThreadPoolExecutor(n, thread_name_prefix="optimizer")
-    return _pool
 
 
 def _flat(a):
@@ -178,6 +169,7 @@ class Optimizer:
         self._scratch = [{dt: np.empty(min(BLOCK, biggest), dtype=dt) for dt in dtypes}
                          for _ in range(self.threads)]
         self._plan = self._make_plan()
+        self._runner = ShardRunner(len(self._plan))
 
     def _make_plan(self):
         """Split the parameters' elements into one task list per thread, balanced by size.
@@ -203,12 +195,7 @@ class Optimizer:
         def work(i):
             for name, lo, hi in self._plan[i]:
                 kernel(name, lo, hi, self._scratch[i])
-        if len(self._plan) == 1:
-            work(0)
-            return
-        futures = [_thread_pool(len(self._plan)).submit(work, i) for i in range(len(self._plan))]
-        for f in futures:
-            f.result()  # re-raises a worker's exception here
+        self._runner.map(work, range(len(self._plan)))  # re-raises a worker's exception here
 
     def _buffer(self, kind):
         self.state[kind] = {k: np.zeros_like(p) for k, p in self.params.items()}

@@ -9,6 +9,8 @@ inside its loops and products, so the threads do run at the same time. Each shar
 into its own gradient arrays; the caller sums them afterwards, in a fixed order, so the
 result does not depend on which thread finished first.
 
+optimizer.py shares its element-wise update out over the same kind of runner.
+
 threadpoolctl finds the BLAS library NumPy loaded (OpenBLAS, MKL, BLIS) and sets its thread
 count. Where it finds none it cannot limit, everything runs in the calling thread as before.
 """

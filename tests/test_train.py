@@ -199,14 +199,15 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_good_checkpoint(data, tmp_p
 
 
 def test_one_worker_or_several_train_the_same_model(data, tmp_path, monkeypatch):
-    import parallel
-    shard_counts, real_map = [], parallel.ShardRunner.map
+    from language_model import LanguageModel
+    shard_counts, real_split = [], LanguageModel._split
 
-    def counting_map(self, fn, shards):
-        shard_counts.append(len(shards))
-        return real_map(self, fn, shards)
+    def counting_split(self, idx, targets):
+        parts = real_split(self, idx, targets)
+        shard_counts.append(len(parts))
+        return parts
 
-    monkeypatch.setattr(parallel.ShardRunner, "map", counting_map)
+    monkeypatch.setattr(LanguageModel, "_split", counting_split)
     weights = {}
     for workers in (1, 3):
         d = str(tmp_path / f"w{workers}")
