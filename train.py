@@ -36,7 +36,8 @@ import time
 import numpy as np
 
 from atomic import atomic_write
-from checkpoint import CheckpointError, copy_params, find_latest, load_checkpoint, save_checkpoint
+from checkpoint import (CheckpointError, SaveDirLock, choose_resume, copy_params, find_latest, load_checkpoint,
+                        new_run_id, save_checkpoint, write_run_id)
 from data_loader import (DataError, RandomBatches, check_same_tokenizer, eval_batches, load_dataset,
                          num_eval_windows, same_tokenizer)
 from optimizer import OPTIMIZERS, LRSchedule, clip_grad_norm
@@ -291,12 +292,9 @@ def evaluate(model, val, batch_size, seq_len, max_batches=None, interrupt=None):
 
 
 def resolve_resume(args):
+    """The checkpoint to continue: --resume PATH, or the newest of the run that last trained in --save_dir."""
     if args.resume == "latest":
-        path = find_latest(args.save_dir)
-        if path is None:
-            raise TrainError(f"--resume: no checkpoint_*.npz in {args.save_dir}; pass --resume PATH or "
-                             "start without --resume")
-        return path
+        return choose_resume(args.save_dir)
     return args.resume
 
 
@@ -360,11 +358,13 @@ class Trainer:
                                    args.lr_schedule)
         self.step = 0             # updates done so far
         self.last_good = None     # newest checkpoint known to be good (named when stopping on NaN)
+        self.run_id = new_run_id()  # kept in every checkpoint: a bare --resume continues this run, no other
         if args.resume:
             self.restore(resolve_resume(args), notes)
         elif find_latest(args.save_dir):
             notes.append(f"note: {args.save_dir} already holds checkpoints of an earlier run; this fresh run will "
                          "overwrite those at the same steps (use --resume to continue that run instead)")
+        write_run_id(args.save_dir, self.run_id)
 
         self.log = MetricsLog(args.save_dir, resume_step=self.step if args.resume else None)
         for msg in notes:
@@ -375,10 +375,10 @@ class Trainer:
                      (f", {len(self.val_ds):,} validation tokens" if self.val_ds else ", no validation set"))
         if args.resume:
             self.log.say(f"resumed from {self.last_good} at step {self.step}")
-            self.log.record(type="resume", step=self.step, checkpoint=self.last_good)
+            self.log.record(type="resume", step=self.step, checkpoint=self.last_good, run_id=self.run_id)
         else:
             self.log.record(type="config", step=0, args=vars(args), config=self.config.to_dict(),
-                            num_parameters=n_params)
+                            num_parameters=n_params, run_id=self.run_id)
         self.model_json = tokenizer_model_json(self.identity, self.log.say)
         self.interrupt = Interrupt()
         # seconds per part of a step, summed over the steps this process ran (see report_profile)
@@ -393,17 +393,26 @@ class Trainer:
         try:
             self.opt.load_state_dict(ck.arrays)
             self.batches.set_state(ck.meta["data"])
-        except (ValueError, KeyError) as e:
+            self.step = int(ck.meta["step"])
+        except (ValueError, KeyError, TypeError) as e:
             raise TrainError(f"{path} lacks the optimizer or data state to resume exactly ({e}); "
                              "it may be a weights-only file") from None
-        self.step, self.last_good = int(ck.meta["step"]), path
+        self.last_good = path
+        self.run_id = ck.meta.get("run_id") or self.run_id  # a checkpoint from before runs had ids: a new one
+        workers, saved = self.model.runner.n_workers, ck.meta.get("workers")
+        if saved is not None and saved != workers:
+            notes.append(f"note: this run splits each batch over {workers} workers, the checkpoint's over {saved} "
+                         "(--workers, or another machine's core count): the gradients are summed in another "
+                         "order, so the weights will differ from an uninterrupted run in the last bits; "
+                         f"pass --workers {saved} to repeat it exactly")
 
     def save(self, name):
         path = os.path.join(self.args.save_dir, name)
         meta = {"step": self.step, "tokenizer": self.identity, "tokenizer_model_json": self.model_json,
                 "rng": self.batches.state()["bit_generator"],
                 "data": dict(self.batches.state(), train_data=self.args.train_data, num_tokens=len(self.train_ds)),
-                "train_args": {k: v for k, v in vars(self.args).items() if k != "resume"}}
+                "train_args": {k: v for k, v in vars(self.args).items() if k != "resume"},
+                "run_id": self.run_id, "workers": self.model.runner.n_workers}
         t = time.perf_counter()
         save_checkpoint(path, self.config, self.model.params, meta, self.opt.state_dict())
         self.log.say(f"saved {path} ({time.perf_counter() - t:.1f}s)")
@@ -548,11 +557,12 @@ class Trainer:
 
 def train(args):
     """Run training for parsed args; returns the exit code (0 done or stopped by --max_time, 130 Ctrl-C)."""
-    trainer = Trainer(args)
-    try:
-        return trainer.run()
-    finally:
-        trainer.log.close()
+    with SaveDirLock(args.save_dir):  # one writer per --save_dir
+        trainer = Trainer(args)
+        try:
+            return trainer.run()
+        finally:
+            trainer.log.close()
 
 
 def nan_message(what, value, step, last_good):
