@@ -206,14 +206,19 @@ class TokenDataset:
     """A memory-mapped flat array of token ids plus what is known about it.
 
     tokens: np.memmap (uint16/uint32) of num_tokens ids; meta: the cache meta dict;
-    tokenizer: identity dict or None; num_bytes: UTF-8 bytes of the source text or None.
+    tokenizer: identity dict or None; num_bytes: UTF-8 bytes the tokens stand for, or None: the
+    sidecar's bytes of story text plus one byte per story for the newline that ends it in the text
+    file, which the end-of-text token after each story stands for (bits per byte includes the loss
+    of predicting that token, so it must count its byte too).
     """
 
     def __init__(self, path, tokens, meta):
         self.path, self.tokens, self.meta = path, tokens, meta
         self.tokenizer = meta.get("tokenizer")
-        self.num_bytes = meta.get("num_bytes")
         self.num_documents = meta.get("num_documents")
+        self.num_bytes = meta.get("num_bytes")
+        if self.num_bytes is not None:
+            self.num_bytes += self.num_documents or 0
 
     def __len__(self):
         return len(self.tokens)

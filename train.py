@@ -271,7 +271,7 @@ def evaluate(model, val, batch_size, seq_len, max_batches=None, interrupt=None):
 
     Perplexity is exp(total loss / total tokens), not a mean of per-batch values;
     bits per byte divides the total loss in bits by the UTF-8 bytes those tokens
-    stand for: the sidecar's num_bytes times the fraction of the set evaluated.
+    stand for (val.num_bytes, separators included) times the fraction of the set evaluated.
     Returns None if interrupted.
     """
     loss_sum, n_correct, n_tokens = 0.0, 0, 0

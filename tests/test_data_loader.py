@@ -34,7 +34,7 @@ def test_sidecar_file_is_concatenated_as_is_into_uint16(tmp_path):
     ds = load_dataset(path, vocab_size=50257)
     assert isinstance(ds.tokens, np.memmap) and ds.tokens.dtype == np.uint16
     np.testing.assert_array_equal(ds.tokens, [5, 6, 7, 8, 50256, 9, 10, 50256])
-    assert ds.num_bytes == 123 and ds.num_documents == 2 and ds.tokenizer == IDENTITY
+    assert ds.num_bytes == 123 + 2 and ds.num_documents == 2  # + a newline per story and ds.tokenizer == IDENTITY
     assert os.path.getsize(cache_paths(path)[0]) == 8 * 2
 
 

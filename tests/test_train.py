@@ -33,9 +33,10 @@ def write_data(path, n_docs, seed, identity=IDENTITY, bytes_per_token=4):
         f.writelines(json.dumps(ids) + "\n" for ids in lines)
     n_tokens = sum(map(len, lines))
     if identity is not None:
+        # as tokenizer.py counts them: the stories' bytes, not the newline between them
         meta = {"format": "numpy-gpt tokenized jsonl", "version": 1, "tokenizer": identity,
                 "num_documents": n_docs, "num_lines": n_docs, "num_tokens": n_tokens,
-                "num_bytes": bytes_per_token * n_tokens, "eot_appended": True, "max_length": 512,
+                "num_bytes": bytes_per_token * (n_tokens - n_docs), "eot_appended": True, "max_length": 512,
                 "source": "toy"}
         with open(str(path) + ".meta.json", "w") as f:
             json.dump(meta, f)
@@ -85,8 +86,10 @@ def test_tiny_model_learns_and_everything_is_recorded(data, tmp_path, capsys):
     assert ev[-1]["val_loss"] < ev[0]["val_loss"]
     for r in ev:
         assert r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"]))
-        # bits per byte: the toy sidecar says 4 bytes per token
-        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) / 4, rel=1e-9)
+        # bits per byte: the toy stories have 4 bytes per token, plus a newline per story
+        val = load_dataset(data[1], vocab_size=V)
+        bytes_per_token = (4 * (len(val) - val.num_documents) + val.num_documents) / len(val)
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) / bytes_per_token, rel=1e-9)
     assert sorted(os.listdir(save_dir)) == ["checkpoint_final.npz", "checkpoint_step_100.npz",
                                             "checkpoint_step_50.npz", "metrics.jsonl", "run.json", "train.lock"]
     ck = load_checkpoint(os.path.join(save_dir, "checkpoint_final.npz"))
@@ -112,9 +115,21 @@ def test_evaluation_uses_token_sums_and_scales_bits_per_byte(data, tmp_path):
     # capped: the bytes are scaled to the part evaluated, so bits/byte stays comparable
     part = train.evaluate(model, val, batch_size=7, seq_len=16, max_batches=2)
     assert part["val_tokens"] == 2 * 7 * 16
-    assert part["val_bpb"] == pytest.approx(part["val_loss"] / math.log(2) / 4, rel=1e-9)
+    bytes_per_token = (4 * (len(val) - val.num_documents) + val.num_documents) / len(val)
+    assert part["val_bpb"] == pytest.approx(part["val_loss"] / math.log(2) / bytes_per_token, rel=1e-9)
     no_bytes = load_dataset(write_data(tmp_path / "plain.jsonl", 20, seed=3, identity=None), vocab_size=V)
     assert train.evaluate(model, no_bytes, 4, 16)["val_bpb"] is None
+
+
+def test_bits_per_byte_counts_the_byte_of_each_story_separator(tmp_path):
+    # one byte per token, the end-of-text token standing for the newline between stories:
+    # bits per byte must equal bits per token
+    from language_model import LanguageModel, ModelConfig
+    model = LanguageModel(ModelConfig(vocab_size=V, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=16))
+    val = load_dataset(write_data(tmp_path / "bytes.jsonl", 60, seed=4, bytes_per_token=1), vocab_size=V)
+    assert val.num_bytes == len(val.tokens)
+    res = train.evaluate(model, val, batch_size=8, seq_len=16)
+    assert res["val_bpb"] == pytest.approx(res["val_loss"] / math.log(2), rel=1e-12)
 
 
 def run_cli(argv, **kw):
