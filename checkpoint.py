@@ -343,6 +343,8 @@ def choose_resume(save_dir):
                               "without --resume")
     last = read_run_id(save_dir)
     readable = [f for f in found if f.error is None]
+    if not readable:
+        raise CheckpointError(f"--resume: no readable checkpoint in {save_dir}: {found[0].error}")
     if last is not None:
         mine = [f for f in readable if f.run_id == last]
     elif len({f.run_id for f in readable}) == 1:

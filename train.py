@@ -25,6 +25,8 @@ Ctrl-C finishes the current step, saves checkpoint_step_N.npz and exits; a NaN l
 stops the run without saving and names the last good checkpoint.
 """
 import argparse
+import contextlib
+import errno
 import glob
 import json
 import math
@@ -53,6 +55,7 @@ ARCH_FLAGS = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "seq_len",
 TRAJECTORY_FLAGS = ("batch_size", "learning_rate", "min_lr", "warmup_steps", "lr_schedule", "weight_decay",
                     "decay_embeddings", "grad_clip", "optimizer", "beta1", "beta2", "momentum", "seed",
                     "max_steps", "train_data")
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too large, over quota
 NAN_REMEDIES = ("lower --learning_rate (e.g. halve it), keep --grad_clip at 1.0 or lower it, use more "
                 "--warmup_steps, and check the data for extreme or wrong token ids")
 
@@ -232,7 +235,8 @@ class MetricsLog:
         self.file.flush()
 
     def close(self):
-        self.file.close()
+        with contextlib.suppress(OSError):  # a full disk was reported already
+            self.file.close()
 
 
 class Interrupt:
@@ -414,7 +418,10 @@ class Trainer:
                 "train_args": {k: v for k, v in vars(self.args).items() if k != "resume"},
                 "run_id": self.run_id, "workers": self.model.runner.n_workers}
         t = time.perf_counter()
-        save_checkpoint(path, self.config, self.model.params, meta, self.opt.state_dict())
+        try:
+            save_checkpoint(path, self.config, self.model.params, meta, self.opt.state_dict())
+        except OSError as e:  # the temp file is gone, the previous checkpoint untouched
+            raise TrainError(write_failed(path, e, self.last_good)) from None
         self.log.say(f"saved {path} ({time.perf_counter() - t:.1f}s)")
         self.log.record(type="checkpoint", step=self.step, path=path)
         self.last_good = path
@@ -520,7 +527,8 @@ class Trainer:
                     log.say(f"done: {self.step} steps; final weights in {path}")
                     exit_code = 0
         except TrainError as e:
-            log.record(type="error", step=self.step + 1, message=str(e))
+            with contextlib.suppress(OSError):  # the error may be a full disk
+                log.record(type="error", step=self.step + 1, message=str(e))
             raise
         finally:
             if bar is not None:
@@ -571,12 +579,25 @@ def nan_message(what, value, step, last_good):
             f"({where}). Remedies: {NAN_REMEDIES}; then start again or --resume from that checkpoint.")
 
 
+def write_failed(path, e, last_good):
+    why = "the disk is full" if e.errno in DISK_FULL else "writing failed"
+    kept = f"the previous checkpoint {last_good} is intact" if last_good else "no checkpoint was written yet"
+    return (f"cannot write {path}: {why} ({e.strerror}); {kept}. Free some space (or fix the folder), "
+            "then run again with the same flags plus --resume")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return train(args)
     except (TrainError, DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # a full disk outside a checkpoint write: metrics.jsonl, the token cache
+        if e.errno not in DISK_FULL:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        raise SystemExit(f"error: the disk is full ({e.strerror}){where}, writing to {args.save_dir} or next to "
+                         "the data; free some space, then run again with the same flags plus --resume") from None
 
 
 if __name__ == "__main__":
