@@ -30,6 +30,7 @@ import secrets
 import socket
 import struct
 import time
+import tokenize
 import zipfile
 from typing import NamedTuple
 
@@ -89,7 +90,7 @@ def _bad(path, why):
 # what reading a damaged zip file can raise, from the zipfile module or numpy's header parser
 _READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, KeyError, IndexError,
                 TypeError, SyntaxError, NotImplementedError, RuntimeError, struct.error, UnicodeDecodeError,
-                OverflowError)
+                OverflowError, tokenize.TokenError)
 
 
 class _Reader:
@@ -380,8 +381,12 @@ class SaveDirLock:
 
     def __init__(self, save_dir):
         self.path = os.path.join(str(save_dir), LOCK_FILE)
-        os.makedirs(str(save_dir), exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            os.makedirs(str(save_dir), exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise CheckpointError(f"cannot use {save_dir} as the checkpoint folder ({e.strerror}); pass another "
+                                  "--save_dir") from None
         try:
             import fcntl
         except ImportError:  # not a POSIX system: no lock

@@ -7,7 +7,7 @@ Small model from the guide (about 1 s a step on 2 cores):
         --batch_size 32 --seq_len 128 --max_steps 5000 --learning_rate 3e-4 \\
         --warmup_steps 500 --save_dir checkpoints_small --log_interval 50 --eval_interval 500
 
-Continue an interrupted run (same flags plus --resume; the newest checkpoint in
+Continue an interrupted run (same flags plus --resume: the newest checkpoint of that run in
 --save_dir, or name one). The result is bit-for-bit what the uninterrupted run gives:
     python3 train.py <same flags as before> --resume
     python3 train.py <same flags as before> --resume checkpoints_small/checkpoint_step_1000.npz
@@ -128,8 +128,8 @@ def build_parser():
     r.add_argument("--save_interval", type=int, default=5000,
                    help="write checkpoint_step_N.npz every this many steps (0: only the final one)")
     r.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT, or alone: the newest checkpoint in --save_dir "
-                        "(pass the same flags as the interrupted run)")
+                   help="continue from CHECKPOINT, or alone: the newest checkpoint of the run that last trained "
+                        "in --save_dir (pass the same flags as the interrupted run)")
     r.add_argument("--max_time", type=float, default=None,
                    help="stop after this many minutes of training, saving a checkpoint to resume from")
     r.add_argument("--profile", action="store_true",
@@ -407,7 +407,7 @@ class Trainer:
         if saved is not None and saved != workers:
             notes.append(f"note: this run splits each batch over {workers} workers, the checkpoint's over {saved} "
                          "(--workers, or another machine's core count): the gradients are summed in another "
-                         "order, so the weights will differ from an uninterrupted run in the last bits; "
+                         "order, so the results may differ from an uninterrupted run in the last bits; "
                          f"pass --workers {saved} to repeat it exactly")
 
     def save(self, name):
