@@ -5,11 +5,19 @@ Layout of the .npz (uncompressed, loads with allow_pickle=False):
     "opt/<name>"     optimizer state (e.g. "opt/t", "opt/m/wte", "opt/v/wte"), optional
     "meta"           a JSON string: {"format": "numpy-gpt checkpoint", "version": 1,
                      "config": ModelConfig.to_dict(), "step": int, "tokenizer": identity,
-                     "tokenizer_model_json": str|None, "rng": ..., "data": ..., "train_args": ...}
+                     "tokenizer_model_json": str|None, "rng": ..., "data": ..., "train_args": ...,
+                     "run_id": the training run's id, "workers": threads a batch was split over}
 
 Writes are atomic: the file is written to a temporary name in the same directory,
 fsynced, then renamed over the target, so a crash mid-write leaves the previous
-checkpoint (or none) but never a truncated one.
+checkpoint (or none) but never a truncated one. Reads trust nothing in the file: every
+array's header is checked against the file's size and the config against the arrays
+before anything is allocated, and the zip CRCs are checked, so a damaged file gives one
+CheckpointError naming it.
+
+A training run's folder (--save_dir) also holds run.json, the id of the run that last
+trained there (a bare --resume continues that run: choose_resume), and train.lock, held
+by the train.py writing there (SaveDirLock).
 
     from checkpoint import save_checkpoint, load_checkpoint, load_model
     save_checkpoint("ck/checkpoint_step_500.npz", model.config, model.params, {"step": 500})
