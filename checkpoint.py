@@ -46,6 +46,11 @@ import numpy as np
 
 from atomic import atomic_write
 
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: save_dir locks are skipped
+    fcntl = None
+
 FORMAT = "numpy-gpt checkpoint"
 VERSION = 1
 
@@ -395,18 +400,18 @@ class SaveDirLock:
         except OSError as e:
             raise CheckpointError(f"cannot use {save_dir} as the checkpoint folder ({e.strerror}); pass another "
                                   "--save_dir") from None
-        try:
-            import fcntl
-        except ImportError:  # not a POSIX system: no lock
+        if fcntl is None:  # not a POSIX system: no lock
             return
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held by another process
             holder = os.pread(self.fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(self.fd)
             self.fd = None
             raise CheckpointError(f"{save_dir} is in use by another training run ({holder}); wait for it to end "
                                   "or stop it, or pass another --save_dir") from None
+        except OSError:  # a file system without locks (some network mounts): go on unlocked
+            return
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)

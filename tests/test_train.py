@@ -398,3 +398,19 @@ def test_resuming_with_another_number_of_workers_says_so(data, tmp_path, capsys)
     assert "over 2 workers, the checkpoint's over 1" in out and "last bits" in out and "--workers 1" in out
     assert train.main(tiny_flags(data, d, max_steps=8, eval_interval=0, workers=2, resume=True)) == 0
     assert "workers" not in capsys.readouterr().out
+
+
+def test_a_full_disk_while_logging_stops_with_one_line(data, tmp_path, monkeypatch):
+    import errno
+    real, calls = train.MetricsLog.record, []
+
+    def record(self, **fields):
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, **fields)
+    monkeypatch.setattr(train.MetricsLog, "record", record)
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_flags(data, str(tmp_path / "ck"), max_steps=100, eval_interval=0))
+    msg = str(e.value.code)
+    assert msg.startswith("error: the disk is full (No space left on device)") and "--resume" in msg
