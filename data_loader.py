@@ -139,16 +139,16 @@ def convert_jsonl(jsonl_path, eot_id=None):
         num_tokens += len(buf)
         if num_tokens == 0:
             raise DataError(f"{jsonl_path} is empty: no token ids in it. Tokenize some text first (tokenizer.py).")
+        if sidecar is not None and sidecar.get("num_tokens") not in (None, num_tokens):
+            raise DataError(f"{jsonl_path} holds {num_tokens:,} tokens but its sidecar {sidecar_path(jsonl_path)} "
+                            f"says {sidecar['num_tokens']:,}: the file was cut short or changed since it was "
+                            "tokenized; re-run tokenizer.py")
         if append_eot and eot_id > max_id:
             max_id, max_line = eot_id, 0
         v = vocab if vocab is not None else max_id + 1
         dtype = np.uint16 if max(v, max_id + 1) <= 65535 else np.uint32
         if dtype != wide:
             _narrow_in_place(out, num_tokens, wide, dtype)
-    if sidecar is not None and sidecar.get("num_tokens") not in (None, num_tokens):
-        raise DataError(f"{jsonl_path} holds {num_tokens:,} tokens but its sidecar {sidecar_path(jsonl_path)} "
-                        f"says {sidecar['num_tokens']:,}: the file was cut short or changed since it was "
-                        "tokenized; re-run tokenizer.py")
     if sidecar is not None and sidecar.get("num_documents") is not None:
         num_docs = int(sidecar["num_documents"])
     else:

@@ -50,3 +50,29 @@ def test_damaged_data_files_are_rebuilt_or_give_one_line_naming_the_file(work):
 @pytest.mark.slow
 def test_damaged_files_on_the_command_line_give_one_line_and_no_traceback(work):
     fault_test.damaged_on_the_command_line(work[0], random.Random(SEED), variants=1)
+
+
+def test_a_flipped_byte_in_the_token_cache_is_noticed_and_the_cache_converted_again(tmp_path):
+    import numpy as np
+
+    from data_loader import cache_paths, load_dataset
+    path = fault_test.write_data(str(tmp_path / "t.jsonl"), 30, seed=5)
+    tokens = np.array(load_dataset(path, vocab_size=fault_test.V).tokens)
+    bin_path = cache_paths(path)[0]
+    with open(bin_path, "r+b") as f:  # an id that is still in range: only the checksum can tell
+        f.seek(10)
+        f.write(bytes([tokens[5] ^ 1]))
+    messages = []
+    ds = load_dataset(path, vocab_size=fault_test.V, log=messages.append)
+    assert any("damaged" in m and "converting again" in m for m in messages)
+    assert np.array_equal(np.asarray(ds.tokens), tokens)
+
+
+def test_a_jsonl_cut_at_a_line_boundary_is_told_by_its_sidecar(tmp_path):
+    from data_loader import DataError, load_dataset
+    path = fault_test.write_data(str(tmp_path / "t.jsonl"), 30, seed=5)
+    lines = open(path).readlines()
+    with open(path, "w") as f:
+        f.writelines(lines[:20])
+    with pytest.raises(DataError, match=r"t\.jsonl holds .* tokens but its sidecar .* says .*cut short"):
+        load_dataset(path, vocab_size=fault_test.V)
