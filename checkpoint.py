@@ -437,7 +437,8 @@ def main(argv=None):
     except CheckpointError as e:
         parser.exit(1, f"error: {e}\n")
     n = sum(p.size for p in ck.params.values())
-    print(f"{args.checkpoint}: step {ck.meta.get('step')}, {n:,} parameters, format version {ck.meta['version']}")
+    print(f"{args.checkpoint}: step {ck.meta.get('step')}, {n:,} parameters, format version {ck.meta['version']}, "
+          f"run {ck.meta.get('run_id') or '(no id)'}")
     print("config:", json.dumps(ck.meta["config"]))
     tok = ck.meta.get("tokenizer") or {}
     print(f"tokenizer: {tok.get('type')} {tok.get('name')} (BPE model embedded: "

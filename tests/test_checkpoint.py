@@ -97,10 +97,10 @@ def test_find_latest_picks_the_highest_step(tmp_path):
 
 def test_command_line_prints_a_summary(tmp_path, capsys):
     model = LanguageModel(CFG, seed=1)
-    path = save_checkpoint(tmp_path / "ck.npz", CFG, model.params, {"step": 3})
+    path = save_checkpoint(tmp_path / "ck.npz", CFG, model.params, {"step": 3, "run_id": "20261125-a1"})
     assert checkpoint.main([path]) == 0
     out = capsys.readouterr().out
-    assert "step 3" in out and f"{sum(p.size for p in model.params.values()):,} parameters" in out
+    assert "step 3" in out and "run 20261125-a1" in out and f"{sum(p.size for p in model.params.values()):,} parameters" in out
 
 
 def test_choose_resume_takes_the_last_run_and_refuses_what_it_cannot_tell_apart(tmp_path):
