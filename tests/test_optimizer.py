@@ -54,7 +54,6 @@ def test_clip_grad_norm_scales_to_max_norm_and_reports_the_old_norm():
     assert math.isnan(clip_grad_norm(bad, 1.0))
 
 
-
 def test_huge_but_finite_float32_gradients_are_clipped_not_reported_as_inf():
     # 3e19 squared is past float32's range: a float32 sum of squares says inf, the norm is 5e19
     big = np.zeros(200_000, np.float32)  # longer than one block of the float64 pass
