@@ -9,7 +9,7 @@ atomic_write, so an interrupted run never leaves a truncated file that looks val
 """
 import contextlib
 import os
-import tempfile
+import secrets
 
 
 @contextlib.contextmanager
@@ -18,8 +18,9 @@ def atomic_write(path, mode="w", **open_kwargs):
 
     mode: a write mode ("w", "wb", "w+b", ...); open_kwargs (encoding, newline, ...) go to open().
     The parent folder is created. The temp file is PATH.<random>.tmp in the same folder, so the
-    final os.replace is atomic; it gets the permissions a plain open() would (0666 & ~umask),
-    not mkstemp's private 0600. On a clean exit the file is flushed, fsynced, renamed over path
+    final os.replace is atomic; it gets the permissions a plain open() would (0666 & ~umask,
+    applied by the kernel: the process's umask is never changed, which would race with other
+    threads creating files), not mkstemp's private 0600. On a clean exit the file is flushed, fsynced, renamed over path
     and the folder fsynced (best effort). On any exception, KeyboardInterrupt included, the temp
     file is deleted and the exception re-raised. f.name is the temp file's path, for a writer
     that needs a path (a memmap, say) rather than the file object.
@@ -29,12 +30,8 @@ def atomic_write(path, mode="w", **open_kwargs):
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)  # reopened by name below, so that f.name is the temp path rather than a number
+    tmp = _create_temp(path)
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
         with open(tmp, mode, **open_kwargs) as f:
             yield f
             f.flush()
@@ -52,3 +49,16 @@ def atomic_write(path, mode="w", **open_kwargs):
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _create_temp(path):
+    """Create PATH.<random>.tmp, new (O_EXCL), with mode 0666 for the kernel to reduce by the umask."""
+    for _ in range(100):
+        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)  # reopened by name, so that f.name is the temp path rather than a number
+        return tmp
+    raise FileExistsError(f"no free temporary name next to {path}")

@@ -5,11 +5,19 @@ Layout of the .npz (uncompressed, loads with allow_pickle=False):
     "opt/<name>"     optimizer state (e.g. "opt/t", "opt/m/wte", "opt/v/wte"), optional
     "meta"           a JSON string: {"format": "numpy-gpt checkpoint", "version": 1,
                      "config": ModelConfig.to_dict(), "step": int, "tokenizer": identity,
-                     "tokenizer_model_json": str|None, "rng": ..., "data": ..., "train_args": ...}
+                     "tokenizer_model_json": str|None, "rng": ..., "data": ..., "train_args": ...,
+                     "run_id": the training run's id, "workers": threads a batch was split over}
 
 Writes are atomic: the file is written to a temporary name in the same directory,
 fsynced, then renamed over the target, so a crash mid-write leaves the previous
-checkpoint (or none) but never a truncated one.
+checkpoint (or none) but never a truncated one. Reads trust nothing in the file: every
+array's header is checked against the file's size and the config against the arrays
+before anything is allocated, and the zip CRCs are checked, so a damaged file gives one
+CheckpointError naming it.
+
+A training run's folder (--save_dir) also holds run.json, the id of the run that last
+trained there (a bare --resume continues that run: choose_resume), and train.lock, held
+by the train.py writing there (SaveDirLock).
 
     from checkpoint import save_checkpoint, load_checkpoint, load_model
     save_checkpoint("ck/checkpoint_step_500.npz", model.config, model.params, {"step": 500})
@@ -20,16 +28,28 @@ Command line (print what a checkpoint holds):
     python3 checkpoint.py checkpoints_small/checkpoint_final.npz
 """
 import argparse
+import contextlib
 import glob
 import json
+import math
 import os
 import re
+import secrets
+import socket
+import struct
+import time
+import tokenize
 import zipfile
 from typing import NamedTuple
 
 import numpy as np
 
 from atomic import atomic_write
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: save_dir locks are skipped
+    fcntl = None
 
 FORMAT = "numpy-gpt checkpoint"
 VERSION = 1
@@ -69,64 +89,186 @@ def save_checkpoint(path, config, params, meta, arrays=None):
     return path
 
 
-def _read_meta(npz, path):
-    if "meta" not in npz.files:
-        raise CheckpointError(f"{path} is an .npz file but not a numpy-gpt checkpoint (no 'meta' record)")
-    try:
-        meta = json.loads(str(npz["meta"]))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: checkpoint meta is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a numpy-gpt checkpoint (format={meta.get('format')!r})")
-    if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
-        raise CheckpointError(f"{path} is checkpoint format version {meta.get('version')}, but this code reads "
-                              f"up to version {VERSION}: update numpy-gpt (git pull) to load it")
-    return meta
+# Limits on what an untrusted file may ask for before anything is allocated from it. Array sizes
+# are bounded by the file's own size; the context length (the sinusoidal table and generation's
+# KV cache are sized by it, not by any array in the file) gets a cap of its own.
+MAX_SEQ_LEN = 1 << 17
 
 
-def _open(path):
-    path = str(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        return np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise CheckpointError(f"{path} is not a readable numpy-gpt checkpoint ({e}); "
-                              "it may be truncated or another kind of file") from None
+def _bad(path, why):
+    return CheckpointError(f"{path} is not a readable numpy-gpt checkpoint ({why}); it may be truncated, "
+                           "damaged, or another kind of file")
+
+
+# what reading a damaged zip file can raise, from the zipfile module or numpy's header parser
+_READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, KeyError, IndexError,
+                TypeError, SyntaxError, NotImplementedError, RuntimeError, struct.error, UnicodeDecodeError,
+                OverflowError, tokenize.TokenError)
+
+
+class _Reader:
+    """The arrays of a checkpoint .npz, each read only after its header and size were checked
+    against the file: a damaged or hostile file gives a CheckpointError, never a huge allocation."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        if not os.path.exists(self.path):
+            raise CheckpointError(f"checkpoint not found: {self.path}")
+        if os.path.isdir(self.path):
+            raise CheckpointError(f"{self.path} is a directory; pass a checkpoint .npz file")
+        self.zip = None
+        try:
+            self.zip = zipfile.ZipFile(self.path)
+            size = os.path.getsize(self.path)
+            self.members = {}
+            for info in self.zip.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise _bad(self.path, f"unexpected member {info.filename!r}")
+                if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size \
+                        or info.header_offset + info.file_size > size:
+                    raise _bad(self.path, f"member {info.filename!r} has a size that does not fit the file")
+                self.members[info.filename[:-len(".npy")]] = info
+        except BaseException as e:
+            if self.zip is not None:
+                self.zip.close()
+            if isinstance(e, _READ_ERRORS) and not isinstance(e, CheckpointError):
+                raise _bad(self.path, f"{type(e).__name__}: {e}") from None
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.zip.close()
+
+    def _open_array(self, key, kinds):
+        """The member under key, opened and read past its .npy header, with the (shape, fortran order,
+        dtype) the header gives: checked against the member's size, and dtype.kind against kinds."""
+        info = self.members[key]
+        f = self.zip.open(info)
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise _bad(self.path, f"{key!r} has .npy format version {version}")
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject or dtype.kind not in kinds or \
+                    math.prod(shape) * dtype.itemsize != info.file_size - f.tell():
+                raise _bad(self.path, f"{key!r}: its header says {dtype} {shape}, which does not fit its "
+                                      f"{info.file_size} bytes")
+        except BaseException:
+            f.close()
+            raise
+        return f, shape, fortran, dtype
+
+    @contextlib.contextmanager
+    def _errors(self, key):
+        """What a damaged member raises, as a CheckpointError naming the file."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except _READ_ERRORS as e:
+            raise _bad(self.path, f"{key!r}: {type(e).__name__}: {e}") from None
+
+    def shape(self, key, kinds="f"):
+        """(shape, dtype) from the header alone, without reading the data."""
+        with self._errors(key):
+            f, shape, _, dtype = self._open_array(key, kinds)
+            f.close()
+            return shape, dtype
+
+    def read(self, key, kinds="f"):
+        """The array stored under key; kinds: the dtype kinds allowed ("f" float, "iu" integer, "U" text)."""
+        with self._errors(key):
+            f, shape, fortran, dtype = self._open_array(key, kinds)
+            with f:
+                arr = np.empty(shape, dtype, order="F" if fortran else "C")  # size checked against the file
+                view = memoryview(arr.reshape(-1, order="A").view(np.uint8))
+                if f.readinto(view) != view.nbytes or f.read(1) != b"":  # reading to the end checks the CRC
+                    raise _bad(self.path, f"{key!r} is cut short")
+            return arr
+
+    def meta(self):
+        path = self.path
+        if "meta" not in self.members:
+            raise CheckpointError(f"{path} is an .npz file but not a numpy-gpt checkpoint (no 'meta' record)")
+        try:
+            meta = json.loads(str(self.read("meta", kinds="U")))
+        except (ValueError, TypeError, RecursionError) as e:
+            raise CheckpointError(f"{path}: checkpoint meta is not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise CheckpointError(f"{path} is not a numpy-gpt checkpoint (format={found!r})")
+        version = meta.get("version")
+        if type(version) is not int or version < 1 or version > VERSION:
+            raise CheckpointError(f"{path} is checkpoint format version {version}, but this code reads "
+                                  f"up to version {VERSION}: update numpy-gpt (git pull) to load it")
+        step = meta.get("step")
+        if step is not None and (type(step) is not int or step < 0):
+            raise CheckpointError(f"{path}: bad step {step!r} in the checkpoint meta (damaged file?)")
+        for key, kind in (("run_id", str), ("tokenizer", dict), ("tokenizer_model_json", str),
+                          ("train_args", dict), ("data", dict)):
+            if meta.get(key) is not None and not isinstance(meta[key], kind):
+                raise CheckpointError(f"{path}: bad {key!r} in the checkpoint meta (damaged file?)")
+        return meta
 
 
 def read_meta(path):
     """Only the meta record (cheap: the weight arrays are not read)."""
-    with _open(path) as npz:
-        return _read_meta(npz, path)
+    with _Reader(path) as r:
+        return r.meta()
+
+
+def check_config(config, shapes, path):
+    """Errors unless shapes ({name: (shape, dtype)}, from the file's array headers) are exactly the
+    parameters of config, checked before anything is allocated from the config's numbers."""
+    if config.max_seq_len > MAX_SEQ_LEN:
+        raise CheckpointError(f"{path}: max_seq_len {config.max_seq_len} in the checkpoint config is above "
+                              f"the {MAX_SEQ_LEN} this code supports (damaged file?)")
+    if config.n_layers > len(shapes):  # before param_shapes makes 12 names a layer
+        raise CheckpointError(f"{path}: the config says {config.n_layers} layers but the file holds only "
+                              f"{len(shapes)} arrays (damaged file?)")
+    from language_model import param_shapes
+    expected = param_shapes(config)
+    if expected.keys() != shapes.keys():
+        missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        raise CheckpointError(f"{path} does not match its own config: missing {missing[:4]}, unexpected {extra[:4]}")
+    for name, shape in expected.items():
+        if shapes[name][0] != shape:
+            raise CheckpointError(f"{path}: parameter {name!r} has shape {shapes[name][0]}, its config gives {shape}")
+    if len({dtype for _, dtype in shapes.values()}) != 1:
+        raise CheckpointError(f"{path}: parameters of several dtypes (damaged file?)")
+    return list(expected)
 
 
 def load_checkpoint(path):
-    """Read a checkpoint written by save_checkpoint into a Checkpoint tuple."""
+    """Read a checkpoint written by save_checkpoint into a Checkpoint tuple. Every value taken from
+    the file is checked before it sizes anything: a damaged file gives a CheckpointError naming it."""
     from language_model import ModelConfig
-    with _open(path) as npz:
-        meta = _read_meta(npz, path)
-        params, arrays = {}, {}
-        for key in npz.files:
-            if key.startswith("param/"):
-                params[key[len("param/"):]] = npz[key]
-            elif key.startswith("opt/"):
-                arrays[key[len("opt/"):]] = npz[key]
-    try:
-        config = ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad model config in checkpoint ({e})") from None
+    with _Reader(path) as r:
+        meta = r.meta()
+        try:
+            config = ModelConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path}: bad model config in checkpoint ({e})") from None
+        shapes = {k[len("param/"):]: r.shape(k, "f") for k in r.members if k.startswith("param/")}
+        names = check_config(config, shapes, path)
+        params = {name: r.read("param/" + name, "f") for name in names}  # in the model's own order
+        arrays = {k[len("opt/"):]: r.read(k, "fiu") for k in r.members if k.startswith("opt/")}
     return Checkpoint(config, params, meta, arrays)
 
 
-def load_model(path, dtype=None):
-    """A LanguageModel holding the checkpoint's weights; returns (model, meta)."""
+def load_model(path, dtype=None, for_training=False):
+    """A LanguageModel built from the checkpoint's arrays (no random weights drawn first, and
+    no gradients unless for_training); returns (model, meta)."""
     from language_model import LanguageModel
     ck = load_checkpoint(path)
-    first = next(iter(ck.params.values()))
-    model = LanguageModel(ck.config, seed=0, dtype=dtype or first.dtype)
-    copy_params(model.params, ck.params, path)
-    return model, ck.meta
+    params = ck.params
+    if dtype is not None and np.dtype(dtype) != next(iter(params.values())).dtype:
+        params = {k: v.astype(dtype) for k, v in params.items()}
+    return LanguageModel(ck.config, params=params, for_training=for_training), ck.meta
 
 
 def copy_params(dst, src, path="checkpoint"):
@@ -140,30 +282,150 @@ def copy_params(dst, src, path="checkpoint"):
         dst[name][...] = arr
 
 
+# ----------------------------------------------------------------------------------------------
+# The save_dir of a training run: which run wrote what, and one writer at a time
+
 _STEP_RE = re.compile(r"checkpoint_step_(\d+)\.npz$")
+RUN_FILE = "run.json"      # the id of the run that last trained in the folder
+LOCK_FILE = "train.lock"   # held (flock) by the train.py writing to the folder; holds its pid
 
 
-def find_latest(save_dir):
-    """Path of the checkpoint in save_dir with the highest step (None if there is none).
+class Found(NamedTuple):
+    step: int
+    path: str
+    run_id: object     # None for checkpoints written before runs had ids
+    error: object      # why the file is unreadable, else None
 
-    Considers checkpoint_step_N.npz and checkpoint_final.npz; unreadable files are skipped.
-    """
-    best, best_step = None, -1
+
+def list_checkpoints(save_dir):
+    """Every checkpoint_step_N.npz and checkpoint_final.npz in save_dir, newest step first (a final
+    checkpoint before a step file of the same step). Unreadable ones are listed with their error."""
+    found = []
     for path in glob.glob(os.path.join(str(save_dir), "checkpoint_*.npz")):
         m = _STEP_RE.search(path)
-        if m:
-            step = int(m.group(1))
-        elif os.path.basename(path) == "checkpoint_final.npz":
-            try:
-                step = int(read_meta(path).get("step", -1))
-            except CheckpointError:
-                continue
-        else:
+        if not m and os.path.basename(path) != "checkpoint_final.npz":
             continue
-        # a final checkpoint at the same step wins (it is what the run ended with)
-        if step > best_step or (step == best_step and path.endswith("final.npz")):
-            best, best_step = path, step
-    return best
+        try:
+            meta = read_meta(path)
+            step = meta.get("step")
+            found.append(Found(step if step is not None else -1, path, meta.get("run_id"), None))
+        except CheckpointError as e:
+            found.append(Found(int(m.group(1)) if m else -1, path, None, e))
+    found.sort(key=lambda f: (f.step, f.path.endswith("final.npz")), reverse=True)
+    return found
+
+
+def find_latest(save_dir, run_id=None):
+    """Path of the readable checkpoint in save_dir with the highest step, of run run_id if given
+    (None if there is none). A final checkpoint wins over a step file of the same step."""
+    for f in list_checkpoints(save_dir):
+        if f.error is None and (run_id is None or f.run_id == run_id):
+            return f.path
+    return None
+
+
+def new_run_id():
+    """A readable, unique id for a fresh training run: its start time and a random suffix."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def write_run_id(save_dir, run_id):
+    with atomic_write(os.path.join(str(save_dir), RUN_FILE), "w", encoding="utf-8") as f:
+        f.write(json.dumps({"run_id": run_id, "pid": os.getpid(), "time": round(time.time(), 3)}) + "\n")
+
+
+def read_run_id(save_dir):
+    """The id of the run that last trained in save_dir, or None (no record, or an unreadable one)."""
+    try:
+        with open(os.path.join(str(save_dir), RUN_FILE), encoding="utf-8") as f:
+            run_id = json.load(f).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run_id if isinstance(run_id, str) else None
+
+
+def choose_resume(save_dir):
+    """The checkpoint a bare --resume continues: the newest of the run that last trained in save_dir.
+
+    Never a newer checkpoint of an earlier run that happens to share the folder; a folder whose
+    checkpoints cannot be told apart (several runs, no record of the last) is refused, saying what to do.
+    """
+    save_dir = str(save_dir)
+    found = list_checkpoints(save_dir)
+    if not found:
+        raise CheckpointError(f"--resume: no checkpoint_*.npz in {save_dir}; pass --resume PATH or start "
+                              "without --resume")
+    last = read_run_id(save_dir)
+    readable = [f for f in found if f.error is None]
+    if not readable:
+        raise CheckpointError(f"--resume: no readable checkpoint in {save_dir}: {found[0].error}")
+    if last is not None:
+        mine = [f for f in readable if f.run_id == last]
+    elif len({f.run_id for f in readable}) == 1:
+        mine = readable
+    else:
+        newest = {}
+        for f in readable:
+            newest.setdefault(f.run_id, f)
+        runs = "; ".join(f"run {r or '(no id)'}: {f.path} (step {f.step})" for r, f in newest.items())
+        raise CheckpointError(f"--resume: {save_dir} holds checkpoints of several runs and no {RUN_FILE} saying "
+                              f"which ran last ({runs}); name the one to continue with --resume PATH")
+    if not mine:
+        other = readable[0] if readable else found[0]
+        raise CheckpointError(f"--resume: the last run in {save_dir} (run {last}) wrote no checkpoint; the "
+                              f"checkpoints there belong to an earlier run (newest: {other.path}, step {other.step}). "
+                              f"Start afresh without --resume, or continue that run with --resume {other.path}")
+    chosen = mine[0]
+    damaged = [f for f in found if f.error is not None and f.step > chosen.step]
+    if damaged:
+        raise CheckpointError(f"--resume: {damaged[0].path} cannot be read ({damaged[0].error}), so the newest "
+                              f"checkpoint of the run is unknown; move that file away, or name one with "
+                              f"--resume PATH (e.g. {chosen.path}, step {chosen.step})")
+    return chosen.path
+
+
+class SaveDirLock:
+    """An exclusive lock on a save_dir, so that two train.py runs never write into one folder.
+
+    fcntl.flock on save_dir/train.lock: the kernel drops it when the process ends, however it ends
+    (kill -9 included), so a crashed run never leaves the folder locked. The file holds the pid of
+    the process holding the lock, for the message a second writer gets.
+    """
+
+    def __init__(self, save_dir):
+        self.path = os.path.join(str(save_dir), LOCK_FILE)
+        try:
+            os.makedirs(str(save_dir), exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise CheckpointError(f"cannot use {save_dir} as the checkpoint folder ({e.strerror}); pass another "
+                                  "--save_dir") from None
+        if fcntl is None:  # not a POSIX system: no lock
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held by another process
+            holder = os.pread(self.fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(self.fd)
+            self.fd = None
+            raise CheckpointError(f"{save_dir} is in use by another training run ({holder}); wait for it to end "
+                                  "or stop it, or pass another --save_dir") from None
+        except OSError:  # a file system without locks (some network mounts): go on unlocked
+            return
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock; the file stays (deleting it would race)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def main(argv=None):
@@ -175,7 +437,8 @@ def main(argv=None):
     except CheckpointError as e:
         parser.exit(1, f"error: {e}\n")
     n = sum(p.size for p in ck.params.values())
-    print(f"{args.checkpoint}: step {ck.meta.get('step')}, {n:,} parameters, format version {ck.meta['version']}")
+    print(f"{args.checkpoint}: step {ck.meta.get('step')}, {n:,} parameters, format version {ck.meta['version']}, "
+          f"run {ck.meta.get('run_id') or '(no id)'}")
     print("config:", json.dumps(ck.meta["config"]))
     tok = ck.meta.get("tokenizer") or {}
     print(f"tokenizer: {tok.get('type')} {tok.get('name')} (BPE model embedded: "

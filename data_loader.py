@@ -7,9 +7,11 @@ into a flat binary token file next to it, and later loads memory-map that:
 
     X.jsonl.tokens.bin    all token ids back to back (uint16 if vocab <= 65535, else uint32)
     X.jsonl.tokens.json   {"format": "numpy-gpt token cache", "version": 1, "dtype", "vocab_size",
-                           "num_tokens", "num_documents", "tokenizer", "num_bytes", "source": {size, mtime}}
+                           "num_tokens", "num_documents", "tokenizer", "num_bytes", "source": {size, mtime},
+                           "crc32": of the .bin and this record}
 
-The cache is rebuilt whenever the .jsonl changes (size or modification time differ).
+The cache is rebuilt whenever the .jsonl changes (size or modification time differ), and
+when it is damaged (its CRC-32 checked at every load: about 0.25 s per GB).
 Stories are joined with the end-of-text token, so every window of seq_len + 1
 consecutive tokens is a training example and nothing is padded. A tokenizer sidecar
 says the last chunk of each story already ends with end-of-text; a plain .jsonl
@@ -30,6 +32,7 @@ import contextlib
 import json
 import os
 import sys
+import zlib
 
 import numpy as np
 
@@ -62,10 +65,19 @@ def read_sidecar(jsonl_path):
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
         raise DataError(f"{path}: cannot read tokenizer sidecar ({e}); re-run tokenizer.py or delete it") from None
-    if meta.get("format") != SIDECAR_FORMAT:
-        raise DataError(f"{path}: not a numpy-gpt tokenized-jsonl sidecar (format={meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"{path}: not a numpy-gpt tokenized-jsonl sidecar (format={found!r})")
+    tok = meta.get("tokenizer")
+    ok = tok is None or (isinstance(tok, dict) and all(
+        tok.get(k) is None or (type(tok[k]) is int and 0 <= tok[k] < 2**32) for k in ("n_vocab", "eot_id")))
+    for key in ("num_documents", "num_tokens", "num_bytes"):
+        ok = ok and (meta.get(key) is None or (type(meta[key]) is int and meta[key] >= 0))
+    if not ok:
+        raise DataError(f"{path}: damaged tokenizer sidecar (a field has the wrong type or range); "
+                        "re-run tokenizer.py to write it again")
     return meta
 
 
@@ -127,6 +139,10 @@ def convert_jsonl(jsonl_path, eot_id=None):
         num_tokens += len(buf)
         if num_tokens == 0:
             raise DataError(f"{jsonl_path} is empty: no token ids in it. Tokenize some text first (tokenizer.py).")
+        if sidecar is not None and sidecar.get("num_tokens") not in (None, num_tokens):
+            raise DataError(f"{jsonl_path} holds {num_tokens:,} tokens but its sidecar {sidecar_path(jsonl_path)} "
+                            f"says {sidecar['num_tokens']:,}: the file was cut short or changed since it was "
+                            "tokenized; re-run tokenizer.py")
         if append_eot and eot_id > max_id:
             max_id, max_line = eot_id, 0
         v = vocab if vocab is not None else max_id + 1
@@ -145,9 +161,20 @@ def convert_jsonl(jsonl_path, eot_id=None):
         "num_bytes": sidecar.get("num_bytes") if sidecar else None,
         "source": stamp, "sidecar": _source_stamp(sidecar_path(jsonl_path)) if sidecar else None,
     }
+    meta["crc32"] = _checksum(bin_path, meta)
     with atomic_write(meta_path, "w", encoding="utf-8") as f:
         f.write(json.dumps(meta, indent=1))
     return meta
+
+
+def _checksum(bin_path, meta):
+    """CRC-32 of the token file's bytes followed by the meta record's (without its "crc32")."""
+    crc = 0
+    with open(bin_path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    record = json.dumps({k: v for k, v in meta.items() if k != "crc32"}, sort_keys=True)
+    return zlib.crc32(record.encode("utf-8"), crc)
 
 
 def _narrow_in_place(f, n, wide, dtype):
@@ -184,36 +211,47 @@ def _iter_jsonl(path):
             yield lineno, ids
 
 
-def _cache_is_fresh(jsonl_path, eot_id):
+def _cache_is_fresh(jsonl_path, eot_id, log=None):
+    """The cache's meta if the cache is there, up to date and undamaged, else None (convert again)."""
     bin_path, meta_path = cache_paths(jsonl_path)
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    side = sidecar_path(jsonl_path)
-    if (meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION
-            or meta.get("source") != _source_stamp(jsonl_path)
-            or meta.get("sidecar") != (_source_stamp(side) if os.path.exists(side) else None)
-            or (meta.get("eot_appended_here") and meta.get("eot_id") != eot_id)
-            or not os.path.exists(bin_path)
-            or os.path.getsize(bin_path) != meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize):
-        return None
-    return meta
+        side = sidecar_path(jsonl_path)
+        if (meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION
+                or meta.get("source") != _source_stamp(jsonl_path)
+                or meta.get("sidecar") != (_source_stamp(side) if os.path.exists(side) else None)
+                or (meta.get("eot_appended_here") and meta.get("eot_id") != eot_id)
+                or not os.path.exists(bin_path)):
+            return None
+        damaged = (meta.get("dtype") not in ("uint16", "uint32") or type(meta.get("num_tokens")) is not int
+                   or os.path.getsize(bin_path) != meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize
+                   or (meta.get("crc32") is not None and meta["crc32"] != _checksum(bin_path, meta)))
+    except (OSError, ValueError, AttributeError, TypeError, KeyError, RecursionError):
+        damaged = True  # ValueError: bad JSON or bad UTF-8; the others: a record of the wrong shape
+    if damaged and log:
+        log(f"{bin_path} or {os.path.basename(meta_path)}: the token cache is damaged (cut short or changed); "
+            "converting again")
+    return None if damaged else meta
 
 
 class TokenDataset:
     """A memory-mapped flat array of token ids plus what is known about it.
 
     tokens: np.memmap (uint16/uint32) of num_tokens ids; meta: the cache meta dict;
-    tokenizer: identity dict or None; num_bytes: UTF-8 bytes of the source text or None.
+    tokenizer: identity dict or None; num_bytes: UTF-8 bytes the tokens stand for, or None: the
+    sidecar's bytes of story text plus one byte per story for the newline that ends it in the text
+    file, which the end-of-text token after each story stands for (bits per byte includes the loss
+    of predicting that token, so it must count its byte too).
     """
 
     def __init__(self, path, tokens, meta):
         self.path, self.tokens, self.meta = path, tokens, meta
         self.tokenizer = meta.get("tokenizer")
-        self.num_bytes = meta.get("num_bytes")
         self.num_documents = meta.get("num_documents")
+        self.num_bytes = meta.get("num_bytes")
+        if self.num_bytes is not None:
+            self.num_bytes += self.num_documents or 0
 
     def __len__(self):
         return len(self.tokens)
@@ -245,7 +283,7 @@ def load_dataset(path, vocab_size=None, eot_id=None, rebuild=False, log=None):
         if log:
             log(f"{path}: no tokenizer sidecar ({os.path.basename(sidecar_path(path))}); "
                 f"joining lines with end-of-text id {eot_id}")
-    meta = None if rebuild else _cache_is_fresh(path, eot_id)
+    meta = None if rebuild else _cache_is_fresh(path, eot_id, log)
     if meta is None:
         if log:
             log(f"converting {path} to a binary token file (once; reused while the .jsonl is unchanged)")

@@ -130,13 +130,14 @@ class LanguageModel:
     by default as many as NumPy's BLAS has threads) and run them in parallel: parallel.py.
     """
 
-    def __init__(self, config, seed=0, dtype=np.float32, params=None, workers=None):
+    def __init__(self, config, seed=0, dtype=np.float32, params=None, workers=None, for_training=True):
         keep_freed_memory()
         self.config = config
         if params is None:
             params = init_params(config, np.random.default_rng(seed), dtype)
         self.params = params
-        self.grads = {k: np.zeros_like(v) for k, v in params.items()}
+        # for_training=False (generation, evaluation): no gradient arrays, forward_backward refuses
+        self.grads = {k: np.zeros_like(v) for k, v in params.items()} if for_training else None
         self.runner = ShardRunner(workers)
         self.shards = [Shard(self.grads, HeadWorkspace())]  # more are added when first needed
         self._pos_table = None
@@ -219,7 +220,8 @@ class LanguageModel:
         """The batch's rows in up to one contiguous slice per worker, each with its Shard."""
         n = min(self.runner.n_workers, len(idx))
         while len(self.shards) < n:
-            self.shards.append(Shard({k: np.zeros_like(v) for k, v in self.params.items()}, HeadWorkspace()))
+            grads = None if self.grads is None else {k: np.zeros_like(v) for k, v in self.params.items()}
+            self.shards.append(Shard(grads, HeadWorkspace()))
         bounds = np.linspace(0, len(idx), n + 1).astype(int)
         return [(idx[a:b], targets[a:b], self.shards[i]) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
@@ -241,6 +243,8 @@ class LanguageModel:
 
     def forward_backward(self, idx, targets):
         """One training pass: returns (mean loss, token accuracy) and leaves the gradients in self.grads."""
+        if self.grads is None:
+            raise ValueError("this model was made with for_training=False: it has no gradients")
         self.check_tokens(idx)
         self.check_tokens(targets, "targets", allow_ignore=True)
         if targets.shape != idx.shape:

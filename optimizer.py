@@ -107,11 +107,26 @@ class LRSchedule:
 
 
 def global_grad_norm(grads):
-    """sqrt(sum of squares of every gradient entry), accumulated in float64."""
+    """sqrt(sum of squares of every gradient entry): each array's sum by BLAS in its own dtype
+    (float32: relative error about 1e-5, plenty for clipping), the sum over arrays in float64.
+
+    Finite float32 gradients above about 1.8e19 have squares past float32's range, so that sum
+    overflows to inf although the norm is finite; then it is done again in float64, a cache-sized
+    block at a time (no full-size temporary). A gradient holding inf or nan still gives inf or nan.
+    """
     total = 0.0
-    for g in grads.values():
-        flat = g.reshape(-1)
-        total += float(np.dot(flat, flat))  # BLAS dot: no temporary array
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled below
+        for g in grads.values():
+            flat = g.reshape(-1)
+            total += float(np.dot(flat, flat))  # BLAS dot: no temporary array
+    if not math.isfinite(total):
+        total, buf = 0.0, np.empty(BLOCK, np.float64)
+        for g in grads.values():
+            flat = g.reshape(-1)
+            for b in _blocks(0, flat.size):
+                block = buf[:b.stop - b.start]
+                np.copyto(block, flat[b])
+                total += float(np.dot(block, block))
     return math.sqrt(total)
 
 

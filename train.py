@@ -7,7 +7,7 @@ Small model from the guide (about 1 s a step on 2 cores):
         --batch_size 32 --seq_len 128 --max_steps 5000 --learning_rate 3e-4 \\
         --warmup_steps 500 --save_dir checkpoints_small --log_interval 50 --eval_interval 500
 
-Continue an interrupted run (same flags plus --resume; the newest checkpoint in
+Continue an interrupted run (same flags plus --resume: the newest checkpoint of that run in
 --save_dir, or name one). The result is bit-for-bit what the uninterrupted run gives:
     python3 train.py <same flags as before> --resume
     python3 train.py <same flags as before> --resume checkpoints_small/checkpoint_step_1000.npz
@@ -25,6 +25,8 @@ Ctrl-C finishes the current step, saves checkpoint_step_N.npz and exits; a NaN l
 stops the run without saving and names the last good checkpoint.
 """
 import argparse
+import contextlib
+import errno
 import glob
 import json
 import math
@@ -36,7 +38,8 @@ import time
 import numpy as np
 
 from atomic import atomic_write
-from checkpoint import CheckpointError, copy_params, find_latest, load_checkpoint, save_checkpoint
+from checkpoint import (CheckpointError, SaveDirLock, choose_resume, copy_params, find_latest, load_checkpoint,
+                        new_run_id, save_checkpoint, write_run_id)
 from data_loader import (DataError, RandomBatches, check_same_tokenizer, eval_batches, load_dataset,
                          num_eval_windows, same_tokenizer)
 from optimizer import OPTIMIZERS, LRSchedule, clip_grad_norm
@@ -52,6 +55,7 @@ ARCH_FLAGS = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "seq_len",
 TRAJECTORY_FLAGS = ("batch_size", "learning_rate", "min_lr", "warmup_steps", "lr_schedule", "weight_decay",
                     "decay_embeddings", "grad_clip", "optimizer", "beta1", "beta2", "momentum", "seed",
                     "max_steps", "train_data")
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too large, over quota
 NAN_REMEDIES = ("lower --learning_rate (e.g. halve it), keep --grad_clip at 1.0 or lower it, use more "
                 "--warmup_steps, and check the data for extreme or wrong token ids")
 
@@ -124,8 +128,8 @@ def build_parser():
     r.add_argument("--save_interval", type=int, default=5000,
                    help="write checkpoint_step_N.npz every this many steps (0: only the final one)")
     r.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT, or alone: the newest checkpoint in --save_dir "
-                        "(pass the same flags as the interrupted run)")
+                   help="continue from CHECKPOINT, or alone: the newest checkpoint of the run that last trained "
+                        "in --save_dir (pass the same flags as the interrupted run)")
     r.add_argument("--max_time", type=float, default=None,
                    help="stop after this many minutes of training, saving a checkpoint to resume from")
     r.add_argument("--profile", action="store_true",
@@ -231,7 +235,8 @@ class MetricsLog:
         self.file.flush()
 
     def close(self):
-        self.file.close()
+        with contextlib.suppress(OSError):  # a full disk was reported already
+            self.file.close()
 
 
 class Interrupt:
@@ -270,7 +275,7 @@ def evaluate(model, val, batch_size, seq_len, max_batches=None, interrupt=None):
 
     Perplexity is exp(total loss / total tokens), not a mean of per-batch values;
     bits per byte divides the total loss in bits by the UTF-8 bytes those tokens
-    stand for: the sidecar's num_bytes times the fraction of the set evaluated.
+    stand for (val.num_bytes, separators included) times the fraction of the set evaluated.
     Returns None if interrupted.
     """
     loss_sum, n_correct, n_tokens = 0.0, 0, 0
@@ -291,12 +296,9 @@ def evaluate(model, val, batch_size, seq_len, max_batches=None, interrupt=None):
 
 
 def resolve_resume(args):
+    """The checkpoint to continue: --resume PATH, or the newest of the run that last trained in --save_dir."""
     if args.resume == "latest":
-        path = find_latest(args.save_dir)
-        if path is None:
-            raise TrainError(f"--resume: no checkpoint_*.npz in {args.save_dir}; pass --resume PATH or "
-                             "start without --resume")
-        return path
+        return choose_resume(args.save_dir)
     return args.resume
 
 
@@ -360,11 +362,13 @@ class Trainer:
                                    args.lr_schedule)
         self.step = 0             # updates done so far
         self.last_good = None     # newest checkpoint known to be good (named when stopping on NaN)
+        self.run_id = new_run_id()  # kept in every checkpoint: a bare --resume continues this run, no other
         if args.resume:
             self.restore(resolve_resume(args), notes)
         elif find_latest(args.save_dir):
             notes.append(f"note: {args.save_dir} already holds checkpoints of an earlier run; this fresh run will "
                          "overwrite those at the same steps (use --resume to continue that run instead)")
+        write_run_id(args.save_dir, self.run_id)
 
         self.log = MetricsLog(args.save_dir, resume_step=self.step if args.resume else None)
         for msg in notes:
@@ -375,10 +379,10 @@ class Trainer:
                      (f", {len(self.val_ds):,} validation tokens" if self.val_ds else ", no validation set"))
         if args.resume:
             self.log.say(f"resumed from {self.last_good} at step {self.step}")
-            self.log.record(type="resume", step=self.step, checkpoint=self.last_good)
+            self.log.record(type="resume", step=self.step, checkpoint=self.last_good, run_id=self.run_id)
         else:
             self.log.record(type="config", step=0, args=vars(args), config=self.config.to_dict(),
-                            num_parameters=n_params)
+                            num_parameters=n_params, run_id=self.run_id)
         self.model_json = tokenizer_model_json(self.identity, self.log.say)
         self.interrupt = Interrupt()
         # seconds per part of a step, summed over the steps this process ran (see report_profile)
@@ -393,19 +397,31 @@ class Trainer:
         try:
             self.opt.load_state_dict(ck.arrays)
             self.batches.set_state(ck.meta["data"])
-        except (ValueError, KeyError) as e:
+            self.step = int(ck.meta["step"])
+        except (ValueError, KeyError, TypeError) as e:
             raise TrainError(f"{path} lacks the optimizer or data state to resume exactly ({e}); "
                              "it may be a weights-only file") from None
-        self.step, self.last_good = int(ck.meta["step"]), path
+        self.last_good = path
+        self.run_id = ck.meta.get("run_id") or self.run_id  # a checkpoint from before runs had ids: a new one
+        workers, saved = self.model.runner.n_workers, ck.meta.get("workers")
+        if saved is not None and saved != workers:
+            notes.append(f"note: this run splits each batch over {workers} workers, the checkpoint's over {saved} "
+                         "(--workers, or another machine's core count): the gradients are summed in another "
+                         "order, so the results may differ from an uninterrupted run in the last bits; "
+                         f"pass --workers {saved} to repeat it exactly")
 
     def save(self, name):
         path = os.path.join(self.args.save_dir, name)
         meta = {"step": self.step, "tokenizer": self.identity, "tokenizer_model_json": self.model_json,
                 "rng": self.batches.state()["bit_generator"],
                 "data": dict(self.batches.state(), train_data=self.args.train_data, num_tokens=len(self.train_ds)),
-                "train_args": {k: v for k, v in vars(self.args).items() if k != "resume"}}
+                "train_args": {k: v for k, v in vars(self.args).items() if k != "resume"},
+                "run_id": self.run_id, "workers": self.model.runner.n_workers}
         t = time.perf_counter()
-        save_checkpoint(path, self.config, self.model.params, meta, self.opt.state_dict())
+        try:
+            save_checkpoint(path, self.config, self.model.params, meta, self.opt.state_dict())
+        except OSError as e:  # the temp file is gone, the previous checkpoint untouched
+            raise TrainError(write_failed(path, e, self.last_good)) from None
         self.log.say(f"saved {path} ({time.perf_counter() - t:.1f}s)")
         self.log.record(type="checkpoint", step=self.step, path=path)
         self.last_good = path
@@ -511,7 +527,8 @@ class Trainer:
                     log.say(f"done: {self.step} steps; final weights in {path}")
                     exit_code = 0
         except TrainError as e:
-            log.record(type="error", step=self.step + 1, message=str(e))
+            with contextlib.suppress(OSError):  # the error may be a full disk
+                log.record(type="error", step=self.step + 1, message=str(e))
             raise
         finally:
             if bar is not None:
@@ -548,11 +565,12 @@ class Trainer:
 
 def train(args):
     """Run training for parsed args; returns the exit code (0 done or stopped by --max_time, 130 Ctrl-C)."""
-    trainer = Trainer(args)
-    try:
-        return trainer.run()
-    finally:
-        trainer.log.close()
+    with SaveDirLock(args.save_dir):  # one writer per --save_dir
+        trainer = Trainer(args)
+        try:
+            return trainer.run()
+        finally:
+            trainer.log.close()
 
 
 def nan_message(what, value, step, last_good):
@@ -561,12 +579,25 @@ def nan_message(what, value, step, last_good):
             f"({where}). Remedies: {NAN_REMEDIES}; then start again or --resume from that checkpoint.")
 
 
+def write_failed(path, e, last_good):
+    why = "the disk is full" if e.errno in DISK_FULL else "writing failed"
+    kept = f"the previous checkpoint {last_good} is intact" if last_good else "no checkpoint was written yet"
+    return (f"cannot write {path}: {why} ({e.strerror}); {kept}. Free some space (or fix the folder), "
+            "then run again with the same flags plus --resume")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return train(args)
     except (TrainError, DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # a full disk outside a checkpoint write: metrics.jsonl, the token cache
+        if e.errno not in DISK_FULL:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        raise SystemExit(f"error: the disk is full ({e.strerror}){where}, writing to {args.save_dir} or next to "
+                         "the data; free some space, then run again with the same flags plus --resume") from None
 
 
 if __name__ == "__main__":

@@ -66,3 +66,13 @@ def test_a_read_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="write mode"):
         with atomic_write(tmp_path / "out.txt", "r"):
             pass
+
+
+def test_the_process_umask_is_never_changed(tmp_path, umask_027, monkeypatch):
+    # os.umask is process-wide: setting it to 0 "for a moment" races with other threads creating files
+    def no_umask(mask):
+        raise AssertionError("atomic_write changed the process umask")
+    monkeypatch.setattr(os, "umask", no_umask)
+    with atomic_write(tmp_path / "out.bin", "wb") as f:
+        f.write(b"x")
+    assert os.stat(tmp_path / "out.bin").st_mode & 0o777 == 0o640

@@ -1,5 +1,6 @@
 """checkpoint.py: round trips, atomic writes, and clear errors for files that are not checkpoints."""
 import json
+import re
 import os
 
 import numpy as np
@@ -96,7 +97,95 @@ def test_find_latest_picks_the_highest_step(tmp_path):
 
 def test_command_line_prints_a_summary(tmp_path, capsys):
     model = LanguageModel(CFG, seed=1)
-    path = save_checkpoint(tmp_path / "ck.npz", CFG, model.params, {"step": 3})
+    path = save_checkpoint(tmp_path / "ck.npz", CFG, model.params, {"step": 3, "run_id": "20261125-a1"})
     assert checkpoint.main([path]) == 0
     out = capsys.readouterr().out
-    assert "step 3" in out and f"{sum(p.size for p in model.params.values()):,} parameters" in out
+    assert "step 3" in out and "run 20261125-a1" in out and f"{sum(p.size for p in model.params.values()):,} parameters" in out
+
+
+def test_choose_resume_takes_the_last_run_and_refuses_what_it_cannot_tell_apart(tmp_path):
+    model = LanguageModel(CFG, seed=1)
+
+    def save(name, step, run_id):
+        return save_checkpoint(tmp_path / name, CFG, model.params, {"step": step, "run_id": run_id})
+    save("checkpoint_step_40.npz", 40, "old")
+    old_final = save("checkpoint_final.npz", 60, "old")
+    mine = save("checkpoint_step_20.npz", 20, "new")
+    checkpoint.write_run_id(tmp_path, "new")
+    assert checkpoint.read_run_id(tmp_path) == "new"
+    assert checkpoint.choose_resume(tmp_path) == mine           # not the old run's newer step 60
+    assert find_latest(tmp_path) == old_final and find_latest(tmp_path, "new") == mine
+    # the last run died before its first checkpoint: say so, and how to go on
+    checkpoint.write_run_id(tmp_path, "newest")
+    with pytest.raises(CheckpointError, match=r"run newest\) wrote no checkpoint.*without --resume.*--resume "
+                                              + re.escape(old_final)):
+        checkpoint.choose_resume(tmp_path)
+    # no record of the last run and checkpoints of two: refused, each run's newest named
+    os.unlink(tmp_path / checkpoint.RUN_FILE)
+    with pytest.raises(CheckpointError, match=r"several runs.*checkpoint_final.npz \(step 60\).*--resume PATH"):
+        checkpoint.choose_resume(tmp_path)
+    os.unlink(old_final)
+    os.unlink(tmp_path / "checkpoint_step_40.npz")
+    assert checkpoint.choose_resume(tmp_path) == mine           # one run only: no doubt
+    # a damaged file with a higher step might be the run's newest: refused rather than skipped
+    (tmp_path / "checkpoint_step_30.npz").write_bytes(b"PK\x03\x04 damaged")
+    with pytest.raises(CheckpointError, match=r"checkpoint_step_30.npz cannot be read.*move that file away"):
+        checkpoint.choose_resume(tmp_path)
+
+
+def test_load_model_builds_from_the_file_without_random_weights_or_gradients(tmp_path, monkeypatch):
+    import language_model
+    model = LanguageModel(CFG, seed=1)
+    path = save_checkpoint(tmp_path / "ck.npz", CFG, model.params, {"step": 3})
+
+    def no_init(*a, **k):
+        raise AssertionError("random weights drawn before the checkpoint's were copied in")
+    monkeypatch.setattr(language_model, "init_params", no_init)
+    loaded, meta = load_model(path)
+    assert loaded.grads is None and meta["step"] == 3
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(loaded.params[k], v)
+    assert list(loaded.params) == list(model.params)            # the model's own order
+    with pytest.raises(ValueError, match="for_training=False"):
+        loaded.forward_backward(np.array([[1, 2]]), np.array([[2, 3]]))
+    x = np.array([[1, 2, 3, 4]] * 3)
+    np.testing.assert_array_equal(loaded.evaluate(x, x)[0], model.evaluate(x, x)[0])
+
+
+def write_npz(path, arrays, headers=None):
+    """An .npz as np.savez writes it, where headers may replace an array's .npy header (shape, dtype)."""
+    import io
+    import zipfile
+    with zipfile.ZipFile(path, "w") as z:
+        for key, arr in arrays.items():
+            buf = io.BytesIO()
+            if headers and key in headers:
+                np.lib.format.write_array_header_1_0(buf, headers[key])
+                buf.write(arr.tobytes())
+            else:
+                np.lib.format.write_array(buf, arr)
+            z.writestr(key + ".npy", buf.getvalue())
+
+
+def test_values_from_a_hostile_checkpoint_are_checked_before_anything_is_allocated(tmp_path):
+    model = LanguageModel(CFG, seed=1)
+    arrays = {f"param/{k}": v for k, v in model.params.items()}
+    meta = {"format": "numpy-gpt checkpoint", "version": 1, "step": 1, "config": CFG.to_dict()}
+
+    def load(meta, headers=None, name="bad.npz"):
+        write_npz(tmp_path / name, dict(arrays, meta=np.array(json.dumps(meta))), headers)
+        with pytest.raises(CheckpointError) as e:
+            load_model(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value)
+        return str(e.value)
+    # a config asking for a vocabulary of 10^10 or 10^9 layers: refused without allocating either
+    assert "wte" in load(dict(meta, config=dict(CFG.to_dict(), vocab_size=10**10)))
+    assert "layers" in load(dict(meta, config=dict(CFG.to_dict(), n_layers=10**9)))
+    assert "max_seq_len" in load(dict(meta, config=dict(CFG.to_dict(), max_seq_len=10**12)))
+    assert "vocab_size" in load(dict(meta, config=dict(CFG.to_dict(), vocab_size=1e10)))
+    assert "step" in load(dict(meta, step=-5)) and "step" in load(dict(meta, step="7"))
+    # an array header claiming 10^12 floats, backed by 1 KB of data
+    huge = {"param/wte": {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}}
+    assert "does not fit" in load(meta, huge)
+    pickled = {"param/wte": {"descr": "|O", "fortran_order": False, "shape": (32, 8)}}
+    assert "does not fit" in load(meta, pickled)

@@ -34,7 +34,8 @@ def test_sidecar_file_is_concatenated_as_is_into_uint16(tmp_path):
     ds = load_dataset(path, vocab_size=50257)
     assert isinstance(ds.tokens, np.memmap) and ds.tokens.dtype == np.uint16
     np.testing.assert_array_equal(ds.tokens, [5, 6, 7, 8, 50256, 9, 10, 50256])
-    assert ds.num_bytes == 123 and ds.num_documents == 2 and ds.tokenizer == IDENTITY
+    assert ds.num_bytes == 123 + 2  # + the newline that ends each story
+    assert ds.num_documents == 2 and ds.tokenizer == IDENTITY
     assert os.path.getsize(cache_paths(path)[0]) == 8 * 2
 
 
@@ -61,7 +62,7 @@ def test_cache_is_reused_and_rebuilt_when_the_jsonl_changes(tmp_path):
     ds = load_dataset(path, vocab_size=10, log=messages.append)
     assert not any("converting" in m for m in messages)   # reused, JSON not read again
     assert list(ds.tokens) == [1, 2, 3]
-    write_jsonl(tmp_path / "t.jsonl", [[4, 5, 3], [6, 3]])
+    write_jsonl(tmp_path / "t.jsonl", [[4, 5, 3], [6, 3]], dict(IDENTITY, eot_id=3, n_vocab=10))
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
     ds = load_dataset(path, vocab_size=10, log=messages.append)
     assert any("converting" in m for m in messages)

@@ -54,6 +54,18 @@ def test_clip_grad_norm_scales_to_max_norm_and_reports_the_old_norm():
     assert math.isnan(clip_grad_norm(bad, 1.0))
 
 
+def test_huge_but_finite_float32_gradients_are_clipped_not_reported_as_inf():
+    # 3e19 squared is past float32's range: a float32 sum of squares says inf, the norm is 5e19
+    big = np.zeros(200_000, np.float32)  # longer than one block of the float64 pass
+    big[[7, 150_001]] = [3e19, 4e19]
+    grads = {"a": big, "b": np.full((2, 2), 1.0, np.float32)}
+    norm = clip_grad_norm(grads, max_norm=1.0)
+    assert norm == pytest.approx(5e19, rel=1e-6)
+    assert big[7] == pytest.approx(0.6, rel=1e-5) and big[150_001] == pytest.approx(0.8, rel=1e-5)
+    assert np.isfinite(global_grad_norm(grads))
+    # a gradient that really holds inf still stops the run
+    assert global_grad_norm({"a": np.array([np.inf, 1.0], np.float32)}) == math.inf
+
 def test_sgd_plain_and_with_momentum_three_steps_by_hand():
     p = {"w": np.array([1.0, -2.0])}
     opt = SGD(p)

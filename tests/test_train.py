@@ -33,9 +33,10 @@ def write_data(path, n_docs, seed, identity=IDENTITY, bytes_per_token=4):
         f.writelines(json.dumps(ids) + "\n" for ids in lines)
     n_tokens = sum(map(len, lines))
     if identity is not None:
+        # as tokenizer.py counts them: the stories' bytes, not the newline between them
         meta = {"format": "numpy-gpt tokenized jsonl", "version": 1, "tokenizer": identity,
                 "num_documents": n_docs, "num_lines": n_docs, "num_tokens": n_tokens,
-                "num_bytes": bytes_per_token * n_tokens, "eot_appended": True, "max_length": 512,
+                "num_bytes": bytes_per_token * (n_tokens - n_docs), "eot_appended": True, "max_length": 512,
                 "source": "toy"}
         with open(str(path) + ".meta.json", "w") as f:
             json.dump(meta, f)
@@ -85,10 +86,12 @@ def test_tiny_model_learns_and_everything_is_recorded(data, tmp_path, capsys):
     assert ev[-1]["val_loss"] < ev[0]["val_loss"]
     for r in ev:
         assert r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"]))
-        # bits per byte: the toy sidecar says 4 bytes per token
-        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) / 4, rel=1e-9)
+        # bits per byte: the toy stories have 4 bytes per token, plus a newline per story
+        val = load_dataset(data[1], vocab_size=V)
+        bytes_per_token = (4 * (len(val) - val.num_documents) + val.num_documents) / len(val)
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) / bytes_per_token, rel=1e-9)
     assert sorted(os.listdir(save_dir)) == ["checkpoint_final.npz", "checkpoint_step_100.npz",
-                                            "checkpoint_step_50.npz", "metrics.jsonl"]
+                                            "checkpoint_step_50.npz", "metrics.jsonl", "run.json", "train.lock"]
     ck = load_checkpoint(os.path.join(save_dir, "checkpoint_final.npz"))
     assert ck.meta["step"] == 150 and ck.meta["version"] == 1 and ck.meta["tokenizer"] == IDENTITY
     assert ck.meta["data"]["batches_drawn"] == 150 and ck.meta["train_args"]["d_model"] == 16
@@ -112,9 +115,21 @@ def test_evaluation_uses_token_sums_and_scales_bits_per_byte(data, tmp_path):
     # capped: the bytes are scaled to the part evaluated, so bits/byte stays comparable
     part = train.evaluate(model, val, batch_size=7, seq_len=16, max_batches=2)
     assert part["val_tokens"] == 2 * 7 * 16
-    assert part["val_bpb"] == pytest.approx(part["val_loss"] / math.log(2) / 4, rel=1e-9)
+    bytes_per_token = (4 * (len(val) - val.num_documents) + val.num_documents) / len(val)
+    assert part["val_bpb"] == pytest.approx(part["val_loss"] / math.log(2) / bytes_per_token, rel=1e-9)
     no_bytes = load_dataset(write_data(tmp_path / "plain.jsonl", 20, seed=3, identity=None), vocab_size=V)
     assert train.evaluate(model, no_bytes, 4, 16)["val_bpb"] is None
+
+
+def test_bits_per_byte_counts_the_byte_of_each_story_separator(tmp_path):
+    # one byte per token, the end-of-text token standing for the newline between stories:
+    # bits per byte must equal bits per token
+    from language_model import LanguageModel, ModelConfig
+    model = LanguageModel(ModelConfig(vocab_size=V, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=16))
+    val = load_dataset(write_data(tmp_path / "bytes.jsonl", 60, seed=4, bytes_per_token=1), vocab_size=V)
+    assert val.num_bytes == len(val.tokens)
+    res = train.evaluate(model, val, batch_size=8, seq_len=16)
+    assert res["val_bpb"] == pytest.approx(res["val_loss"] / math.log(2), rel=1e-12)
 
 
 def run_cli(argv, **kw):
@@ -316,3 +331,86 @@ def test_progress_bar_with_eta_on_a_terminal(data, tmp_path, monkeypatch):
     assert train.main(flags) == 0
     bar = err.getvalue()
     assert "20/20 [" in bar and "step/s" in bar and "<" in bar   # elapsed<remaining, rate
+
+
+def stop_at(step, monkeypatch):
+    """Make the next train.main() get a Ctrl-C right after update `step` (it saves there and exits 130)."""
+    real = train.Trainer.train_step
+
+    def train_step(self):
+        out = real(self)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+    monkeypatch.setattr(train.Trainer, "train_step", train_step)
+
+
+def test_resume_continues_the_interrupted_run_not_a_newer_checkpoint_of_an_older_run(data, tmp_path, monkeypatch,
+                                                                                    capsys):
+    d, ref = str(tmp_path / "ck"), str(tmp_path / "ref")
+    common = dict(max_steps=60, save_interval=20, eval_interval=0, log_interval=20)
+    # an earlier run in the folder ends with checkpoint_final.npz at step 60 (and checkpoint_step_40.npz)
+    assert train.main(tiny_flags(data, d, seed=7, **common)) == 0
+    old_id = read_meta(os.path.join(d, "checkpoint_final.npz")).get("run_id")
+    # a fresh run there is interrupted at step 25; resumed, it must go on from its own step 25
+    with monkeypatch.context() as m:
+        stop_at(25, m)
+        assert train.main(tiny_flags(data, d, **common)) == 130
+    capsys.readouterr()
+    assert train.main(tiny_flags(data, d, resume=True, **common)) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {os.path.join(d, 'checkpoint_step_25.npz')} at step 25" in out
+    assert "nothing to train" not in out
+    # ... and ends where the same run uninterrupted ends, bit for bit
+    assert train.main(tiny_flags(data, ref, **common)) == 0
+    got, want = (load_checkpoint(os.path.join(p, "checkpoint_final.npz")) for p in (d, ref))
+    for k, v in want.params.items():
+        assert np.array_equal(got.params[k], v), k
+    ids = {r.get("run_id") for r in metrics(d) if r["type"] in ("config", "resume")}
+    assert ids == {got.meta["run_id"]}                       # the metrics name the run too
+    assert got.meta["run_id"] != old_id
+
+
+def test_a_second_run_on_the_same_save_dir_is_refused_naming_the_first(data, tmp_path):
+    d = str(tmp_path / "ck")
+    first = run_cli(tiny_flags(data, d, max_steps=100000, save_interval=0, eval_interval=0))
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(d, "metrics.jsonl")), first)
+        second = subprocess.run([sys.executable, "train.py", *tiny_flags(data, d, max_steps=5)], cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert second.stderr.startswith(f"error: {d} is in use by another training run (pid {first.pid} ")
+        assert "--save_dir" in second.stderr
+        assert first.poll() is None                          # the first run goes on undisturbed
+        assert sorted(os.listdir(d)) == ["metrics.jsonl", "run.json", "train.lock"]
+    finally:
+        first.kill()
+        first.wait()
+    # the kernel drops the lock with the process, kill -9 included: the folder is free again
+    assert train.main(tiny_flags(data, d, max_steps=2, eval_interval=0)) == 0
+
+
+def test_resuming_with_another_number_of_workers_says_so(data, tmp_path, capsys):
+    d = str(tmp_path / "ck")
+    assert train.main(tiny_flags(data, d, max_steps=4, eval_interval=0, workers=1)) == 0
+    assert train.main(tiny_flags(data, d, max_steps=6, eval_interval=0, workers=2, resume=True)) == 0
+    out = capsys.readouterr().out
+    assert "over 2 workers, the checkpoint's over 1" in out and "last bits" in out and "--workers 1" in out
+    assert train.main(tiny_flags(data, d, max_steps=8, eval_interval=0, workers=2, resume=True)) == 0
+    assert "workers" not in capsys.readouterr().out
+
+
+def test_a_full_disk_while_logging_stops_with_one_line(data, tmp_path, monkeypatch):
+    import errno
+    real, calls = train.MetricsLog.record, []
+
+    def record(self, **fields):
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, **fields)
+    monkeypatch.setattr(train.MetricsLog, "record", record)
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_flags(data, str(tmp_path / "ck"), max_steps=100, eval_interval=0))
+    msg = str(e.value.code)
+    assert msg.startswith("error: the disk is full (No space left on device)") and "--resume" in msg
