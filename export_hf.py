@@ -340,6 +340,7 @@ def read_hf_config(path):
         raise HFError(f"{path} has no config.json: not a Hugging Face model folder") from None
     except (OSError, ValueError) as e:
         raise HFError(f"cannot read {source}: {e}") from None
+    _weight_files(path)  # first: a folder of pickled weights is refused whatever its config says
     config = _config_from_hf(hf, source)
     record = hf.get("numpy_gpt") if isinstance(hf.get("numpy_gpt"), dict) else {}
     if record.get("positions") == "sinusoidal":
@@ -381,8 +382,8 @@ def load_hf_model(path, dtype=np.float32):
     model = LanguageModel(config, seed=0, dtype=dtype)
     copy_params(model.params, params, path)
     record = hf.get("numpy_gpt") if isinstance(hf.get("numpy_gpt"), dict) else {}
-    return model, {"step": record.get("step"), "tokenizer": None, "hf_dir": path,
-                   "hf_tokenizer": record.get("tokenizer")}
+    # no "tokenizer" identity: the folder's own tokenizer files say (load_hf_tokenizer)
+    return model, {"step": record.get("step"), "tokenizer": None, "hf_dir": path, "vocab_size": config.vocab_size}
 
 
 def load_hf_tokenizer(path, vocab_size):
