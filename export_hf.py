@@ -156,7 +156,7 @@ def tokenizer_to_export(meta, config):
     from tokenizer import GPT2_PATTERN, BPEModel
     identity = meta.get("tokenizer") or {}
     kind, name = identity.get("type"), identity.get("name")
-    if kind == "tiktoken" and name == "gpt2" or not identity and config.vocab_size == 50257:
+    if (kind, name) == ("tiktoken", "gpt2") or (not identity and config.vocab_size == 50257):  # as generate.py assumes
         return gpt2_bpe_model(), "GPT-2's BPE (tiktoken gpt2)"
     if kind == "lecture2_bpe":
         text = meta.get("tokenizer_model_json")

@@ -150,6 +150,26 @@ def test_gpt2s_own_file_layout_is_read_too(tmp_path):
         np.testing.assert_array_equal(back.params[name], p, err_msg=name)
 
 
+def test_half_precision_is_widened_and_bfloat16_refused_with_a_hint(tmp_path):
+    cfg = ModelConfig(vocab_size=97, d_model=16, n_heads=2, d_ff=24, n_layers=1, max_seq_len=12, use_learned_pos=True)
+    path, model = checkpoint(tmp_path, cfg)
+    out = tmp_path / "hf"
+    export(path, str(out), log=lambda m: None)
+    half = {k: v.astype(np.float16) for k, v in safetensors.numpy.load_file(str(out / "model.safetensors")).items()}
+    data = safetensors.numpy.save(half, metadata={"format": "pt"})
+    (out / "model.safetensors").write_bytes(data)
+    back, _ = load_hf_model(str(out))
+    assert back.params["wte"].dtype == np.float32
+    np.testing.assert_array_equal(back.params["wte"], model.params["wte"].astype(np.float16).astype(np.float32))
+    # the same bytes labelled bfloat16 (NumPy has no such type): rewrite the header's dtypes, re-pad it to 8 bytes
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n].rstrip(b" ").replace(b'"F16"', b'"BF16"')
+    header += b" " * (-len(header) % 8)
+    (out / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n:])
+    with pytest.raises(HFError, match="is BF16, which NumPy cannot read: save the model in float32"):
+        load_hf_model(str(out))
+
+
 def test_a_sinusoidal_table_changed_elsewhere_comes_back_as_learned_positions(tmp_path):
     cfg = ModelConfig(vocab_size=97, d_model=16, n_heads=2, d_ff=24, n_layers=1, max_seq_len=12)
     path, model = checkpoint(tmp_path, cfg)
@@ -419,3 +439,22 @@ def test_transformers_tokenizer_encodes_as_ours(tmp_path, bpe_tok):
             ids = tok.encode(text)
             assert theirs(text)["input_ids"] == ids, (name, text)
             assert theirs.decode(ids) == text
+
+
+def test_a_folder_saved_by_transformers_imports_with_the_same_logits(tmp_path):
+    transformers = import_transformers()
+    import torch
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(vocab_size=101, n_positions=20, n_embd=32, n_layer=2, n_head=4)
+    hf_model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():  # GPT-2's initialisation leaves biases at zero and gains at one: move them all
+        for p in hf_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf_model.save_pretrained(str(tmp_path / "hf"))
+    model, _ = load_hf_model(str(tmp_path / "hf"))
+    assert model.config == ModelConfig(vocab_size=101, d_model=32, n_heads=4, d_ff=128, n_layers=2, max_seq_len=20,
+                                       use_learned_pos=True, tie_embeddings=True, activation="gelu")
+    idx = np.random.default_rng(2).integers(0, 101, (2, 20))
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor(idx)).logits.numpy()
+    assert float(np.abs(model.forward(idx) - theirs).max()) < 1e-4
