@@ -554,6 +554,8 @@ def write_vocab_merges(model, vocab_path, merges_path):
     merges.txt lists the merges in rank order, "left right" per line. The pair has no field for a
     pre-tokenisation pattern, so only models that split text with GPT-2's pattern can be written.
     """
+    from atomic import atomic_write  # here, so the function moves between modules as it is
+
     def cannot(why):
         return TokenizerError(f"cannot write this BPE model as vocab.json + merges.txt: {why}")
     if model.pattern != GPT2_PATTERN:

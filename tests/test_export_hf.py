@@ -14,8 +14,8 @@ import pytest
 import export_hf
 import generate
 import train
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from export_hf import HFError, export, load_hf_model, load_hf_params, read_hf_config
+from checkpoint import load_checkpoint, save_checkpoint
+from export_hf import HFError, export, load_hf_model
 from language_model import LanguageModel, ModelConfig
 from tokenizer import (ENDOFTEXT, get_tokenizer, load_bpe, load_tiktoken, model_from_vocab_merges, train_bpe,
                        write_vocab_merges)
@@ -223,6 +223,8 @@ def test_pickled_pytorch_weights_and_missing_files_are_refused(tmp_path, capsys)
     assert generate.main(["--checkpoint", str(binonly), "--prompt", "Hi"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "safetensors" in err and "Traceback" not in err
+    with pytest.raises(SystemExit, match="pytorch_model.bin .* convert it to model.safetensors"):
+        train.main(["--init_from", str(binonly), "--train_data", "unused.jsonl"])
     with pytest.raises(HFError, match="no config.json"):
         load_hf_model(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
