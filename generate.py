@@ -261,8 +261,8 @@ def benchmark(model, n_tokens=256, contexts=(16, 64, 128, 256), out=sys.stdout):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Generate text from a numpy-gpt checkpoint (key/value-cached decoding).")
-    p.add_argument("--checkpoint", help="path to a .npz checkpoint written by train.py, or a Hugging Face GPT-2 folder "
-                                        "(config.json + model.safetensors, e.g. from export_hf.py) (required unless --benchmark)")
+    p.add_argument("--checkpoint", help="a .npz checkpoint written by train.py, or a Hugging Face GPT-2 folder with "
+                                        "config.json + model.safetensors as export_hf.py writes (required unless --benchmark)")
     p.add_argument("--prompt", default="", help="text to continue; empty starts from the end-of-text token")
     p.add_argument("--max_length", type=int, default=100, help="most new tokens per sample, default 100 (stops earlier at end-of-text)")
     p.add_argument("--temperature", type=float, default=1.0,
