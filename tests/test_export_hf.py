@@ -431,7 +431,7 @@ def test_transformers_tokenizer_encodes_as_ours(tmp_path, bpe_tok):
     transformers = import_transformers()
     tiktok = load_tiktoken("gpt2", verbose=False)
     for name, tok in (("bpe", bpe_tok), ("gpt2", tiktok)):
-        cfg = ModelConfig(vocab_size=tok.n_vocab, d_model=8, n_heads=2, d_ff=16, n_layers=1, max_seq_len=16)
+        cfg = ModelConfig(vocab_size=tok.n_vocab, d_model=8, n_heads=2, d_ff=16, n_layers=1, max_seq_len=512)
         path, _ = checkpoint(tmp_path, cfg, tok)
         out = tmp_path / name
         export(path, str(out), log=lambda m: None)
