@@ -395,7 +395,7 @@ def load_hf_tokenizer(path, vocab_size):
     if vocab_size == 50257:
         return load_tiktoken("gpt2", verbose=False)
     raise HFError(f"{path} has no vocab.json + merges.txt and vocab_size {vocab_size} is not GPT-2's 50257: "
-                  "pass the tokenizer with --model_file")
+                  "pass the tokenizer with --tokenizer_type lecture2_bpe --model_file FILE")
 
 
 # ----------------------------------------------------------------------------- command line

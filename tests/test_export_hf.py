@@ -460,3 +460,19 @@ def test_a_folder_saved_by_transformers_imports_with_the_same_logits(tmp_path):
     with torch.no_grad():
         theirs = hf_model(torch.tensor(idx)).logits.numpy()
     assert float(np.abs(model.forward(idx) - theirs).max()) < 1e-4
+
+
+def test_a_folder_without_tokenizer_files_or_gpt2s_vocabulary_asks_for_one(tmp_path):
+    cfg = ModelConfig(vocab_size=300, d_model=8, n_heads=2, d_ff=16, n_layers=1, max_seq_len=16)
+    path, _ = checkpoint(tmp_path, cfg)
+    export(path, str(tmp_path / "hf"), log=lambda m: None)
+    err = io.StringIO()
+    assert generate.main(["--checkpoint", str(tmp_path / "hf"), "--prompt", "Hi"], out=io.StringIO(), err=err) == 1
+    assert "no vocab.json + merges.txt and vocab_size 300" in err.getvalue() and "--model_file" in err.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    bpe = train_bpe(SAMPLE.read_text(encoding="utf-8")[:20_000], 300)  # a tokenizer of that size, given by flags
+    (tmp_path / "bpe.json").write_text(bpe.to_json(), encoding="utf-8")
+    assert generate.main(["--checkpoint", str(tmp_path / "hf"), "--prompt", "Hi", "--max_length", "3",
+                          "--tokenizer_type", "lecture2_bpe", "--model_file", str(tmp_path / "bpe.json")],
+                         out=out, err=err) == 0, err.getvalue()
+    assert out.getvalue().splitlines()[1].startswith("Hi")
