@@ -235,8 +235,8 @@ def export(checkpoint_path, out_dir, log=print):
 
 # ----------------------------------------------------------------------------- import
 
-def _int_field(hf, key, source, default=None):
-    value = hf.get(key, default)
+def _int_field(hf, key, source):
+    value = hf.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= LIMITS[key]:
         raise HFError(f"{source}: {key} must be an integer from 1 to {LIMITS[key]}, got {value!r}")
     return value
@@ -287,6 +287,8 @@ def _weight_files(path):
                 names = sorted(set(json.load(f)["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise HFError(f"{index} is not a safetensors index ({e})") from None
+        if not all(isinstance(n, str) and n == os.path.basename(n) and n.endswith(".safetensors") for n in names):
+            raise HFError(f"{index} names weight files outside the folder or not .safetensors: {names[:4]}")
         return [os.path.join(path, n) for n in names]
     if any(n.endswith(".bin") for n in os.listdir(path)):
         raise HFError(f"{path} has only pytorch_model.bin (pickled PyTorch, which numpy-gpt never loads): convert it "

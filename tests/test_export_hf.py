@@ -170,6 +170,29 @@ def test_half_precision_is_widened_and_bfloat16_refused_with_a_hint(tmp_path):
         load_hf_model(str(out))
 
 
+def test_weights_sharded_over_several_files_are_read(tmp_path):
+    cfg = ModelConfig(vocab_size=97, d_model=16, n_heads=2, d_ff=24, n_layers=2, max_seq_len=12, use_learned_pos=True)
+    path, model = checkpoint(tmp_path, cfg)
+    out = tmp_path / "hf"
+    export(path, str(out), log=lambda m: None)
+    tensors = safetensors.numpy.load_file(str(out / "model.safetensors"))
+    os.unlink(out / "model.safetensors")
+    shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    for i, (key, value) in enumerate(sorted(tensors.items())):
+        shards[sorted(shards)[i % 2]][key] = value
+    for name, part in shards.items():
+        safetensors.numpy.save_file(part, str(out / name), metadata={"format": "pt"})
+    weight_map = {key: name for name, part in shards.items() for key in part}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    back, _ = load_hf_model(str(out))
+    for name, p in model.params.items():
+        np.testing.assert_array_equal(back.params[name], p, err_msg=name)
+    weight_map["transformer.wte.weight"] = "../elsewhere.safetensors"
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(HFError, match="outside the folder"):
+        load_hf_model(str(out))
+
+
 def test_a_sinusoidal_table_changed_elsewhere_comes_back_as_learned_positions(tmp_path):
     cfg = ModelConfig(vocab_size=97, d_model=16, n_heads=2, d_ff=24, n_layers=1, max_seq_len=12)
     path, model = checkpoint(tmp_path, cfg)
