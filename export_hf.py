@@ -415,6 +415,8 @@ def main(argv=None):
         files = export(args.checkpoint, args.out_dir)
     except (CheckpointError, TokenizerError) as e:  # HFError is a CheckpointError
         p.exit(1, f"error: {e}\n")
+    except OSError as e:  # a folder we may not write to, a full disk
+        p.exit(1, f"error: cannot write {args.out_dir}: {e.strerror} ({e.filename or args.out_dir})\n")
     print(f"wrote {args.out_dir}: {', '.join(files)}")
     return 0
 
