@@ -5,10 +5,14 @@
     python3 generate.py --checkpoint ck.npz --prompt "Once upon a time" --temperature 0    # greedy
     python3 generate.py --checkpoint ck.npz --prompt "The dog" --temperature 1.2 --top_p 0.9 --stream
     python3 generate.py --benchmark          # tokens/s of the guide's Small and Medium models, cache vs none
+    python3 generate.py --checkpoint hf_small --prompt "Once upon a time"   # a Hugging Face GPT-2 folder
 
 The checkpoint carries the model's config and its tokenizer's identity (and a BPE model's
 JSON), so `--checkpoint` alone is enough. The guide's architecture flags (`--vocab_size
 --d_model ...`) are accepted and checked against the checkpoint: a mismatch is an error.
+`--checkpoint` may also be a Hugging Face GPT-2 folder (config.json + model.safetensors, as
+export_hf.py writes or GPT-2's own files); its tokenizer is the folder's vocab.json + merges.txt,
+else tiktoken's gpt2 for a 50257-token model.
 
 Decoding. The prompt is run through the model once (prefill), filling a per-layer key/value
 cache; each new token then costs one position's work: its query attends to the cached keys
@@ -257,7 +261,8 @@ def benchmark(model, n_tokens=256, contexts=(16, 64, 128, 256), out=sys.stdout):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Generate text from a numpy-gpt checkpoint (key/value-cached decoding).")
-    p.add_argument("--checkpoint", help="path to a .npz checkpoint written by train.py (required unless --benchmark)")
+    p.add_argument("--checkpoint", help="a .npz checkpoint written by train.py, or a Hugging Face GPT-2 folder with "
+                                        "config.json + model.safetensors as export_hf.py writes (required unless --benchmark)")
     p.add_argument("--prompt", default="", help="text to continue; empty starts from the end-of-text token")
     p.add_argument("--max_length", type=int, default=100, help="most new tokens per sample, default 100 (stops earlier at end-of-text)")
     p.add_argument("--temperature", type=float, default=1.0,
@@ -317,6 +322,9 @@ def load_tokenizer(meta, args):
     """The tokenizer the checkpoint was trained with (its identity is in the meta record)."""
     from tokenizer import get_tokenizer, tokenizer_from_identity
     identity = meta.get("tokenizer")
+    if meta.get("hf_dir") and not (args.tokenizer_type or args.model_file):  # a Hugging Face folder
+        from export_hf import load_hf_tokenizer
+        return load_hf_tokenizer(meta["hf_dir"], meta["vocab_size"])
     if identity:
         if args.tokenizer_type and args.tokenizer_type != identity.get("type"):
             raise GenerateError(f"--tokenizer_type {args.tokenizer_type} does not match the checkpoint's tokenizer "
@@ -339,11 +347,19 @@ def load_tokenizer(meta, args):
     return get_tokenizer("lecture2_bpe", model_file=args.model_file, verbose=False)
 
 
+def load_any(path):
+    """(model, meta) from a .npz checkpoint or a Hugging Face GPT-2 folder."""
+    if os.path.isdir(path):
+        from export_hf import load_hf_model
+        return load_hf_model(path)
+    from checkpoint import load_model
+    return load_model(path)
+
+
 def run_benchmark(args, out):
     from language_model import LanguageModel, ModelConfig
     if args.checkpoint:
-        from checkpoint import load_model
-        model, _ = load_model(args.checkpoint)
+        model, _ = load_any(args.checkpoint)
         models = {args.checkpoint: model}
     else:
         models = {}
@@ -400,8 +416,7 @@ def _load_errors():
 
 
 def run(args, out, err):
-    from checkpoint import load_model
-    model, meta = load_model(args.checkpoint)
+    model, meta = load_any(args.checkpoint)
     config = model.config
     check_architecture(config, args, args.checkpoint)
     tok = load_tokenizer(meta, args)

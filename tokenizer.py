@@ -547,6 +547,45 @@ def model_from_vocab_merges(vocab_path, merges_path):
     return model
 
 
+def write_vocab_merges(model, vocab_path, merges_path):
+    """Write a BPEModel as GPT-2 style vocab.json + merges.txt: the inverse of model_from_vocab_merges.
+
+    A token is spelled with bytes_to_unicode (a space is "Ġ"), a special token as its own string;
+    merges.txt lists the merges in rank order, "left right" per line. The pair has no field for a
+    pre-tokenisation pattern, so only models that split text with GPT-2's pattern can be written.
+    """
+    from atomic import atomic_write  # here, so the function moves between modules as it is
+
+    def cannot(why):
+        return TokenizerError(f"cannot write this BPE model as vocab.json + merges.txt: {why}")
+    if model.pattern != GPT2_PATTERN:
+        raise cannot("it splits text with another pattern than GPT-2's, which the pair implies")
+    enc = bytes_to_unicode()
+    spelled = [None if v is None else "".join(enc[b] for b in v) for v in model.vocab]
+    tok2id = {}
+    for i, s in enumerate(spelled):
+        if s is None:
+            continue
+        if s.startswith("<|") and s.endswith("|>"):  # would read back as a special token
+            raise cannot(f"token {i} spells {s!r}, which reads as a special token")
+        if s in tok2id:
+            raise cannot(f"tokens {tok2id[s]} and {i} have the same bytes")
+        tok2id[s] = i
+    for s, i in model.specials.items():
+        if s in tok2id or not (0 <= i < len(spelled)) or spelled[i] is not None:
+            raise cannot(f"special token {s!r} (id {i}) collides with another token")
+        tok2id[s] = i
+    lines = ["#version: 0.2"]
+    for (a, b), t in zip(model.merges, model.merge_ids):
+        if spelled[t] != spelled[a] + spelled[b]:
+            raise cannot(f"merge ({a}, {b}) does not make token {t}")
+        lines.append(f"{spelled[a]} {spelled[b]}")
+    with atomic_write(vocab_path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(dict(sorted(tok2id.items(), key=lambda kv: kv[1])), ensure_ascii=False) + "\n")
+    with atomic_write(merges_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def load_bpe(model_file, merges_file=None, verbose=True):
     """A BPETokenizer from our JSON model, or from a vocab.json (+ merges.txt beside it or merges_file)."""
     if not model_file:

@@ -18,6 +18,11 @@ A tiny smoke run that takes seconds, with a profile of where the time goes:
         --max_steps 200 --warmup_steps 20 --save_dir checkpoints_tiny --log_interval 20 \\
         --eval_interval 100 --eval_batches 10 --profile
 
+Fine-tune from a Hugging Face GPT-2 folder (config.json + model.safetensors: export_hf.py's output,
+or GPT-2's own files); the architecture comes from its config.json, so the model flags can be left out:
+    python3 train.py --init_from hf_small --train_data data/train_tokenized.jsonl \\
+        --val_data data/valid_tokenized.jsonl --max_steps 1000 --learning_rate 1e-4 --save_dir ck_tuned
+
 Every logged number also goes to <save_dir>/metrics.jsonl; draw the curves with
     python3 plot_metrics.py checkpoints_small/metrics.jsonl      (needs matplotlib)
 
@@ -96,6 +101,10 @@ def build_parser():
     m.add_argument("--no_tie_embeddings", action="store_true",
                    help="give the output layer its own weight instead of reusing the token embedding")
     m.add_argument("--activation", choices=("gelu", "relu"), default="gelu", help="feed-forward nonlinearity")
+    m.add_argument("--init_from", default=None, metavar="DIR",
+                   help="start from the weights of a Hugging Face GPT-2 folder (config.json + model.safetensors, "
+                        "e.g. written by export_hf.py). Its config.json gives the architecture: leave the model flags "
+                        "out (any given must agree); --seq_len defaults to its n_positions and may be shorter")
     o = p.add_argument_group("optimization")
     o.add_argument("--batch_size", type=int, default=32, help="windows per step")
     o.add_argument("--max_steps", type=int, default=5000, help="total optimizer steps")
@@ -169,6 +178,46 @@ def model_config(args):
                            activation=args.activation)
     except ValueError as e:
         raise TrainError(str(e)) from None
+
+
+def init_config(args):
+    """The model config of --init_from's folder; the architecture flags must already agree with it."""
+    from export_hf import read_hf_config
+    config, _ = read_hf_config(args.init_from)
+    wanted = init_flags(config)
+    wrong = [f"--{k} {getattr(args, k)} (folder: {v})" for k, v in wanted.items() if getattr(args, k) != v]
+    if args.seq_len > config.max_seq_len:
+        wrong.append(f"--seq_len {args.seq_len} (folder's n_positions: {config.max_seq_len})")
+    if wrong:
+        raise TrainError(f"{args.init_from}/config.json describes another model than the flags: {', '.join(wrong)}. "
+                         "Leave the model flags out with --init_from: its config.json carries them")
+    return config
+
+
+def init_flags(config):
+    """The values of the architecture flags that describe config (--seq_len aside)."""
+    return {"vocab_size": config.vocab_size, "d_model": config.d_model, "n_heads": config.n_heads,
+            "d_ff": config.d_ff, "n_layers": config.n_layers, "use_learned_pos": config.use_learned_pos,
+            "no_tie_embeddings": not config.tie_embeddings, "activation": config.activation}
+
+
+def apply_init_from(args, given):
+    """--init_from: the architecture flags not given take the folder's values (--seq_len its n_positions)."""
+    from export_hf import read_hf_config
+    config, _ = read_hf_config(args.init_from)
+    for name, value in init_flags(config).items():
+        if name not in given:
+            setattr(args, name, value)
+    if "seq_len" not in given:
+        args.seq_len = config.max_seq_len
+
+
+def given_flags(parser, argv):
+    """The dests of the options argv sets itself (an option left at its default is not among them)."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=ns)
+    return {name for name, value in vars(ns).items() if value is not unset}
 
 
 def make_optimizer(args, params):
@@ -355,8 +404,10 @@ class Trainer:
         self.batches = RandomBatches(self.train_ds, args.batch_size, args.seq_len, seed=[args.seed, 1])
 
         from language_model import LanguageModel
-        self.config = model_config(args)
+        self.config = init_config(args) if args.init_from else model_config(args)
         self.model = LanguageModel(self.config, seed=args.seed, dtype=np.float32, workers=args.workers)
+        if args.init_from and not args.resume:  # resuming: the checkpoint has the weights
+            self.init_weights(args.init_from, notes)
         self.opt = make_optimizer(args, self.model.params)
         self.schedule = LRSchedule(args.learning_rate, args.warmup_steps, args.max_steps, args.min_lr,
                                    args.lr_schedule)
@@ -389,6 +440,20 @@ class Trainer:
         self.timers = {"model": 0.0, "data": 0.0, "clip": 0.0, "optimizer": 0.0, "bookkeeping": 0.0}
         self.loop_time, self.loop_steps = 0.0, 0
         self.eval_hinted = False
+
+    def init_weights(self, path, notes):
+        """The weights of a Hugging Face GPT-2 folder (--init_from), copied into the model in place."""
+        from export_hf import load_hf_params, read_hf_config
+        _, hf = read_hf_config(path)
+        record = hf.get("numpy_gpt") if isinstance(hf.get("numpy_gpt"), dict) else {}  # our exports say more
+        theirs = record.get("tokenizer")
+        if theirs and self.identity and not same_tokenizer(theirs, self.identity):  # a note: DIR/vocab.json
+            # tokenizes as the original, under another name
+            notes.append(f"note: {path} was trained on data from tokenizer {theirs.get('name')}, {self.args.train_data} "
+                         f"comes from {self.identity.get('name')}: the same ids must mean the same text")
+        copy_params(self.model.params, load_hf_params(path, self.config), path)
+        step = f" (step {record['step']} of the run that wrote it)" if record.get("step") is not None else ""
+        notes.append(f"initialised from {path}{step}")
 
     def restore(self, path, notes):
         ck = load_checkpoint(path)
@@ -587,8 +652,11 @@ def write_failed(path, e, last_good):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if args.init_from:
+            apply_init_from(args, given_flags(parser, argv))
         return train(args)
     except (TrainError, DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
