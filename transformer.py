@@ -120,6 +120,13 @@ def causal_mask(T, S, dtype, xp=np):
     return _masks[key]
 
 
+def _shift_free(att):
+    """Whether the masked scores (..., T, S) need no shift before exp (see causal_softmax_inplace)."""
+    T, S = att.shape[-2:]
+    own = np.diagonal(att, offset=S - T, axis1=-2, axis2=-1)  # (..., T) a view: each query's own key
+    return own.min() >= SHIFT_FREE[0] and att.max() <= SHIFT_FREE[1]
+
+
 def causal_softmax_inplace(att):
     """Scores (..., T, S) -> attention weights, in place: softmax over the keys of each query,
     the causal mask applied (query t, the last T of S positions, sees keys up to its own).
@@ -134,8 +141,7 @@ def causal_softmax_inplace(att):
     xp = get_array_module(att)
     T, S = att.shape[-2:]
     att += causal_mask(T, S, att.dtype, xp)  # -inf where a query would see a later key
-    own = xp.diagonal(att, offset=S - T, axis1=-2, axis2=-1)  # (..., T) a view
-    if whole_arrays(att) or own.min() < SHIFT_FREE[0] or att.max() > SHIFT_FREE[1]:
+    if whole_arrays(att) or not _shift_free(att):
         att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att *= 1.0 / row_sum(att)

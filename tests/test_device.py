@@ -1,0 +1,172 @@
+"""The seam between NumPy and CuPy (device.py): the whole-array path against the CPU's blocked one,
+--device errors, and, where CuPy and a GPU exist, the GPU against NumPy."""
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import device
+from device import DeviceError, require, scatter_add, whole_array_mode, whole_arrays
+from language_model import LanguageModel, ModelConfig
+from loss import IGNORE_INDEX
+from optimizer import AdamW, clip_grad_norm
+
+ROOT = Path(__file__).resolve().parent.parent
+# big enough that the CPU path really cuts its work: 3 GELU blocks (d_ff 256), 2 head chunks of
+# 512 rows (B*T = 640), 2 softmax blocks per chunk (vocab 600), a 2-worker split
+CFG = ModelConfig(vocab_size=600, d_model=32, n_heads=4, d_ff=256, n_layers=2, max_seq_len=80)
+
+
+def cupy_gpu():
+    """The cupy module where CuPy can run on a GPU here, else None."""
+    try:
+        return require("cuda")
+    except DeviceError:
+        return None
+
+
+def batch(seed=0, B=8, T=80, V=600):
+    tokens = np.random.default_rng(seed).integers(0, V, (B, T + 1))
+    idx, targets = tokens[:, :-1], tokens[:, 1:].copy()
+    targets[1, :7] = IGNORE_INDEX
+    return idx, targets
+
+
+def max_rel_diff(a, b):
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-6), (np.float64, 1e-12)])
+def test_whole_arrays_give_what_blocks_and_workers_give(dtype, tol):
+    idx, targets = batch()
+    blocked = LanguageModel(CFG, seed=1, dtype=dtype, workers=2)
+    loss_b, acc_b = blocked.forward_backward(idx, targets)
+    assert len(blocked.shards) == 2
+    whole = LanguageModel(CFG, seed=1, dtype=dtype, workers=2)
+    with whole_array_mode():
+        loss_w, acc_w = whole.forward_backward(idx, targets)
+        evaluated = whole.evaluate(idx, targets)
+    assert len(whole.shards) == 1  # one worker on the whole-array path
+    assert isinstance(loss_w, float) and isinstance(acc_w, float)
+    assert loss_w == pytest.approx(loss_b, rel=tol) and acc_w == acc_b
+    for name in blocked.grads:
+        assert max_rel_diff(whole.grads[name], blocked.grads[name]) < 10 * tol, name
+    loss_sum, n_correct, n = blocked.evaluate(idx, targets)
+    assert evaluated[1:] == (n_correct, n) and evaluated[0] == pytest.approx(loss_sum, rel=tol)
+
+
+def test_a_training_step_on_whole_arrays_matches_the_blocked_one():
+    idx, targets = batch(1)
+    models = {}
+    for path in ("blocked", "whole arrays"):
+        with whole_array_mode(path == "whole arrays"):
+            model = LanguageModel(CFG, seed=2, workers=2)
+            opt = AdamW(model.params, weight_decay=0.1)
+            for _ in range(2):
+                model.forward_backward(idx, targets)
+                norm = clip_grad_norm(model.grads, 0.5)
+                opt.step(model.grads, lr=1e-3)
+            models[path] = (model, norm)
+    (blocked, norm_b), (whole, norm_w) = models.values()
+    assert norm_w == pytest.approx(norm_b, rel=1e-5)
+    # two steps of Adam move each weight by about 2e-3: compare the moves, not the weights
+    init = LanguageModel(CFG, seed=2).params
+    for name in init:
+        move_b, move_w = blocked.params[name] - init[name], whole.params[name] - init[name]
+        assert max_rel_diff(move_w, move_b) < 1e-3, name
+
+
+def test_the_whole_array_path_is_chosen_by_the_setting_or_the_array():
+    a = np.zeros(3)
+    assert not whole_arrays(a)
+    with whole_array_mode():
+        assert whole_arrays(a)
+        with whole_array_mode(False):
+            assert not whole_arrays(a)
+        assert whole_arrays(a)
+    assert not whole_arrays(a)
+
+
+def test_scatter_add_counts_every_repeated_index():
+    table = np.zeros((4, 2))
+    scatter_add(table, np.array([1, 3, 1, 1]), np.arange(8.0).reshape(4, 2))
+    np.testing.assert_array_equal(table, [[0, 0], [0 + 4 + 6, 1 + 5 + 7], [0, 0], [2, 3]])
+
+
+def test_host_copies_and_cpu_helpers():
+    a = np.arange(3)
+    assert device.to_host(a) is a and device.to_device(a, np) is a
+    assert require("cpu") is np and device.gpu_memory(np) is None
+    device.synchronize(np)  # nothing to wait for
+    with pytest.raises(DeviceError, match="cpu or cuda"):
+        require("tpu")
+
+
+@pytest.mark.skipif(cupy_gpu() is not None, reason="CuPy runs here: nothing is missing")
+def test_cuda_without_cupy_or_gpu_says_what_to_install():
+    with pytest.raises(DeviceError, match="pip install cupy-cuda12x") as e:
+        require("cuda")
+    assert "\n" not in str(e.value)
+
+
+def test_cuda_with_cupy_but_no_gpu_says_what_to_check(monkeypatch):
+    def no_device():
+        raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=no_device))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(DeviceError, match="no CUDA-capable device.*nvidia-smi.*cupy-cuda12x") as e:
+        require("cuda")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(cupy_gpu() is not None, reason="CuPy runs here: --device cuda would train")
+@pytest.mark.parametrize("script, args", [
+    ("train.py", ["--train_data", "data/sample/train_tokenized.jsonl", "--max_steps", "1"]),
+    ("generate.py", ["--benchmark", "--benchmark_tokens", "8"]),
+    ("benchmark.py", ["--d_model", "16", "--n_heads", "2", "--d_ff", "32", "--vocab_size", "50"]),
+])
+def test_device_cuda_without_a_gpu_exits_with_one_line(script, args, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args, "--device", "cuda"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cupy-cuda12x" in lines[0], proc.stderr
+
+
+# ---------------------------------------------------------------------------- on a GPU, where there is one
+
+needs_gpu = pytest.mark.skipif(cupy_gpu() is None, reason="needs CuPy and an NVIDIA GPU (pip install cupy-cuda12x)")
+
+
+@needs_gpu
+def test_gpu_first_step_loss_equals_numpys_for_the_small_model():
+    cfg = ModelConfig(vocab_size=50257, d_model=128, n_heads=4, d_ff=512, n_layers=2, max_seq_len=128)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (32, 129))
+    cpu = LanguageModel(cfg, seed=0)
+    gpu = LanguageModel(cfg, seed=0, device="cuda")
+    np.testing.assert_array_equal(device.to_host(gpu.flat_params), cpu.flat_params)  # drawn on the host
+    loss_cpu, _ = cpu.forward_backward(tokens[:, :-1], tokens[:, 1:])
+    loss_gpu, _ = gpu.forward_backward(tokens[:, :-1], tokens[:, 1:])
+    assert not isinstance(loss_gpu, float)  # still on the device
+    assert float(loss_gpu) == pytest.approx(loss_cpu, rel=1e-5)
+    assert clip_grad_norm(gpu.grads, 1.0) == pytest.approx(clip_grad_norm(cpu.grads, 1.0), rel=1e-4)
+
+
+@needs_gpu
+def test_gpu_generation_with_the_cache_matches_the_cpu():
+    from generate import Decoder
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_seq_len=24)
+    cpu = LanguageModel(cfg, seed=3, dtype=np.float64)
+    gpu = LanguageModel(cfg, params=cpu.params, device="cuda")
+    for use_cache in (True, False):
+        decoders = Decoder(cpu, use_cache), Decoder(gpu, use_cache)
+        token = 5
+        for _ in range(30):  # past max_seq_len: the window slides and the cache is rebuilt
+            a, b = (d.feed([token]) for d in decoders)
+            np.testing.assert_allclose(device.to_host(b), a, rtol=1e-9, atol=1e-12)
+            token = int(np.argmax(a))
