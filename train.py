@@ -39,6 +39,7 @@ from atomic import atomic_write
 from checkpoint import CheckpointError, copy_params, find_latest, load_checkpoint, save_checkpoint
 from data_loader import (DataError, RandomBatches, check_same_tokenizer, eval_batches, load_dataset,
                          num_eval_windows, same_tokenizer)
+from device import DeviceError, require, to_device
 from optimizer import OPTIMIZERS, LRSchedule, clip_grad_norm
 
 try:
@@ -113,6 +114,9 @@ def build_parser():
     o.add_argument("--workers", type=int, default=None,
                    help="threads each batch is split over, one per core (default: as many as NumPy's BLAS uses, "
                         "normally every core; 1: no split). Each adds a copy of the gradients and a logits buffer")
+    o.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (NumPy), or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or cupy-cuda13x); "
+                        "checkpoints are the same files either way, so a run resumes on either")
     r = p.add_argument_group("logging, evaluation, checkpoints")
     r.add_argument("--save_dir", default="checkpoints", help="directory for checkpoints and metrics.jsonl")
     r.add_argument("--log_interval", type=int, default=50, help="print training metrics every this many steps")
@@ -154,6 +158,7 @@ def check_args(args):
             raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.max_time is not None and not args.max_time > 0:
         raise TrainError(f"--max_time must be a positive number of minutes (got {args.max_time})")
+    require(args.device)  # before any data is read: without CuPy or a GPU, say what to install
 
 
 def model_config(args):
@@ -354,7 +359,8 @@ class Trainer:
 
         from language_model import LanguageModel
         self.config = model_config(args)
-        self.model = LanguageModel(self.config, seed=args.seed, dtype=np.float32, workers=args.workers)
+        self.model = LanguageModel(self.config, seed=args.seed, dtype=np.float32, workers=args.workers,
+                                   device=args.device)
         self.opt = make_optimizer(args, self.model.params)
         self.schedule = LRSchedule(args.learning_rate, args.warmup_steps, args.max_steps, args.min_lr,
                                    args.lr_schedule)
@@ -389,7 +395,8 @@ class Trainer:
     def restore(self, path, notes):
         ck = load_checkpoint(path)
         check_resume(ck, path, self.args, self.config, self.identity, len(self.train_ds), notes.append)
-        copy_params(self.model.params, ck.params, path)   # in place: the optimizer holds these arrays
+        loaded = {k: to_device(v, self.model.xp) for k, v in ck.params.items()}  # on the CPU: the same arrays
+        copy_params(self.model.params, loaded, path)   # in place: the optimizer holds these arrays
         try:
             self.opt.load_state_dict(ck.arrays)
             self.batches.set_state(ck.meta["data"])
@@ -405,7 +412,7 @@ class Trainer:
                 "data": dict(self.batches.state(), train_data=self.args.train_data, num_tokens=len(self.train_ds)),
                 "train_args": {k: v for k, v in vars(self.args).items() if k != "resume"}}
         t = time.perf_counter()
-        save_checkpoint(path, self.config, self.model.params, meta, self.opt.state_dict())
+        save_checkpoint(path, self.config, self.model.host_params(), meta, self.opt.state_dict())
         self.log.say(f"saved {path} ({time.perf_counter() - t:.1f}s)")
         self.log.record(type="checkpoint", step=self.step, path=path)
         self.last_good = path
@@ -440,7 +447,9 @@ class Trainer:
         t1 = clock()
         loss, accuracy = self.model.forward_backward(x, y)
         t2 = clock()
-        if not math.isfinite(loss):
+        # On the GPU the loss stays there until it is logged (reading it waits for the GPU); a
+        # non-finite loss makes the gradients non-finite too, so the norm, read every step, stops it.
+        if isinstance(loss, float) and not math.isfinite(loss):
             raise TrainError(nan_message("loss", loss, self.step + 1, self.last_good))
         grad_norm = clip_grad_norm(self.model.grads, self.args.grad_clip)
         if not math.isfinite(grad_norm):
@@ -522,7 +531,7 @@ class Trainer:
 
     def log_train(self, interval, lr, grad_norm, bar):
         n, secs = interval["steps"], interval["time"]
-        loss, accuracy = interval["loss"] / n, interval["accuracy"] / n
+        loss, accuracy = float(interval["loss"]) / n, float(interval["accuracy"]) / n  # on the GPU: read now
         steps_per_s, tokens_per_s = n / secs, n * self.args.batch_size * self.args.seq_len / secs
         self.log.say(f"step {self.step:>6}/{self.args.max_steps} | loss {loss:.4f} | acc {accuracy:.4f} | "
                      f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {steps_per_s:.2f} steps/s | "
@@ -565,7 +574,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return train(args)
-    except (TrainError, DataError, CheckpointError) as e:
+    except (TrainError, DataError, CheckpointError, DeviceError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
