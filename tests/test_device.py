@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import device
+import fake_cupy
 from device import DeviceError, require, scatter_add, whole_array_mode, whole_arrays
 from language_model import LanguageModel, ModelConfig
 from loss import IGNORE_INDEX
@@ -136,6 +137,89 @@ def test_device_cuda_without_a_gpu_exits_with_one_line(script, args, tmp_path):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cupy-cuda12x" in lines[0], proc.stderr
+
+
+# ------------------------------------------------ the GPU path's plumbing, with a NumPy stand-in for CuPy
+
+def test_a_gpu_step_reads_one_value_back_and_computes_what_numpy_does():
+    """With fake_cupy every array of the model is a "device" array that refuses host arrays and
+    counts host reads. A training step reads one value (the gradient norm), and computes bit for
+    bit what NumPy computes on the whole-array path."""
+    idx, targets = batch(3)
+    with whole_array_mode():
+        cpu = LanguageModel(CFG, seed=4)
+        opt_cpu = AdamW(cpu.params, weight_decay=0.1)
+        loss_cpu, acc_cpu = cpu.forward_backward(idx, targets)
+        norm_cpu = clip_grad_norm(cpu.grads, 0.5)
+        opt_cpu.step(cpu.grads, lr=1e-3)
+        evaluated_cpu = cpu.evaluate(idx, targets)
+    with fake_cupy.installed() as cupy:
+        gpu = LanguageModel(CFG, seed=4, device="cuda")
+        assert isinstance(gpu.flat_params, cupy.ndarray) and gpu.xp is cupy
+        opt = AdamW(gpu.params, weight_decay=0.1)
+        before = fake_cupy.DeviceArray.syncs
+        loss, acc = gpu.forward_backward(idx, targets)
+        assert fake_cupy.DeviceArray.syncs == before  # the loss and accuracy stay on the device
+        assert isinstance(loss, cupy.ndarray) and loss.ndim == 0
+        norm = clip_grad_norm(gpu.grads, 0.5)
+        opt.step(gpu.grads, lr=1e-3)
+        assert fake_cupy.DeviceArray.syncs == before + 1  # the gradient norm, read once
+        assert (float(loss), float(acc), norm) == (loss_cpu, acc_cpu, norm_cpu)
+        np.testing.assert_array_equal(device.to_host(gpu.flat_params), cpu.flat_params)
+        state = opt.state_dict()  # host arrays, for the checkpoint
+        assert all(type(v) is np.ndarray for v in state.values())
+        np.testing.assert_array_equal(state["v/wte"], opt_cpu.state_dict()["v/wte"])
+        loss_sum, n_correct, n = gpu.evaluate(idx, targets)
+        assert (float(loss_sum), int(n_correct), n) == evaluated_cpu
+        assert all(type(v) is np.ndarray for v in gpu.host_params().values())
+
+
+def test_gpu_generation_copies_one_row_of_logits_per_token():
+    from generate import Decoder, generate
+    cfg = ModelConfig(vocab_size=61, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=12)
+    with whole_array_mode():
+        cpu = LanguageModel(cfg, seed=5, dtype=np.float64)
+        expected = list(generate(cpu, [1, 2], 20, np.random.default_rng(0), temperature=0.8))
+    with fake_cupy.installed() as cupy:
+        gpu = LanguageModel(cfg, params=cpu.params, device="cuda")
+        assert isinstance(gpu.new_kv_cache(1).k[0], cupy.ndarray)
+        logits = Decoder(gpu).feed([1, 2])
+        assert type(logits) is np.ndarray and logits.shape == (61,)
+        assert list(generate(gpu, [1, 2], 20, np.random.default_rng(0), temperature=0.8)) == expected
+
+
+def test_train_on_the_gpu_resume_on_either_device(tmp_path, capsys):
+    """Checkpoints are host files: a GPU run's checkpoint resumes on the CPU and on the GPU to the
+    same weights as the GPU run itself (the stand-in computes exactly what NumPy's whole arrays do)."""
+    import train
+    from checkpoint import load_checkpoint
+    from test_train import tiny_flags, write_data
+    data = write_data(tmp_path / "train.jsonl", 100, seed=1), write_data(tmp_path / "valid.jsonl", 20, seed=2)
+
+    def run(save_dir, **flags):
+        assert train.main(tiny_flags(data, str(tmp_path / save_dir), max_steps=12, save_interval=6, log_interval=4,
+                                     eval_interval=6, no_progress=True, **flags)) == 0
+        return load_checkpoint(str(tmp_path / save_dir / "checkpoint_final.npz")).params
+
+    with fake_cupy.installed():
+        on_gpu = run("gpu", device="cuda")
+        half = str(tmp_path / "gpu" / "checkpoint_step_6.npz")
+        resumed_gpu = run("gpu", device="cuda", resume=half)
+    with whole_array_mode():
+        resumed_cpu = run("gpu", resume=half)
+    for name in on_gpu:
+        np.testing.assert_array_equal(resumed_gpu[name], on_gpu[name])
+        np.testing.assert_array_equal(resumed_cpu[name], on_gpu[name])
+    assert "val loss" in capsys.readouterr().out
+
+
+def test_benchmark_on_the_gpu_prints_milliseconds_and_gpu_memory(capsys):
+    import benchmark
+    with fake_cupy.installed():
+        benchmark.main(["--vocab_size", "64", "--d_model", "16", "--n_heads", "2", "--d_ff", "32", "--n_layers", "1",
+                        "--batch_size", "2", "--seq_len", "8", "--steps", "1", "--min_seconds", "0", "--device", "cuda"])
+    out = capsys.readouterr().out
+    assert " ms " in out and "ratio" in out and "GPU memory 2 MB" in out
 
 
 # ---------------------------------------------------------------------------- on a GPU, where there is one
