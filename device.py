@@ -63,8 +63,9 @@ def on_gpu(x):
 
 
 def to_device(a, xp):
-    """a (host or device) as an array of module xp: one copy from the host, none if already there."""
-    return xp.asarray(a)
+    """a (host or device) as an array of module xp: one copy between host and device, none if it
+    is there already."""
+    return to_host(a) if xp is np else xp.asarray(a)
 
 
 def to_host(a):

@@ -1,7 +1,7 @@
 """A GPT-style language model composed of the hand-written layers.
 
 Shapes: B batch, T sequence length, C d_model, V vocab_size, L n_layers, H n_heads,
-F d_ff, T_max max_seq_len.
+F d_ff, T_max max_seq_len, P the number of parameters (flat_params and flat_grads are (P,)).
 
     x = wte[idx] + pos[:T]                      embeddings.py
     x = block_i(x) for i in range(L)            transformer.py (pre-norm)

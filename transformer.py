@@ -114,7 +114,7 @@ _masks = {}
 
 def causal_mask(T, S, dtype, xp=np):
     """(T, S) additive mask: -inf where query t (the last T of S positions) would see a later key, else 0."""
-    key = (T, S, np.dtype(dtype).str, xp.__name__)
+    key = (T, S, np.dtype(dtype).str, xp)  # the module itself: numpy or cupy (or a test's stand-in)
     if key not in _masks:
         _masks[key] = xp.triu(xp.full((T, S), -np.inf, dtype), k=S - T + 1)
     return _masks[key]

@@ -186,6 +186,9 @@ def test_gpu_generation_copies_one_row_of_logits_per_token():
         logits = Decoder(gpu).feed([1, 2])
         assert type(logits) is np.ndarray and logits.shape == (61,)
         assert list(generate(gpu, [1, 2], 20, np.random.default_rng(0), temperature=0.8)) == expected
+        back = LanguageModel(cfg, params=gpu.params)  # and back to the host
+        assert type(back.flat_params) is np.ndarray
+        np.testing.assert_array_equal(back.flat_params, cpu.flat_params)
 
 
 def test_train_on_the_gpu_resume_on_either_device(tmp_path, capsys):
