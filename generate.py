@@ -293,7 +293,7 @@ def build_parser():
     a.add_argument("--n_layers", type=int, default=None, help="Transformer blocks the model was trained with")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (NumPy), or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or "
-                        "cupy-cuda13x); any checkpoint runs on either")
+                        "cupy-cuda13x); any checkpoint runs on either; default cpu")
     b = p.add_argument_group("speed")
     b.add_argument("--benchmark", action="store_true",
                    help="report tokens/s with and without the cache, for --checkpoint or else the guide's "

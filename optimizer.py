@@ -202,7 +202,7 @@ class Optimizer:
             self.offsets[name] = (self.size, self.size + p.size)
             self.size += p.size
         self.threads = int(threads or default_threads())
-        # each thread one contiguous range of the flat vector, all of the same size (in whole KB of floats)
+        # each thread one contiguous range of the flat vector, all of one size (a multiple of ALIGN)
         share = -(-self.size // self.threads // ALIGN) * ALIGN
         self._plan = [(lo, min(lo + share, self.size)) for lo in range(0, self.size, share)]
         self._runner = ShardRunner(len(self._plan))
