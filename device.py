@@ -39,8 +39,13 @@ def require(device):
         raise DeviceError(f"unknown device {device!r}: choose cpu or cuda")
     try:
         import cupy
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name != "cupy":
+            raise DeviceError(f"--device cuda: CuPy is installed but cannot load ({e}); {INSTALL_HINT}") from None
         raise DeviceError(f"--device cuda needs CuPy, which is not installed: {INSTALL_HINT}") from None
+    except Exception as e:  # an ImportError from its CUDA libraries, a wheel for other drivers
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DeviceError(f"--device cuda: CuPy is installed but cannot load ({reason}); {INSTALL_HINT}") from None
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("no GPU found")

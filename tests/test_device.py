@@ -113,6 +113,19 @@ def test_cuda_without_cupy_or_gpu_says_what_to_install():
     assert "\n" not in str(e.value)
 
 
+def test_cuda_with_a_broken_cupy_says_so_in_one_line(monkeypatch):
+    class Broken:  # what `import cupy` meets when its CUDA libraries do not load
+        def find_spec(self, name, path=None, target=None):
+            if name == "cupy":
+                raise ImportError("libcublas.so.12: cannot open shared object file\nmore detail")
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken()] + sys.meta_path)
+    with pytest.raises(DeviceError, match="installed but cannot load .libcublas.so.12: cannot open shared object "
+                                          r"file.; pip install cupy-cuda12x") as e:
+        require("cuda")
+    assert "\n" not in str(e.value)
+
+
 def test_cuda_with_cupy_but_no_gpu_says_what_to_check(monkeypatch):
     def no_device():
         raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
