@@ -5,11 +5,14 @@ run, the matrix products such a step cannot avoid done alone with NumPy (same sh
 layouts, preallocated outputs). Prints both, their ratio, tokens/s and peak memory. The two
 are timed alternately, so a busy machine slows both alike; compare ratios, not seconds.
 The step splits the batch over the cores (parallel.py); the matmuls alone use NumPy's BLAS as
-it comes, on every core.
+it comes, on every core. With --device cuda both run on the GPU (the matmuls through CuPy,
+that is cuBLAS), the clock is read only after waiting for the GPU, and the memory printed is
+the GPU memory CuPy's pool holds.
 
     python3 benchmark.py                                  # the guide's Small model
     python3 benchmark.py --d_model 256 --n_heads 8 --d_ff 1024 --n_layers 4 --batch_size 16 --seq_len 256
     python3 benchmark.py --all                            # Tiny, Small, Medium and Small with a 4096 vocabulary
+    python3 benchmark.py --device cuda                    # the Small model on an NVIDIA GPU (needs CuPy)
 """
 import argparse
 import math
@@ -21,6 +24,7 @@ import time
 
 import numpy as np
 
+from device import DeviceError, gpu_memory, require, synchronize, to_device
 from language_model import LanguageModel, ModelConfig
 from lm_head import ROWS_PER_CHUNK
 from optimizer import AdamW, clip_grad_norm
@@ -36,18 +40,20 @@ PRESETS = {  # name: (model flags, batch_size, seq_len), as in the guide
 class MatmulsOnly:
     """The matrix products of one training step, alone: N = B*T rows, per layer and for the head."""
 
-    def __init__(self, cfg, B, T, dtype=np.float32):
+    def __init__(self, cfg, B, T, dtype=np.float32, xp=np):
         rng = np.random.default_rng(0)
         C, F, V, H = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_heads
-        hs, N, R = C // H, B * T, min(ROWS_PER_CHUNK, B * T)
+        # the head's rows in chunks as lm_head.py makes them: all in one on the GPU (whole arrays)
+        hs, N, R = C // H, B * T, B * T if xp is not np else min(ROWS_PER_CHUNK, B * T)
+        self.xp = xp
 
         def r(*shape):
-            return rng.standard_normal(shape).astype(dtype)
+            return to_device(rng.standard_normal(shape).astype(dtype), xp)
 
         x, x3, xf, w3, w, wf, wp = r(N, C), r(N, 3 * C), r(N, F), r(C, 3 * C), r(C, C), r(C, F), r(F, C)
         q, att = r(B, H, T, hs), r(B, H, T, T)
         wte, logits = r(V, C), r(R, V)
-        o = {s: np.empty(s, dtype) for s in [(N, C), (N, 3 * C), (N, F), (C, 3 * C), (C, C), (C, F), (F, C),
+        o = {s: xp.empty(s, dtype) for s in [(N, C), (N, 3 * C), (N, F), (C, 3 * C), (C, C), (C, F), (F, C),
                                               (B, H, T, T), (B, H, T, hs), (R, V), (R, C), (V, C)]}
         layer = [  # (a, b, out) for out = a @ b
             (x, w3, o[N, 3 * C]), (q, q.transpose(0, 1, 3, 2), o[B, H, T, T]), (att, q, o[B, H, T, hs]),
@@ -65,20 +71,22 @@ class MatmulsOnly:
 
     def run(self):
         for a, b, out in self.products:
-            np.matmul(a, b, out=out)
+            self.xp.matmul(a, b, out=out)
 
 
-def median_time(fn, repeats):
+def median_time(fn, repeats, xp=np):
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        synchronize(xp)  # on the GPU the work is only queued when fn returns
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
 
-def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2):
-    model = LanguageModel(cfg, seed=0)
+def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu"):
+    model = LanguageModel(cfg, seed=0, device=device)
+    xp = model.xp
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
     optimizer = AdamW(model.params)
 
@@ -89,9 +97,10 @@ def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2):
 
     for _ in range(warmup):
         step()
-    steps = max(steps, math.ceil(min_seconds / median_time(step, 1)))  # short steps: more of them, less noise
+    steps = max(steps, math.ceil(min_seconds / median_time(step, 1, xp)))  # short steps: more of them, less noise
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    mm = MatmulsOnly(cfg, B, T)
+    gpu = gpu_memory(xp)  # (in use, held by the pool) after a step: its arrays, and what it keeps for the next
+    mm = MatmulsOnly(cfg, B, T, xp=xp)
     mm.run()
     step_times, mm_times = [], []
     for _ in range(steps):  # alternate, so both see the same machine
@@ -99,20 +108,26 @@ def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2):
         # the matmuls, OpenBLAS's threads spin-wait for more work for ~0.1 s and would slow
         # a step's first tenth of a second (training runs steps back to back, never this mix).
         step()
-        step_times.append(median_time(step, 1))
+        step_times.append(median_time(step, 1, xp))
         mm.run()
-        mm_times.append(median_time(mm.run, 1))
+        mm_times.append(median_time(mm.run, 1, xp))
     t_step, t_mm = float(np.median(step_times)), float(np.median(mm_times))
     return dict(step_s=t_step, matmul_s=t_mm, ratio=t_step / t_mm, tokens_per_s=B * T / t_step,
-                gflops=mm.flops / t_mm / 1e9, peak_mb=peak_mb, params=model.num_parameters())
+                gflops=mm.flops / t_mm / 1e9, peak_mb=peak_mb, params=model.num_parameters(),
+                gpu_mb=None if gpu is None else gpu[1] / 2**20)
 
 
 def report(name, cfg, B, T, r):
     print(f"{name}: d_model={cfg.d_model} n_heads={cfg.n_heads} d_ff={cfg.d_ff} n_layers={cfg.n_layers} "
           f"vocab={cfg.vocab_size} batch={B} seq={T} params={r['params']:,}")
-    print(f"  step {r['step_s']:.3f} s   matmuls alone {r['matmul_s']:.3f} s ({r['gflops']:.0f} GFLOP/s)   "
-          f"ratio {r['ratio']:.2f}   {r['tokens_per_s']:,.0f} tokens/s   peak memory {r['peak_mb']:.0f} MB",
-          flush=True)
+    if r.get("gpu_mb") is None:
+        times = f"step {r['step_s']:.3f} s   matmuls alone {r['matmul_s']:.3f} s"
+        memory = f"peak memory {r['peak_mb']:.0f} MB"
+    else:  # a GPU step takes milliseconds
+        times = f"step {1000 * r['step_s']:.1f} ms   matmuls alone {1000 * r['matmul_s']:.1f} ms"
+        memory = f"GPU memory {r['gpu_mb']:.0f} MB (held by CuPy's pool), host peak {r['peak_mb']:.0f} MB"
+    print(f"  {times} ({r['gflops']:.0f} GFLOP/s)   ratio {r['ratio']:.2f}   {r['tokens_per_s']:,.0f} tokens/s   "
+          f"{memory}", flush=True)
 
 
 SIZES = {"Tiny": (64, 2, 256, 2), "Small": (128, 4, 512, 2), "Medium": (256, 8, 1024, 4), "Large": (512, 16, 2048, 6)}
@@ -142,7 +157,13 @@ def main(argv=None):
                     help="time at least this many seconds of steps: short steps are noisy (default 3)")
     ap.add_argument("--all", action="store_true", help="run the guide's Tiny, Small, Medium and Small-with-4096-vocab")
     ap.add_argument("--sizes", action="store_true", help="only print the guide's model sizes with their parameter counts")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu (NumPy) or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or cupy-cuda13x)")
     args = ap.parse_args(argv)
+    try:
+        require(args.device)
+    except DeviceError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.sizes:
         print_sizes()
         return
@@ -150,12 +171,13 @@ def main(argv=None):
         for name, (flags, B, T) in PRESETS.items():
             print(f"== {name}", flush=True)
             argv = [f"--{k}={v}" for k, v in {**flags, "batch_size": B, "seq_len": T, "steps": args.steps,
-                                                  "min_seconds": args.min_seconds}.items()]
+                                                  "min_seconds": args.min_seconds, "device": args.device}.items()]
             subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
         return
     cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
                       n_layers=args.n_layers, max_seq_len=args.seq_len)
-    result = bench(cfg, args.batch_size, args.seq_len, steps=args.steps, min_seconds=args.min_seconds)
+    result = bench(cfg, args.batch_size, args.seq_len, steps=args.steps, min_seconds=args.min_seconds,
+                   device=args.device)
     report("model", cfg, args.batch_size, args.seq_len, result)
 
 

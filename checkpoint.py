@@ -45,6 +45,7 @@ from typing import NamedTuple
 import numpy as np
 
 from atomic import atomic_write
+from device import get_array_module, to_device
 
 try:
     import fcntl
@@ -260,26 +261,26 @@ def load_checkpoint(path):
     return Checkpoint(config, params, meta, arrays)
 
 
-def load_model(path, dtype=None, for_training=False):
+def load_model(path, dtype=None, for_training=False, device="cpu"):
     """A LanguageModel built from the checkpoint's arrays (no random weights drawn first, and
-    no gradients unless for_training); returns (model, meta)."""
+    no gradients unless for_training), on device ("cpu" or "cuda"); returns (model, meta)."""
     from language_model import LanguageModel
     ck = load_checkpoint(path)
     params = ck.params
     if dtype is not None and np.dtype(dtype) != next(iter(params.values())).dtype:
         params = {k: v.astype(dtype) for k, v in params.items()}
-    return LanguageModel(ck.config, params=params, for_training=for_training), ck.meta
+    return LanguageModel(ck.config, params=params, for_training=for_training, device=device), ck.meta
 
 
 def copy_params(dst, src, path="checkpoint"):
-    """Copy src arrays into the existing dst arrays in place (names and shapes must match)."""
+    """Copy src arrays (host arrays) into the existing dst arrays in place (names and shapes must match)."""
     if dst.keys() != src.keys():
         missing, extra = sorted(set(dst) - set(src)), sorted(set(src) - set(dst))
         raise CheckpointError(f"{path} does not match the model: missing {missing[:4]}, unexpected {extra[:4]}")
     for name, arr in src.items():
         if dst[name].shape != arr.shape:
             raise CheckpointError(f"{path}: parameter {name!r} has shape {arr.shape}, model has {dst[name].shape}")
-        dst[name][...] = arr
+        dst[name][...] = to_device(arr, get_array_module(dst[name]))  # host -> GPU where the model lives there
 
 
 # ----------------------------------------------------------------------------------------------

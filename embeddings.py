@@ -16,6 +16,7 @@ leaves the positions several times stronger.)
 """
 import numpy as np
 
+from device import scatter_add
 
 SINUSOID_SCALE = 0.02  # the token embeddings' initial std
 
@@ -47,7 +48,7 @@ def embedding_backward(dx, idx, dwte, dwpe=None):
     Forward was x[b, t] = wte[idx[b, t]] + pos[t], so every use of a token adds dx[b, t] to its row.
     """
     C = dx.shape[-1]
-    np.add.at(dwte, idx.ravel(), dx.reshape(-1, C))  # (B*T, C) scattered into (V, C)
+    scatter_add(dwte, idx.ravel(), dx.reshape(-1, C))  # (B*T, C) scattered into (V, C), repeats counted
     if dwpe is not None:
         T = idx.shape[1]
         dwpe[:T] += dx.sum(axis=0)  # (B, T, C) -> (T, C)

@@ -42,7 +42,7 @@ import sys
 import numpy as np
 
 from atomic import atomic_write
-from checkpoint import CheckpointError, copy_params, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint
 
 EXPORT_FORMAT = "numpy-gpt hf export"
 EXPORT_VERSION = 1
@@ -376,13 +376,13 @@ def load_hf_params(path, config):
     return params
 
 
-def load_hf_model(path, dtype=np.float32):
-    """A LanguageModel with the folder's weights; returns (model, meta) like checkpoint.load_model."""
+def load_hf_model(path, dtype=np.float32, device="cpu"):
+    """A LanguageModel (for generation: no gradients) with the folder's weights; returns (model, meta)
+    like checkpoint.load_model."""
     from language_model import LanguageModel
     config, hf = read_hf_config(path)
-    params = load_hf_params(path, config)
-    model = LanguageModel(config, seed=0, dtype=dtype)
-    copy_params(model.params, params, path)
+    params = {k: v.astype(dtype, copy=False) for k, v in load_hf_params(path, config).items()}
+    model = LanguageModel(config, params=params, for_training=False, device=device)
     record = hf.get("numpy_gpt") if isinstance(hf.get("numpy_gpt"), dict) else {}
     # no "tokenizer" identity: the folder's own tokenizer files say (load_hf_tokenizer)
     return model, {"step": record.get("step"), "tokenizer": None, "hf_dir": path, "vocab_size": config.vocab_size}

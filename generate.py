@@ -6,6 +6,7 @@
     python3 generate.py --checkpoint ck.npz --prompt "The dog" --temperature 1.2 --top_p 0.9 --stream
     python3 generate.py --benchmark          # tokens/s of the guide's Small and Medium models, cache vs none
     python3 generate.py --checkpoint hf_small --prompt "Once upon a time"   # a Hugging Face GPT-2 folder
+    python3 generate.py --checkpoint ck.npz --prompt "Once upon a time" --device cuda   # on an NVIDIA GPU (CuPy)
 
 The checkpoint carries the model's config and its tokenizer's identity (and a BPE model's
 JSON), so `--checkpoint` alone is enough. The guide's architecture flags (`--vocab_size
@@ -28,6 +29,9 @@ Sampling, in this order (as Hugging Face's samplers): logits / temperature, then
 then top-p on what is left, then one draw. Temperature 0 or top_k 1 is greedy (argmax).
 Tokens tied with the k-th largest logit are all kept, and so are tokens tied with the
 last one of the nucleus, so the kept set does not depend on how a sort breaks ties.
+
+With --device cuda the weights and the key/value cache live on the GPU; each token copies
+its row of logits (V,) back to the host, where sampling happens.
 """
 import argparse
 import json
@@ -36,6 +40,8 @@ import sys
 import time
 
 import numpy as np
+
+from device import DeviceError, require, to_host
 
 ARCH_FLAGS = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers")
 BENCH_PRESETS = {  # the guide's model sizes, with a context long enough for 256 tokens
@@ -158,20 +164,22 @@ class Decoder:
         self.rebuilds = 0  # how many times the cache was (re)filled from scratch
 
     def feed(self, ids):
-        """Append token ids (at least one) to the context; returns the next token's logits (V,)."""
+        """Append token ids (at least one) to the context; returns the next token's logits (V,),
+        a NumPy array (on the GPU, the one row copied to the host)."""
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("feed needs at least one token id")
         self.tokens.extend(ids)
         window = np.array([self.tokens[-self.max_len:]])  # (1, T)
         if not self.use_cache:
-            return self.model.forward(window, last_only=True)[0, -1]
+            return to_host(self.model.forward(window, last_only=True)[0, -1])
         if self.cache is not None and self.cache.length + len(ids) <= self.max_len:
-            return self.model.forward(np.array([ids]), kv_cache=self.cache, last_only=True)[0, -1]  # only the new positions
+            # only the new positions
+            return to_host(self.model.forward(np.array([ids]), kv_cache=self.cache, last_only=True)[0, -1])
         # first call, or the window slid: every position changed, so start the cache afresh
         self.cache = self.model.new_kv_cache(1)
         self.rebuilds += 1
-        return self.model.forward(window, kv_cache=self.cache, last_only=True)[0, -1]
+        return to_host(self.model.forward(window, kv_cache=self.cache, last_only=True)[0, -1])
 
 
 def generate(model, prompt_ids, max_new_tokens, rng=None, temperature=1.0, top_k=None, top_p=None,
@@ -288,6 +296,9 @@ def build_parser():
     a.add_argument("--n_heads", type=int, default=None, help="attention heads the model was trained with")
     a.add_argument("--d_ff", type=int, default=None, help="feed-forward width the model was trained with")
     a.add_argument("--n_layers", type=int, default=None, help="Transformer blocks the model was trained with")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (NumPy), or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or "
+                        "cupy-cuda13x); any checkpoint runs on either; default cpu")
     b = p.add_argument_group("speed")
     b.add_argument("--benchmark", action="store_true",
                    help="report tokens/s with and without the cache, for --checkpoint or else the guide's "
@@ -306,6 +317,7 @@ def check_args(args):
             raise GenerateError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not args.checkpoint and not args.benchmark:
         raise GenerateError("--checkpoint is required (a .npz written by train.py)")
+    require(args.device)  # DeviceError: what to install for --device cuda
 
 
 def check_architecture(config, args, path):
@@ -347,31 +359,32 @@ def load_tokenizer(meta, args):
     return get_tokenizer("lecture2_bpe", model_file=args.model_file, verbose=False)
 
 
-def load_any(path):
-    """(model, meta) from a .npz checkpoint or a Hugging Face GPT-2 folder."""
+def load_any(path, device="cpu"):
+    """(model, meta) from a .npz checkpoint or a Hugging Face GPT-2 folder, the weights on device."""
     if os.path.isdir(path):
         from export_hf import load_hf_model
-        return load_hf_model(path)
+        return load_hf_model(path, device=device)
     from checkpoint import load_model
-    return load_model(path)
+    return load_model(path, device=device)
 
 
 def run_benchmark(args, out):
     from language_model import LanguageModel, ModelConfig
     if args.checkpoint:
-        model, _ = load_any(args.checkpoint)
+        model, _ = load_any(args.checkpoint, args.device)
         models = {args.checkpoint: model}
     else:
         models = {}
         for name, preset in BENCH_PRESETS.items():
             cfg = dict(preset, max_seq_len=max(preset["max_seq_len"], args.benchmark_tokens))
-            models[name] = LanguageModel(ModelConfig(**cfg), seed=0, dtype=np.float32)
+            models[name] = LanguageModel(ModelConfig(**cfg), seed=0, dtype=np.float32, device=args.device)
     if hasattr(os, "getloadavg"):  # other work on the machine slows every figure below
         out.write(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
     for name, model in models.items():
         c = model.config
         out.write(f"{name}: vocab {c.vocab_size}, d_model {c.d_model}, {c.n_heads} heads, d_ff {c.d_ff}, "
-                  f"{c.n_layers} layers, {model.dtype}; greedy decoding of {args.benchmark_tokens} tokens\n")
+                  f"{c.n_layers} layers, {model.dtype} on {args.device}; greedy decoding of "
+                  f"{args.benchmark_tokens} tokens\n")
         benchmark(model, args.benchmark_tokens, out=out)
     return 0
 
@@ -391,7 +404,7 @@ def main(argv=None, out=None, err=None):
         err.write("interrupted\n")
         return 130
     except Exception as e:
-        known = (GenerateError,) + _load_errors()
+        known = (GenerateError, DeviceError) + _load_errors()
         if not isinstance(e, known):
             raise
         err.write(f"error: {e}\n")
@@ -416,7 +429,7 @@ def _load_errors():
 
 
 def run(args, out, err):
-    model, meta = load_any(args.checkpoint)
+    model, meta = load_any(args.checkpoint, args.device)
     config = model.config
     check_architecture(config, args, args.checkpoint)
     tok = load_tokenizer(meta, args)

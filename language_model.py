@@ -1,7 +1,7 @@
 """A GPT-style language model composed of the hand-written layers.
 
 Shapes: B batch, T sequence length, C d_model, V vocab_size, L n_layers, H n_heads,
-F d_ff, T_max max_seq_len.
+F d_ff, T_max max_seq_len, P the number of parameters (flat_params and flat_grads are (P,)).
 
     x = wte[idx] + pos[:T]                      embeddings.py
     x = block_i(x) for i in range(L)            transformer.py (pre-norm)
@@ -10,18 +10,26 @@ F d_ff, T_max max_seq_len.
 Parameters are a flat dict named as in GPT-2 (wte, wpe, h.{i}.ln_1.weight, ...
 h.{i}.attn.c_attn.weight (C, 3C), ..., ln_f.bias), so with learned positions, GELU and
 tied embeddings this computes exactly GPT-2's function. `grads` has the same keys.
+As in llm.c, every parameter is a view into one flat array, `flat_params`, and every
+gradient a view into `flat_grads` (in param_shapes order): the optimizer then updates one
+array, the gradient norm is one reduction, and summing gradients is one addition.
 All computation happens in the parameters' dtype: float32 to train, float64 to check.
+
+With device="cuda" the arrays live on the GPU (CuPy, see device.py); token ids always come
+from the host, where they are checked before the copy.
 """
 import ctypes
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import numpy as np
 
+from device import require, to_device, to_host, whole_arrays
 from embeddings import embedding_backward, embedding_forward, sinusoidal_positions
 from lm_head import HeadWorkspace, lm_head_forward, lm_head_loss
 from loss import IGNORE_INDEX
-from parallel import ShardRunner
+from parallel import ShardRunner, sum_into
 from transformer import KVCache, block_backward, block_forward
 
 
@@ -117,9 +125,33 @@ def keep_freed_memory():
         pass
 
 
+class FlatDict(dict):
+    """{name: array}, each array a view into the one 1-D array `flat`, back to back in key order.
+
+    Entries are never rebound (that would detach them from `flat`): copy into them in place,
+    `d[name][...] = value`.
+    """
+
+    def __init__(self, flat, shapes):
+        views, offset = {}, 0
+        for name, shape in shapes.items():
+            size = math.prod(shape)
+            views[name] = flat[offset : offset + size].reshape(shape)
+            offset += size
+        if offset != flat.size:
+            raise ValueError(f"the shapes hold {offset} elements, the flat array {flat.size}")
+        super().__init__(views)
+        self.flat = flat
+
+    def __setitem__(self, name, value):
+        if value is self.get(name):  # `d[name] += x` adds in place, then stores the same view back
+            return
+        raise TypeError(f"{name!r} is a view into a flat buffer: copy into it in place, d[{name!r}][...] = value")
+
+
 class Shard(NamedTuple):
     """What one worker of forward_backward and evaluate owns: its gradients and head buffers."""
-    grads: dict
+    grads: FlatDict
     workspace: HeadWorkspace
 
 
@@ -128,19 +160,48 @@ class LanguageModel:
 
     Training and evaluation split the batch into one shard of sequences per core (workers,
     by default as many as NumPy's BLAS has threads) and run them in parallel: parallel.py.
+    On the GPU (device="cuda") and inside device.whole_array_mode() one worker does the batch.
+    `params` (given) are copied into the model's flat buffer; the initial weights are drawn on
+    the host, so both devices start from the same ones.
     """
 
-    def __init__(self, config, seed=0, dtype=np.float32, params=None, workers=None, for_training=True):
+    def __init__(self, config, seed=0, dtype=np.float32, params=None, workers=None, device="cpu",
+                 for_training=True):
         keep_freed_memory()
         self.config = config
+        self.xp = xp = require(device)
+        self.shapes = param_shapes(config)
         if params is None:
             params = init_params(config, np.random.default_rng(seed), dtype)
-        self.params = params
+        self._check_params(params)
+        dtype = next(iter(params.values())).dtype
+        size = sum(math.prod(shape) for shape in self.shapes.values())
+        self.flat_params = xp.empty(size, dtype)
+        self.params = FlatDict(self.flat_params, self.shapes)
+        for name, p in params.items():
+            self.params[name][...] = to_device(p, xp)
         # for_training=False (generation, evaluation): no gradient arrays, forward_backward refuses
-        self.grads = {k: np.zeros_like(v) for k, v in params.items()} if for_training else None
-        self.runner = ShardRunner(workers)
+        self.flat_grads = xp.zeros(size, dtype) if for_training else None
+        self.grads = FlatDict(self.flat_grads, self.shapes) if for_training else None
+        self.runner = ShardRunner(1 if xp is not np else workers)
         self.shards = [Shard(self.grads, HeadWorkspace())]  # more are added when first needed
         self._pos_table = None
+
+    def _check_params(self, params):
+        if params.keys() != self.shapes.keys():
+            missing, extra = sorted(set(self.shapes) - set(params)), sorted(set(params) - set(self.shapes))
+            raise ValueError(f"parameters do not match the config: missing {missing[:4]}, unexpected {extra[:4]}")
+        for name, p in params.items():
+            if tuple(p.shape) != self.shapes[name]:
+                raise ValueError(f"parameter {name!r} has shape {tuple(p.shape)}, the config needs {self.shapes[name]}")
+        dtypes = {p.dtype for p in params.values()}
+        if len(dtypes) > 1:
+            raise ValueError(f"parameters of several dtypes {sorted(map(str, dtypes))}: give them all one")
+
+    def host_params(self):
+        """{name: NumPy array} of the weights: the parameters themselves on the CPU, copies from the
+        GPU (one copy of the flat buffer) there. For checkpoints."""
+        return FlatDict(to_host(self.flat_params), self.shapes)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -152,7 +213,8 @@ class LanguageModel:
         if self.config.use_learned_pos:
             return self.params["wpe"]
         if self._pos_table is None or self._pos_table.dtype != self.dtype:
-            self._pos_table = sinusoidal_positions(self.config.max_seq_len, self.config.d_model, self.dtype)
+            table = sinusoidal_positions(self.config.max_seq_len, self.config.d_model, self.dtype)
+            self._pos_table = to_device(table, self.xp)
         return self._pos_table
 
     def head_weight(self):
@@ -171,10 +233,11 @@ class LanguageModel:
     def new_kv_cache(self, batch_size):
         cfg = self.config
         hs = cfg.d_model // cfg.n_heads
-        return KVCache(cfg.n_layers, batch_size, cfg.n_heads, cfg.max_seq_len, hs, self.dtype)
+        return KVCache(cfg.n_layers, batch_size, cfg.n_heads, cfg.max_seq_len, hs, self.dtype, self.xp)
 
     def check_tokens(self, idx, name="idx", start=0, allow_ignore=False):
-        """A clear ValueError for what would otherwise fail deep inside NumPy (or silently wrap)."""
+        """A clear ValueError for what would otherwise fail deep inside NumPy (or silently wrap, as
+        CuPy's indexing does): on the host, before the ids are copied to the device."""
         cfg = self.config
         if not isinstance(idx, np.ndarray) or idx.dtype.kind not in "iu":
             kind = idx.dtype if isinstance(idx, np.ndarray) else type(idx).__name__
@@ -211,16 +274,16 @@ class LanguageModel:
         With kv_cache, idx continues the cached positions."""
         start = kv_cache.length if kv_cache is not None else 0
         self.check_tokens(idx, start=start)
-        x, _ = self._trunk_forward(idx, kv_cache)
+        x, _ = self._trunk_forward(to_device(idx, self.xp), kv_cache)
         if last_only:
             x = x[:, -1:]  # (B, T, C) -> (B, 1, C): the head is most of the cost
         return lm_head_forward(x, self.params["ln_f.weight"], self.params["ln_f.bias"], self.head_weight())
 
     def _split(self, idx, targets):
         """The batch's rows in up to one contiguous slice per worker, each with its Shard."""
-        n = min(self.runner.n_workers, len(idx))
+        n = 1 if whole_arrays(self.flat_params) else min(self.runner.n_workers, len(idx))
         while len(self.shards) < n:
-            grads = None if self.grads is None else {k: np.zeros_like(v) for k, v in self.params.items()}
+            grads = None if self.grads is None else FlatDict(self.xp.zeros_like(self.flat_grads), self.shapes)
             self.shards.append(Shard(grads, HeadWorkspace()))
         bounds = np.linspace(0, len(idx), n + 1).astype(int)
         return [(idx[a:b], targets[a:b], self.shards[i]) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
@@ -241,34 +304,44 @@ class LanguageModel:
             embedding_backward(dx, idx, g["wte"], g.get("wpe"))
         return loss_sum, n_correct, n
 
-    def forward_backward(self, idx, targets):
-        """One training pass: returns (mean loss, token accuracy) and leaves the gradients in self.grads."""
-        if self.grads is None:
-            raise ValueError("this model was made with for_training=False: it has no gradients")
+    def _batch_to_device(self, idx, targets):
+        """Check a batch on the host; returns it on the device and its number of counted targets."""
         self.check_tokens(idx)
         self.check_tokens(targets, "targets", allow_ignore=True)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {targets.shape} differs from idx shape {idx.shape}")
         self.positions()  # made once here, not by racing threads
-        n = max(int(np.count_nonzero(targets != IGNORE_INDEX)), 1)
+        n = int(np.count_nonzero(targets != IGNORE_INDEX))
+        return to_device(idx, self.xp), to_device(targets, self.xp), n
+
+    def forward_backward(self, idx, targets):
+        """One training pass: returns (mean loss, token accuracy) and leaves the gradients in self.grads.
+
+        On the CPU two floats; on the GPU two 0-d device arrays, so that the step need not wait
+        for the GPU: float() of them waits (read them when they are logged).
+        """
+        if self.grads is None:
+            raise ValueError("this model was made with for_training=False: it has no gradients")
+        idx, targets, n = self._batch_to_device(idx, targets)
+        n = max(n, 1)
 
         def run(part):
             idx_part, targets_part, shard = part
-            for v in shard.grads.values():
-                v.fill(0)
+            shard.grads.flat.fill(0)
             return self._shard_pass(idx_part, targets_part, shard, mean_over=n)
 
         parts = self._split(idx, targets)
         results = self.runner.map(run, parts)
-        for _, _, shard in parts[1:]:  # in a fixed order: the sum does not depend on thread timing
-            for k, v in self.grads.items():
-                v += shard.grads[k]
-        return sum(r[0] for r in results) / n, sum(r[1] for r in results) / n
+        # each worker adds up its own slice of the shards' flat gradients, every element over the
+        # shards in the same order: the sum does not depend on thread timing
+        sum_into([shard.grads.flat for _, _, shard in parts], self.runner)
+        loss, accuracy = sum(r[0] for r in results) / n, sum(r[1] for r in results) / n
+        return (float(loss), float(accuracy)) if self.xp is np else (loss, accuracy)
 
     def evaluate(self, idx, targets):
-        """No gradients: returns (loss summed over tokens, number correct, number of tokens)."""
-        self.check_tokens(idx)
-        self.check_tokens(targets, "targets", allow_ignore=True)
-        self.positions()
+        """No gradients: returns (loss summed over tokens, number correct, number of tokens);
+        on the GPU the first two are 0-d device arrays."""
+        idx, targets, n = self._batch_to_device(idx, targets)
         results = self.runner.map(lambda part: self._shard_pass(*part), self._split(idx, targets))
-        return tuple(sum(r[i] for r in results) for i in range(3))
+        loss_sum, n_correct = sum(r[0] for r in results), sum(r[1] for r in results)
+        return (float(loss_sum), int(n_correct), n) if self.xp is np else (loss_sum, n_correct, n)

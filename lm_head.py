@@ -11,10 +11,12 @@ holds them all: `lm_head_loss` goes through the rows in chunks of R, and for eac
 computes the logits into one preallocated (R, V) buffer, turns them in place into
 dloss/dlogits (up to a scale per row, applied to the small operands), and immediately
 multiplies them back into dx and dw_out. `lm_head_forward` is the plain unchunked version
-(used for generation and as the tests' reference).
+(used for generation and as the tests' reference). On the whole-array path (the GPU's) one
+chunk holds every row: a GPU has the memory, and each chunk costs kernel launches.
 """
 import numpy as np
 
+from device import get_array_module, whole_arrays
 from loss import IGNORE_INDEX, softmax_cross_entropy_inplace
 from transformer import layernorm_backward, layernorm_forward
 
@@ -33,10 +35,10 @@ class HeadWorkspace:
     def __init__(self):
         self.arrays = {}
 
-    def get(self, name, shape, dtype):
+    def get(self, name, shape, dtype, xp=np):
         a = self.arrays.get(name)
-        if a is None or a.shape != shape or a.dtype != dtype:
-            a = self.arrays[name] = np.empty(shape, dtype)
+        if a is None or a.shape != shape or a.dtype != dtype or get_array_module(a) is not xp:
+            a = self.arrays[name] = xp.empty(shape, dtype)
         return a
 
 
@@ -50,36 +52,37 @@ def lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=None, workspace=None,
     (loss_sum, n_correct, n_counted, dx): the loss summed over the counted (not ignored)
     targets, how many of them had the highest logit, how many there were, and dx (B, T, C) or None.
     """
+    xp = get_array_module(x)
     B, T, C = x.shape
     V = w_out.shape[0]
     N = B * T
     ws = workspace or HeadWorkspace()
     h, ln_cache = layernorm_forward(x.reshape(N, C), w_ln, b_ln)  # (N, C)
     t = targets.reshape(N)
-    n_counted = int(np.count_nonzero(t != ignore_index))
+    n_counted = xp.count_nonzero(t != ignore_index)  # an int; on the GPU a 0-d array, read only if needed
     if mean_over is None:
-        mean_over = n_counted
+        mean_over = int(n_counted)
     grad_scale = 1.0 / max(mean_over, 1) if grads is not None else None
-    R = min(rows_per_chunk, N)
-    buf = ws.get("logits", (R, V), x.dtype)
+    R = N if whole_arrays(x) else min(rows_per_chunk, N)
+    buf = ws.get("logits", (R, V), x.dtype, xp)
     if grads is not None:
         dw_ln, db_ln, dw_out = grads
-        dh = np.empty_like(h)  # (N, C)
-        dw_chunk = ws.get("dw_out", (V, C), x.dtype)
-        h_scaled = ws.get("h_scaled", (R, C), x.dtype)
-    loss_sum, n_correct = 0.0, 0
+        dh = xp.empty_like(h)  # (N, C)
+        dw_chunk = ws.get("dw_out", (V, C), x.dtype, xp)
+        h_scaled = ws.get("h_scaled", (R, C), x.dtype, xp)
+    loss_sum, n_correct = 0.0, 0  # sums of the chunks' values: on the GPU they stay there
     for r0 in range(0, N, R):
         r1 = min(N, r0 + R)
         logits = buf[: r1 - r0]
-        np.matmul(h[r0:r1], w_out.T, out=logits)  # (R, C) @ (C, V) -> (R, V)
+        xp.matmul(h[r0:r1], w_out.T, out=logits)  # (R, C) @ (C, V) -> (R, V)
         s, c, row_scale = softmax_cross_entropy_inplace(logits, t[r0:r1], grad_scale, ignore_index)
         loss_sum += s
         n_correct += c
         if grads is not None:  # dlogits = row_scale[:, None] * logits: scale the (R, C) operands instead
-            np.matmul(logits, w_out, out=dh[r0:r1])  # (R, V) @ (V, C) -> (R, C)
+            xp.matmul(logits, w_out, out=dh[r0:r1])  # (R, V) @ (V, C) -> (R, C)
             dh[r0:r1] *= row_scale[:, None]
-            np.multiply(h[r0:r1], row_scale[:, None], out=h_scaled[: r1 - r0])
-            np.matmul(logits.T, h_scaled[: r1 - r0], out=dw_chunk)  # (V, R) @ (R, C) -> (V, C)
+            xp.multiply(h[r0:r1], row_scale[:, None], out=h_scaled[: r1 - r0])
+            xp.matmul(logits.T, h_scaled[: r1 - r0], out=dw_chunk)  # (V, R) @ (R, C) -> (V, C)
             dw_out += dw_chunk
     if grads is None:
         return loss_sum, n_correct, n_counted, None

@@ -5,6 +5,8 @@ A target equal to IGNORE_INDEX contributes neither loss nor gradient nor accurac
 """
 import numpy as np
 
+from device import get_array_module, whole_arrays
+
 IGNORE_INDEX = -100  # as in PyTorch's cross_entropy
 BLOCK_ELEMENTS = 1 << 18  # logits per block of rows: 1 MB of float32 stays in a core's L2 cache
 SHIFT_FREE = (-20.0, 60.0)  # row maxima for which exp needs no shift (see softmax_cross_entropy_inplace)
@@ -31,8 +33,8 @@ def cross_entropy_reference(logits, targets, ignore_index=IGNORE_INDEX):
 def softmax_cross_entropy_inplace(logits, targets, grad_scale=None, ignore_index=IGNORE_INDEX):
     """Fused softmax + cross-entropy on logits (N, V), overwriting them with e (N, V).
 
-    Returns (sum of the counted rows' losses as a float, number of rows whose target has the
-    highest logit, row_scale (N,)), such that
+    Returns (sum of the counted rows' losses, number of rows whose target has the highest logit,
+    row_scale (N,)), such that
 
         dloss/dlogits = row_scale[:, None] * e
 
@@ -45,39 +47,49 @@ def softmax_cross_entropy_inplace(logits, targets, grad_scale=None, ignore_index
 
     With GPT-2's vocabulary this is the costliest element-wise work of a training step, so it
     makes as few passes as it can (max, exp, sum), and makes them a block of rows at a time
-    (BLOCK_ELEMENTS) that stays in cache from the first pass to the last.
+    (BLOCK_ELEMENTS) that stays in cache from the first pass to the last. On the whole-array
+    path (the GPU's) one block holds every row, and nothing is read back to the host: there
+    the two sums are 0-d arrays (on the CPU a float and an int).
     """
+    xp = get_array_module(logits)
     N, V = logits.shape
-    rows = np.arange(N)
+    rows = xp.arange(N)
     valid = targets != ignore_index
-    tgt = np.where(valid, targets, 0)
+    tgt = xp.where(valid, targets, 0)
     target_logit = logits[rows, tgt]  # (N,) a copy, taken before logits is overwritten
-    row_max, shift, row_sum = np.empty(N, logits.dtype), np.zeros(N, logits.dtype), np.empty(N, logits.dtype)
-    ones = np.ones(V, logits.dtype)
-    step = max(1, BLOCK_ELEMENTS // V)
+    row_max, shift, row_sum = xp.empty(N, logits.dtype), xp.zeros(N, logits.dtype), xp.empty(N, logits.dtype)
+    ones = xp.ones(V, logits.dtype)
+    whole = whole_arrays(logits)
+    step = N if whole else max(1, BLOCK_ELEMENTS // V)
     for b in (slice(b0, b0 + step) for b0 in range(0, N, step)):
         block = logits[b]
-        np.max(block, axis=1, out=row_max[b])
+        xp.max(block, axis=1, out=row_max[b])
         # Softmax is usually computed as exp(logits - max) so that exp cannot overflow. While
         # every row's max lies in SHIFT_FREE, exp(logits) cannot overflow either (even summed
         # over 10^12 terms), and its largest term is far from underflow: the subtraction, a
-        # pass over the block, is skipped. Rows outside it (rare) are shifted as usual.
-        if row_max[b].min() < SHIFT_FREE[0] or row_max[b].max() > SHIFT_FREE[1]:
+        # pass over the block, is skipped. Rows outside it (rare) are shifted as usual. On the
+        # whole-array path every row is: there the test would be a wait for the GPU.
+        if whole or row_max[b].min() < SHIFT_FREE[0] or row_max[b].max() > SHIFT_FREE[1]:
             shift[b] = row_max[b]
             block -= shift[b, None]
-        np.exp(block, out=block)
+        xp.exp(block, out=block)
         # row sums as a matrix-vector product: twice as fast as np.sum's pairwise summation
         # and accurate enough in float32 (BLAS keeps many partial sums of positive terms)
-        np.matmul(block, ones, out=row_sum[b])
+        xp.matmul(block, ones, out=row_sum[b])
     # a tie for the maximum counts as correct; argmax would cost another pass over the rows
-    n_correct = int((valid & (target_logit >= row_max)).sum())
+    n_correct = (valid & (target_logit >= row_max)).sum()
     # -log softmax at the target = logsumexp - target logit
-    losses = np.log(row_sum.astype(np.float64)) + shift - target_logit
+    losses = xp.log(row_sum.astype(np.float64)) + shift - target_logit
+    loss_sum = xp.where(valid, losses, 0.0).sum()
     row_scale = None
     if grad_scale is not None:
-        logits[rows[valid], tgt[valid]] -= row_sum[valid]  # so that e / rowsum = softmax - onehot
+        # so that e / rowsum = softmax - onehot; an ignored row (its target set to 0 above) is
+        # changed too, but gets row_scale 0: no gradient
+        logits[rows, tgt] -= row_sum
         row_scale = (grad_scale * valid / row_sum).astype(logits.dtype)
-    return float(losses[valid].sum()), n_correct, row_scale
+    if xp is np:
+        return float(loss_sum), int(n_correct), row_scale
+    return loss_sum, n_correct, row_scale
 
 
 def perplexity(mean_loss):

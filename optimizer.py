@@ -1,12 +1,16 @@
 """Optimizers (SGD, Adam, AdamW), learning-rate schedules and gradient clipping.
 
 Everything works on two dicts with the same keys, ``params`` and ``grads``
-(name -> np.ndarray), like ``LanguageModel.params`` / ``LanguageModel.grads``.
+(name -> array), like ``LanguageModel.params`` / ``LanguageModel.grads``. There every
+array is a view into one flat array (``.flat``, as in llm.c), and a step is then a few
+passes over that one array; plain dicts of separate arrays work too (one pass per array).
+The moments live in flat arrays of their own, one view per parameter.
 Updates are in place: moment buffers are allocated once, and every step is a
 fixed sequence of ``out=`` ufuncs over cache-sized blocks, so a step allocates
 nothing and reads each large array only once from memory. The blocks are shared
 out to a few threads (ufuncs release the GIL); each element's update is
-independent, so results do not depend on the number of threads.
+independent, so results do not depend on the number of threads. On the GPU (and
+inside device.whole_array_mode()) the same passes run over whole arrays instead.
 
     from optimizer import AdamW, LRSchedule, clip_grad_norm
     opt = AdamW(model.params, weight_decay=0.01)
@@ -27,18 +31,14 @@ import os
 
 import numpy as np
 
+from device import get_array_module, to_device, to_host, whole_arrays
 from parallel import ShardRunner
 
 # Elements per block in the blocked update loops: 4 float32 arrays of this size
 # (param, grad, m, v) plus one scratch block stay within a typical L2 cache, so
 # the ~10 ufunc passes of an Adam step hit cache instead of main memory.
 BLOCK = 1 << 16
-
-
-def _blocks(lo, hi):
-    """Yield slices covering range(lo, hi) in BLOCK-sized pieces."""
-    for start in range(lo, hi, BLOCK):
-        yield slice(start, min(start + BLOCK, hi))
+ALIGN = 1024  # threads' ranges start at multiples of this: no two threads write one cache line
 
 
 def default_threads():
@@ -53,10 +53,9 @@ def default_threads():
 
 def _flat(a):
     """A flat view of a (never a copy: updates must land in the original)."""
-    flat = a.reshape(-1)
-    if not np.shares_memory(flat, a):
+    if not a.flags.c_contiguous:
         raise ValueError("optimizer needs contiguous arrays (reshape would copy)")
-    return flat
+    return a.reshape(-1)
 
 
 # ----------------------------------------------------------------------------
@@ -106,28 +105,38 @@ class LRSchedule:
 # Gradient clipping
 
 
-def global_grad_norm(grads):
-    """sqrt(sum of squares of every gradient entry): each array's sum by BLAS in its own dtype
-    (float32: relative error about 1e-5, plenty for clipping), the sum over arrays in float64.
+def _sum_of_squares(a):
+    """sum(a**2) of a 1-D array, without overflow: float32 squares overflow above 1.8e19.
 
-    Finite float32 gradients above about 1.8e19 have squares past float32's range, so that sum
-    overflows to inf although the norm is finite; then it is done again in float64, a cache-sized
-    block at a time (no full-size temporary). A gradient holding inf or nan still gives inf or nan.
+    On the CPU a BLAS dot product per block of BLOCK elements, in the array's dtype (fast, and
+    accurate over a block), the blocks summed in float64; a block whose dot overflows (mean
+    square above 5e33) is done again in float64. Converting every block to float64 instead
+    costs 5 to 40 times as long. On whole arrays one float64 product, left on the device.
     """
+    if whole_arrays(a):
+        a64 = a.astype(np.float64)
+        return a64 @ a64  # a 0-d array: on the GPU it stays there until read
     total = 0.0
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled below
-        for g in grads.values():
-            flat = g.reshape(-1)
-            total += float(np.dot(flat, flat))  # BLAS dot: no temporary array
-    if not math.isfinite(total):
-        total, buf = 0.0, np.empty(BLOCK, np.float64)
-        for g in grads.values():
-            flat = g.reshape(-1)
-            for b in _blocks(0, flat.size):
-                block = buf[:b.stop - b.start]
-                np.copyto(block, flat[b])
-                total += float(np.dot(block, block))
-    return math.sqrt(total)
+    with np.errstate(over="ignore"):  # an overflowing block is redone below
+        for lo in range(0, a.size, BLOCK):
+            block = a[lo : lo + BLOCK]
+            part = float(np.dot(block, block))  # BLAS dot: no temporary array
+            if math.isinf(part):
+                block = block.astype(np.float64)
+                part = float(np.dot(block, block))
+            total += part
+    return total
+
+
+def global_grad_norm(grads):
+    """sqrt(sum of squares of every gradient entry), accumulated in float64; a float.
+
+    One reduction over the flat buffer when the gradients are views into one (`grads.flat`,
+    LanguageModel.grads). On the GPU, reading it is the step's one wait for the device.
+    """
+    flat = getattr(grads, "flat", None)
+    arrays = [flat] if flat is not None else [_flat(g) for g in grads.values()]
+    return math.sqrt(float(sum(_sum_of_squares(a) for a in arrays)))
 
 
 def clip_grad_norm(grads, max_norm=1.0):
@@ -140,8 +149,9 @@ def clip_grad_norm(grads, max_norm=1.0):
     norm = global_grad_norm(grads)
     if max_norm and max_norm > 0 and math.isfinite(norm) and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
-        for g in grads.values():
-            np.multiply(g, g.dtype.type(scale), out=g)
+        flat = getattr(grads, "flat", None)
+        for g in [flat] if flat is not None else grads.values():
+            g *= g.dtype.type(scale)
     return norm
 
 
@@ -164,7 +174,11 @@ def decay_mask(params, decay_embeddings=False):
 
 
 class Optimizer:
-    """Base class: holds references to the parameter arrays and a step counter.
+    """Base class: holds references to the parameter arrays, flat state buffers and a step counter.
+
+    Every element has an index in the flat parameter vector: the parameters back to back in
+    the order of `params` (LanguageModel's flat_params has exactly this layout). The moments
+    are flat arrays in that layout, `state[kind][name]` a view into them.
 
     threads: how many threads share the element-wise work of a step (default: the
     cores available, at most 8). Every element's update is independent of the others,
@@ -174,46 +188,87 @@ class Optimizer:
     def __init__(self, params, threads=None):
         if not params:
             raise ValueError("optimizer got no parameters")
+        dtypes = {p.dtype for p in params.values()}
+        if len(dtypes) > 1:
+            raise ValueError(f"optimizer needs parameters of one dtype, got {sorted(map(str, dtypes))}")
         self.params = params
         self.t = 0  # number of completed steps (bumped once per step, not per parameter)
-        self.state = {}  # buffer name -> dict(param name -> array)
+        self.state = {}  # buffer name -> dict(param name -> view into self.flat_state[buffer name])
+        self.flat_state = {}
+        first = next(iter(params.values()))
+        self.xp, self.dtype = get_array_module(first), first.dtype
+        self.offsets, self.size = {}, 0  # name -> (lo, hi) in the flat parameter vector
+        for name, p in params.items():
+            self.offsets[name] = (self.size, self.size + p.size)
+            self.size += p.size
         self.threads = int(threads or default_threads())
-        biggest = max(p.size for p in params.values())
-        dtypes = {p.dtype for p in params.values()}
-        # one scratch block per thread and dtype, reused by every update
-        self._scratch = [{dt: np.empty(min(BLOCK, biggest), dtype=dt) for dt in dtypes}
-                         for _ in range(self.threads)]
-        self._plan = self._make_plan()
+        # each thread one contiguous range of the flat vector, all of one size (a multiple of ALIGN)
+        share = -(-self.size // self.threads // ALIGN) * ALIGN
+        self._plan = [(lo, min(lo + share, self.size)) for lo in range(0, self.size, share)]
         self._runner = ShardRunner(len(self._plan))
+        # one scratch block per thread, reused by every update (whole arrays: one of the full size)
+        self._scratch = [self.xp.empty(min(BLOCK, self.size), self.dtype) for _ in self._plan]
+        self._whole_scratch = None
+        self.decay_ranges = []  # (lo, hi) of the decayed parameters (set by subclasses)
 
-    def _make_plan(self):
-        """Split the parameters' elements into one task list per thread, balanced by size.
+    def _set_decay(self, decay_embeddings):
+        """Weight decay for the matrices (decay_mask), as merged ranges of the flat vector."""
+        mask = decay_mask(self.params, decay_embeddings)
+        self.decay = mask
+        ranges = []
+        for name, (lo, hi) in self.offsets.items():
+            if mask[name] and hi > lo:
+                if ranges and ranges[-1][1] == lo:
+                    ranges[-1] = (ranges[-1][0], hi)
+                else:
+                    ranges.append((lo, hi))
+        self.decay_ranges = ranges
 
-        A task is (name, lo, hi): a range of the flattened parameter. Large arrays are
-        cut into BLOCK-aligned pieces so every thread gets about the same amount of work.
-        """
-        total = sum(p.size for p in self.params.values())
-        share = max(BLOCK, -(-total // self.threads // BLOCK) * BLOCK)  # per-thread target, BLOCK multiple
-        tasks = []
-        for name, p in self.params.items():
-            for lo in range(0, p.size, share):
-                tasks.append((name, lo, min(lo + share, p.size)))
-        plan, loads = [[] for _ in range(self.threads)], [0] * self.threads
-        for task in sorted(tasks, key=lambda t: t[1] - t[2]):  # biggest first, to the least loaded
-            i = loads.index(min(loads))
-            plan[i].append(task)
-            loads[i] += task[2] - task[1]
-        return [tasks for tasks in plan if tasks]
+    def _apply_decay(self, pb, lo, hi, factor):
+        """pb, the block [lo, hi) of the flat parameters: the decayed parts times factor, in place."""
+        for a, b in self.decay_ranges:
+            if b <= lo:
+                continue
+            if a >= hi:
+                break
+            part = pb[max(a, lo) - lo : min(b, hi) - lo]
+            self.xp.multiply(part, factor, out=part)
 
-    def _run(self, kernel):
-        """Call kernel(name, lo, hi, scratch) on every task of the plan, one thread per task list."""
+    def _segments(self, grads):
+        """[(lo, p, g)]: 1-D parameters and gradients that hold [lo, lo + p.size) of the flat vector.
+        One pair when both dicts are views into flat buffers (LanguageModel's), else one per array."""
+        pf, gf = getattr(self.params, "flat", None), getattr(grads, "flat", None)
+        if pf is not None and gf is not None and pf.size == gf.size == self.size and list(grads) == list(self.params):
+            return [(0, pf, gf)]
+        return [(lo, _flat(self.params[name]), _flat(grads[name])) for name, (lo, _) in self.offsets.items()]
+
+    def _run(self, kernel, grads):
+        """Call kernel(pb, gb, lo, hi, tmp) on blocks covering the flat vector: pb, gb the parameters
+        and gradients of [lo, hi), tmp a scratch array of that size. Blocks of BLOCK over the threads
+        of the plan on the CPU; whole segments in the calling thread on the whole-array path."""
+        segments = self._segments(grads)
+        if whole_arrays(segments[0][1]):
+            if self._whole_scratch is None:
+                self._whole_scratch = self.xp.empty(self.size, self.dtype)
+            plan, block, scratch = [(0, self.size)], self.size, [self._whole_scratch]
+        else:
+            plan, block, scratch = self._plan, BLOCK, self._scratch
+
         def work(i):
-            for name, lo, hi in self._plan[i]:
-                kernel(name, lo, hi, self._scratch[i])
-        self._runner.map(work, range(len(self._plan)))  # re-raises a worker's exception here
+            lo, hi = plan[i]
+            for start, p, g in segments:
+                for a in range(max(lo, start), min(hi, start + p.size), block):
+                    b = min(a + block, hi, start + p.size)
+                    kernel(p[a - start : b - start], g[a - start : b - start], a, b, scratch[i][: b - a])
+
+        if len(plan) == 1:
+            work(0)
+        else:
+            self._runner.map(work, range(len(plan)))  # re-raises a worker's exception here
 
     def _buffer(self, kind):
-        self.state[kind] = {k: np.zeros_like(p) for k, p in self.params.items()}
+        flat = self.flat_state[kind] = self.xp.zeros(self.size, self.dtype)
+        self.state[kind] = {k: flat[lo:hi].reshape(self.params[k].shape) for k, (lo, hi) in self.offsets.items()}
         return self.state[kind]
 
     def _check(self, grads):
@@ -225,11 +280,12 @@ class Optimizer:
         raise NotImplementedError
 
     def state_dict(self):
-        """Flat dict of arrays: "t" plus "<buffer>/<param name>" (for the npz checkpoint)."""
+        """Flat dict of host arrays: "t" plus "<buffer>/<param name>" (for the npz checkpoint)."""
         out = {"t": np.array(self.t, dtype=np.int64)}
-        for kind, bufs in self.state.items():
-            for name, buf in bufs.items():
-                out[f"{kind}/{name}"] = buf
+        for kind, flat in self.flat_state.items():
+            host = to_host(flat)  # one copy from the GPU; on the CPU the buffer itself
+            for name, (lo, hi) in self.offsets.items():
+                out[f"{kind}/{name}"] = host[lo:hi].reshape(self.params[name].shape)
         return out
 
     def load_state_dict(self, state):
@@ -242,7 +298,7 @@ class Optimizer:
                 src = np.asarray(state[key])
                 if src.shape != buf.shape:
                     raise ValueError(f"optimizer state {key!r} has shape {src.shape}, expected {buf.shape}")
-                buf[...] = src
+                buf[...] = to_device(src, self.xp)
         self.t = int(state["t"])
 
 
@@ -252,33 +308,29 @@ class SGD(Optimizer):
     def __init__(self, params, momentum=0.0, weight_decay=0.0, decay_embeddings=False, threads=None):
         super().__init__(params, threads)
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
-        self.decay = decay_mask(params, decay_embeddings)
+        self._set_decay(decay_embeddings)
         self.buf = self._buffer("momentum") if self.momentum else None
 
     def step(self, grads, lr):
         """One update with learning rate lr, in place."""
         self._check(grads)
+        xp, ty = self.xp, self.dtype.type
+        lr_, mu = ty(lr), ty(self.momentum)
+        decay = ty(1.0 - lr * self.weight_decay) if self.weight_decay else None
+        bf = self.flat_state.get("momentum")
 
-        def kernel(name, lo, hi, scratch):
-            p = self.params[name]
-            ty = p.dtype.type
-            lr_, mu = ty(lr), ty(self.momentum)
-            decay = ty(1.0 - lr * self.weight_decay) if (self.weight_decay and self.decay[name]) else None
-            pf, gf = _flat(p), _flat(grads[name])
-            bf = _flat(self.buf[name]) if self.buf is not None else None
-            for s in _blocks(lo, hi):
-                pb, tmp = pf[s], scratch[p.dtype][: s.stop - s.start]
-                if decay is not None:
-                    np.multiply(pb, decay, out=pb)
-                if bf is None:
-                    np.multiply(gf[s], lr_, out=tmp)
-                else:                                    # buf = mu * buf + g
-                    b = bf[s]
-                    np.multiply(b, mu, out=b)
-                    np.add(b, gf[s], out=b)
-                    np.multiply(b, lr_, out=tmp)
-                np.subtract(pb, tmp, out=pb)             # p -= lr * buf
-        self._run(kernel)
+        def kernel(pb, gb, lo, hi, tmp):
+            if decay is not None:
+                self._apply_decay(pb, lo, hi, decay)
+            if bf is None:
+                xp.multiply(gb, lr_, out=tmp)
+            else:                                        # buf = mu * buf + g
+                b = bf[lo:hi]
+                xp.multiply(b, mu, out=b)
+                xp.add(b, gb, out=b)
+                xp.multiply(b, lr_, out=tmp)
+            xp.subtract(pb, tmp, out=pb)                 # p -= lr * buf
+        self._run(kernel, grads)
         self.t += 1
 
 
@@ -292,7 +344,7 @@ class Adam(Optimizer):
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         self.eps, self.weight_decay = float(eps), float(weight_decay)
-        self.decay = decay_mask(params, decay_embeddings)
+        self._set_decay(decay_embeddings)
         self.m = self._buffer("m")
         self.v = self._buffer("v")
 
@@ -302,35 +354,30 @@ class Adam(Optimizer):
         self.t += 1
         bc1 = 1.0 - self.beta1 ** self.t
         bc2 = 1.0 - self.beta2 ** self.t
-        step_size = lr / bc1
-        inv_sqrt_bc2 = 1.0 / math.sqrt(bc2)
+        xp, ty = self.xp, self.dtype.type
+        b1, b2, eps = ty(self.beta1), ty(self.beta2), ty(self.eps)
+        lr_t, inv_bc2 = ty(lr / bc1), ty(1.0 / math.sqrt(bc2))
+        decay = ty(1.0 - lr * self.weight_decay) if self.weight_decay else None
+        mf, vf = self.flat_state["m"], self.flat_state["v"]
 
-        def kernel(name, lo, hi, scratch):
-            p = self.params[name]
-            ty = p.dtype.type
-            b1, b2, eps = ty(self.beta1), ty(self.beta2), ty(self.eps)
-            lr_t, inv_bc2 = ty(step_size), ty(inv_sqrt_bc2)
-            decay = ty(1.0 - lr * self.weight_decay) if (self.weight_decay and self.decay[name]) else None
-            pf, gf, mf, vf = _flat(p), _flat(grads[name]), _flat(self.m[name]), _flat(self.v[name])
-            for s in _blocks(lo, hi):
-                pb, gb, mb, vb = pf[s], gf[s], mf[s], vf[s]
-                tmp = scratch[p.dtype][: s.stop - s.start]
-                if decay is not None:
-                    np.multiply(pb, decay, out=pb)       # decoupled weight decay
-                np.subtract(mb, gb, out=mb)              # m = b1*(m - g) + g = b1*m + (1-b1)*g
-                np.multiply(mb, b1, out=mb)
-                np.add(mb, gb, out=mb)
-                np.multiply(gb, gb, out=tmp)             # v = b2*(v - g^2) + g^2
-                np.subtract(vb, tmp, out=vb)
-                np.multiply(vb, b2, out=vb)
-                np.add(vb, tmp, out=vb)
-                np.sqrt(vb, out=tmp)                     # denom = sqrt(v) / sqrt(bc2) + eps
-                np.multiply(tmp, inv_bc2, out=tmp)
-                np.add(tmp, eps, out=tmp)
-                np.divide(mb, tmp, out=tmp)              # p -= lr/bc1 * m / denom
-                np.multiply(tmp, lr_t, out=tmp)
-                np.subtract(pb, tmp, out=pb)
-        self._run(kernel)
+        def kernel(pb, gb, lo, hi, tmp):
+            mb, vb = mf[lo:hi], vf[lo:hi]
+            if decay is not None:
+                self._apply_decay(pb, lo, hi, decay)     # decoupled weight decay
+            xp.subtract(mb, gb, out=mb)                  # m = b1*(m - g) + g = b1*m + (1-b1)*g
+            xp.multiply(mb, b1, out=mb)
+            xp.add(mb, gb, out=mb)
+            xp.multiply(gb, gb, out=tmp)                 # v = b2*(v - g^2) + g^2
+            xp.subtract(vb, tmp, out=vb)
+            xp.multiply(vb, b2, out=vb)
+            xp.add(vb, tmp, out=vb)
+            xp.sqrt(vb, out=tmp)                         # denom = sqrt(v) / sqrt(bc2) + eps
+            xp.multiply(tmp, inv_bc2, out=tmp)
+            xp.add(tmp, eps, out=tmp)
+            xp.divide(mb, tmp, out=tmp)                  # p -= lr/bc1 * m / denom
+            xp.multiply(tmp, lr_t, out=tmp)
+            xp.subtract(pb, tmp, out=pb)
+        self._run(kernel, grads)
 
 
 class AdamW(Adam):

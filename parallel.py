@@ -6,8 +6,9 @@ third of a training step. Instead, `ShardRunner` splits the batch into one shard
 and runs each shard's whole forward and backward pass in its own thread, with BLAS held to
 one thread so that the shards do not fight over the cores. NumPy releases Python's GIL
 inside its loops and products, so the threads do run at the same time. Each shard adds
-into its own gradient arrays; the caller sums them afterwards, in a fixed order, so the
-result does not depend on which thread finished first.
+into its own flat gradient array; `sum_into` then adds them up, every thread its own slice
+of the arrays over all shards in a fixed order, so the result does not depend on which
+thread finished first, nor on how many threads share the sum.
 
 optimizer.py shares its element-wise update out over the same kind of runner.
 
@@ -53,3 +54,26 @@ class ShardRunner:
             finally:
                 wait(others)  # none may still run when BLAS gets its threads back
             return [first] + [f.result() for f in others]
+
+
+ALIGN = 1024  # slices start at multiples of this many elements: no two threads write one cache line
+
+
+def sum_into(arrays, runner):
+    """arrays[0] += arrays[1] + arrays[2] + ..., in place, for same-size 1-D arrays.
+
+    Each of the runner's threads adds up one contiguous slice, over the arrays in their order:
+    every element is ((a0 + a1) + a2) + ..., the same sum whatever the number of threads.
+    """
+    if len(arrays) < 2:
+        return
+    total, rest = arrays[0], arrays[1:]
+    n = runner.n_workers
+    share = -(-total.size // n // ALIGN) * ALIGN or ALIGN
+
+    def add(lo):
+        part = total[lo : lo + share]
+        for a in rest:
+            part += a[lo : lo + share]
+
+    runner.map(add, list(range(0, total.size, share)))

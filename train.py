@@ -47,6 +47,7 @@ from checkpoint import (CheckpointError, SaveDirLock, choose_resume, copy_params
                         new_run_id, save_checkpoint, write_run_id)
 from data_loader import (DataError, RandomBatches, check_same_tokenizer, eval_batches, load_dataset,
                          num_eval_windows, same_tokenizer)
+from device import DeviceError, require
 from optimizer import OPTIMIZERS, LRSchedule, clip_grad_norm
 
 try:
@@ -126,6 +127,9 @@ def build_parser():
     o.add_argument("--workers", type=int, default=None,
                    help="threads each batch is split over, one per core (default: as many as NumPy's BLAS uses, "
                         "normally every core; 1: no split). Each adds a copy of the gradients and a logits buffer")
+    o.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (NumPy), or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or cupy-cuda13x); "
+                        "checkpoints are the same files either way, so a run resumes on either")
     r = p.add_argument_group("logging, evaluation, checkpoints")
     r.add_argument("--save_dir", default="checkpoints", help="directory for checkpoints and metrics.jsonl")
     r.add_argument("--log_interval", type=int, default=50, help="print training metrics every this many steps")
@@ -167,6 +171,7 @@ def check_args(args):
             raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.max_time is not None and not args.max_time > 0:
         raise TrainError(f"--max_time must be a positive number of minutes (got {args.max_time})")
+    require(args.device)  # before any data is read: without CuPy or a GPU, say what to install
 
 
 def model_config(args):
@@ -405,7 +410,8 @@ class Trainer:
 
         from language_model import LanguageModel
         self.config = init_config(args) if args.init_from else model_config(args)
-        self.model = LanguageModel(self.config, seed=args.seed, dtype=np.float32, workers=args.workers)
+        self.model = LanguageModel(self.config, seed=args.seed, dtype=np.float32, workers=args.workers,
+                                   device=args.device)
         if args.init_from and not args.resume:  # resuming: the checkpoint has the weights
             self.init_weights(args.init_from, notes)
         self.opt = make_optimizer(args, self.model.params)
@@ -484,7 +490,7 @@ class Trainer:
                 "run_id": self.run_id, "workers": self.model.runner.n_workers}
         t = time.perf_counter()
         try:
-            save_checkpoint(path, self.config, self.model.params, meta, self.opt.state_dict())
+            save_checkpoint(path, self.config, self.model.host_params(), meta, self.opt.state_dict())
         except OSError as e:  # the temp file is gone, the previous checkpoint untouched
             raise TrainError(write_failed(path, e, self.last_good)) from None
         self.log.say(f"saved {path} ({time.perf_counter() - t:.1f}s)")
@@ -521,7 +527,9 @@ class Trainer:
         t1 = clock()
         loss, accuracy = self.model.forward_backward(x, y)
         t2 = clock()
-        if not math.isfinite(loss):
+        # On the GPU the loss stays there until it is logged (reading it waits for the GPU); a
+        # non-finite loss makes the gradients non-finite too, so the norm, read every step, stops it.
+        if isinstance(loss, float) and not math.isfinite(loss):
             raise TrainError(nan_message("loss", loss, self.step + 1, self.last_good))
         grad_norm = clip_grad_norm(self.model.grads, self.args.grad_clip)
         if not math.isfinite(grad_norm):
@@ -604,7 +612,7 @@ class Trainer:
 
     def log_train(self, interval, lr, grad_norm, bar):
         n, secs = interval["steps"], interval["time"]
-        loss, accuracy = interval["loss"] / n, interval["accuracy"] / n
+        loss, accuracy = float(interval["loss"]) / n, float(interval["accuracy"]) / n  # on the GPU: read now
         steps_per_s, tokens_per_s = n / secs, n * self.args.batch_size * self.args.seq_len / secs
         self.log.say(f"step {self.step:>6}/{self.args.max_steps} | loss {loss:.4f} | acc {accuracy:.4f} | "
                      f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {steps_per_s:.2f} steps/s | "
@@ -658,7 +666,7 @@ def main(argv=None):
         if args.init_from:
             apply_init_from(args, given_flags(parser, argv))
         return train(args)
-    except (TrainError, DataError, CheckpointError) as e:
+    except (TrainError, DataError, CheckpointError, DeviceError) as e:
         raise SystemExit(f"error: {e}") from None
     except OSError as e:  # a full disk outside a checkpoint write: metrics.jsonl, the token cache
         if e.errno not in DISK_FULL:

@@ -7,6 +7,10 @@ Each layer is a pair of plain functions side by side: `*_forward(...) -> out, ca
 `*_backward(dout, cache, grads) -> dx`. Backward *adds* into the gradient arrays it is given
 (zeroed once per step by the caller), so a weight used twice collects both contributions.
 Parameter layouts follow GPT-2: a linear layer is `x @ weight + bias`, weight (in, out).
+
+The same functions run on NumPy and CuPy arrays (`xp = get_array_module(x)`, device.py). The
+CPU's speedups (einsum row sums, cache-sized blocks, products written into strided views)
+give way on the whole-array path (the GPU's) to plain whole-array operations.
 """
 from typing import NamedTuple
 
@@ -14,6 +18,7 @@ import math
 
 import numpy as np
 
+from device import get_array_module, whole_arrays
 from loss import SHIFT_FREE
 
 LN_EPS = 1e-5
@@ -27,21 +32,36 @@ class LayerNormCache(NamedTuple):
     rstd: np.ndarray  # (..., 1) = 1 / sqrt(var + eps)
 
 
+def row_sum(a, b=None):
+    """(..., C) [, (..., C)] -> (..., 1): the sum of each row of a (or of a * b). On the CPU einsum
+    sums a short last axis (C = 64...1024) several times faster than a.sum(axis=-1), whose per-row
+    reduction calls cost more than the adds, and needs no temporary a * b."""
+    if whole_arrays(a):
+        return (a if b is None else a * b).sum(axis=-1, keepdims=True)
+    return (np.einsum("...c->...", a) if b is None else np.einsum("...c,...c->...", a, b))[..., None]
+
+
+def column_sum(a, b=None):
+    """(N, C) [, (N, C)] -> (C,): the sum over the rows of a (or of a * b)."""
+    if whole_arrays(a):
+        return (a if b is None else a * b).sum(axis=0)
+    return np.einsum("nc->c", a) if b is None else np.einsum("nc,nc->c", a, b)
+
+
 def row_mean(a):
-    """(..., C) -> (..., 1): the mean of each row. einsum sums a short last axis (C = 64...1024)
-    several times faster than a.mean(axis=-1), whose per-row reduction calls cost more than the adds."""
-    return np.einsum("...c->...", a)[..., None] * (1.0 / a.shape[-1])
+    """(..., C) -> (..., 1): the mean of each row."""
+    return row_sum(a) * (1.0 / a.shape[-1])
 
 
 def row_dot_mean(a, b):
-    """(..., C), (..., C) -> (..., 1): mean of a * b along each row, without the temporary a * b."""
-    return np.einsum("...c,...c->...", a, b)[..., None] * (1.0 / a.shape[-1])
+    """(..., C), (..., C) -> (..., 1): mean of a * b along each row."""
+    return row_sum(a, b) * (1.0 / a.shape[-1])
 
 
 def layernorm_forward(x, w, b):
     """(..., C) -> (..., C): each row to zero mean and unit variance, then scaled and shifted."""
     xhat = x - row_mean(x)
-    rstd = 1.0 / np.sqrt(row_dot_mean(xhat, xhat) + LN_EPS)
+    rstd = 1.0 / get_array_module(x).sqrt(row_dot_mean(xhat, xhat) + LN_EPS)
     xhat *= rstd
     out = xhat * w
     out += b
@@ -52,8 +72,8 @@ def layernorm_backward(dout, cache, dw, db):
     """Forward was out = xhat * w + b, xhat = (x - mean) * rstd. Returns dx."""
     xhat, w, rstd = cache
     C = dout.shape[-1]
-    dw += np.einsum("nc,nc->c", dout.reshape(-1, C), xhat.reshape(-1, C))  # summed over all rows
-    db += np.einsum("nc->c", dout.reshape(-1, C))
+    dw += column_sum(dout.reshape(-1, C), xhat.reshape(-1, C))  # summed over all rows
+    db += column_sum(dout.reshape(-1, C))
     dxhat = dout * w
     # xhat depends on x directly and through mean and rstd; together:
     # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
@@ -73,9 +93,9 @@ class KVCache:
     The model advances `length` once all layers have seen the new positions.
     """
 
-    def __init__(self, n_layers, B, H, T_max, hs, dtype):
-        self.k = [np.zeros((B, H, T_max, hs), dtype) for _ in range(n_layers)]
-        self.v = [np.zeros((B, H, T_max, hs), dtype) for _ in range(n_layers)]
+    def __init__(self, n_layers, B, H, T_max, hs, dtype, xp=np):
+        self.k = [xp.zeros((B, H, T_max, hs), dtype) for _ in range(n_layers)]  # xp: numpy, or cupy on the GPU
+        self.v = [xp.zeros((B, H, T_max, hs), dtype) for _ in range(n_layers)]
         self.length = 0
         self.max_length = T_max
 
@@ -92,12 +112,19 @@ class AttentionCache(NamedTuple):
 _masks = {}
 
 
-def causal_mask(T, S, dtype):
+def causal_mask(T, S, dtype, xp=np):
     """(T, S) additive mask: -inf where query t (the last T of S positions) would see a later key, else 0."""
-    key = (T, S, np.dtype(dtype).str)
+    key = (T, S, np.dtype(dtype).str, xp)  # the module itself: numpy or cupy (or a test's stand-in)
     if key not in _masks:
-        _masks[key] = np.triu(np.full((T, S), -np.inf, dtype), k=S - T + 1)
+        _masks[key] = xp.triu(xp.full((T, S), -np.inf, dtype), k=S - T + 1)
     return _masks[key]
+
+
+def _shift_free(att):
+    """Whether the masked scores (..., T, S) need no shift before exp (see causal_softmax_inplace)."""
+    T, S = att.shape[-2:]
+    own = np.diagonal(att, offset=S - T, axis1=-2, axis2=-1)  # (..., T) a view: each query's own key
+    return own.min() >= SHIFT_FREE[0] and att.max() <= SHIFT_FREE[1]
 
 
 def causal_softmax_inplace(att):
@@ -108,21 +135,31 @@ def causal_softmax_inplace(att):
     a reduction over short rows, would be the costliest pass. Every row's max is at least the
     score of the query's own key (never masked) and at most the largest score of all, so when
     those lie in SHIFT_FREE exp can neither overflow nor underflow a whole row, and the shift
-    is skipped (loss.py explains the bounds). Otherwise the rows are shifted as usual.
+    is skipped (loss.py explains the bounds). Otherwise the rows are shifted as usual. On the
+    whole-array path they always are: there the test would be a wait for the GPU.
     """
+    xp = get_array_module(att)
     T, S = att.shape[-2:]
-    att += causal_mask(T, S, att.dtype)  # -inf where a query would see a later key
-    own = np.diagonal(att, offset=S - T, axis1=-2, axis2=-1)  # (..., T) a view
-    if own.min() < SHIFT_FREE[0] or att.max() > SHIFT_FREE[1]:
+    att += causal_mask(T, S, att.dtype, xp)  # -inf where a query would see a later key
+    if whole_arrays(att) or not _shift_free(att):
         att -= att.max(axis=-1, keepdims=True)
-    np.exp(att, out=att)
-    att *= 1.0 / np.einsum("...s->...", att)[..., None]
+    xp.exp(att, out=att)
+    att *= 1.0 / row_sum(att)
 
 
 def softmax_backward_inplace(da, a):
     """da (upstream gradient of a = softmax(pre)) becomes dpre = a * (da - sum(a * da)), in place."""
-    da -= np.einsum("...s,...s->...", da, a)[..., None]
+    da -= row_sum(da, a)
     da *= a
+
+
+def matmul_into(a, b, out):
+    """out[...] = a @ b, where out may be a strided view. NumPy's matmul writes straight into it;
+    the whole-array path makes the product and copies it in, which any array library can."""
+    if whole_arrays(out):
+        out[...] = a @ b
+    else:
+        np.matmul(a, b, out=out)
 
 
 def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer=0):
@@ -145,11 +182,10 @@ def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer
         kv.v[layer][:, :, start : start + T] = v
         k = kv.k[layer][:, :, : start + T]  # (B, H, S, hs)
         v = kv.v[layer][:, :, : start + T]
-    S = k.shape[2]
     att = q @ k.transpose(0, 1, 3, 2)  # (B, H, T, hs) @ (B, H, hs, S) -> (B, H, T, S)
     causal_softmax_inplace(att)
-    y = np.empty((B, T, H, hs), x.dtype)
-    np.matmul(att, v, out=y.transpose(0, 2, 1, 3))  # (B, H, T, S) @ (B, H, S, hs) -> (B, H, T, hs), heads side by side
+    y = get_array_module(x).empty((B, T, H, hs), x.dtype)
+    matmul_into(att, v, y.transpose(0, 2, 1, 3))  # (B, H, T, S) @ (B, H, S, hs) -> (B, H, T, hs), heads side by side
     y = y.reshape(B, T, C)
     out = y @ w_proj  # (B, T, C)
     out += b_proj
@@ -165,16 +201,16 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
     dw_proj += y.reshape(-1, C).T @ dout.reshape(-1, C)  # (C, B*T) @ (B*T, C) -> (C, C)
     db_proj += dout.sum(axis=(0, 1))
     dy = (dout @ w_proj.T).reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # -> (B, H, T, hs), a view
-    dqkv = np.empty((B, T, 3, H, hs), x.dtype)  # written through its (3, B, H, T, hs) view below
+    dqkv = get_array_module(x).empty((B, T, 3, H, hs), x.dtype)  # written through its (3, B, H, T, hs) view below
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
     # forward was: y = att @ v
     datt = dy @ v.transpose(0, 1, 3, 2)  # (B, H, T, S)
-    np.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)  # (B, H, S, hs)
+    matmul_into(att.transpose(0, 1, 3, 2), dy, dv)  # (B, H, S, hs)
     # forward was: att = softmax(pre); masked entries have att = 0, so they get no gradient
     softmax_backward_inplace(datt, att)
     # forward was: pre = qs @ k.T with qs = q / sqrt(hs), the q that the cache holds
-    np.matmul(datt, k, out=dq)  # (B, H, T, hs) dqs
-    np.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)  # (B, H, S, hs)
+    matmul_into(datt, k, dq)  # (B, H, T, hs) dqs
+    matmul_into(datt.transpose(0, 1, 3, 2), q, dk)  # (B, H, S, hs)
     dqkv = dqkv.reshape(B, T, 3 * C)
     dqkv[..., :C] *= 1.0 / math.sqrt(hs)  # dqs -> dq
     # forward was: qkv = x @ w_attn + b_attn
@@ -188,6 +224,13 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
 BLOCK = 1 << 16  # elements per block of the element-wise chains: 256 KB of float32 stays in L2 cache
 
 
+def block_rows(a):
+    """Rows (of length F = a.shape[-1]) per block: BLOCK elements' worth, or all of them on the
+    whole-array path, where each block would be kernel launches of its own."""
+    F = a.shape[-1]
+    return max(1, a.size // F) if whole_arrays(a) else max(1, BLOCK // F)
+
+
 def blocks(*arrays):
     """Matching blocks of rows of same-shape C-contiguous arrays (..., F), for chains of in-place
     passes that then run in cache (about 1.6x faster than whole-array passes on (2048, 512))."""
@@ -197,7 +240,7 @@ def blocks(*arrays):
         if not a.flags.c_contiguous:
             raise ValueError("blocks() needs C-contiguous arrays (a view, never a copy)")
         rows.append(a.reshape(-1, F))
-    step = max(1, BLOCK // F)
+    step = block_rows(arrays[0])
     for i in range(0, len(rows[0]), step):
         yield tuple(r[i : i + step] for r in rows)
 
@@ -210,34 +253,35 @@ def gelu_forward(x, bias=None):
     s = sigmoid(2u), which backward needs. With `bias` (F,), x (..., F) first becomes x + bias,
     in place, block by block while the block is in cache.
     """
-    out, s = np.empty_like(x), np.empty_like(x)
+    xp = get_array_module(x)
+    out, s = xp.empty_like(x), xp.empty_like(x)
     for xb, sb, ob in blocks(x, s, out):
         if bias is not None:
             xb += bias
-        np.multiply(xb, xb, out=sb)
+        xp.multiply(xb, xb, out=sb)
         sb *= -2 * GELU_K * 0.044715
         sb -= 2 * GELU_K
         sb *= xb  # -2u
         with np.errstate(over="ignore"):  # exp(-2u) = inf for very negative x gives s = 0, the right limit
-            np.exp(sb, out=sb)
+            xp.exp(sb, out=sb)
         sb += 1.0
-        np.reciprocal(sb, out=sb)  # sigmoid(2u)
-        np.multiply(xb, sb, out=ob)
+        xp.reciprocal(sb, out=sb)  # sigmoid(2u)
+        xp.multiply(xb, sb, out=ob)
     return out, s
 
 
 def gelu_backward_inplace(dout, x, s):
     """dout becomes dout * d/dx (x s), s = sigmoid(2u):
     d/dx (x s) = s + x * 2 s (1 - s) du/dx = s (1 + x 2du/dx (1 - s)), du/dx = k (1 + 3 * 0.044715 x^2)."""
-    F = x.shape[-1]
-    scratch = np.empty((2, max(1, BLOCK // F), F), x.dtype)  # two blocks' worth
+    xp = get_array_module(x)
+    scratch = xp.empty((2, block_rows(x), x.shape[-1]), x.dtype)  # two blocks' worth
     for gb, xb, sb in blocks(dout, x, s):
         d, t = scratch[:, : len(xb)]
-        np.multiply(xb, xb, out=d)
+        xp.multiply(xb, xb, out=d)
         d *= 3 * 0.044715 * 2 * GELU_K
         d += 2 * GELU_K  # 2 du/dx
         d *= xb
-        np.subtract(1.0, sb, out=t)
+        xp.subtract(1.0, sb, out=t)
         d *= t
         d += 1.0
         d *= sb  # d/dx (x s)
@@ -258,7 +302,7 @@ def mlp_forward(x, w_fc, b_fc, w_proj, b_proj, activation="gelu"):
         a, s = gelu_forward(h, bias=b_fc)  # adds the bias to h in the same pass
     else:
         h += b_fc
-        a, s = np.maximum(h, 0), None
+        a, s = get_array_module(h).maximum(h, 0), None
     out = a @ w_proj  # (B, T, F) -> (B, T, C)
     out += b_proj
     return out, MLPCache(x, h, a, s)
@@ -295,11 +339,13 @@ def block_forward(x, p, n_heads, activation="gelu", kv=None, layer=0):
     h, c_ln1 = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"])
     a, c_attn = attention_forward(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"],
                                   p["attn.c_proj.weight"], p["attn.c_proj.bias"], n_heads, kv, layer)
-    x = np.add(x, a, out=a)  # the residual, written over attn's output (a fresh array)
+    a += x  # the residual x + attn(ln_1(x)), written over attn's output (a fresh array)
+    x = a
     h, c_ln2 = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])
     m, c_mlp = mlp_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"],
                            p["mlp.c_proj.weight"], p["mlp.c_proj.bias"], activation)
-    return np.add(x, m, out=m), BlockCache(c_ln1, c_attn, c_ln2, c_mlp)
+    m += x  # the residual, written over the MLP's output
+    return m, BlockCache(c_ln1, c_attn, c_ln2, c_mlp)
 
 
 def block_backward(dout, cache, p, g):

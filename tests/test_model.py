@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from device import whole_array_mode
 from gradcheck import numerical_gradient, rel_error
 from language_model import LanguageModel, ModelConfig, param_shapes
 from loss import IGNORE_INDEX
@@ -24,11 +25,18 @@ def batch(rng, B=2, T=4, V=11):
     return tokens[:, :-1], tokens[:, 1:].copy()
 
 
+@pytest.fixture(params=["blocked", "whole arrays"])
+def array_path(request):
+    """The CPU's path (blocks, worker threads) or the GPU's (whole arrays), both with NumPy."""
+    with whole_array_mode(request.param == "whole arrays"):
+        yield request.param
+
+
 @pytest.mark.parametrize("overrides", [
     {},  # sinusoidal positions, GELU, tied head
     {"use_learned_pos": True, "tie_embeddings": False, "activation": "relu"},
 ])
-def test_whole_model_gradients(overrides):
+def test_whole_model_gradients(overrides, array_path):
     rng = np.random.default_rng(0)
     model = tiny_model(**overrides)
     for k in model.params:  # move off the initialisation's symmetric values (unit gains, zero biases)
@@ -102,7 +110,7 @@ def gpt2_reference_logits(params, cfg, idx, positions):
 
 
 @pytest.mark.parametrize("learned", [True, False])
-def test_computes_gpt2s_function(learned):
+def test_computes_gpt2s_function(learned, array_path):
     rng = np.random.default_rng(4)
     model = tiny_model(use_learned_pos=learned)
     for k in model.params:
@@ -130,7 +138,7 @@ def test_parameter_names_and_layouts_follow_gpt2():
     assert sum(np.prod(s) for s in shapes.values()) == 124_439_808  # GPT-2 small's published count
 
 
-def test_kv_cache_gives_the_same_logits_as_a_full_pass():
+def test_kv_cache_gives_the_same_logits_as_a_full_pass(array_path):
     rng = np.random.default_rng(5)
     model = tiny_model()
     idx = rng.integers(0, 11, (3, 6))
@@ -203,7 +211,7 @@ def adam_train(model, batches, lr):
     return losses
 
 
-def test_tiny_model_overfits_one_batch():
+def test_tiny_model_overfits_one_batch(array_path):
     rng = np.random.default_rng(7)
     model = LanguageModel(ModelConfig(vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=2, max_seq_len=16), seed=1)
     idx, targets = batch(rng, B=4, T=16, V=32)

@@ -218,14 +218,82 @@ def test_threads_split_the_work_without_changing_a_bit(make):
     for threads in (1, 3):
         params = {k: v.copy() for k, v in init.items()}
         opt = make(params, threads)
-        covered = sorted((name, lo, hi) for tasks in opt._plan for name, lo, hi in tasks)
-        for name, p in params.items():   # the plan covers every element exactly once
-            ranges = [(lo, hi) for n, lo, hi in covered if n == name]
-            assert ranges[0][0] == 0 and ranges[-1][1] == p.size
-            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        ranges = opt._plan  # the plan covers every element of the flat vector exactly once, in order
+        assert ranges[0][0] == 0 and ranges[-1][1] == sum(p.size for p in params.values())
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         for g in grads:
             opt.step(g, lr=1e-2)
         results.append(params)
     assert len(make({k: v.copy() for k, v in init.items()}, 3)._plan) == 3
     for k in init:
         assert np.array_equal(results[0][k], results[1][k]), k
+
+
+# Digests of the parameters and state_dict after three steps, taken with optimizer.py as it was
+# before the flat buffers (one update per parameter array): the flat update must not change a bit.
+REFERENCE = {
+    ("adamw", "float32"): "25ca7e775231b68fcd0a09c62d47fd8a76ff72d9431c1227127f3ef63e6a75fa",
+    ("adamw_embeddings_3threads", "float32"): "79883ef6823cd3b22b81a8e7e02566077f2ad49185c3c10c3b39bf6d06a7d091",
+    ("adam", "float32"): "a1b5de8db749588809371b8a085ca9deb58038e63d4c5c637a5c3056e310654e",
+    ("sgd_momentum", "float32"): "f7006d8e88f5b5fb01d297e070a7fdf70fe23c950b8aff8473f65b8a2a2f1d5c",
+    ("sgd", "float32"): "6270e37c3f52b4fcebdc135ace1746a2cc00f34d9df1d9b9ad4faa89194b6b5b",
+    ("adamw", "float64"): "2e92fce54d6bd28b5c23434d2125455c712f0942b5c6d71fe7e2587a6624dc90",
+    ("adamw_embeddings_3threads", "float64"): "15fbc687b9e986e973fbdcf8f957d33fbfb1b70bb9c1a2070f9b2faf06f8a769",
+    ("adam", "float64"): "6eb2b317d3563f18040f61d1e7ff28856b9f1b1cb893387619218e2fdc6af400",
+    ("sgd_momentum", "float64"): "c39c2bd77146a0cf970abad8ca6752e975b1e21800fa3ce6a235d85b05c87002",
+    ("sgd", "float64"): "88e878aebf63291e5e093683d6b2675c8a1f194f30238c6db50c4e142941a61b",
+}
+MAKERS = {
+    "adamw": lambda p: AdamW(p, weight_decay=0.1),
+    "adamw_embeddings_3threads": lambda p: AdamW(p, weight_decay=0.1, decay_embeddings=True, threads=3),
+    "adam": lambda p: Adam(p, betas=(0.8, 0.99), eps=1e-6),
+    "sgd_momentum": lambda p: SGD(p, momentum=0.9, weight_decay=0.1),
+    "sgd": lambda p: SGD(p),
+}
+
+
+def flat_dict(tree):
+    """tree copied into views of one flat array, as LanguageModel lays out its parameters."""
+    from language_model import FlatDict
+    first = next(iter(tree.values()))
+    out = FlatDict(np.empty(sum(v.size for v in tree.values()), first.dtype), {k: v.shape for k, v in tree.items()})
+    for k, v in tree.items():
+        out[k][...] = v
+    return out
+
+
+@pytest.mark.parametrize("layout", ["separate arrays", "flat buffers", "whole arrays"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_update_is_bit_identical_to_the_optimizer_before_flat_buffers(name, dtype, layout):
+    from device import whole_array_mode
+    from optimizer_reference import inputs, run
+    params, grads = inputs(np.dtype(dtype))
+    if layout != "separate arrays":
+        params, grads = flat_dict(params), [flat_dict(g) for g in grads]
+    with whole_array_mode(layout == "whole arrays"):
+        assert run(MAKERS[name], params, grads) == REFERENCE[name, dtype]
+
+
+def test_flat_state_dict_keeps_the_names_and_shapes_of_checkpoints():
+    params = flat_dict({"wte": np.ones((4, 3), np.float32), "ln_f.bias": np.zeros(3, np.float32)})
+    opt = AdamW(params)
+    opt.step(flat_dict({"wte": np.full((4, 3), 0.5, np.float32), "ln_f.bias": np.ones(3, np.float32)}), lr=0.1)
+    state = opt.state_dict()
+    assert sorted(state) == ["m/ln_f.bias", "m/wte", "t", "v/ln_f.bias", "v/wte"]
+    assert state["m/wte"].shape == (4, 3) and state["v/ln_f.bias"].shape == (3,) and int(state["t"]) == 1
+    np.testing.assert_allclose(state["m/wte"], 0.05, rtol=1e-6)
+    assert np.shares_memory(opt.m["wte"], opt.flat_state["m"])  # views into one flat moment buffer
+
+
+def test_grad_norm_is_summed_in_float64_and_cannot_overflow():
+    big = np.full(1000, 1e20, np.float32)  # squares overflow float32 (max 3.4e38)
+    assert global_grad_norm({"a": big}) == pytest.approx(1e20 * math.sqrt(1000), rel=1e-6)
+    flat = flat_dict({"a": big, "b": np.full(3, 2e20, np.float32)})
+    expected = math.sqrt(1000 * 1e40 + 3 * 4e40)
+    assert global_grad_norm(flat) == pytest.approx(expected, rel=1e-6)
+    from device import whole_array_mode
+    with whole_array_mode():
+        assert global_grad_norm(flat) == pytest.approx(expected, rel=1e-6)
+    assert clip_grad_norm(flat, 1.0) == pytest.approx(expected, rel=1e-6)
+    assert global_grad_norm(flat) == pytest.approx(1.0, rel=1e-5)  # the flat buffer itself was scaled

@@ -11,7 +11,7 @@ from threadpoolctl import threadpool_limits
 
 from language_model import LanguageModel, ModelConfig
 from loss import IGNORE_INDEX
-from parallel import ShardRunner, blas_threads
+from parallel import ShardRunner, blas_threads, sum_into
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ModelConfig(vocab_size=13, d_model=8, n_heads=2, d_ff=12, n_layers=2, max_seq_len=6)
@@ -98,3 +98,48 @@ print(sorted(faults)[2])
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     # the median step: now and then the heap still grows by a MB or two as the threads' timing varies
     assert int(out.stdout) < 100, f"{int(out.stdout)} page faults a step"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_shard_sum_is_the_same_to_the_bit_whatever_the_number_of_threads(threads):
+    rng = np.random.default_rng(4)
+    shards = [rng.standard_normal(10_000).astype(np.float32) * 10.0 ** rng.integers(-4, 4, 10_000) for _ in range(4)]
+    expected = shards[0].copy()
+    for s in shards[1:]:  # one element at a time: ((a0 + a1) + a2) + a3
+        expected += s
+    arrays = [s.copy() for s in shards]
+    sum_into(arrays, ShardRunner(threads))
+    assert np.array_equal(arrays[0], expected)
+    assert all(np.array_equal(a, s) for a, s in zip(arrays[1:], shards[1:]))  # the others are left alone
+
+
+def test_parameters_and_gradients_are_views_into_flat_buffers():
+    model = LanguageModel(CFG, seed=1, workers=2)
+    for tree, flat in ((model.params, model.flat_params), (model.grads, model.flat_grads)):
+        assert flat.ndim == 1 and flat.size == sum(v.size for v in tree.values())
+        offset = 0
+        for name, v in tree.items():  # back to back, in param_shapes order
+            assert np.shares_memory(v, flat[offset : offset + v.size]), name
+            offset += v.size
+    model.flat_params[:] = 0.5
+    assert (model.params["wte"] == 0.5).all()
+    with pytest.raises(TypeError, match="in place"):
+        model.params["wte"] = np.zeros_like(model.params["wte"])
+    model.params["wte"] += 1.0  # in place: allowed
+    assert (model.flat_params[: model.params["wte"].size] == 1.5).all()
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 7))
+    model.forward_backward(tokens[:, :-1], tokens[:, 1:])
+    assert len(model.shards) == 2 and model.shards[0].grads is model.grads
+    other = model.shards[1].grads
+    assert other.flat is not model.flat_grads and np.shares_memory(other["wte"], other.flat)
+
+
+def test_a_model_copies_given_parameters_and_checks_them():
+    params = LanguageModel(CFG, seed=2, dtype=np.float64).params
+    model = LanguageModel(CFG, params=dict(params))
+    assert model.dtype == np.float64 and not np.shares_memory(model.params["wte"], params["wte"])
+    assert all(np.array_equal(model.params[k], params[k]) for k in params)
+    with pytest.raises(ValueError, match="missing"):
+        LanguageModel(CFG, params={k: v for k, v in params.items() if k != "wte"})
+    with pytest.raises(ValueError, match="shape"):
+        LanguageModel(CFG, params={**params, "wte": np.zeros((3, 3))})

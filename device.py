@@ -1,0 +1,124 @@
+"""The one seam between NumPy (CPU) and CuPy (NVIDIA GPU): everything that differs between them.
+
+The layers are one copy of the math for both. A function that creates arrays starts with
+`xp = get_array_module(x)`, numpy or cupy for the array at hand (as DeZero's dezero/cuda.py
+does), and calls xp.empty, xp.exp, ... The rest of what differs is here:
+
+- the scatter-add of the embedding gradient: np.add.at on the CPU, cupyx.scatter_add on the
+  GPU (there `a[idx] += v` with a repeated index keeps one of the additions, not all),
+- copies between host and device, waiting for the GPU before reading a clock, its memory pool,
+- how the element-wise work runs: in cache-sized blocks shared over threads on the CPU, or on
+  whole arrays on the GPU, where each block would be a kernel launch of its own. The whole-array
+  path also runs with NumPy inside `whole_array_mode()`, so tests check it without a GPU.
+
+Worth knowing about CuPy: an out-of-range index wraps around instead of raising (token ids are
+checked on the host, before the copy: language_model.check_tokens); a reduction returns a 0-d
+device array, and float() of one waits for the GPU (a host sync); its random streams differ from
+NumPy's (draw on the host, copy once). np.errstate needs no counterpart: CuPy never warns
+about floating-point errors, and np.errstate around CuPy calls does nothing.
+
+CuPy is optional: it is imported only for --device cuda (require), never on the CPU path.
+"""
+import contextlib
+import sys
+
+import numpy as np
+
+INSTALL_HINT = "pip install cupy-cuda12x (CUDA 12 drivers) or cupy-cuda13x (CUDA 13)"
+
+
+class DeviceError(Exception):
+    """--device cuda cannot run here; the message says what to install or check."""
+
+
+def require(device):
+    """The array module for --device: numpy for "cpu", cupy for "cuda" once it has run a kernel."""
+    if device == "cpu":
+        return np
+    if device != "cuda":
+        raise DeviceError(f"unknown device {device!r}: choose cpu or cuda")
+    try:
+        import cupy
+    except ModuleNotFoundError as e:
+        if e.name != "cupy":
+            raise DeviceError(f"--device cuda: CuPy is installed but cannot load ({e}); {INSTALL_HINT}") from None
+        raise DeviceError(f"--device cuda needs CuPy, which is not installed: {INSTALL_HINT}") from None
+    except Exception as e:  # an ImportError from its CUDA libraries, a wheel for other drivers
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DeviceError(f"--device cuda: CuPy is installed but cannot load ({reason}); {INSTALL_HINT}") from None
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no GPU found")
+        int(cupy.arange(3).sum())  # compiles and runs a kernel: catches a wheel built for other drivers
+    except Exception as e:  # CUDARuntimeError, CompileException, missing libraries: all mean the same here
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DeviceError(f"--device cuda: CuPy cannot use an NVIDIA GPU here ({reason}); check nvidia-smi "
+                          f"and that the CuPy wheel matches the driver's CUDA: {INSTALL_HINT}") from None
+    return cupy
+
+
+def get_array_module(x):
+    """numpy or cupy, whichever x belongs to. Without CuPy loaded no array can be a CuPy one."""
+    cupy = sys.modules.get("cupy")
+    return np if cupy is None else cupy.get_array_module(x)
+
+
+def on_gpu(x):
+    return get_array_module(x) is not np
+
+
+def to_device(a, xp):
+    """a (host or device) as an array of module xp: one copy between host and device, none if it
+    is there already."""
+    return to_host(a) if xp is np else xp.asarray(a)
+
+
+def to_host(a):
+    """a as a NumPy array: a copy from the GPU (which waits for it), the array itself on the CPU."""
+    xp = get_array_module(a)
+    return np.asarray(a) if xp is np else xp.asnumpy(a)
+
+
+def synchronize(xp):
+    """Wait until the GPU has finished all work queued so far (before reading a clock)."""
+    if xp is not np:
+        xp.cuda.Device().synchronize()
+
+
+def scatter_add(a, idx, values):
+    """a[idx] += values, every repeated index counted (an embedding table's gradient)."""
+    if on_gpu(a):
+        import cupyx
+        cupyx.scatter_add(a, idx, values)
+    else:
+        np.add.at(a, idx, values)
+
+
+def gpu_memory(xp):
+    """(bytes in use, bytes held) by CuPy's memory pool, or None on the CPU."""
+    if xp is np:
+        return None
+    pool = xp.get_default_memory_pool()
+    return pool.used_bytes(), pool.total_bytes()
+
+
+# ---------------------------------------------------------------------------- whole-array path
+
+_whole_arrays = False
+
+
+def whole_arrays(x):
+    """True where element-wise work runs on whole arrays in one thread: always on the GPU, and
+    on the CPU inside whole_array_mode(). Otherwise it runs in cache-sized blocks over threads."""
+    return _whole_arrays or on_gpu(x)
+
+
+@contextlib.contextmanager
+def whole_array_mode(on=True):
+    """Run NumPy arrays the GPU's way: whole-array passes, one worker, no block loops (for tests)."""
+    global _whole_arrays
+    before, _whole_arrays = _whole_arrays, on
+    try:
+        yield
+    finally:
+        _whole_arrays = before

@@ -1,0 +1,272 @@
+"""The seam between NumPy and CuPy (device.py): the whole-array path against the CPU's blocked one,
+--device errors, and, where CuPy and a GPU exist, the GPU against NumPy."""
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import device
+import fake_cupy
+from device import DeviceError, require, scatter_add, whole_array_mode, whole_arrays
+from language_model import LanguageModel, ModelConfig
+from loss import IGNORE_INDEX
+from optimizer import AdamW, clip_grad_norm
+
+ROOT = Path(__file__).resolve().parent.parent
+# big enough that the CPU path really cuts its work: 3 GELU blocks (d_ff 256), 2 head chunks of
+# 512 rows (B*T = 640), 2 softmax blocks per chunk (vocab 600), a 2-worker split
+CFG = ModelConfig(vocab_size=600, d_model=32, n_heads=4, d_ff=256, n_layers=2, max_seq_len=80)
+
+
+def cupy_gpu():
+    """The cupy module where CuPy can run on a GPU here, else None."""
+    try:
+        return require("cuda")
+    except DeviceError:
+        return None
+
+
+def batch(seed=0, B=8, T=80, V=600):
+    tokens = np.random.default_rng(seed).integers(0, V, (B, T + 1))
+    idx, targets = tokens[:, :-1], tokens[:, 1:].copy()
+    targets[1, :7] = IGNORE_INDEX
+    return idx, targets
+
+
+def max_rel_diff(a, b):
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-6), (np.float64, 1e-12)])
+def test_whole_arrays_give_what_blocks_and_workers_give(dtype, tol):
+    idx, targets = batch()
+    blocked = LanguageModel(CFG, seed=1, dtype=dtype, workers=2)
+    loss_b, acc_b = blocked.forward_backward(idx, targets)
+    assert len(blocked.shards) == 2
+    whole = LanguageModel(CFG, seed=1, dtype=dtype, workers=2)
+    with whole_array_mode():
+        loss_w, acc_w = whole.forward_backward(idx, targets)
+        evaluated = whole.evaluate(idx, targets)
+    assert len(whole.shards) == 1  # one worker on the whole-array path
+    assert isinstance(loss_w, float) and isinstance(acc_w, float)
+    assert loss_w == pytest.approx(loss_b, rel=tol) and acc_w == acc_b
+    for name in blocked.grads:
+        assert max_rel_diff(whole.grads[name], blocked.grads[name]) < 10 * tol, name
+    loss_sum, n_correct, n = blocked.evaluate(idx, targets)
+    assert evaluated[1:] == (n_correct, n) and evaluated[0] == pytest.approx(loss_sum, rel=tol)
+
+
+def test_a_training_step_on_whole_arrays_matches_the_blocked_one():
+    idx, targets = batch(1)
+    models = {}
+    for path in ("blocked", "whole arrays"):
+        with whole_array_mode(path == "whole arrays"):
+            model = LanguageModel(CFG, seed=2, workers=2)
+            opt = AdamW(model.params, weight_decay=0.1)
+            for _ in range(2):
+                model.forward_backward(idx, targets)
+                norm = clip_grad_norm(model.grads, 0.5)
+                opt.step(model.grads, lr=1e-3)
+            models[path] = (model, norm)
+    (blocked, norm_b), (whole, norm_w) = models.values()
+    assert norm_w == pytest.approx(norm_b, rel=1e-5)
+    # two steps of Adam move each weight by about 2e-3: compare the moves, not the weights
+    init = LanguageModel(CFG, seed=2).params
+    for name in init:
+        move_b, move_w = blocked.params[name] - init[name], whole.params[name] - init[name]
+        assert max_rel_diff(move_w, move_b) < 1e-3, name
+
+
+def test_the_whole_array_path_is_chosen_by_the_setting_or_the_array():
+    a = np.zeros(3)
+    assert not whole_arrays(a)
+    with whole_array_mode():
+        assert whole_arrays(a)
+        with whole_array_mode(False):
+            assert not whole_arrays(a)
+        assert whole_arrays(a)
+    assert not whole_arrays(a)
+
+
+def test_scatter_add_counts_every_repeated_index():
+    table = np.zeros((4, 2))
+    scatter_add(table, np.array([1, 3, 1, 1]), np.arange(8.0).reshape(4, 2))
+    np.testing.assert_array_equal(table, [[0, 0], [0 + 4 + 6, 1 + 5 + 7], [0, 0], [2, 3]])
+
+
+def test_host_copies_and_cpu_helpers():
+    a = np.arange(3)
+    assert device.to_host(a) is a and device.to_device(a, np) is a
+    assert require("cpu") is np and device.gpu_memory(np) is None
+    device.synchronize(np)  # nothing to wait for
+    with pytest.raises(DeviceError, match="cpu or cuda"):
+        require("tpu")
+
+
+@pytest.mark.skipif(cupy_gpu() is not None, reason="CuPy runs here: nothing is missing")
+def test_cuda_without_cupy_or_gpu_says_what_to_install():
+    with pytest.raises(DeviceError, match="pip install cupy-cuda12x") as e:
+        require("cuda")
+    assert "\n" not in str(e.value)
+
+
+def test_cuda_with_a_broken_cupy_says_so_in_one_line(monkeypatch):
+    class Broken:  # what `import cupy` meets when its CUDA libraries do not load
+        def find_spec(self, name, path=None, target=None):
+            if name == "cupy":
+                raise ImportError("libcublas.so.12: cannot open shared object file\nmore detail")
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken()] + sys.meta_path)
+    with pytest.raises(DeviceError, match="installed but cannot load .libcublas.so.12: cannot open shared object "
+                                          r"file.; pip install cupy-cuda12x") as e:
+        require("cuda")
+    assert "\n" not in str(e.value)
+
+
+def test_cuda_with_cupy_but_no_gpu_says_what_to_check(monkeypatch):
+    def no_device():
+        raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=no_device))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(DeviceError, match="no CUDA-capable device.*nvidia-smi.*cupy-cuda12x") as e:
+        require("cuda")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(cupy_gpu() is not None, reason="CuPy runs here: --device cuda would train")
+@pytest.mark.parametrize("script, args", [
+    ("train.py", ["--train_data", "data/sample/train_tokenized.jsonl", "--max_steps", "1"]),
+    ("generate.py", ["--benchmark", "--benchmark_tokens", "8"]),
+    ("benchmark.py", ["--d_model", "16", "--n_heads", "2", "--d_ff", "32", "--vocab_size", "50"]),
+])
+def test_device_cuda_without_a_gpu_exits_with_one_line(script, args, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args, "--device", "cuda"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cupy-cuda12x" in lines[0], proc.stderr
+
+
+# ------------------------------------------------ the GPU path's plumbing, with a NumPy stand-in for CuPy
+
+def test_a_gpu_step_reads_one_value_back_and_computes_what_numpy_does():
+    """With fake_cupy every array of the model is a "device" array that refuses host arrays and
+    counts host reads. A training step reads one value (the gradient norm), and computes bit for
+    bit what NumPy computes on the whole-array path."""
+    idx, targets = batch(3)
+    with whole_array_mode():
+        cpu = LanguageModel(CFG, seed=4)
+        opt_cpu = AdamW(cpu.params, weight_decay=0.1)
+        loss_cpu, acc_cpu = cpu.forward_backward(idx, targets)
+        norm_cpu = clip_grad_norm(cpu.grads, 0.5)
+        opt_cpu.step(cpu.grads, lr=1e-3)
+        evaluated_cpu = cpu.evaluate(idx, targets)
+    with fake_cupy.installed() as cupy:
+        gpu = LanguageModel(CFG, seed=4, device="cuda")
+        assert isinstance(gpu.flat_params, cupy.ndarray) and gpu.xp is cupy
+        opt = AdamW(gpu.params, weight_decay=0.1)
+        before = fake_cupy.DeviceArray.syncs
+        loss, acc = gpu.forward_backward(idx, targets)
+        assert fake_cupy.DeviceArray.syncs == before  # the loss and accuracy stay on the device
+        assert isinstance(loss, cupy.ndarray) and loss.ndim == 0
+        norm = clip_grad_norm(gpu.grads, 0.5)
+        opt.step(gpu.grads, lr=1e-3)
+        assert fake_cupy.DeviceArray.syncs == before + 1  # the gradient norm, read once
+        assert (float(loss), float(acc), norm) == (loss_cpu, acc_cpu, norm_cpu)
+        np.testing.assert_array_equal(device.to_host(gpu.flat_params), cpu.flat_params)
+        state = opt.state_dict()  # host arrays, for the checkpoint
+        assert all(type(v) is np.ndarray for v in state.values())
+        np.testing.assert_array_equal(state["v/wte"], opt_cpu.state_dict()["v/wte"])
+        loss_sum, n_correct, n = gpu.evaluate(idx, targets)
+        assert (float(loss_sum), int(n_correct), n) == evaluated_cpu
+        assert all(type(v) is np.ndarray for v in gpu.host_params().values())
+
+
+def test_gpu_generation_copies_one_row_of_logits_per_token():
+    from generate import Decoder, generate
+    cfg = ModelConfig(vocab_size=61, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=12)
+    with whole_array_mode():
+        cpu = LanguageModel(cfg, seed=5, dtype=np.float64)
+        expected = list(generate(cpu, [1, 2], 20, np.random.default_rng(0), temperature=0.8))
+    with fake_cupy.installed() as cupy:
+        gpu = LanguageModel(cfg, params=cpu.params, device="cuda")
+        assert isinstance(gpu.new_kv_cache(1).k[0], cupy.ndarray)
+        logits = Decoder(gpu).feed([1, 2])
+        assert type(logits) is np.ndarray and logits.shape == (61,)
+        assert list(generate(gpu, [1, 2], 20, np.random.default_rng(0), temperature=0.8)) == expected
+        back = LanguageModel(cfg, params=gpu.params)  # and back to the host
+        assert type(back.flat_params) is np.ndarray
+        np.testing.assert_array_equal(back.flat_params, cpu.flat_params)
+
+
+def test_train_on_the_gpu_resume_on_either_device(tmp_path, capsys):
+    """Checkpoints are host files: a GPU run's checkpoint resumes on the CPU and on the GPU to the
+    same weights as the GPU run itself (the stand-in computes exactly what NumPy's whole arrays do)."""
+    import train
+    from checkpoint import load_checkpoint
+    from test_train import tiny_flags, write_data
+    data = write_data(tmp_path / "train.jsonl", 100, seed=1), write_data(tmp_path / "valid.jsonl", 20, seed=2)
+
+    def run(save_dir, **flags):
+        assert train.main(tiny_flags(data, str(tmp_path / save_dir), max_steps=12, save_interval=6, log_interval=4,
+                                     eval_interval=6, no_progress=True, **flags)) == 0
+        return load_checkpoint(str(tmp_path / save_dir / "checkpoint_final.npz")).params
+
+    with fake_cupy.installed():
+        on_gpu = run("gpu", device="cuda")
+        half = str(tmp_path / "gpu" / "checkpoint_step_6.npz")
+        resumed_gpu = run("gpu", device="cuda", resume=half)
+    with whole_array_mode():
+        resumed_cpu = run("gpu", resume=half)
+    for name in on_gpu:
+        np.testing.assert_array_equal(resumed_gpu[name], on_gpu[name])
+        np.testing.assert_array_equal(resumed_cpu[name], on_gpu[name])
+    assert "val loss" in capsys.readouterr().out
+
+
+def test_benchmark_on_the_gpu_prints_milliseconds_and_gpu_memory(capsys):
+    import benchmark
+    with fake_cupy.installed():
+        benchmark.main(["--vocab_size", "64", "--d_model", "16", "--n_heads", "2", "--d_ff", "32", "--n_layers", "1",
+                        "--batch_size", "2", "--seq_len", "8", "--steps", "1", "--min_seconds", "0", "--device", "cuda"])
+    out = capsys.readouterr().out
+    assert " ms " in out and "ratio" in out and "GPU memory 2 MB" in out
+
+
+# ---------------------------------------------------------------------------- on a GPU, where there is one
+
+needs_gpu = pytest.mark.skipif(cupy_gpu() is None, reason="needs CuPy and an NVIDIA GPU (pip install cupy-cuda12x)")
+
+
+@needs_gpu
+def test_gpu_first_step_loss_equals_numpys_for_the_small_model():
+    cfg = ModelConfig(vocab_size=50257, d_model=128, n_heads=4, d_ff=512, n_layers=2, max_seq_len=128)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (32, 129))
+    cpu = LanguageModel(cfg, seed=0)
+    gpu = LanguageModel(cfg, seed=0, device="cuda")
+    np.testing.assert_array_equal(device.to_host(gpu.flat_params), cpu.flat_params)  # drawn on the host
+    loss_cpu, _ = cpu.forward_backward(tokens[:, :-1], tokens[:, 1:])
+    loss_gpu, _ = gpu.forward_backward(tokens[:, :-1], tokens[:, 1:])
+    assert not isinstance(loss_gpu, float)  # still on the device
+    assert float(loss_gpu) == pytest.approx(loss_cpu, rel=1e-5)
+    assert clip_grad_norm(gpu.grads, 1.0) == pytest.approx(clip_grad_norm(cpu.grads, 1.0), rel=1e-4)
+
+
+@needs_gpu
+def test_gpu_generation_with_the_cache_matches_the_cpu():
+    from generate import Decoder
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_seq_len=24)
+    cpu = LanguageModel(cfg, seed=3, dtype=np.float64)
+    gpu = LanguageModel(cfg, params=cpu.params, device="cuda")
+    for use_cache in (True, False):
+        decoders = Decoder(cpu, use_cache), Decoder(gpu, use_cache)
+        token = 5
+        for _ in range(30):  # past max_seq_len: the window slides and the cache is rebuilt
+            a, b = (d.feed([token]) for d in decoders)
+            np.testing.assert_allclose(device.to_host(b), a, rtol=1e-9, atol=1e-12)
+            token = int(np.argmax(a))
