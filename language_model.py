@@ -239,14 +239,20 @@ class LanguageModel:
             embedding_backward(dx, idx, g["wte"], g.get("wpe"))
         return loss_sum, n_correct, n
 
-    def forward_backward(self, idx, targets):
-        """One training pass: returns (mean loss, token accuracy) and leaves the gradients in self.grads."""
+    def forward_backward(self, idx, targets, count=None):
+        """One training pass: returns (mean loss, token accuracy) and leaves the gradients in self.grads.
+
+        count: when this batch is one slice of a larger one (one MPI rank's share, distributed.py), the
+        number of counted targets of the whole batch. The gradients are then those of the whole batch's
+        mean loss, and the return is this slice's (loss sum, number correct), for the caller to add up
+        over the slices and divide by count.
+        """
         self.check_tokens(idx)
         self.check_tokens(targets, "targets", allow_ignore=True)
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {targets.shape} differs from idx shape {idx.shape}")
         self.positions()  # made once here, not by racing threads
-        n = max(int(np.count_nonzero(targets != IGNORE_INDEX)), 1)
+        n = max(int(np.count_nonzero(targets != IGNORE_INDEX)), 1) if count is None else count
 
         def run(part):
             idx_part, targets_part, shard = part
@@ -259,7 +265,8 @@ class LanguageModel:
         for _, _, shard in parts[1:]:  # in a fixed order: the sum does not depend on thread timing
             for k, v in self.grads.items():
                 v += shard.grads[k]
-        return sum(r[0] for r in results) / n, sum(r[1] for r in results) / n
+        loss_sum, n_correct = sum(r[0] for r in results), sum(r[1] for r in results)
+        return (loss_sum / n, n_correct / n) if count is None else (loss_sum, n_correct)
 
     def evaluate(self, idx, targets):
         """No gradients: returns (loss summed over tokens, number correct, number of tokens)."""

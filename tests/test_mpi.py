@@ -1,0 +1,240 @@
+"""Data-parallel training under mpiexec (distributed.py): N ranks train what one process with N workers
+trains, bit for bit for N = 2; a dead rank stops the job with a message naming it and the checkpoint.
+
+The runs need mpi4py and the mpiexec of the MPI it was built with (scripts/test.sh installs
+`mpi4py mpich`); without them those tests skip. Tiny model, a few dozen steps: seconds each."""
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import distributed
+import train
+from checkpoint import load_checkpoint
+from language_model import LanguageModel, ModelConfig
+from test_train import metrics, tiny_flags, write_data
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def find_mpiexec():
+    """The mpiexec next to this Python (the pip wheels put it there), else the one on PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else shutil.which("mpiexec")
+
+
+MPIEXEC = find_mpiexec()
+needs_mpi = pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
+                               reason="needs mpi4py and mpiexec: pip install mpi4py mpich")
+# Open MPI refuses to start as root without these; MPICH ignores them
+MPI_ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1", PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe")
+
+
+def mpi_flavour():
+    out = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True).stdout
+    return "openmpi" if "Open MPI" in out or "OpenRTE" in out or "prterun" in out else "mpich"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_data(d / "train.jsonl", 400, seed=1), write_data(d / "valid.jsonl", 60, seed=2)
+
+
+def mpirun(n, argv, launcher_flags=(), **kw):
+    return subprocess.run([MPIEXEC, *launcher_flags, "-n", str(n), sys.executable, "train.py", *argv], cwd=REPO,
+                          env=MPI_ENV, capture_output=True, text=True, timeout=120, **kw)
+
+
+def same_arrays(path_a, path_b):
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    assert a.params.keys() == b.params.keys() and a.arrays.keys() == b.arrays.keys()
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
+    for name in a.arrays:
+        np.testing.assert_array_equal(a.arrays[name], b.arrays[name], err_msg=name)
+
+
+def numbers(save_dir):
+    """Every logged loss, accuracy and gradient norm, in order, full precision."""
+    keys = ("loss", "accuracy", "grad_norm", "val_loss", "val_accuracy", "val_bpb", "val_tokens")
+    return [(r["type"], r["step"], [r[k] for k in keys if k in r]) for r in metrics(save_dir)
+            if r["type"] in ("train", "eval")]
+
+
+# ---------------------------------------------------------------------------- without MPI
+
+
+def test_rank_rows_are_cut_as_the_workers_cut_a_batch():
+    cfg = ModelConfig(vocab_size=11, d_model=4, n_heads=2, d_ff=8, n_layers=1, max_seq_len=3)
+    for n_ranks in (2, 3, 4):
+        model = LanguageModel(cfg, workers=n_ranks)
+        for rows in range(n_ranks, 12):
+            idx = np.zeros((rows, 3), dtype=np.int64)
+            workers = [(len(part[0])) for part in model._split(idx, idx)]
+            ranks = [distributed.Ranks.share(SimpleNamespace(size=n_ranks, rank=r), rows) for r in range(n_ranks)]
+            assert [b - a for a, b in ranks] == workers
+            assert ranks[0][0] == 0 and ranks[-1][1] == rows
+            assert all(ranks[i][1] == ranks[i + 1][0] for i in range(n_ranks - 1))
+
+
+def test_outside_mpiexec_nothing_changes_and_mpi4py_is_not_imported():
+    env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_VARS}
+    code = "import sys, distributed; print(distributed.ranks(), 'mpi4py' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["None", "False"], out.stderr
+
+
+def test_mpiexec_without_mpi4py_is_a_clear_error(data, tmp_path):
+    """Several processes started by mpiexec with no mpi4py would each train alone into the same files."""
+    env = dict(os.environ, PMI_SIZE="2", PMI_RANK="0")
+    code = ("import sys; sys.modules['mpi4py'] = None\n"  # an import of it now fails, as when not installed
+            "import train; sys.exit(train.main(sys.argv[1:]))")
+    out = subprocess.run([sys.executable, "-c", code, *tiny_flags(data, str(tmp_path / "ck"), max_steps=2)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "mpi4py is not installed" in out.stderr and "pip install mpi4py" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not os.path.exists(tmp_path / "ck" / "checkpoint_final.npz")
+
+
+# ---------------------------------------------------------------------------- under mpiexec
+
+
+@needs_mpi
+def test_two_ranks_train_bit_for_bit_what_two_workers_train(data, tmp_path):
+    """Same losses, evaluations, weights and optimizer state; then resuming the 2-rank run's checkpoint in
+    one process finishes exactly as the uninterrupted run (with a note that the rank count changed)."""
+    flags = dict(max_steps=30, log_interval=5, eval_interval=10, save_interval=10, batch_size=7)  # 4 + 3 rows
+    ranks_dir, workers_dir = str(tmp_path / "ranks"), str(tmp_path / "workers")
+    run = mpirun(2, tiny_flags(data, ranks_dir, **flags))
+    assert run.returncode == 0, run.stderr
+    assert "2 MPI ranks on 1 machine" in run.stdout and run.stdout.count("done: 30 steps") == 1  # rank 0 alone
+    assert train.main(tiny_flags(data, workers_dir, workers=2, **flags)) == 0
+    assert numbers(ranks_dir) == numbers(workers_dir)
+    same_arrays(os.path.join(ranks_dir, "checkpoint_final.npz"), os.path.join(workers_dir, "checkpoint_final.npz"))
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(ranks_dir, resumed)
+    os.unlink(os.path.join(resumed, "checkpoint_final.npz"))
+    os.unlink(os.path.join(resumed, "checkpoint_step_20.npz"))
+    out = subprocess.run([sys.executable, "train.py", *tiny_flags(data, resumed, workers=2, resume=True, **flags)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "written by 2 MPI rank(s), this run has 1" in out.stdout
+    same_arrays(os.path.join(resumed, "checkpoint_final.npz"), os.path.join(workers_dir, "checkpoint_final.npz"))
+
+
+@needs_mpi
+def test_three_ranks_train_what_three_workers_train(data, tmp_path):
+    """MPI may add three partial sums in another order than one process: equal to float32 rounding."""
+    flags = dict(max_steps=10, log_interval=5, eval_interval=0, save_interval=0, batch_size=8)
+    run = mpirun(3, tiny_flags(data, str(tmp_path / "ranks"), **flags))
+    assert run.returncode == 0, run.stderr
+    assert train.main(tiny_flags(data, str(tmp_path / "workers"), workers=3, **flags)) == 0
+    a = load_checkpoint(str(tmp_path / "ranks" / "checkpoint_final.npz"))
+    b = load_checkpoint(str(tmp_path / "workers" / "checkpoint_final.npz"))
+    for name in a.params:
+        np.testing.assert_allclose(a.params[name], b.params[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    for (_, _, x), (_, _, y) in zip(numbers(str(tmp_path / "ranks")), numbers(str(tmp_path / "workers"))):
+        np.testing.assert_allclose(x, y, rtol=1e-5)
+
+
+@needs_mpi
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(data, tmp_path):
+    save_dir = str(tmp_path / "ck")
+    argv = tiny_flags(data, save_dir, max_steps=1_000_000, log_interval=100, eval_interval=0, save_interval=0)
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "train.py", *argv], cwd=REPO, env=MPI_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = wait_for_rank_pid(save_dir, 1)
+        wait_for_steps(save_dir, 100)
+        os.kill(pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "terminated (SIGTERM) on another rank" in out, out + err
+    stopped = [r for r in metrics(save_dir) if r["type"] == "stopped"]
+    assert len(stopped) == 1
+    ck = load_checkpoint(os.path.join(save_dir, f"checkpoint_step_{stopped[0]['step']}.npz"))
+    assert ck.meta["step"] == stopped[0]["step"] and ck.meta["ranks"] == 2
+
+
+def wait_for_rank_pid(save_dir, rank, timeout=60):
+    """The pid of a rank, from the "ranks" record rank 0 writes at the start."""
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        try:
+            return next(r["where"][rank][1] for r in metrics(save_dir) if r["type"] == "ranks")
+        except (OSError, StopIteration, ValueError):
+            time.sleep(0.1)
+    raise AssertionError("the ranks did not start")
+
+
+def wait_for_steps(save_dir, steps, timeout=60):
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        if any(r["type"] == "train" and r["step"] >= steps for r in metrics(save_dir)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {steps} within {timeout} s")
+
+
+@needs_mpi
+@pytest.mark.parametrize("cleanup", ["watchdog", "launcher"])
+def test_a_killed_rank_ends_the_job_naming_it_and_the_checkpoint_to_resume_from(data, tmp_path, cleanup):
+    """kill -9 of rank 1 in the middle of a run. "watchdog": the launcher leaves the survivors running
+    (MPICH's -disable-auto-cleanup; Open MPI ends them after a SIGTERM anyway), and rank 0 must notice,
+    say which rank is gone and where to resume, and stop. "launcher": MPICH's default, which kills the
+    survivors at once itself (its message names the pid, which rank 0's first log line maps to rank 1).
+    Either way the job ends well within a minute and the newest checkpoint loads."""
+    mpich = mpi_flavour() == "mpich"
+    if cleanup == "launcher" and not mpich:
+        pytest.skip("Open MPI ends the survivors itself only after a SIGTERM: the watchdog case covers it")
+    launcher_flags = ["-disable-auto-cleanup"] if cleanup == "watchdog" and mpich else []
+    save_dir = str(tmp_path / "ck")
+    argv = tiny_flags(data, save_dir, max_steps=1_000_000, log_interval=50, eval_interval=0, save_interval=50)
+    proc = subprocess.Popen([MPIEXEC, *launcher_flags, "-n", "2", sys.executable, "train.py", *argv], cwd=REPO,
+                            env=MPI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = wait_for_rank_pid(save_dir, 1)
+        wait_for_steps(save_dir, 120)  # two checkpoints written, the run going on
+        os.kill(pid, signal.SIGKILL)
+        t = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        ended_after = time.monotonic() - t
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and ended_after < 30
+    newest = max((f for f in os.listdir(save_dir) if f.endswith(".npz")),
+                 key=lambda f: int(f.split("_")[-1][:-4]))
+    ck = load_checkpoint(os.path.join(save_dir, newest))
+    assert ck.meta["step"] >= 100
+    assert not [f for f in os.listdir(save_dir) if f.endswith(".tmp")]
+    if cleanup == "watchdog":
+        message = [line for line in (out + err).splitlines() if line.startswith("error:")]  # MPICH: all on stdout
+        assert len(message) == 1, out + err + str(metrics(save_dir)[-2:])
+        assert f"rank 1 (pid {pid} on" in message[0] and "is gone" in message[0]
+        assert f"Resume from {os.path.join(save_dir, newest)}" in message[0] and "--resume" in message[0]
+        assert [r["message"] for r in metrics(save_dir) if r["type"] == "error"] == [message[0]]
+    else:
+        assert f"1={pid}" in out  # rank 0's first line: which pid is which rank
+        assert str(pid) in out + err  # MPICH's own message names the pid
+
+
+@needs_mpi
+def test_errors_on_every_rank_end_the_job_with_one_clear_message(data, tmp_path):
+    run = mpirun(2, tiny_flags(data, str(tmp_path / "ck"), batch_size=1))
+    assert run.returncode != 0
+    assert "error: --batch_size 1 is smaller than the 2 MPI ranks" in run.stderr
+    assert "Traceback" not in run.stderr
