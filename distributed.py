@@ -89,21 +89,23 @@ def exit_with_error(message):
     _current.comm.Abort(1)
 
 
-def _is_alive(pid):
-    """Whether process pid on this machine still runs (a zombie, dead but not yet reaped, does not)."""
+def process_state(pid):
+    """"gone" (a zombie too: dead, not yet reaped), "stopped" (SIGSTOP, a debugger) or "running", for a
+    process on this machine."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return "gone" if state in (b"Z", b"X") else "stopped" if state in (b"T", b"t") else "running"
     except FileNotFoundError:
-        return False
+        return "gone"
     except OSError:  # no /proc: ask the kernel
         try:
             os.kill(pid, 0)
-            return True
         except ProcessLookupError:
-            return False
+            return "gone"
         except PermissionError:
-            return True
+            pass
+        return "running"
 
 
 class Ranks:
@@ -264,22 +266,28 @@ class Ranks:
         return loss_sum / n, n_correct / n
 
     # ------------------------------------------------------------------ faults
-    def lost_ranks(self):
-        """The ranks on this machine whose process is gone."""
-        return [r for r, (host, pid) in enumerate(self.where) if host == self.host and not _is_alive(pid)]
+    def lost_ranks(self, state="gone"):
+        """The ranks on this machine whose process is in that state ("gone" or "stopped")."""
+        return [r for r, (host, pid) in enumerate(self.where) if host == self.host and process_state(pid) == state]
+
+    def name(self, r):
+        return f"rank {r} (pid {self.where[r][1]} on {self.where[r][0]})"
 
     def lost(self, why):
         """Say which rank is lost and where to resume from, then end this process (never returns)."""
         with self._lost_lock:
-            dead = self.lost_ranks()
+            dead, stopped = self.lost_ranks("gone"), self.lost_ranks("stopped")
+            away = [r for r, (host, _) in enumerate(self.where) if host != self.host]
             if dead:
-                what = " and ".join(f"rank {r} (pid {self.where[r][1]} on {self.where[r][0]})" for r in dead) + \
-                    f" {'is' if len(dead) == 1 else 'are'} gone, so the MPI job stops (seen by rank {self.rank})"
+                what = " and ".join(map(self.name, dead)) + f" {'is' if len(dead) == 1 else 'are'} gone"
+            elif stopped:
+                what = f"{why}: " + " and ".join(map(self.name, stopped)) + \
+                    f" {'is' if len(stopped) == 1 else 'are'} stopped (SIGSTOP or a debugger)"
+            elif away:
+                what = f"{why}: one of ranks {', '.join(map(str, away))}, on other machines, died or hangs"
             else:
-                away = [r for r, (host, _) in enumerate(self.where) if host != self.host]
-                what = f"{why}, so the MPI job stops (seen by rank {self.rank}; " + (
-                    f"ranks {', '.join(map(str, away))} run on other machines: one of them died or hangs)" if away
-                    else "a rank hangs or died)")
+                what = f"{why}: a rank hangs"
+            what += f", so the MPI job stops (seen by rank {self.rank})"
             alive = [r for r in range(self.size) if r not in dead]
             if self.rank == min(alive):  # one survivor speaks for all
                 try:

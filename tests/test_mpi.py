@@ -3,6 +3,7 @@ trains, bit for bit for N = 2; a dead rank stops the job with a message naming i
 
 The runs need mpi4py and the mpiexec of the MPI it was built with (scripts/test.sh installs
 `mpi4py mpich`); without them those tests skip. Tiny model, a few dozen steps: seconds each."""
+import contextlib
 import importlib.util
 import json
 import os
@@ -190,46 +191,72 @@ def wait_for_steps(save_dir, steps, timeout=60):
     raise AssertionError(f"no step {steps} within {timeout} s")
 
 
-@needs_mpi
-@pytest.mark.parametrize("cleanup", ["watchdog", "launcher"])
-def test_a_killed_rank_ends_the_job_naming_it_and_the_checkpoint_to_resume_from(data, tmp_path, cleanup):
-    """kill -9 of rank 1 in the middle of a run. "watchdog": the launcher leaves the survivors running
-    (MPICH's -disable-auto-cleanup; Open MPI ends them after a SIGTERM anyway), and rank 0 must notice,
-    say which rank is gone and where to resume, and stop. "launcher": MPICH's default, which kills the
-    survivors at once itself (its message names the pid, which rank 0's first log line maps to rank 1).
-    Either way the job ends well within a minute and the newest checkpoint loads."""
-    mpich = mpi_flavour() == "mpich"
-    if cleanup == "launcher" and not mpich:
-        pytest.skip("Open MPI ends the survivors itself only after a SIGTERM: the watchdog case covers it")
-    launcher_flags = ["-disable-auto-cleanup"] if cleanup == "watchdog" and mpich else []
-    save_dir = str(tmp_path / "ck")
-    argv = tiny_flags(data, save_dir, max_steps=1_000_000, log_interval=50, eval_interval=0, save_interval=50)
-    proc = subprocess.Popen([MPIEXEC, *launcher_flags, "-n", "2", sys.executable, "train.py", *argv], cwd=REPO,
-                            env=MPI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_and_hurt_rank_1(save_dir, argv, sig):
+    """Start 2 ranks, send sig to rank 1 once two checkpoints are written; (stdout + stderr, seconds the job
+    took to end after that, rank 1's pid)."""
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "train.py", *argv], cwd=REPO, env=MPI_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         pid = wait_for_rank_pid(save_dir, 1)
-        wait_for_steps(save_dir, 120)  # two checkpoints written, the run going on
-        os.kill(pid, signal.SIGKILL)
+        wait_for_steps(save_dir, 120)  # checkpoints at steps 50 and 100 written, the run going on
+        os.kill(pid, sig)
         t = time.monotonic()
         out, err = proc.communicate(timeout=60)
-        ended_after = time.monotonic() - t
+        assert proc.returncode != 0
+        return out + err, time.monotonic() - t, pid  # MPICH sends the ranks' stderr to stdout
     finally:
         proc.kill()
-    assert proc.returncode != 0 and ended_after < 30
-    newest = max((f for f in os.listdir(save_dir) if f.endswith(".npz")),
-                 key=lambda f: int(f.split("_")[-1][:-4]))
-    ck = load_checkpoint(os.path.join(save_dir, newest))
-    assert ck.meta["step"] >= 100
-    assert not [f for f in os.listdir(save_dir) if f.endswith(".tmp")]
-    if cleanup == "watchdog":
-        message = [line for line in (out + err).splitlines() if line.startswith("error:")]  # MPICH: all on stdout
-        assert len(message) == 1, out + err + str(metrics(save_dir)[-2:])
-        assert f"rank 1 (pid {pid} on" in message[0] and "is gone" in message[0]
-        assert f"Resume from {os.path.join(save_dir, newest)}" in message[0] and "--resume" in message[0]
-        assert [r["message"] for r in metrics(save_dir) if r["type"] == "error"] == [message[0]]
+        if sig == signal.SIGSTOP:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def newest_checkpoint_loads(save_dir):
+    assert not [f for f in os.listdir(save_dir) if f.endswith(".tmp")]  # no half-written file
+    newest = max((f for f in os.listdir(save_dir) if f.endswith(".npz")), key=lambda f: int(f.split("_")[-1][:-4]))
+    assert load_checkpoint(os.path.join(save_dir, newest)).meta["step"] >= 100
+    return os.path.join(save_dir, newest)
+
+
+def the_error(output, save_dir):
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, output  # one survivor speaks for all
+    assert [r["message"] for r in metrics(save_dir) if r["type"] == "error"] == lines
+    return lines[0]
+
+
+@needs_mpi
+def test_a_killed_rank_ends_the_job_naming_it_and_the_checkpoint_to_resume_from(data, tmp_path):
+    """kill -9 of rank 1 mid-run. Open MPI's mpiexec sends the survivors a SIGTERM, then ends them: rank 0's
+    watchdog speaks first. MPICH's kills them at once, with SIGKILL, and names the lost pid itself; rank 0's
+    first log line maps pids to ranks. Either way the job ends at once and the newest checkpoint loads."""
+    save_dir = str(tmp_path / "ck")
+    argv = tiny_flags(data, save_dir, max_steps=1_000_000, log_interval=50, eval_interval=0, save_interval=50)
+    output, ended_after, pid = run_and_hurt_rank_1(save_dir, argv, signal.SIGKILL)
+    assert ended_after < 30
+    newest = newest_checkpoint_loads(save_dir)
+    if mpi_flavour() == "openmpi":
+        message = the_error(output, save_dir)
+        assert f"rank 1 (pid {pid} on" in message and "is gone" in message
+        assert f"Resume from {newest}: the same mpiexec command plus --resume" in message
     else:
-        assert f"1={pid}" in out  # rank 0's first line: which pid is which rank
-        assert str(pid) in out + err  # MPICH's own message names the pid
+        assert f"1={pid}" in output and f"PID {pid}" in output
+
+
+@needs_mpi
+def test_a_hung_rank_ends_the_job_after_rank_timeout_naming_it_and_the_checkpoint(data, tmp_path):
+    """A rank that stops answering (here SIGSTOP; a machine that drops off the network looks the same)
+    leaves the others waiting in Allreduce, and no launcher notices: the watchdog ends the job."""
+    save_dir = str(tmp_path / "ck")
+    argv = tiny_flags(data, save_dir, max_steps=1_000_000, log_interval=50, eval_interval=0, save_interval=50,
+                      rank_timeout=3)
+    output, ended_after, pid = run_and_hurt_rank_1(save_dir, argv, signal.SIGSTOP)
+    assert 3 <= ended_after < 30
+    newest = newest_checkpoint_loads(save_dir)
+    message = the_error(output, save_dir)
+    assert "no answer from the other ranks for 3 s" in message
+    assert f"rank 1 (pid {pid} on" in message and "is stopped" in message
+    assert f"Resume from {newest}: the same mpiexec command plus --resume" in message
 
 
 @needs_mpi
