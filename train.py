@@ -442,6 +442,8 @@ class Trainer:
         self.interrupt = Interrupt()
         # seconds per part of a step, summed over the steps this process ran (see report_profile)
         self.timers = {"model": 0.0, "data": 0.0, "clip": 0.0, "optimizer": 0.0, "bookkeeping": 0.0}
+        if self.ranks:  # under MPI: the Allreduce, and waiting for slower ranks in it, apart from the model
+            self.timers["allreduce"] = 0.0
         self.loop_time, self.loop_steps = 0.0, 0
         self.eval_hinted = False
 
@@ -539,7 +541,11 @@ class Trainer:
         x, y = self.batches.next()
         t1 = clock()
         if self.ranks:  # this rank's rows of the batch, the gradients summed over the ranks
+            waited = self.ranks.seconds_waiting
             loss, accuracy = self.ranks.forward_backward(self.model, x, y)
+            waited = self.ranks.seconds_waiting - waited
+            self.timers["allreduce"] += waited
+            self.timers["model"] -= waited
         else:
             loss, accuracy = self.model.forward_backward(x, y)
         t2 = clock()
