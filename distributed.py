@@ -19,17 +19,16 @@ partial sums in another order: the same up to the last bits).
 Without mpi4py, or when not started by mpiexec, `ranks()` returns None and nothing here is
 imported: mpi4py is imported only when the launcher's variables say we run under MPI.
 
-Faults. When a rank dies, mpiexec normally ends the whole job itself (MPICH at once, with
-SIGKILL; Open MPI after a SIGTERM). Where it does not (MPICH's -disable-auto-cleanup, a host
-that stops answering), the others would wait in Allreduce forever; a watchdog thread notices
-a rank on this machine that is gone, or no answer for --rank_timeout seconds, names the lost
-rank and the checkpoint to resume from, and ends this process.
+Faults. When a rank dies, mpiexec ends the whole job itself (MPICH at once, with SIGKILL;
+Open MPI after a SIGTERM). A rank that stops answering without dying (stopped, a machine off
+the network) would leave the others waiting in Allreduce forever. A watchdog thread notices
+a rank on this machine that is gone or stopped, or no answer for --rank_timeout seconds,
+names the lost rank and the checkpoint to resume from, and ends this process.
 
 Uppercase mpi4py calls (Allreduce, Bcast) move NumPy buffers at C speed; lowercase ones
 (allgather, bcast) pickle Python objects and are used only for small things, once.
 """
 import os
-import signal
 import sys
 import threading
 import time
@@ -122,6 +121,7 @@ class Ranks:
         self.node = comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = self.node.Get_rank(), self.node.Get_size()
         self.host = MPI.Get_processor_name()
+        self.neighbours = self.node.allgather(self.rank)  # the world ranks on this machine, this one too
         # (host, pid) of every rank: names a lost rank, and maps the pid in mpiexec's own message to a rank
         self.where = comm.allgather((self.host, os.getpid()))
         self.timeout = timeout
@@ -131,12 +131,6 @@ class Ranks:
         self._lost_lock = threading.Lock()
         self.last_checkpoint = lambda: None  # set by the trainer: named when a rank is lost
         self.on_lost = lambda message: None  # set by the trainer: record the message (rank 0)
-        try:  # MPICH run with -disable-auto-cleanup tells the survivors of a dead rank with SIGUSR1, whose
-            # default action ends them silently: ignore it, the watchdog notices the death and says so
-            if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
-                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        except ValueError:  # not the main thread
-            pass
         threading.Thread(target=self._watch, name="rank-watchdog", daemon=True).start()
         global _current
         _current = self
@@ -271,7 +265,7 @@ class Ranks:
     # ------------------------------------------------------------------ faults
     def lost_ranks(self, state="gone"):
         """The ranks on this machine whose process is in that state ("gone" or "stopped")."""
-        return [r for r, (host, pid) in enumerate(self.where) if host == self.host and process_state(pid) == state]
+        return [r for r in self.neighbours if process_state(self.where[r][1]) == state]
 
     def name(self, r):
         return f"rank {r} (pid {self.where[r][1]} on {self.where[r][0]})"
@@ -280,7 +274,7 @@ class Ranks:
         """Say which rank is lost and where to resume from, then end this process (never returns)."""
         with self._lost_lock:
             dead, stopped = self.lost_ranks("gone"), self.lost_ranks("stopped")
-            away = [r for r, (host, _) in enumerate(self.where) if host != self.host]
+            away = [r for r in range(self.size) if r not in self.neighbours]
             if dead:
                 what = " and ".join(map(self.name, dead)) + f" {'is' if len(dead) == 1 else 'are'} gone"
             elif stopped:
