@@ -36,6 +36,9 @@ import zlib
 
 import numpy as np
 
+from loss import IGNORE_INDEX
+from parallel import blas_controller
+
 # set by mpiexec/mpirun in every process it starts: Open MPI, MPICH and Intel MPI (PMI), PMIx launchers
 LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 LAUNCHER_VARS = LAUNCHER_SIZE_VARS + ("PMIX_RANK",)
@@ -167,7 +170,6 @@ class Ranks:
     def limit_threads(self):
         """Hold NumPy's BLAS to this rank's share of the cores (so --workers defaults to it too);
         returns the share, for the optimizer's threads."""
-        from parallel import blas_controller
         n = self.cores()
         blas_controller().limit(limits=n, user_api="blas")  # kept: not used as a context manager
         return n
@@ -240,7 +242,7 @@ class Ranks:
 
     def check_same(self, what, **values):
         """Stop with a clear error, on every rank, unless every rank holds the same values
-        (an other data file on one machine, other NumPy giving other initial weights, ...)."""
+        (another data file on one machine, other NumPy giving other initial weights, ...)."""
         mine = sorted(values.items())
         every = [None]
         self._collective(lambda: every.__setitem__(0, self.comm.allgather(mine)), None)
@@ -254,7 +256,6 @@ class Ranks:
     def forward_backward(self, model, x, y):
         """The data-parallel step: (mean loss, accuracy) of the whole batch, the summed gradients
         left in model.grads on every rank, exactly as model.forward_backward(x, y) does in one process."""
-        from loss import IGNORE_INDEX
         n = max(int(np.count_nonzero(y != IGNORE_INDEX)), 1)  # targets of the whole batch
         a, b = self.share(len(x))
         loss_sum, n_correct = model.forward_backward(x[a:b], y[a:b], count=n)
@@ -322,4 +323,8 @@ def params_checksum(params):
     crc = 0
     for v in params.values():
         crc = zlib.crc32(np.ascontiguousarray(v).view(np.uint8).reshape(-1), crc)
-    return crc
+    return f"crc32 {crc:08x}"
+
+
+def checksum(data):
+    return f"crc32 {zlib.crc32(data):08x}"

@@ -450,10 +450,10 @@ class Trainer:
     def start_ranks(self):
         """Under MPI: check that every rank starts from the same state, and say who runs where."""
         r, args = self.ranks, self.args
-        r.check_same("the data, the flags and the weights", train_tokens=len(self.train_ds),
-                     val_tokens=len(self.val_ds) if self.val_ds else None, step=self.step,
-                     weights=distributed.params_checksum(self.model.params), batch_order=self.batches.state(),
-                     flags=sorted((k, v) for k, v in vars(args).items()))
+        r.check_same("the data, the flags and the weights", **{f"--{k}": v for k, v in vars(args).items()},
+                     training_tokens=len(self.train_ds), validation_tokens=len(self.val_ds) if self.val_ds else None,
+                     step=self.step, weights=distributed.params_checksum(self.model.params),
+                     batch_order=distributed.checksum(json.dumps(self.batches.state()).encode()))
         r.last_checkpoint = lambda: find_latest(args.save_dir) or self.last_good
         r.on_lost = lambda message: self.log.record(type="error", step=self.step + 1, message=message)
         self.log.say(f"{r.describe()}; {self.model.runner.n_workers} worker(s) per rank; "
@@ -497,8 +497,10 @@ class Trainer:
                 "rng": self.batches.state()["bit_generator"],
                 "data": dict(self.batches.state(), train_data=self.args.train_data, num_tokens=len(self.train_ds)),
                 "train_args": {k: v for k, v in vars(self.args).items() if k != "resume"}}
-        if self.ranks:
+        if self.ranks:  # the ranks' weights must not have drifted apart (they would, silently, with a bug)
             meta["ranks"] = self.ranks.size
+            self.ranks.check_same("the weights", step=self.step,
+                                  weights=distributed.params_checksum(self.model.params))
         if not self.root:
             self.ranks.barrier()  # while rank 0 writes: no rank may end the job before the file is complete
             self.last_good = path

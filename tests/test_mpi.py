@@ -271,3 +271,16 @@ def test_errors_on_every_rank_end_the_job_with_one_clear_message(data, tmp_path)
     assert run.returncode != 0
     assert (run.stdout + run.stderr).count("error: --batch_size 1 is smaller than the 2 MPI ranks") == 1
     assert "Traceback" not in run.stderr
+
+
+@needs_mpi
+def test_ranks_that_start_from_different_flags_or_weights_stop_with_a_clear_error(data, tmp_path):
+    argv = tiny_flags(data, str(tmp_path / "ck"), max_steps=3)
+    run = subprocess.run([MPIEXEC, "-n", "1", sys.executable, "train.py", *argv, ":",  # rank 1: another seed
+                          "-n", "1", sys.executable, "train.py", *argv, "--seed", "1"],
+                         cwd=REPO, env=MPI_ENV, capture_output=True, text=True, timeout=120)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert output.count("error: the ranks disagree about the data, the flags and the weights") == 1, output
+    assert "--seed: 0 on rank 0 but 1 on rank 1" in output and "Traceback" not in output
+    assert not os.path.exists(tmp_path / "ck" / "checkpoint_final.npz")
