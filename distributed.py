@@ -184,9 +184,11 @@ class Ranks:
 
     # ------------------------------------------------------------------ collectives
     def _collective(self, call, timeout="default"):
-        """Run a blocking MPI call with the watchdog looking on (timeout None: wait as long as it
-        takes, still stopping when a rank on this machine dies)."""
-        self._waiting = (time.monotonic(), self.timeout if timeout == "default" else timeout)
+        """Run a blocking MPI call with the watchdog looking on. timeout: "default" (--rank_timeout), "long"
+        (ten times that: waiting for rank 0 to write a file), or None (as long as it takes: converting a
+        dataset), still stopping at once when a rank on this machine dies."""
+        limit = {"default": self.timeout, "long": 10 * self.timeout}.get(timeout, timeout)
+        self._waiting = (time.monotonic(), limit)
         t = time.perf_counter()
         try:
             call()
@@ -227,25 +229,25 @@ class Ranks:
         self._collective(lambda: self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.MAX), timeout)
         return int(buf[0])
 
-    def barrier(self, timeout=None):
+    def barrier(self, timeout="default"):
         self._collective(self.comm.Barrier, timeout)
 
     def node_barrier(self):
         """Wait for the other ranks on this machine."""
         self._collective(self.node.Barrier, None)
 
-    def bcast(self, obj, timeout=None):
+    def bcast(self, obj, timeout="long"):
         """Rank 0's small Python object (a path, a flag) on every rank."""
         out = [None]
         self._collective(lambda: out.__setitem__(0, self.comm.bcast(obj, root=0)), timeout)
         return out[0]
 
-    def check_same(self, what, **values):
+    def check_same(self, what, timeout="default", **values):
         """Stop with a clear error, on every rank, unless every rank holds the same values
         (another data file on one machine, other NumPy giving other initial weights, ...)."""
         mine = sorted(values.items())
         every = [None]
-        self._collective(lambda: every.__setitem__(0, self.comm.allgather(mine)), None)
+        self._collective(lambda: every.__setitem__(0, self.comm.allgather(mine)), timeout)
         odd = [r for r, v in enumerate(every[0]) if v != every[0][0]]
         if odd:
             diffs = ", ".join(f"{k}: {a!r} on rank 0 but {b!r} on rank {odd[0]} ({self.where[odd[0]][0]})"

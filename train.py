@@ -450,7 +450,7 @@ class Trainer:
     def start_ranks(self):
         """Under MPI: check that every rank starts from the same state, and say who runs where."""
         r, args = self.ranks, self.args
-        r.check_same("the data, the flags and the weights", **{f"--{k}": v for k, v in vars(args).items()},
+        r.check_same("the data, the flags and the weights", "long", **{f"--{k}": v for k, v in vars(args).items()},
                      training_tokens=len(self.train_ds), validation_tokens=len(self.val_ds) if self.val_ds else None,
                      step=self.step, weights=distributed.params_checksum(self.model.params),
                      batch_order=distributed.checksum(json.dumps(self.batches.state()).encode()))
@@ -502,7 +502,7 @@ class Trainer:
             self.ranks.check_same("the weights", step=self.step,
                                   weights=distributed.params_checksum(self.model.params))
         if not self.root:
-            self.ranks.barrier()  # while rank 0 writes: no rank may end the job before the file is complete
+            self.ranks.barrier("long")  # while rank 0 writes: no rank may end the job before the file is complete
             self.last_good = path
             return path
         t = time.perf_counter()
