@@ -84,13 +84,14 @@ def ranks(timeout=30.0):
 def exit_with_error(message):
     """Print message and end the program: under MPI the whole job, with MPI_Abort, since a rank that
     simply exits can leave the others waiting. Most errors (flags, data) happen on every rank alike:
-    the other ranks give rank 0 two seconds to say it and end the job, and speak only when it did not."""
+    the other ranks give rank 0 three seconds to say it and end the job, and speak only when it did not."""
     if _current is None:
         raise SystemExit(message)
     if not _current.is_root:
-        time.sleep(2)
+        time.sleep(3)
     sys.stderr.write((message if _current.is_root else f"rank {_current.rank}: {message}") + "\n")
     sys.stderr.flush()
+    time.sleep(0.5)  # for mpiexec to pass the message on before MPI_Abort has it end every process
     _current.comm.Abort(1)
 
 
