@@ -5,7 +5,6 @@ The runs need mpi4py and the mpiexec of the MPI it was built with (scripts/test.
 `mpi4py mpich`); without them those tests skip. Tiny model, a few dozen steps: seconds each."""
 import contextlib
 import importlib.util
-import json
 import os
 import shutil
 import signal
