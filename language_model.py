@@ -314,16 +314,21 @@ class LanguageModel:
         n = int(np.count_nonzero(targets != IGNORE_INDEX))
         return to_device(idx, self.xp), to_device(targets, self.xp), n
 
-    def forward_backward(self, idx, targets):
+    def forward_backward(self, idx, targets, count=None):
         """One training pass: returns (mean loss, token accuracy) and leaves the gradients in self.grads.
 
         On the CPU two floats; on the GPU two 0-d device arrays, so that the step need not wait
         for the GPU: float() of them waits (read them when they are logged).
+
+        count: when this batch is one slice of a larger one (one MPI rank's share, distributed.py), the
+        number of counted targets of the whole batch. The gradients are then those of the whole batch's
+        mean loss, and the return is this slice's (loss sum, number correct), for the caller to add up
+        over the slices and divide by count.
         """
         if self.grads is None:
             raise ValueError("this model was made with for_training=False: it has no gradients")
         idx, targets, n = self._batch_to_device(idx, targets)
-        n = max(n, 1)
+        n = max(n, 1) if count is None else count
 
         def run(part):
             idx_part, targets_part, shard = part
@@ -335,8 +340,9 @@ class LanguageModel:
         # each worker adds up its own slice of the shards' flat gradients, every element over the
         # shards in the same order: the sum does not depend on thread timing
         sum_into([shard.grads.flat for _, _, shard in parts], self.runner)
-        loss, accuracy = sum(r[0] for r in results) / n, sum(r[1] for r in results) / n
-        return (float(loss), float(accuracy)) if self.xp is np else (loss, accuracy)
+        loss_sum, n_correct = sum(r[0] for r in results), sum(r[1] for r in results)
+        out = (loss_sum / n, n_correct / n) if count is None else (loss_sum, n_correct)
+        return tuple(float(v) for v in out) if self.xp is np else out
 
     def evaluate(self, idx, targets):
         """No gradients: returns (loss summed over tokens, number correct, number of tokens);

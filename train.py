@@ -28,6 +28,10 @@ Every logged number also goes to <save_dir>/metrics.jsonl; draw the curves with
 
 Ctrl-C finishes the current step, saves checkpoint_step_N.npz and exits; a NaN loss
 stops the run without saving and names the last good checkpoint.
+
+Data-parallel over processes, on one machine or several (needs mpi4py, see the README;
+--batch_size stays the global batch, and 2 ranks give what --workers 2 gives, bit for bit):
+    mpiexec -n 2 python3 train.py <the usual flags>
 """
 import argparse
 import contextlib
@@ -42,6 +46,7 @@ import time
 
 import numpy as np
 
+import distributed
 from atomic import atomic_write
 from checkpoint import (CheckpointError, SaveDirLock, choose_resume, copy_params, find_latest, load_checkpoint,
                         new_run_id, save_checkpoint, write_run_id)
@@ -148,6 +153,9 @@ def build_parser():
     r.add_argument("--profile", action="store_true",
                    help="print where step time goes (model vs data, clipping, optimizer, logging)")
     r.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    r.add_argument("--rank_timeout", type=float, default=30.0,
+                   help="under mpiexec: stop when the other ranks give no answer for this many seconds "
+                        "(a rank died or hangs); a rank on the same machine that dies stops the others at once")
     return p
 
 
@@ -172,6 +180,8 @@ def check_args(args):
     if args.max_time is not None and not args.max_time > 0:
         raise TrainError(f"--max_time must be a positive number of minutes (got {args.max_time})")
     require(args.device)  # before any data is read: without CuPy or a GPU, say what to install
+    if not args.rank_timeout > 0:
+        raise TrainError(f"--rank_timeout must be a positive number of seconds (got {args.rank_timeout})")
 
 
 def model_config(args):
@@ -225,13 +235,13 @@ def given_flags(parser, argv):
     return {name for name, value in vars(ns).items() if value is not unset}
 
 
-def make_optimizer(args, params):
+def make_optimizer(args, params, threads=None):
     if args.optimizer == "sgd":
         return OPTIMIZERS["sgd"](params, momentum=args.momentum, weight_decay=args.weight_decay,
-                                 decay_embeddings=args.decay_embeddings)
+                                 decay_embeddings=args.decay_embeddings, threads=threads)
     weight_decay = args.weight_decay if args.optimizer == "adamw" else 0.0
     return OPTIMIZERS[args.optimizer](params, betas=(args.beta1, args.beta2), weight_decay=weight_decay,
-                                      decay_embeddings=args.decay_embeddings)
+                                      decay_embeddings=args.decay_embeddings, threads=threads)
 
 
 def tokenizer_model_json(identity, log):
@@ -293,6 +303,20 @@ class MetricsLog:
             self.file.close()
 
 
+class QuietLog:
+    """The log of an MPI rank other than 0: rank 0 alone prints and writes metrics.jsonl."""
+    bar = None
+
+    def say(self, msg):
+        pass
+
+    def record(self, **fields):
+        pass
+
+    def close(self):
+        pass
+
+
 class Interrupt:
     """Ctrl-C (SIGINT) or SIGTERM sets a flag the loop checks between steps, so the run
     stops at a step boundary and saves; a second signal stops at once."""
@@ -324,16 +348,19 @@ class Interrupt:
         return False
 
 
-def evaluate(model, val, batch_size, seq_len, max_batches=None, interrupt=None):
+def evaluate(model, val, batch_size, seq_len, max_batches=None, interrupt=None, ranks=None):
     """Loss, perplexity, accuracy and bits per byte over the validation windows.
 
     Perplexity is exp(total loss / total tokens), not a mean of per-batch values;
     bits per byte divides the total loss in bits by the UTF-8 bytes those tokens
     stand for (val.num_bytes, separators included) times the fraction of the set evaluated.
-    Returns None if interrupted.
+    Returns None if interrupted (not under MPI, where the ranks could not agree when to stop).
     """
     loss_sum, n_correct, n_tokens = 0.0, 0, 0
-    for x, y in eval_batches(val, batch_size, seq_len, max_batches):
+    batches = eval_batches(val, batch_size, seq_len, max_batches)
+    if ranks is not None:  # the batches shared out over the MPI ranks, their sums added up already
+        (loss_sum, n_correct, n_tokens), batches = shared_eval_sums(model, batches, ranks), ()
+    for x, y in batches:
         if interrupt is not None and interrupt.requested:
             return None
         s, c, n = model.evaluate(x, y)
@@ -347,6 +374,22 @@ def evaluate(model, val, batch_size, seq_len, max_batches=None, interrupt=None):
         bytes_seen = val.num_bytes * n_tokens / len(val.tokens)  # bytes per token x tokens evaluated
         out["val_bpb"] = loss_sum / math.log(2) / bytes_seen
     return out
+
+
+def shared_eval_sums(model, batches, ranks):
+    """(loss sum, correct, tokens) over the batches, the work shared out over the MPI ranks: each rank
+    evaluates its rows of every batch (as one process's workers would), one Allreduce adds the parts
+    of each batch, and the batches are summed in order, as one process sums them."""
+    parts = []
+    for x, y in batches:
+        a, b = ranks.share(len(x))
+        parts.append(model.evaluate(x[a:b], y[a:b]) if b > a else (0.0, 0, 0))
+    loss_sum, n_correct, n_tokens = 0.0, 0, 0
+    for s, c, n in ranks.sum(parts).reshape(-1, 3).tolist():
+        loss_sum += s
+        n_correct += int(c)
+        n_tokens += int(n)
+    return loss_sum, n_correct, n_tokens
 
 
 def resolve_resume(args):
@@ -386,11 +429,20 @@ class Trainer:
     def __init__(self, args):
         check_args(args)
         self.args = args
+        # under mpiexec: this process's rank; None when it trains alone
+        self.ranks = distributed.ranks(timeout=args.rank_timeout)
+        self.root = self.ranks is None or self.ranks.is_root  # prints, writes metrics and checkpoints
+        threads = self.ranks.limit_threads() if self.ranks else None
+        if self.ranks and args.batch_size < self.ranks.size:
+            raise TrainError(f"--batch_size {args.batch_size} is smaller than the {self.ranks.size} MPI ranks: "
+                             "each rank needs at least one row of every batch")
         os.makedirs(args.save_dir, exist_ok=True)
-        for stale in glob.glob(os.path.join(args.save_dir, "checkpoint_*.tmp")):
+        for stale in glob.glob(os.path.join(args.save_dir, "checkpoint_*.tmp")) if self.root else ():
             os.unlink(stale)  # left by a crash in the middle of a checkpoint write
         notes = []  # messages from before the metrics log exists
 
+        if self.ranks and self.ranks.local_rank > 0:  # the first rank on each machine converts the data once
+            self.ranks.node_barrier()
         self.train_ds = load_dataset(args.train_data, vocab_size=args.vocab_size, eot_id=args.eot_id,
                                      log=notes.append)
         self.val_ds = None
@@ -401,6 +453,8 @@ class Trainer:
             if num_eval_windows(self.val_ds, args.seq_len) < 1:
                 raise DataError(f"{args.val_data} has {len(self.val_ds)} tokens, fewer than one window of "
                                 f"seq_len + 1 = {args.seq_len + 1}; use a smaller --seq_len or more validation data")
+        if self.ranks and self.ranks.local_rank == 0:
+            self.ranks.node_barrier()
         self.identity = self.train_ds.tokenizer
         n_vocab = (self.identity or {}).get("n_vocab")
         if n_vocab and n_vocab != args.vocab_size:
@@ -414,22 +468,28 @@ class Trainer:
                                    device=args.device)
         if args.init_from and not args.resume:  # resuming: the checkpoint has the weights
             self.init_weights(args.init_from, notes)
-        self.opt = make_optimizer(args, self.model.params)
+        self.opt = make_optimizer(args, self.model.params, threads)
         self.schedule = LRSchedule(args.learning_rate, args.warmup_steps, args.max_steps, args.min_lr,
                                    args.lr_schedule)
         self.step = 0             # updates done so far
         self.last_good = None     # newest checkpoint known to be good (named when stopping on NaN)
         self.run_id = new_run_id()  # kept in every checkpoint: a bare --resume continues this run, no other
         if args.resume:
-            self.restore(resolve_resume(args), notes)
+            # rank 0 picks the checkpoint, so that every rank loads the same one
+            self.restore(self.ranks.bcast(resolve_resume(args) if self.root else None) if self.ranks
+                         else resolve_resume(args), notes)
         elif find_latest(args.save_dir):
             notes.append(f"note: {args.save_dir} already holds checkpoints of an earlier run; this fresh run will "
                          "overwrite those at the same steps (use --resume to continue that run instead)")
-        write_run_id(args.save_dir, self.run_id)
+        if self.root:
+            write_run_id(args.save_dir, self.run_id)
 
-        self.log = MetricsLog(args.save_dir, resume_step=self.step if args.resume else None)
+        self.log = MetricsLog(args.save_dir, resume_step=self.step if args.resume else None) if self.root \
+            else QuietLog()
         for msg in notes:
             self.log.say(msg)
+        if self.ranks:
+            self.start_ranks()
         n_params = self.model.num_parameters()
         self.log.say(f"model: {n_params:,} parameters ({self.config.to_dict()})")
         self.log.say(f"data: {len(self.train_ds):,} training tokens" +
@@ -444,6 +504,8 @@ class Trainer:
         self.interrupt = Interrupt()
         # seconds per part of a step, summed over the steps this process ran (see report_profile)
         self.timers = {"model": 0.0, "data": 0.0, "clip": 0.0, "optimizer": 0.0, "bookkeeping": 0.0}
+        if self.ranks:  # under MPI: the Allreduce, and waiting for slower ranks in it, apart from the model
+            self.timers["allreduce"] = 0.0
         self.loop_time, self.loop_steps = 0.0, 0
         self.eval_hinted = False
 
@@ -461,6 +523,33 @@ class Trainer:
         step = f" (step {record['step']} of the run that wrote it)" if record.get("step") is not None else ""
         notes.append(f"initialised from {path}{step}")
 
+    def start_ranks(self):
+        """Under MPI: check that every rank starts from the same state, and say who runs where."""
+        r, args = self.ranks, self.args
+        r.check_same("the data, the flags and the weights", "long", **{f"--{k}": v for k, v in vars(args).items()},
+                     training_tokens=len(self.train_ds), validation_tokens=len(self.val_ds) if self.val_ds else None,
+                     step=self.step, weights=distributed.params_checksum(self.model.params),
+                     batch_order=distributed.checksum(json.dumps(self.batches.state()).encode()))
+        r.last_checkpoint = lambda: find_latest(args.save_dir) or self.last_good
+        r.on_lost = lambda message: self.log.record(type="error", step=self.step + 1, message=message)
+        self.log.say(f"{r.describe()}; {self.model.runner.n_workers} worker(s) per rank; "
+                     f"each rank computes {args.batch_size // r.size}-{-(-args.batch_size // r.size)} "
+                     f"of the {args.batch_size} rows of every batch")
+        self.log.record(type="ranks", step=self.step, size=r.size, where=r.where,
+                        workers=self.model.runner.n_workers)
+
+    def ranks_stop(self, deadline):
+        """Under MPI, whether to stop before the next step, agreed by all ranks (one small Allreduce), so
+        that a signal to one rank, or --max_time on one rank's clock, stops all of them at the same step."""
+        vote = self.interrupt.exit_code if self.interrupt.requested else \
+            int(deadline is not None and time.monotonic() > deadline)
+        agreed = self.ranks.max(vote)
+        if agreed > 1 and not self.interrupt.requested:  # a signal reached another rank
+            self.interrupt.requested, self.interrupt.exit_code = True, agreed
+            self.interrupt.reason = next(why for why, code in Interrupt.SIGNALS.values() if code == agreed) + \
+                " on another rank"
+        return agreed > 0
+
     def restore(self, path, notes):
         ck = load_checkpoint(path)
         check_resume(ck, path, self.args, self.config, self.identity, len(self.train_ds), notes.append)
@@ -474,12 +563,14 @@ class Trainer:
                              "it may be a weights-only file") from None
         self.last_good = path
         self.run_id = ck.meta.get("run_id") or self.run_id  # a checkpoint from before runs had ids: a new one
-        workers, saved = self.model.runner.n_workers, ck.meta.get("workers")
-        if saved is not None and saved != workers:
-            notes.append(f"note: this run splits each batch over {workers} workers, the checkpoint's over {saved} "
-                         "(--workers, or another machine's core count): the gradients are summed in another "
-                         "order, so the results may differ from an uninterrupted run in the last bits; "
-                         f"pass --workers {saved} to repeat it exactly")
+        split = (self.ranks.size if self.ranks else 1, self.model.runner.n_workers)
+        saved = (ck.meta.get("ranks", 1), ck.meta.get("workers", split[1]))
+        if not same_gradient_sums(saved, split):
+            notes.append(f"note: this run splits each batch over {split[0]} MPI rank(s) x {split[1]} worker(s), the "
+                         f"checkpoint's run over {saved[0]} x {saved[1]} (--workers, mpiexec -n, or another machine's "
+                         "core count): the gradients are summed in another order, so the weights may differ from an "
+                         f"uninterrupted run in the last bits; --workers {saved[1]} with {saved[0]} rank(s) repeats it "
+                         "exactly")
 
     def save(self, name):
         path = os.path.join(self.args.save_dir, name)
@@ -488,11 +579,21 @@ class Trainer:
                 "data": dict(self.batches.state(), train_data=self.args.train_data, num_tokens=len(self.train_ds)),
                 "train_args": {k: v for k, v in vars(self.args).items() if k != "resume"},
                 "run_id": self.run_id, "workers": self.model.runner.n_workers}
+        if self.ranks:  # the ranks' weights must not have drifted apart (they would, silently, with a bug)
+            meta["ranks"] = self.ranks.size
+            self.ranks.check_same("the weights", step=self.step,
+                                  weights=distributed.params_checksum(self.model.params))
+        if not self.root:
+            self.ranks.barrier("long")  # while rank 0 writes: no rank may end the job before the file is complete
+            self.last_good = path
+            return path
         t = time.perf_counter()
         try:
             save_checkpoint(path, self.config, self.model.host_params(), meta, self.opt.state_dict())
         except OSError as e:  # the temp file is gone, the previous checkpoint untouched
             raise TrainError(write_failed(path, e, self.last_good)) from None
+        if self.ranks:
+            self.ranks.barrier()
         self.log.say(f"saved {path} ({time.perf_counter() - t:.1f}s)")
         self.log.record(type="checkpoint", step=self.step, path=path)
         self.last_good = path
@@ -500,7 +601,8 @@ class Trainer:
 
     def evaluate(self):
         args, t = self.args, time.perf_counter()
-        res = evaluate(self.model, self.val_ds, args.batch_size, args.seq_len, args.eval_batches, self.interrupt)
+        res = evaluate(self.model, self.val_ds, args.batch_size, args.seq_len, args.eval_batches, self.interrupt,
+                       self.ranks)
         if res is None:  # interrupted
             return
         eval_s = time.perf_counter() - t
@@ -525,7 +627,14 @@ class Trainer:
         lr = self.schedule(self.step)
         x, y = self.batches.next()
         t1 = clock()
-        loss, accuracy = self.model.forward_backward(x, y)
+        if self.ranks:  # this rank's rows of the batch, the gradients summed over the ranks
+            waited = self.ranks.seconds_waiting
+            loss, accuracy = self.ranks.forward_backward(self.model, x, y)
+            waited = self.ranks.seconds_waiting - waited
+            self.timers["allreduce"] += waited
+            self.timers["model"] -= waited
+        else:
+            loss, accuracy = self.model.forward_backward(x, y)
         t2 = clock()
         # On the GPU the loss stays there until it is logged (reading it waits for the GPU); a
         # non-finite loss makes the gradients non-finite too, so the norm, read every step, stops it.
@@ -550,7 +659,7 @@ class Trainer:
             return 0
         deadline = time.monotonic() + 60 * args.max_time if args.max_time else None
         bar = None
-        if tqdm is not None and not args.no_progress:
+        if tqdm is not None and not args.no_progress and self.root:
             # disable=None: no bar when stderr is not a terminal (a log file would fill with redraws)
             bar = tqdm(total=args.max_steps, initial=self.step, unit="step", dynamic_ncols=True, smoothing=0.1,
                        disable=None)
@@ -558,8 +667,9 @@ class Trainer:
         interval = {"loss": 0.0, "accuracy": 0.0, "steps": 0, "time": 0.0}
         try:
             with self.interrupt:
-                while self.step < args.max_steps and not self.interrupt.requested:
-                    if deadline is not None and time.monotonic() > deadline:
+                while self.step < args.max_steps and not (self.ranks_stop(deadline) if self.ranks
+                                                          else self.interrupt.requested):
+                    if deadline is not None and not self.ranks and time.monotonic() > deadline:
                         break
                     t0 = time.perf_counter()
                     loss, accuracy, lr, grad_norm = self.train_step()
@@ -638,12 +748,20 @@ class Trainer:
 
 def train(args):
     """Run training for parsed args; returns the exit code (0 done or stopped by --max_time, 130 Ctrl-C)."""
-    with SaveDirLock(args.save_dir):  # one writer per --save_dir
+    # one writer per --save_dir: the process that writes there (under MPI rank 0) holds the lock
+    with SaveDirLock(args.save_dir) if distributed.launcher_rank() == 0 else contextlib.nullcontext():
         trainer = Trainer(args)
         try:
             return trainer.run()
         finally:
             trainer.log.close()
+
+
+def same_gradient_sums(a, b):
+    """Whether runs that split each batch over a = (MPI ranks, workers) and b add up the gradients bit for
+    bit alike: the same split, or two shards either way (ranks cut rows as workers do, and the sum of two
+    is the same in either order; more partial sums may be added in another order)."""
+    return a == b or a[0] * a[1] == b[0] * b[1] == 2
 
 
 def nan_message(what, value, step, last_good):
@@ -666,14 +784,14 @@ def main(argv=None):
         if args.init_from:
             apply_init_from(args, given_flags(parser, argv))
         return train(args)
-    except (TrainError, DataError, CheckpointError, DeviceError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (TrainError, DataError, CheckpointError, DeviceError, distributed.RanksError) as e:
+        distributed.exit_with_error(f"error: {e}")
     except OSError as e:  # a full disk outside a checkpoint write: metrics.jsonl, the token cache
         if e.errno not in DISK_FULL:
             raise
         where = f" ({e.filename})" if e.filename else ""
-        raise SystemExit(f"error: the disk is full ({e.strerror}){where}, writing to {args.save_dir} or next to "
-                         "the data; free some space, then run again with the same flags plus --resume") from None
+        distributed.exit_with_error(f"error: the disk is full ({e.strerror}){where}, writing to {args.save_dir} or "
+                                    "next to the data; free some space, then run again with the same flags plus --resume")
 
 
 if __name__ == "__main__":

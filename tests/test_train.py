@@ -395,7 +395,8 @@ def test_resuming_with_another_number_of_workers_says_so(data, tmp_path, capsys)
     assert train.main(tiny_flags(data, d, max_steps=4, eval_interval=0, workers=1)) == 0
     assert train.main(tiny_flags(data, d, max_steps=6, eval_interval=0, workers=2, resume=True)) == 0
     out = capsys.readouterr().out
-    assert "over 2 workers, the checkpoint's over 1" in out and "last bits" in out and "--workers 1" in out
+    assert "over 1 MPI rank(s) x 2 worker(s), the checkpoint's run over 1 x 1" in out and "last bits" in out
+    assert "--workers 1" in out
     assert train.main(tiny_flags(data, d, max_steps=8, eval_interval=0, workers=2, resume=True)) == 0
     assert "workers" not in capsys.readouterr().out
 

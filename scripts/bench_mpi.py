@@ -1,0 +1,125 @@
+"""MPI ranks against threads in one process: the training step of the same model and global batch.
+
+One run times both, alternating launches so that a busy machine slows both alike:
+
+    python3 scripts/bench_mpi.py --compare 2         # 2 ranks x 1 worker vs 1 process x 2 workers
+    python3 scripts/bench_mpi.py --compare 4 --rounds 5
+
+It prints each one's median step time, tokens/s and peak memory (resident set) per process. One
+measurement on its own (what --compare launches):
+
+    mpiexec -n 2 python3 scripts/bench_mpi.py        # each rank takes its share of the cores
+    python3 scripts/bench_mpi.py --workers 2
+
+The step is train.py's: forward and backward (the rows shared out over the ranks, one Allreduce),
+gradient clipping and an AdamW update, on random tokens, the guide's Small model by default.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import distributed  # noqa: E402  (after the path is set)
+from language_model import LanguageModel, ModelConfig  # noqa: E402
+from optimizer import AdamW, clip_grad_norm  # noqa: E402
+
+
+def measure(args):
+    """Time args.steps training steps here (one rank of an MPI job, or one process); print one JSON line."""
+    ranks = distributed.ranks()
+    threads = ranks.limit_threads() if ranks else None
+    cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
+                      n_layers=args.n_layers, max_seq_len=args.seq_len)
+    model = LanguageModel(cfg, seed=0, workers=args.workers)
+    optimizer = AdamW(model.params, threads=threads)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        if ranks:
+            ranks.forward_backward(model, x, y)
+        else:
+            model.forward_backward(x, y)
+        clip_grad_norm(model.grads, 1.0)
+        optimizer.step(model.grads, lr=3e-4)
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        if ranks:
+            ranks.barrier()  # every rank starts the step together: the time is the job's
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peaks = ranks.comm.gather(peak_mb) if ranks else [peak_mb]
+    slowest = np.array(times)
+    if ranks:  # a step takes as long as its slowest rank
+        ranks.comm.Allreduce(ranks.MPI.IN_PLACE, slowest, op=ranks.MPI.MAX)
+    if ranks is None or ranks.is_root:
+        print(json.dumps({"processes": ranks.size if ranks else 1, "workers": model.runner.n_workers,
+                          "step_s": float(np.median(slowest)), "tokens_per_s": x.size / float(np.median(slowest)),
+                          "peak_mb_per_process": peaks}), flush=True)
+
+
+def compare(args, model_flags):
+    """Alternate launches of N ranks x 1 worker and 1 process x N workers; print the medians."""
+    n = args.compare
+    here = [sys.executable, os.path.abspath(__file__), *model_flags]
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    if not os.path.exists(mpiexec):
+        mpiexec = "mpiexec"
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    runs = {f"{n} ranks x 1 worker": [mpiexec, "-n", str(n), *here],
+            f"1 process x {n} workers": [*here, "--workers", str(n)]}
+    results = {name: [] for name in runs}
+    for r in range(args.rounds):
+        for name, cmd in runs.items():
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            res = json.loads(out.strip().splitlines()[-1])
+            results[name].append(res)
+            print(f"round {r + 1}: {name}: step {res['step_s']:.3f} s, peak memory per process "
+                  f"{', '.join(f'{m:.0f}' for m in res['peak_mb_per_process'])} MB", flush=True)
+    medians = {name: float(np.median([r["step_s"] for r in rs])) for name, rs in results.items()}
+    for name, t in medians.items():
+        print(f"{name}: median step {t:.3f} s, {args.batch_size * args.seq_len / t:,.0f} tokens/s")
+    (a, ta), (b, tb) = medians.items()
+    print(f"{a} takes {ta / tb:.2f}x the time of {b}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocab_size", type=int, default=50257, help="vocabulary size (default 50257, GPT-2's)")
+    ap.add_argument("--d_model", type=int, default=128, help="model width (default 128: the guide's Small)")
+    ap.add_argument("--n_heads", type=int, default=4, help="attention heads (default 4)")
+    ap.add_argument("--d_ff", type=int, default=512, help="feed-forward width (default 512)")
+    ap.add_argument("--n_layers", type=int, default=2, help="Transformer blocks (default 2)")
+    ap.add_argument("--batch_size", type=int, default=32, help="global batch: rows per step over all ranks (32)")
+    ap.add_argument("--seq_len", type=int, default=128, help="tokens per row (default 128)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported (default 10)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="threads per process (default: its share of the cores, as train.py)")
+    ap.add_argument("--compare", type=int, default=None, metavar="N",
+                    help="launch N ranks x 1 worker and 1 process x N workers in turn and compare them")
+    ap.add_argument("--rounds", type=int, default=3, help="with --compare: launches of each (default 3)")
+    args = ap.parse_args(argv)
+    if args.compare:
+        keep = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "batch_size", "seq_len", "steps", "warmup")
+        compare(args, [f"--{k}={getattr(args, k)}" for k in keep])
+    else:
+        measure(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Data-parallel training under mpiexec (distributed.py): N ranks train what one process with N workers
+trains, bit for bit for N = 2; a dead rank stops the job with a message naming it and the checkpoint.
+
+The runs need mpi4py and the mpiexec of the MPI it was built with (scripts/test.sh installs
+`mpi4py mpich`); without them those tests skip. Tiny model, a few dozen steps: seconds each."""
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import distributed
+import train
+from checkpoint import load_checkpoint
+from language_model import LanguageModel, ModelConfig
+from test_train import metrics, tiny_flags, write_data
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def find_mpiexec():
+    """The mpiexec next to this Python (the pip wheels put it there), else the one on PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else shutil.which("mpiexec")
+
+
+MPIEXEC = find_mpiexec()
+needs_mpi = pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
+                               reason="needs mpi4py and mpiexec: pip install mpi4py mpich")
+# Open MPI refuses to start as root without these; MPICH ignores them
+MPI_ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1", PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe")
+
+
+def mpi_flavour():
+    out = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True).stdout
+    return "openmpi" if "Open MPI" in out or "OpenRTE" in out or "prterun" in out else "mpich"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_data(d / "train.jsonl", 400, seed=1), write_data(d / "valid.jsonl", 60, seed=2)
+
+
+def mpirun(n, argv, launcher_flags=(), **kw):
+    return subprocess.run([MPIEXEC, *launcher_flags, "-n", str(n), sys.executable, "train.py", *argv], cwd=REPO,
+                          env=MPI_ENV, capture_output=True, text=True, timeout=120, **kw)
+
+
+def same_arrays(path_a, path_b):
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    assert a.params.keys() == b.params.keys() and a.arrays.keys() == b.arrays.keys()
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
+    for name in a.arrays:
+        np.testing.assert_array_equal(a.arrays[name], b.arrays[name], err_msg=name)
+
+
+def numbers(save_dir):
+    """Every logged loss, accuracy and gradient norm, in order, full precision."""
+    keys = ("loss", "accuracy", "grad_norm", "val_loss", "val_accuracy", "val_bpb", "val_tokens")
+    return [(r["type"], r["step"], [r[k] for k in keys if k in r]) for r in metrics(save_dir)
+            if r["type"] in ("train", "eval")]
+
+
+# ---------------------------------------------------------------------------- without MPI
+
+
+def test_rank_rows_are_cut_as_the_workers_cut_a_batch():
+    cfg = ModelConfig(vocab_size=11, d_model=4, n_heads=2, d_ff=8, n_layers=1, max_seq_len=3)
+    for n_ranks in (2, 3, 4):
+        model = LanguageModel(cfg, workers=n_ranks)
+        for rows in range(n_ranks, 12):
+            idx = np.zeros((rows, 3), dtype=np.int64)
+            workers = [(len(part[0])) for part in model._split(idx, idx)]
+            ranks = [distributed.Ranks.share(SimpleNamespace(size=n_ranks, rank=r), rows) for r in range(n_ranks)]
+            assert [b - a for a, b in ranks] == workers
+            assert ranks[0][0] == 0 and ranks[-1][1] == rows
+            assert all(ranks[i][1] == ranks[i + 1][0] for i in range(n_ranks - 1))
+
+
+def test_slices_with_the_whole_batch_count_add_up_to_the_whole_batch_bit_for_bit():
+    """forward_backward(count=n) on each rank's rows, the sums added: what one process with as many
+    workers computes (the Allreduce done here by hand), bit for bit, ignored targets included."""
+    from loss import IGNORE_INDEX
+    cfg = ModelConfig(vocab_size=13, d_model=8, n_heads=2, d_ff=12, n_layers=1, max_seq_len=6)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (5, 7))
+    x, y = tokens[:, :-1], tokens[:, 1:].copy()
+    y[4, :3] = IGNORE_INDEX
+    whole = LanguageModel(cfg, seed=1, workers=2)
+    loss, accuracy = whole.forward_backward(x, y)
+    n = int(np.count_nonzero(y != IGNORE_INDEX))
+    rank_models = [LanguageModel(cfg, seed=1, workers=1) for _ in range(2)]
+    sums, grads = [], []
+    for r, model in enumerate(rank_models):
+        a, b = distributed.Ranks.share(SimpleNamespace(size=2, rank=r), len(x))
+        sums.append(model.forward_backward(x[a:b], y[a:b], count=n))
+        grads.append(model.grads)
+    assert (sums[0][0] + sums[1][0]) / n == loss and (sums[0][1] + sums[1][1]) / n == accuracy
+    for name, g in whole.grads.items():
+        np.testing.assert_array_equal(grads[0][name] + grads[1][name], g, err_msg=name)
+
+
+def test_outside_mpiexec_nothing_changes_and_mpi4py_is_not_imported():
+    env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_VARS}
+    code = "import sys, distributed; print(distributed.ranks(), 'mpi4py' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["None", "False"], out.stderr
+
+
+def test_mpiexec_without_mpi4py_is_a_clear_error(data, tmp_path):
+    """Several processes started by mpiexec with no mpi4py would each train alone into the same files."""
+    env = dict(os.environ, PMI_SIZE="2", PMI_RANK="0")
+    code = ("import sys; sys.modules['mpi4py'] = None\n"  # an import of it now fails, as when not installed
+            "import train; sys.exit(train.main(sys.argv[1:]))")
+    out = subprocess.run([sys.executable, "-c", code, *tiny_flags(data, str(tmp_path / "ck"), max_steps=2)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "mpi4py is not installed" in out.stderr and "pip install mpi4py" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not os.path.exists(tmp_path / "ck" / "checkpoint_final.npz")
+
+
+# ---------------------------------------------------------------------------- under mpiexec
+
+
+@needs_mpi
+def test_two_ranks_train_bit_for_bit_what_two_workers_train(data, tmp_path):
+    """Same losses, evaluations, weights and optimizer state; then a checkpoint of either resumed by the
+    other finishes exactly as the uninterrupted run (and says nothing of the changed split: it changes nothing)."""
+    flags = dict(max_steps=30, log_interval=5, eval_interval=10, save_interval=10, batch_size=7)  # 4 + 3 rows
+    ranks_dir, workers_dir = str(tmp_path / "ranks"), str(tmp_path / "workers")
+    run = mpirun(2, tiny_flags(data, ranks_dir, **flags))
+    assert run.returncode == 0, run.stderr
+    assert "2 MPI ranks on 1 machine" in run.stdout and run.stdout.count("done: 30 steps") == 1  # rank 0 alone
+    assert train.main(tiny_flags(data, workers_dir, workers=2, **flags)) == 0
+    assert numbers(ranks_dir) == numbers(workers_dir)
+    same_arrays(os.path.join(ranks_dir, "checkpoint_final.npz"), os.path.join(workers_dir, "checkpoint_final.npz"))
+
+    for source, n_ranks in ((ranks_dir, 1), (workers_dir, 2)):
+        resumed = str(tmp_path / f"resumed_by_{n_ranks}")
+        shutil.copytree(source, resumed)
+        for later in ("checkpoint_final.npz", "checkpoint_step_20.npz"):
+            os.unlink(os.path.join(resumed, later))  # the newest left: step 10
+        argv = tiny_flags(data, resumed, resume=True, **flags)
+        if n_ranks == 1:
+            out = subprocess.run([sys.executable, "train.py", *argv, "--workers", "2"], cwd=REPO,
+                                 capture_output=True, text=True, timeout=120)
+        else:
+            out = mpirun(2, argv)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "in the last bits" not in out.stdout
+        assert "resumed from" in out.stdout and "checkpoint_step_10.npz at step 10" in out.stdout
+        same_arrays(os.path.join(resumed, "checkpoint_final.npz"), os.path.join(workers_dir, "checkpoint_final.npz"))
+
+
+@needs_mpi
+def test_three_ranks_train_what_three_workers_train(data, tmp_path):
+    """MPI may add three partial sums in another order than one process: equal to float32 rounding."""
+    flags = dict(max_steps=10, log_interval=5, eval_interval=0, save_interval=0, batch_size=8)
+    run = mpirun(3, tiny_flags(data, str(tmp_path / "ranks"), **flags))
+    assert run.returncode == 0, run.stderr
+    assert train.main(tiny_flags(data, str(tmp_path / "workers"), workers=3, **flags)) == 0
+    a = load_checkpoint(str(tmp_path / "ranks" / "checkpoint_final.npz"))
+    b = load_checkpoint(str(tmp_path / "workers" / "checkpoint_final.npz"))
+    for name in a.params:
+        np.testing.assert_allclose(a.params[name], b.params[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    for (_, _, x), (_, _, y) in zip(numbers(str(tmp_path / "ranks")), numbers(str(tmp_path / "workers"))):
+        np.testing.assert_allclose(x, y, rtol=1e-5)
+
+
+@needs_mpi
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(data, tmp_path):
+    save_dir = str(tmp_path / "ck")
+    argv = tiny_flags(data, save_dir, max_steps=1_000_000, log_interval=100, eval_interval=0, save_interval=0)
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "train.py", *argv], cwd=REPO, env=MPI_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = wait_for_rank_pid(save_dir, 1)
+        wait_for_steps(save_dir, 100)
+        os.kill(pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "terminated (SIGTERM) on another rank" in out, out + err
+    stopped = [r for r in metrics(save_dir) if r["type"] == "stopped"]
+    assert len(stopped) == 1
+    ck = load_checkpoint(os.path.join(save_dir, f"checkpoint_step_{stopped[0]['step']}.npz"))
+    assert ck.meta["step"] == stopped[0]["step"] and ck.meta["ranks"] == 2
+
+
+def wait_for_rank_pid(save_dir, rank, timeout=60):
+    """The pid of a rank, from the "ranks" record rank 0 writes at the start."""
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        try:
+            return next(r["where"][rank][1] for r in metrics(save_dir) if r["type"] == "ranks")
+        except (OSError, StopIteration, ValueError):
+            time.sleep(0.1)
+    raise AssertionError("the ranks did not start")
+
+
+def wait_for_steps(save_dir, steps, timeout=60):
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        if any(r["type"] == "train" and r["step"] >= steps for r in metrics(save_dir)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {steps} within {timeout} s")
+
+
+def run_and_hurt_rank_1(save_dir, argv, sig):
+    """Start 2 ranks, send sig to rank 1 once two checkpoints are written; (stdout + stderr, seconds the job
+    took to end after that, rank 1's pid)."""
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "train.py", *argv], cwd=REPO, env=MPI_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = wait_for_rank_pid(save_dir, 1)
+        wait_for_steps(save_dir, 120)  # checkpoints at steps 50 and 100 written, the run going on
+        os.kill(pid, sig)
+        t = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        return out + err, time.monotonic() - t, pid  # MPICH sends the ranks' stderr to stdout
+    finally:
+        proc.kill()
+        if sig == signal.SIGSTOP:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def newest_checkpoint_resumes(data, save_dir):
+    """The newest checkpoint is complete, and --resume goes on from it (a rank 0 killed in the middle of a
+    write leaves only a .tmp file, never a truncated .npz; the next run deletes it)."""
+    newest = max((f for f in os.listdir(save_dir) if f.endswith(".npz")), key=lambda f: int(f.split("_")[-1][:-4]))
+    step = load_checkpoint(os.path.join(save_dir, newest)).meta["step"]
+    assert step >= 100
+    assert train.main(tiny_flags(data, save_dir, resume=True, max_steps=step + 2, log_interval=1)) == 0
+    assert metrics(save_dir)[-1]["step"] == step + 2
+    assert not [f for f in os.listdir(save_dir) if f.endswith(".tmp")]
+    return os.path.join(save_dir, newest)
+
+
+def the_error(output, save_dir):
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, output  # one survivor speaks for all
+    assert [r["message"] for r in metrics(save_dir) if r["type"] == "error"] == lines
+    return lines[0]
+
+
+@needs_mpi
+def test_a_killed_rank_ends_the_job_naming_it_and_the_checkpoint_to_resume_from(data, tmp_path):
+    """kill -9 of rank 1 mid-run. Open MPI's mpiexec sends the survivors a SIGTERM, then ends them: rank 0's
+    watchdog speaks first. MPICH's kills them at once, with SIGKILL, and names the lost pid itself; rank 0's
+    first log line maps pids to ranks. Either way the job ends at once and the newest checkpoint loads."""
+    save_dir = str(tmp_path / "ck")
+    argv = tiny_flags(data, save_dir, max_steps=1_000_000, log_interval=50, eval_interval=0, save_interval=50)
+    output, ended_after, pid = run_and_hurt_rank_1(save_dir, argv, signal.SIGKILL)
+    assert ended_after < 30
+    message = the_error(output, save_dir) if mpi_flavour() == "openmpi" else None
+    newest = newest_checkpoint_resumes(data, save_dir)
+    if message is not None:
+        assert f"rank 1 (pid {pid} on" in message and "is gone" in message
+        assert f"Resume from {newest}: the same mpiexec command plus --resume" in message
+    else:
+        assert f"1={pid}" in output and f"PID {pid}" in output
+
+
+@needs_mpi
+def test_a_hung_rank_ends_the_job_after_rank_timeout_naming_it_and_the_checkpoint(data, tmp_path):
+    """A rank that stops answering (here SIGSTOP; a machine that drops off the network looks the same)
+    leaves the others waiting in Allreduce, and no launcher notices: the watchdog ends the job."""
+    save_dir = str(tmp_path / "ck")
+    argv = tiny_flags(data, save_dir, max_steps=1_000_000, log_interval=50, eval_interval=0, save_interval=50,
+                      rank_timeout=3)
+    output, ended_after, pid = run_and_hurt_rank_1(save_dir, argv, signal.SIGSTOP)
+    assert 3 <= ended_after < 30
+    message = the_error(output, save_dir)
+    newest = newest_checkpoint_resumes(data, save_dir)
+    assert "no answer from the other ranks for 3 s" in message
+    assert f"rank 1 (pid {pid} on" in message and "is stopped" in message
+    assert f"Resume from {newest}: the same mpiexec command plus --resume" in message
+
+
+@needs_mpi
+def test_errors_on_every_rank_end_the_job_with_one_clear_message(data, tmp_path):
+    run = mpirun(2, tiny_flags(data, str(tmp_path / "ck"), batch_size=1))
+    assert run.returncode != 0
+    assert (run.stdout + run.stderr).count("error: --batch_size 1 is smaller than the 2 MPI ranks") == 1
+    assert "Traceback" not in run.stderr
+
+
+@needs_mpi
+def test_ranks_that_start_from_different_flags_or_weights_stop_with_a_clear_error(data, tmp_path):
+    argv = tiny_flags(data, str(tmp_path / "ck"), max_steps=3)
+    run = subprocess.run([MPIEXEC, "-n", "1", sys.executable, "train.py", *argv, ":",  # rank 1: another seed
+                          "-n", "1", sys.executable, "train.py", *argv, "--seed", "1"],
+                         cwd=REPO, env=MPI_ENV, capture_output=True, text=True, timeout=120)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert output.count("error: the ranks disagree about the data, the flags and the weights") == 1, output
+    assert "--seed: 0 on rank 0 but 1 on rank 1" in output and "Traceback" not in output
+    assert not os.path.exists(tmp_path / "ck" / "checkpoint_final.npz")
