@@ -179,6 +179,9 @@ def check_args(args):
             raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.max_time is not None and not args.max_time > 0:
         raise TrainError(f"--max_time must be a positive number of minutes (got {args.max_time})")
+    if args.device != "cpu" and (distributed.launcher_size() or 1) > 1:
+        raise TrainError(f"--device {args.device} under mpiexec (one rank per GPU) is not supported yet: train on "
+                         "one GPU without mpiexec, or on the CPU with MPI ranks")
     require(args.device)  # before any data is read: without CuPy or a GPU, say what to install
     if not args.rank_timeout > 0:
         raise TrainError(f"--rank_timeout must be a positive number of seconds (got {args.rank_timeout})")

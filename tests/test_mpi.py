@@ -130,6 +130,14 @@ def test_mpiexec_without_mpi4py_is_a_clear_error(data, tmp_path):
     assert not os.path.exists(tmp_path / "ck" / "checkpoint_final.npz")
 
 
+def test_ranks_on_the_gpu_are_refused_with_one_line(data, tmp_path, monkeypatch):
+    """One rank per GPU is a later step: asking for it says so before anything starts."""
+    monkeypatch.setenv("PMI_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_flags(data, str(tmp_path / "ck"), max_steps=2) + ["--device", "cuda"])
+    assert "under mpiexec (one rank per GPU) is not supported yet" in str(e.value)
+
+
 # ---------------------------------------------------------------------------- under mpiexec
 
 
