@@ -26,50 +26,31 @@ From Python:
     tok = get_tokenizer("lecture2_bpe", model_file="bpe4096.json")
     ids = tok.encode("Once upon a time"); text = tok.decode(ids)
 
-The BPE model file (JSON, "format": "numpy-gpt byte-level BPE", "version": 1):
-    pattern         the pre-tokenisation regex (GPT-2's); BPE never merges across its pieces
-    vocab_size      number of token ids, special tokens included
-    merges          [[a, b], ...] in training order; merge i joins tokens a and b into token 256 + i
-    vocab           [[byte, ...], ...]: the bytes of every non-special token, by id (ids 0-255: one byte each)
-    special_tokens  {"<|endoftext|>": id}: ids after the merges; matched as whole strings, never merged
-    training        how it was made (input, sizes, tie-break rule), for the record
-Encoding applies the merges in order of rank (lowest first) inside each pre-token piece; it runs in
-tiktoken's engine built from these ranks, and `encode_reference` is the plain Python version that
-tests compare it with.
+Our BPE itself (the model file format, training, the reference encoder, vocab.json import) is in
+bpe.py; here it runs in tiktoken's engine built from the model's ranks (BPETokenizer).
 """
 import argparse
 import hashlib
-import heapq
 import json
 import multiprocessing
 import os
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
-import regex
 import tiktoken
 
 from atomic import atomic_write
+from bpe import ENDOFTEXT, GPT2_PATTERN, BPEModel, TokenizerError, _check_vocab_size, _ReferenceEncoding, \
+    read_model_file, train_bpe
 
-ENDOFTEXT = "<|endoftext|>"
-# GPT-2's pre-tokenisation pattern, exactly as tiktoken 0.14 spells it for r50k_base / gpt2.
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 BUNDLED_R50K = Path(__file__).resolve().parent / "data" / "sample" / "r50k_base.tiktoken"
 R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # Where tiktoken keeps the two files it downloads for get_encoding("gpt2") (cache name = sha1(url)).
 GPT2_CACHE_KEYS = ("6d1cbeee0f20b3d9449abfede4726ed8212e3aee", "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")
-BPE_FORMAT = "numpy-gpt byte-level BPE"
-BPE_VERSION = 1
 SIDECAR_FORMAT = "numpy-gpt tokenized jsonl"
 SIDECAR_VERSION = 1
-TIE_BREAK = "highest count; ties: the pair whose (bytes of left, bytes of right) sorts first"
-
-
-class TokenizerError(Exception):
-    """A problem the user can fix (bad file, bad flag); the CLI prints it without a traceback."""
 
 
 def _say(msg):
@@ -78,23 +59,6 @@ def _say(msg):
 
 def _sha256_text(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def split_on_specials(text, specials):
-    """Yield (piece, is_special) with every occurrence of a special-token string cut out whole."""
-    if not specials:
-        if text:
-            yield text, False
-        return
-    pat = regex.compile("|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)))
-    pos = 0
-    for m in pat.finditer(text):
-        if m.start() > pos:
-            yield text[pos:m.start()], False
-        yield m.group(), True
-        pos = m.end()
-    if pos < len(text):
-        yield text[pos:], False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,282 +158,6 @@ def load_tiktoken(encoding="gpt2", allow_download=False, verbose=True):
     return TiktokenTokenizer(enc, encoding, eot, None)
 
 
-# ----------------------------------------------------------------------------------------------
-# Our byte-level BPE: the model, training (fast and reference), encoding (tiktoken and reference)
-
-class BPEModel:
-    """Merges and vocabulary of a byte-level BPE.
-
-    vocab: list of bytes by id (None at special-token ids); merges: list of (a, b) id pairs in
-    rank order; merge_ids[i]: the id of the token merge i makes; specials: {string: id}.
-    """
-
-    def __init__(self, vocab, merges, specials, pattern=GPT2_PATTERN, merge_ids=None, training=None):
-        self.vocab = list(vocab)
-        self.merges = [tuple(m) for m in merges]
-        self.specials = dict(specials)
-        self.pattern = pattern
-        self.merge_ids = list(merge_ids) if merge_ids is not None else [256 + i for i in range(len(self.merges))]
-        self.training = training or {}
-
-    @property
-    def vocab_size(self):
-        return len(self.vocab)
-
-    def ranks(self):
-        """{(a, b): (rank, new_id)} for the reference encoder."""
-        return {p: (r, t) for r, (p, t) in enumerate(zip(self.merges, self.merge_ids))}
-
-    def to_json(self):
-        """The documented model file text (deterministic: same model, same text)."""
-        head = {"format": BPE_FORMAT, "version": BPE_VERSION,
-                "about": "byte-level BPE; see the docstring of tokenizer.py for the fields",
-                "pattern": self.pattern, "vocab_size": self.vocab_size, "special_tokens": self.specials,
-                "training": self.training}
-        parts = [json.dumps(head, ensure_ascii=False, indent=1)[:-2]]
-        if self.merge_ids != [256 + i for i in range(len(self.merges))]:
-            parts.append(',\n "merge_ids": ' + json.dumps(self.merge_ids))
-        parts.append(',\n "merges": [\n  ' + ",\n  ".join(f"[{a}, {b}]" for a, b in self.merges) + "\n ]")
-        parts.append(',\n "vocab": [\n  ' + ",\n  ".join("null" if v is None else json.dumps(list(v))
-                                                         for v in self.vocab) + "\n ]\n}\n")
-        return "".join(parts)
-
-    @classmethod
-    def from_json(cls, text, source="<model json>"):
-        def bad(why):
-            return TokenizerError(f"{source} is not a numpy-gpt BPE model ({why}). Train one with "
-                                  "`tokenizer.py --train_bpe --vocab_size N input.txt --model_file out.json`, "
-                                  "or pass a vocab.json with its merges.txt")
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise bad(f"not JSON: {e}") from None
-        if not isinstance(d, dict) or d.get("format") != BPE_FORMAT:
-            raise bad(f"format is {d.get('format') if isinstance(d, dict) else type(d).__name__!r}, "
-                      f"expected {BPE_FORMAT!r}")
-        if d.get("version") != BPE_VERSION:
-            raise TokenizerError(f"{source}: BPE model version {d.get('version')} but this tokenizer.py reads "
-                                 f"version {BPE_VERSION}; update tokenizer.py or retrain the model")
-        try:
-            vocab = [None if v is None else bytes(v) for v in d["vocab"]]
-            merges = [(int(a), int(b)) for a, b in d["merges"]]
-            specials = {str(k): int(v) for k, v in d["special_tokens"].items()}
-            model = cls(vocab, merges, specials, d.get("pattern", GPT2_PATTERN), d.get("merge_ids"),
-                        d.get("training"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise bad(f"missing or malformed field: {e}") from None
-        model.check(source)
-        return model
-
-    def check(self, source):
-        """Raise TokenizerError unless vocab, merges and specials agree."""
-        n = len(self.vocab)
-        if sorted(v for v in self.vocab if v is not None and len(v) == 1) != [bytes([i]) for i in range(256)]:
-            raise TokenizerError(f"{source}: the vocabulary must hold each of the 256 single bytes exactly once")
-        for (a, b), t in zip(self.merges, self.merge_ids):
-            if not (0 <= a < n and 0 <= b < n and 0 <= t < n) or None in (self.vocab[a], self.vocab[b]) \
-                    or self.vocab[t] != self.vocab[a] + self.vocab[b]:
-                raise TokenizerError(f"{source}: merge ({a}, {b}) -> {t} does not match the vocabulary")
-        for s, i in self.specials.items():
-            if not (0 <= i < n) or self.vocab[i] is not None:
-                raise TokenizerError(f"{source}: special token {s!r} has id {i}, which is not a free slot")
-        if self.vocab.count(None) != len(self.specials):
-            raise TokenizerError(f"{source}: vocabulary has empty ids not claimed by any special token")
-
-    def tiktoken_ranks(self):
-        """{bytes: id} usable as tiktoken ranks, or None when tiktoken's rule would differ from the merges.
-
-        tiktoken merges the adjacent pair whose joined bytes have the lowest rank; that is the
-        merge order exactly when every multi-byte token comes from one merge and ids grow with it.
-        """
-        ranks = {v: i for i, v in enumerate(self.vocab) if v is not None}
-        if len(ranks) != len(self.vocab) - len(self.specials):
-            return None  # two ids with the same bytes
-        if any(t2 <= t1 for t1, t2 in zip(self.merge_ids, self.merge_ids[1:])):
-            return None
-        first_merge = self.merge_ids[0] if self.merge_ids else len(self.vocab)
-        if any(i >= first_merge for i, v in enumerate(self.vocab) if v is not None and len(v) == 1):
-            return None  # a single byte ranked after a merge
-        if sum(1 for v in self.vocab if v is not None and len(v) > 1) != len(self.merges):
-            return None
-        return ranks
-
-
-def count_pretokens(text, specials=(ENDOFTEXT,), pattern=GPT2_PATTERN):
-    """Counter {piece: count} of the pre-token pieces of text; special-token strings are cut out."""
-    pat = regex.compile(pattern)
-    counts = Counter()
-    for piece, is_special in split_on_specials(text, specials):
-        if not is_special:
-            counts.update(pat.findall(piece))
-    return counts
-
-
-def _merge_word(w, a, b, new_id):
-    out, i, n = [], 0, len(w)
-    while i < n:
-        if i < n - 1 and w[i] == a and w[i + 1] == b:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(w[i])
-            i += 1
-    return out
-
-
-def _check_vocab_size(vocab_size, specials):
-    if vocab_size < 256 + len(specials):
-        raise TokenizerError(f"--vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens "
-                             f"+ {len(specials)} special token(s) = {256 + len(specials)} at least; "
-                             "use e.g. --vocab_size 4096")
-
-
-def train_bpe(text, vocab_size, specials=(ENDOFTEXT,), pattern=GPT2_PATTERN, progress=False, training=None):
-    """Train a byte-level BPE of vocab_size ids (256 bytes + merges + specials) on text.
-
-    Works on the unique pre-token pieces with their counts. Pair counts are updated incrementally:
-    a merge only revisits the pieces that contain the merged pair (an index pair -> pieces), and
-    the most frequent pair comes from a lazy max-heap (stale entries are re-checked when popped).
-    Tie-break: see TIE_BREAK; train_bpe_reference gives the same merges the slow, obvious way.
-    """
-    specials = list(specials)
-    _check_vocab_size(vocab_size, specials)
-    num_merges = vocab_size - 256 - len(specials)
-    counts = count_pretokens(text, specials, pattern)
-    words = [list(w.encode("utf-8")) for w in counts]
-    freqs = list(counts.values())
-    vocab = [bytes([i]) for i in range(256)]
-    merges = []
-
-    pair_counts, where = {}, {}
-    for i, (w, n) in enumerate(zip(words, freqs)):
-        for p in zip(w, w[1:]):
-            pair_counts[p] = pair_counts.get(p, 0) + n
-            where.setdefault(p, set()).add(i)
-    # min-heap on (-count, left bytes, right bytes): the top is the most frequent pair, ties as TIE_BREAK
-    heap = [(-c, vocab[a], vocab[b], a, b) for (a, b), c in pair_counts.items()]
-    heapq.heapify(heap)
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=num_merges, desc="BPE merges", unit="merge", file=sys.stderr)
-    for _ in range(num_merges):
-        while heap:
-            negc, _, _, a, b = heap[0]
-            c = pair_counts.get((a, b), 0)
-            if c == -negc and c > 0:
-                break
-            heapq.heappop(heap)
-            if c > 0:  # count went down since this entry was pushed: re-insert with the true count
-                heapq.heappush(heap, (-c, vocab[a], vocab[b], a, b))
-        if not heap:
-            break  # every piece is a single token: the text cannot give more merges
-        new_id = len(vocab)
-        vocab.append(vocab[a] + vocab[b])
-        merges.append((a, b))
-        grown = set()
-        for i in where.pop((a, b)):
-            w, n = words[i], freqs[i]
-            new = _merge_word(w, a, b, new_id)
-            old_pairs = list(zip(w, w[1:]))
-            new_pairs = list(zip(new, new[1:]))
-            for p in old_pairs:
-                pair_counts[p] -= n
-            for p in new_pairs:
-                pair_counts[p] = pair_counts.get(p, 0) + n
-            old_set, new_set = set(old_pairs), set(new_pairs)
-            for p in old_set - new_set:
-                s = where.get(p)
-                if s is not None:
-                    s.discard(i)
-            for p in new_set - old_set:
-                where.setdefault(p, set()).add(i)
-                grown.add(p)  # only pairs with the new token can grow; push fresh heap entries for them
-            words[i] = new
-        pair_counts.pop((a, b), None)
-        for p in grown:
-            c = pair_counts.get(p, 0)
-            if c > 0:
-                heapq.heappush(heap, (-c, vocab[p[0]], vocab[p[1]], p[0], p[1]))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    if len(merges) < num_merges and progress:
-        _say(f"note: the text only supports {len(merges)} merges; vocabulary is {256 + len(merges) + len(specials)}")
-    specials_ids = {s: len(vocab) + k for k, s in enumerate(specials)}
-    vocab = vocab + [None] * len(specials)
-    info = dict(training or {})
-    info.update({"num_merges": len(merges), "tie_break": TIE_BREAK,
-                 "num_pieces": sum(freqs), "num_unique_pieces": len(words)})
-    return BPEModel(vocab, merges, specials_ids, pattern, training=info)
-
-
-def train_bpe_reference(text, vocab_size, specials=(ENDOFTEXT,), pattern=GPT2_PATTERN):
-    """The obvious BPE trainer (recount every pair for every merge); slow, for tests only."""
-    specials = list(specials)
-    _check_vocab_size(vocab_size, specials)
-    words = {tuple(w.encode("utf-8")): n for w, n in count_pretokens(text, specials, pattern).items()}
-    vocab = [bytes([i]) for i in range(256)]
-    merges = []
-    for _ in range(vocab_size - 256 - len(specials)):
-        pc = Counter()
-        for w, n in words.items():
-            for p in zip(w, w[1:]):
-                pc[p] += n
-        if not pc:
-            break
-        best = min(pc, key=lambda p: (-pc[p], vocab[p[0]], vocab[p[1]]))
-        new_id = len(vocab)
-        vocab.append(vocab[best[0]] + vocab[best[1]])
-        merges.append(best)
-        words = {tuple(_merge_word(list(w), best[0], best[1], new_id)): n for w, n in words.items()}
-    specials_ids = {s: len(vocab) + k for k, s in enumerate(specials)}
-    return BPEModel(vocab + [None] * len(specials), merges, specials_ids, pattern)
-
-
-def encode_reference(model, text, allow_special=True):
-    """The plain merge algorithm: in each pre-token piece, apply the lowest-rank merge present, repeat."""
-    ranks = model.ranks()
-    pat = regex.compile(model.pattern)
-    byte_id = {v: i for i, v in enumerate(model.vocab) if v is not None and len(v) == 1}
-    ids = []
-    for piece, is_special in split_on_specials(text, model.specials if allow_special else ()):
-        if is_special:
-            ids.append(model.specials[piece])
-            continue
-        for word in pat.findall(piece):
-            w = [byte_id[bytes([c])] for c in word.encode("utf-8")]
-            while len(w) > 1:
-                best = min(zip(w, w[1:]), key=lambda p: ranks.get(p, (float("inf"),))[0])
-                if best not in ranks:
-                    break
-                w = _merge_word(w, best[0], best[1], ranks[best][1])
-            ids.extend(w)
-    return ids
-
-
-class _ReferenceEncoding:
-    """Stands in for tiktoken.Encoding when a model's ranks cannot run in tiktoken (slow but exact)."""
-
-    def __init__(self, model):
-        self.model = model
-        self.n_vocab = model.vocab_size
-
-    def encode(self, text, allowed_special="all"):
-        return encode_reference(self.model, text, allow_special=True)
-
-    def encode_ordinary(self, text):
-        return encode_reference(self.model, text, allow_special=False)
-
-    def decode_bytes(self, ids):
-        inv = {i: s.encode("utf-8") for s, i in self.model.specials.items()}
-        return b"".join(inv[i] if i in inv else self.model.vocab[i] for i in ids)
-
-    def decode(self, ids):
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
 
 class BPETokenizer(Tokenizer):
     type = "lecture2_bpe"
@@ -497,85 +185,13 @@ class BPETokenizer(Tokenizer):
         return self._json
 
 
-def bytes_to_unicode():
-    """GPT-2's map from bytes to printable characters, used by vocab.json / merges.txt."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def model_from_vocab_merges(vocab_path, merges_path):
-    """A BPEModel from GPT-2 style vocab.json ({token string: id}) + merges.txt ("a b" per line, by rank)."""
-    dec = {c: b for b, c in bytes_to_unicode().items()}
-    try:
-        with open(vocab_path, encoding="utf-8") as f:
-            tok2id = json.load(f)
-        with open(merges_path, encoding="utf-8") as f:
-            lines = [ln.rstrip("\n") for ln in f]
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"cannot read {vocab_path} / {merges_path}: {e}") from None
-    if not isinstance(tok2id, dict) or not all(isinstance(v, int) for v in tok2id.values()):
-        raise TokenizerError(f"{vocab_path} is not a vocab.json ({{token: id}}) file")
-    n = max(tok2id.values()) + 1
-    vocab, specials = [None] * n, {}
-    for s, i in tok2id.items():
-        if all(c in dec for c in s) and not (s.startswith("<|") and s.endswith("|>")):
-            vocab[i] = bytes(dec[c] for c in s)
-        else:
-            specials[s] = i
-    merges, merge_ids = [], []
-    for lineno, ln in enumerate(lines, 1):
-        if not ln.strip() or (lineno == 1 and ln.startswith("#version")):
-            continue
-        parts = ln.split(" ")
-        if len(parts) != 2 or parts[0] not in tok2id or parts[1] not in tok2id or parts[0] + parts[1] not in tok2id:
-            raise TokenizerError(f"{merges_path} line {lineno}: {ln!r} is not a merge of two tokens of {vocab_path}")
-        merges.append((tok2id[parts[0]], tok2id[parts[1]]))
-        merge_ids.append(tok2id[parts[0] + parts[1]])
-    if ENDOFTEXT not in specials:  # GPT-2 style models end with it; add one if missing
-        specials[ENDOFTEXT] = n
-        vocab.append(None)
-    model = BPEModel(vocab, merges, specials, GPT2_PATTERN, merge_ids,
-                     {"converted_from": [os.path.basename(vocab_path), os.path.basename(merges_path)]})
-    model.check(f"{vocab_path} + {merges_path}")
-    return model
-
-
 def load_bpe(model_file, merges_file=None, verbose=True):
     """A BPETokenizer from our JSON model, or from a vocab.json (+ merges.txt beside it or merges_file)."""
     if not model_file:
         raise TokenizerError("--tokenizer lecture2_bpe needs --model_file (train one with --train_bpe)")
     if os.path.isdir(model_file):
         model_file = os.path.join(model_file, "vocab.json")
-    try:
-        with open(model_file, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise TokenizerError(f"cannot read BPE model {model_file}: {e.strerror}. Train one with "
-                             "`tokenizer.py --train_bpe --vocab_size 4096 input.txt --model_file FILE`") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise TokenizerError(f"{model_file} is not a BPE model (not UTF-8 JSON text)") from None
-    pair = merges_file or os.path.join(os.path.dirname(model_file) or ".", "merges.txt")
-    looks_like_vocab = text.lstrip().startswith("{") and f'"format": "{BPE_FORMAT}"' not in text[:2000]
-    if looks_like_vocab and os.path.exists(pair):
-        try:
-            is_vocab = all(isinstance(v, int) for v in json.loads(text).values())
-        except (json.JSONDecodeError, AttributeError):
-            is_vocab = False
-        if is_vocab:
-            model = model_from_vocab_merges(model_file, pair)
-            if verbose:
-                _say(f"tokenizer: lecture2_bpe from {model_file} + {pair} ({model.vocab_size} tokens)")
-            return BPETokenizer(model, model.to_json(), model_file, verbose)
-    model = BPEModel.from_json(text, model_file)
+    model, text = read_model_file(model_file, merges_file)
     if verbose:
         _say(f"tokenizer: lecture2_bpe from {model_file} ({model.vocab_size} tokens)")
     return BPETokenizer(model, text, model_file, verbose)

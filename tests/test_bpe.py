@@ -1,0 +1,69 @@
+"""bpe.py: the fast trainer against the plain reference trainer, the model file, and its checks."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+import bpe as B
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
+TRAIN_TEXT = (SAMPLE / "TinyStoriesV2-GPT4-train.sample.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def bpe_model():
+    return B.train_bpe(TRAIN_TEXT[:300_000], 1000)
+
+
+# ---------------------------------------------------------------- BPE training
+
+def test_fast_trainer_gives_the_reference_merges():
+    text = TRAIN_TEXT[:40_000] + "\nzz zz zz yy yy yy ab ab ba ba\n"  # adds exact count ties
+    fast = B.train_bpe(text, 420)
+    ref = B.train_bpe_reference(text, 420)
+    assert fast.merges == ref.merges and fast.vocab == ref.vocab and fast.specials == ref.specials
+    assert fast.vocab_size == 420 and fast.specials == {"<|endoftext|>": 419}
+
+
+def test_training_is_deterministic_and_the_json_round_trips(bpe_model):
+    again = B.train_bpe(TRAIN_TEXT[:300_000], 1000)
+    assert again.to_json() == bpe_model.to_json()
+    loaded = B.BPEModel.from_json(bpe_model.to_json(), "x.json")
+    assert loaded.merges == bpe_model.merges and loaded.vocab == bpe_model.vocab
+    d = json.loads(bpe_model.to_json())
+    assert d["format"] == B.BPE_FORMAT and d["version"] == 1 and d["vocab_size"] == 1000
+    assert len(d["merges"]) == 1000 - 256 - 1 and d["vocab"][999] is None
+    assert bytes(d["vocab"][256]) == bytes(d["vocab"][d["merges"][0][0]]) + bytes(d["vocab"][d["merges"][0][1]])
+
+
+def test_special_token_is_never_merged_across():
+    text = "<|endoftext|>".join(["the cat sat on the mat"] * 200) + "<|endoftext|>"
+    model = B.train_bpe(text, 300)
+    assert all(b"<|" not in v and b"|>" not in v for v in model.vocab if v is not None)
+    ids = B.encode_reference(model, "the cat<|endoftext|>the mat")
+    assert ids.count(model.specials["<|endoftext|>"]) == 1
+    assert B._ReferenceEncoding(model).decode(ids) == "the cat<|endoftext|>the mat"
+
+
+def test_train_4096_on_the_v2_sample_is_fast():
+    t0 = time.perf_counter()
+    model = B.train_bpe(TRAIN_TEXT, 4096)
+    secs = time.perf_counter() - t0
+    assert model.vocab_size == 4096 and len(model.merges) == 4096 - 257
+    assert secs < 20, f"training took {secs:.1f} s"
+
+
+def test_inconsistent_or_newer_model_files_are_refused(bpe_model):
+    d = json.loads(bpe_model.to_json())
+    d["merges"][5] = [1, 2]
+    with pytest.raises(B.TokenizerError, match=r"m.json: merge \(1, 2\) -> 261 does not match"):
+        B.BPEModel.from_json(json.dumps(d), "m.json")
+    d = json.loads(bpe_model.to_json())
+    d["version"] = 2
+    with pytest.raises(B.TokenizerError, match="version 2.*update tokenizer.py"):
+        B.BPEModel.from_json(json.dumps(d), "m.json")
+    d = json.loads(bpe_model.to_json())
+    d["vocab"][65] = [66]
+    with pytest.raises(B.TokenizerError, match="256 single bytes"):
+        B.BPEModel.from_json(json.dumps(d), "m.json")
