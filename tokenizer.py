@@ -1,9 +1,15 @@
 """Tokenizers for numpy-gpt: GPT-2's BPE through tiktoken (works offline) and our own byte-level BPE.
 
-Tokenize a text file (one story per line, as prepare_tinystories.py writes it):
+Tokenize a text file:
 
     python3 tokenizer.py data/tinystories_train_sample.txt data/train_tokenized.jsonl \\
         --tokenizer tiktoken --encoding gpt2 --max_length 512
+
+Two layouts are read, told apart by looking for <|endoftext|> lines in the first MB (no flag):
+one story per line (what prepare_tinystories.py writes), or the raw TinyStories layout where a
+story spans several lines and stories are separated by lines holding only <|endoftext|> (the
+official .txt downloads, data/sample/TinyStoriesV2-GPT4-train.sample.txt). A raw story keeps its
+paragraph breaks; its end-of-text id is appended once, after its last paragraph.
 
 Train our own byte-level BPE, then tokenize with it:
 
@@ -51,6 +57,8 @@ R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_CACHE_KEYS = ("6d1cbeee0f20b3d9449abfede4726ed8212e3aee", "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")
 SIDECAR_FORMAT = "numpy-gpt tokenized jsonl"
 SIDECAR_VERSION = 1
+LAYOUTS = {"lines": "one story per line", "raw": "stories separated by <|endoftext|> lines"}
+_SEP = ENDOFTEXT.encode()
 
 
 def _say(msg):
@@ -242,10 +250,51 @@ def _worker_init(identity, model_json):
     _WORKER["tok"] = tokenizer_from_identity(identity, model_json)
 
 
+def detect_layout(path, probe_bytes=1 << 20):
+    """The layout of a text file: "raw" when a line of its first MB is <|endoftext|> alone, else "lines".
+
+    lines: one story per line (what prepare_tinystories.py writes); blank lines are skipped.
+    raw:   a story spans several lines and stories are separated by <|endoftext|> lines (the official
+           TinyStories .txt files and data/sample/TinyStoriesV2-GPT4-train.sample.txt).
+    """
+    with open(path, "rb") as f:
+        head = f.read(probe_bytes)
+    if len(head) == probe_bytes:
+        head = head[:head.rfind(b"\n") + 1]  # whole lines only
+    return "raw" if any(line.strip() == _SEP for line in head.split(b"\n")) else "lines"
+
+
+def _stories(text, layout, path, first_line):
+    """The stories of a batch of whole lines: each line (lines), or the lines between separators (raw)."""
+    lines = text.split("\n")
+    if layout == "lines":
+        for k, line in enumerate(lines):
+            line = line.strip()
+            if line == ENDOFTEXT:
+                raise TokenizerError(f"{path} line {first_line + k}: an {ENDOFTEXT} separator line, but the file's "
+                                     "first MB has none, so it was read as one story per line. Put the stories "
+                                     "one per line (prepare_tinystories.py) or separate all of them this way")
+            if line:
+                yield line
+        return
+    story = []
+    for line in lines:
+        if line.strip() == ENDOFTEXT:
+            text = "\n".join(story).strip()  # a story keeps its paragraphs (newlines) inside
+            if text:
+                yield text
+            story = []
+        else:
+            story.append(line)
+    text = "\n".join(story).strip()
+    if text:
+        yield text
+
+
 def _encode_batch(job):
-    """(raw bytes of whole lines, first line number, path, max_length) -> (jsonl text, stories, chunks, tokens,
-    story bytes, raw bytes). Runs in the worker processes, so decoding and formatting are parallel too."""
-    raw, first_line, path, max_length = job
+    """(raw bytes of whole lines, first line number, path, max_length, layout) -> (jsonl text, stories, chunks,
+    tokens, story bytes, raw bytes). Runs in the worker processes, so decoding and formatting are parallel too."""
+    raw, first_line, path, max_length, layout = job
     tok = _WORKER["tok"]
     eot = tok.eot_id
     try:
@@ -256,15 +305,12 @@ def _encode_batch(job):
         raise TokenizerError(f"{path} line {lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte {col} of "
                              "the line); fix that line or re-create the file with prepare_tinystories.py") from None
     out, n_docs, n_chunks, n_tokens, n_bytes = [], 0, 0, 0, 0
-    for line in text.split("\n"):
-        line = line.strip()
-        if not line or line == ENDOFTEXT:  # blank lines, or the separators of a raw TinyStories file
-            continue
-        ids = tok.encode_ordinary(line)
-        ids.append(eot)
+    for story in _stories(text, layout, path, first_line):
+        ids = tok.encode_ordinary(story)
+        ids.append(eot)  # once per story, after its last paragraph
         n_docs += 1
         n_tokens += len(ids)
-        n_bytes += len(line.encode("utf-8"))
+        n_bytes += len(story.encode("utf-8"))
         step = max_length if max_length > 0 else len(ids)
         for s in range(0, len(ids), step):
             out.append("[" + ",".join(map(str, ids[s:s + step])) + "]\n")
@@ -272,8 +318,9 @@ def _encode_batch(job):
     return "".join(out), n_docs, n_chunks, n_tokens, n_bytes, len(raw)
 
 
-def _read_raw_batches(path, max_length, batch_bytes):
-    """Yield jobs for _encode_batch: about batch_bytes of whole lines each, with the first line's number."""
+def _read_raw_batches(path, max_length, batch_bytes, layout):
+    """Yield jobs for _encode_batch: about batch_bytes of whole lines each (whole stories in the raw layout,
+    so a batch ends with a separator line), with the first line's number."""
     lineno = 1
     with open(path, "rb") as f:
         while True:
@@ -282,12 +329,23 @@ def _read_raw_batches(path, max_length, batch_bytes):
                 return
             if not raw.endswith(b"\n"):
                 raw += f.readline()
-            yield raw, lineno, str(path), max_length
+            if layout == "raw":
+                parts, last = [raw], raw[raw.rfind(b"\n", 0, len(raw) - 1) + 1:]
+                while last.strip() != _SEP:
+                    last = f.readline()
+                    if not last:
+                        break
+                    parts.append(last)
+                raw = b"".join(parts)
+            yield raw, lineno, str(path), max_length, layout
             lineno += raw.count(b"\n")
 
 
-def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, batch_bytes=1 << 18, progress=True):
-    """Tokenize input_path (one story per line) into output_path (jsonl) + its sidecar; return the sidecar."""
+def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, batch_bytes=1 << 18, progress=True,
+                  layout=None):
+    """Tokenize input_path into output_path (jsonl) + its sidecar; return (sidecar, stats).
+
+    layout: "lines" (one story per line) or "raw" (<|endoftext|> separator lines); None: detect_layout."""
     if not os.path.isfile(input_path):
         raise TokenizerError(f"input file not found: {input_path}. Make it with prepare_tinystories.py "
                              "(e.g. --data_dir data --offline)")
@@ -295,6 +353,7 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
     if total == 0:
         raise TokenizerError(f"{input_path} is empty: no stories to tokenize")
     workers = max(1, workers or os.cpu_count() or 1)
+    layout = layout or detect_layout(input_path)
     identity, model_json = tok.identity(), tok.model_json()
     out_path = os.path.abspath(output_path)
     stats = dict(docs=0, lines=0, tokens=0, bytes=0)
@@ -305,7 +364,7 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
     pool = None
     try:
         _WORKER["tok"] = tok
-        jobs = _read_raw_batches(input_path, max_length, batch_bytes)
+        jobs = _read_raw_batches(input_path, max_length, batch_bytes, layout)
         if workers > 1 and total > batch_bytes:
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
@@ -327,7 +386,7 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
                 pool.close()
                 pool.join()
             if stats["docs"] == 0:
-                raise TokenizerError(f"{input_path} has no stories (only blank lines); nothing to tokenize")
+                raise TokenizerError(f"{input_path} has no stories (only blank or separator lines); nothing to tokenize")
             if os.path.exists(side):
                 os.unlink(side)  # never leave an old sidecar describing the new jsonl
         sidecar = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "tokenizer": identity,
@@ -343,7 +402,7 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
     finally:
         bar.close()
     secs = time.perf_counter() - t0
-    sidecar_stats = dict(stats, seconds=secs, mb_per_s=total / 1e6 / max(secs, 1e-9), workers=workers)
+    sidecar_stats = dict(stats, seconds=secs, mb_per_s=total / 1e6 / max(secs, 1e-9), workers=workers, layout=layout)
     return sidecar, sidecar_stats
 
 
@@ -364,15 +423,21 @@ def read_text(path):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Tokenize a one-story-per-line text file into JSONL token ids (plus a .meta.json sidecar), "
-                    "or train our own byte-level BPE with --train_bpe.",
+        description="Tokenize a text file of stories into JSONL token ids (plus a .meta.json sidecar),\n"
+                    "or train our own byte-level BPE with --train_bpe.\n\n"
+                    "Input layouts (detected from the file's first MB, no flag needed):\n"
+                    "  one story per line   what prepare_tinystories.py writes; blank lines are skipped\n"
+                    "  raw TinyStories      a story spans several lines; stories are separated by lines holding\n"
+                    "                       only <|endoftext|> (the official .txt files, data/sample/...train...)\n"
+                    "Either way each story gets one end-of-text id, after its last line.",
         epilog="Examples:\n"
                "  python3 tokenizer.py data/tinystories_train_sample.txt data/train_tokenized.jsonl "
                "--tokenizer tiktoken --encoding gpt2 --max_length 512\n"
                "  python3 tokenizer.py --train_bpe --vocab_size 4096 data/tinystories_train_sample.txt "
                "--model_file bpe4096.json\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", nargs="?", help="text file, one story per line (the BPE training text with --train_bpe)")
+    p.add_argument("input", nargs="?", help="text file of stories in either layout (the BPE training text with "
+                                         "--train_bpe)")
     p.add_argument("output", nargs="?", help="output .jsonl of token ids (a sidecar OUTPUT.meta.json is written too)")
     p.add_argument("--tokenizer", default="tiktoken", choices=["tiktoken", "lecture2_bpe"],
                    help="tiktoken (a named tiktoken encoding) or lecture2_bpe (our BPE model from --model_file)")
@@ -428,7 +493,7 @@ def main(argv=None):
         tok = get_tokenizer(args.tokenizer, args.encoding, args.model_file, args.merges_file, args.allow_download)
         sidecar, st = tokenize_file(tok, args.input, args.output, args.max_length, args.workers,
                                     progress=not args.quiet)
-        _say(f"{args.output}: {st['docs']} stories, {st['lines']} lines, {st['tokens']} tokens "
+        _say(f"{args.output}: {st['docs']} stories ({LAYOUTS[st['layout']]}), {st['lines']} lines, {st['tokens']} tokens "
              f"({st['tokens'] / max(st['bytes'], 1):.3f} per byte) in {st['seconds']:.1f} s, "
              f"{st['mb_per_s']:.1f} MB/s on {st['workers']} worker(s); tokenizer {tok.name}")
         return 0

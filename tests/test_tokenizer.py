@@ -163,6 +163,46 @@ def test_all_cores_give_the_same_file_as_one(tmp_path, bpe):
     assert st["workers"] == 2 and st["docs"] == 400
 
 
+def test_raw_layout_appends_end_of_text_once_per_story_not_per_paragraph(tmp_path):
+    raw = (SAMPLE / "TinyStoriesV2-GPT4-train.sample.txt").read_bytes()
+    cut = raw.index(b"<|endoftext|>\n") + len(b"<|endoftext|>\n")
+    first = raw[:cut - len(b"<|endoftext|>\n")].decode().strip()  # five paragraphs, one story
+    tok = T.get_tokenizer("tiktoken", verbose=False)
+    for size, docs in [(cut, [first]), (1200, [first, raw[cut:1200].decode().strip()])]:
+        # the first 1,200 bytes: the first story, its separator, the cut start of the second (8 lines)
+        inp = tmp_path / f"raw{size}.txt"
+        inp.write_bytes(raw[:size])
+        assert T.detect_layout(inp) == "raw"
+        out = tmp_path / f"raw{size}.jsonl"
+        assert T.main([str(inp), str(out), "--max_length", "0", "--quiet"]) == 0
+        rows = _read_jsonl(out)
+        assert [tok.decode(r) for r in rows] == [d + "<|endoftext|>" for d in docs]
+        assert sum(r.count(tok.eot_id) for r in rows) == len(docs)
+        assert json.loads((tmp_path / f"raw{size}.jsonl.meta.json").read_text())["num_documents"] == len(docs)
+    assert "\n" in first  # the paragraphs stay inside the story
+
+
+def test_raw_layout_over_many_batches_and_workers_gives_every_story_once(tmp_path, bpe):
+    path = SAMPLE / "TinyStoriesV2-GPT4-train.sample.txt"
+    stories = [s.strip() for s in TRAIN_TEXT.split("<|endoftext|>") if s.strip()]
+    T.tokenize_file(bpe, path, str(tmp_path / "one.jsonl"), 0, workers=1, progress=False)
+    _, st = T.tokenize_file(bpe, path, str(tmp_path / "many.jsonl"), 0, workers=2, batch_bytes=5_000,
+                            progress=False)
+    assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "many.jsonl").read_bytes()
+    assert st["layout"] == "raw" and st["docs"] == len(stories) > 1000
+    assert [bpe.decode(r[:-1]) for r in _read_jsonl(tmp_path / "many.jsonl")] == stories
+
+
+def test_one_story_per_line_is_detected_and_a_late_separator_is_an_error(tmp_path, capsys, bpe):
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n".join(_stories(20)) + "\n", encoding="utf-8")
+    assert T.detect_layout(inp) == "lines"
+    inp.write_text("\n".join(_stories(20)) + "\n<|endoftext|>\nOne more.\n", encoding="utf-8")
+    with pytest.raises(T.TokenizerError, match="line 21: an <\\|endoftext\\|> separator line"):
+        T.tokenize_file(bpe, inp, str(tmp_path / "o.jsonl"), layout="lines", progress=False)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_cli_trains_a_bpe_and_tokenizes_with_it(tmp_path):
     inp = tmp_path / "in.txt"
     inp.write_text("\n".join(_stories(200)) + "\n", encoding="utf-8")
