@@ -27,8 +27,10 @@ A GPT-2 style pair (vocab.json + merges.txt) converts to the same model (`model_
 """
 import heapq
 import json
+import multiprocessing
 import os
 import sys
+import threading
 from collections import Counter
 
 import regex
@@ -169,14 +171,158 @@ class BPEModel:
 
 
 def count_pretokens(text, specials=(ENDOFTEXT,), pattern=GPT2_PATTERN):
-    """Counter {piece: count} of the pre-token pieces of text; special-token strings are cut out."""
+    """Counter {piece: count} of the pre-token pieces of text; special-token strings are cut out.
+
+    The plain version is Counter(pat.findall(piece)) for each piece between specials; with GPT-2's
+    pattern, _count_gpt2_pieces gives the same counts about twice as fast.
+    """
     pat = regex.compile(pattern)
     counts = Counter()
     for piece, is_special in split_on_specials(text, specials):
-        if not is_special:
+        if is_special:
+            continue
+        if pattern == GPT2_PATTERN:
+            _count_gpt2_pieces(piece, pat, counts)
+        else:
             counts.update(pat.findall(piece))
     return counts
 
+
+# No piece of GPT2_PATTERN spans a place where a non-whitespace character is followed by a whitespace
+# one: letter, number and punctuation runs (after at most one leading space) hold no whitespace, the
+# whitespace alternatives nothing else, and the pattern never looks behind. So the pieces of text[:i]
+# and of text[i:], found apart, are the pieces of text. _count_gpt2_pieces cuts at such places before
+# spaces, read_blocks before newlines; tests/test_bpe.py checks both on random text.
+_SPACE_AFTER_WHITESPACE = regex.compile(r"(?<=\s) ")
+_ENDS_WITH_WHITESPACE = regex.compile(r"\s\Z")
+_KEEP = "\x00"  # stands for a space that must not be cut at
+
+
+def _count_gpt2_pieces(text, pat, counts):
+    """counts += Counter(pat.findall(text)), found by cutting text before each space that follows a
+    non-space, counting the distinct words at C speed, and running the regex once per distinct word."""
+    if _KEEP in text:  # (never in stories; the marker below would be ambiguous)
+        counts.update(pat.findall(text))
+        return
+    parts = text.split(" ")
+    words = Counter(parts)
+    if "" in words or any(_ENDS_WITH_WHITESPACE.search(w) for w in words):
+        # a space after whitespace is no place to cut: mark those spaces, cut at the others
+        parts = _SPACE_AFTER_WHITESPACE.sub(_KEEP, text).split(" ")
+        words = Counter(parts)
+    first = parts[0]
+    del parts
+    words[first] -= 1  # the first word has no space before it
+    counts.update(pat.findall(first.replace(_KEEP, " ")))
+    for w, n in words.items():
+        if n:
+            for piece in pat.findall(" " + w.replace(_KEEP, " ")):
+                counts[piece] += n
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting a file in blocks on all cores: memory grows with the distinct pieces, not the file
+
+def _last_cut(block):
+    """Index of the last newline in block that follows a printable ASCII character, 0 if none.
+
+    No pre-token of GPT2_PATTERN spans such a cut: the character before it is neither whitespace
+    nor part of a whitespace run, and a newline starts a new piece after a non-space. So the pieces
+    of text[:cut] and text[cut:], counted apart, are exactly the pieces of the whole text (the
+    tests check this against random text cut at every such place).
+    """
+    i = len(block)
+    while True:
+        i = block.rfind(b"\n", 0, i)
+        if i <= 0:
+            return 0
+        if 0x21 <= block[i - 1] <= 0x7E:
+            return i
+
+
+def read_blocks(path, block_bytes=1 << 20):
+    """Yield (bytes, number of its first line) of about block_bytes each, cut only where _last_cut allows."""
+    lineno, parts = 1, []
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block_bytes)
+            if not data:
+                if parts:
+                    yield b"".join(parts), lineno
+                return
+            cut = _last_cut(data)
+            if cut == 0:  # no place to cut in this block (a very long line): read on
+                parts.append(data)
+                continue
+            block = b"".join(parts + [data[:cut]])
+            parts = [data[cut:]]
+            yield block, lineno
+            lineno += block.count(b"\n")
+
+
+def _count_block(job):
+    """(block bytes, first line, path, specials, pattern) -> (Counter of its pieces, len of the block)."""
+    raw, first_line, path, specials, pattern = job
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        raise TokenizerError(f"{path} line {line}: not valid UTF-8 (byte {raw[e.start]:#04x}); fix that line or "
+                             "re-create the file with prepare_tinystories.py") from None
+    return count_pretokens(text, specials, pattern), len(raw)
+
+
+def start_workers(workers, initializer=None, initargs=()):
+    """A pool of worker processes; callers start it before their progress bar (see below).
+
+    Forked while this process runs no other thread: the workers inherit what it has loaded (tokenizing
+    the 1.4 MB sample on the 2-core machine took 0.4-0.6 s forked, 0.7-1.5 s with forkserver or spawn).
+    Forking a process that runs threads can deadlock (Python 3.12 warns), and a tqdm bar starts a
+    monitor thread that outlives it; so with another thread running, or where fork is missing,
+    forkserver or spawn start fresh workers, which run initializer(*initargs).
+    """
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return multiprocessing.get_context("fork").Pool(workers)
+    method = "forkserver" if "forkserver" in methods else "spawn"
+    return multiprocessing.get_context(method).Pool(workers, initializer, initargs)
+
+
+def count_pretokens_file(path, specials=(ENDOFTEXT,), pattern=GPT2_PATTERN, workers=1, block_bytes=1 << 20,
+                         progress=False):
+    """count_pretokens of a whole file, exactly, read in blocks and counted on `workers` processes.
+
+    Only the counts are kept (the pieces of one block at a time, per worker), so memory grows with
+    the number of distinct pieces, not with the size of the file.
+    """
+    total = os.path.getsize(path)
+    pool = start_workers(workers) if workers > 1 and total > block_bytes else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"counting {os.path.basename(path)}", file=sys.stderr)
+    counts = Counter()
+    try:
+        jobs = ((raw, line, str(path), tuple(specials), pattern) for raw, line in read_blocks(path, block_bytes))
+        for block_counts, n in (pool.imap(_count_block, jobs) if pool else map(_count_block, jobs)):
+            counts.update(block_counts)
+            if bar is not None:
+                bar.update(n)
+        if pool is not None:
+            pool.close()
+            pool.join()
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
 
 def _merge_word(w, a, b, new_id):
     out, i, n = [], 0, len(w)
@@ -198,7 +344,23 @@ def _check_vocab_size(vocab_size, specials):
 
 
 def train_bpe(text, vocab_size, specials=(ENDOFTEXT,), pattern=GPT2_PATTERN, progress=False, training=None):
-    """Train a byte-level BPE of vocab_size ids (256 bytes + merges + specials) on text.
+    """Train a byte-level BPE of vocab_size ids (256 bytes + merges + specials) on text."""
+    return train_bpe_counts(count_pretokens(text, specials, pattern), vocab_size, specials, pattern, progress,
+                            training)
+
+
+def train_bpe_file(path, vocab_size, specials=(ENDOFTEXT,), pattern=GPT2_PATTERN, workers=1, progress=False,
+                   training=None):
+    """train_bpe on the text of a file, streamed: the same merges, in memory that does not grow with the file."""
+    counts = count_pretokens_file(path, specials, pattern, workers, progress=progress)
+    if not any(piece.strip() for piece in counts):
+        raise TokenizerError(f"{path} is empty: nothing to train a BPE on")
+    return train_bpe_counts(counts, vocab_size, specials, pattern, progress, training)
+
+
+def train_bpe_counts(counts, vocab_size, specials=(ENDOFTEXT,), pattern=GPT2_PATTERN, progress=False,
+                     training=None):
+    """Train on {pre-token piece: count}, as count_pretokens gives them.
 
     Works on the unique pre-token pieces with their counts. Pair counts are updated incrementally:
     a merge only revisits the pieces that contain the merged pair (an index pair -> pieces), and
@@ -208,7 +370,6 @@ def train_bpe(text, vocab_size, specials=(ENDOFTEXT,), pattern=GPT2_PATTERN, pro
     specials = list(specials)
     _check_vocab_size(vocab_size, specials)
     num_merges = vocab_size - 256 - len(specials)
-    counts = count_pretokens(text, specials, pattern)
     words = [list(w.encode("utf-8")) for w in counts]
     freqs = list(counts.values())
     vocab = [bytes([i]) for i in range(256)]

@@ -38,7 +38,6 @@ bpe.py; here it runs in tiktoken's engine built from the model's ranks (BPEToken
 import argparse
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -49,7 +48,7 @@ import tiktoken
 
 from atomic import atomic_write
 from bpe import ENDOFTEXT, GPT2_PATTERN, BPEModel, TokenizerError, _check_vocab_size, _ReferenceEncoding, \
-    read_model_file, train_bpe
+    read_model_file, start_workers, train_bpe_file
 
 BUNDLED_R50K = Path(__file__).resolve().parent / "data" / "sample" / "r50k_base.tiktoken"
 R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -358,21 +357,16 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
     out_path = os.path.abspath(output_path)
     stats = dict(docs=0, lines=0, tokens=0, bytes=0)
     from tqdm import tqdm
+    t0 = time.perf_counter()
+    _WORKER["tok"] = tok  # forked workers inherit it; spawned ones rebuild it from the identity
+    pool = None
+    if workers > 1 and total > batch_bytes:  # before the bar: its monitor thread must not run when the pool forks
+        pool = start_workers(workers, _worker_init, (identity, model_json))
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {os.path.basename(input_path)}",
                file=sys.stderr, disable=not progress)
-    t0 = time.perf_counter()
-    pool = None
     try:
-        _WORKER["tok"] = tok
         jobs = _read_raw_batches(input_path, max_length, batch_bytes, layout)
-        if workers > 1 and total > batch_bytes:
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            init = None if ctx.get_start_method() == "fork" else _worker_init  # fork: workers inherit tok
-            pool = ctx.Pool(workers, initializer=init, initargs=(identity, model_json) if init else ())
-            results = pool.imap(_encode_batch, jobs)
-        else:
-            results = map(_encode_batch, jobs)
+        results = pool.imap(_encode_batch, jobs) if pool is not None else map(_encode_batch, jobs)
         side = out_path + ".meta.json"
         with atomic_write(out_path, "w", encoding="utf-8") as f:
             for text, d, c, n, b, in_bytes in results:
@@ -386,7 +380,8 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
                 pool.close()
                 pool.join()
             if stats["docs"] == 0:
-                raise TokenizerError(f"{input_path} has no stories (only blank or separator lines); nothing to tokenize")
+                raise TokenizerError(f"{input_path} has no stories (only blank or separator lines); "
+                                     "nothing to tokenize")
             if os.path.exists(side):
                 os.unlink(side)  # never leave an old sidecar describing the new jsonl
         sidecar = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "tokenizer": identity,
@@ -404,21 +399,6 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
     secs = time.perf_counter() - t0
     sidecar_stats = dict(stats, seconds=secs, mb_per_s=total / 1e6 / max(secs, 1e-9), workers=workers, layout=layout)
     return sidecar, sidecar_stats
-
-
-def read_text(path):
-    """Whole file as str; bad UTF-8 is reported with its line number."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise TokenizerError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise TokenizerError(f"{path} line {line}: not valid UTF-8 (byte {raw[e.start]:#04x}); fix that line or "
-                             "re-create the file with prepare_tinystories.py") from None
 
 
 def build_parser():
@@ -473,18 +453,19 @@ def main(argv=None):
                 raise TokenizerError(f"--train_bpe takes one input file; got an extra argument {args.output!r} "
                                      "(the model goes to --model_file)")
             _check_vocab_size(args.vocab_size, [ENDOFTEXT])
-            text = read_text(args.input)
-            if not text.strip():
-                raise TokenizerError(f"{args.input} is empty: nothing to train a BPE on")
+            try:
+                size = os.path.getsize(args.input)
+            except OSError as e:
+                raise TokenizerError(f"cannot read {args.input}: {e.strerror}") from None
             t0 = time.perf_counter()
-            model = train_bpe(text, args.vocab_size, progress=not args.quiet,
-                              training={"input": os.path.basename(args.input),
-                                        "input_bytes": len(text.encode("utf-8"))})
+            model = train_bpe_file(args.input, args.vocab_size, workers=max(1, args.workers or 1),
+                                   progress=not args.quiet,
+                                   training={"input": os.path.basename(args.input), "input_bytes": size})
             secs = time.perf_counter() - t0
             with atomic_write(args.model_file, "w", encoding="utf-8") as f:
                 f.write(model.to_json())
             _say(f"trained BPE: {model.vocab_size} tokens ({len(model.merges)} merges) on "
-                 f"{len(text.encode('utf-8')) / 1e6:.2f} MB in {secs:.1f} s -> {args.model_file}")
+                 f"{size / 1e6:.2f} MB in {secs:.1f} s on {max(1, args.workers or 1)} worker(s) -> {args.model_file}")
             return 0
         if not args.input or not args.output:
             raise TokenizerError("give an input text file and an output .jsonl (or --train_bpe); see --help")
@@ -493,8 +474,8 @@ def main(argv=None):
         tok = get_tokenizer(args.tokenizer, args.encoding, args.model_file, args.merges_file, args.allow_download)
         sidecar, st = tokenize_file(tok, args.input, args.output, args.max_length, args.workers,
                                     progress=not args.quiet)
-        _say(f"{args.output}: {st['docs']} stories ({LAYOUTS[st['layout']]}), {st['lines']} lines, {st['tokens']} tokens "
-             f"({st['tokens'] / max(st['bytes'], 1):.3f} per byte) in {st['seconds']:.1f} s, "
+        _say(f"{args.output}: {st['docs']} stories ({LAYOUTS[st['layout']]}), {st['lines']} lines, "
+             f"{st['tokens']} tokens ({st['tokens'] / max(st['bytes'], 1):.3f} per byte) in {st['seconds']:.1f} s, "
              f"{st['mb_per_s']:.1f} MB/s on {st['workers']} worker(s); tokenizer {tok.name}")
         return 0
     except TokenizerError as e:

@@ -1,5 +1,7 @@
-"""bpe.py: the fast trainer against the plain reference trainer, the model file, and its checks."""
+"""bpe.py: the fast trainer against the plain reference trainer, streaming counts against counting the
+whole text, the model file, and its checks."""
 import json
+import random
 import time
 from pathlib import Path
 
@@ -35,6 +37,56 @@ def test_training_is_deterministic_and_the_json_round_trips(bpe_model):
     assert d["format"] == B.BPE_FORMAT and d["version"] == 1 and d["vocab_size"] == 1000
     assert len(d["merges"]) == 1000 - 256 - 1 and d["vocab"][999] is None
     assert bytes(d["vocab"][256]) == bytes(d["vocab"][d["merges"][0][0]]) + bytes(d["vocab"][d["merges"][0][1]])
+
+
+def test_pieces_never_span_a_block_cut():
+    # the claim read_blocks rests on: cut before a newline that follows printable ASCII, count the two
+    # sides apart, and the counts are those of the whole text (whitespace runs, specials, contractions)
+    alphabet = [" ", "\n", "\n\n", "\t", "\r", "  ", "a", "Z", "1", ".", "'", "s", "ll", "'s", "é", "\xa0",
+                "\u3000", "\u2028", "\x0b", "\x85", "<|endoftext|>", "🎉", '"', "”"]
+    rng = random.Random(0)
+    cuts = 0
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30)))
+        raw, whole = text.encode(), B.count_pretokens(text)
+        for i in range(1, len(raw)):
+            if B._last_cut(raw[:i + 1]) == i:
+                cuts += 1
+                assert B.count_pretokens(raw[:i].decode()) + B.count_pretokens(raw[i:].decode()) == whole, text
+    assert cuts > 1000
+
+
+def test_counting_distinct_words_first_gives_the_counts_of_findall():
+    pat = B.regex.compile(B.GPT2_PATTERN)
+    alphabet = [" ", "  ", "\n", " \n", "\t", "\r", "a", "Z", "1", ".", "'", "s", "'ll", "é", "\xa0", "\u3000",
+                "\x0b", "\x1c", "\x85", "🎉", "”", "\x00"]
+    rng = random.Random(1)
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        counts = B.Counter()
+        B._count_gpt2_pieces(text, pat, counts)
+        assert counts == B.Counter(pat.findall(text)), text
+    text = TRAIN_TEXT[:200_000]  # trailing spaces before newlines: the marked-space path
+    counts = B.Counter()
+    B._count_gpt2_pieces(text, pat, counts)
+    assert counts == B.Counter(pat.findall(text))
+
+
+@pytest.mark.parametrize("layout", ["raw", "lines"])
+def test_counting_a_file_in_blocks_on_two_workers_gives_the_whole_text_counts(tmp_path, layout):
+    text = TRAIN_TEXT if layout == "raw" else "\n".join(" ".join(s.split()) for s in TRAIN_TEXT.split("<|endoftext|>"))
+    path = tmp_path / "in.txt"
+    path.write_text(text, encoding="utf-8")
+    blocks = list(B.read_blocks(path, 10_000))
+    assert len(blocks) > 100 and b"".join(b for b, _ in blocks) == path.read_bytes()
+    assert B.count_pretokens_file(path, workers=2, block_bytes=10_000) == B.count_pretokens(text)
+
+
+def test_training_on_a_file_gives_the_model_of_training_on_its_text(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_text(TRAIN_TEXT[:300_000], encoding="utf-8")
+    model = B.train_bpe_file(path, 1000, workers=2)
+    assert model.to_json() == B.train_bpe(TRAIN_TEXT[:300_000], 1000).to_json()
 
 
 def test_special_token_is_never_merged_across():

@@ -2,6 +2,8 @@
 the file tokenizer's output and sidecar, and clear CLI errors. (Training and the model file: test_bpe.py.)"""
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,6 +203,34 @@ def test_one_story_per_line_is_detected_and_a_late_separator_is_an_error(tmp_pat
     with pytest.raises(T.TokenizerError, match="line 21: an <\\|endoftext\\|> separator line"):
         T.tokenize_file(bpe, inp, str(tmp_path / "o.jsonl"), layout="lines", progress=False)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_workers_are_forked_only_while_no_other_thread_runs(tmp_path):
+    # fork with a running thread can deadlock (Python 3.12 warns). The pool starts before the bar (whose
+    # tqdm monitor thread lives on), and a later call, with that thread running, starts fresh workers.
+    # In a subprocess: the test process has threads of its own.
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n".join(_stories(400)) + "\n", encoding="utf-8")
+    script = f"""
+import os, sys, threading
+sys.path.insert(0, {str(Path(T.__file__).parent)!r})
+import bpe, tokenizer
+seen, real_fork = [], os.fork
+def fork():
+    seen.append(threading.active_count())
+    return real_fork()
+os.fork = fork
+if __name__ == "__main__":
+    tok = tokenizer.get_tokenizer("tiktoken", verbose=False)
+    for out in ("a.jsonl", "b.jsonl"):
+        tokenizer.tokenize_file(tok, "in.txt", out, workers=2, batch_bytes=10_000, progress=True)
+    print(seen, bpe.count_pretokens_file("in.txt", workers=2, block_bytes=10_000, progress=True)[" the"])
+"""
+    (tmp_path / "run.py").write_text(script)
+    r = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[1,", "1]", str(B.count_pretokens(inp.read_text())[" the"])]
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
 
 
 def test_cli_trains_a_bpe_and_tokenizes_with_it(tmp_path):
