@@ -40,6 +40,7 @@ ENDOFTEXT = "<|endoftext|>"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 BPE_FORMAT = "numpy-gpt byte-level BPE"
 BPE_VERSION = 1
+MAX_MODEL_BYTES = 1 << 28  # GPT-2's vocab.json is 1 MB; our file for its 50,257 tokens about 2 MB
 TIE_BREAK = "highest count; ties: the pair whose (bytes of left, bytes of right) sorts first"
 
 
@@ -71,6 +72,22 @@ def split_on_specials(text, specials):
 
 # ----------------------------------------------------------------------------------------------
 # The model and its file
+
+def _is_ints(values, below):
+    """True when values is a list of ints (bools excluded) in [0, below)."""
+    return isinstance(values, list) and all(type(x) is int and 0 <= x < below for x in values)
+
+
+def _check_size(path):
+    """Refuse a file far larger than any BPE model before reading it (a training text given by mistake)."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return  # open() says why, right after
+    if size > MAX_MODEL_BYTES:
+        raise TokenizerError(f"{path} is {size / 1e6:.0f} MB, too large for a BPE model file (at most "
+                             f"{MAX_MODEL_BYTES / 1e6:.0f} MB); is it the right file?")
+
 
 class BPEModel:
     """Merges and vocabulary of a byte-level BPE.
@@ -117,7 +134,7 @@ class BPEModel:
                                   "or pass a vocab.json with its merges.txt")
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise bad(f"not JSON: {e}") from None
         if not isinstance(d, dict) or d.get("format") != BPE_FORMAT:
             raise bad(f"format is {d.get('format') if isinstance(d, dict) else type(d).__name__!r}, "
@@ -125,14 +142,32 @@ class BPEModel:
         if d.get("version") != BPE_VERSION:
             raise TokenizerError(f"{source}: BPE model version {d.get('version')} but this tokenizer.py reads "
                                  f"version {BPE_VERSION}; update tokenizer.py or retrain the model")
+        # Check every value's type and range before anything is built from it: bytes(10**10) would
+        # allocate 10 GB, and True passes for 1.
+        missing = [k for k in ("vocab", "merges", "special_tokens") if k not in d]
+        if missing:
+            raise bad(f"no {', '.join(missing)}")
+        vocab, merges, specials = d["vocab"], d["merges"], d["special_tokens"]
+        pattern, merge_ids, training = d.get("pattern", GPT2_PATTERN), d.get("merge_ids"), d.get("training")
+        if not (isinstance(vocab, list) and all(v is None or _is_ints(v, 256) for v in vocab)):
+            raise bad("vocab must be a list of null or [byte, ...] with bytes 0-255")
+        n = len(vocab)
+        if not (isinstance(merges, list) and all(_is_ints(m, n) and len(m) == 2 for m in merges)):
+            raise bad(f"merges must be a list of [a, b] ids below the {n} of the vocabulary")
+        if not (isinstance(specials, dict) and _is_ints(list(specials.values()), n)):
+            raise bad(f"special_tokens must map strings to ids below {n}")
+        if merge_ids is not None and not (_is_ints(merge_ids, n) and len(merge_ids) == len(merges)):
+            raise bad("merge_ids must be one id below the vocabulary size per merge")
+        if d.get("vocab_size", n) != n:
+            raise bad(f"vocab_size is {d.get('vocab_size')!r} but the vocab lists {n} ids")
+        if not isinstance(pattern, str) or not isinstance(training, (dict, type(None))):
+            raise bad("pattern must be a string and training an object")
         try:
-            vocab = [None if v is None else bytes(v) for v in d["vocab"]]
-            merges = [(int(a), int(b)) for a, b in d["merges"]]
-            specials = {str(k): int(v) for k, v in d["special_tokens"].items()}
-            model = cls(vocab, merges, specials, d.get("pattern", GPT2_PATTERN), d.get("merge_ids"),
-                        d.get("training"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise bad(f"missing or malformed field: {e}") from None
+            regex.compile(pattern)
+        except regex.error as e:
+            raise bad(f"pattern is not a regular expression: {e}") from None
+        model = cls([None if v is None else bytes(v) for v in vocab], merges, specials, pattern, merge_ids,
+                    training)
         model.check(source)
         return model
 
@@ -522,16 +557,20 @@ def bytes_to_unicode():
 def model_from_vocab_merges(vocab_path, merges_path):
     """A BPEModel from GPT-2 style vocab.json ({token string: id}) + merges.txt ("a b" per line, by rank)."""
     dec = {c: b for b, c in bytes_to_unicode().items()}
+    _check_size(vocab_path)
+    _check_size(merges_path)
     try:
         with open(vocab_path, encoding="utf-8") as f:
             tok2id = json.load(f)
         with open(merges_path, encoding="utf-8") as f:
             lines = [ln.rstrip("\n") for ln in f]
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise TokenizerError(f"cannot read {vocab_path} / {merges_path}: {e}") from None
-    if not isinstance(tok2id, dict) or not all(isinstance(v, int) for v in tok2id.values()):
-        raise TokenizerError(f"{vocab_path} is not a vocab.json ({{token: id}}) file")
-    n = max(tok2id.values()) + 1
+    if not isinstance(tok2id, dict) or not tok2id or not _is_ints(list(tok2id.values()), len(tok2id)) \
+            or len(set(tok2id.values())) != len(tok2id):
+        raise TokenizerError(f"{vocab_path} is not a vocab.json: a {{token: id}} object whose ids are 0 to "
+                             "its size - 1, each once")
+    n = len(tok2id)
     vocab, specials = [None] * n, {}
     for s, i in tok2id.items():
         if all(c in dec for c in s) and not (s.startswith("<|") and s.endswith("|>")):
@@ -560,6 +599,7 @@ def model_from_vocab_merges(vocab_path, merges_path):
 def read_model_file(model_file, merges_file=None):
     """(BPEModel, its JSON text) from our JSON model file, or from a vocab.json with its merges.txt
     (merges_file, or merges.txt beside it); the text is what a checkpoint embeds and the sha256 covers."""
+    _check_size(model_file)
     try:
         with open(model_file, "rb") as f:
             raw = f.read()

@@ -178,8 +178,12 @@ class BPETokenizer(Tokenizer):
                                  "to separate stories")
         ranks = model.tiktoken_ranks()
         if ranks is not None:
-            enc = tiktoken.Encoding(name=f"lecture2_bpe-{sha[:12]}", pat_str=model.pattern, mergeable_ranks=ranks,
-                                    special_tokens=model.specials, explicit_n_vocab=model.vocab_size)
+            try:
+                enc = tiktoken.Encoding(name=f"lecture2_bpe-{sha[:12]}", pat_str=model.pattern,
+                                        mergeable_ranks=ranks, special_tokens=model.specials,
+                                        explicit_n_vocab=model.vocab_size)
+            except ValueError as e:  # e.g. a pattern Python's regex accepts and tiktoken's engine does not
+                raise TokenizerError(f"{model_file or 'BPE model'}: tiktoken cannot use this model ({e})") from None
         else:
             if verbose:
                 _say(f"note: {model_file}: merges cannot run in tiktoken's engine; using the (slower) reference encoder")
@@ -199,9 +203,10 @@ def load_bpe(model_file, merges_file=None, verbose=True):
     if os.path.isdir(model_file):
         model_file = os.path.join(model_file, "vocab.json")
     model, text = read_model_file(model_file, merges_file)
+    tok = BPETokenizer(model, text, model_file, verbose)
     if verbose:
         _say(f"tokenizer: lecture2_bpe from {model_file} ({model.vocab_size} tokens)")
-    return BPETokenizer(model, text, model_file, verbose)
+    return tok
 
 
 def get_tokenizer(kind="tiktoken", encoding="gpt2", model_file=None, merges_file=None, allow_download=False,

@@ -119,3 +119,39 @@ def test_inconsistent_or_newer_model_files_are_refused(bpe_model):
     d["vocab"][65] = [66]
     with pytest.raises(B.TokenizerError, match="256 single bytes"):
         B.BPEModel.from_json(json.dumps(d), "m.json")
+
+
+@pytest.mark.parametrize("case", ["huge_byte_list", "bool_byte", "infinity", "specials_list", "deep", "vocab_size",
+                                  "pattern", "huge_vocab_json_id", "bool_vocab_json_id", "too_big_file"])
+def test_untrusted_values_are_checked_before_anything_is_allocated(tmp_path, bpe_model, case):
+    # before the checks: bytes(10**13) or [None] * 10**13 raised MemoryError (10**10 allocated 10 GB)
+    d = json.loads(bpe_model.to_json())
+    path = tmp_path / "m.json"
+    want = "is not a numpy-gpt BPE model"
+    if case == "huge_byte_list":
+        d["vocab"][300] = 10**13
+    elif case == "bool_byte":
+        d["vocab"][300] = [True, 2]
+    elif case == "infinity":
+        d["merges"][3] = [float("inf"), 5]
+    elif case == "specials_list":
+        d["special_tokens"] = [["<|endoftext|>", 999]]
+    elif case == "vocab_size":
+        d["vocab_size"] = 10**13
+    elif case == "pattern":
+        d["pattern"] = "(unclosed"
+    text = json.dumps(d) if case != "deep" else "[" * 200_000
+    if case.endswith("vocab_json_id"):
+        path = tmp_path / "vocab.json"
+        text = json.dumps({**{B.bytes_to_unicode()[i]: i for i in range(256)},
+                           "<|endoftext|>": 10**13 if case.startswith("huge") else True})
+        (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+        want = "is not a vocab.json"
+    path.write_text(text)
+    if case == "too_big_file":
+        with open(path, "r+b") as f:
+            f.truncate(B.MAX_MODEL_BYTES + 1)  # sparse: takes no disk
+        want = "too large for a BPE model file"
+    with pytest.raises(B.TokenizerError, match=want) as e:
+        B.read_model_file(str(path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)

@@ -305,3 +305,53 @@ def test_gpt2_never_waits_on_the_network_when_tiktoken_has_no_cache(tmp_path, mo
     monkeypatch.setattr(T.tiktoken.registry, "ENCODINGS", {})
     tok = T.load_tiktoken("gpt2", allow_download=True)  # asked to try: the failure falls back too
     assert "tried to download" in capsys.readouterr().err and tok.n_vocab == 50257
+
+
+@pytest.mark.parametrize("layout", ["json", "vocab_merges"])
+def test_truncated_or_corrupted_model_files_give_a_one_line_error(tmp_path, capsys, bpe_model, layout):
+    inp = tmp_path / "in.txt"
+    inp.write_text("Once upon a time, a cat sat.\nThe end.\n", encoding="utf-8")
+    b2u = B.bytes_to_unicode()
+    s = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
+    if layout == "json":
+        files = {"m.json": bpe_model.to_json().encode()}
+    else:
+        vocab = {s(v): i for i, v in enumerate(bpe_model.vocab) if v is not None}
+        vocab["<|endoftext|>"] = 999
+        files = {"vocab.json": json.dumps(vocab).encode(), "merges.txt": ("#version: 0.2\n" + "".join(
+            f"{s(bpe_model.vocab[a])} {s(bpe_model.vocab[b])}\n" for a, b in bpe_model.merges)).encode()}
+    model_file = str(tmp_path / next(iter(files)))
+    rng = __import__("random").Random(0)
+    failed = 0
+    for trial in range(120):
+        for name, good in files.items():
+            (tmp_path / name).write_bytes(good)
+        name = rng.choice(sorted(files))
+        data = bytearray(files[name])
+        if trial % 3 == 0:
+            data = data[:rng.randrange(len(data))]  # cut at a random byte
+        else:
+            for _ in range(rng.randint(1, 4)):  # random bytes flipped
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        (tmp_path / name).write_bytes(bytes(data))
+        rc = T.main([str(inp), str(tmp_path / "o.jsonl"), "--tokenizer", "lecture2_bpe", "--model_file", model_file,
+                     "--workers", "1", "--quiet"])
+        err = capsys.readouterr().err
+        if rc != 0:  # some changes leave a valid model (a digit in the training notes): those may load
+            failed += 1
+            assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+            assert str(tmp_path / name) in err or (name == "merges.txt" and model_file in err), err
+    assert failed > 100
+
+
+def test_a_pattern_that_only_tiktoken_refuses_is_a_clear_error(tmp_path, capsys, bpe_model):
+    d = json.loads(bpe_model.to_json())
+    d["pattern"] = r"\X|\s"  # Python's regex takes \X (a grapheme), tiktoken's engine does not
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(d))
+    inp = tmp_path / "in.txt"
+    inp.write_text("Once upon a time.\n")
+    assert T.main([str(inp), str(tmp_path / "o.jsonl"), "--tokenizer", "lecture2_bpe", "--model_file", str(path),
+                   "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: tiktoken cannot use this model (") and err.count("\n") == 1, err
