@@ -13,6 +13,13 @@ SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 TRAIN_TEXT = (SAMPLE / "TinyStoriesV2-GPT4-train.sample.txt").read_text(encoding="utf-8")
 
 
+def plain_counts(text):
+    """The obvious pre-token count: findall on each piece between special tokens."""
+    pat = B.regex.compile(B.GPT2_PATTERN)
+    return B.Counter(p for piece, special in B.split_on_specials(text, ["<|endoftext|>"]) if not special
+                     for p in pat.findall(piece))
+
+
 @pytest.fixture(scope="module")
 def bpe_model():
     return B.train_bpe(TRAIN_TEXT[:300_000], 1000)
@@ -48,7 +55,7 @@ def test_pieces_never_span_a_block_cut():
     cuts = 0
     for _ in range(3000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30)))
-        raw, whole = text.encode(), B.count_pretokens(text)
+        raw, whole = text.encode(), plain_counts(text)
         for i in range(1, len(raw)):
             if B._last_cut(raw[:i + 1]) == i:
                 cuts += 1
@@ -57,19 +64,17 @@ def test_pieces_never_span_a_block_cut():
 
 
 def test_counting_distinct_words_first_gives_the_counts_of_findall():
-    pat = B.regex.compile(B.GPT2_PATTERN)
     alphabet = [" ", "  ", "\n", " \n", "\t", "\r", "a", "Z", "1", ".", "'", "s", "'ll", "é", "\xa0", "\u3000",
-                "\x0b", "\x1c", "\x85", "🎉", "”", "\x00"]
+                "\x0b", "\x1c", "\x85", "🎉", "”", "\x00", "<|endoftext|>"]
     rng = random.Random(1)
-    for _ in range(5000):
-        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
-        counts = B.Counter()
-        B._count_gpt2_pieces(text, pat, counts)
-        assert counts == B.Counter(pat.findall(text)), text
+    for _ in range(2000):
+        texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(3)]
+        counter = B.PieceCounter()
+        for text in texts:
+            counter.add(text)
+        assert counter.counts() == sum((plain_counts(t) for t in texts), B.Counter()), texts
     text = TRAIN_TEXT[:200_000]  # trailing spaces before newlines: the marked-space path
-    counts = B.Counter()
-    B._count_gpt2_pieces(text, pat, counts)
-    assert counts == B.Counter(pat.findall(text))
+    assert B.count_pretokens(text) == plain_counts(text)
 
 
 @pytest.mark.parametrize("layout", ["raw", "lines"])
@@ -79,7 +84,8 @@ def test_counting_a_file_in_blocks_on_two_workers_gives_the_whole_text_counts(tm
     path.write_text(text, encoding="utf-8")
     blocks = list(B.read_blocks(path, 10_000))
     assert len(blocks) > 100 and b"".join(b for b, _ in blocks) == path.read_bytes()
-    assert B.count_pretokens_file(path, workers=2, block_bytes=10_000) == B.count_pretokens(text)
+    assert B.count_pretokens_file(path, workers=2, block_bytes=10_000) == plain_counts(text)
+    assert B.count_pretokens_file(path, workers=1, block_bytes=400_000) == plain_counts(text)  # 128 KB slices
 
 
 def test_training_on_a_file_gives_the_model_of_training_on_its_text(tmp_path):
