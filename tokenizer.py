@@ -436,7 +436,8 @@ def build_parser():
                         "most this many ids, never truncated (0: no limit). The end-of-text id is appended to "
                         "every story, so it ends the story's last chunk (default: 512)")
     p.add_argument("--workers", type=int, default=os.cpu_count(),
-                   help=f"processes used to tokenize (default: all {os.cpu_count()} cores)")
+                   help=f"processes that tokenize, or count the text's pre-tokens with --train_bpe "
+                        f"(default: all {os.cpu_count()} cores)")
     p.add_argument("--allow_download", action="store_true",
                    help="let tiktoken download the gpt2 files when its cache lacks them (default: use the "
                         "bundled data/sample/r50k_base.tiktoken, no network wait)")

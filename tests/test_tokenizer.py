@@ -257,7 +257,8 @@ def test_loader_reads_the_output(tmp_path):
 
 # ---------------------------------------------------------------- bad input: clear errors, no traceback
 
-@pytest.mark.parametrize("case", ["empty", "blank", "utf8", "not_bpe", "small_vocab", "missing", "no_model"])
+@pytest.mark.parametrize("case", ["empty", "blank", "utf8", "utf8_train", "empty_train", "not_bpe", "small_vocab",
+                                  "missing", "no_model"])
 def test_bad_input_gives_a_clear_error(tmp_path, capsys, case):
     inp = tmp_path / "in.txt"
     inp.write_text("Once upon a time.\nThe end.\n", encoding="utf-8")
@@ -271,6 +272,12 @@ def test_bad_input_gives_a_clear_error(tmp_path, capsys, case):
     elif case == "utf8":
         inp.write_bytes(b"good line\nanother\nbad \xff byte\n")
         args, want = [str(inp), out], "line 3: not valid UTF-8"
+    elif case == "utf8_train":
+        inp.write_bytes(b"good line\nanother\nbad \xff byte\n")
+        args, want = ["--train_bpe", "--vocab_size", "300", str(inp), "--model_file", out], "line 3: not valid UTF-8"
+    elif case == "empty_train":
+        inp.write_text("\n  \n\n")
+        args, want = ["--train_bpe", "--vocab_size", "300", str(inp), "--model_file", out], "is empty: nothing to train"
     elif case == "not_bpe":
         bad = tmp_path / "m.json"
         bad.write_text('{"hello": "world"}')
