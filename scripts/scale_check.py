@@ -17,9 +17,9 @@ in a subprocess of its own:
     train     train.py on big.jsonl, the guide's small model, a few steps
 
 For each: wall time; "largest process", the peak resident size of the biggest single process of the
-stage (getrusage of the stage and its waited-for workers); and "whole stage", the peak of the
-stage's processes added up, sampled every 20 ms from /proc (proportional set size, so pages that
-forked workers share count once; Linux only). The second is what must fit in the machine's memory.
+stage (VmHWM); and "whole stage", the peak of the stage's processes added up (proportional set
+size, so pages that forked workers share count once). The second is what must fit in the machine's
+memory. Both are read from /proc every 20 ms (Linux; elsewhere only getrusage's biggest child).
 
 Repeating the sample keeps its ~5,700 distinct pre-tokens, while real text keeps adding names and
 typos; the memory of BPE training grows with the distinct pre-tokens, not with the file size.
@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -96,42 +97,49 @@ def _tree(pid):
 
 
 def _memory_kb(pid):
-    """Proportional set size of one process in KB (resident size where smaps_rollup is missing), 0 if gone."""
-    for name, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
+    """(proportional set size, peak resident size) of one process in KB; PSS falls back to the resident
+    size where smaps_rollup is missing; (0, 0) once it has gone."""
+    fields = {}
+    for name in (f"/proc/{pid}/smaps_rollup", f"/proc/{pid}/status"):
         try:
             with open(name) as f:
                 for line in f:
-                    if line.startswith(key):
-                        return int(line.split()[1])
+                    key, _, rest = line.partition(":")
+                    if key in ("Pss", "VmRSS", "VmHWM"):
+                        fields[key] = int(rest.split()[0])
         except OSError:
             continue
-    return 0
+    return fields.get("Pss", fields.get("VmRSS", 0)), fields.get("VmHWM", 0)
 
 
 def run_stage(name, cmd, cwd):
-    """Run cmd; return {stage, seconds, largest_mb, whole_mb, rc}."""
+    """Run cmd; return {stage, seconds, largest_mb, whole_mb, rc, last_line, output}."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    peak, done = [0], threading.Event()
+    whole, largest, done = [0], [0], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], sum(_memory_kb(p) for p in _tree(proc.pid)))
+            mem = [_memory_kb(p) for p in _tree(proc.pid)]
+            whole[0] = max(whole[0], sum(pss for pss, _ in mem))
+            largest[0] = max([largest[0]] + [hwm for _, hwm in mem])
             done.wait(0.02)
     sampler = threading.Thread(target=sample, daemon=True)
-    if sys.platform.startswith("linux"):
+    on_linux = sys.platform.startswith("linux")
+    if on_linux:
         sampler.start()
     output = proc.stdout.read().decode("utf-8", "replace")
-    _, status, usage = os.wait4(proc.pid, 0)  # its own rusage: the biggest of it and its waited-for workers
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
     seconds = time.perf_counter() - t0
     done.set()
-    if sampler.is_alive():
+    if on_linux:
         sampler.join()
-    largest = usage.ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)  # bytes on macOS, KB on Linux
+        largest_mb = largest[0] / 1024
+    else:  # getrusage: the biggest child so far, this one or an earlier one (bytes on macOS)
+        largest_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (1 << 20)
     last = [line for line in output.strip().splitlines() if line.strip()][-1:] or [""]
-    return {"stage": name, "seconds": round(seconds, 2), "largest_mb": round(largest, 1),
-            "whole_mb": round(peak[0] / 1024, 1) if peak[0] else None, "rc": proc.returncode,
+    return {"stage": name, "seconds": round(seconds, 2), "largest_mb": round(largest_mb, 1),
+            "whole_mb": round(whole[0] / 1024, 1) if whole[0] else None, "rc": proc.returncode,
             "last_line": last[0][-200:], "output": output}
 
 
