@@ -391,7 +391,8 @@ def _merge_word(w, a, b, new_id):
     return out
 
 
-def _check_vocab_size(vocab_size, specials):
+def check_vocab_size(vocab_size, specials):
+    """Raise TokenizerError unless vocab_size holds the 256 bytes and the special tokens."""
     if vocab_size < 256 + len(specials):
         raise TokenizerError(f"--vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens "
                              f"+ {len(specials)} special token(s) = {256 + len(specials)} at least; "
@@ -424,7 +425,7 @@ def train_bpe_counts(counts, vocab_size, specials=(ENDOFTEXT,), pattern=GPT2_PAT
     Tie-break: see TIE_BREAK; train_bpe_reference gives the same merges the slow, obvious way.
     """
     specials = list(specials)
-    _check_vocab_size(vocab_size, specials)
+    check_vocab_size(vocab_size, specials)
     num_merges = vocab_size - 256 - len(specials)
     words = [list(w.encode("utf-8")) for w in counts]
     freqs = list(counts.values())
@@ -500,7 +501,7 @@ def train_bpe_counts(counts, vocab_size, specials=(ENDOFTEXT,), pattern=GPT2_PAT
 def train_bpe_reference(text, vocab_size, specials=(ENDOFTEXT,), pattern=GPT2_PATTERN):
     """The obvious BPE trainer (recount every pair for every merge); slow, for tests only."""
     specials = list(specials)
-    _check_vocab_size(vocab_size, specials)
+    check_vocab_size(vocab_size, specials)
     words = {tuple(w.encode("utf-8")): n for w, n in count_pretokens(text, specials, pattern).items()}
     vocab = [bytes([i]) for i in range(256)]
     merges = []
@@ -541,7 +542,7 @@ def encode_reference(model, text, allow_special=True):
     return ids
 
 
-class _ReferenceEncoding:
+class ReferenceEncoding:
     """Stands in for tiktoken.Encoding when a model's ranks cannot run in tiktoken (slow but exact)."""
 
     def __init__(self, model):

@@ -47,7 +47,7 @@ from pathlib import Path
 import tiktoken
 
 from atomic import atomic_write
-from bpe import ENDOFTEXT, GPT2_PATTERN, BPEModel, TokenizerError, _check_vocab_size, _ReferenceEncoding, \
+from bpe import ENDOFTEXT, GPT2_PATTERN, BPEModel, ReferenceEncoding, TokenizerError, check_vocab_size, \
     read_model_file, start_workers, train_bpe_file
 
 BUNDLED_R50K = Path(__file__).resolve().parent / "data" / "sample" / "r50k_base.tiktoken"
@@ -187,7 +187,7 @@ class BPETokenizer(Tokenizer):
         else:
             if verbose:
                 _say(f"note: {model_file}: merges cannot run in tiktoken's engine; using the (slower) reference encoder")
-            enc = _ReferenceEncoding(model)
+            enc = ReferenceEncoding(model)
         super().__init__(enc, f"bpe{model.vocab_size}-{sha[:12]}", model.specials[ENDOFTEXT], sha,
                          os.path.abspath(model_file) if model_file else None)
         self.n_vocab = model.vocab_size
@@ -458,7 +458,7 @@ def main(argv=None):
             if args.output:
                 raise TokenizerError(f"--train_bpe takes one input file; got an extra argument {args.output!r} "
                                      "(the model goes to --model_file)")
-            _check_vocab_size(args.vocab_size, [ENDOFTEXT])
+            check_vocab_size(args.vocab_size, [ENDOFTEXT])
             try:
                 size = os.path.getsize(args.input)
             except OSError as e:

@@ -101,7 +101,7 @@ def test_special_token_is_never_merged_across():
     assert all(b"<|" not in v and b"|>" not in v for v in model.vocab if v is not None)
     ids = B.encode_reference(model, "the cat<|endoftext|>the mat")
     assert ids.count(model.specials["<|endoftext|>"]) == 1
-    assert B._ReferenceEncoding(model).decode(ids) == "the cat<|endoftext|>the mat"
+    assert B.ReferenceEncoding(model).decode(ids) == "the cat<|endoftext|>the mat"
 
 
 def test_train_4096_on_the_v2_sample_is_fast():
