@@ -23,7 +23,7 @@ The folder (what `save_pretrained` writes for a GPT2LMHeadModel):
     model.safetensors        float32 tensors named transformer.<our name>.weight: transformer.wte.weight
                              (V, C), transformer.wpe.weight (T_max, C), transformer.h.{i}.attn.c_attn.weight
                              (C, 3C), ..., transformer.ln_f.bias, and lm_head.weight (V, C) if untied
-    vocab.json, merges.txt   the byte-level BPE in GPT-2's spelling (tokenizer.write_vocab_merges)
+    vocab.json, merges.txt   the byte-level BPE in GPT-2's spelling (bpe.write_vocab_merges)
     tokenizer_config.json, special_tokens_map.json    <|endoftext|> as bos/eos/unk
 
 Our parameters already have GPT-2's names and layouts: HF's Conv1D keeps its weight as (in, out),
@@ -118,7 +118,7 @@ def bpe_model_from_ranks(ranks, specials):
     A token's merge is the pair that byte-level BPE reaches when only lower ranks may merge:
     for a well-formed table that leaves exactly two parts, the two tokens it was made from.
     """
-    from tokenizer import GPT2_PATTERN, BPEModel, TokenizerError
+    from bpe import GPT2_PATTERN, BPEModel, TokenizerError
     vocab = [None] * (len(ranks) + len(specials))
     for token, rank in ranks.items():
         vocab[rank] = token
@@ -141,7 +141,8 @@ def bpe_model_from_ranks(ranks, specials):
 def gpt2_bpe_model():
     """GPT-2's BPE (from the bundled r50k_base ranks, sha256 checked) as a BPEModel."""
     from tiktoken.load import load_tiktoken_bpe
-    from tokenizer import BUNDLED_R50K, ENDOFTEXT, R50K_SHA256, TokenizerError
+    from bpe import ENDOFTEXT, TokenizerError
+    from tokenizer import BUNDLED_R50K, R50K_SHA256
     try:
         ranks = load_tiktoken_bpe(str(BUNDLED_R50K), expected_hash=R50K_SHA256)
     except (OSError, ValueError) as e:
@@ -153,7 +154,7 @@ def gpt2_bpe_model():
 
 def tokenizer_to_export(meta, config):
     """(BPEModel, note): the tokenizer the checkpoint was trained with, or (None, why not)."""
-    from tokenizer import GPT2_PATTERN, BPEModel
+    from bpe import GPT2_PATTERN, BPEModel
     identity = meta.get("tokenizer") or {}
     kind, name = identity.get("type"), identity.get("name")
     if (kind, name) == ("tiktoken", "gpt2") or (not identity and config.vocab_size == 50257):  # as generate.py assumes
@@ -173,7 +174,7 @@ def tokenizer_to_export(meta, config):
 
 def write_tokenizer(bpe, out_dir, max_len):
     """vocab.json + merges.txt, and the two small files that make <|endoftext|> transformers' bos/eos/unk."""
-    from tokenizer import ENDOFTEXT, write_vocab_merges
+    from bpe import ENDOFTEXT, write_vocab_merges
     write_vocab_merges(bpe, os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt"))
     special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
     tok_config = dict(special, tokenizer_class="GPT2Tokenizer", model_max_length=max_len, add_prefix_space=False,
@@ -210,7 +211,7 @@ def export(checkpoint_path, out_dir, log=print):
     ck = load_checkpoint(checkpoint_path)
     check_out_dir(out_dir)
     bpe, what = tokenizer_to_export(ck.meta, ck.config)
-    from tokenizer import ENDOFTEXT
+    from bpe import ENDOFTEXT
     eot = bpe.specials[ENDOFTEXT] if bpe is not None else (ck.meta.get("tokenizer") or {}).get("eot_id")
     os.makedirs(out_dir, exist_ok=True)
     for name in EXPORT_FILES:  # an earlier export's files, so none of them outlives this one
@@ -410,7 +411,7 @@ def main(argv=None):
     p.add_argument("checkpoint", help="a .npz checkpoint written by train.py")
     p.add_argument("out_dir", help="folder to write (new, empty, or an earlier export, which is replaced)")
     args = p.parse_args(argv)
-    from tokenizer import TokenizerError
+    from bpe import TokenizerError
     try:
         files = export(args.checkpoint, args.out_dir)
     except (CheckpointError, TokenizerError) as e:  # HFError is a CheckpointError

@@ -17,8 +17,8 @@ import train
 from checkpoint import load_checkpoint, save_checkpoint
 from export_hf import HFError, export, load_hf_model
 from language_model import LanguageModel, ModelConfig
-from tokenizer import (ENDOFTEXT, get_tokenizer, load_bpe, load_tiktoken, model_from_vocab_merges, train_bpe,
-                       write_vocab_merges)
+from bpe import ENDOFTEXT, model_from_vocab_merges, train_bpe, write_vocab_merges
+from tokenizer import get_tokenizer, load_bpe, load_tiktoken
 
 pytest.importorskip("safetensors", reason="the interchange needs safetensors (scripts/test.sh installs it)")
 import safetensors.numpy  # noqa: E402
@@ -311,7 +311,7 @@ def test_our_bpe_survives_vocab_json_and_merges_txt(tmp_path, bpe_tok):
 
 
 def test_write_vocab_merges_refuses_what_the_pair_cannot_say(tmp_path, bpe_tok):
-    from tokenizer import BPEModel, TokenizerError
+    from bpe import BPEModel, TokenizerError
     m = bpe_tok.model
     other_pattern = BPEModel(m.vocab, m.merges, m.specials, pattern=r"\S+|\s+", merge_ids=m.merge_ids)
     with pytest.raises(TokenizerError, match="pattern"):
