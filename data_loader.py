@@ -214,6 +214,8 @@ def _iter_jsonl(path):
 def _cache_is_fresh(jsonl_path, eot_id, log=None):
     """The cache's meta if the cache is there, up to date and undamaged, else None (convert again)."""
     bin_path, meta_path = cache_paths(jsonl_path)
+    if not os.path.exists(meta_path):
+        return None  # never converted: nothing damaged to report
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)

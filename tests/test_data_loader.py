@@ -58,6 +58,7 @@ def test_cache_is_reused_and_rebuilt_when_the_jsonl_changes(tmp_path):
     messages = []
     load_dataset(path, vocab_size=10, log=messages.append)
     assert any("converting" in m for m in messages)
+    assert not any("damaged" in m for m in messages)  # a first conversion: there was no cache to damage
     messages.clear()
     ds = load_dataset(path, vocab_size=10, log=messages.append)
     assert not any("converting" in m for m in messages)   # reused, JSON not read again
