@@ -300,7 +300,8 @@ class Found(NamedTuple):
 
 def list_checkpoints(save_dir):
     """Every checkpoint_step_N.npz and checkpoint_final.npz in save_dir, newest step first (a final
-    checkpoint before a step file of the same step). Unreadable ones are listed with their error."""
+    checkpoint before a step file of the same step). Unreadable ones are listed with their error (an
+    unreadable final checkpoint first: its step is unknown, and it was written last)."""
     found = []
     for path in glob.glob(os.path.join(str(save_dir), "checkpoint_*.npz")):
         m = _STEP_RE.search(path)
@@ -310,8 +311,8 @@ def list_checkpoints(save_dir):
             meta = read_meta(path)
             step = meta.get("step")
             found.append(Found(step if step is not None else -1, path, meta.get("run_id"), None))
-        except CheckpointError as e:
-            found.append(Found(int(m.group(1)) if m else -1, path, None, e))
+        except CheckpointError as e:  # an unreadable final checkpoint may be the newest: the highest step
+            found.append(Found(int(m.group(1)) if m else math.inf, path, None, e))
     found.sort(key=lambda f: (f.step, f.path.endswith("final.npz")), reverse=True)
     return found
 

@@ -131,6 +131,13 @@ def test_choose_resume_takes_the_last_run_and_refuses_what_it_cannot_tell_apart(
     (tmp_path / "checkpoint_step_30.npz").write_bytes(b"PK\x03\x04 damaged")
     with pytest.raises(CheckpointError, match=r"checkpoint_step_30.npz cannot be read.*move that file away"):
         checkpoint.choose_resume(tmp_path)
+    # so is a damaged final checkpoint, whose step cannot be read: it was written last
+    os.unlink(tmp_path / "checkpoint_step_30.npz")
+    final = save("checkpoint_final.npz", 25, "new")
+    with open(final, "r+b") as f:
+        f.truncate(os.path.getsize(final) // 2)
+    with pytest.raises(CheckpointError, match=r"checkpoint_final.npz cannot be read.*move that file away"):
+        checkpoint.choose_resume(tmp_path)
 
 
 def test_load_model_builds_from_the_file_without_random_weights_or_gradients(tmp_path, monkeypatch):
