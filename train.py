@@ -179,10 +179,6 @@ def check_args(args):
             raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.max_time is not None and not args.max_time > 0:
         raise TrainError(f"--max_time must be a positive number of minutes (got {args.max_time})")
-    if args.device != "cpu" and (distributed.launcher_size() or 1) > 1:
-        raise TrainError(f"--device {args.device} under mpiexec (one rank per GPU) is not supported yet: train on "
-                         "one GPU without mpiexec, or on the CPU with MPI ranks")
-    require(args.device)  # before any data is read: without CuPy or a GPU, say what to install
     if not args.rank_timeout > 0:
         raise TrainError(f"--rank_timeout must be a positive number of seconds (got {args.rank_timeout})")
 
@@ -381,14 +377,13 @@ def evaluate(model, val, batch_size, seq_len, max_batches=None, interrupt=None, 
 
 def shared_eval_sums(model, batches, ranks):
     """(loss sum, correct, tokens) over the batches, the work shared out over the MPI ranks: each rank
-    evaluates its rows of every batch (as one process's workers would), one Allreduce adds the parts
-    of each batch, and the batches are summed in order, as one process sums them."""
-    parts = []
+    evaluates its rows of every batch (as one process's workers would), one small Allreduce a batch
+    adds up the parts (so no rank waits longer than a batch for another: --rank_timeout holds), and
+    the batches are summed in order, as one process sums them."""
+    loss_sum, n_correct, n_tokens = 0.0, 0, 0
     for x, y in batches:
         a, b = ranks.share(len(x))
-        parts.append(model.evaluate(x[a:b], y[a:b]) if b > a else (0.0, 0, 0))
-    loss_sum, n_correct, n_tokens = 0.0, 0, 0
-    for s, c, n in ranks.sum(parts).reshape(-1, 3).tolist():
+        s, c, n = ranks.sum(model.evaluate(x[a:b], y[a:b]) if b > a else (0.0, 0, 0)).tolist()
         loss_sum += s
         n_correct += int(c)
         n_tokens += int(n)
@@ -436,6 +431,10 @@ class Trainer:
         self.ranks = distributed.ranks(timeout=args.rank_timeout)
         self.root = self.ranks is None or self.ranks.is_root  # prints, writes metrics and checkpoints
         threads = self.ranks.limit_threads() if self.ranks else None
+        if self.ranks and args.device != "cpu":
+            raise TrainError(f"--device {args.device} under mpiexec (one rank per GPU) is not supported yet: train "
+                             "on one GPU without mpiexec, or on the CPU with MPI ranks")
+        require(args.device)  # before any data is read: without CuPy or a GPU, say what to install
         if self.ranks and args.batch_size < self.ranks.size:
             raise TrainError(f"--batch_size {args.batch_size} is smaller than the {self.ranks.size} MPI ranks: "
                              "each rank needs at least one row of every batch")
@@ -477,6 +476,8 @@ class Trainer:
         self.step = 0             # updates done so far
         self.last_good = None     # newest checkpoint known to be good (named when stopping on NaN)
         self.run_id = new_run_id()  # kept in every checkpoint: a bare --resume continues this run, no other
+        if self.ranks:
+            self.run_id = self.ranks.bcast(self.run_id)  # rank 0's: the one its checkpoints carry
         if args.resume:
             # rank 0 picks the checkpoint, so that every rank loads the same one
             self.restore(self.ranks.bcast(resolve_resume(args) if self.root else None) if self.ranks
@@ -533,7 +534,7 @@ class Trainer:
                      training_tokens=len(self.train_ds), validation_tokens=len(self.val_ds) if self.val_ds else None,
                      step=self.step, weights=distributed.params_checksum(self.model.params),
                      batch_order=distributed.checksum(json.dumps(self.batches.state()).encode()))
-        r.last_checkpoint = lambda: find_latest(args.save_dir) or self.last_good
+        r.last_checkpoint = lambda: find_latest(args.save_dir, self.run_id) or self.last_good
         r.on_lost = lambda message: self.log.record(type="error", step=self.step + 1, message=message)
         self.log.say(f"{r.describe()}; {self.model.runner.n_workers} worker(s) per rank; "
                      f"each rank computes {args.batch_size // r.size}-{-(-args.batch_size // r.size)} "
