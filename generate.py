@@ -316,7 +316,7 @@ def check_args(args):
         if getattr(args, name) < 1:
             raise GenerateError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not args.checkpoint and not args.benchmark:
-        raise GenerateError("--checkpoint is required (a .npz written by train.py)")
+        raise GenerateError("--checkpoint is required (a .npz written by train.py, or a Hugging Face GPT-2 folder)")
     require(args.device)  # DeviceError: what to install for --device cuda
 
 

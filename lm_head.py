@@ -60,9 +60,9 @@ def lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=None, workspace=None,
     h, ln_cache = layernorm_forward(x.reshape(N, C), w_ln, b_ln)  # (N, C)
     t = targets.reshape(N)
     n_counted = xp.count_nonzero(t != ignore_index)  # an int; on the GPU a 0-d array, read only if needed
-    if mean_over is None:
-        mean_over = int(n_counted)
-    grad_scale = 1.0 / max(mean_over, 1) if grads is not None else None
+    grad_scale = None  # evaluation: nothing to scale, nothing read back
+    if grads is not None:
+        grad_scale = 1.0 / max(int(n_counted) if mean_over is None else mean_over, 1)
     R = N if whole_arrays(x) else min(rows_per_chunk, N)
     buf = ws.get("logits", (R, V), x.dtype, xp)
     if grads is not None:

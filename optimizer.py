@@ -32,13 +32,12 @@ import os
 import numpy as np
 
 from device import get_array_module, to_device, to_host, whole_arrays
-from parallel import ShardRunner
+from parallel import ShardRunner, slices
 
 # Elements per block in the blocked update loops: 4 float32 arrays of this size
 # (param, grad, m, v) plus one scratch block stay within a typical L2 cache, so
 # the ~10 ufunc passes of an Adam step hit cache instead of main memory.
 BLOCK = 1 << 16
-ALIGN = 1024  # threads' ranges start at multiples of this: no two threads write one cache line
 
 
 def default_threads():
@@ -202,9 +201,7 @@ class Optimizer:
             self.offsets[name] = (self.size, self.size + p.size)
             self.size += p.size
         self.threads = int(threads or default_threads())
-        # each thread one contiguous range of the flat vector, all of one size (a multiple of ALIGN)
-        share = -(-self.size // self.threads // ALIGN) * ALIGN
-        self._plan = [(lo, min(lo + share, self.size)) for lo in range(0, self.size, share)]
+        self._plan = slices(self.size, self.threads)  # each thread one contiguous range of the flat vector
         self._runner = ShardRunner(len(self._plan))
         # one scratch block per thread, reused by every update (whole arrays: one of the full size)
         self._scratch = [self.xp.empty(min(BLOCK, self.size), self.dtype) for _ in self._plan]
@@ -214,7 +211,6 @@ class Optimizer:
     def _set_decay(self, decay_embeddings):
         """Weight decay for the matrices (decay_mask), as merged ranges of the flat vector."""
         mask = decay_mask(self.params, decay_embeddings)
-        self.decay = mask
         ranges = []
         for name, (lo, hi) in self.offsets.items():
             if mask[name] and hi > lo:

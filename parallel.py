@@ -59,6 +59,13 @@ class ShardRunner:
 ALIGN = 1024  # slices start at multiples of this many elements: no two threads write one cache line
 
 
+def slices(size, n):
+    """range(size) cut into at most n contiguous (lo, hi) ranges of one size (a multiple of ALIGN, the
+    last one shorter): one per thread for element-wise work on a flat array."""
+    share = -(-size // n // ALIGN) * ALIGN or ALIGN
+    return [(lo, min(lo + share, size)) for lo in range(0, size, share)]
+
+
 def sum_into(arrays, runner):
     """arrays[0] += arrays[1] + arrays[2] + ..., in place, for same-size 1-D arrays.
 
@@ -68,12 +75,11 @@ def sum_into(arrays, runner):
     if len(arrays) < 2:
         return
     total, rest = arrays[0], arrays[1:]
-    n = runner.n_workers
-    share = -(-total.size // n // ALIGN) * ALIGN or ALIGN
 
-    def add(lo):
-        part = total[lo : lo + share]
+    def add(bounds):
+        lo, hi = bounds
+        part = total[lo:hi]
         for a in rest:
-            part += a[lo : lo + share]
+            part += a[lo:hi]
 
-    runner.map(add, list(range(0, total.size, share)))
+    runner.map(add, slices(total.size, runner.n_workers))
