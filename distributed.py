@@ -26,7 +26,7 @@ a rank on this machine that is gone or stopped, or no answer for --rank_timeout 
 names the lost rank and the checkpoint to resume from, and ends this process.
 
 Uppercase mpi4py calls (Allreduce, Bcast) move NumPy buffers at C speed; lowercase ones
-(allgather, bcast) pickle Python objects and are used only for small things, once.
+(allgather, bcast) pickle Python objects and carry only small things (a path, checksums).
 """
 import os
 import sys
