@@ -195,9 +195,10 @@ def model_config(args):
 
 
 def init_config(args):
-    """The model config of --init_from's folder; the architecture flags must already agree with it."""
+    """(ModelConfig, config.json's dict) of --init_from's folder; the architecture flags must already
+    agree with it."""
     from export_hf import read_hf_config
-    config, _ = read_hf_config(args.init_from)
+    config, hf = read_hf_config(args.init_from)
     wanted = init_flags(config)
     wrong = [f"--{k} {getattr(args, k)} (folder: {v})" for k, v in wanted.items() if getattr(args, k) != v]
     if args.seq_len > config.max_seq_len:
@@ -205,7 +206,7 @@ def init_config(args):
     if wrong:
         raise TrainError(f"{args.init_from}/config.json describes another model than the flags: {', '.join(wrong)}. "
                          "Leave the model flags out with --init_from: its config.json carries them")
-    return config
+    return config, hf
 
 
 def init_flags(config):
@@ -465,11 +466,11 @@ class Trainer:
         self.batches = RandomBatches(self.train_ds, args.batch_size, args.seq_len, seed=[args.seed, 1])
 
         from language_model import LanguageModel
-        self.config = init_config(args) if args.init_from else model_config(args)
+        self.config, hf = init_config(args) if args.init_from else (model_config(args), None)
         self.model = LanguageModel(self.config, seed=args.seed, dtype=np.float32, workers=args.workers,
                                    device=args.device)
         if args.init_from and not args.resume:  # resuming: the checkpoint has the weights
-            self.init_weights(args.init_from, notes)
+            self.init_weights(args.init_from, hf, notes)
         self.opt = make_optimizer(args, self.model.params, threads)
         self.schedule = LRSchedule(args.learning_rate, args.warmup_steps, args.max_steps, args.min_lr,
                                    args.lr_schedule)
@@ -513,10 +514,10 @@ class Trainer:
         self.loop_time, self.loop_steps = 0.0, 0
         self.eval_hinted = False
 
-    def init_weights(self, path, notes):
-        """The weights of a Hugging Face GPT-2 folder (--init_from), copied into the model in place."""
-        from export_hf import load_hf_params, read_hf_config
-        _, hf = read_hf_config(path)
+    def init_weights(self, path, hf, notes):
+        """The weights of a Hugging Face GPT-2 folder (--init_from; hf its config.json), copied into the
+        model in place."""
+        from export_hf import load_hf_params
         record = hf.get("numpy_gpt") if isinstance(hf.get("numpy_gpt"), dict) else {}  # our exports say more
         theirs = record.get("tokenizer")
         if theirs and self.identity and not same_tokenizer(theirs, self.identity):  # a note: DIR/vocab.json
