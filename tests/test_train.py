@@ -102,14 +102,15 @@ def test_tiny_model_learns_and_everything_is_recorded(data, tmp_path, capsys):
 
 
 def test_evaluation_uses_token_sums_and_scales_bits_per_byte(data, tmp_path):
-    from language_model import LanguageModel, ModelConfig
+    from config import ModelConfig
+    from language_model import LanguageModel
     model = LanguageModel(ModelConfig(vocab_size=V, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=16))
     val = load_dataset(data[1], vocab_size=V)
     full = train.evaluate(model, val, batch_size=7, seq_len=16)
     n_windows = (len(val.tokens) - 1) // 16
     assert full["val_tokens"] == n_windows * 16
     sums = [model.evaluate(x, y) for x, y in __import__("data_loader").eval_batches(val, 7, 16)]
-    total = sum(float(s) for s, _, _ in sums)
+    total = sum(float(s) for s, _ in sums)
     assert full["val_loss"] == pytest.approx(total / full["val_tokens"])
     assert full["val_perplexity"] == pytest.approx(math.exp(total / full["val_tokens"]))
     # capped: the bytes are scaled to the part evaluated, so bits/byte stays comparable
@@ -124,7 +125,8 @@ def test_evaluation_uses_token_sums_and_scales_bits_per_byte(data, tmp_path):
 def test_bits_per_byte_counts_the_byte_of_each_story_separator(tmp_path):
     # one byte per token, the end-of-text token standing for the newline between stories:
     # bits per byte must equal bits per token
-    from language_model import LanguageModel, ModelConfig
+    from config import ModelConfig
+    from language_model import LanguageModel
     model = LanguageModel(ModelConfig(vocab_size=V, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=16))
     val = load_dataset(write_data(tmp_path / "bytes.jsonl", 60, seed=4, bytes_per_token=1), vocab_size=V)
     assert val.num_bytes == len(val.tokens)
@@ -196,10 +198,10 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_good_checkpoint(data, tmp_p
     real = LanguageModel.forward_backward
     calls = []
 
-    def flaky(self, idx, targets):
+    def flaky(self, idx, targets, n_targets):
         calls.append(1)
-        loss, acc = real(self, idx, targets)
-        return (float("nan"), acc) if len(calls) == 13 else (loss, acc)
+        loss_sum, n_correct = real(self, idx, targets, n_targets)
+        return (float("nan"), n_correct) if len(calls) == 13 else (loss_sum, n_correct)
     monkeypatch.setattr(LanguageModel, "forward_backward", flaky)
     save_dir = str(tmp_path / "ck")
     with pytest.raises(SystemExit) as e:
@@ -214,15 +216,14 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_good_checkpoint(data, tmp_p
 
 
 def test_one_worker_or_several_train_the_same_model(data, tmp_path, monkeypatch):
-    from language_model import LanguageModel
-    shard_counts, real_split = [], LanguageModel._split
+    import parallel
+    shard_counts, real_split = [], parallel.split_rows
 
-    def counting_split(self, idx, targets):
-        parts = real_split(self, idx, targets)
-        shard_counts.append(len(parts))
-        return parts
+    def counting_split(n_rows, parts):  # as parallel.Shards cuts a batch among the workers
+        shard_counts.append(parts)
+        return real_split(n_rows, parts)
 
-    monkeypatch.setattr(LanguageModel, "_split", counting_split)
+    monkeypatch.setattr(parallel, "split_rows", counting_split)
     weights = {}
     for workers in (1, 3):
         d = str(tmp_path / f"w{workers}")
@@ -304,15 +305,13 @@ def test_max_time_stops_with_a_checkpoint_to_resume_from(data, tmp_path, capsys)
 
 
 def test_checkpoint_embeds_the_bpe_model_so_generation_needs_nothing_else(data, tmp_path, monkeypatch):
-    import types
     seen = []
 
     class FakeBPE:
         def model_json(self):
             return '{"merges": "the exact model file text"}'
-    fake = types.ModuleType("tokenizer")
-    fake.tokenizer_from_identity = lambda identity, model_json=None: seen.append(identity) or FakeBPE()
-    monkeypatch.setitem(sys.modules, "tokenizer", fake)
+    monkeypatch.setattr(train, "tokenizer_from_identity",
+                        lambda identity, model_json=None: seen.append(identity) or FakeBPE())
     save_dir = str(tmp_path / "ck")
     assert train.main(tiny_flags(data, save_dir, max_steps=2, eval_interval=0)) == 0
     meta = read_meta(os.path.join(save_dir, "checkpoint_final.npz"))
@@ -335,14 +334,19 @@ def test_progress_bar_with_eta_on_a_terminal(data, tmp_path, monkeypatch):
 
 def stop_at(step, monkeypatch):
     """Make the next train.main() get a Ctrl-C right after update `step` (it saves there and exits 130)."""
-    real = train.Trainer.train_step
+    real = train.make_optimizer
 
-    def train_step(self):
-        out = real(self)
-        if self.step == step:
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-    monkeypatch.setattr(train.Trainer, "train_step", train_step)
+    def make_optimizer(*args, **kwargs):
+        opt = real(*args, **kwargs)
+        update = opt.step
+
+        def update_then_signal(grads, lr):
+            update(grads, lr)
+            if opt.t == step:
+                os.kill(os.getpid(), signal.SIGINT)
+        opt.step = update_then_signal
+        return opt
+    monkeypatch.setattr(train, "make_optimizer", make_optimizer)
 
 
 def test_resume_continues_the_interrupted_run_not_a_newer_checkpoint_of_an_older_run(data, tmp_path, monkeypatch,
@@ -395,8 +399,8 @@ def test_resuming_with_another_number_of_workers_says_so(data, tmp_path, capsys)
     assert train.main(tiny_flags(data, d, max_steps=4, eval_interval=0, workers=1)) == 0
     assert train.main(tiny_flags(data, d, max_steps=6, eval_interval=0, workers=2, resume=True)) == 0
     out = capsys.readouterr().out
-    assert "over 1 MPI rank(s) x 2 worker(s), the checkpoint's run over 1 x 1" in out and "last bits" in out
-    assert "--workers 1" in out
+    assert "over 1 MPI rank(s) x 2 worker(s) x 1 micro-batch(es), the checkpoint's run over 1 x 1 x 1" in out
+    assert "last bits" in out and "--workers 1 --grad_accum 1" in out
     assert train.main(tiny_flags(data, d, max_steps=8, eval_interval=0, workers=2, resume=True)) == 0
     assert "workers" not in capsys.readouterr().out
 
