@@ -44,7 +44,6 @@ one step. Its parts: distributed.py (the processes), run_dir.py (the folder), tr
 """
 import argparse
 import contextlib
-import errno
 import functools
 import json
 import math
@@ -56,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import distributed
-from checkpoint import CheckpointError, copy_params, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, copy_params
 from config import config_from_flags
 from data_loader import (DataError, RandomBatches, check_same_tokenizer, eval_batches, load_dataset,
                          num_eval_windows, same_tokenizer)
@@ -71,9 +70,8 @@ from run_dir import FINAL, RunDir, new_run_id, step_name
 from stop import Stop
 from tokenizer import tokenizer_from_identity
 from train_flags import TrainError, apply_defaults, build_parser, check_args, check_init_from, given_flags
-from train_state import TrainState, check_resume, same_gradient_sums
+from train_state import DISK_FULL, TrainState, restore, save
 
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too large, over quota
 NAN_REMEDIES = ("lower --learning_rate (e.g. halve it), keep --grad_clip at 1.0 or lower it, use more "
                 "--warmup_steps, and check the data for extreme or wrong token ids")
 
@@ -147,21 +145,8 @@ def setup(args, world, log, run_dir, init=None):
     if args.batch_size < world.size * args.grad_accum:
         raise TrainError(f"--batch_size {args.batch_size} is smaller than --grad_accum {args.grad_accum} x "
                          f"{world.size} process(es): every micro-batch needs at least one row")
-    threads = world.limit_threads()
-    with world.local_root_first():  # the first rank on each machine converts a .jsonl once
-        train_ds = load_dataset(args.train_data, vocab_size=args.vocab_size, eot_id=args.eot_id, log=log.say)
-        val_ds = None
-        if args.val_data:
-            val_ds = load_dataset(args.val_data, vocab_size=args.vocab_size, eot_id=args.eot_id, log=log.say)
-            check_same_tokenizer(train_ds, val_ds)
-            if num_eval_windows(val_ds, args.seq_len) < 1:
-                raise DataError(f"{args.val_data} has {len(val_ds)} tokens, fewer than one window of seq_len + 1 = "
-                                f"{args.seq_len + 1}; use a smaller --seq_len or more validation data")
-    identity = train_ds.tokenizer
-    n_vocab = (identity or {}).get("n_vocab")
-    if n_vocab and n_vocab != args.vocab_size:
-        log.say(f"note: --vocab_size {args.vocab_size} differs from the tokenizer's {n_vocab} tokens")
-
+    threads = world.limit_threads()  # under MPI this rank's share of the cores
+    train_ds, val_ds = load_data(args, world, log)
     if init is not None:
         check_init_from(args, init[0])
     try:
@@ -171,13 +156,15 @@ def setup(args, world, log, run_dir, init=None):
     model = LanguageModel(config, seed=args.seed, dtype=np.float32, workers=args.workers or threads,
                           device=args.device)
     if init is not None and not args.resume:  # resuming: the checkpoint has the weights
-        init_weights(model, args, init, identity, log)
-    run = Run(args, world, log, run_dir, train_ds, val_ds,
+        init_weights(model, args, init, train_ds.tokenizer, log)
+    run = Run(args=args, world=world, log=log, run_dir=run_dir, train_ds=train_ds, val_ds=val_ds,
               # the batch order has its own random stream, separate from the initial weights'
-              RandomBatches(train_ds, args.batch_size, args.seq_len, seed=[args.seed, 1]),
-              model, make_optimizer(args, model.params, threads),
-              LRSchedule(args.learning_rate, args.warmup_steps, args.max_steps, args.min_lr, args.lr_schedule),
-              identity, tokenizer_model_json(identity, log.say), run_id=world.bcast(new_run_id()))  # rank 0's
+              batches=RandomBatches(train_ds, args.batch_size, args.seq_len, seed=[args.seed, 1]),
+              model=model, opt=make_optimizer(args, model.params, threads),
+              schedule=LRSchedule(args.learning_rate, args.warmup_steps, args.max_steps, args.min_lr,
+                                  args.lr_schedule),
+              tokenizer=train_ds.tokenizer, tokenizer_model_json=tokenizer_model_json(train_ds.tokenizer, log.say),
+              run_id=world.bcast(new_run_id()))  # rank 0's
     if args.resume:  # rank 0 picks the checkpoint, so that every rank loads the same one
         chosen = (run_dir.choose_resume() if args.resume == "latest" else args.resume) if world.is_root else None
         restore(run, world.bcast(chosen))
@@ -186,29 +173,52 @@ def setup(args, world, log, run_dir, init=None):
                 "overwrite those at the same steps (use --resume to continue that run instead)")
     if world.is_root:
         run_dir.write_run_id(run.run_id)
-
     log.open(resume_step=run.step if args.resume else None)
+    start(run)
+    return run
+
+
+def load_data(args, world, log):
+    """The training and validation datasets (memory-mapped token files)."""
+    with world.local_root_first():  # the first rank on each machine converts a .jsonl once
+        train_ds = load_dataset(args.train_data, vocab_size=args.vocab_size, eot_id=args.eot_id, log=log.say)
+        val_ds = None
+        if args.val_data:
+            val_ds = load_dataset(args.val_data, vocab_size=args.vocab_size, eot_id=args.eot_id, log=log.say)
+            check_same_tokenizer(train_ds, val_ds)
+            if num_eval_windows(val_ds, args.seq_len) < 1:
+                raise DataError(f"{args.val_data} has {len(val_ds)} tokens, fewer than one window of seq_len + 1 = "
+                                f"{args.seq_len + 1}; use a smaller --seq_len or more validation data")
+    n_vocab = (train_ds.tokenizer or {}).get("n_vocab")
+    if n_vocab and n_vocab != args.vocab_size:
+        log.say(f"note: --vocab_size {args.vocab_size} differs from the tokenizer's {n_vocab} tokens")
+    return train_ds, val_ds
+
+
+def start(run):
+    """Say who computes what, record how the run starts, check that every rank starts from the same
+    state, and from now on name the checkpoint to resume from if a rank is lost."""
+    args, world, log, model = run.args, run.world, run.log, run.model
     rows = sorted({b - a for a, b in split_rows(args.batch_size, world.size)})
     log.say(f"{world.describe()}; {model.workers} worker(s) each, {args.grad_accum} micro-batch(es) a step; "
             f"each process computes {'-'.join(map(str, rows))} of the {args.batch_size} rows of every batch")
     log.record(type="ranks", step=run.step, size=world.size, where=world.where, workers=model.workers)
     n_params = model.num_parameters()
-    log.say(f"model: {n_params:,} parameters ({config.to_dict()})")
-    log.say(f"data: {len(train_ds):,} training tokens" +
-            (f", {len(val_ds):,} validation tokens" if val_ds else ", no validation set"))
+    log.say(f"model: {n_params:,} parameters ({model.config.to_dict()})")
+    log.say(f"data: {len(run.train_ds):,} training tokens" +
+            (f", {len(run.val_ds):,} validation tokens" if run.val_ds else ", no validation set"))
     if args.resume:
         log.say(f"resumed from {run.last_good} at step {run.step}")
         log.record(type="resume", step=run.step, checkpoint=run.last_good, run_id=run.run_id)
     else:
-        log.record(type="config", step=0, args=vars(args), config=config.to_dict(), num_parameters=n_params,
+        log.record(type="config", step=0, args=vars(args), config=model.config.to_dict(), num_parameters=n_params,
                    run_id=run.run_id)
     world.check_same("the data, the flags and the weights", lambda: {
-        **{f"--{k}": v for k, v in vars(args).items()}, "training_tokens": len(train_ds),
-        "validation_tokens": len(val_ds) if val_ds else None, "step": run.step,
+        **{f"--{k}": v for k, v in vars(args).items()}, "training_tokens": len(run.train_ds),
+        "validation_tokens": len(run.val_ds) if run.val_ds else None, "step": run.step,
         "weights": distributed.params_checksum(model.params),
         "batch_order": distributed.checksum(json.dumps(run.batches.state()).encode())}, patience=distributed.SLOW)
     world.watch(functools.partial(lost_rank_message, run))
-    return run
 
 
 def init_weights(model, args, init, identity, log):
@@ -224,52 +234,6 @@ def init_weights(model, args, init, identity, log):
     copy_params(model.params, load_hf_params(args.init_from, config), args.init_from)
     step = f" (step {record['step']} of the run that wrote it)" if record.get("step") is not None else ""
     log.say(f"initialised from {args.init_from}{step}")
-
-
-def restore(run, path):
-    """Continue the run of the checkpoint at path: its weights, optimizer state, batch order, step, run id."""
-    ck = load_checkpoint(path)
-    check_resume(ck, path, run.args, run.model.config, run.tokenizer, len(run.train_ds), run.log.say)
-    copy_params(run.model.params, ck.params, path)   # in place: the optimizer holds these arrays
-    try:
-        saved = TrainState.from_checkpoint(ck)
-        run.opt.load_state_dict(saved.opt_state)
-        run.batches.set_state(saved.data)
-    except (ValueError, KeyError, TypeError) as e:
-        raise TrainError(f"{path} lacks the optimizer or data state to resume exactly ({e}); "
-                         "it may be a weights-only file") from None
-    run.step, run.last_good = saved.step, path
-    run.run_id = saved.run_id or run.run_id  # a checkpoint from before runs had ids: a new one
-    split = run.split
-    was = tuple(now if then is None else then for then, now in zip(saved.split, split))  # None: not recorded
-    if not same_gradient_sums(was, split):
-        run.log.say(f"note: this run cuts each batch over {split[0]} MPI rank(s) x {split[1]} worker(s) x {split[2]} "
-                    f"micro-batch(es), the checkpoint's run over {was[0]} x {was[1]} x {was[2]} (--workers, "
-                    "--grad_accum, mpiexec -n, or another machine's core count): the gradients are summed in "
-                    "another order, so the weights may differ from an uninterrupted run in the last bits; "
-                    f"--workers {was[1]} --grad_accum {was[2]} with {was[0]} rank(s) repeats it exactly")
-
-
-def save(run, name):
-    """Write checkpoint `name` in --save_dir (rank 0 writes, the others wait until it is complete)."""
-    world, path = run.world, run.run_dir.path(name)
-    # the ranks' weights must not have drifted apart (they would, silently, with a bug)
-    world.check_same("the weights", lambda: {"step": run.step,
-                                             "weights": distributed.params_checksum(run.model.params)})
-    if world.is_root:
-        t = time.perf_counter()
-        state = run.state()
-        try:
-            save_checkpoint(path, run.model.config, run.model.host_params(), state.to_meta(), state.opt_state)
-        except OSError as e:  # the temp file is gone, the previous checkpoint untouched
-            raise TrainError(write_failed(path, e, run.last_good)) from None
-        world.barrier()
-        run.log.say(f"saved {path} ({time.perf_counter() - t:.1f}s)")
-        run.log.record(type="checkpoint", step=run.step, path=path)
-    else:
-        world.barrier(patience=distributed.SLOW)  # while rank 0 writes: no rank may end the job before then
-    run.last_good = path
-    return path
 
 
 def evaluate(model, val, batch_size, seq_len, max_batches=None, world=distributed.Solo(), stop=None):
@@ -346,9 +310,9 @@ def train_loop(run):
         return 0
     start, interval = run.step, Interval()
     timer = StepTimer(functools.partial(synchronize, model.xp) if args.profile else None)
+    stop, show_bar = Stop(args.max_time, world), world.is_root and not args.no_progress
     try:
-        with Stop(args.max_time, world) as stop, \
-                progress_bar(log, args.max_steps, run.step, show=world.is_root and not args.no_progress) as bar:
+        with stop, progress_bar(log, args.max_steps, run.step, show_bar) as bar:
             while True:
                 last_step = run.step == args.max_steps or stop.requested()
                 if run.val_ds is not None and (run.step == args.max_steps or due(args.eval_interval, run.step, start)):
@@ -360,7 +324,8 @@ def train_loop(run):
                 timer.start()
                 lr = run.schedule(run.step)
                 x, y = run.batches.next()
-                n, (a, b) = max(count_targets(y), 1), world.rows(len(x))  # the batch's targets; this rank's rows
+                n = max(count_targets(y), 1)  # the whole batch's targets: every rank's mean divides by them
+                a, b = world.rows(len(x))     # this rank's rows of the batch
                 timer.lap("data")
                 model.zero_grad()
                 loss_sum, n_correct = accumulate_gradients(model, x[a:b], y[a:b], n, args.grad_accum)
@@ -410,13 +375,6 @@ def nan_message(what, value, step, last_good):
     where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
     return (f"{what} is {value} at step {step}; stopped without saving so no good checkpoint is overwritten "
             f"({where}). Remedies: {NAN_REMEDIES}; then start again or --resume from that checkpoint.")
-
-
-def write_failed(path, e, last_good):
-    why = "the disk is full" if e.errno in DISK_FULL else "writing failed"
-    kept = f"the previous checkpoint {last_good} is intact" if last_good else "no checkpoint was written yet"
-    return (f"cannot write {path}: {why} ({e.strerror}); {kept}. Free some space (or fix the folder), "
-            "then run again with the same flags plus --resume")
 
 
 def train(args, world, init=None):

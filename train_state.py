@@ -1,7 +1,9 @@
-"""A training run's state besides its weights: what decides the next update, and which run it is.
+"""A training run's state besides its weights (what decides the next update, and which run it is),
+and how a run saves it into a checkpoint and resumes from one.
 
-llm.c's state file as one record. train.py writes it into every checkpoint (its arrays beside
-the weights, the rest in the meta record) and reads it back to resume exactly:
+llm.c's state file as one record, TrainState. train.py's save() writes it into a checkpoint (its
+arrays beside the weights, the rest in the meta record); restore() reads it back, so that the
+resumed run repeats the uninterrupted one exactly:
 
     save_checkpoint(path, config, params, state.to_meta(), state.opt_state)
     state = TrainState.from_checkpoint(load_checkpoint(path))
@@ -9,10 +11,16 @@ the weights, the rest in the meta record) and reads it back to resume exactly:
 A checkpoint's meta may hold keys this code no longer writes ("rng", a copy of the batch
 order's generator state kept in "data"): they are ignored.
 """
+import errno
+import time
 from dataclasses import dataclass
 
-from checkpoint import CheckpointError
+import distributed
+from checkpoint import CheckpointError, copy_params, load_checkpoint, save_checkpoint
 from data_loader import same_tokenizer
+from train_flags import TrainError
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too large, over quota
 
 # flags that change the sequence of updates: resuming with other values is allowed but not exact
 TRAJECTORY_FLAGS = ("batch_size", "learning_rate", "min_lr", "warmup_steps", "lr_schedule", "weight_decay",
@@ -81,3 +89,56 @@ def check_resume(ck, path, args, config, identity, num_tokens, log):
     if changed:
         log("note: resuming with changed flags (" + "; ".join(changed) + "): training continues, "
             "but will not repeat the uninterrupted run exactly")
+
+
+def restore(run, path):
+    """Continue the run of the checkpoint at path: its weights, optimizer state, batch order, step, run id."""
+    ck = load_checkpoint(path)
+    check_resume(ck, path, run.args, run.model.config, run.tokenizer, len(run.train_ds), run.log.say)
+    copy_params(run.model.params, ck.params, path)   # in place: the optimizer holds these arrays
+    try:
+        saved = TrainState.from_checkpoint(ck)
+        run.opt.load_state_dict(saved.opt_state)
+        run.batches.set_state(saved.data)
+    except (ValueError, KeyError, TypeError) as e:
+        raise TrainError(f"{path} lacks the optimizer or data state to resume exactly ({e}); "
+                         "it may be a weights-only file") from None
+    run.step, run.last_good = saved.step, path
+    run.run_id = saved.run_id or run.run_id  # a checkpoint from before runs had ids: a new one
+    split = run.split
+    was = tuple(now if then is None else then for then, now in zip(saved.split, split))  # None: not recorded
+    if not same_gradient_sums(was, split):
+        run.log.say(f"note: this run cuts each batch over {split[0]} MPI rank(s) x {split[1]} worker(s) x {split[2]} "
+                    f"micro-batch(es), the checkpoint's run over {was[0]} x {was[1]} x {was[2]} (--workers, "
+                    "--grad_accum, mpiexec -n, or another machine's core count): the gradients are summed in "
+                    "another order, so the weights may differ from an uninterrupted run in the last bits; "
+                    f"--workers {was[1]} --grad_accum {was[2]} with {was[0]} rank(s) repeats it exactly")
+
+
+def save(run, name):
+    """Write checkpoint `name` in --save_dir (rank 0 writes, the others wait until it is complete)."""
+    world, path = run.world, run.run_dir.path(name)
+    # the ranks' weights must not have drifted apart (they would, silently, with a bug)
+    world.check_same("the weights", lambda: {"step": run.step,
+                                             "weights": distributed.params_checksum(run.model.params)})
+    if world.is_root:
+        t = time.perf_counter()
+        state = run.state()
+        try:
+            save_checkpoint(path, run.model.config, run.model.host_params(), state.to_meta(), state.opt_state)
+        except OSError as e:  # the temp file is gone, the previous checkpoint untouched
+            raise TrainError(write_failed(path, e, run.last_good)) from None
+        world.barrier()
+        run.log.say(f"saved {path} ({time.perf_counter() - t:.1f}s)")
+        run.log.record(type="checkpoint", step=run.step, path=path)
+    else:
+        world.barrier(patience=distributed.SLOW)  # while rank 0 writes: no rank may end the job before then
+    run.last_good = path
+    return path
+
+
+def write_failed(path, e, last_good):
+    why = "the disk is full" if e.errno in DISK_FULL else "writing failed"
+    kept = f"the previous checkpoint {last_good} is intact" if last_good else "no checkpoint was written yet"
+    return (f"cannot write {path}: {why} ({e.strerror}); {kept}. Free some space (or fix the folder), "
+            "then run again with the same flags plus --resume")

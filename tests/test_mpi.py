@@ -119,6 +119,45 @@ def test_outside_mpiexec_nothing_changes_and_mpi4py_is_not_imported():
     assert out.stdout.split() == ["Solo", "False"], out.stderr
 
 
+def fake_exit(exits):
+    """os._exit for a test: records the exit code, then ends only the calling thread (SystemExit)."""
+    def _exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+    return _exit
+
+
+def test_the_watchdog_names_a_dead_rank_through_the_callback_it_was_built_with(monkeypatch, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # gone, and reaped: as a rank that was killed
+    ranks = SimpleNamespace(rank=0, size=2, neighbours=[0, 1], where=[("here", os.getpid()), ("here", dead.pid)])
+    exits, heard = [], []
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit(exits))
+    dog = distributed.Watchdog(ranks, on_lost=lambda what: heard.append(what) or f"error: {what}. Resume from X")
+    dog.stop()  # its thread looks only while a collective waits; here lost() is called directly
+    with pytest.raises(SystemExit):
+        dog.lost("a rank died")
+    assert exits == [distributed.EXIT_RANK_LOST]
+    assert heard == [f"rank 1 (pid {dead.pid} on here) is gone, so the MPI job stops (seen by rank 0)"]
+    assert capsys.readouterr().err == f"error: {heard[0]}. Resume from X\n"
+
+
+def test_the_watchdog_ends_a_wait_longer_than_its_limit(monkeypatch, capsys):
+    """Rank 1 on another machine answers no more: after the limit the watchdog's thread speaks."""
+    ranks = SimpleNamespace(rank=0, size=2, neighbours=[0], where=[("here", os.getpid()), ("there", 1)])
+    exits = []
+    dog = distributed.Watchdog(ranks)  # no callback: the plain message
+    # os._exit, in the watchdog's thread: recorded, and the thread stops watching
+    monkeypatch.setattr(distributed.os, "_exit", lambda code: exits.append(code) or dog.stop())
+    with dog.waiting(0.3):
+        end = time.monotonic() + 10
+        while not exits and time.monotonic() < end:
+            time.sleep(0.05)
+    assert exits == [distributed.EXIT_RANK_LOST]
+    assert capsys.readouterr().err == ("error: no answer from the other ranks for 0 s: one of ranks 1, on other "
+                                       "machines, died or hangs, so the MPI job stops (seen by rank 0)\n")
+
+
 def test_mpiexec_without_mpi4py_is_a_clear_error(data, tmp_path):
     """Several processes started by mpiexec with no mpi4py would each train alone into the same files."""
     env = dict(os.environ, PMI_SIZE="2", PMI_RANK="0")
