@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from device import whole_array_mode
+import fake_cupy
+from device import to_device, to_host, whole_array_mode
 from embeddings import embedding_backward
 from gradcheck import check_layer, numerical_gradient, rel_error
 from llama import (RMS_EPS, block_parameters, init_llama_block, llama_attention_backward, llama_attention_forward,
@@ -258,6 +259,33 @@ def test_block_with_the_kv_cache_gives_the_same_output(rng):
         pieces.append(llama_block_forward(x[:, a:b], p, 2, 1, rope_theta=50.0, eps=1e-6, kv=kv)[0])
         kv.length = b
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-12, atol=1e-13)
+
+
+def test_block_on_device_arrays_computes_what_numpy_does_without_reading_back(rng):
+    """With fake_cupy's device arrays (which refuse host arrays and count host reads): the block's
+    forward (with and without the cache) and backward give bit for bit the whole-array NumPy results."""
+    p = block_params(rng, H=4, Hkv=2)
+    x, dout = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 5, 8))
+
+    def run(xp, p, x, dout):
+        out, cache = llama_block_forward(x, p, 4, 2)
+        g = {k: xp.zeros_like(v) for k, v in p.items()}
+        dx = llama_block_backward(dout, cache, p, g)
+        kv = KVCache(1, 2, 2, 5, 2, np.float64, xp)
+        first, _ = llama_block_forward(x[:, :3], p, 4, 2, kv=kv)
+        kv.length = 3
+        rest, _ = llama_block_forward(x[:, 3:], p, 4, 2, kv=kv)
+        return [out, dx, first, rest] + [g[k] for k in sorted(g)]
+
+    with whole_array_mode():
+        expected = run(np, p, x, dout)
+    with fake_cupy.installed() as cupy:
+        before = fake_cupy.DeviceArray.syncs
+        on_device = run(cupy, {k: to_device(v, cupy) for k, v in p.items()}, to_device(x, cupy), to_device(dout, cupy))
+        assert fake_cupy.DeviceArray.syncs == before
+        assert all(isinstance(a, cupy.ndarray) for a in on_device)
+        for a, b in zip(on_device, expected):
+            np.testing.assert_array_equal(to_host(a), b)
 
 
 TRUNK = dict(V=11, C=8, H=2, Hkv=1, F=12, L=2)
