@@ -33,7 +33,7 @@ from transformer import (BLOCK, blocks, causal_softmax_inplace, column_sum, matm
                          softmax_backward_inplace)
 
 # llama2.c's TinyStories models and Llama 2 use 1e-5 (so does our layer norm); HF's LlamaConfig
-# defaults to Llama 1's 1e-6, which the export overrides by writing rms_norm_eps.
+# defaults to Llama 1's 1e-6, so the export must write rms_norm_eps (and rope_theta) explicitly.
 RMS_EPS = 1e-5
 ROPE_THETA = 10000.0
 

@@ -240,6 +240,8 @@ def blocks(*arrays):
         if not a.flags.c_contiguous:
             raise ValueError("blocks() needs C-contiguous arrays (a view, never a copy)")
         rows.append(a.reshape(-1, a.shape[-1]))
+        if len(rows[-1]) != len(rows[0]):
+            raise ValueError(f"blocks() needs arrays of as many rows: {len(rows[0])} and {len(rows[-1])}")
     step = block_rows(arrays[0])
     for i in range(0, len(rows[0]), step):
         yield tuple(r[i : i + step] for r in rows)

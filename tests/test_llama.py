@@ -13,7 +13,7 @@ from llama import (RMS_EPS, block_parameters, init_llama_block, llama_attention_
                    llama_block_backward, llama_block_forward, llama_block_shapes, rmsnorm_backward, rmsnorm_forward,
                    rope_backward, rope_forward, rope_reference, swiglu_backward, swiglu_forward, swiglu_hidden)
 from loss import IGNORE_INDEX, cross_entropy_reference
-from transformer import KVCache
+from transformer import KVCache, blocks
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_rope(rng, start):
                 p, ["x"], rng)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 2, 6), (2, 2500, 2, 32)])  # the second: blocks of 1024 positions, the last partial
+@pytest.mark.parametrize("shape", [(2, 3, 2, 6), (2, 2500, 2, 32)])  # 2nd: blocks of 1024 positions, the last partial
 @pytest.mark.parametrize("theta", [10000.0, 500000.0])
 def test_rope_matches_hf_rotate_half(rng, shape, theta):
     x = rng.standard_normal(shape)
@@ -138,7 +138,19 @@ def test_swiglu_in_blocks_matches_the_whole_array_formulas(rng, F):
     np.testing.assert_allclose(dw_fc, np.concatenate([x.reshape(-1, C).T @ dgate.reshape(-1, F),
                                                       x.reshape(-1, C).T @ dup.reshape(-1, F)], axis=1),
                                rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(dw_down, (silu(gate) * up).reshape(-1, F).T @ dout.reshape(-1, C), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dw_down, (silu(gate) * up).reshape(-1, F).T @ dout.reshape(-1, C),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_blocks_pair_rows_of_arrays_of_different_widths(array_path):
+    """SwiGLU's chains walk the fused (N, 2F) pre-activations beside (N, F) arrays, row for row."""
+    wide, narrow = np.arange(3000 * 260.0).reshape(3000, 260), np.zeros((3000, 130))
+    got = list(blocks(wide, narrow))
+    assert len(got) == (1 if array_path == "whole arrays" else 12)  # 252 rows of the wider per block
+    assert all(len(w) == len(n) for w, n in got)
+    np.testing.assert_array_equal(np.concatenate([w for w, _ in got]), wide)
+    with pytest.raises(ValueError, match="as many rows"):
+        list(blocks(wide, np.zeros((2999, 130))))
 
 
 def test_swiglu_survives_gates_exp_cannot_take():
@@ -292,9 +304,10 @@ TRUNK = dict(V=11, C=8, H=2, Hkv=1, F=12, L=2)
 
 
 def trunk_params(rng):
-    p = {"wte": rng.standard_normal((TRUNK["V"], TRUNK["C"])) * 0.5, "ln_f.weight": 1 + 0.1 * rng.standard_normal(TRUNK["C"])}
+    V, C = TRUNK["V"], TRUNK["C"]
+    p = {"wte": rng.standard_normal((V, C)) * 0.5, "ln_f.weight": 1 + 0.1 * rng.standard_normal(C)}
     for i in range(TRUNK["L"]):
-        for k, v in block_params(rng, TRUNK["C"], TRUNK["H"], TRUNK["Hkv"], TRUNK["F"]).items():
+        for k, v in block_params(rng, C, TRUNK["H"], TRUNK["Hkv"], TRUNK["F"]).items():
             p[f"h.{i}.{k}"] = v
     return p
 
