@@ -102,7 +102,7 @@ def test_attention_is_causal(rng):
     assert not np.allclose(out2[:, 3:], out[:, 3:])
 
 
-@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("activation", ["gelu", "relu", "relu2"])
 def test_mlp(rng, activation):
     C, F = 4, 6
     p = {"x": rng.standard_normal((2, 3, C)),

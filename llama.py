@@ -1,0 +1,389 @@
+"""The Llama block: RMSNorm, rotary positions, SwiGLU, and the block built from them.
+
+Shapes: B batch, T sequence length (of the queries), S length of the keys (T, or more with a
+key/value cache), C model width, H query heads, Hkv key/value heads (H for plain multi-head
+attention; fewer, dividing H, for grouped-query attention), G = H // Hkv query heads per
+key/value head, hs = C // H head size, F feed-forward width (d_ff), N = B*T rows.
+
+What differs from GPT-2's block (transformer.py), as in Llama, llama2.c and CS336:
+- RMSNorm instead of layer norm: x / rms(x) * w, no mean subtracted, no bias;
+- no position table: rotary position embedding (RoPE) turns each head's q and k by angles
+  proportional to their absolute positions, so the scores depend on relative positions only;
+- SwiGLU feed-forward with three matrices, silu(x @ w_gate) * (x @ w_up) @ w_down, whose F of
+  about 8C/3 (swiglu_hidden) keeps the parameters of GPT-2's 4C-wide two-matrix MLP;
+- no biases anywhere; optionally fewer key/value heads than query heads (grouped-query).
+The residual stream, pre-norm order, causal softmax, KV cache and parameter names are GPT-2's.
+
+Conventions, fixed here so that the export to Hugging Face's LlamaForCausalLM needs no
+permutation: RoPE pairs dimension i of each head with dimension i + hs/2 (HF's rotate_half,
+not the interleaved pairs of Meta's original code), frequencies theta^(-2i/hs); attn.c_attn's
+columns are [q heads | k heads | v heads], head-major as HF's q_proj/k_proj/v_proj rows, and
+mlp.c_fc's are [gate | up]. Weights are (in, out), x @ w, as everywhere in this repository.
+Each layer is a forward/backward pair as in transformer.py: backward adds into the gradient
+arrays it is given. Dropout (later) goes on the attention weights after the softmax and on
+each branch's output before its residual add, as in GPT-2's block.
+"""
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from device import get_array_module, to_device, whole_arrays
+from transformer import (BLOCK, blocks, causal_softmax_inplace, column_sum, matmul_into, row_dot_mean,
+                         softmax_backward_inplace)
+
+# llama2.c's TinyStories models and Llama 2 use 1e-5 (so does our layer norm); HF's LlamaConfig
+# defaults to Llama 1's 1e-6, so the export must write rms_norm_eps (and rope_theta) explicitly.
+RMS_EPS = 1e-5
+ROPE_THETA = 10000.0
+
+# ----------------------------------------------------------------------------- RMSNorm
+
+class RMSNormCache(NamedTuple):
+    xhat: np.ndarray  # (..., C) the normalised input, x * rstd
+    w: np.ndarray  # (C,) gain
+    rstd: np.ndarray  # (..., 1) = 1 / sqrt(mean(x^2) + eps)
+
+
+def rmsnorm_forward(x, w, eps=RMS_EPS):
+    """(..., C) -> (..., C): each row divided by its root mean square, then scaled by the gain."""
+    rstd = 1.0 / get_array_module(x).sqrt(row_dot_mean(x, x) + eps)  # (..., 1)
+    xhat = x * rstd
+    return xhat * w, RMSNormCache(xhat, w, rstd)
+
+
+def rmsnorm_backward(dout, cache, dw):
+    """Forward was out = xhat * w, xhat = x * rstd. Returns dx."""
+    xhat, w, rstd = cache
+    C = dout.shape[-1]
+    dw += column_sum(dout.reshape(-1, C), xhat.reshape(-1, C))  # summed over all rows
+    dxhat = dout * w
+    # xhat depends on x directly and through rstd = (mean(x^2) + eps)^(-1/2); together:
+    # dx = rstd * (dxhat - xhat * mean(dxhat * xhat))   (layer norm's, less the mean terms)
+    dxhat -= xhat * row_dot_mean(dxhat, xhat)
+    dxhat *= rstd
+    return dxhat
+
+
+# ----------------------------------------------------------------------------- rotary positions
+
+_rope_tables = {}
+
+
+def rope_angles(start, T, hs, theta=ROPE_THETA, dtype=np.float32, xp=np):
+    """cos, sin (T, hs/2) of the angles (start + t) * theta^(-2i/hs) of positions start .. start+T-1,
+    pair i < hs/2. As the causal mask is, the table is made once (on the host in float64, then cast
+    and copied) per head size, theta, dtype and array module, for all positions asked for so far, and
+    sliced: a cached decoding step reads the very numbers of the full pass."""
+    if hs % 2:
+        raise ValueError(f"rotary positions need an even head size, got {hs}")
+    key = (hs, float(theta), np.dtype(dtype).str, xp)
+    table = _rope_tables.get(key)
+    if table is None or len(table[0]) < start + T:
+        n = max(start + T, 2 * len(table[0]) if table else 0)  # grown by doubling while decoding
+        angle = np.arange(n, dtype=np.float64)[:, None] * theta ** (-np.arange(0, hs, 2) / hs)  # (n, hs/2)
+        table = _rope_tables[key] = (to_device(np.cos(angle).astype(dtype), xp),
+                                     to_device(np.sin(angle).astype(dtype), xp))
+    cos, sin = table
+    return cos[start : start + T], sin[start : start + T]
+
+
+def rope_rotate_inplace(x, cos, sin):
+    """x (B, T, n, hs), n heads of q or k (a view into qkv), rotated in place: the pair of
+    dimensions (i, i + hs/2) of each head at position t turns by the angle of cos[t, i], sin[t, i]:
+
+        x1' = x1 cos - x2 sin,   x2' = x2 cos + x1 sin        x1 = x[..., :hs/2], x2 = x[..., hs/2:]
+
+    On the CPU a few positions of one sequence at a time, so that the chain runs in cache."""
+    xp = get_array_module(x)
+    B, T, n, hs = x.shape
+    half = hs // 2
+    if whole_arrays(x):
+        pieces = [(x, cos[:, None], sin[:, None])]  # (T, 1, hs/2) broadcast over batch and heads
+        scratch = xp.empty((2, B, T, n, half), x.dtype)
+    else:
+        step = max(1, BLOCK // (n * hs))  # positions per block
+        pieces = ((x[b, t : t + step], cos[t : t + step, None], sin[t : t + step, None])
+                  for b in range(B) for t in range(0, T, step))
+        scratch = xp.empty((2, min(step, T), n, half), x.dtype)
+    for xb, c, s in pieces:
+        x1, x2 = xb[..., :half], xb[..., half:]
+        x1s, x2s = scratch[:, : len(xb)]
+        xp.multiply(x1, s, out=x1s)
+        xp.multiply(x2, s, out=x2s)
+        x1 *= c
+        x1 -= x2s  # x1 cos - x2 sin
+        x2 *= c
+        x2 += x1s  # x2 cos + x1 sin
+
+
+class RopeCache(NamedTuple):
+    cos: np.ndarray  # (T, hs/2)
+    sin: np.ndarray  # (T, hs/2)
+
+
+def rope_forward(x, start=0, theta=ROPE_THETA):
+    """(B, T, n, hs) -> (B, T, n, hs): x rotated at positions start .. start+T-1, into a new array
+    (attention rotates its q and k in place instead)."""
+    cos, sin = rope_angles(start, x.shape[1], x.shape[-1], theta, x.dtype, get_array_module(x))
+    out = x.copy()
+    rope_rotate_inplace(out, cos, sin)
+    return out, RopeCache(cos, sin)
+
+
+def rope_backward(dout, cache):
+    """Forward was out = R(angle) x, a rotation: R is orthogonal, so dx = R^T dout = R(-angle) dout,
+    the inverse rotation (cos(-a) = cos a, sin(-a) = -sin a). Returns dx."""
+    dx = dout.copy()
+    rope_rotate_inplace(dx, cache.cos, -cache.sin)
+    return dx
+
+
+def rotate_half(x):
+    """HF Llama's (..., hs) -> (-x2, x1), with x1, x2 the two halves of the last axis."""
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def rope_reference(x, start=0, theta=ROPE_THETA):
+    """The plain version, for tests, written as HF's apply_rotary_pos_emb: x (B, T, n, hs) ->
+    x * cos + rotate_half(x) * sin, with cos, sin (T, hs) the half-width angles repeated twice."""
+    T, hs = x.shape[1], x.shape[-1]
+    inv_freq = 1.0 / theta ** (np.arange(0, hs, 2) / hs)
+    angle = np.arange(start, start + T)[:, None] * inv_freq  # (T, hs/2)
+    emb = np.concatenate([angle, angle], axis=-1)[:, None]  # (T, 1, hs)
+    return x * np.cos(emb) + rotate_half(x) * np.sin(emb)
+
+
+# ----------------------------------------------------------------------------- attention
+
+class LlamaAttentionCache(NamedTuple):
+    x: np.ndarray  # (B, T, C) input
+    q: np.ndarray  # (B, Hkv, G, T, hs) the queries divided by sqrt(hs), then rotated
+    k: np.ndarray  # (B, Hkv, S, hs) rotated
+    v: np.ndarray  # (B, Hkv, S, hs)
+    att: np.ndarray  # (B, Hkv, G, T, S) softmax probabilities
+    y: np.ndarray  # (B, T, C) heads re-assembled, input of the output projection
+    cos: np.ndarray  # (T, hs/2) the rotation's angles, for the inverse in backward
+    sin: np.ndarray  # (T, hs/2)
+
+
+def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_theta=ROPE_THETA, kv=None, layer=0):
+    """Causal self-attention with rotary positions, (B, T, C) -> (B, T, C); no biases.
+
+    With `kv` (transformer.KVCache holding Hkv heads), x holds the positions after the kv.length
+    cached ones: they are rotated at those positions, and their keys stored rotated, so a key
+    is turned once, at its own position. Query head j uses key/value head j // G (HF's repeat_kv).
+    """
+    xp = get_array_module(x)
+    B, T, C = x.shape
+    H = n_heads
+    Hkv = n_kv_heads or H
+    hs, G = C // H, H // Hkv
+    qkv = x @ w_attn  # (B, T, C) -> (B, T, (H + 2Hkv) hs)
+    qkv[..., :C] *= 1.0 / math.sqrt(hs)  # the scores' scale, applied to q
+    start = kv.length if kv is not None else 0
+    cos, sin = rope_angles(start, T, hs, rope_theta, x.dtype, xp)
+    heads = qkv.reshape(B, T, H + 2 * Hkv, hs)  # a view
+    rope_rotate_inplace(heads[:, :, : H + Hkv], cos, sin)  # q and k heads, at positions start .. start+T-1
+    q = heads[:, :, :H].reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hs), a view
+    k = heads[:, :, H : H + Hkv].transpose(0, 2, 1, 3)  # (B, Hkv, T, hs)
+    v = heads[:, :, H + Hkv :].transpose(0, 2, 1, 3)
+    if kv is not None:
+        kv.k[layer][:, :, start : start + T] = k
+        kv.v[layer][:, :, start : start + T] = v
+        k = kv.k[layer][:, :, : start + T]  # (B, Hkv, S, hs)
+        v = kv.v[layer][:, :, : start + T]
+    att = q @ k[:, :, None].transpose(0, 1, 2, 4, 3)  # (B, Hkv, G, T, hs) @ (B, Hkv, 1, hs, S) -> (B, Hkv, G, T, S)
+    causal_softmax_inplace(att)
+    y = xp.empty((B, T, H, hs), x.dtype)
+    y_heads = y.reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hs), a view
+    matmul_into(att, v[:, :, None], y_heads)  # (B, Hkv, G, T, S) @ (B, Hkv, 1, S, hs), heads side by side
+    y = y.reshape(B, T, C)
+    return y @ w_proj, LlamaAttentionCache(x, q, k, v, att, y, cos, sin)  # (B, T, C)
+
+
+def matmul_sum_into(a, b, out):
+    """out = the sum over g of a[:, :, g] @ b[:, :, g], where out may be a strided view: the
+    gradient of a key or value head that G query heads share (one product when G = 1)."""
+    matmul_into(a[:, :, 0], b[:, :, 0], out)
+    for g in range(1, a.shape[2]):
+        out += a[:, :, g] @ b[:, :, g]
+
+
+def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
+    """Reverse of llama_attention_forward (training only, no key/value cache). Returns dx."""
+    x, q, k, v, att, y, cos, sin = cache
+    xp = get_array_module(x)
+    B, T, C = x.shape
+    Hkv, G, hs = q.shape[1], q.shape[2], q.shape[4]
+    H = Hkv * G
+    # forward was: out = y @ w_proj
+    dw_proj += y.reshape(-1, C).T @ dout.reshape(-1, C)  # (C, B*T) @ (B*T, C) -> (C, C)
+    dy = (dout @ w_proj.T).reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # -> (B, Hkv, G, T, hs), a view
+    dheads = xp.empty((B, T, H + 2 * Hkv, hs), x.dtype)  # written through the views below
+    dq = dheads[:, :, :H].reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hs)
+    dk = dheads[:, :, H : H + Hkv].transpose(0, 2, 1, 3)  # (B, Hkv, S, hs)
+    dv = dheads[:, :, H + Hkv :].transpose(0, 2, 1, 3)
+    # forward was: y = att @ v, each key/value head read by the G query heads of its group
+    datt = dy @ v[:, :, None].transpose(0, 1, 2, 4, 3)  # (B, Hkv, G, T, S)
+    matmul_sum_into(att.swapaxes(-1, -2), dy, dv)  # (S, T) @ (T, hs) summed over the group
+    # forward was: att = softmax(pre); masked entries have att = 0, so they get no gradient
+    softmax_backward_inplace(datt, att)
+    # forward was: pre = q @ k.T, both rotated, q already divided by sqrt(hs)
+    matmul_into(datt, k[:, :, None], dq)  # (B, Hkv, G, T, S) @ (B, Hkv, 1, S, hs)
+    matmul_sum_into(datt.swapaxes(-1, -2), q, dk)
+    # forward was: q, k = R(angle) q, R(angle) k; the inverse rotation takes their gradients back
+    rope_rotate_inplace(dheads[:, :, : H + Hkv], cos, -sin)
+    dqkv = dheads.reshape(B, T, (H + 2 * Hkv) * hs)
+    dqkv[..., :C] *= 1.0 / math.sqrt(hs)  # forward was: q scaled by 1 / sqrt(hs)
+    # forward was: qkv = x @ w_attn
+    dw_attn += x.reshape(-1, C).T @ dqkv.reshape(B * T, -1)  # (C, (H + 2Hkv) hs)
+    return dqkv @ w_attn.T  # (B, T, (H + 2Hkv) hs) -> (B, T, C)
+
+
+# ----------------------------------------------------------------------------- SwiGLU feed-forward
+
+def swiglu_hidden(d_model, multiple_of=64):
+    """The usual SwiGLU width when none is given: 2/3 of 4 d_model, rounded up to a multiple of 64
+    (Llama's formula: 11008 for d_model 4096 with multiple_of 256; llama2.c's 768 for 288)."""
+    hidden = 8 * d_model // 3
+    return multiple_of * -(-hidden // multiple_of)
+
+
+class SwiGLUCache(NamedTuple):
+    x: np.ndarray  # (B, T, C) input
+    h: np.ndarray  # (B, T, 2F) [gate | up] = x @ w_fc, the pre-activations side by side
+    s: np.ndarray  # (B, T, F) sigmoid(gate)
+    a: np.ndarray  # (B, T, F) silu(gate) * up, input of the down projection
+
+
+def swiglu_forward(x, w_fc, w_proj):
+    """(B, T, C) -> (B, T, C): (silu(x @ w_gate) * (x @ w_up)) @ w_down, silu(g) = g sigmoid(g).
+
+    w_fc (C, 2F) is [w_gate | w_up], so both come from one matrix product (as attention's c_attn
+    fuses q, k, v); w_proj (F, C) is w_down. The element-wise chain runs in cache-sized blocks of
+    rows on the CPU (transformer.blocks), on whole arrays on the whole-array path.
+    """
+    xp = get_array_module(x)
+    F = w_proj.shape[0]
+    h = x @ w_fc  # (B, T, C) -> (B, T, 2F)
+    s = xp.empty(h.shape[:-1] + (F,), h.dtype)
+    a = xp.empty_like(s)
+    for hb, sb, ab in blocks(h, s, a):
+        gate, up = hb[:, :F], hb[:, F:]
+        xp.negative(gate, out=sb)
+        with np.errstate(over="ignore"):  # exp(-gate) = inf for very negative gates gives s = 0, the right limit
+            xp.exp(sb, out=sb)
+        sb += 1.0
+        xp.reciprocal(sb, out=sb)  # sigmoid(gate)
+        xp.multiply(gate, sb, out=ab)  # silu(gate)
+        ab *= up
+    return a @ w_proj, SwiGLUCache(x, h, s, a)  # (B, T, F) -> (B, T, C)
+
+
+def swiglu_backward(dout, cache, w_fc, w_proj, dw_fc, dw_proj):
+    """Reverse of swiglu_forward. Returns dx."""
+    x, h, s, a = cache
+    xp = get_array_module(x)
+    F, C = w_proj.shape
+    # forward was: out = a @ w_proj
+    dw_proj += a.reshape(-1, F).T @ dout.reshape(-1, C)  # (F, C)
+    da = dout @ w_proj.T  # (B, T, C) -> (B, T, F)
+    dh = xp.empty_like(h)  # (B, T, 2F) [dgate | dup]
+    for hb, sb, dab, dhb in blocks(h, s, da, dh):
+        gate, up = hb[:, :F], hb[:, F:]
+        dgate, dup = dhb[:, :F], dhb[:, F:]
+        # forward was: a = silu(gate) * up, silu(g) = g s, s = sigmoid(g), silu'(g) = s (1 + g (1 - s))
+        xp.multiply(gate, sb, out=dup)
+        dup *= dab  # da * silu(gate)
+        xp.subtract(1.0, sb, out=dgate)
+        dgate *= gate
+        dgate += 1.0
+        dgate *= sb  # silu'(gate)
+        dgate *= up
+        dgate *= dab  # da * up * silu'(gate)
+    # forward was: h = x @ w_fc
+    dw_fc += x.reshape(-1, C).T @ dh.reshape(-1, 2 * F)  # (C, 2F)
+    return dh @ w_fc.T  # (B, T, 2F) -> (B, T, C)
+
+
+# ----------------------------------------------------------------------------- block
+
+class LlamaBlockCache(NamedTuple):
+    ln_1: RMSNormCache
+    attn: LlamaAttentionCache
+    ln_2: RMSNormCache
+    mlp: SwiGLUCache
+
+
+def llama_block_forward(x, p, n_heads, n_kv_heads=None, rope_theta=ROPE_THETA, eps=RMS_EPS, kv=None, layer=0):
+    """Pre-norm block: x + attn(rmsnorm_1(x)), then + swiglu(rmsnorm_2(.)). `p` maps the names of
+    llama_block_shapes to arrays."""
+    h, c_ln1 = rmsnorm_forward(x, p["ln_1.weight"], eps)
+    a, c_attn = llama_attention_forward(h, p["attn.c_attn.weight"], p["attn.c_proj.weight"],
+                                        n_heads, n_kv_heads, rope_theta, kv, layer)
+    a += x  # the residual x + attn(rmsnorm(x)), written over attention's output (a fresh array)
+    x = a
+    h, c_ln2 = rmsnorm_forward(x, p["ln_2.weight"], eps)
+    m, c_mlp = swiglu_forward(h, p["mlp.c_fc.weight"], p["mlp.c_proj.weight"])
+    m += x  # the residual, written over the feed-forward's output
+    return m, LlamaBlockCache(c_ln1, c_attn, c_ln2, c_mlp)
+
+
+def llama_block_backward(dout, cache, p, g):
+    """Reverse of llama_block_forward; `g` holds the gradient arrays under the same names as `p`."""
+    # forward was: out = x1 + swiglu(rmsnorm_2(x1)), so dx1 = dout + the path through the feed-forward
+    dh = swiglu_backward(dout, cache.mlp, p["mlp.c_fc.weight"], p["mlp.c_proj.weight"],
+                         g["mlp.c_fc.weight"], g["mlp.c_proj.weight"])
+    dx1 = rmsnorm_backward(dh, cache.ln_2, g["ln_2.weight"])
+    dx1 += dout
+    # forward was: x1 = x + attn(rmsnorm_1(x))
+    dh = llama_attention_backward(dx1, cache.attn, p["attn.c_attn.weight"], p["attn.c_proj.weight"],
+                                  g["attn.c_attn.weight"], g["attn.c_proj.weight"])
+    dx = rmsnorm_backward(dh, cache.ln_1, g["ln_1.weight"])
+    dx += dx1
+    return dx
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def llama_block_shapes(d_model, n_heads, n_kv_heads=None, d_ff=None):
+    """{name: shape} of one block's parameters, in GPT-2's names where the role is the same, so that
+    a model's per-layer dict looks alike for both blocks. For HF's LlamaForCausalLM (weights there
+    (out, in)): ln_1 = input_layernorm, ln_2 = post_attention_layernorm, attn.c_attn's columns
+    [:C | C:C+Hkv hs | C+Hkv hs:] transposed = q_proj, k_proj, v_proj, attn.c_proj.T = o_proj,
+    mlp.c_fc's [:F | F:] transposed = gate_proj, up_proj, mlp.c_proj.T = down_proj."""
+    C, H = d_model, n_heads
+    Hkv = n_kv_heads or H
+    if C % H or H % Hkv or (C // H) % 2:
+        raise ValueError(f"the Llama block needs d_model ({C}) divisible by n_heads ({H}), an even head size "
+                         f"and n_heads divisible by n_kv_heads ({Hkv})")
+    hs, F = C // H, d_ff or swiglu_hidden(C)
+    return {"ln_1.weight": (C,), "attn.c_attn.weight": (C, (H + 2 * Hkv) * hs), "attn.c_proj.weight": (C, C),
+            "ln_2.weight": (C,), "mlp.c_fc.weight": (C, 2 * F), "mlp.c_proj.weight": (F, C)}
+
+
+def init_llama_block(shapes, n_layers, rng, dtype=np.float32):
+    """GPT-2's initialisation, the rule language_model.init_params applies to these names too: gains 1,
+    weights N(0, 0.02), the projections back into the residual stream (c_proj) N(0, 0.02 / sqrt(2L))."""
+    params = {}
+    for name, shape in shapes.items():
+        if name.startswith("ln_"):
+            params[name] = np.ones(shape, dtype)
+        else:
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith("c_proj.weight") else 0.02
+            params[name] = rng.normal(0.0, std, size=shape).astype(dtype)
+    return params
+
+
+def block_parameters(d_model, n_heads, n_kv_heads=None, d_ff=None, gpt2_d_ff=None):
+    """Parameters of one block of each kind at the same width C: {"gpt2": ..., "llama": ...}.
+    GPT-2's: c_attn, c_proj, c_fc (gpt2_d_ff, default 4C), c_proj with their biases, two layer
+    norms. Llama's: llama_block_shapes (d_ff default swiglu_hidden(C)). At the defaults both are
+    about 12 C^2: three matrices of F = 8C/3 hold what two of 4C do."""
+    C = d_model
+    Fg = gpt2_d_ff or 4 * C
+    gpt2 = (C * 3 * C + 3 * C) + (C * C + C) + (C * Fg + Fg) + (Fg * C + C) + 2 * 2 * C
+    llama = sum(math.prod(s) for s in llama_block_shapes(C, n_heads, n_kv_heads, d_ff).values())
+    return {"gpt2": gpt2, "llama": llama}
