@@ -141,7 +141,7 @@ def print_sizes(vocab_size=50257):
     print("|---|---|---|---|---|---|---|---|")
     for name, p in PRESETS.items():
         model = LanguageModel(config_from_flags(dict(p, vocab_size=vocab_size)), for_training=False)
-        print(f"| {name} | {p['d_model']} | {p['n_heads']} | {p['d_ff']} | {p['n_layers']} | "
+        print(f"| {name.capitalize()} (`--preset {name}`) | {p['d_model']} | {p['n_heads']} | {p['d_ff']} | {p['n_layers']} | "
               f"{p['batch_size']} × {p['seq_len']} | {model.num_parameters():,} | "
               f"{model.num_parameters(include_embeddings=False):,} |")
 

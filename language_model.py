@@ -28,7 +28,7 @@ from device import require, to_device, to_host
 from embeddings import embedding_backward, embedding_forward, sinusoidal_positions
 from lm_head import HeadWorkspace, lm_head_forward, lm_head_loss
 from loss import IGNORE_INDEX
-from parallel import Shards, zero
+from parallel import Shards
 from transformer import KVCache, block_backward, block_forward
 
 
@@ -249,7 +249,7 @@ class LanguageModel:
 
     def zero_grad(self):
         """Set every gradient to 0, before the forward_backward calls of a step."""
-        zero(self.grads.flat, self.shards.runner)
+        self.shards.zero_grad()
 
     def forward_backward(self, idx, targets, n_targets):
         """The gradients of the batch's summed loss / n_targets, added into self.grads; returns the
@@ -268,4 +268,4 @@ class LanguageModel:
     def evaluate(self, idx, targets):
         """No gradients: (loss sum, number of correct predictions) over the counted targets (see _sums)."""
         idx, targets = self._to_device(idx, targets)
-        return self._sums(self.shards.run(lambda i, t, g, ws: self._loss(i, t, ws), idx, targets))
+        return self._sums(self.shards.run(lambda i, t, g, ws: self._loss(i, t, ws), idx, targets, backward=False))

@@ -92,13 +92,14 @@ def sum_into(arrays, runner):
     runner.map(add, slices(total.size, runner.n_workers))
 
 
-def zero(flat, runner):
-    """flat[...] = 0 for a 1-D array, each of the runner's threads one slice."""
+def zero(arrays, runner):
+    """a[...] = 0 for same-size 1-D arrays, each of the runner's threads one slice of each."""
     def clear(bounds):
         lo, hi = bounds
-        flat[lo:hi].fill(0)
+        for a in arrays:
+            a[lo:hi].fill(0)
 
-    runner.map(clear, slices(flat.size, runner.n_workers))
+    runner.map(clear, slices(arrays[0].size, runner.n_workers))
 
 
 def split_rows(n_rows, parts):
@@ -116,8 +117,9 @@ class Shards:
     run(fn, idx, targets) calls fn(rows of idx, rows of targets, grads, workspace) for every
     worker's contiguous slice of the batch, all at once, then adds the other workers' gradients
     into the model's: fn adds its gradients into grads, and the model's gradients gain the whole
-    batch's. Without gradients (grads None: a model for generation or evaluation) only the
-    workspaces are kept. On the whole-array path (the GPU's) one worker takes the whole batch.
+    batch's. With backward=False (evaluation) fn gets no buffer and nothing is added. Without
+    gradients at all (a model for generation) only the workspaces are kept. On the whole-array
+    path (the GPU's) one worker takes the whole batch.
     """
 
     def __init__(self, n_workers, grads, new_grads, new_workspace):
@@ -125,24 +127,32 @@ class Shards:
         n = self.runner.n_workers
         self.grads = [grads] + [new_grads() for _ in range(n - 1)] if grads is not None else [None] * n
         self.workspaces = [new_workspace() for _ in range(n)]
+        self.cleared = False  # the other workers' buffers zeroed by zero_grad() and not used since
 
     @property
     def n_workers(self):
         return self.runner.n_workers
 
-    def run(self, fn, idx, targets):
+    def zero_grad(self):
+        """Zero the model's gradients and the other workers' buffers, each thread its slice of every
+        buffer: no thread zeroes more than it would in a pass."""
+        zero([g.flat for g in self.grads], self.runner)
+        self.cleared = True
+
+    def run(self, fn, idx, targets, backward=True):
         """[fn(...) of each worker's rows], in the rows' order (see the class)."""
         n = 1 if whole_arrays(idx) else min(self.n_workers, len(idx))
         rows = split_rows(len(idx), n)
+        cleared, self.cleared = self.cleared, self.cleared and not backward
 
         def work(i):
             a, b = rows[i]
-            if i > 0 and self.grads[i] is not None:
+            if backward and i > 0 and not cleared:
                 self.grads[i].flat.fill(0)  # this pass's gradients alone: they are added into the model's
-            return fn(idx[a:b], targets[a:b], self.grads[i], self.workspaces[i])
+            return fn(idx[a:b], targets[a:b], self.grads[i] if backward else None, self.workspaces[i])
 
         results = self.runner.map(work, range(n))
-        if self.grads[0] is not None:
+        if backward:
             # each thread adds up its own slice of the flat arrays, every element over the workers
             # in the same order: the sum does not depend on thread timing
             sum_into([g.flat for g in self.grads[:n]], self.runner)

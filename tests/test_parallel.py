@@ -54,9 +54,30 @@ def test_rows_are_cut_in_order_into_parts_that_differ_by_one_row_at_most():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_zero_clears_every_element_whatever_the_number_of_threads(threads):
-    flat = np.arange(1, 5000, dtype=np.float32)
-    zero(flat, ShardRunner(threads))
-    assert not flat.any()
+    arrays = [np.arange(1, 5000, dtype=np.float32) for _ in range(3)]
+    zero(arrays, ShardRunner(threads))
+    assert not any(a.any() for a in arrays)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_gradients_add_up_over_passes_until_zero_grad(workers):
+    """Two passes over the halves of a batch give the gradients of one pass over all of it (the
+    other workers' buffers hold one pass's gradients each time: zeroed by zero_grad, or before the
+    pass that follows); an evaluation in between changes nothing."""
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, CFG.vocab_size, (6, 7))
+    idx, targets = tokens[:, :-1], tokens[:, 1:]
+    whole = LanguageModel(CFG, seed=1, dtype=np.float64, workers=workers)
+    whole.zero_grad()
+    whole.forward_backward(idx, targets, 36)
+    parts = LanguageModel(CFG, seed=1, dtype=np.float64, workers=workers)
+    for _ in range(2):  # the second step must not see the first one's gradients
+        parts.zero_grad()
+        parts.forward_backward(idx[:3], targets[:3], 36)
+        parts.evaluate(idx, targets)
+        parts.forward_backward(idx[3:], targets[3:], 36)
+    for name, g in whole.grads.items():
+        np.testing.assert_allclose(parts.grads[name], g, rtol=1e-11, atol=1e-15, err_msg=name)
 
 
 def test_shards_run_at_the_same_time():
