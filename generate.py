@@ -414,18 +414,11 @@ def main(argv=None, out=None, err=None):
 
 def _load_errors():
     """Exception types that mean bad input files (checkpoint or tokenizer), reported without a traceback."""
-    errors = [OSError, json.JSONDecodeError]
-    try:
-        from checkpoint import CheckpointError
-        errors.append(CheckpointError)
-    except ImportError:
-        pass
-    try:
-        import tokenizer
-        errors += [v for k, v in vars(tokenizer).items()
-                   if k.endswith("Error") and isinstance(v, type) and issubclass(v, Exception)]
-    except ImportError:
-        pass
+    import tokenizer
+    from checkpoint import CheckpointError
+    errors = [OSError, json.JSONDecodeError, CheckpointError]
+    errors += [v for k, v in vars(tokenizer).items()
+               if k.endswith("Error") and isinstance(v, type) and issubclass(v, Exception)]
     return tuple(errors)
 
 
