@@ -40,7 +40,7 @@ def build_parser():
                    help="end-of-text id joining the lines of a plain .jsonl without tokenizer sidecar "
                         "(default: 50256 for vocab 50257, else vocab_size - 1)")
     m = p.add_argument_group("model")
-    m.add_argument("--preset", choices=sorted(PRESETS), default=None,
+    m.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="a model size of the README's table: sets the model flags, --batch_size and --seq_len "
                         "(any of them given as well wins)")
     m.add_argument("--vocab_size", type=int, default=50257, help="vocabulary size (50257 for GPT-2's tiktoken)")
