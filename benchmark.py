@@ -24,16 +24,17 @@ import time
 
 import numpy as np
 
+from config import PRESETS, ModelConfig, config_from_flags
 from device import DeviceError, gpu_memory, require, synchronize, to_device
-from language_model import LanguageModel, ModelConfig
+from language_model import LanguageModel
 from lm_head import ROWS_PER_CHUNK
+from loss import count_targets
 from optimizer import AdamW, clip_grad_norm
+from parallel import keep_freed_memory
 
-PRESETS = {  # name: (model flags, batch_size, seq_len), as in the guide
-    "tiny": (dict(vocab_size=50257, d_model=64, n_heads=2, d_ff=256, n_layers=2), 32, 128),
-    "small": (dict(vocab_size=50257, d_model=128, n_heads=4, d_ff=512, n_layers=2), 32, 128),
-    "medium": (dict(vocab_size=50257, d_model=256, n_heads=8, d_ff=1024, n_layers=4), 16, 256),
-    "small-v4096": (dict(vocab_size=4096, d_model=128, n_heads=4, d_ff=512, n_layers=2), 32, 128),
+RUNS = {  # --all: the guide's models (config.PRESETS, with their batches), and Small with a small vocabulary
+    "tiny": PRESETS["tiny"], "small": PRESETS["small"], "medium": PRESETS["medium"],
+    "small-v4096": dict(PRESETS["small"], vocab_size=4096),
 }
 
 
@@ -89,9 +90,11 @@ def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu"):
     xp = model.xp
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
     optimizer = AdamW(model.params)
+    x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step():  # what train.py does each step, less the data and the logging
-        model.forward_backward(tokens[:, :-1], tokens[:, 1:])
+        model.zero_grad()
+        model.forward_backward(x, y, count_targets(y))
         clip_grad_norm(model.grads, 1.0)
         optimizer.step(model.grads, lr=3e-4)
 
@@ -130,16 +133,16 @@ def report(name, cfg, B, T, r):
           f"{memory}", flush=True)
 
 
-SIZES = {"Tiny": (64, 2, 256, 2), "Small": (128, 4, 512, 2), "Medium": (256, 8, 1024, 4), "Large": (512, 16, 2048, 6)}
-
-
 def print_sizes(vocab_size=50257):
-    """The guide's model sizes: parameters with and without the (V, C) token embedding (tied to the head)."""
-    print(f"| Size | d_model | n_heads | d_ff | n_layers | Params (all) | Params (without the {vocab_size}-token embedding) |")
-    print("|---|---|---|---|---|---|---|")
-    for name, (C, H, F, L) in SIZES.items():
-        model = LanguageModel(ModelConfig(vocab_size=vocab_size, d_model=C, n_heads=H, d_ff=F, n_layers=L))
-        print(f"| {name} | {C} | {H} | {F} | {L} | {model.num_parameters():,} | "
+    """The guide's model sizes (config.PRESETS): parameters with and without the (V, C) token embedding
+    (tied to the head), as the README's table shows them."""
+    print(f"| Size | d_model | n_heads | d_ff | n_layers | batch × seq | Params (all) | "
+          f"Params (without the {vocab_size}-token embedding) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, p in PRESETS.items():
+        model = LanguageModel(config_from_flags(dict(p, vocab_size=vocab_size)), for_training=False)
+        print(f"| {name.capitalize()} (`--preset {name}`) | {p['d_model']} | {p['n_heads']} | {p['d_ff']} | {p['n_layers']} | "
+              f"{p['batch_size']} × {p['seq_len']} | {model.num_parameters():,} | "
               f"{model.num_parameters(include_embeddings=False):,} |")
 
 
@@ -160,6 +163,7 @@ def main(argv=None):
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu (NumPy) or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or cupy-cuda13x)")
     args = ap.parse_args(argv)
+    keep_freed_memory()
     try:
         require(args.device)
     except DeviceError as e:
@@ -168,10 +172,10 @@ def main(argv=None):
         print_sizes()
         return
     if args.all:  # each in a fresh process, so each peak memory is its own
-        for name, (flags, B, T) in PRESETS.items():
+        for name, flags in RUNS.items():
             print(f"== {name}", flush=True)
-            argv = [f"--{k}={v}" for k, v in {**flags, "batch_size": B, "seq_len": T, "steps": args.steps,
-                                                  "min_seconds": args.min_seconds, "device": args.device}.items()]
+            argv = [f"--{k}={v}" for k, v in {**flags, "steps": args.steps, "min_seconds": args.min_seconds,
+                                                  "device": args.device}.items()]
             subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
         return
     cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,

@@ -4,20 +4,15 @@ Layout of the .npz (uncompressed, loads with allow_pickle=False):
     "param/<name>"   model parameters (GPT-2 names, e.g. "wte", "h.0.attn.c_attn.weight")
     "opt/<name>"     optimizer state (e.g. "opt/t", "opt/m/wte", "opt/v/wte"), optional
     "meta"           a JSON string: {"format": "numpy-gpt checkpoint", "version": 1,
-                     "config": ModelConfig.to_dict(), "step": int, "tokenizer": identity,
-                     "tokenizer_model_json": str|None, "rng": ..., "data": ..., "train_args": ...,
-                     "run_id": the training run's id, "workers": threads a batch was split over}
+                     "config": ModelConfig.to_dict(), "step": int, ...}; train.py adds the rest
+                     of its run's state (train_state.py: run id, data position, tokenizer, ...)
 
 Writes are atomic: the file is written to a temporary name in the same directory,
 fsynced, then renamed over the target, so a crash mid-write leaves the previous
 checkpoint (or none) but never a truncated one. Reads trust nothing in the file: every
 array's header is checked against the file's size and the config against the arrays
 before anything is allocated, and the zip CRCs are checked, so a damaged file gives one
-CheckpointError naming it.
-
-A training run's folder (--save_dir) also holds run.json, the id of the run that last
-trained there (a bare --resume continues that run: choose_resume), and train.lock, held
-by the train.py writing there (SaveDirLock).
+CheckpointError naming it. The folder a training run keeps its checkpoints in: run_dir.py.
 
     from checkpoint import save_checkpoint, load_checkpoint, load_model
     save_checkpoint("ck/checkpoint_step_500.npz", model.config, model.params, {"step": 500})
@@ -29,15 +24,10 @@ Command line (print what a checkpoint holds):
 """
 import argparse
 import contextlib
-import glob
 import json
 import math
 import os
-import re
-import secrets
-import socket
 import struct
-import time
 import tokenize
 import zipfile
 from typing import NamedTuple
@@ -45,12 +35,9 @@ from typing import NamedTuple
 import numpy as np
 
 from atomic import atomic_write
+from config import ModelConfig, param_shapes
 from device import get_array_module, to_device
-
-try:
-    import fcntl
-except ImportError:  # not a POSIX system: save_dir locks are skipped
-    fcntl = None
+from language_model import LanguageModel
 
 FORMAT = "numpy-gpt checkpoint"
 VERSION = 1
@@ -231,7 +218,6 @@ def check_config(config, shapes, path):
     if config.n_layers > len(shapes):  # before param_shapes makes 12 names a layer
         raise CheckpointError(f"{path}: the config says {config.n_layers} layers but the file holds only "
                               f"{len(shapes)} arrays (damaged file?)")
-    from language_model import param_shapes
     expected = param_shapes(config)
     if expected.keys() != shapes.keys():
         missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
@@ -247,9 +233,11 @@ def check_config(config, shapes, path):
 def load_checkpoint(path):
     """Read a checkpoint written by save_checkpoint into a Checkpoint tuple. Every value taken from
     the file is checked before it sizes anything: a damaged file gives a CheckpointError naming it."""
-    from language_model import ModelConfig
     with _Reader(path) as r:
         meta = r.meta()
+        stray = [k for k in r.members if k != "meta" and not k.startswith(("param/", "opt/"))]
+        if stray:  # a damaged name: that array must not go unread, the checkpoint loading without it
+            raise _bad(path, f"unexpected member {stray[0] + '.npy'!r}")
         try:
             config = ModelConfig.from_dict(meta["config"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -264,7 +252,6 @@ def load_checkpoint(path):
 def load_model(path, dtype=None, for_training=False, device="cpu"):
     """A LanguageModel built from the checkpoint's arrays (no random weights drawn first, and
     no gradients unless for_training), on device ("cpu" or "cuda"); returns (model, meta)."""
-    from language_model import LanguageModel
     ck = load_checkpoint(path)
     params = ck.params
     if dtype is not None and np.dtype(dtype) != next(iter(params.values())).dtype:
@@ -281,153 +268,6 @@ def copy_params(dst, src, path="checkpoint"):
         if dst[name].shape != arr.shape:
             raise CheckpointError(f"{path}: parameter {name!r} has shape {arr.shape}, model has {dst[name].shape}")
         dst[name][...] = to_device(arr, get_array_module(dst[name]))  # host -> GPU where the model lives there
-
-
-# ----------------------------------------------------------------------------------------------
-# The save_dir of a training run: which run wrote what, and one writer at a time
-
-_STEP_RE = re.compile(r"checkpoint_step_(\d+)\.npz$")
-RUN_FILE = "run.json"      # the id of the run that last trained in the folder
-LOCK_FILE = "train.lock"   # held (flock) by the train.py writing to the folder; holds its pid
-
-
-class Found(NamedTuple):
-    step: int
-    path: str
-    run_id: object     # None for checkpoints written before runs had ids
-    error: object      # why the file is unreadable, else None
-
-
-def list_checkpoints(save_dir):
-    """Every checkpoint_step_N.npz and checkpoint_final.npz in save_dir, newest step first (a final
-    checkpoint before a step file of the same step). Unreadable ones are listed with their error (an
-    unreadable final checkpoint first: its step is unknown, and it was written last)."""
-    found = []
-    for path in glob.glob(os.path.join(str(save_dir), "checkpoint_*.npz")):
-        m = _STEP_RE.search(path)
-        if not m and os.path.basename(path) != "checkpoint_final.npz":
-            continue
-        try:
-            meta = read_meta(path)
-            step = meta.get("step")
-            found.append(Found(step if step is not None else -1, path, meta.get("run_id"), None))
-        except CheckpointError as e:  # an unreadable final checkpoint may be the newest: the highest step
-            found.append(Found(int(m.group(1)) if m else math.inf, path, None, e))
-    found.sort(key=lambda f: (f.step, f.path.endswith("final.npz")), reverse=True)
-    return found
-
-
-def find_latest(save_dir, run_id=None):
-    """Path of the readable checkpoint in save_dir with the highest step, of run run_id if given
-    (None if there is none). A final checkpoint wins over a step file of the same step."""
-    for f in list_checkpoints(save_dir):
-        if f.error is None and (run_id is None or f.run_id == run_id):
-            return f.path
-    return None
-
-
-def new_run_id():
-    """A readable, unique id for a fresh training run: its start time and a random suffix."""
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-
-
-def write_run_id(save_dir, run_id):
-    with atomic_write(os.path.join(str(save_dir), RUN_FILE), "w", encoding="utf-8") as f:
-        f.write(json.dumps({"run_id": run_id, "pid": os.getpid(), "time": round(time.time(), 3)}) + "\n")
-
-
-def read_run_id(save_dir):
-    """The id of the run that last trained in save_dir, or None (no record, or an unreadable one)."""
-    try:
-        with open(os.path.join(str(save_dir), RUN_FILE), encoding="utf-8") as f:
-            run_id = json.load(f).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return run_id if isinstance(run_id, str) else None
-
-
-def choose_resume(save_dir):
-    """The checkpoint a bare --resume continues: the newest of the run that last trained in save_dir.
-
-    Never a newer checkpoint of an earlier run that happens to share the folder; a folder whose
-    checkpoints cannot be told apart (several runs, no record of the last) is refused, saying what to do.
-    """
-    save_dir = str(save_dir)
-    found = list_checkpoints(save_dir)
-    if not found:
-        raise CheckpointError(f"--resume: no checkpoint_*.npz in {save_dir}; pass --resume PATH or start "
-                              "without --resume")
-    last = read_run_id(save_dir)
-    readable = [f for f in found if f.error is None]
-    if not readable:
-        raise CheckpointError(f"--resume: no readable checkpoint in {save_dir}: {found[0].error}")
-    if last is not None:
-        mine = [f for f in readable if f.run_id == last]
-    elif len({f.run_id for f in readable}) == 1:
-        mine = readable
-    else:
-        newest = {}
-        for f in readable:
-            newest.setdefault(f.run_id, f)
-        runs = "; ".join(f"run {r or '(no id)'}: {f.path} (step {f.step})" for r, f in newest.items())
-        raise CheckpointError(f"--resume: {save_dir} holds checkpoints of several runs and no {RUN_FILE} saying "
-                              f"which ran last ({runs}); name the one to continue with --resume PATH")
-    if not mine:
-        other = readable[0] if readable else found[0]
-        raise CheckpointError(f"--resume: the last run in {save_dir} (run {last}) wrote no checkpoint; the "
-                              f"checkpoints there belong to an earlier run (newest: {other.path}, step {other.step}). "
-                              f"Start afresh without --resume, or continue that run with --resume {other.path}")
-    chosen = mine[0]
-    damaged = [f for f in found if f.error is not None and f.step > chosen.step]
-    if damaged:
-        raise CheckpointError(f"--resume: {damaged[0].path} cannot be read ({damaged[0].error}), so the newest "
-                              f"checkpoint of the run is unknown; move that file away, or name one with "
-                              f"--resume PATH (e.g. {chosen.path}, step {chosen.step})")
-    return chosen.path
-
-
-class SaveDirLock:
-    """An exclusive lock on a save_dir, so that two train.py runs never write into one folder.
-
-    fcntl.flock on save_dir/train.lock: the kernel drops it when the process ends, however it ends
-    (kill -9 included), so a crashed run never leaves the folder locked. The file holds the pid of
-    the process holding the lock, for the message a second writer gets.
-    """
-
-    def __init__(self, save_dir):
-        self.path = os.path.join(str(save_dir), LOCK_FILE)
-        try:
-            os.makedirs(str(save_dir), exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise CheckpointError(f"cannot use {save_dir} as the checkpoint folder ({e.strerror}); pass another "
-                                  "--save_dir") from None
-        if fcntl is None:  # not a POSIX system: no lock
-            return
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # held by another process
-            holder = os.pread(self.fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(self.fd)
-            self.fd = None
-            raise CheckpointError(f"{save_dir} is in use by another training run ({holder}); wait for it to end "
-                                  "or stop it, or pass another --save_dir") from None
-        except OSError:  # a file system without locks (some network mounts): go on unlocked
-            return
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the lock; the file stays (deleting it would race)
-            self.fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 def main(argv=None):

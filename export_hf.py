@@ -43,6 +43,7 @@ import numpy as np
 
 from atomic import atomic_write
 from checkpoint import CheckpointError, load_checkpoint
+from config import ModelConfig, param_shapes
 
 EXPORT_FORMAT = "numpy-gpt hf export"
 EXPORT_VERSION = 1
@@ -245,7 +246,6 @@ def _int_field(hf, key, source):
 
 def _config_from_hf(hf, source):
     """Our ModelConfig (learned positions) from GPT2Config fields; errors for what we do not compute."""
-    from language_model import ModelConfig
     from transformer import LN_EPS
     if not isinstance(hf, dict):
         raise HFError(f"{source} is not a JSON object")
@@ -357,7 +357,6 @@ def read_hf_config(path):
 
 def load_hf_params(path, config):
     """{our name: float32 array} for config from the folder; every name and shape checked before reading."""
-    from language_model import param_shapes
     weights = _Weights(path)
     want = param_shapes(config)
     if not config.use_learned_pos:

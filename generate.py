@@ -41,13 +41,13 @@ import time
 
 import numpy as np
 
+from config import PRESETS, config_from_flags
 from device import DeviceError, require, to_host
+from parallel import keep_freed_memory
 
 ARCH_FLAGS = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers")
-BENCH_PRESETS = {  # the guide's model sizes, with a context long enough for 256 tokens
-    "small": dict(vocab_size=50257, d_model=128, n_heads=4, d_ff=512, n_layers=2, max_seq_len=256),
-    "medium": dict(vocab_size=50257, d_model=256, n_heads=8, d_ff=1024, n_layers=4, max_seq_len=256),
-}
+BENCH_PRESETS = ("small", "medium")  # of config.PRESETS: the guide's models, with a context of 256 tokens at least
+BENCH_CONTEXT = 256
 
 
 class GenerateError(Exception):
@@ -369,15 +369,15 @@ def load_any(path, device="cpu"):
 
 
 def run_benchmark(args, out):
-    from language_model import LanguageModel, ModelConfig
+    from language_model import LanguageModel
     if args.checkpoint:
         model, _ = load_any(args.checkpoint, args.device)
         models = {args.checkpoint: model}
     else:
         models = {}
-        for name, preset in BENCH_PRESETS.items():
-            cfg = dict(preset, max_seq_len=max(preset["max_seq_len"], args.benchmark_tokens))
-            models[name] = LanguageModel(ModelConfig(**cfg), seed=0, dtype=np.float32, device=args.device)
+        for name in BENCH_PRESETS:
+            cfg = config_from_flags(dict(PRESETS[name], seq_len=max(BENCH_CONTEXT, args.benchmark_tokens)))
+            models[name] = LanguageModel(cfg, seed=0, dtype=np.float32, device=args.device)
     if hasattr(os, "getloadavg"):  # other work on the machine slows every figure below
         out.write(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
     for name, model in models.items():
@@ -394,6 +394,7 @@ def main(argv=None, out=None, err=None):
     err = err or sys.stderr
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         check_args(args)
         if args.benchmark:
@@ -413,18 +414,11 @@ def main(argv=None, out=None, err=None):
 
 def _load_errors():
     """Exception types that mean bad input files (checkpoint or tokenizer), reported without a traceback."""
-    errors = [OSError, json.JSONDecodeError]
-    try:
-        from checkpoint import CheckpointError
-        errors.append(CheckpointError)
-    except ImportError:
-        pass
-    try:
-        import tokenizer
-        errors += [v for k, v in vars(tokenizer).items()
-                   if k.endswith("Error") and isinstance(v, type) and issubclass(v, Exception)]
-    except ImportError:
-        pass
+    import tokenizer
+    from checkpoint import CheckpointError
+    errors = [OSError, json.JSONDecodeError, CheckpointError]
+    errors += [v for k, v in vars(tokenizer).items()
+               if k.endswith("Error") and isinstance(v, type) and issubclass(v, Exception)]
     return tuple(errors)
 
 

@@ -1,4 +1,4 @@
-"""Softmax cross-entropy for next-token prediction, and the metrics derived from it.
+"""Softmax cross-entropy for next-token prediction.
 
 Shapes: N rows (B*T token positions), V vocabulary size.
 A target equal to IGNORE_INDEX contributes neither loss nor gradient nor accuracy.
@@ -92,11 +92,6 @@ def softmax_cross_entropy_inplace(logits, targets, grad_scale=None, ignore_index
     return loss_sum, n_correct, row_scale
 
 
-def perplexity(mean_loss):
-    """exp of the mean loss over all tokens (not a mean of per-batch perplexities)."""
-    return float(np.exp(min(mean_loss, 700.0)))
-
-
-def bits_per_byte(loss_sum, n_bytes):
-    """Total nats over the text's UTF-8 bytes, in bits: comparable across tokenizers."""
-    return float(loss_sum / np.log(2) / n_bytes)
+def count_targets(targets):
+    """How many targets count (are not IGNORE_INDEX): a step's mean loss divides by this. On the host."""
+    return int(np.count_nonzero(targets != IGNORE_INDEX))

@@ -176,7 +176,7 @@ class Optimizer:
     """Base class: holds references to the parameter arrays, flat state buffers and a step counter.
 
     Every element has an index in the flat parameter vector: the parameters back to back in
-    the order of `params` (LanguageModel's flat_params has exactly this layout). The moments
+    the order of `params` (LanguageModel's params.flat has exactly this layout). The moments
     are flat arrays in that layout, `state[kind][name]` a view into them.
 
     threads: how many threads share the element-wise work of a step (default: the

@@ -29,26 +29,31 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import distributed  # noqa: E402  (after the path is set)
-from language_model import LanguageModel, ModelConfig  # noqa: E402
+from config import ModelConfig  # noqa: E402
+from language_model import LanguageModel  # noqa: E402
+from loss import count_targets  # noqa: E402
 from optimizer import AdamW, clip_grad_norm  # noqa: E402
+from parallel import keep_freed_memory  # noqa: E402
 
 
 def measure(args):
     """Time args.steps training steps here (one rank of an MPI job, or one process); print one JSON line."""
-    ranks = distributed.ranks()
-    threads = ranks.limit_threads() if ranks else None
+    world = distributed.world()
+    threads = world.limit_threads()
+    keep_freed_memory()
     cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
                       n_layers=args.n_layers, max_seq_len=args.seq_len)
-    model = LanguageModel(cfg, seed=0, workers=args.workers)
+    model = LanguageModel(cfg, seed=0, workers=args.workers or threads)
     optimizer = AdamW(model.params, threads=threads)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1))
     x, y = tokens[:, :-1], tokens[:, 1:]
 
-    def step():
-        if ranks:
-            ranks.forward_backward(model, x, y)
-        else:
-            model.forward_backward(x, y)
+    def step():  # train.py's step: this rank's rows, the sums over the ranks, clipping, the update
+        n, (a, b) = count_targets(y), world.rows(len(x))
+        model.zero_grad()
+        loss_sum, n_correct = model.forward_backward(x[a:b], y[a:b], n)
+        world.allreduce_(model.grads.flat)
+        world.sum([loss_sum, n_correct])
         clip_grad_norm(model.grads, 1.0)
         optimizer.step(model.grads, lr=3e-4)
 
@@ -56,18 +61,14 @@ def measure(args):
         step()
     times = []
     for _ in range(args.steps):
-        if ranks:
-            ranks.barrier()  # every rank starts the step together: the time is the job's
+        world.barrier()  # every rank starts the step together: the time is the job's
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    peaks = ranks.comm.gather(peak_mb) if ranks else [peak_mb]
-    slowest = np.array(times)
-    if ranks:  # a step takes as long as its slowest rank
-        ranks.comm.Allreduce(ranks.MPI.IN_PLACE, slowest, op=ranks.MPI.MAX)
-    if ranks is None or ranks.is_root:
-        print(json.dumps({"processes": ranks.size if ranks else 1, "workers": model.runner.n_workers,
+    peaks = world.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    slowest = np.max(world.gather(times), axis=0)  # a step takes as long as its slowest rank
+    if world.is_root:
+        print(json.dumps({"processes": world.size, "workers": model.workers,
                           "step_s": float(np.median(slowest)), "tokens_per_s": x.size / float(np.median(slowest)),
                           "peak_mb_per_process": peaks}), flush=True)
 

@@ -99,14 +99,19 @@ def child(fault, at, argv):
         os.kill(os.getpid(), signal.SIGKILL)
 
     if fault == "step":  # the weights changed in memory, nothing saved yet
-        real_step = train.Trainer.train_step
+        real_make_optimizer = train.make_optimizer
 
-        def train_step(self):
-            out = real_step(self)
-            if due():
-                die()
-            return out
-        train.Trainer.train_step = train_step
+        def make_optimizer(*args, **kwargs):
+            opt = real_make_optimizer(*args, **kwargs)
+            update = opt.step
+
+            def update_then_die(grads, lr):
+                update(grads, lr)
+                if due():
+                    die()
+            opt.step = update_then_die
+            return opt
+        train.make_optimizer = make_optimizer
     elif fault == "checkpoint":  # half of a checkpoint's bytes written (and on disk)
         real_savez = np.savez
 
@@ -129,23 +134,23 @@ def child(fault, at, argv):
             return real_evaluate(self, idx, targets)
         LanguageModel.evaluate = evaluate
     elif fault == "timer":  # at any instant: `at` milliseconds after training starts
-        real_run = train.Trainer.run
+        real_loop = train.train_loop
 
-        def run(self):
+        def train_loop(run):
             threading.Timer(at / 1000, die).start()
-            return real_run(self)
-        train.Trainer.run = run
+            return real_loop(run)
+        train.train_loop = train_loop
     elif fault == "disk_full":  # the at-th checkpoint finds no room: writes past half its size fail
         import resource
-        real_save = train.Trainer.save
+        real_save = train.save
 
-        def save(self, name):
+        def save(run, name):
             if due():
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that write() fails with EFBIG instead
-                limit = os.path.getsize(self.last_good) // 2
+                limit = os.path.getsize(run.last_good) // 2
                 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-            return real_save(self, name)
-        train.Trainer.save = save
+            return real_save(run, name)
+        train.save = save
     elif fault != "none":
         raise SystemExit(f"unknown fault {fault!r}")
     sys.exit(train.main(argv))
@@ -184,10 +189,11 @@ def reference_run(work, data):
 
 def newest_is_loadable(save_dir):
     """The checkpoint a bare --resume would take loads (None when no checkpoint was written yet)."""
-    from checkpoint import choose_resume, load_checkpoint
+    from checkpoint import load_checkpoint
+    from run_dir import RunDir
     if not glob.glob(os.path.join(save_dir, "checkpoint_*.npz")):
         return None
-    path = choose_resume(save_dir)
+    path = RunDir(save_dir).choose_resume()
     return path, load_checkpoint(path).meta["step"]
 
 

@@ -1,6 +1,6 @@
 """benchmark.py times the matrix products a step cannot avoid: check it counts exactly those."""
 import benchmark
-from language_model import ModelConfig
+from config import ModelConfig
 
 
 def test_matmuls_only_has_the_step_flop_count():

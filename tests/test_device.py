@@ -11,8 +11,9 @@ import pytest
 import device
 import fake_cupy
 from device import DeviceError, require, scatter_add, whole_array_mode, whole_arrays
-from language_model import LanguageModel, ModelConfig
-from loss import IGNORE_INDEX
+from config import ModelConfig
+from language_model import LanguageModel
+from loss import IGNORE_INDEX, count_targets
 from optimizer import AdamW, clip_grad_norm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,20 +44,21 @@ def max_rel_diff(a, b):
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-6), (np.float64, 1e-12)])
 def test_whole_arrays_give_what_blocks_and_workers_give(dtype, tol):
     idx, targets = batch()
+    n = count_targets(targets)
     blocked = LanguageModel(CFG, seed=1, dtype=dtype, workers=2)
-    loss_b, acc_b = blocked.forward_backward(idx, targets)
-    assert len(blocked.shards) == 2
+    loss_b, correct_b = blocked.forward_backward(idx, targets, n)
     whole = LanguageModel(CFG, seed=1, dtype=dtype, workers=2)
     with whole_array_mode():
-        loss_w, acc_w = whole.forward_backward(idx, targets)
+        loss_w, correct_w = whole.forward_backward(idx, targets, n)
         evaluated = whole.evaluate(idx, targets)
-    assert len(whole.shards) == 1  # one worker on the whole-array path
-    assert isinstance(loss_w, float) and isinstance(acc_w, float)
-    assert loss_w == pytest.approx(loss_b, rel=tol) and acc_w == acc_b
+    # the same kind of result either way: 0-d arrays of the model's array module
+    for v in (loss_b, correct_b, loss_w, correct_w):
+        assert type(v) is np.ndarray and v.ndim == 0
+    assert loss_w == pytest.approx(loss_b, rel=tol) and correct_w == correct_b
     for name in blocked.grads:
         assert max_rel_diff(whole.grads[name], blocked.grads[name]) < 10 * tol, name
-    loss_sum, n_correct, n = blocked.evaluate(idx, targets)
-    assert evaluated[1:] == (n_correct, n) and evaluated[0] == pytest.approx(loss_sum, rel=tol)
+    loss_sum, n_correct = blocked.evaluate(idx, targets)
+    assert evaluated[1] == n_correct and evaluated[0] == pytest.approx(loss_sum, rel=tol)
 
 
 def test_a_training_step_on_whole_arrays_matches_the_blocked_one():
@@ -67,7 +69,8 @@ def test_a_training_step_on_whole_arrays_matches_the_blocked_one():
             model = LanguageModel(CFG, seed=2, workers=2)
             opt = AdamW(model.params, weight_decay=0.1)
             for _ in range(2):
-                model.forward_backward(idx, targets)
+                model.zero_grad()
+                model.forward_backward(idx, targets, count_targets(targets))
                 norm = clip_grad_norm(model.grads, 0.5)
                 opt.step(model.grads, lr=1e-3)
             models[path] = (model, norm)
@@ -159,32 +162,54 @@ def test_a_gpu_step_reads_one_value_back_and_computes_what_numpy_does():
     counts host reads. A training step reads one value (the gradient norm), and computes bit for
     bit what NumPy computes on the whole-array path."""
     idx, targets = batch(3)
+    n = count_targets(targets)
     with whole_array_mode():
         cpu = LanguageModel(CFG, seed=4)
         opt_cpu = AdamW(cpu.params, weight_decay=0.1)
-        loss_cpu, acc_cpu = cpu.forward_backward(idx, targets)
+        cpu.zero_grad()
+        loss_cpu, correct_cpu = cpu.forward_backward(idx, targets, n)
         norm_cpu = clip_grad_norm(cpu.grads, 0.5)
         opt_cpu.step(cpu.grads, lr=1e-3)
         evaluated_cpu = cpu.evaluate(idx, targets)
     with fake_cupy.installed() as cupy:
         gpu = LanguageModel(CFG, seed=4, device="cuda")
-        assert isinstance(gpu.flat_params, cupy.ndarray) and gpu.xp is cupy
+        assert isinstance(gpu.params.flat, cupy.ndarray) and gpu.xp is cupy
         opt = AdamW(gpu.params, weight_decay=0.1)
         before = fake_cupy.DeviceArray.syncs
-        loss, acc = gpu.forward_backward(idx, targets)
+        gpu.zero_grad()
+        loss, correct = gpu.forward_backward(idx, targets, n)
         assert fake_cupy.DeviceArray.syncs == before  # the loss and accuracy stay on the device
-        assert isinstance(loss, cupy.ndarray) and loss.ndim == 0
+        assert isinstance(loss, cupy.ndarray) and loss.ndim == 0 and isinstance(correct, cupy.ndarray)
         norm = clip_grad_norm(gpu.grads, 0.5)
         opt.step(gpu.grads, lr=1e-3)
         assert fake_cupy.DeviceArray.syncs == before + 1  # the gradient norm, read once
-        assert (float(loss), float(acc), norm) == (loss_cpu, acc_cpu, norm_cpu)
-        np.testing.assert_array_equal(device.to_host(gpu.flat_params), cpu.flat_params)
+        assert (float(loss), int(correct), norm) == (loss_cpu, correct_cpu, norm_cpu)
+        np.testing.assert_array_equal(device.to_host(gpu.params.flat), cpu.params.flat)
         state = opt.state_dict()  # host arrays, for the checkpoint
         assert all(type(v) is np.ndarray for v in state.values())
         np.testing.assert_array_equal(state["v/wte"], opt_cpu.state_dict()["v/wte"])
-        loss_sum, n_correct, n = gpu.evaluate(idx, targets)
-        assert (float(loss_sum), int(n_correct), n) == evaluated_cpu
+        loss_sum, n_correct = gpu.evaluate(idx, targets)
+        assert (float(loss_sum), int(n_correct)) == evaluated_cpu
         assert all(type(v) is np.ndarray for v in gpu.host_params().values())
+
+
+def test_gpu_evaluation_reads_its_sums_back_once_at_the_end(tmp_path):
+    """Summed batch after batch on the device: the loss sum and the count of correct predictions are
+    read back once each, however many batches, and give what NumPy gives."""
+    import train
+    from data_loader import eval_batches, load_dataset
+    from test_train import write_data
+    val = load_dataset(write_data(tmp_path / "valid.jsonl", 60, seed=2), vocab_size=64)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=16)
+    with whole_array_mode():
+        expected = train.evaluate(LanguageModel(cfg, seed=1), val, 4, 16)
+    assert len(list(eval_batches(val, 4, 16))) > 10
+    with fake_cupy.installed():
+        gpu = LanguageModel(cfg, seed=1, device="cuda", for_training=False)
+        before = fake_cupy.DeviceArray.syncs
+        res = train.evaluate(gpu, val, 4, 16)
+        assert fake_cupy.DeviceArray.syncs - before == 2
+    assert res == expected
 
 
 def test_gpu_generation_copies_one_row_of_logits_per_token():
@@ -200,8 +225,8 @@ def test_gpu_generation_copies_one_row_of_logits_per_token():
         assert type(logits) is np.ndarray and logits.shape == (61,)
         assert list(generate(gpu, [1, 2], 20, np.random.default_rng(0), temperature=0.8)) == expected
         back = LanguageModel(cfg, params=gpu.params)  # and back to the host
-        assert type(back.flat_params) is np.ndarray
-        np.testing.assert_array_equal(back.flat_params, cpu.flat_params)
+        assert type(back.params.flat) is np.ndarray
+        np.testing.assert_array_equal(back.params.flat, cpu.params.flat)
 
 
 def test_train_on_the_gpu_resume_on_either_device(tmp_path, capsys):
@@ -249,10 +274,10 @@ def test_gpu_first_step_loss_equals_numpys_for_the_small_model():
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (32, 129))
     cpu = LanguageModel(cfg, seed=0)
     gpu = LanguageModel(cfg, seed=0, device="cuda")
-    np.testing.assert_array_equal(device.to_host(gpu.flat_params), cpu.flat_params)  # drawn on the host
-    loss_cpu, _ = cpu.forward_backward(tokens[:, :-1], tokens[:, 1:])
-    loss_gpu, _ = gpu.forward_backward(tokens[:, :-1], tokens[:, 1:])
-    assert not isinstance(loss_gpu, float)  # still on the device
+    np.testing.assert_array_equal(device.to_host(gpu.params.flat), cpu.params.flat)  # drawn on the host
+    loss_cpu, _ = cpu.forward_backward(tokens[:, :-1], tokens[:, 1:], 32 * 128)
+    loss_gpu, _ = gpu.forward_backward(tokens[:, :-1], tokens[:, 1:], 32 * 128)
+    assert not isinstance(loss_gpu, np.ndarray)  # still on the device
     assert float(loss_gpu) == pytest.approx(loss_cpu, rel=1e-5)
     assert clip_grad_norm(gpu.grads, 1.0) == pytest.approx(clip_grad_norm(cpu.grads, 1.0), rel=1e-4)
 

@@ -16,7 +16,8 @@ import generate
 import train
 from checkpoint import load_checkpoint, save_checkpoint
 from export_hf import HFError, export, load_hf_model
-from language_model import LanguageModel, ModelConfig
+from config import ModelConfig
+from language_model import LanguageModel
 from bpe import ENDOFTEXT, model_from_vocab_merges, train_bpe, write_vocab_merges
 from tokenizer import get_tokenizer, load_bpe, load_tiktoken
 
@@ -416,8 +417,9 @@ def test_train_init_from_takes_the_folders_weights_and_architecture(tmp_path, ca
 
 
 def test_given_flags_sees_flags_set_to_their_default_values():
-    parser = train.build_parser()
-    given = train.given_flags(parser, ["--train_data", "x", "--d_model", "128", "--use_learned_pos"])
+    import train_flags
+    parser = train_flags.build_parser()
+    given = train_flags.given_flags(parser, ["--train_data", "x", "--d_model", "128", "--use_learned_pos"])
     assert {"train_data", "d_model", "use_learned_pos"} <= given
     assert not given & {"n_heads", "seq_len", "no_tie_embeddings", "vocab_size"}
 

@@ -8,7 +8,8 @@ import generate
 from bpe import train_bpe
 from checkpoint import save_checkpoint
 from generate import Decoder, StreamPrinter, generate as generate_tokens, main
-from language_model import LanguageModel, ModelConfig
+from config import ModelConfig
+from language_model import LanguageModel
 from tokenizer import get_tokenizer
 
 TINY = ModelConfig(vocab_size=64, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=8)

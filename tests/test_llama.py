@@ -356,7 +356,7 @@ def test_llama_trunk_gradients_end_to_end(rng):
 # ----------------------------------------------------------------------------- parameters
 
 def test_block_shapes_and_parameter_counts():
-    from language_model import ModelConfig, param_shapes
+    from config import ModelConfig, param_shapes
     shapes = llama_block_shapes(768, 12, 4, 2048)
     assert shapes["attn.c_attn.weight"] == (768, (12 + 2 * 4) * 64) and shapes["mlp.c_fc.weight"] == (768, 4096)
     assert shapes["mlp.c_proj.weight"] == (2048, 768) and not any(k.endswith(".bias") for k in shapes)

@@ -9,8 +9,9 @@ import pytest
 
 from device import whole_array_mode
 from gradcheck import numerical_gradient, rel_error
-from language_model import LanguageModel, ModelConfig, param_shapes
-from loss import IGNORE_INDEX
+from config import ModelConfig, param_shapes
+from language_model import LanguageModel
+from loss import IGNORE_INDEX, count_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=11, d_model=8, n_heads=2, d_ff=12, n_layers=2, max_seq_len=6)
@@ -23,6 +24,14 @@ def tiny_model(seed=0, **overrides):
 def batch(rng, B=2, T=4, V=11):
     tokens = rng.integers(0, V, (B, T + 1))
     return tokens[:, :-1], tokens[:, 1:].copy()
+
+
+def train_pass(model, idx, targets):
+    """One step's gradients in model.grads; returns (mean loss, accuracy) as floats."""
+    n = count_targets(targets)
+    model.zero_grad()
+    loss_sum, n_correct = model.forward_backward(idx, targets, n)
+    return float(loss_sum) / n, float(n_correct) / n
 
 
 @pytest.fixture(params=["blocked", "whole arrays"])
@@ -43,7 +52,7 @@ def test_whole_model_gradients(overrides, array_path):
         model.params[k] += rng.standard_normal(model.params[k].shape) * 0.1
     idx, targets = batch(rng)
     targets[0, 1] = IGNORE_INDEX
-    model.forward_backward(idx, targets)
+    train_pass(model, idx, targets)
     assert set(model.grads) == set(model.params)
     for name, p in model.params.items():
         numeric = numerical_gradient(lambda: model.evaluate(idx, targets)[0] / 7, p)
@@ -59,8 +68,8 @@ def test_tied_weight_collects_embedding_and_head_gradients():
     for k in tied.params:
         untied.params[k][...] = tied.params[k]
     untied.params["lm_head.weight"][...] = tied.params["wte"]
-    loss_tied, _ = tied.forward_backward(idx, targets)
-    loss_untied, _ = untied.forward_backward(idx, targets)
+    loss_tied, _ = train_pass(tied, idx, targets)
+    loss_untied, _ = train_pass(untied, idx, targets)
     assert loss_tied == pytest.approx(loss_untied, rel=1e-14)
     both = untied.grads["wte"] + untied.grads["lm_head.weight"]
     np.testing.assert_allclose(tied.grads["wte"], both, rtol=1e-12, atol=1e-15)
@@ -158,7 +167,7 @@ def test_dtype_follows_the_parameters():
     idx, targets = batch(rng)
     m32 = LanguageModel(ModelConfig(**TINY), dtype=np.float32)
     assert m32.forward(idx).dtype == np.float32
-    m32.forward_backward(idx, targets)
+    train_pass(m32, idx, targets)
     assert all(g.dtype == np.float32 for g in m32.grads.values())
     m64 = LanguageModel(ModelConfig(**TINY), dtype=np.float64)
     assert m64.forward(idx).dtype == np.float64
@@ -189,6 +198,13 @@ def test_bad_config_gets_a_clear_error():
     assert ModelConfig.from_dict(ModelConfig(**TINY).to_dict()) == ModelConfig(**TINY)
 
 
+def test_a_config_without_a_later_field_loads_with_its_default():
+    """A checkpoint written before a field existed (here as if before activation and tie_embeddings)."""
+    old = {k: v for k, v in ModelConfig(**TINY).to_dict().items() if k not in ("activation", "tie_embeddings")}
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.activation == "gelu" and cfg.tie_embeddings is True and cfg.d_model == TINY["d_model"]
+
+
 def test_parameter_count():
     model = LanguageModel(ModelConfig(vocab_size=50257, d_model=128, n_heads=4, d_ff=512, n_layers=2))
     assert model.num_parameters(include_embeddings=False) == 396_800
@@ -201,7 +217,7 @@ def adam_train(model, batches, lr):
     v = {k: np.zeros_like(p) for k, p in model.params.items()}
     losses = []
     for step, (idx, targets) in enumerate(batches, start=1):
-        loss, _ = model.forward_backward(idx, targets)
+        loss, _ = train_pass(model, idx, targets)
         losses.append(loss)
         for k, p in model.params.items():
             g = model.grads[k]
@@ -246,11 +262,15 @@ def test_small_model_step_stays_under_1_2_gb():
     """The guide's Small model (vocab 50257, batch 32, seq 128): peak resident memory of a training step."""
     code = """
 import resource, numpy as np
-from language_model import LanguageModel, ModelConfig
+from config import ModelConfig
+from language_model import LanguageModel
+from parallel import keep_freed_memory
+keep_freed_memory()  # as train.py does first
 model = LanguageModel(ModelConfig(vocab_size=50257, d_model=128, n_heads=4, d_ff=512, n_layers=2, max_seq_len=128))
 tokens = np.random.default_rng(0).integers(0, 50257, (32, 129))
 for _ in range(2):
-    model.forward_backward(tokens[:, :-1], tokens[:, 1:])
+    model.zero_grad()
+    model.forward_backward(tokens[:, :-1], tokens[:, 1:], 32 * 128)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
     import os

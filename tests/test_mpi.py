@@ -20,7 +20,8 @@ import pytest
 import distributed
 import train
 from checkpoint import load_checkpoint
-from language_model import LanguageModel, ModelConfig
+from config import ModelConfig
+from language_model import LanguageModel
 from test_train import metrics, tiny_flags, write_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,45 +77,85 @@ def numbers(save_dir):
 
 
 def test_rank_rows_are_cut_as_the_workers_cut_a_batch():
+    """The rows each rank takes (world.rows) are the rows each worker of one process computes."""
     cfg = ModelConfig(vocab_size=11, d_model=4, n_heads=2, d_ff=8, n_layers=1, max_seq_len=3)
     for n_ranks in (2, 3, 4):
         model = LanguageModel(cfg, workers=n_ranks)
         for rows in range(n_ranks, 12):
-            idx = np.zeros((rows, 3), dtype=np.int64)
-            workers = [(len(part[0])) for part in model._split(idx, idx)]
-            ranks = [distributed.Ranks.share(SimpleNamespace(size=n_ranks, rank=r), rows) for r in range(n_ranks)]
-            assert [b - a for a, b in ranks] == workers
+            idx = np.arange(rows)[:, None].repeat(3, axis=1) % 11
+            workers = model.shards.run(lambda i, t, g, ws: (int(i[0, 0]), len(i)), idx, idx)
+            ranks = [distributed.World.rows(SimpleNamespace(size=n_ranks, rank=r), rows) for r in range(n_ranks)]
+            assert [(a, b - a) for a, b in ranks] == workers
             assert ranks[0][0] == 0 and ranks[-1][1] == rows
             assert all(ranks[i][1] == ranks[i + 1][0] for i in range(n_ranks - 1))
 
 
-def test_slices_with_the_whole_batch_count_add_up_to_the_whole_batch_bit_for_bit():
-    """forward_backward(count=n) on each rank's rows, the sums added: what one process with as many
+def test_ranks_rows_with_the_whole_batch_count_add_up_to_the_whole_batch_bit_for_bit():
+    """forward_backward(..., n) on each rank's rows, the sums added: what one process with as many
     workers computes (the Allreduce done here by hand), bit for bit, ignored targets included."""
-    from loss import IGNORE_INDEX
+    from loss import IGNORE_INDEX, count_targets
     cfg = ModelConfig(vocab_size=13, d_model=8, n_heads=2, d_ff=12, n_layers=1, max_seq_len=6)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (5, 7))
     x, y = tokens[:, :-1], tokens[:, 1:].copy()
     y[4, :3] = IGNORE_INDEX
+    n = count_targets(y)
     whole = LanguageModel(cfg, seed=1, workers=2)
-    loss, accuracy = whole.forward_backward(x, y)
-    n = int(np.count_nonzero(y != IGNORE_INDEX))
+    loss_sum, n_correct = whole.forward_backward(x, y, n)
     rank_models = [LanguageModel(cfg, seed=1, workers=1) for _ in range(2)]
     sums, grads = [], []
     for r, model in enumerate(rank_models):
-        a, b = distributed.Ranks.share(SimpleNamespace(size=2, rank=r), len(x))
-        sums.append(model.forward_backward(x[a:b], y[a:b], count=n))
+        a, b = distributed.World.rows(SimpleNamespace(size=2, rank=r), len(x))
+        sums.append(model.forward_backward(x[a:b], y[a:b], n))
         grads.append(model.grads)
-    assert (sums[0][0] + sums[1][0]) / n == loss and (sums[0][1] + sums[1][1]) / n == accuracy
+    assert sums[0][0] + sums[1][0] == loss_sum and sums[0][1] + sums[1][1] == n_correct
     for name, g in whole.grads.items():
         np.testing.assert_array_equal(grads[0][name] + grads[1][name], g, err_msg=name)
 
 
 def test_outside_mpiexec_nothing_changes_and_mpi4py_is_not_imported():
     env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_VARS}
-    code = "import sys, distributed; print(distributed.ranks(), 'mpi4py' in sys.modules)"
+    code = "import sys, distributed; print(type(distributed.world()).__name__, 'mpi4py' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
-    assert out.stdout.split() == ["None", "False"], out.stderr
+    assert out.stdout.split() == ["Solo", "False"], out.stderr
+
+
+def fake_exit(exits):
+    """os._exit for a test: records the exit code, then ends only the calling thread (SystemExit)."""
+    def _exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+    return _exit
+
+
+def test_the_watchdog_names_a_dead_rank_through_the_callback_it_was_built_with(monkeypatch, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # gone, and reaped: as a rank that was killed
+    ranks = SimpleNamespace(rank=0, size=2, neighbours=[0, 1], where=[("here", os.getpid()), ("here", dead.pid)])
+    exits, heard = [], []
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit(exits))
+    dog = distributed.Watchdog(ranks, on_lost=lambda what: heard.append(what) or f"error: {what}. Resume from X")
+    dog.stop()  # its thread looks only while a collective waits; here lost() is called directly
+    with pytest.raises(SystemExit):
+        dog.lost("a rank died")
+    assert exits == [distributed.EXIT_RANK_LOST]
+    assert heard == [f"rank 1 (pid {dead.pid} on here) is gone, so the MPI job stops (seen by rank 0)"]
+    assert capsys.readouterr().err == f"error: {heard[0]}. Resume from X\n"
+
+
+def test_the_watchdog_ends_a_wait_longer_than_its_limit(monkeypatch, capsys):
+    """Rank 1 on another machine answers no more: after the limit the watchdog's thread speaks."""
+    ranks = SimpleNamespace(rank=0, size=2, neighbours=[0], where=[("here", os.getpid()), ("there", 1)])
+    exits = []
+    dog = distributed.Watchdog(ranks)  # no callback: the plain message
+    # os._exit, in the watchdog's thread: recorded, and the thread stops watching
+    monkeypatch.setattr(distributed.os, "_exit", lambda code: exits.append(code) or dog.stop())
+    with dog.waiting(0.3):
+        end = time.monotonic() + 10
+        while not exits and time.monotonic() < end:
+            time.sleep(0.05)
+    assert exits == [distributed.EXIT_RANK_LOST]
+    assert capsys.readouterr().err == ("error: no answer from the other ranks for 0 s: one of ranks 1, on other "
+                                       "machines, died or hangs, so the MPI job stops (seen by rank 0)\n")
 
 
 def test_mpiexec_without_mpi4py_is_a_clear_error(data, tmp_path):

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from language_model import LanguageModel, ModelConfig
-from loss import IGNORE_INDEX
-from parallel import ShardRunner, blas_threads, sum_into
+from config import ModelConfig
+from language_model import LanguageModel
+from loss import IGNORE_INDEX, count_targets
+from parallel import ShardRunner, blas_threads, split_rows, sum_into, zero
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ModelConfig(vocab_size=13, d_model=8, n_heads=2, d_ff=12, n_layers=2, max_seq_len=6)
@@ -23,19 +24,60 @@ def test_shards_give_the_loss_and_gradients_of_the_whole_batch(workers):
     tokens = rng.integers(0, CFG.vocab_size, (5, 7))  # 5 sequences: shards of unequal size
     idx, targets = tokens[:, :-1], tokens[:, 1:].copy()
     targets[4, :4] = IGNORE_INDEX  # the last shard counts fewer targets than the others
+    n = count_targets(targets)
     one = LanguageModel(CFG, seed=1, dtype=np.float64, workers=1)
     split = LanguageModel(CFG, seed=1, dtype=np.float64, workers=workers)
-    loss_one, acc_one = one.forward_backward(idx, targets)
+    loss_one, correct_one = one.forward_backward(idx, targets, n)
     for _ in range(2):  # the second step must not see the first one's gradients
-        loss_split, acc_split = split.forward_backward(idx, targets)
-    assert len(split.shards) == min(workers, 5)
+        split.zero_grad()
+        loss_split, correct_split = split.forward_backward(idx, targets, n)
+    assert split.workers == workers
     assert loss_split == pytest.approx(loss_one, rel=1e-13)
-    assert acc_split == acc_one
+    assert correct_split == correct_one
     for name in one.grads:
         np.testing.assert_allclose(split.grads[name], one.grads[name], rtol=1e-11, atol=1e-15, err_msg=name)
-    loss_sum, n_correct, n = split.evaluate(idx, targets)
-    assert (n_correct, n) == one.evaluate(idx, targets)[1:] and n == 5 * 6 - 4
-    assert loss_sum / n == pytest.approx(loss_one, rel=1e-13)
+    loss_sum, n_correct = split.evaluate(idx, targets)
+    assert n_correct == one.evaluate(idx, targets)[1] == correct_one and n == 5 * 6 - 4
+    assert loss_sum == pytest.approx(loss_one, rel=1e-13)
+
+
+def test_rows_are_cut_in_order_into_parts_that_differ_by_one_row_at_most():
+    for n_rows in range(12):
+        for parts in range(1, 6):
+            rows = split_rows(n_rows, parts)
+            sizes = [b - a for a, b in rows]
+            assert len(rows) == parts and rows[0][0] == 0 and rows[-1][1] == n_rows
+            assert all(rows[i][1] == rows[i + 1][0] for i in range(parts - 1))
+            assert max(sizes) - min(sizes) <= 1
+    assert split_rows(7, 2) == [(0, 3), (3, 7)]  # np.linspace's cut: the one the digests were recorded with
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_zero_clears_every_element_whatever_the_number_of_threads(threads):
+    arrays = [np.arange(1, 5000, dtype=np.float32) for _ in range(3)]
+    zero(arrays, ShardRunner(threads))
+    assert not any(a.any() for a in arrays)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_gradients_add_up_over_passes_until_zero_grad(workers):
+    """Two passes over the halves of a batch give the gradients of one pass over all of it (the
+    other workers' buffers hold one pass's gradients each time: zeroed by zero_grad, or before the
+    pass that follows); an evaluation in between changes nothing."""
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, CFG.vocab_size, (6, 7))
+    idx, targets = tokens[:, :-1], tokens[:, 1:]
+    whole = LanguageModel(CFG, seed=1, dtype=np.float64, workers=workers)
+    whole.zero_grad()
+    whole.forward_backward(idx, targets, 36)
+    parts = LanguageModel(CFG, seed=1, dtype=np.float64, workers=workers)
+    for _ in range(2):  # the second step must not see the first one's gradients
+        parts.zero_grad()
+        parts.forward_backward(idx[:3], targets[:3], 36)
+        parts.evaluate(idx, targets)
+        parts.forward_backward(idx[3:], targets[3:], 36)
+    for name, g in whole.grads.items():
+        np.testing.assert_allclose(parts.grads[name], g, rtol=1e-11, atol=1e-15, err_msg=name)
 
 
 def test_shards_run_at_the_same_time():
@@ -83,15 +125,20 @@ def test_worker_threads_reuse_freed_memory():
     every step then page-faults on fresh memory again (2,500 faults a step here, before the fix)."""
     code = """
 import resource, numpy as np
-from language_model import LanguageModel, ModelConfig
+from config import ModelConfig
+from language_model import LanguageModel
+from parallel import keep_freed_memory
+keep_freed_memory()  # as train.py and benchmark.py do first
 model = LanguageModel(ModelConfig(vocab_size=4096, d_model=128, n_heads=4, d_ff=512, n_layers=2), workers=2)
 tokens = np.random.default_rng(0).integers(0, 4096, (32, 129))
 for _ in range(2):
-    model.forward_backward(tokens[:, :-1], tokens[:, 1:])
+    model.zero_grad()
+    model.forward_backward(tokens[:, :-1], tokens[:, 1:], 32 * 128)
 faults = []
 for _ in range(5):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    model.forward_backward(tokens[:, :-1], tokens[:, 1:])
+    model.zero_grad()
+    model.forward_backward(tokens[:, :-1], tokens[:, 1:], 32 * 128)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(sorted(faults)[2])
 """
@@ -115,23 +162,27 @@ def test_shard_sum_is_the_same_to_the_bit_whatever_the_number_of_threads(threads
 
 def test_parameters_and_gradients_are_views_into_flat_buffers():
     model = LanguageModel(CFG, seed=1, workers=2)
-    for tree, flat in ((model.params, model.flat_params), (model.grads, model.flat_grads)):
+    for tree in (model.params, model.grads):
+        flat = tree.flat
         assert flat.ndim == 1 and flat.size == sum(v.size for v in tree.values())
         offset = 0
         for name, v in tree.items():  # back to back, in param_shapes order
             assert np.shares_memory(v, flat[offset : offset + v.size]), name
             offset += v.size
-    model.flat_params[:] = 0.5
+        for i, layer in enumerate(tree.layers):  # each block's views, without their "h.{i}." prefix
+            assert layer.keys() == {k[len(f"h.{i}."):] for k in tree if k.startswith(f"h.{i}.")}
+            assert all(v is tree[f"h.{i}.{k}"] for k, v in layer.items())
+    assert len(model.params.layers) == CFG.n_layers
+    model.params.flat[:] = 0.5
     assert (model.params["wte"] == 0.5).all()
     with pytest.raises(TypeError, match="in place"):
         model.params["wte"] = np.zeros_like(model.params["wte"])
     model.params["wte"] += 1.0  # in place: allowed
-    assert (model.flat_params[: model.params["wte"].size] == 1.5).all()
-    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 7))
-    model.forward_backward(tokens[:, :-1], tokens[:, 1:])
-    assert len(model.shards) == 2 and model.shards[0].grads is model.grads
-    other = model.shards[1].grads
-    assert other.flat is not model.flat_grads and np.shares_memory(other["wte"], other.flat)
+    assert (model.params.flat[: model.params["wte"].size] == 1.5).all()
+    # the first worker adds into the model's own gradients, the second into a buffer of its own
+    assert model.shards.grads[0] is model.grads
+    other = model.shards.grads[1]
+    assert other.flat is not model.grads.flat and np.shares_memory(other["wte"], other.flat)
 
 
 def test_a_model_copies_given_parameters_and_checks_them():

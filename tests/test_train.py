@@ -102,14 +102,15 @@ def test_tiny_model_learns_and_everything_is_recorded(data, tmp_path, capsys):
 
 
 def test_evaluation_uses_token_sums_and_scales_bits_per_byte(data, tmp_path):
-    from language_model import LanguageModel, ModelConfig
+    from config import ModelConfig
+    from language_model import LanguageModel
     model = LanguageModel(ModelConfig(vocab_size=V, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=16))
     val = load_dataset(data[1], vocab_size=V)
     full = train.evaluate(model, val, batch_size=7, seq_len=16)
     n_windows = (len(val.tokens) - 1) // 16
     assert full["val_tokens"] == n_windows * 16
     sums = [model.evaluate(x, y) for x, y in __import__("data_loader").eval_batches(val, 7, 16)]
-    total = sum(float(s) for s, _, _ in sums)
+    total = sum(float(s) for s, _ in sums)
     assert full["val_loss"] == pytest.approx(total / full["val_tokens"])
     assert full["val_perplexity"] == pytest.approx(math.exp(total / full["val_tokens"]))
     # capped: the bytes are scaled to the part evaluated, so bits/byte stays comparable
@@ -124,7 +125,8 @@ def test_evaluation_uses_token_sums_and_scales_bits_per_byte(data, tmp_path):
 def test_bits_per_byte_counts_the_byte_of_each_story_separator(tmp_path):
     # one byte per token, the end-of-text token standing for the newline between stories:
     # bits per byte must equal bits per token
-    from language_model import LanguageModel, ModelConfig
+    from config import ModelConfig
+    from language_model import LanguageModel
     model = LanguageModel(ModelConfig(vocab_size=V, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=16))
     val = load_dataset(write_data(tmp_path / "bytes.jsonl", 60, seed=4, bytes_per_token=1), vocab_size=V)
     assert val.num_bytes == len(val.tokens)
@@ -196,10 +198,10 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_good_checkpoint(data, tmp_p
     real = LanguageModel.forward_backward
     calls = []
 
-    def flaky(self, idx, targets):
+    def flaky(self, idx, targets, n_targets):
         calls.append(1)
-        loss, acc = real(self, idx, targets)
-        return (float("nan"), acc) if len(calls) == 13 else (loss, acc)
+        loss_sum, n_correct = real(self, idx, targets, n_targets)
+        return (float("nan"), n_correct) if len(calls) == 13 else (loss_sum, n_correct)
     monkeypatch.setattr(LanguageModel, "forward_backward", flaky)
     save_dir = str(tmp_path / "ck")
     with pytest.raises(SystemExit) as e:
@@ -214,15 +216,14 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_good_checkpoint(data, tmp_p
 
 
 def test_one_worker_or_several_train_the_same_model(data, tmp_path, monkeypatch):
-    from language_model import LanguageModel
-    shard_counts, real_split = [], LanguageModel._split
+    import parallel
+    shard_counts, real_split = [], parallel.split_rows
 
-    def counting_split(self, idx, targets):
-        parts = real_split(self, idx, targets)
-        shard_counts.append(len(parts))
-        return parts
+    def counting_split(n_rows, parts):  # as parallel.Shards cuts a batch among the workers
+        shard_counts.append(parts)
+        return real_split(n_rows, parts)
 
-    monkeypatch.setattr(LanguageModel, "_split", counting_split)
+    monkeypatch.setattr(parallel, "split_rows", counting_split)
     weights = {}
     for workers in (1, 3):
         d = str(tmp_path / f"w{workers}")
@@ -304,15 +305,13 @@ def test_max_time_stops_with_a_checkpoint_to_resume_from(data, tmp_path, capsys)
 
 
 def test_checkpoint_embeds_the_bpe_model_so_generation_needs_nothing_else(data, tmp_path, monkeypatch):
-    import types
     seen = []
 
     class FakeBPE:
         def model_json(self):
             return '{"merges": "the exact model file text"}'
-    fake = types.ModuleType("tokenizer")
-    fake.tokenizer_from_identity = lambda identity, model_json=None: seen.append(identity) or FakeBPE()
-    monkeypatch.setitem(sys.modules, "tokenizer", fake)
+    monkeypatch.setattr(train, "tokenizer_from_identity",
+                        lambda identity, model_json=None: seen.append(identity) or FakeBPE())
     save_dir = str(tmp_path / "ck")
     assert train.main(tiny_flags(data, save_dir, max_steps=2, eval_interval=0)) == 0
     meta = read_meta(os.path.join(save_dir, "checkpoint_final.npz"))
@@ -335,14 +334,19 @@ def test_progress_bar_with_eta_on_a_terminal(data, tmp_path, monkeypatch):
 
 def stop_at(step, monkeypatch):
     """Make the next train.main() get a Ctrl-C right after update `step` (it saves there and exits 130)."""
-    real = train.Trainer.train_step
+    real = train.make_optimizer
 
-    def train_step(self):
-        out = real(self)
-        if self.step == step:
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-    monkeypatch.setattr(train.Trainer, "train_step", train_step)
+    def make_optimizer(*args, **kwargs):
+        opt = real(*args, **kwargs)
+        update = opt.step
+
+        def update_then_signal(grads, lr):
+            update(grads, lr)
+            if opt.t == step:
+                os.kill(os.getpid(), signal.SIGINT)
+        opt.step = update_then_signal
+        return opt
+    monkeypatch.setattr(train, "make_optimizer", make_optimizer)
 
 
 def test_resume_continues_the_interrupted_run_not_a_newer_checkpoint_of_an_older_run(data, tmp_path, monkeypatch,
@@ -395,8 +399,8 @@ def test_resuming_with_another_number_of_workers_says_so(data, tmp_path, capsys)
     assert train.main(tiny_flags(data, d, max_steps=4, eval_interval=0, workers=1)) == 0
     assert train.main(tiny_flags(data, d, max_steps=6, eval_interval=0, workers=2, resume=True)) == 0
     out = capsys.readouterr().out
-    assert "over 1 MPI rank(s) x 2 worker(s), the checkpoint's run over 1 x 1" in out and "last bits" in out
-    assert "--workers 1" in out
+    assert "over 1 MPI rank(s) x 2 worker(s) x 1 micro-batch(es), the checkpoint's run over 1 x 1 x 1" in out
+    assert "last bits" in out and "--workers 1 --grad_accum 1" in out
     assert train.main(tiny_flags(data, d, max_steps=8, eval_interval=0, workers=2, resume=True)) == 0
     assert "workers" not in capsys.readouterr().out
 
@@ -415,3 +419,140 @@ def test_a_full_disk_while_logging_stops_with_one_line(data, tmp_path, monkeypat
         train.main(tiny_flags(data, str(tmp_path / "ck"), max_steps=100, eval_interval=0))
     msg = str(e.value.code)
     assert msg.startswith("error: the disk is full (No space left on device)") and "--resume" in msg
+
+
+def test_grad_accum_micro_steps_give_the_update_of_one_full_step():
+    """nanoGPT's gradient accumulation: the gradients of N micro-batches of B/N rows, added up, are those
+    of one batch of B. Bit for bit where the additions are the same: 2 micro-batches of one worker
+    against one pass over the batch split between 2 workers (the second adds into a zeroed buffer of
+    its own, then into the first's), as long as every gradient gets one addition a pass: an untied head
+    in one chunk of rows, and no token twice in a micro-batch (the embedding's scatter-add then adds
+    each row once). Otherwise the sums differ in order: float32 rounding apart."""
+    from threadpoolctl import threadpool_limits
+
+    from config import ModelConfig
+    from language_model import LanguageModel
+    from loss import count_targets
+    rng = np.random.default_rng(0)
+    cfg = ModelConfig(vocab_size=V, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=8, tie_embeddings=False)
+    idx = np.concatenate([rng.permutation(V)[:16].reshape(2, 8) for _ in range(2)])  # 16 ids in each 2 rows
+    targets = rng.integers(0, V, idx.shape)
+    n = count_targets(targets)
+    with threadpool_limits(1, user_api="blas"):  # every product computed alike, in one BLAS thread
+        one_step = LanguageModel(cfg, seed=1, workers=2)
+        one_step.zero_grad()
+        want = one_step.forward_backward(idx, targets, n)
+        micro = LanguageModel(cfg, seed=1, workers=1)
+        micro.zero_grad()
+        got = train.accumulate_gradients(micro, idx, targets, n, 2)
+    assert [float(v) for v in got] == [float(v) for v in want]
+    for name, g in one_step.grads.items():
+        np.testing.assert_array_equal(micro.grads[name], g, err_msg=name)
+
+    # tied embeddings, tokens repeated within a micro-batch, 4 micro-batches against one worker's pass
+    cfg = ModelConfig(vocab_size=V, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=8)
+    idx, targets = rng.integers(0, 6, (8, 8)), rng.integers(0, V, (8, 8))
+    one_step, micro = LanguageModel(cfg, seed=1, workers=1), LanguageModel(cfg, seed=1, workers=1)
+    one_step.zero_grad()
+    want = one_step.forward_backward(idx, targets, 64)
+    micro.zero_grad()
+    got = train.accumulate_gradients(micro, idx, targets, 64, 4)
+    assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-6) and int(got[1]) == int(want[1])
+    assert not np.array_equal(micro.grads["wte"], one_step.grads["wte"])  # summed in another order here
+    for name, g in one_step.grads.items():
+        np.testing.assert_allclose(micro.grads[name], g, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_a_run_with_grad_accum_is_checkpointed_and_resumed_exactly(data, tmp_path, monkeypatch, capsys):
+    from language_model import LanguageModel
+    rows, real = [], LanguageModel.forward_backward
+
+    def recording(self, idx, targets, n_targets):
+        rows.append(len(idx))
+        return real(self, idx, targets, n_targets)
+    monkeypatch.setattr(LanguageModel, "forward_backward", recording)
+    common = dict(max_steps=30, save_interval=10, eval_interval=10, log_interval=5, grad_accum=4, workers=1)
+    ref, d = str(tmp_path / "ref"), str(tmp_path / "ck")
+    assert train.main(tiny_flags(data, ref, **common)) == 0
+    assert set(rows) == {2} and len(rows) == 4 * 30  # micro-batches of 8 / 4 rows, 4 a step
+    with monkeypatch.context() as m:
+        stop_at(17, m)
+        assert train.main(tiny_flags(data, d, **common)) == 130
+    capsys.readouterr()
+    assert train.main(tiny_flags(data, d, resume=True, **common)) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 17" in out and "last bits" not in out
+    got, want = (load_checkpoint(os.path.join(p, "checkpoint_final.npz")) for p in (d, ref))
+    assert got.meta["grad_accum"] == 4 and got.meta["data"] == want.meta["data"]
+    for tree in ("params", "arrays"):
+        for k, v in getattr(want, tree).items():
+            assert np.array_equal(getattr(got, tree)[k], v), k
+    # another --grad_accum sums the same gradients in another order: it goes on, and says so
+    more = str(tmp_path / "more")
+    assert train.main(tiny_flags(data, more, resume=os.path.join(d, "checkpoint_step_20.npz"),
+                                 **dict(common, grad_accum=2))) == 0
+    assert "x 2 micro-batch(es), the checkpoint's run over 1 x 1 x 4" in capsys.readouterr().out
+
+
+def test_sgd_with_grad_accum_trains_what_one_pass_a_step_trains(data, tmp_path):
+    """The same updates, the gradients added in another order: float32 roundings apart (SGD: Adam would
+    blow up the roundoff of gradients that are zero in exact arithmetic)."""
+    weights = {}
+    for grad_accum in (1, 4):
+        d = str(tmp_path / f"a{grad_accum}")
+        flags = tiny_flags(data, d, max_steps=20, eval_interval=0, workers=1, optimizer="sgd", grad_accum=grad_accum)
+        assert train.main(flags) == 0
+        weights[grad_accum] = load_checkpoint(os.path.join(d, "checkpoint_final.npz")).params
+    for name, w in weights[1].items():
+        np.testing.assert_allclose(weights[4][name], w, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_a_preset_sets_the_model_and_the_batch_and_flags_given_win(data, tmp_path, monkeypatch):
+    import config
+    import train_flags
+
+    def parse(argv, init=None):
+        parser = train_flags.build_parser()
+        args = parser.parse_args(argv)
+        train_flags.apply_defaults(args, train_flags.given_flags(parser, argv), init)
+        return args
+    args = parse(["--train_data", "x", "--preset", "medium", "--d_model", "128", "--n_heads", "4"])
+    assert (args.d_model, args.n_heads, args.d_ff, args.n_layers, args.batch_size, args.seq_len) == \
+        (128, 4, 1024, 4, 16, 256)
+    assert (args.learning_rate, args.max_steps) == (3e-4, 5000)  # what the preset leaves alone: the defaults
+    # a preset may set any flag, the optimizer's too; given flags still win
+    monkeypatch.setitem(config.PRESETS, "laptop", dict(config.PRESETS["tiny"], learning_rate=1e-3, weight_decay=0.1))
+    args = parse(["--train_data", "x", "--preset", "laptop", "--weight_decay", "0"])
+    assert (args.d_model, args.learning_rate, args.weight_decay) == (64, 1e-3, 0.0)
+    # --init_from's folder gives the architecture; the preset what the folder does not say
+    folder = config.ModelConfig(vocab_size=V, d_model=32, n_heads=2, d_ff=48, n_layers=1, max_seq_len=64)
+    args = parse(["--train_data", "x", "--preset", "small", "--init_from", "dir"], init=(folder, {}))
+    assert (args.d_model, args.d_ff, args.seq_len, args.batch_size) == (32, 48, 64, 32)
+    # a whole run: the checkpoint has the preset's model
+    d = str(tmp_path / "ck")
+    assert train.main(tiny_flags(data, d, preset="tiny", d_model=None, n_heads=None, d_ff=None, n_layers=None,
+                                 batch_size=None, seq_len=None, max_steps=2, eval_interval=0)) == 0
+    ck = load_checkpoint(os.path.join(d, "checkpoint_final.npz"))
+    assert (ck.config.d_model, ck.config.n_layers, ck.config.max_seq_len) == (64, 2, 128)
+    assert ck.meta["train_args"]["batch_size"] == 32 and ck.meta["train_args"]["preset"] == "tiny"
+
+
+def test_a_checkpoint_written_before_the_run_state_record_resumes_exactly(data, tmp_path):
+    """Older checkpoints carry an "rng" key (the batch order's state, again), no "grad_accum" and, from
+    one process, no "ranks": they still resume to the uninterrupted run's weights."""
+    from checkpoint import save_checkpoint
+    d = str(tmp_path / "ck")
+    assert train.main(tiny_flags(data, d, max_steps=6, save_interval=3, eval_interval=0, workers=1)) == 0
+    path = os.path.join(d, "checkpoint_step_3.npz")
+    ck = load_checkpoint(path)
+    assert "rng" not in ck.meta and ck.meta["ranks"] == 1 and ck.meta["grad_accum"] == 1
+    meta = {k: v for k, v in ck.meta.items() if k not in ("format", "version", "config", "ranks", "grad_accum")}
+    meta["rng"] = ck.meta["data"]["bit_generator"]
+    old = str(tmp_path / "old.npz")
+    save_checkpoint(old, ck.config, ck.params, meta, ck.arrays)
+    more = str(tmp_path / "more")
+    assert train.main(tiny_flags(data, more, max_steps=6, save_interval=3, eval_interval=0, workers=1,
+                                 resume=old)) == 0
+    got, want = (load_checkpoint(os.path.join(p, "checkpoint_final.npz")) for p in (more, d))
+    for k, v in want.params.items():
+        assert np.array_equal(got.params[k], v), k

@@ -1,0 +1,105 @@
+"""The model's hyperparameters, its parameters' names and shapes, and the size presets.
+
+    cfg = ModelConfig(vocab_size=50257, d_model=128, n_heads=4, d_ff=512, n_layers=2, max_seq_len=128)
+    shapes = param_shapes(cfg)              # {"wte": (50257, 128), ..., "ln_f.bias": (128,)}
+    cfg = config_from_flags(PRESETS["small"])   # the same model, from train.py's flag names
+
+ModelConfig is saved inside every checkpoint (checkpoint.py), so generate.py needs nothing
+else. A checkpoint written before a field existed still loads: the field takes its default.
+
+PRESETS is the one table of the model sizes: train.py --preset, benchmark.py (--all, --sizes),
+generate.py --benchmark and the README's table of sizes read it. A preset holds train.py flag
+values; flags given on the command line win over a preset's (train.py applies it only to flags
+left out), so a preset may set any flag, the optimizer's too.
+"""
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+GPT2_VOCAB_SIZE = 50257  # GPT-2's tiktoken encoding
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = GPT2_VOCAB_SIZE
+    d_model: int = 128
+    n_heads: int = 4
+    d_ff: int = 512
+    n_layers: int = 2
+    max_seq_len: int = 128  # length of the positional table: the longest context
+    use_learned_pos: bool = False  # learned wpe (GPT-2) instead of the fixed sinusoidal table
+    tie_embeddings: bool = True  # the head projects with wte instead of its own lm_head.weight
+    activation: str = "gelu"  # "gelu" (tanh form, as GPT-2) or "relu"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.activation not in ("gelu", "relu"):
+            raise ValueError(f"activation must be 'gelu' or 'relu', got {self.activation!r}")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """The config a checkpoint holds; fields it lacks (it was written before they existed) take
+        their defaults, and a field this code does not know is an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}: written by a newer version?")
+        return cls(**d)
+
+
+def param_shapes(cfg):
+    """{name: shape} of every parameter, in GPT-2's names and layouts."""
+    C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    shapes = {"wte": (V, C)}
+    if cfg.use_learned_pos:
+        shapes["wpe"] = (cfg.max_seq_len, C)
+    for i in range(cfg.n_layers):
+        shapes.update({
+            f"h.{i}.ln_1.weight": (C,), f"h.{i}.ln_1.bias": (C,),
+            f"h.{i}.attn.c_attn.weight": (C, 3 * C), f"h.{i}.attn.c_attn.bias": (3 * C,),
+            f"h.{i}.attn.c_proj.weight": (C, C), f"h.{i}.attn.c_proj.bias": (C,),
+            f"h.{i}.ln_2.weight": (C,), f"h.{i}.ln_2.bias": (C,),
+            f"h.{i}.mlp.c_fc.weight": (C, F), f"h.{i}.mlp.c_fc.bias": (F,),
+            f"h.{i}.mlp.c_proj.weight": (F, C), f"h.{i}.mlp.c_proj.bias": (C,),
+        })
+    shapes["ln_f.weight"] = (C,)
+    shapes["ln_f.bias"] = (C,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (V, C)  # same layout as wte
+    return shapes
+
+
+# The guide's model sizes, with the batch benchmark.py times each at (train.py flag values).
+PRESETS = {
+    "tiny": dict(d_model=64, n_heads=2, d_ff=256, n_layers=2, batch_size=32, seq_len=128),
+    "small": dict(d_model=128, n_heads=4, d_ff=512, n_layers=2, batch_size=32, seq_len=128),
+    "medium": dict(d_model=256, n_heads=8, d_ff=1024, n_layers=4, batch_size=16, seq_len=256),
+    "large": dict(d_model=512, n_heads=16, d_ff=2048, n_layers=6, batch_size=16, seq_len=256),
+}
+
+
+def config_from_flags(flags):
+    """The ModelConfig that train.py's flags describe ({flag name: value}; those left out take
+    ModelConfig's defaults). --seq_len is the model's max_seq_len."""
+    renamed = {"seq_len": "max_seq_len"}
+    known = {f.name for f in fields(ModelConfig)}
+    values = {renamed.get(k, k): v for k, v in flags.items() if renamed.get(k, k) in known}
+    if "no_tie_embeddings" in flags:
+        values["tie_embeddings"] = not flags["no_tie_embeddings"]
+    return ModelConfig(**values)
+
+
+def flags_from_config(config):
+    """The values of train.py's architecture flags that describe config (--seq_len aside: a run may
+    use a shorter context than the model's max_seq_len)."""
+    return {"vocab_size": config.vocab_size, "d_model": config.d_model, "n_heads": config.n_heads,
+            "d_ff": config.d_ff, "n_layers": config.n_layers, "use_learned_pos": config.use_learned_pos,
+            "no_tie_embeddings": not config.tie_embeddings, "activation": config.activation}

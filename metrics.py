@@ -1,0 +1,192 @@
+"""What a training run reports: printed lines, metrics.jsonl, and where the time of a step goes.
+
+    log = MetricsLog("checkpoints_small/metrics.jsonl")
+    log.say("model: 6,829,696 parameters")          # printed (through tqdm's bar while one shows)
+    log.open(resume_step=None)                      # metrics.jsonl starts (kept up to the step resumed)
+    log.record(type="train", step=50, loss=4.1)     # one JSON line, with the time
+    timer = StepTimer(); timer.start(); ...; timer.lap("model"); ...; timer.stop("bookkeeping")
+
+plot_metrics.py draws the curves from metrics.jsonl.
+"""
+import contextlib
+import json
+import math
+import os
+import time
+
+from atomic import atomic_write
+
+try:
+    from tqdm import tqdm
+except ImportError:  # tqdm is in requirements.txt, but training must not depend on a progress bar
+    tqdm = None
+
+
+class MetricsLog:
+    """Prints messages and appends records to metrics.jsonl; quiet (an MPI rank other than 0, where
+    rank 0 alone prints and writes) it does neither. Records before open() are not kept: where the
+    file starts depends on the checkpoint a run resumes from, known only once it is loaded."""
+
+    def __init__(self, path, quiet=False):
+        self.path, self.quiet = path, quiet
+        self.bar = None  # a tqdm progress bar while one is showing
+        self.file = None
+        self.said = set()
+
+    def open(self, resume_step=None):
+        """Start writing: resuming at resume_step, the records past it are dropped (they belong to the
+        part of the run that was lost, like a line cut short by a kill in the middle of writing it);
+        a fresh run moves an old file to metrics.jsonl.old."""
+        if self.quiet:
+            return
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                keep = [line for line in f if self._record_step(line) <= resume_step]
+            with atomic_write(self.path, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+        elif resume_step is None and os.path.exists(self.path):
+            os.replace(self.path, self.path + ".old")
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    @staticmethod
+    def _record_step(line):
+        """The step of a metrics line; infinity for a line that is not a complete record."""
+        try:
+            step = json.loads(line).get("step")
+            return step if isinstance(step, int) else 0
+        except (ValueError, AttributeError):
+            return math.inf
+
+    def say(self, msg):
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def say_once(self, key, msg):
+        """say(msg) the first time only: a hint worth giving once a run."""
+        if key not in self.said:
+            self.said.add(key)
+            self.say(msg)
+
+    def record(self, **fields):
+        if self.file is None:
+            return
+        fields["time"] = round(time.time(), 3)
+        self.file.write(json.dumps(fields) + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            with contextlib.suppress(OSError):  # a full disk was reported already
+                self.file.close()
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(log, total, initial, show=True):
+    """tqdm's bar of the steps (with the time left) while the block runs, the log's lines printed above
+    it; none without show, without tqdm, or when stderr is not a terminal (a log file would fill
+    with redraws). Yields something to update(1) after each step either way."""
+    bar = None
+    if show and tqdm is not None:
+        bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.1, disable=None)
+        log.bar = None if bar.disable else bar
+    try:
+        yield bar if bar is not None else _NoBar()
+    finally:
+        if bar is not None:
+            bar.close()
+        log.bar = None
+
+
+class Interval:
+    """The training steps since the last log line: their summed loss and accuracy (on the GPU they
+    stay there until logged, as reading them waits for the GPU) and their seconds."""
+
+    def __init__(self):
+        self.loss, self.accuracy, self.steps, self.seconds = 0.0, 0.0, 0, 0.0
+
+    def add(self, loss, accuracy, seconds):
+        self.loss += loss
+        self.accuracy += accuracy
+        self.steps += 1
+        self.seconds += seconds
+
+
+def log_train(log, step, max_steps, interval, lr, grad_norm, tokens_per_step):
+    """One line and one record of the interval's means."""
+    n, secs = interval.steps, interval.seconds
+    loss, accuracy = float(interval.loss) / n, float(interval.accuracy) / n  # on the GPU: read now
+    steps_per_s, tokens_per_s = n / secs, n * tokens_per_step / secs
+    log.say(f"step {step:>6}/{max_steps} | loss {loss:.4f} | acc {accuracy:.4f} | lr {lr:.2e} | "
+            f"grad norm {grad_norm:.3f} | {steps_per_s:.2f} steps/s | {tokens_per_s:,.0f} tokens/s")
+    log.record(type="train", step=step, loss=loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm,
+               steps_per_s=steps_per_s, tokens_per_s=tokens_per_s)
+    if log.bar is not None:
+        log.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+
+def log_eval(log, step, res, seconds):
+    bpb = "n/a" if res["val_bpb"] is None else f"{res['val_bpb']:.4f}"
+    log.say(f"eval step {step}: val loss {res['val_loss']:.4f} | val perplexity {res['val_perplexity']:.2f} | "
+            f"val acc {res['val_accuracy']:.4f} | bits/byte {bpb} | {res['val_tokens']:,} tokens ({seconds:.1f}s)")
+    log.record(type="eval", step=step, **res)
+
+
+class StepTimer:
+    """Seconds per part of a training step, summed over the steps: start() begins a step, lap(name)
+    ends its part `name`, stop(name) its last part.
+
+    sync: a function that waits for the device (device.synchronize), called before each reading
+    of the clock; on a GPU the work is only queued when a call returns, and the parts are right
+    only with it (at the cost of the waits: train.py passes it with --profile).
+    """
+
+    def __init__(self, sync=None):
+        self.sync = sync
+        self.parts = {}
+        self.steps, self.seconds = 0, 0.0  # steps timed, and their seconds in all
+        self._start = self._last = 0.0
+
+    def _now(self):
+        if self.sync is not None:
+            self.sync()
+        return time.perf_counter()
+
+    def start(self):
+        self._start = self._last = self._now()
+
+    def lap(self, name):
+        now = self._now()
+        self.parts[name] = self.parts.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def step_seconds(self):
+        """Seconds from start() to the last lap."""
+        return self._last - self._start
+
+    def stop(self, name):
+        self.lap(name)
+        self.steps += 1
+        self.seconds += self.step_seconds()
+
+    def report(self, log, step, main, show=False):
+        """A "profile" record of the time per step and the time the other parts add to the part `main`;
+        with show, a line too."""
+        if not self.steps:
+            return
+        n, main_s = self.steps, self.parts[main]
+        overhead = (self.seconds - main_s) / main_s * 100 if main_s > 0 else float("nan")
+        log.record(type="profile", step=step, steps=n, loop_ms_per_step=1000 * self.seconds / n,
+                   overhead_pct=overhead, **{f"{k}_ms_per_step": 1000 * v / n for k, v in self.parts.items()})
+        if show:
+            parts = ", ".join(f"{k} {v / main_s * 100:.2f}%" for k, v in self.parts.items() if k != main)
+            log.say(f"profile over {n} steps: {main} {1000 * main_s / n:.2f} ms/step; the loop adds {overhead:.2f}% "
+                    f"({parts})")

@@ -1,0 +1,168 @@
+"""train.py's command line: every flag with its help, the checks of their values, and the values
+the flags left out take.
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    apply_defaults(args, given_flags(parser, argv), init)   # --init_from's folder, then --preset
+    check_args(args)
+
+A flag given on the command line always wins. One left out takes, in this order, the value of
+--init_from's config.json (the architecture), of --preset (config.PRESETS: a model size and its
+batch; a preset may set any flag), else its default.
+"""
+import argparse
+
+from config import PRESETS, flags_from_config
+from optimizer import OPTIMIZERS, LRSchedule
+
+
+class TrainError(Exception):
+    """Bad flags or state: the message says what to do."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a default worth showing."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Train a GPT-style language model in NumPy on tokenized .jsonl data.",
+        formatter_class=HelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--train_data", required=True, help="tokenized training .jsonl (one JSON array of ids per line)")
+    d.add_argument("--val_data", default=None, help="tokenized validation .jsonl (no evaluation without it)")
+    d.add_argument("--eot_id", type=int, default=None,
+                   help="end-of-text id joining the lines of a plain .jsonl without tokenizer sidecar "
+                        "(default: 50256 for vocab 50257, else vocab_size - 1)")
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="a model size of the README's table: sets the model flags, --batch_size and --seq_len "
+                        "(any of them given as well wins)")
+    m.add_argument("--vocab_size", type=int, default=50257, help="vocabulary size (50257 for GPT-2's tiktoken)")
+    m.add_argument("--d_model", type=int, default=128, help="width of the residual stream")
+    m.add_argument("--n_heads", type=int, default=4, help="attention heads per layer (must divide d_model)")
+    m.add_argument("--d_ff", type=int, default=512, help="hidden width of the feed-forward block")
+    m.add_argument("--n_layers", type=int, default=2, help="number of transformer blocks")
+    m.add_argument("--seq_len", type=int, default=128,
+                   help="tokens per training window; also the model's max_seq_len (longest context)")
+    m.add_argument("--use_learned_pos", action="store_true",
+                   help="learned positional embeddings (GPT-2) instead of fixed sinusoidal ones")
+    m.add_argument("--no_tie_embeddings", action="store_true",
+                   help="give the output layer its own weight instead of reusing the token embedding")
+    m.add_argument("--activation", choices=("gelu", "relu"), default="gelu", help="feed-forward nonlinearity")
+    m.add_argument("--init_from", default=None, metavar="DIR",
+                   help="start from the weights of a Hugging Face GPT-2 folder (config.json + model.safetensors, "
+                        "e.g. written by export_hf.py). Its config.json gives the architecture: leave the model flags "
+                        "out (any given must agree); --seq_len defaults to its n_positions and may be shorter")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--batch_size", type=int, default=32, help="windows per step")
+    o.add_argument("--grad_accum", type=int, default=1, metavar="N",
+                   help="compute each batch as N micro-batches of batch_size/N windows, one after the other, "
+                        "their gradients added up: the same update for less memory")
+    o.add_argument("--max_steps", type=int, default=5000, help="total optimizer steps")
+    o.add_argument("--learning_rate", type=float, default=3e-4, help="peak learning rate, reached after warmup")
+    o.add_argument("--min_lr", type=float, default=3e-5, help="learning rate at the end of the decay")
+    o.add_argument("--warmup_steps", type=int, default=500, help="steps of linear warmup from 0 to --learning_rate")
+    o.add_argument("--lr_schedule", choices=LRSchedule.KINDS, default="cosine",
+                   help="decay after warmup: cosine or linear to --min_lr, or constant")
+    o.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw", help="update rule")
+    o.add_argument("--weight_decay", type=float, default=0.01,
+                   help="decoupled weight decay for adamw and sgd (plain adam has none) on weight matrices, "
+                        "never on biases or layer norms")
+    o.add_argument("--decay_embeddings", action="store_true", help="also apply weight decay to the embedding tables")
+    o.add_argument("--beta1", type=float, default=0.9, help="Adam/AdamW first-moment decay")
+    o.add_argument("--beta2", type=float, default=0.999, help="Adam/AdamW second-moment decay")
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0 for plain SGD)")
+    o.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
+    o.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the batch order")
+    o.add_argument("--workers", type=int, default=None,
+                   help="threads each batch is split over, one per core (default: as many as NumPy's BLAS uses, "
+                        "normally every core; 1: no split). Each adds a copy of the gradients and a logits buffer")
+    o.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (NumPy), or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or cupy-cuda13x); "
+                        "checkpoints are the same files either way, so a run resumes on either")
+    r = p.add_argument_group("logging, evaluation, checkpoints")
+    r.add_argument("--save_dir", default="checkpoints", help="directory for checkpoints and metrics.jsonl")
+    r.add_argument("--log_interval", type=int, default=50, help="print training metrics every this many steps")
+    r.add_argument("--eval_interval", type=int, default=500,
+                   help="evaluate on --val_data every this many steps (0: only at the end)")
+    r.add_argument("--eval_batches", type=int, default=None,
+                   help="cap each evaluation at this many batches, spread evenly over the validation set "
+                        "(default: the whole set)")
+    r.add_argument("--save_interval", type=int, default=5000,
+                   help="write checkpoint_step_N.npz every this many steps (0: only the final one)")
+    r.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT, or alone: the newest checkpoint of the run that last trained "
+                        "in --save_dir (pass the same flags as the interrupted run)")
+    r.add_argument("--max_time", type=float, default=None,
+                   help="stop after this many minutes of training, saving a checkpoint to resume from")
+    r.add_argument("--profile", action="store_true",
+                   help="print where step time goes (model vs data, clipping, optimizer, logging); on a GPU it "
+                        "waits for the GPU at each part, to time it")
+    r.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    r.add_argument("--rank_timeout", type=float, default=30.0,
+                   help="under mpiexec: stop when the other ranks give no answer for this many seconds "
+                        "(a rank died or hangs); a rank on the same machine that dies stops the others at once")
+    return p
+
+
+def check_args(args):
+    positive = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "seq_len", "batch_size", "grad_accum",
+                "max_steps", "log_interval")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    for name in ("warmup_steps", "eval_interval", "save_interval", "grad_clip", "weight_decay", "min_lr"):
+        if getattr(args, name) < 0:
+            raise TrainError(f"--{name} must not be negative (got {getattr(args, name)})")
+    if args.d_model % args.n_heads:
+        raise TrainError(f"--d_model {args.d_model} is not divisible by --n_heads {args.n_heads}")
+    if not args.learning_rate > 0:
+        raise TrainError(f"--learning_rate must be positive (got {args.learning_rate})")
+    if args.min_lr > args.learning_rate:
+        raise TrainError(f"--min_lr {args.min_lr} is above --learning_rate {args.learning_rate}")
+    for name in ("eval_batches", "workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.max_time is not None and not args.max_time > 0:
+        raise TrainError(f"--max_time must be a positive number of minutes (got {args.max_time})")
+    if not args.rank_timeout > 0:
+        raise TrainError(f"--rank_timeout must be a positive number of seconds (got {args.rank_timeout})")
+
+
+def given_flags(parser, argv):
+    """The dests of the options argv sets itself (an option left at its default is not among them)."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=ns)
+    return {name for name, value in vars(ns).items() if value is not unset}
+
+
+def apply_defaults(args, given, init=None):
+    """Flags not given take --init_from's values (init: its (ModelConfig, config.json), whose architecture
+    wins; --seq_len its n_positions), then --preset's, then their defaults."""
+    taken = set(given)
+    if init is not None:
+        for name, value in dict(flags_from_config(init[0]), seq_len=init[0].max_seq_len).items():
+            if name not in taken:
+                setattr(args, name, value)
+                taken.add(name)
+    for name, value in PRESETS[args.preset].items() if args.preset else ():
+        if name not in taken:
+            setattr(args, name, value)
+
+
+def check_init_from(args, config):
+    """--init_from's folder describes config: the architecture flags must agree with it."""
+    wrong = [f"--{k} {getattr(args, k)} (folder: {v})" for k, v in flags_from_config(config).items()
+             if getattr(args, k) != v]
+    if args.seq_len > config.max_seq_len:
+        wrong.append(f"--seq_len {args.seq_len} (folder's n_positions: {config.max_seq_len})")
+    if wrong:
+        raise TrainError(f"{args.init_from}/config.json describes another model than the flags: {', '.join(wrong)}. "
+                         "Leave the model flags out with --init_from: its config.json carries them")
