@@ -210,6 +210,18 @@ def test_the_loss_runs_on_cupy_13_and_14(cupy_version):
         np.testing.assert_allclose(cupy.asnumpy(row_scale), expected[2], rtol=1e-6)
 
 
+def test_gpu_products_with_a_weight_are_single_gemms():
+    """CuPy runs an N-D product such as (B, T, C) @ (C, K) as B small GEMMs through an array of
+    pointers, after copying a transposed weight (w.T) into a contiguous one. Every product of a
+    training step with a weight is one 2-D GEMM over the rows instead, which reads w.T as it is."""
+    idx, targets = batch(5)
+    with fake_cupy.installed():
+        gpu = LanguageModel(CFG, seed=4, device="cuda")
+        gpu.forward_backward(idx, targets)
+        assert fake_cupy.counts.batched_matmuls == 0
+        assert [shape for shape in fake_cupy.counts.operand_copies if len(shape) == 2] == []  # only the heads' 4-D views
+
+
 def test_gpu_generation_copies_one_row_of_logits_per_token():
     from generate import Decoder, generate
     cfg = ModelConfig(vocab_size=61, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=12)
@@ -224,6 +236,9 @@ def test_gpu_generation_copies_one_row_of_logits_per_token():
         copies = fake_cupy.counts.host_copies
         assert list(generate(gpu, [1, 2], 20, np.random.default_rng(0), temperature=0.8)) == expected
         assert fake_cupy.counts.host_copies - copies == 20  # the prompt's logits, then one row per new token
+        # no product copies the (V, C) token table (as CuPy does for h @ w_out.T on 3-D h) or runs as a batch
+        assert (cfg.d_model, cfg.vocab_size) not in fake_cupy.counts.operand_copies
+        assert fake_cupy.counts.batched_matmuls == 0
         back = LanguageModel(cfg, params=gpu.params)  # and back to the host
         assert type(back.flat_params) is np.ndarray
         np.testing.assert_array_equal(back.flat_params, cpu.flat_params)
