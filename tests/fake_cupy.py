@@ -393,17 +393,22 @@ def _module(cupy_version):
     return cupy, cupyx
 
 
-@contextlib.contextmanager
-def installed(cupy_version=13, shuffle_scatter=True, seed=0):
-    """sys.modules["cupy"] and ["cupyx"] are the stand-ins inside; `import cupy` gets them.
-    cupy_version: 13 (the stricter matmul) or 14. The counts start from zero."""
-    saved = {name: sys.modules.get(name) for name in ("cupy", "cupyx")}
+def install(cupy_version=13, shuffle_scatter=True, seed=0):
+    """Make the stand-ins sys.modules["cupy"] and ["cupyx"], for good (scripts/gpu_check.sh's
+    rehearsal on a CPU). cupy_version: 13 (the stricter matmul) or 14. The counts start from zero."""
     sys.modules["cupy"], sys.modules["cupyx"] = _module(cupy_version)
-    before = dict(_settings)
     _settings.update(cupy_version=cupy_version, rng=np.random.default_rng(seed) if shuffle_scatter else None)
     counts.reset()
+    return sys.modules["cupy"]
+
+
+@contextlib.contextmanager
+def installed(cupy_version=13, shuffle_scatter=True, seed=0):
+    """install() for the duration of a with block: `import cupy` gets the stand-in inside."""
+    saved = {name: sys.modules.get(name) for name in ("cupy", "cupyx")}
+    before = dict(_settings)
     try:
-        yield sys.modules["cupy"]
+        yield install(cupy_version, shuffle_scatter, seed)
     finally:
         _settings.update(before)
         for name, module in saved.items():
