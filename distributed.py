@@ -23,7 +23,8 @@ Faults. When a rank dies, mpiexec ends the whole job itself (MPICH at once, with
 Open MPI after a SIGTERM). A rank that stops answering without dying (stopped, a machine off
 the network) would leave the others waiting in Allreduce forever. A watchdog thread notices
 a rank on this machine that is gone or stopped, or no answer for --rank_timeout seconds,
-names the lost rank and the checkpoint to resume from, and ends this process.
+names the lost rank and the checkpoint to resume from, and ends this process (the whole job, with
+MPI_Abort, when ranks run on other machines: mpiexec would wait for a hung one there forever).
 
 Uppercase mpi4py calls (Allreduce, Bcast) move NumPy buffers at C speed; lowercase ones
 (allgather, bcast) pickle Python objects and carry only small things (a path, checksums).
@@ -297,6 +298,9 @@ class Ranks:
                     pass
                 sys.stderr.write(message + "\n")
                 sys.stderr.flush()
+                if away:  # ranks on other machines: end the job, or mpiexec waits forever for a hung one there
+                    time.sleep(0.5)  # for mpiexec to pass the message on first
+                    self.comm.Abort(EXIT_RANK_LOST)
             os._exit(EXIT_RANK_LOST)
 
     def _watch(self):
