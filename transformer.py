@@ -154,10 +154,11 @@ def softmax_backward_inplace(da, a):
 
 
 def matmul_rows(x, w):
-    """(..., K) @ (K, N) -> (..., N) as one 2-D product of all rows of x with w, x @ w as a single
-    GEMM. CuPy does a 3-D @ 2-D product as B small GEMMs through an array of pointers, after copying
-    a transposed w (w.T), which in a 2-D product is a flag to cuBLAS; NumPy also loops over B, and
-    its BLAS threads share one large product better than B small ones."""
+    """(..., K) @ (K, N) -> (..., N). On the whole-array path (the GPU's) as one 2-D product of all
+    rows of x with w: CuPy does a 3-D @ 2-D product as B small GEMMs through an array of pointers,
+    after copying a transposed w (w.T), which in a 2-D product is a flag to cuBLAS."""
+    if not whole_arrays(x):
+        return x @ w
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
