@@ -27,7 +27,8 @@ Open MPI after a SIGTERM). A rank that stops answering without dying (stopped, a
 the network) would leave the others waiting in Allreduce forever. A Watchdog thread notices
 a rank on this machine that is gone or stopped, or no answer for --rank_timeout seconds,
 and ends this process with a message naming the lost rank (and, through its on_lost
-callback, the checkpoint to resume from).
+callback, the checkpoint to resume from); when ranks run on other machines it ends the whole job
+with MPI_Abort, since mpiexec would wait for a hung one there forever.
 
 Uppercase mpi4py calls (Allreduce, Bcast) move NumPy buffers at C speed; lowercase ones
 (allgather, bcast) pickle Python objects and carry only small things (a path, checksums).
@@ -344,6 +345,9 @@ class Watchdog:
                     pass
                 sys.stderr.write((message or f"error: {what}") + "\n")
                 sys.stderr.flush()
+                if away:  # ranks on other machines: end the job, or mpiexec waits forever for a hung one there
+                    time.sleep(0.5)  # for mpiexec to pass the message on first
+                    ranks.comm.Abort(EXIT_RANK_LOST)
             os._exit(EXIT_RANK_LOST)
 
     def _watch(self):

@@ -18,7 +18,7 @@ import numpy as np
 
 from device import get_array_module, whole_arrays
 from loss import IGNORE_INDEX, softmax_cross_entropy_inplace
-from transformer import layernorm_backward, layernorm_forward
+from transformer import layernorm_backward, layernorm_forward, matmul_rows
 
 ROWS_PER_CHUNK = 512  # rows of logits per matrix product: big enough for BLAS to run at full speed
 
@@ -26,7 +26,7 @@ ROWS_PER_CHUNK = 512  # rows of logits per matrix product: big enough for BLAS t
 def lm_head_forward(x, w_ln, b_ln, w_out):
     """(B, T, C) -> logits (B, T, V)."""
     h, _ = layernorm_forward(x, w_ln, b_ln)
-    return h @ w_out.T  # (B, T, C) @ (C, V) -> (B, T, V)
+    return matmul_rows(h, w_out.T)  # (B, T, C) @ (C, V) -> (B, T, V): one GEMM, no copy of the table
 
 
 class HeadWorkspace:

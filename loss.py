@@ -74,8 +74,10 @@ def softmax_cross_entropy_inplace(logits, targets, grad_scale=None, ignore_index
             block -= shift[b, None]
         xp.exp(block, out=block)
         # row sums as a matrix-vector product: twice as fast as np.sum's pairwise summation
-        # and accurate enough in float32 (BLAS keeps many partial sums of positive terms)
-        xp.matmul(block, ones, out=row_sum[b])
+        # and accurate enough in float32 (BLAS keeps many partial sums of positive terms). The
+        # vector and the result as (V, 1) and (rows, 1) columns: CuPy 13's matmul refuses a 1-D
+        # `out` (NumPy computes the same either way, bit for bit)
+        xp.matmul(block, ones[:, None], out=row_sum[b, None])
     # a tie for the maximum counts as correct; argmax would cost another pass over the rows
     n_correct = (valid & (target_logit >= row_max)).sum()
     # -log softmax at the target = logsumexp - target logit

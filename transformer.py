@@ -153,6 +153,15 @@ def softmax_backward_inplace(da, a):
     da *= a
 
 
+def matmul_rows(x, w):
+    """(..., K) @ (K, N) -> (..., N). On the whole-array path (the GPU's) as one 2-D product of all
+    rows of x with w: CuPy does a 3-D @ 2-D product as B small GEMMs through an array of pointers,
+    after copying a transposed w (w.T), which in a 2-D product is a flag to cuBLAS."""
+    if not whole_arrays(x):
+        return x @ w
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 def matmul_into(a, b, out):
     """out[...] = a @ b, where out may be a strided view. NumPy's matmul writes straight into it;
     the whole-array path makes the product and copies it in, which any array library can."""
@@ -171,7 +180,7 @@ def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer
     B, T, C = x.shape
     H = n_heads
     hs = C // H
-    qkv = x @ w_attn  # (B, T, C) -> (B, T, 3C)
+    qkv = matmul_rows(x, w_attn)  # (B, T, C) -> (B, T, 3C)
     qkv += b_attn
     qkv[..., :C] *= 1.0 / math.sqrt(hs)  # the scores' scale, applied to q: (B, T, C), not (B, H, T, S)
     qkv = qkv.reshape(B, T, 3, H, hs).transpose(2, 0, 3, 1, 4)  # -> (3, B, H, T, hs), a view
@@ -187,7 +196,7 @@ def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer
     y = get_array_module(x).empty((B, T, H, hs), x.dtype)
     matmul_into(att, v, y.transpose(0, 2, 1, 3))  # (B, H, T, S) @ (B, H, S, hs) -> (B, H, T, hs), heads side by side
     y = y.reshape(B, T, C)
-    out = y @ w_proj  # (B, T, C)
+    out = matmul_rows(y, w_proj)  # (B, T, C)
     out += b_proj
     return out, AttentionCache(x, q, k, v, att, y)
 
@@ -200,7 +209,7 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
     # forward was: out = y @ w_proj + b_proj
     dw_proj += y.reshape(-1, C).T @ dout.reshape(-1, C)  # (C, B*T) @ (B*T, C) -> (C, C)
     db_proj += dout.sum(axis=(0, 1))
-    dy = (dout @ w_proj.T).reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # -> (B, H, T, hs), a view
+    dy = matmul_rows(dout, w_proj.T).reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # -> (B, H, T, hs), a view
     dqkv = get_array_module(x).empty((B, T, 3, H, hs), x.dtype)  # written through its (3, B, H, T, hs) view below
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
     # forward was: y = att @ v
@@ -216,7 +225,7 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
     # forward was: qkv = x @ w_attn + b_attn
     dw_attn += x.reshape(-1, C).T @ dqkv.reshape(-1, 3 * C)  # (C, 3C)
     db_attn += dqkv.sum(axis=(0, 1))
-    return dqkv @ w_attn.T  # (B, T, 3C) -> (B, T, C)
+    return matmul_rows(dqkv, w_attn.T)  # (B, T, 3C) -> (B, T, C)
 
 
 # ----------------------------------------------------------------------------- feed-forward
@@ -301,7 +310,7 @@ class MLPCache(NamedTuple):
 def mlp_forward(x, w_fc, b_fc, w_proj, b_proj, activation="gelu"):
     """Position-wise feed-forward, (B, T, C) -> (B, T, F) -> (B, T, C). activation: "gelu", "relu",
     or "relu2", relu(h)^2 (modded-nanogpt's)."""
-    h = x @ w_fc  # (B, T, C) -> (B, T, F)
+    h = matmul_rows(x, w_fc)  # (B, T, C) -> (B, T, F)
     if activation == "gelu":
         a, s = gelu_forward(h, bias=b_fc)  # adds the bias to h in the same pass
     else:
@@ -309,7 +318,7 @@ def mlp_forward(x, w_fc, b_fc, w_proj, b_proj, activation="gelu"):
         a, s = get_array_module(h).maximum(h, 0), None
         if activation == "relu2":
             a *= a
-    out = a @ w_proj  # (B, T, F) -> (B, T, C)
+    out = matmul_rows(a, w_proj)  # (B, T, F) -> (B, T, C)
     out += b_proj
     return out, MLPCache(x, h, a, s, activation)
 
@@ -320,7 +329,7 @@ def mlp_backward(dout, cache, w_fc, w_proj, dw_fc, db_fc, dw_proj, db_proj):
     C, F = w_fc.shape
     dw_proj += a.reshape(-1, F).T @ dout.reshape(-1, C)  # (F, C)
     db_proj += dout.sum(axis=(0, 1))
-    da = dout @ w_proj.T  # (B, T, C) -> (B, T, F)
+    da = matmul_rows(dout, w_proj.T)  # (B, T, C) -> (B, T, F)
     if activation == "gelu":
         gelu_backward_inplace(da, h, s)
     elif activation == "relu2":
@@ -330,7 +339,7 @@ def mlp_backward(dout, cache, w_fc, w_proj, dw_fc, db_fc, dw_proj, db_proj):
     dh = da
     dw_fc += x.reshape(-1, C).T @ dh.reshape(-1, F)  # (C, F)
     db_fc += dh.sum(axis=(0, 1))
-    return dh @ w_fc.T  # (B, T, F) -> (B, T, C)
+    return matmul_rows(dh, w_fc.T)  # (B, T, F) -> (B, T, C)
 
 
 # ----------------------------------------------------------------------------- block

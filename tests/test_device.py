@@ -159,8 +159,9 @@ def test_device_cuda_without_a_gpu_exits_with_one_line(script, args, tmp_path):
 
 def test_a_gpu_step_reads_one_value_back_and_computes_what_numpy_does():
     """With fake_cupy every array of the model is a "device" array that refuses host arrays and
-    counts host reads. A training step reads one value (the gradient norm), and computes bit for
-    bit what NumPy computes on the whole-array path."""
+    counts host reads. A training step reads one value (the gradient norm), copies nothing back,
+    and computes what NumPy computes on the whole-array path: up to rounding, since the stand-in
+    adds the embedding gradient's repeated rows in a shuffled order, as a GPU's atomics do."""
     idx, targets = batch(3)
     n = count_targets(targets)
     with whole_array_mode():
@@ -174,22 +175,28 @@ def test_a_gpu_step_reads_one_value_back_and_computes_what_numpy_does():
     with fake_cupy.installed() as cupy:
         gpu = LanguageModel(CFG, seed=4, device="cuda")
         assert isinstance(gpu.params.flat, cupy.ndarray) and gpu.xp is cupy
+        assert not isinstance(gpu.params.flat, np.ndarray)
         opt = AdamW(gpu.params, weight_decay=0.1)
-        before = fake_cupy.DeviceArray.syncs
+        syncs, copies = fake_cupy.counts.syncs, fake_cupy.counts.host_copies
         gpu.zero_grad()
         loss, correct = gpu.forward_backward(idx, targets, n)
-        assert fake_cupy.DeviceArray.syncs == before  # the loss and accuracy stay on the device
+        assert fake_cupy.counts.syncs == syncs  # the loss and accuracy stay on the device
         assert isinstance(loss, cupy.ndarray) and loss.ndim == 0 and isinstance(correct, cupy.ndarray)
         norm = clip_grad_norm(gpu.grads, 0.5)
         opt.step(gpu.grads, lr=1e-3)
-        assert fake_cupy.DeviceArray.syncs == before + 1  # the gradient norm, read once
-        assert (float(loss), int(correct), norm) == (loss_cpu, correct_cpu, norm_cpu)
-        np.testing.assert_array_equal(device.to_host(gpu.params.flat), cpu.params.flat)
+        assert fake_cupy.counts.syncs == syncs + 1  # the gradient norm, read once
+        assert fake_cupy.counts.host_copies == copies
+        assert float(loss) == pytest.approx(float(loss_cpu), rel=1e-6) and int(correct) == int(correct_cpu)
+        assert norm == pytest.approx(norm_cpu, rel=1e-6)
+        # one step of Adam moves each weight by about 1e-3: compare the moves, not the weights
+        init = LanguageModel(CFG, seed=4).params.flat
+        assert max_rel_diff(device.to_host(gpu.params.flat) - init, cpu.params.flat - init) < 1e-3
         state = opt.state_dict()  # host arrays, for the checkpoint
         assert all(type(v) is np.ndarray for v in state.values())
-        np.testing.assert_array_equal(state["v/wte"], opt_cpu.state_dict()["v/wte"])
+        assert max_rel_diff(state["v/wte"], opt_cpu.state_dict()["v/wte"]) < 1e-5
         loss_sum, n_correct = gpu.evaluate(idx, targets)
-        assert (float(loss_sum), int(n_correct)) == evaluated_cpu
+        assert float(loss_sum) == pytest.approx(float(evaluated_cpu[0]), rel=1e-6)
+        assert int(n_correct) == int(evaluated_cpu[1])
         assert all(type(v) is np.ndarray for v in gpu.host_params().values())
 
 
@@ -206,10 +213,39 @@ def test_gpu_evaluation_reads_its_sums_back_once_at_the_end(tmp_path):
     assert len(list(eval_batches(val, 4, 16))) > 10
     with fake_cupy.installed():
         gpu = LanguageModel(cfg, seed=1, device="cuda", for_training=False)
-        before = fake_cupy.DeviceArray.syncs
+        before = fake_cupy.counts.syncs
         res = train.evaluate(gpu, val, 4, 16)
-        assert fake_cupy.DeviceArray.syncs - before == 2
+        assert fake_cupy.counts.syncs - before == 2
     assert res == expected
+
+
+@pytest.mark.parametrize("cupy_version", [13, 14])
+def test_the_loss_runs_on_cupy_13_and_14(cupy_version):
+    """CuPy 13's matmul refuses a 1-D `out` (the row sums of the softmax were one); CuPy 14 takes it."""
+    from loss import softmax_cross_entropy_inplace
+    rng = np.random.default_rng(6)
+    logits, targets = rng.standard_normal((12, 50), dtype=np.float32), rng.integers(0, 50, 12)
+    targets[3] = IGNORE_INDEX
+    with whole_array_mode():
+        expected = softmax_cross_entropy_inplace(logits.copy(), targets, grad_scale=1 / 11)
+    with fake_cupy.installed(cupy_version=cupy_version) as cupy:
+        on_gpu = cupy.asarray(logits)
+        loss_sum, n_correct, row_scale = softmax_cross_entropy_inplace(on_gpu, cupy.asarray(targets), 1 / 11)
+        assert float(loss_sum) == pytest.approx(expected[0], rel=1e-6) and int(n_correct) == expected[1]
+        np.testing.assert_allclose(cupy.asnumpy(row_scale), expected[2], rtol=1e-6)
+
+
+def test_gpu_products_with_a_weight_are_single_gemms():
+    """CuPy runs an N-D product such as (B, T, C) @ (C, K) as B small GEMMs through an array of
+    pointers, after copying a transposed weight (w.T) into a contiguous one. Every product of a
+    training step with a weight is one 2-D GEMM over the rows instead, which reads w.T as it is."""
+    idx, targets = batch(5)
+    with fake_cupy.installed():
+        gpu = LanguageModel(CFG, seed=4, device="cuda")
+        gpu.zero_grad()
+        gpu.forward_backward(idx, targets, count_targets(targets))
+        assert fake_cupy.counts.batched_matmuls == 0
+        assert [shape for shape in fake_cupy.counts.operand_copies if len(shape) == 2] == []  # only the heads' 4-D views
 
 
 def test_gpu_generation_copies_one_row_of_logits_per_token():
@@ -223,7 +259,12 @@ def test_gpu_generation_copies_one_row_of_logits_per_token():
         assert isinstance(gpu.new_kv_cache(1).k[0], cupy.ndarray)
         logits = Decoder(gpu).feed([1, 2])
         assert type(logits) is np.ndarray and logits.shape == (61,)
+        copies = fake_cupy.counts.host_copies
         assert list(generate(gpu, [1, 2], 20, np.random.default_rng(0), temperature=0.8)) == expected
+        assert fake_cupy.counts.host_copies - copies == 20  # the prompt's logits, then one row per new token
+        # no product copies the (V, C) token table (as CuPy does for h @ w_out.T on 3-D h) or runs as a batch
+        assert (cfg.d_model, cfg.vocab_size) not in fake_cupy.counts.operand_copies
+        assert fake_cupy.counts.batched_matmuls == 0
         back = LanguageModel(cfg, params=gpu.params)  # and back to the host
         assert type(back.params.flat) is np.ndarray
         np.testing.assert_array_equal(back.params.flat, cpu.params.flat)
@@ -231,7 +272,7 @@ def test_gpu_generation_copies_one_row_of_logits_per_token():
 
 def test_train_on_the_gpu_resume_on_either_device(tmp_path, capsys):
     """Checkpoints are host files: a GPU run's checkpoint resumes on the CPU and on the GPU to the
-    same weights as the GPU run itself (the stand-in computes exactly what NumPy's whole arrays do)."""
+    weights of the GPU run itself, up to rounding (the stand-in's scatter-add has no fixed order)."""
     import train
     from checkpoint import load_checkpoint
     from test_train import tiny_flags, write_data
@@ -248,9 +289,11 @@ def test_train_on_the_gpu_resume_on_either_device(tmp_path, capsys):
         resumed_gpu = run("gpu", device="cuda", resume=half)
     with whole_array_mode():
         resumed_cpu = run("gpu", resume=half)
-    for name in on_gpu:
-        np.testing.assert_array_equal(resumed_gpu[name], on_gpu[name])
-        np.testing.assert_array_equal(resumed_cpu[name], on_gpu[name])
+    at_half = load_checkpoint(half).params
+    for name in on_gpu:  # the 6 steps' moves agree; a state lost on resume would change them by far more
+        move = on_gpu[name] - at_half[name]
+        assert max_rel_diff(resumed_gpu[name] - at_half[name], move) < 1e-3, name
+        assert max_rel_diff(resumed_cpu[name] - at_half[name], move) < 1e-3, name
     assert "val loss" in capsys.readouterr().out
 
 
