@@ -283,6 +283,10 @@ class MPIRanks(World):
         sys.stderr.flush()
         self.comm.Abort(1)
 
+    def end_job(self, code):
+        """MPI_Abort: every rank of the job ends with this exit code."""
+        self.comm.Abort(code)
+
 
 class Watchdog:
     """A thread that, five times a second while the main thread waits in a collective, looks for a
@@ -347,7 +351,7 @@ class Watchdog:
                 sys.stderr.flush()
                 if away:  # ranks on other machines: end the job, or mpiexec waits forever for a hung one there
                     time.sleep(0.5)  # for mpiexec to pass the message on first
-                    ranks.comm.Abort(EXIT_RANK_LOST)
+                    ranks.end_job(EXIT_RANK_LOST)
             os._exit(EXIT_RANK_LOST)
 
     def _watch(self):

@@ -144,8 +144,9 @@ def test_the_watchdog_names_a_dead_rank_through_the_callback_it_was_built_with(m
 
 def test_the_watchdog_ends_a_wait_longer_than_its_limit(monkeypatch, capsys):
     """Rank 1 on another machine answers no more: after the limit the watchdog's thread speaks."""
-    ranks = SimpleNamespace(rank=0, size=2, neighbours=[0], where=[("here", os.getpid()), ("there", 1)])
-    exits = []
+    aborted, exits = [], []
+    ranks = SimpleNamespace(rank=0, size=2, neighbours=[0], where=[("here", os.getpid()), ("there", 1)],
+                            end_job=aborted.append)
     dog = distributed.Watchdog(ranks)  # no callback: the plain message
     # os._exit, in the watchdog's thread: recorded, and the thread stops watching
     monkeypatch.setattr(distributed.os, "_exit", lambda code: exits.append(code) or dog.stop())
@@ -154,6 +155,7 @@ def test_the_watchdog_ends_a_wait_longer_than_its_limit(monkeypatch, capsys):
         while not exits and time.monotonic() < end:
             time.sleep(0.05)
     assert exits == [distributed.EXIT_RANK_LOST]
+    assert aborted == [distributed.EXIT_RANK_LOST]  # the whole job: mpiexec would wait for a hung rank there
     assert capsys.readouterr().err == ("error: no answer from the other ranks for 0 s: one of ranks 1, on other "
                                        "machines, died or hangs, so the MPI job stops (seen by rank 0)\n")
 
