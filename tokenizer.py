@@ -449,6 +449,20 @@ def build_parser():
     return p
 
 
+def refuse_overwriting_inputs(outputs, inputs):
+    """TokenizerError when an output is one of the inputs (the same file, a link to it included),
+    before anything is written: the input would be replaced by what is made from it."""
+    for out in outputs:
+        for what, path in inputs:
+            try:
+                same = os.path.samefile(out, path)
+            except OSError:  # one of them does not exist (yet): not the same file
+                continue
+            if same:
+                raise TokenizerError(f"{out} is the {what} {path}: writing it would replace the input; "
+                                     "choose another output")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -458,6 +472,7 @@ def main(argv=None):
             if args.output:
                 raise TokenizerError(f"--train_bpe takes one input file; got an extra argument {args.output!r} "
                                      "(the model goes to --model_file)")
+            refuse_overwriting_inputs([args.model_file], [("training text", args.input)])
             check_vocab_size(args.vocab_size, [ENDOFTEXT])
             try:
                 size = os.path.getsize(args.input)
@@ -477,6 +492,12 @@ def main(argv=None):
             raise TokenizerError("give an input text file and an output .jsonl (or --train_bpe); see --help")
         if args.max_length < 0:
             raise TokenizerError("--max_length must be >= 0 (0 means no limit)")
+        inputs = [("input text", args.input)]
+        if args.tokenizer == "lecture2_bpe" and args.model_file:
+            model = os.path.join(args.model_file, "vocab.json") if os.path.isdir(args.model_file) else args.model_file
+            inputs += [("BPE model", model),  # and the merges.txt a vocab.json is read with
+                       ("merges file", args.merges_file or os.path.join(os.path.dirname(model), "merges.txt"))]
+        refuse_overwriting_inputs([args.output, args.output + ".meta.json"], inputs)
         tok = get_tokenizer(args.tokenizer, args.encoding, args.model_file, args.merges_file, args.allow_download)
         sidecar, st = tokenize_file(tok, args.input, args.output, args.max_length, args.workers,
                                     progress=not args.quiet)

@@ -1,0 +1,110 @@
+"""Hostile and careless inputs (issue 17), each built here on the fly: outputs that name an input, failed
+re-exports, fresh runs over finished ones, FIFOs and devices, crafted checkpoints, safetensors, BPE files
+and JSON. Each must end within seconds, in bounded memory, with one line naming the file and what is
+wrong, and leave every file that was there byte for byte as it was (hashed before and after)."""
+import contextlib
+import hashlib
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+STORIES = "Once upon a time, there was a dog.\nThe dog ran to the park and played all day.\n" * 20
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    """A test that hangs (a FIFO opened for reading, say) fails after 20 s instead of stopping the suite."""
+    def hung(signum, frame):
+        raise TimeoutError("hung: no answer within 20 s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def digests(root):
+    """{path: what it is} for everything under root: a file's sha256, a link's target, a FIFO or a folder
+    as such (never opened, so that hashing cannot hang or read /dev/zero)."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                found[path] = "link " + os.readlink(path)
+            elif stat.S_ISREG(mode):
+                with open(path, "rb") as f:
+                    found[path] = hashlib.sha256(f.read()).hexdigest()
+            else:
+                found[path] = stat.S_IFMT(mode)
+    return found
+
+
+@contextlib.contextmanager
+def unchanged(root):
+    """Every file under root stays byte for byte as it was, and nothing is added or removed."""
+    before = digests(root)
+    yield
+    assert digests(root) == before
+
+
+def cli(main, argv, capsys):
+    """(exit code, stderr) of a command-line main() run in this process."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    if isinstance(rc, str):  # sys.exit("error: ...") prints the message and exits 1
+        rc, err = 1, err + rc + "\n"
+    return rc, err
+
+
+def refused(main, argv, capsys, *names):
+    """main(argv) ends non-zero with one line that names each of names; returns the line."""
+    rc, err = cli(main, argv, capsys)
+    assert rc not in (0, None), err
+    assert "Traceback" not in err and err.startswith("error: ") and err.endswith("\n"), err
+    line = err.strip().splitlines()[-1]
+    assert err.strip().count("\n") == 0 or line.startswith("error: "), err
+    for name in names:
+        assert str(name) in line, line
+    return line
+
+
+# ------------------------------------------------------------------------ 1. outputs that name an input
+
+@pytest.mark.parametrize("case", ["output is the input", "output links to the input", "sidecar is the input",
+                                  "bpe model is the training text", "output is the bpe model"])
+def test_tokenizer_refuses_an_output_that_is_one_of_its_inputs(tmp_path, capsys, case):
+    text = tmp_path / "stories.txt"
+    text.write_text(STORIES)
+    model = tmp_path / "bpe.json"
+    assert tokenizer.main(["--train_bpe", "--vocab_size", "300", str(text), "--model_file", str(model),
+                           "--quiet", "--workers", "1"]) == 0
+    os.symlink(text, tmp_path / "link.txt")
+    (tmp_path / "old.meta.json").write_text(STORIES)  # a text whose name is OUT.meta.json for OUT = old
+    sidecar = tmp_path / "old.meta.json"
+    bpe = ["--tokenizer", "lecture2_bpe", "--model_file", str(model)]
+    argv, name = {
+        "output is the input": ([text, text], text),
+        "output links to the input": ([text, tmp_path / "link.txt"], text),
+        "sidecar is the input": ([sidecar, tmp_path / "old"], sidecar),
+        "bpe model is the training text": (["--train_bpe", "--vocab_size", "300", text, "--model_file", text], text),
+        "output is the bpe model": ([text, model] + bpe, model),
+    }[case]
+    capsys.readouterr()
+    with unchanged(tmp_path):
+        refused(tokenizer.main, [str(a) for a in argv] + ["--quiet"], capsys, name, "replace the input")
