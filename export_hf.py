@@ -37,6 +37,8 @@ import argparse
 import json
 import os
 import re
+import secrets
+import shutil
 import sys
 
 import numpy as np
@@ -47,7 +49,7 @@ from checkpoint import CheckpointError, load_checkpoint
 EXPORT_FORMAT = "numpy-gpt hf export"
 EXPORT_VERSION = 1
 GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # HF's names for GPT-2's tanh GELU; "gelu" is erf
-# Files an export writes; a re-export into the same folder replaces them all (stale ones are removed).
+# Files an export writes; a re-export into the same folder replaces the whole folder.
 EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
                 "special_tokens_map.json")
 # Largest config values accepted on import (checked before anything is allocated).
@@ -206,32 +208,59 @@ def check_out_dir(out_dir):
 
 
 def export(checkpoint_path, out_dir, log=print):
-    """Write checkpoint_path as a Hugging Face GPT-2 folder out_dir; returns the files written."""
+    """Write checkpoint_path as a Hugging Face GPT-2 folder out_dir; returns the files written.
+
+    The folder is built beside out_dir under a temporary name and renamed into place only when
+    complete, so a failure (a full disk, a tokenizer that vocab.json/merges.txt cannot spell) leaves
+    an earlier export in out_dir as it was."""
     st = safetensors_numpy()
     ck = load_checkpoint(checkpoint_path)
     check_out_dir(out_dir)
     bpe, what = tokenizer_to_export(ck.meta, ck.config)
-    from bpe import ENDOFTEXT
+    from bpe import ENDOFTEXT, TokenizerError
     eot = bpe.specials[ENDOFTEXT] if bpe is not None else (ck.meta.get("tokenizer") or {}).get("eot_id")
-    os.makedirs(out_dir, exist_ok=True)
-    for name in EXPORT_FILES:  # an earlier export's files, so none of them outlives this one
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.unlink(os.path.join(out_dir, name))
     record = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,
               "positions": "learned" if ck.config.use_learned_pos else "sinusoidal",
               "config": ck.config.to_dict(), "step": ck.meta.get("step"), "tokenizer": ck.meta.get("tokenizer"),
               "checkpoint": os.path.basename(str(checkpoint_path))}
     data = st.save(hf_tensors(ck.config, ck.params), metadata={"format": "pt"})  # "pt": what transformers 4 asks for
-    with atomic_write(os.path.join(out_dir, "model.safetensors"), "wb") as f:
-        f.write(data)
-    if bpe is not None:
-        write_tokenizer(bpe, out_dir, ck.config.max_seq_len)
-        log(f"tokenizer: {what} -> vocab.json + merges.txt")
-    else:
-        log(f"note: no tokenizer files written: {what}")
-    with atomic_write(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:  # last: marks it complete
-        f.write(json.dumps(hf_config(ck.config, eot, record), indent=2) + "\n")
-    return sorted(n for n in os.listdir(out_dir) if n in EXPORT_FILES)
+    final = os.path.realpath(out_dir)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    new = f"{final}.{secrets.token_hex(4)}.tmp"
+    os.mkdir(new)
+    try:
+        with atomic_write(os.path.join(new, "model.safetensors"), "wb") as f:
+            f.write(data)
+        if bpe is not None:
+            try:
+                write_tokenizer(bpe, new, ck.config.max_seq_len)
+            except TokenizerError as e:
+                raise HFError(f"{checkpoint_path}: {e}; nothing was written to {out_dir}") from None
+        with atomic_write(os.path.join(new, "config.json"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(hf_config(ck.config, eot, record), indent=2) + "\n")
+        files = sorted(os.listdir(new))
+        swap_in(new, final)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    log(f"tokenizer: {what} -> vocab.json + merges.txt" if bpe is not None else
+        f"note: no tokenizer files written: {what}")
+    return files
+
+
+def swap_in(new, final):
+    """Rename the complete folder new to final; an earlier folder there is removed only after that."""
+    if not os.path.isdir(final):
+        os.rename(new, final)
+        return
+    old = f"{new[:-len('.tmp')]}.old"
+    os.rename(final, old)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- import

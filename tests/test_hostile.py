@@ -108,3 +108,42 @@ def test_tokenizer_refuses_an_output_that_is_one_of_its_inputs(tmp_path, capsys,
     capsys.readouterr()
     with unchanged(tmp_path):
         refused(tokenizer.main, [str(a) for a in argv] + ["--quiet"], capsys, name, "replace the input")
+
+
+# ------------------------------------------------------------------------ 2. a failed re-export
+
+def checkpoint_with_bpe(path, model, step=3):
+    """A small checkpoint trained (as far as its meta says) with the BPE model `model`."""
+    from checkpoint import save_checkpoint
+    from language_model import LanguageModel, ModelConfig
+    tok = tokenizer.BPETokenizer(model, model.to_json())
+    lm = LanguageModel(ModelConfig(vocab_size=model.vocab_size, d_model=8, n_heads=2, d_ff=16, n_layers=1,
+                                   max_seq_len=16), seed=step)
+    save_checkpoint(str(path), lm.config, lm.params, {"step": step, "tokenizer": tok.identity(),
+                                                      "tokenizer_model_json": tok.model_json()})
+    return str(path)
+
+
+def unspellable_bpe():
+    """A BPE with a token whose bytes spell "<|a|>": vocab.json would read it back as a special token."""
+    import bpe
+    vocab = [bytes([i]) for i in range(256)]
+    merges = []
+    for piece in (b"<|", b"<|a", b"<|a|", b"<|a|>"):
+        merges.append((vocab.index(piece[:-1]) if len(piece) > 2 else piece[0], piece[-1]))
+        vocab.append(piece)
+    return bpe.BPEModel(vocab + [None], merges, {bpe.ENDOFTEXT: len(vocab)})
+
+
+def test_a_failed_re_export_leaves_the_earlier_export_as_it_was(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    import bpe
+    import export_hf
+    good = checkpoint_with_bpe(tmp_path / "good.npz", bpe.train_bpe(STORIES, 300))
+    bad = checkpoint_with_bpe(tmp_path / "bad.npz", unspellable_bpe())
+    out = tmp_path / "hf"
+    assert export_hf.main([good, str(out)]) == 0
+    capsys.readouterr()
+    with unchanged(tmp_path):
+        refused(export_hf.main, [bad, str(out)], capsys, bad, "<|a|>", "reads as a special token", out)
+    assert export_hf.main([good, str(out)]) == 0  # and a good export still replaces it
