@@ -48,8 +48,8 @@ import numpy as np
 
 import distributed
 from atomic import atomic_write
-from checkpoint import (CheckpointError, SaveDirLock, choose_resume, copy_params, find_latest, load_checkpoint,
-                        new_run_id, save_checkpoint, write_run_id)
+from checkpoint import (CheckpointError, SaveDirLock, choose_resume, copy_params, find_latest, list_checkpoints,
+                        load_checkpoint, new_run_id, save_checkpoint, write_run_id)
 from data_loader import (DataError, RandomBatches, check_same_tokenizer, eval_batches, load_dataset,
                          num_eval_windows, same_tokenizer)
 from device import DeviceError, require
@@ -148,6 +148,11 @@ def build_parser():
     r.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from CHECKPOINT, or alone: the newest checkpoint of the run that last trained "
                         "in --save_dir (pass the same flags as the interrupted run)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start a new run (no --resume) in a --save_dir that holds checkpoints of an earlier one, "
+                        "which is refused without this flag: the new run's checkpoint_final.npz and "
+                        "checkpoint_step_N.npz replace the earlier ones of the same names; the earlier metrics.jsonl "
+                        "is kept as metrics.jsonl.old (.old.1, ... if taken)")
     r.add_argument("--max_time", type=float, default=None,
                    help="stop after this many minutes of training, saving a checkpoint to resume from")
     r.add_argument("--profile", action="store_true",
@@ -274,8 +279,12 @@ class MetricsLog:
                 keep = [line for line in f if self._record_step(line) <= resume_step]
             with atomic_write(self.path, "w", encoding="utf-8") as f:
                 f.writelines(keep)
-        elif resume_step is None and os.path.exists(self.path):
-            os.replace(self.path, self.path + ".old")
+        elif resume_step is None and os.path.exists(self.path):  # an earlier run's: kept, never overwritten
+            old, n = self.path + ".old", 0
+            while os.path.lexists(old):
+                n += 1
+                old = f"{self.path}.old.{n}"
+            os.replace(self.path, old)
         self.file = open(self.path, "a", encoding="utf-8")
 
     @staticmethod
@@ -398,6 +407,22 @@ def resolve_resume(args):
     return args.resume
 
 
+def check_overwrite(args):
+    """A run without --resume into a --save_dir that holds checkpoints: refused (TrainError saying what to do)
+    unless --overwrite, since its checkpoints would replace the earlier run's; with it, the note to print."""
+    found = list_checkpoints(args.save_dir)
+    final = [f for f in found if os.path.basename(f.path) == "checkpoint_final.npz"]
+    what = f"a finished run ({final[0].path}" if final else f"checkpoints of an earlier run (newest: {found[0].path}"
+    what += f", step {(final or found)[0].step})" if (final or found)[0].error is None else ")"
+    replaced = ("the new run's checkpoint_final.npz and checkpoint_step_N.npz replace the earlier ones of the same "
+                "names, and the earlier metrics.jsonl is kept as metrics.jsonl.old")
+    if not args.overwrite:
+        raise TrainError(f"{args.save_dir} holds {what}. Continue it with --resume (a finished run with a higher "
+                         f"--max_steps), train into another --save_dir, or pass --overwrite to start over there "
+                         f"({replaced})")
+    return f"note: --overwrite: a new run in {args.save_dir}, which holds {what}: {replaced}"
+
+
 def check_resume(ck, path, args, config, identity, num_tokens, log):
     """Errors for a checkpoint of another architecture or tokenizer; warnings for other changed flags."""
     saved, wanted = ck.config.to_dict(), config.to_dict()
@@ -483,9 +508,8 @@ class Trainer:
             # rank 0 picks the checkpoint, so that every rank loads the same one
             self.restore(self.ranks.bcast(resolve_resume(args) if self.root else None) if self.ranks
                          else resolve_resume(args), notes)
-        elif find_latest(args.save_dir):
-            notes.append(f"note: {args.save_dir} already holds checkpoints of an earlier run; this fresh run will "
-                         "overwrite those at the same steps (use --resume to continue that run instead)")
+        elif self.root and list_checkpoints(args.save_dir):
+            notes.append(check_overwrite(args))
         if self.root:
             write_run_id(args.save_dir, self.run_id)
 

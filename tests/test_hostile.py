@@ -147,3 +147,50 @@ def test_a_failed_re_export_leaves_the_earlier_export_as_it_was(tmp_path, capsys
     with unchanged(tmp_path):
         refused(export_hf.main, [bad, str(out)], capsys, bad, "<|a|>", "reads as a special token", out)
     assert export_hf.main([good, str(out)]) == 0  # and a good export still replaces it
+
+
+# ------------------------------------------------------------------------ 3. a fresh run over a finished one
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Tokenized toy data (test_train's counting stories), converted once."""
+    from test_train import write_data
+    d = tmp_path_factory.mktemp("data")
+    return write_data(d / "train.jsonl", 100, seed=1), write_data(d / "valid.jsonl", 30, seed=2)
+
+
+def train_flags(data, save_dir, **over):
+    from test_train import tiny_flags
+    return tiny_flags(data, str(save_dir), **dict(dict(max_steps=4, eval_interval=0, log_interval=2), **over))
+
+
+def test_a_fresh_run_never_replaces_a_finished_one_and_keeps_every_metrics_file(data, tmp_path, capsys):
+    import train
+    d = tmp_path / "ck"
+    assert train.main(train_flags(data, d)) == 0
+    first = (d / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    lock = d / "train.lock"  # holds the pid of the run holding the folder: rewritten by each run
+    with unchanged(d):
+        os.rename(lock, tmp_path / "lock")
+        try:
+            refused(train.main, train_flags(data, d), capsys, d / "checkpoint_final.npz", "a finished run",
+                    "--resume", "--save_dir", "--overwrite")
+        finally:
+            os.replace(lock, tmp_path / "lock2")
+            os.rename(tmp_path / "lock", lock)
+    assert train.main(train_flags(data, d, overwrite=True, seed=1)) == 0
+    assert "--overwrite: a new run" in capsys.readouterr().out
+    second = (d / "metrics.jsonl").read_bytes()
+    assert train.main(train_flags(data, d, overwrite=True, seed=2)) == 0
+    assert (d / "metrics.jsonl.old").read_bytes() == first       # a third run keeps the first run's metrics
+    assert (d / "metrics.jsonl.old.1").read_bytes() == second
+
+
+def test_a_fresh_run_never_replaces_an_interrupted_one(data, tmp_path, capsys):
+    import train
+    d = tmp_path / "ck"
+    assert train.main(train_flags(data, d, save_interval=2)) == 0
+    os.unlink(d / "checkpoint_final.npz")  # as if stopped after step 2
+    capsys.readouterr()
+    refused(train.main, train_flags(data, d), capsys, d / "checkpoint_step_2.npz", "an earlier run", "--resume")
