@@ -351,8 +351,11 @@ class RandomBatches:
         return {"bit_generator": self.rng.bit_generator.state, "batches_drawn": self.batches_drawn}
 
     def set_state(self, state):
+        """Restore a state() (ValueError, TypeError or OverflowError for one that is not such a record)."""
+        if type(state["batches_drawn"]) is not int or not 0 <= state["batches_drawn"] < 2**63:
+            raise ValueError(f"batches_drawn {state['batches_drawn']!r} is not a count of batches")
         self.rng.bit_generator.state = state["bit_generator"]
-        self.batches_drawn = int(state["batches_drawn"])
+        self.batches_drawn = state["batches_drawn"]
 
 
 def num_eval_windows(dataset, seq_len):

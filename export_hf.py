@@ -45,6 +45,7 @@ import numpy as np
 
 from atomic import atomic_write
 from checkpoint import CheckpointError, load_checkpoint
+from language_model import MAX_SEQ_LEN
 
 EXPORT_FORMAT = "numpy-gpt hf export"
 EXPORT_VERSION = 1
@@ -53,7 +54,7 @@ GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # HF's names for GP
 EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
                 "special_tokens_map.json")
 # Largest config values accepted on import (checked before anything is allocated).
-LIMITS = {"vocab_size": 1 << 22, "n_positions": 1 << 20, "n_embd": 1 << 16, "n_layer": 1 << 10,
+LIMITS = {"vocab_size": 1 << 22, "n_positions": MAX_SEQ_LEN, "n_embd": 1 << 16, "n_layer": 1 << 10,
           "n_head": 1 << 12, "n_inner": 1 << 18}
 BUFFER_RE = re.compile(r"h\.\d+\.attn\.(masked_)?bias$")  # old files keep the causal mask: not a weight
 

@@ -54,6 +54,7 @@ from data_loader import (DataError, RandomBatches, check_same_tokenizer, eval_ba
                          num_eval_windows, same_tokenizer)
 from device import DeviceError, require
 from optimizer import OPTIMIZERS, LRSchedule, clip_grad_norm
+from untrusted import open_regular, parse_json
 
 try:
     from tqdm import tqdm
@@ -67,6 +68,7 @@ TRAJECTORY_FLAGS = ("batch_size", "learning_rate", "min_lr", "warmup_steps", "lr
                     "decay_embeddings", "grad_clip", "optimizer", "beta1", "beta2", "momentum", "seed",
                     "max_steps", "train_data")
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too large, over quota
+MAX_METRICS_BYTES = 1 << 30  # metrics.jsonl read back on resume: a record per --log_interval steps, ~200 bytes
 NAN_REMEDIES = ("lower --learning_rate (e.g. halve it), keep --grad_clip at 1.0 or lower it, use more "
                 "--warmup_steps, and check the data for extreme or wrong token ids")
 
@@ -170,13 +172,21 @@ def check_args(args):
     for name in positive:
         if getattr(args, name) < 1:
             raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    for name in ("warmup_steps", "eval_interval", "save_interval", "grad_clip", "weight_decay", "min_lr"):
-        if getattr(args, name) < 0:
-            raise TrainError(f"--{name} must not be negative (got {getattr(args, name)})")
+    for name in ("warmup_steps", "eval_interval", "save_interval", "grad_clip", "weight_decay", "min_lr", "seed"):
+        if not getattr(args, name) >= 0:  # NaN too: --grad_clip nan would turn clipping off
+            raise TrainError(f"--{name} must be a number >= 0 (got {getattr(args, name)})")
+    for name in ("beta1", "beta2", "momentum"):
+        if not 0 <= getattr(args, name) < 1:
+            raise TrainError(f"--{name} must be in [0, 1) (got {getattr(args, name)})")
+    if args.eot_id is not None and args.eot_id < 0:
+        raise TrainError(f"--eot_id must be a token id >= 0 (got {args.eot_id})")
+    from language_model import MAX_SEQ_LEN
+    if args.seq_len > MAX_SEQ_LEN:
+        raise TrainError(f"--seq_len {args.seq_len} is above the longest context this code supports, {MAX_SEQ_LEN}")
     if args.d_model % args.n_heads:
         raise TrainError(f"--d_model {args.d_model} is not divisible by --n_heads {args.n_heads}")
-    if not args.learning_rate > 0:
-        raise TrainError(f"--learning_rate must be positive (got {args.learning_rate})")
+    if not 0 < args.learning_rate < math.inf:
+        raise TrainError(f"--learning_rate must be a positive number (got {args.learning_rate})")
     if args.min_lr > args.learning_rate:
         raise TrainError(f"--min_lr {args.min_lr} is above --learning_rate {args.learning_rate}")
     for name in ("eval_batches", "workers"):
@@ -275,7 +285,7 @@ class MetricsLog:
         if resume_step is not None and os.path.exists(self.path):
             # records past the checkpoint belong to the part of the run that was lost: drop them
             # (and a line cut short by a kill in the middle of writing it)
-            with open(self.path, encoding="utf-8") as f:
+            with open_regular(self.path, "r", "metrics log", MAX_METRICS_BYTES, TrainError, encoding="utf-8") as f:
                 keep = [line for line in f if self._record_step(line) <= resume_step]
             with atomic_write(self.path, "w", encoding="utf-8") as f:
                 f.writelines(keep)
@@ -291,7 +301,7 @@ class MetricsLog:
     def _record_step(line):
         """The step of a metrics line; infinity for a line that is not a complete record."""
         try:
-            step = json.loads(line).get("step")
+            step = parse_json(line, "metrics.jsonl").get("step")
             return step if isinstance(step, int) else 0
         except (ValueError, AttributeError):
             return math.inf
@@ -412,8 +422,9 @@ def check_overwrite(args):
     unless --overwrite, since its checkpoints would replace the earlier run's; with it, the note to print."""
     found = list_checkpoints(args.save_dir)
     final = [f for f in found if os.path.basename(f.path) == "checkpoint_final.npz"]
-    what = f"a finished run ({final[0].path}" if final else f"checkpoints of an earlier run (newest: {found[0].path}"
-    what += f", step {(final or found)[0].step})" if (final or found)[0].error is None else ")"
+    newest = (final or found)[0]
+    what = ("a finished run" if final else "checkpoints of an earlier run") + f" ({newest.path}, " + \
+        (f"step {newest.step})" if newest.error is None else f"unreadable: {newest.error})")
     replaced = ("the new run's checkpoint_final.npz and checkpoint_step_N.npz replace the earlier ones of the same "
                 "names, and the earlier metrics.jsonl is kept as metrics.jsonl.old")
     if not args.overwrite:
@@ -510,11 +521,10 @@ class Trainer:
                          else resolve_resume(args), notes)
         elif self.root and list_checkpoints(args.save_dir):
             notes.append(check_overwrite(args))
-        if self.root:
-            write_run_id(args.save_dir, self.run_id)
-
         self.log = MetricsLog(args.save_dir, resume_step=self.step if args.resume else None) if self.root \
             else QuietLog()
+        if self.root:  # after the log, whose metrics.jsonl may be refused: then nothing in the folder changed
+            write_run_id(args.save_dir, self.run_id)
         for msg in notes:
             self.log.say(msg)
         if self.ranks:
@@ -583,17 +593,19 @@ class Trainer:
         ck = load_checkpoint(path)
         check_resume(ck, path, self.args, self.config, self.identity, len(self.train_ds), notes.append)
         copy_params(self.model.params, ck.params, path)   # in place: the optimizer holds these arrays
+        split = (self.ranks.size if self.ranks else 1, self.model.runner.n_workers)
+        saved = (ck.meta.get("ranks", 1), ck.meta.get("workers", split[1]))
         try:
             self.opt.load_state_dict(ck.arrays)
             self.batches.set_state(ck.meta["data"])
             self.step = int(ck.meta["step"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise TrainError(f"{path} lacks the optimizer or data state to resume exactly ({e}); "
-                             "it may be a weights-only file") from None
+            if not all(type(n) is int and n >= 1 for n in saved):
+                raise ValueError(f"ranks x workers {saved[0]!r} x {saved[1]!r} is not two counts")
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
+            raise TrainError(f"{path} lacks a usable optimizer or data state to resume exactly ({e}); it may be "
+                             "a weights-only or damaged file") from None
         self.last_good = path
         self.run_id = ck.meta.get("run_id") or self.run_id  # a checkpoint from before runs had ids: a new one
-        split = (self.ranks.size if self.ranks else 1, self.model.runner.n_workers)
-        saved = (ck.meta.get("ranks", 1), ck.meta.get("workers", split[1]))
         if not same_gradient_sums(saved, split):
             notes.append(f"note: this run splits each batch over {split[0]} MPI rank(s) x {split[1]} worker(s), the "
                          f"checkpoint's run over {saved[0]} x {saved[1]} (--workers, mpiexec -n, or another machine's "
@@ -806,6 +818,16 @@ def write_failed(path, e, last_good):
             "then run again with the same flags plus --resume")
 
 
+def memory_needed(args):
+    """Bytes the flags' model and batch need, roughly: weights, gradients and AdamW's two moments (and one
+    more gradient copy per extra worker), plus the activations a step keeps for its backward pass."""
+    from language_model import param_shapes
+    P = sum(math.prod(s) for s in param_shapes(model_config(args)).values())
+    C, F, L, H, T = args.d_model, args.d_ff, args.n_layers, args.n_heads, args.seq_len
+    return 4 * P * (4 + max(0, (args.workers or os.cpu_count() or 1) - 1)) + \
+        4 * args.batch_size * T * L * (8 * C + 2 * F + H * T)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -815,6 +837,11 @@ def main(argv=None):
         return train(args)
     except (TrainError, DataError, CheckpointError, DeviceError, distributed.RanksError) as e:
         distributed.exit_with_error(f"error: {e}")
+    except MemoryError:
+        distributed.exit_with_error(
+            f"error: out of memory: --d_model {args.d_model} --n_layers {args.n_layers} --d_ff {args.d_ff} "
+            f"--vocab_size {args.vocab_size} --batch_size {args.batch_size} --seq_len {args.seq_len} need about "
+            f"{memory_needed(args) / 1e9:,.1f} GB; make the model or the batch smaller")
     except OSError as e:  # a full disk outside a checkpoint write: metrics.jsonl, the token cache
         if e.errno not in DISK_FULL:
             raise

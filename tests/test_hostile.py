@@ -22,11 +22,16 @@ REPO = Path(__file__).resolve().parent.parent
 STORIES = "Once upon a time, there was a dog.\nThe dog ran to the park and played all day.\n" * 20
 
 
+class Hung(BaseException):
+    """Raised in a test that waits too long; a BaseException, so that no `except OSError` takes it for a
+    read error (TimeoutError is an OSError)."""
+
+
 @pytest.fixture(autouse=True)
 def no_hang():
     """A test that hangs (a FIFO opened for reading, say) fails after 20 s instead of stopping the suite."""
     def hung(signum, frame):
-        raise TimeoutError("hung: no answer within 20 s")
+        raise Hung("hung: no answer within 20 s")
     previous = signal.signal(signal.SIGALRM, hung)
     signal.alarm(20)
     yield
@@ -53,11 +58,14 @@ def digests(root):
 
 
 @contextlib.contextmanager
-def unchanged(root):
-    """Every file under root stays byte for byte as it was, and nothing is added or removed."""
-    before = digests(root)
+def unchanged(root, ignore=()):
+    """Every file under root stays byte for byte as it was, and nothing is added or removed (but the
+    files named in ignore: train.lock holds the pid of the last run that held its folder)."""
+    def state():
+        return {k: v for k, v in digests(root).items() if os.path.basename(k) not in ignore}
+    before = state()
     yield
-    assert digests(root) == before
+    assert state() == before
 
 
 def cli(main, argv, capsys):
@@ -72,13 +80,19 @@ def cli(main, argv, capsys):
     return rc, err
 
 
+def the_error(err):
+    """The one line of err that says what went wrong (notes on what was being done may come before it)."""
+    assert "Traceback" not in err and err.endswith("\n"), err
+    line = err.splitlines()[-1]
+    assert line.startswith("error: ") and "error" not in "".join(err.splitlines()[:-1]), err
+    return line
+
+
 def refused(main, argv, capsys, *names):
     """main(argv) ends non-zero with one line that names each of names; returns the line."""
     rc, err = cli(main, argv, capsys)
     assert rc not in (0, None), err
-    assert "Traceback" not in err and err.startswith("error: ") and err.endswith("\n"), err
-    line = err.strip().splitlines()[-1]
-    assert err.strip().count("\n") == 0 or line.startswith("error: "), err
+    line = the_error(err)
     for name in names:
         assert str(name) in line, line
     return line
@@ -170,15 +184,9 @@ def test_a_fresh_run_never_replaces_a_finished_one_and_keeps_every_metrics_file(
     assert train.main(train_flags(data, d)) == 0
     first = (d / "metrics.jsonl").read_bytes()
     capsys.readouterr()
-    lock = d / "train.lock"  # holds the pid of the run holding the folder: rewritten by each run
-    with unchanged(d):
-        os.rename(lock, tmp_path / "lock")
-        try:
-            refused(train.main, train_flags(data, d), capsys, d / "checkpoint_final.npz", "a finished run",
-                    "--resume", "--save_dir", "--overwrite")
-        finally:
-            os.replace(lock, tmp_path / "lock2")
-            os.rename(tmp_path / "lock", lock)
+    with unchanged(d, ignore=("train.lock",)):
+        refused(train.main, train_flags(data, d), capsys, d / "checkpoint_final.npz", "a finished run",
+                "--resume", "--save_dir", "--overwrite")
     assert train.main(train_flags(data, d, overwrite=True, seed=1)) == 0
     assert "--overwrite: a new run" in capsys.readouterr().out
     second = (d / "metrics.jsonl").read_bytes()
@@ -194,3 +202,76 @@ def test_a_fresh_run_never_replaces_an_interrupted_one(data, tmp_path, capsys):
     os.unlink(d / "checkpoint_final.npz")  # as if stopped after step 2
     capsys.readouterr()
     refused(train.main, train_flags(data, d), capsys, d / "checkpoint_step_2.npz", "an earlier run", "--resume")
+
+
+# ------------------------------------------------------------------------ 13. resume state out of range
+
+@pytest.fixture(scope="module")
+def finished_run(data, tmp_path_factory):
+    import train
+    d = tmp_path_factory.mktemp("run")
+    assert train.main(train_flags(data, d)) == 0
+    return str(d / "checkpoint_final.npz")
+
+
+def rewrite(src, dst, meta=None, **arrays):
+    """A copy of the checkpoint src at dst with meta fields (dotted keys reach inside) and arrays changed."""
+    with np.load(src) as z:
+        payload = {k: z[k] for k in z.files}
+    record = json.loads(str(payload["meta"]))
+    for key, value in (meta or {}).items():
+        *path, last = key.split(".")
+        inner = record
+        for k in path:
+            inner = inner[k]
+        inner[last] = value
+    payload["meta"] = np.array(json.dumps(record))
+    payload.update({k.replace("__", "/"): v for k, v in arrays.items()})
+    with open(dst, "wb") as f:
+        np.savez(f, **payload)
+    return str(dst)
+
+
+@pytest.mark.parametrize("case", ["data position", "rng state", "optimizer step inf", "optimizer step negative",
+                                  "workers of the wrong type", "ranks of the wrong type"])
+def test_resume_state_out_of_range_is_refused(data, finished_run, tmp_path, capsys, case):
+    import train
+    change = {"data position": dict(meta={"data.batches_drawn": 10**30}),
+              "rng state": dict(meta={"data.bit_generator.state.state": 2**200}),
+              "optimizer step inf": dict(opt__t=np.array(np.inf)),
+              "optimizer step negative": dict(opt__t=np.array(-5)),
+              "workers of the wrong type": dict(meta={"workers": "many"}),
+              "ranks of the wrong type": dict(meta={"ranks": [2]})}[case]
+    path = rewrite(finished_run, tmp_path / "checkpoint_step_2.npz", **change)
+    capsys.readouterr()
+    with unchanged(tmp_path, ignore=("train.lock",)):
+        refused(train.main, train_flags(data, tmp_path, resume=path, max_steps=6), capsys, path, "resume")
+
+
+# ------------------------------------------------------------------------ 14, 9, quietly accepted: train flags
+
+@pytest.mark.parametrize("flags, name", [
+    (dict(seed=-1), "--seed"), (dict(beta1=1.0), "--beta1"), (dict(beta2=-0.1), "--beta2"),
+    (dict(eot_id=-1), "--eot_id"), (dict(grad_clip="nan"), "--grad_clip"),
+    (dict(seq_len=2**18), "longest context this code supports"),
+    (dict(d_model=2**20, n_heads=1, d_ff=1), "GB"),  # the first allocation fails: say how much it needs
+])
+def test_train_flags_out_of_range_are_one_line(data, tmp_path, capsys, flags, name):
+    import train
+    refused(train.main, train_flags(data, tmp_path / "ck", **flags), capsys, name)
+    assert not list((tmp_path / "ck").glob("*.npz"))
+
+
+# ------------------------------------------------------------------------ 5. paths that are not regular files
+
+def test_a_save_dir_with_a_device_link_and_a_fifo_is_scanned_without_hanging(data, tmp_path, capsys):
+    import train
+    d = tmp_path / "ck"
+    d.mkdir()
+    os.symlink("/dev/zero", d / "checkpoint_step_5.npz")
+    os.mkfifo(d / "checkpoint_step_6.npz")
+    with unchanged(d, ignore=("train.lock",)):
+        refused(train.main, train_flags(data, d), capsys, d / "checkpoint_step_6.npz", "FIFO", "--overwrite")
+        refused(train.main, train_flags(data, d, resume=True), capsys, "no readable checkpoint", "FIFO")
+    assert train.main(train_flags(data, d, overwrite=True)) == 0
+
