@@ -275,3 +275,92 @@ def test_a_save_dir_with_a_device_link_and_a_fifo_is_scanned_without_hanging(dat
         refused(train.main, train_flags(data, d, resume=True), capsys, "no readable checkpoint", "FIFO")
     assert train.main(train_flags(data, d, overwrite=True)) == 0
 
+
+# ------------------------------------------------------------------------ token files: 5, 8, 10, 11, 14
+
+def small_jsonl(tmp_path, name="t.jsonl"):
+    from test_train import write_data
+    return write_data(tmp_path / name, 20, seed=3)
+
+
+def limited_run(args, memory_mb=1500, timeout=60):
+    """python args in a child whose address space is capped at memory_mb: (exit code, stderr)."""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, resource.RLIM_INFINITY))
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=cap, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("case", ["jsonl is a fifo", "sidecar is a fifo", "sidecar links to /dev/zero",
+                                  "cache record is a fifo", "cache is a directory", "huge integer",
+                                  "sidecar nested deep"])
+def test_token_files_that_are_not_what_they_say_are_one_line(tmp_path, capsys, case):
+    import data_loader
+    path = small_jsonl(tmp_path)
+    name = path
+    if case == "jsonl is a fifo":
+        os.unlink(path)
+        os.mkfifo(path)
+    elif case == "sidecar is a fifo":
+        os.unlink(path + ".meta.json")
+        os.mkfifo(path + ".meta.json")
+        name = path + ".meta.json"
+    elif case == "sidecar links to /dev/zero":
+        os.unlink(path + ".meta.json")
+        os.symlink("/dev/zero", path + ".meta.json")
+        name = path + ".meta.json"
+    elif case == "cache record is a fifo":
+        os.mkfifo(path + ".tokens.json")
+        name = path + ".tokens.json"
+    elif case == "cache is a directory":
+        os.mkdir(path + ".tokens.bin")
+        name = path + ".tokens.bin"
+    elif case == "huge integer":
+        with open(path, "a") as f:
+            f.write("[" + "7" * 5000 + "]\n")
+        name = path + ":21"
+    elif case == "sidecar nested deep":
+        Path(path + ".meta.json").write_text("[" * 200_000)
+        name = path + ".meta.json"
+    with unchanged(tmp_path):
+        refused(data_loader.main, [path, "--vocab_size", "64"], capsys, name)
+
+
+def test_a_cache_record_without_its_crc_is_not_trusted(tmp_path, capsys):
+    import data_loader
+    path = small_jsonl(tmp_path)
+    want = np.asarray(data_loader.load_dataset(path).tokens).copy()
+    record = json.loads(Path(path + ".tokens.json").read_text())
+    Path(path + ".tokens.json").write_text(json.dumps(dict(record, crc32=None)))
+    with open(path + ".tokens.bin", "r+b") as f:  # damaged, same size
+        f.write(b"\xff\xff")
+    got = data_loader.load_dataset(path, log=print)
+    assert "damaged" in capsys.readouterr().out
+    assert np.array_equal(np.asarray(got.tokens), want)
+
+
+def test_a_jsonl_without_newlines_is_refused_in_bounded_memory(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    with open(path, "wb") as f:
+        f.write(b"[1, 2")
+        f.truncate(4 << 30)  # 4 GB, sparse: no disk used, and no newline anywhere
+    rc, err = limited_run(["data_loader.py", path, "--eot_id", "0"])
+    assert rc == 1 and f"{path}:1: a line of more than 64 MB" in the_error(err)
+
+
+def test_damaged_run_records_and_metrics_lines_do_not_stop_a_resume(data, tmp_path, capsys):
+    import train
+    assert train.main(train_flags(data, tmp_path, save_interval=2)) == 0
+    (tmp_path / "run.json").write_text("[" * 200_000)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write("[" * 200_000 + "\n")
+    assert train.main(train_flags(data, tmp_path, resume=True, max_steps=6)) == 0
+    assert f"resumed from {tmp_path / 'checkpoint_final.npz'} at step 4" in capsys.readouterr().out
+    os.unlink(tmp_path / "metrics.jsonl")
+    os.mkfifo(tmp_path / "metrics.jsonl")
+    with unchanged(tmp_path, ignore=("train.lock",)):
+        refused(train.main, train_flags(data, tmp_path, resume=True, max_steps=8), capsys,
+                tmp_path / "metrics.jsonl", "FIFO")
