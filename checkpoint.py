@@ -253,6 +253,10 @@ def load_checkpoint(path):
         names = check_config(config, shapes, path)
         params = {name: r.read("param/" + name, "f") for name in names}  # in the model's own order
         arrays = {k[len("opt/"):]: r.read(k, "fiu") for k in r.members if k.startswith("opt/")}
+    for kind, group in (("parameter", params), ("optimizer state", arrays)):
+        for name, a in group.items():
+            if not np.isfinite(a).all():  # save_checkpoint never writes such arrays: a damaged or foreign file
+                raise CheckpointError(f"{path}: the weights are not finite: {kind} {name!r} holds NaN or inf")
     return Checkpoint(config, params, meta, arrays)
 
 

@@ -46,6 +46,7 @@ import numpy as np
 from atomic import atomic_write
 from checkpoint import CheckpointError, load_checkpoint
 from language_model import MAX_SEQ_LEN
+from untrusted import read_json, regular_file
 
 EXPORT_FORMAT = "numpy-gpt hf export"
 EXPORT_VERSION = 1
@@ -196,9 +197,9 @@ def check_out_dir(out_dir):
         raise HFError(f"{out_dir} exists and is not a folder: choose another OUT_DIR")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         try:
-            with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
-                ours = (json.load(f).get("numpy_gpt") or {}).get("format") == EXPORT_FORMAT
-        except (OSError, ValueError, AttributeError):
+            ours = (read_json(os.path.join(out_dir, "config.json")).get("numpy_gpt") or {}).get("format") \
+                == EXPORT_FORMAT
+        except (OSError, ValueError, AttributeError):  # ValueError: not a regular file, not JSON
             ours = False
         if not ours:
             raise HFError(f"{out_dir} is not empty and not an earlier export of export_hf.py: choose a new OUT_DIR")
@@ -314,9 +315,8 @@ def _weight_files(path):
         return [single]
     if os.path.exists(index):
         try:
-            with open(index, encoding="utf-8") as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            names = sorted(set(read_json(index, "safetensors index", error=HFError)["weight_map"].values()))
+        except (OSError, KeyError, TypeError, AttributeError) as e:
             raise HFError(f"{index} is not a safetensors index ({e})") from None
         if not all(isinstance(n, str) and n == os.path.basename(n) and n.endswith(".safetensors") for n in names):
             raise HFError(f"{index} names weight files outside the folder or not .safetensors: {names[:4]}")
@@ -336,6 +336,7 @@ class _Weights:
         self.where = {}
         for file in _weight_files(path):
             try:
+                regular_file(file, "safetensors file", error=HFError)  # a FIFO would hang safe_open
                 f = safe_open(file, framework="np")
             except (OSError, SafetensorError) as e:
                 raise HFError(f"{file} is not a readable safetensors file ({e})") from None
@@ -350,13 +351,20 @@ class _Weights:
         f, key, _ = self.where[name]
         return tuple(f.get_slice(key).get_shape())
 
-    def get(self, name):
+    def check_dtype(self, name):
         f, key, file = self.where[name]
         kind = f.get_slice(key).get_dtype()
         if kind not in ("F32", "F16", "F64"):
             raise HFError(f"{file}: tensor {key!r} is {kind}, which NumPy cannot read: save the model in float32 "
                           "(model.float().save_pretrained(DIR))")
-        return f.get_tensor(key).astype(np.float32, copy=False)
+
+    def get(self, name):
+        f, key, file = self.where[name]
+        self.check_dtype(name)
+        tensor = f.get_tensor(key).astype(np.float32, copy=False)
+        if not np.isfinite(tensor).all():
+            raise HFError(f"{file}: the weights are not finite: tensor {key!r} holds NaN or inf")
+        return tensor
 
 
 def read_hf_config(path):
@@ -367,28 +375,28 @@ def read_hf_config(path):
         raise HFError(f"{path} is not a folder (a Hugging Face GPT-2 folder holds config.json + model.safetensors)")
     source = os.path.join(path, "config.json")
     try:
-        with open(source, encoding="utf-8") as f:
-            hf = json.load(f)
+        hf = read_json(source, "config.json", error=HFError)
     except FileNotFoundError:
         raise HFError(f"{path} has no config.json: not a Hugging Face model folder") from None
-    except (OSError, ValueError) as e:
-        raise HFError(f"cannot read {source}: {e}") from None
+    except OSError as e:
+        raise HFError(f"cannot read {source}: {e.strerror}") from None
     _weight_files(path)  # first: a folder of pickled weights is refused whatever its config says
     config = _config_from_hf(hf, source)
+    weights = _Weights(path)
     record = hf.get("numpy_gpt") if isinstance(hf.get("numpy_gpt"), dict) else {}
     if record.get("positions") == "sinusoidal":
-        weights = _Weights(path)
         want = (config.max_seq_len, config.d_model)
         if "wpe" in weights.where and weights.shape("wpe") == want and \
                 np.array_equal(weights.get("wpe"), sinusoidal_positions(*want, np.float32)):
             config.use_learned_pos = False
+    check_hf_weights(path, config, weights)  # before anyone allocates a model from config.json's numbers
     return config, hf
 
 
-def load_hf_params(path, config):
-    """{our name: float32 array} for config from the folder; every name and shape checked before reading."""
+def check_hf_weights(path, config, weights):
+    """{our name: shape} of what the folder must hold for config; errors unless the tensors' headers (names,
+    shapes, dtypes) are exactly that, read before anything is allocated (safe_open checked the offsets)."""
     from language_model import param_shapes
-    weights = _Weights(path)
     want = param_shapes(config)
     if not config.use_learned_pos:
         want["wpe"] = (config.max_seq_len, config.d_model)  # read, compared with the table, then dropped
@@ -401,6 +409,14 @@ def load_hf_params(path, config):
     for name, shape in want.items():
         if weights.shape(name) != shape:
             raise HFError(f"{path}: {name} has shape {weights.shape(name)}, config.json implies {shape}")
+        weights.check_dtype(name)
+    return want
+
+
+def load_hf_params(path, config):
+    """{our name: float32 array} for config from the folder; every name and shape checked before reading."""
+    weights = _Weights(path)
+    want = check_hf_weights(path, config, weights)
     params = {name: weights.get(name) for name in want}
     if not config.use_learned_pos:
         del params["wpe"]

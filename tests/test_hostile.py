@@ -4,7 +4,7 @@ and JSON. Each must end within seconds, in bounded memory, with one line naming 
 wrong, and leave every file that was there byte for byte as it was (hashed before and after)."""
 import contextlib
 import hashlib
-import io
+import importlib.util
 import json
 import os
 import signal
@@ -364,3 +364,93 @@ def test_damaged_run_records_and_metrics_lines_do_not_stop_a_resume(data, tmp_pa
     with unchanged(tmp_path, ignore=("train.lock",)):
         refused(train.main, train_flags(data, tmp_path, resume=True, max_steps=8), capsys,
                 tmp_path / "metrics.jsonl", "FIFO")
+
+
+# ------------------------------------------------------------------------ Hugging Face folders: 4, 5, 9, 11, 12
+
+@pytest.fixture(scope="module")
+def small_bpe():
+    import bpe
+    return bpe.train_bpe(STORIES, 300)
+
+
+def hf_folder(path, small_bpe, config=None, tensors=None):
+    """A GPT-2 folder as export_hf writes it (a 300-token BPE, 8 wide, 1 layer), with config.json fields and
+    tensors replaced by those given."""
+    safetensors = pytest.importorskip("safetensors.numpy")
+    import bpe
+    from export_hf import hf_config, hf_tensors
+    from language_model import LanguageModel, ModelConfig
+    cfg = ModelConfig(vocab_size=300, d_model=8, n_heads=2, d_ff=16, n_layers=1, max_seq_len=16, use_learned_pos=True)
+    lm = LanguageModel(cfg, seed=0)
+    path.mkdir()
+    safetensors.save_file(dict(hf_tensors(cfg, lm.params), **(tensors or {})), str(path / "model.safetensors"),
+                          metadata={"format": "pt"})
+    bpe.write_vocab_merges(small_bpe, str(path / "vocab.json"), str(path / "merges.txt"))
+    record = dict(hf_config(cfg, small_bpe.specials[bpe.ENDOFTEXT], {}), **(config or {}))
+    (path / "config.json").write_text(json.dumps(record))
+    return path
+
+
+@pytest.mark.parametrize("case", ["config links to /dev/zero", "config is a fifo", "weights are a fifo",
+                                  "weights link to /dev/zero", "config nested deep", "NaN in config",
+                                  "index nested deep", "context above the limit", "weights not finite"])
+def test_hostile_hugging_face_folders_are_one_line(tmp_path, capsys, small_bpe, case):
+    import generate
+    d = hf_folder(tmp_path / "hf", small_bpe, **{
+        "context above the limit": dict(config={"n_positions": 2**18},
+                                        tensors={"transformer.wpe.weight": np.zeros((2**18, 8), np.float32)}),
+        "weights not finite": dict(tensors={"transformer.h.0.mlp.c_fc.bias": np.full(16, np.nan, np.float32)}),
+    }.get(case, {}))
+    name = {"config links to /dev/zero": "config.json", "config is a fifo": "config.json",
+            "weights are a fifo": "model.safetensors", "weights link to /dev/zero": "model.safetensors",
+            "config nested deep": "config.json", "NaN in config": "config.json",
+            "index nested deep": "index.json", "context above the limit": "n_positions",
+            "weights not finite": "h.0.mlp.c_fc.bias"}[case]
+    config, weights = d / "config.json", d / "model.safetensors"
+    if case in ("config links to /dev/zero", "weights link to /dev/zero"):
+        target = config if case.startswith("config") else weights
+        os.unlink(target)
+        os.symlink("/dev/zero", target)
+    elif case in ("config is a fifo", "weights are a fifo"):
+        target = config if case.startswith("config") else weights
+        os.unlink(target)
+        os.mkfifo(target)
+    elif case == "config nested deep":
+        config.write_text("[" * 200_000)
+    elif case == "NaN in config":
+        config.write_text(config.read_text().replace('"layer_norm_epsilon": 1e-05', '"layer_norm_epsilon": NaN'))
+    elif case == "index nested deep":
+        os.unlink(weights)
+        (d / "model.safetensors.index.json").write_text("[" * 200_000)
+    with unchanged(tmp_path):
+        refused(generate.main, ["--checkpoint", str(d), "--prompt", "Once", "--max_length", "3"], capsys, name)
+
+
+def test_init_from_checks_the_weights_against_config_json_before_allocating(tmp_path, capsys, small_bpe):
+    import train
+    from test_train import write_data
+    d = hf_folder(tmp_path / "hf", small_bpe, config={"n_embd": 4096, "n_layer": 64, "n_head": 64,
+                                                       "n_inner": 16384})  # 13 billion parameters: 52 GB
+    identity = {"type": "lecture2_bpe", "name": "toy", "n_vocab": 300, "eot_id": 63, "sha256": "0" * 64,
+                "model_file": None}
+    data = [write_data(tmp_path / f"{s}.jsonl", 20, seed=i, identity=identity) for i, s in enumerate(("t", "v"))]
+    argv = ["--init_from", str(d), "--train_data", data[0], "--val_data", data[1], "--batch_size", "2",
+            "--max_steps", "1", "--save_dir", str(tmp_path / "ck"), "--no_progress"]
+    with unchanged(d):
+        refused(train.main, argv, capsys, d, "do not match config.json")
+
+
+def test_non_finite_weights_in_a_checkpoint_are_named(finished_run, tmp_path, capsys):
+    import checkpoint
+    import export_hf
+    import generate
+    with np.load(finished_run) as z:
+        wte = z["param/wte"].copy()
+    wte[3, 1] = np.inf
+    path = rewrite(finished_run, tmp_path / "ck.npz", param__wte=wte)
+    with unchanged(tmp_path):
+        refused(generate.main, ["--checkpoint", path, "--max_length", "3"], capsys, path, "not finite", "'wte'")
+        refused(checkpoint.main, [path], capsys, path, "not finite")
+        if importlib.util.find_spec("safetensors"):  # the export needs it; without, it says so first
+            refused(export_hf.main, [path, str(tmp_path / "hf")], capsys, path, "not finite", "'wte'")
