@@ -36,6 +36,7 @@ from collections import Counter
 import regex
 
 from atomic import atomic_write
+from untrusted import open_regular, parse_json, read_json
 
 ENDOFTEXT = "<|endoftext|>"
 # GPT-2's pre-tokenisation pattern, exactly as tiktoken 0.14 spells it for r50k_base / gpt2.
@@ -80,15 +81,30 @@ def _is_ints(values, below):
     return isinstance(values, list) and all(type(x) is int and 0 <= x < below for x in values)
 
 
-def _check_size(path):
-    """Refuse a file far larger than any BPE model before reading it (a training text given by mistake)."""
+# A model's pattern must cut text into pieces that cover it (BPE drops what no piece matches) and must do so
+# in bounded time: it is run on this probe (words, digits, punctuation, whitespace runs, non-ASCII, and
+# runs of one character, where catastrophic backtracking shows) with regex's timeout. A pattern that
+# backtracks badly only on other text is not caught.
+PATTERN_PROBE = ("Once upon a time, Tom's dog (named Max) ran 12.5 km! They'll see.\n\n\t  Ünïcödé café "
+                 "日本語 🐶 end  \r\n" + "a" * 32 + "!" + " " * 32 + "x" + "1" * 32 + "." * 32 + "\n")
+PATTERN_SECONDS = 1.0
+
+
+def check_pattern(pattern, source):
+    """TokenizerError unless pattern is a regular expression whose pieces cover PATTERN_PROBE, found in
+    under PATTERN_SECONDS."""
+    if not isinstance(pattern, str) or not pattern:
+        raise TokenizerError(f"{source}: the pre-tokenisation pattern is empty or not a string")
     try:
-        size = os.path.getsize(path)
-    except OSError:
-        return  # open() says why, right after
-    if size > MAX_MODEL_BYTES:
-        raise TokenizerError(f"{path} is {size / 1e6:.0f} MB, too large for a BPE model file (at most "
-                             f"{MAX_MODEL_BYTES / 1e6:.0f} MB); is it the right file?")
+        pieces = regex.compile(pattern).findall(PATTERN_PROBE, timeout=PATTERN_SECONDS)
+    except regex.error as e:
+        raise TokenizerError(f"{source}: the pattern is not a regular expression: {e}") from None
+    except TimeoutError:
+        raise TokenizerError(f"{source}: the pattern takes over {PATTERN_SECONDS:g} s to split a short probe "
+                             "text (catastrophic backtracking): use GPT-2's") from None
+    if not all(isinstance(p, str) for p in pieces) or "".join(pieces) != PATTERN_PROBE:
+        raise TokenizerError(f"{source}: the pattern does not cover text (its pieces of a probe text leave "
+                             "characters out, which BPE would drop, or it has groups): use GPT-2's")
 
 
 class BPEModel:
@@ -135,9 +151,9 @@ class BPEModel:
                                   "`tokenizer.py --train_bpe --vocab_size N input.txt --model_file out.json`, "
                                   "or pass a vocab.json with its merges.txt")
         try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise bad(f"not JSON: {e}") from None
+            d = parse_json(text, "its text")
+        except ValueError as e:
+            raise bad(str(e)) from None
         if not isinstance(d, dict) or d.get("format") != BPE_FORMAT:
             raise bad(f"format is {d.get('format') if isinstance(d, dict) else type(d).__name__!r}, "
                       f"expected {BPE_FORMAT!r}")
@@ -164,10 +180,7 @@ class BPEModel:
             raise bad(f"vocab_size is {d.get('vocab_size')!r} but the vocab lists {n} ids")
         if not isinstance(pattern, str) or not isinstance(training, (dict, type(None))):
             raise bad("pattern must be a string and training an object")
-        try:
-            regex.compile(pattern)
-        except regex.error as e:
-            raise bad(f"pattern is not a regular expression: {e}") from None
+        check_pattern(pattern, source)
         model = cls([None if v is None else bytes(v) for v in vocab], merges, specials, pattern, merge_ids,
                     training)
         model.check(source)
@@ -582,20 +595,22 @@ def bytes_to_unicode():
 def model_from_vocab_merges(vocab_path, merges_path):
     """A BPEModel from GPT-2 style vocab.json ({token string: id}) + merges.txt ("a b" per line, by rank)."""
     dec = {c: b for b, c in bytes_to_unicode().items()}
-    _check_size(vocab_path)
-    _check_size(merges_path)
     try:
-        with open(vocab_path, encoding="utf-8") as f:
-            tok2id = json.load(f)
-        with open(merges_path, encoding="utf-8") as f:
-            lines = [ln.rstrip("\n") for ln in f]
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        tok2id = read_json(vocab_path, "vocab.json", MAX_MODEL_BYTES, TokenizerError)
+        if not isinstance(tok2id, dict) or not tok2id or not _is_ints(list(tok2id.values()), len(tok2id)) \
+                or len(set(tok2id.values())) != len(tok2id):
+            raise TokenizerError(f"{vocab_path} is not a vocab.json: a {{token: id}} object whose ids are 0 to "
+                                 "its size - 1, each once")
+        n = len(tok2id)
+        lines = []
+        with open_regular(merges_path, "r", "merges.txt", MAX_MODEL_BYTES, TokenizerError, encoding="utf-8") as f:
+            for ln in f:  # each merge makes a token, so a vocabulary of n ids holds at most n - 256 of them
+                lines.append(ln.rstrip("\n"))
+                if len(lines) > n - 256 + 1:  # + 1: the "#version" line
+                    raise TokenizerError(f"{merges_path} has more merges than the {n} tokens of {vocab_path} "
+                                         f"allow (at most {n - 256}): are they a pair?")
+    except (OSError, UnicodeDecodeError) as e:
         raise TokenizerError(f"cannot read {vocab_path} / {merges_path}: {e}") from None
-    if not isinstance(tok2id, dict) or not tok2id or not _is_ints(list(tok2id.values()), len(tok2id)) \
-            or len(set(tok2id.values())) != len(tok2id):
-        raise TokenizerError(f"{vocab_path} is not a vocab.json: a {{token: id}} object whose ids are 0 to "
-                             "its size - 1, each once")
-    n = len(tok2id)
     vocab, specials = [None] * n, {}
     for s, i in tok2id.items():
         if all(c in dec for c in s) and not (s.startswith("<|") and s.endswith("|>")):
@@ -661,9 +676,8 @@ def write_vocab_merges(model, vocab_path, merges_path):
 def read_model_file(model_file, merges_file=None):
     """(BPEModel, its JSON text) from our JSON model file, or from a vocab.json with its merges.txt
     (merges_file, or merges.txt beside it); the text is what a checkpoint embeds and the sha256 covers."""
-    _check_size(model_file)
     try:
-        with open(model_file, "rb") as f:
+        with open_regular(model_file, "rb", "BPE model file", MAX_MODEL_BYTES, TokenizerError) as f:
             raw = f.read()
     except OSError as e:
         raise TokenizerError(f"cannot read BPE model {model_file}: {e.strerror}. Train one with "
@@ -676,8 +690,8 @@ def read_model_file(model_file, merges_file=None):
     looks_like_vocab = text.lstrip().startswith("{") and f'"format": "{BPE_FORMAT}"' not in text[:2000]
     if looks_like_vocab and os.path.exists(pair):
         try:
-            is_vocab = all(isinstance(v, int) for v in json.loads(text).values())
-        except (json.JSONDecodeError, AttributeError):
+            is_vocab = all(isinstance(v, int) for v in parse_json(text, model_file).values())
+        except (ValueError, AttributeError):
             is_vocab = False
         if is_vocab:
             model = model_from_vocab_merges(model_file, pair)

@@ -47,7 +47,7 @@ from pathlib import Path
 import tiktoken
 
 from atomic import atomic_write
-from bpe import ENDOFTEXT, GPT2_PATTERN, BPEModel, ReferenceEncoding, TokenizerError, check_vocab_size, \
+from bpe import ENDOFTEXT, GPT2_PATTERN, PATTERN_PROBE, BPEModel, ReferenceEncoding, TokenizerError, check_vocab_size, \
     read_model_file, start_workers, train_bpe_file
 
 BUNDLED_R50K = Path(__file__).resolve().parent / "data" / "sample" / "r50k_base.tiktoken"
@@ -184,6 +184,15 @@ class BPETokenizer(Tokenizer):
                                         explicit_n_vocab=model.vocab_size)
             except ValueError as e:  # e.g. a pattern Python's regex accepts and tiktoken's engine does not
                 raise TokenizerError(f"{model_file or 'BPE model'}: tiktoken cannot use this model ({e})") from None
+            try:  # its engine gives up on heavy backtracking, dropping text: the probe must come back whole
+                same = enc.decode(enc.encode_ordinary(PATTERN_PROBE)) == PATTERN_PROBE
+            except BaseException as e:  # a Rust panic is a BaseException
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                same = False
+            if not same:
+                raise TokenizerError(f"{model_file or 'BPE model'}: tiktoken's engine does not give a probe text "
+                                     "back whole with this model's pattern: use GPT-2's")
         else:
             if verbose:
                 _say(f"note: {model_file}: merges cannot run in tiktoken's engine; using the (slower) reference encoder")

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -454,3 +455,60 @@ def test_non_finite_weights_in_a_checkpoint_are_named(finished_run, tmp_path, ca
         refused(checkpoint.main, [path], capsys, path, "not finite")
         if importlib.util.find_spec("safetensors"):  # the export needs it; without, it says so first
             refused(export_hf.main, [path, str(tmp_path / "hf")], capsys, path, "not finite", "'wte'")
+
+
+# ------------------------------------------------------------------------ BPE files: 5, 6, 11, 15
+
+def bpe_file(tmp_path, small_bpe, **fields):
+    """small_bpe's model file with fields replaced (raw JSON text for a value given as bytes)."""
+    d = json.loads(small_bpe.to_json())
+    raw = {k: v for k, v in fields.items() if isinstance(v, bytes)}
+    d.update({k: v for k, v in fields.items() if not isinstance(v, bytes)})
+    text = json.dumps(d)
+    for k, v in raw.items():
+        d[k] = "@RAW@"
+        text = json.dumps(d).replace('"@RAW@"', v.decode())
+    path = tmp_path / "bpe.json"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", ["model is /dev/zero", "model is a fifo", "integer of 5000 digits",
+                                  "vocab.json id of 5000 digits", "merges.txt longer than its vocabulary",
+                                  "empty pattern", "pattern that drops text", "pathological pattern"])
+def test_hostile_bpe_model_files_are_one_line(tmp_path, capsys, small_bpe, case):
+    import bpe
+    text = tmp_path / "stories.txt"
+    text.write_text(STORIES + "a" * 40 + "\n")
+    model = {"model is /dev/zero": lambda: "/dev/zero",
+             "model is a fifo": lambda: os.mkfifo(tmp_path / "fifo.json") or tmp_path / "fifo.json",
+             "integer of 5000 digits": lambda: bpe_file(tmp_path, small_bpe, vocab_size=b"7" * 5000),
+             "empty pattern": lambda: bpe_file(tmp_path, small_bpe, pattern=""),
+             "pattern that drops text": lambda: bpe_file(tmp_path, small_bpe, pattern=r"\w+"),
+             "pathological pattern": lambda: bpe_file(tmp_path, small_bpe, pattern=r"(?:a|a)*c|[\s\S]"),
+             }.get(case, lambda: tmp_path / "vocab.json")()
+    if case.startswith(("vocab.json", "merges.txt")):
+        bpe.write_vocab_merges(small_bpe, str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+        merges = tmp_path / "merges.txt"
+        if case.startswith("vocab.json"):
+            model.write_text(re.sub(r'"<\|endoftext\|>": \d+', '"<|endoftext|>": ' + "9" * 5000, model.read_text()))
+        else:
+            line = merges.read_text().splitlines()[1] + "\n"
+            with open(merges, "a") as f:
+                f.write(line * 200_000)  # each line a valid merge, repeated: far more than its vocabulary allows
+    name = {"merges.txt longer than its vocabulary": "merges.txt", "pathological pattern": "backtracking",
+            "pattern that drops text": "does not cover text", "empty pattern": "empty"}.get(case, model)
+    with unchanged(tmp_path):
+        refused(tokenizer.main, [str(text), str(tmp_path / "out.jsonl"), "--tokenizer", "lecture2_bpe",
+                                 "--model_file", str(model), "--quiet", "--workers", "1"], capsys, name)
+
+
+def test_a_tokenizer_file_named_in_a_checkpoint_is_checked_too(tmp_path, capsys, small_bpe):
+    import generate
+    path = checkpoint_with_bpe(tmp_path / "ck.npz", small_bpe)
+    os.mkfifo(tmp_path / "bpe.json")
+    from checkpoint import read_meta
+    identity = dict(read_meta(path)["tokenizer"], model_file=str(tmp_path / "bpe.json"))
+    path = rewrite(path, tmp_path / "ck2.npz", meta={"tokenizer": identity, "tokenizer_model_json": None})
+    with unchanged(tmp_path):
+        refused(generate.main, ["--checkpoint", path, "--max_length", "3"], capsys, tmp_path / "bpe.json", "FIFO")
