@@ -36,7 +36,7 @@ from collections import Counter
 import regex
 
 from atomic import atomic_write
-from untrusted import open_regular, parse_json, read_json
+from untrusted import open_regular, parse_json, read_json, regular_file
 
 ENDOFTEXT = "<|endoftext|>"
 # GPT-2's pre-tokenisation pattern, exactly as tiktoken 0.14 spells it for r50k_base / gpt2.
@@ -235,7 +235,8 @@ def count_pretokens(text, specials=(ENDOFTEXT,), pattern=GPT2_PATTERN):
 # one: letter, number and punctuation runs (after at most one leading space) hold no whitespace, the
 # whitespace alternatives nothing else, and the pattern never looks behind. So the pieces of text[:i]
 # and of text[i:], found apart, are the pieces of text. PieceCounter cuts at such places before
-# spaces, read_blocks and _count_block before newlines; tests/test_bpe.py checks both on random text.
+# spaces, read_blocks and _count_block (and tokenizer.py, a long story) at _last_cut's; tests/test_bpe.py
+# checks both on random text.
 _SPACE_AFTER_WHITESPACE = regex.compile(r"(?<=\s) ")
 _ENDS_WITH_WHITESPACE = regex.compile(r"\s\Z")
 _KEEP = "\x00"  # stands for a space that must not be cut at
@@ -284,27 +285,50 @@ class PieceCounter:
 # ----------------------------------------------------------------------------------------------
 # Counting a file in blocks on all cores: memory grows with the distinct pieces, not the file
 
-def _last_cut(block, lo=0, hi=None):
-    """Index of the last newline in block[lo:hi] that follows a printable ASCII character, 0 if none.
+_BEFORE_WHITESPACE = regex.compile(rb"(?r)[\x21-\x7e\x80-\xff](?=[ \t\n\r\x0b\x0c])")  # searched from the end
+MAX_UNCUT_BYTES = 1 << 26  # text with no place to cut for this long is not text: refused, not read whole
 
-    No pre-token of GPT2_PATTERN spans such a cut: the character before it is neither whitespace
-    nor part of a whitespace run, and a newline starts a new piece after a non-space. So the pieces
-    of text[:cut] and text[cut:], counted apart, are exactly the pieces of the whole text (the
-    tests check this against random text cut at every such place).
+
+def _last_cut(block, lo=0, hi=None):
+    """Index in block[lo:hi] (UTF-8 bytes) of the last ASCII whitespace byte that follows a character
+    which is not whitespace, 0 if none: the last newline after printable ASCII if there is one (blocks then
+    end with whole lines), else any such place (lines that end in a space or a non-ASCII character, one
+    long line).
+
+    No pre-token of GPT2_PATTERN spans such a cut (see above), so the pieces of text[:cut] and
+    text[cut:], counted apart, are exactly the pieces of the whole text (the tests check this against
+    random text cut at every such place).
     """
-    i = len(block) if hi is None else hi
+    hi = len(block) if hi is None else hi
+    i = hi
     while True:
         i = block.rfind(b"\n", lo, i)
         if i <= lo:
-            return 0
+            break
         if 0x21 <= block[i - 1] <= 0x7E:
             return i
+    for m in _BEFORE_WHITESPACE.finditer(block, lo, hi):
+        i = m.end()
+        if i - 1 <= lo:
+            return 0
+        if block[i - 1] < 0x80:
+            return i
+        j = i - 1  # a multi-byte character ends here: whitespace (U+00A0, U+3000, ...) or not?
+        while j > lo and 0x80 <= block[j] < 0xC0 and i - j < 4:
+            j -= 1
+        try:
+            char = block[j:i].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if not char.isspace() and not regex.match(r"\s", char):
+            return i
+    return 0
 
 
 def read_blocks(path, block_bytes=1 << 20):
     """Yield (bytes, number of its first line) of about block_bytes each, cut only where _last_cut allows."""
     lineno, parts = 1, []
-    with open(path, "rb") as f:
+    with open_regular(path, "rb", "text file", error=TokenizerError) as f:
         while True:
             data = f.read(block_bytes)
             if not data:
@@ -312,8 +336,11 @@ def read_blocks(path, block_bytes=1 << 20):
                     yield b"".join(parts), lineno
                 return
             cut = _last_cut(data)
-            if cut == 0:  # no place to cut in this block (a very long line): read on
+            if cut == 0:  # no place to cut in this block: read on
                 parts.append(data)
+                if len(parts) * block_bytes > MAX_UNCUT_BYTES:
+                    raise TokenizerError(f"{path} line {lineno}: {MAX_UNCUT_BYTES >> 20} MB without whitespace "
+                                         "after a character, so without a place to cut it: is it text?")
                 continue
             block = b"".join(parts + [data[:cut]])
             parts = [data[cut:]]
@@ -365,8 +392,9 @@ def count_pretokens_file(path, specials=(ENDOFTEXT,), pattern=GPT2_PATTERN, work
     Only the counts are kept (the pieces of one block at a time, per worker), so memory grows with
     the number of distinct pieces, not with the size of the file.
     """
-    total = os.path.getsize(path)
-    pool = start_workers(workers) if workers > 1 and total > block_bytes else None
+    total = regular_file(path, "text file", error=TokenizerError).st_size
+    workers = min(workers, -(-total // block_bytes))  # no more processes than blocks
+    pool = start_workers(workers) if workers > 1 else None
     bar = None
     if progress:
         from tqdm import tqdm

@@ -512,3 +512,99 @@ def test_a_tokenizer_file_named_in_a_checkpoint_is_checked_too(tmp_path, capsys,
     path = rewrite(path, tmp_path / "ck2.npz", meta={"tokenizer": identity, "tokenizer_model_json": None})
     with unchanged(tmp_path):
         refused(generate.main, ["--checkpoint", path, "--max_length", "3"], capsys, tmp_path / "bpe.json", "FIFO")
+
+
+# ------------------------------------------------------------------------ 7. text without the usual line ends
+
+def test_bpe_blocks_are_cut_on_any_safe_boundary(tmp_path):
+    import bpe
+    from test_bpe import plain_counts
+    lines = "".join(f"Once upon a time é {i} dog ran \n" for i in range(3000))  # every line ends in a space
+    for text in (lines, lines.replace("\n", " ")):  # ... or it is all one line
+        path = tmp_path / "in.txt"
+        path.write_text(text, encoding="utf-8")
+        blocks = [b for b, _ in bpe.read_blocks(path, 4096)]
+        assert len(blocks) > 20 and max(map(len, blocks)) <= 2 * 4096 and b"".join(blocks) == path.read_bytes()
+        assert bpe.count_pretokens_file(path, block_bytes=4096) == plain_counts(text)
+
+
+@pytest.mark.parametrize("layout", ["lines", "raw"])
+@pytest.mark.parametrize("max_length", [7, 0])
+def test_a_long_story_is_tokenized_in_parts_to_the_same_ids(tmp_path, small_bpe, layout, max_length):
+    tok = tokenizer.BPETokenizer(small_bpe, small_bpe.to_json())
+    long = "  Once upon a time, a dog ran é to the park.\r\n\nThen it  slept 12 days. " * 400
+    stories = ["The cat sat.", long, "A short one.", long + "\n\nThe end."]
+    sep = "\n<|endoftext|>\n" if layout == "raw" else "\n"
+    path = tmp_path / "in.txt"
+    path.write_bytes(tokenizer.BOM + sep.join(s if layout == "raw" else s.replace("\n", " ")
+                                              for s in stories).encode())
+    out = tmp_path / "out.jsonl"
+    tokenizer.tokenize_file(tok, path, out, max_length, workers=1, batch_bytes=1024, progress=False, layout=layout)
+    want = []
+    for s in stories:
+        s = (s if layout == "raw" else s.replace("\n", " ")).replace("\r\n", "\n").strip()
+        ids = tok.encode_ordinary(s) + [tok.eot_id]
+        step = max_length or len(ids)
+        want += [ids[i:i + step] for i in range(0, len(ids), step)]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == want
+
+
+def test_tokenizing_one_long_line_takes_flat_memory(tmp_path, small_bpe):
+    model = tmp_path / "bpe.json"
+    model.write_text(small_bpe.to_json())
+    peak = {}
+    for kind, text in (("lines", "Once upon a time there was a dog.\n" * 4000),
+                       ("one line", "Once upon a time there was a dog. " * 240_000)):  # 8 MB
+        path = tmp_path / f"{kind}.txt"
+        path.write_text(text)
+        code = ("import resource, sys, tokenizer; rc = tokenizer.main(sys.argv[1:]); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+        proc = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "out.jsonl"), "--tokenizer",
+                               "lecture2_bpe", "--model_file", str(model), "--workers", "1", "--quiet"], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        peak[kind] = int(proc.stdout.split()[-1]) / 1024  # MB
+    assert peak["one line"] < peak["lines"] + 15, peak  # before: 36 MB more (50 MB took 1.1 GB)
+
+
+# ------------------------------------------------------------------------ 14. ordinary mistakes: tokenizer
+
+@pytest.mark.parametrize("case", ["output is a directory", "output under a file", "train_bpe on a directory",
+                                  "train_bpe on /dev/zero", "input is a fifo"])
+def test_tokenizer_mistakes_are_one_line(tmp_path, capsys, case):
+    text = tmp_path / "stories.txt"
+    text.write_text(STORIES)
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    argv, name = {
+        "output is a directory": ([text, tmp_path / "dir"], tmp_path / "dir"),
+        "output under a file": ([text, text / "out.jsonl"], text),
+        "train_bpe on a directory": (["--train_bpe", tmp_path / "dir", "--model_file", tmp_path / "m.json"],
+                                     tmp_path / "dir"),
+        "train_bpe on /dev/zero": (["--train_bpe", "/dev/zero", "--model_file", tmp_path / "m.json"], "/dev/zero"),
+        "input is a fifo": ([tmp_path / "fifo", tmp_path / "out.jsonl"], tmp_path / "fifo"),
+    }[case]
+    with unchanged(tmp_path):
+        refused(tokenizer.main, [str(a) for a in argv] + ["--quiet", "--workers", "1"], capsys, name)
+
+
+def test_tokenizing_onto_a_full_disk_is_one_line_and_keeps_the_earlier_output(tmp_path):
+    import resource
+    text, out = tmp_path / "stories.txt", tmp_path / "out.jsonl"
+    text.write_text(STORIES * 50)
+    argv = [sys.executable, "tokenizer.py", str(text), str(out), "--quiet", "--workers", "1"]
+    assert subprocess.run(argv, cwd=REPO, capture_output=True, timeout=60).returncode == 0
+    text.write_text(STORIES * 500)  # an output of ~110 KB, where only 64 KB fit
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+    with unchanged(tmp_path):  # the earlier out.jsonl and its sidecar too, and no temp file left
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60, preexec_fn=small_disk)
+        assert proc.returncode == 1 and "the disk is full" in the_error(proc.stderr) and str(out) in proc.stderr
+
+
+def test_more_workers_than_cores_are_capped_with_a_note(tmp_path, capsys):
+    text = tmp_path / "stories.txt"
+    text.write_text(STORIES)
+    assert tokenizer.main([str(text), str(tmp_path / "out.jsonl"), "--quiet", "--workers", "64"]) == 0
+    assert f"note: --workers 64 is more than the {os.cpu_count()} cores here" in capsys.readouterr().err
