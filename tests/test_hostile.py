@@ -608,3 +608,34 @@ def test_more_workers_than_cores_are_capped_with_a_note(tmp_path, capsys):
     text.write_text(STORIES)
     assert tokenizer.main([str(text), str(tmp_path / "out.jsonl"), "--quiet", "--workers", "64"]) == 0
     assert f"note: --workers 64 is more than the {os.cpu_count()} cores here" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ 14. ordinary mistakes: prepare_tinystories
+
+@pytest.mark.parametrize("flags, name", [(["--data_dir", "FILE"], "FILE"), (["--timeout", "nan"], "--timeout nan"),
+                                         (["--backoff", "-1"], "--backoff -1"), (["--valid_size", "0"], "--valid_size 0")])
+def test_prepare_mistakes_are_one_line(tmp_path, capsys, flags, name):
+    import prepare_tinystories
+    (tmp_path / "FILE").write_text("not a folder")
+    argv = ["--offline", "--quiet", "--data_dir", str(tmp_path / "data")] + \
+        [str(tmp_path / f) if f == "FILE" else f for f in flags]
+    with unchanged(tmp_path):
+        refused(prepare_tinystories.main, argv, capsys, tmp_path / name if name == "FILE" else name)
+
+
+def test_prepare_on_a_full_disk_is_one_line(tmp_path):
+    import resource
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+    proc = subprocess.run([sys.executable, "prepare_tinystories.py", "--offline", "--quiet", "--data_dir",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60, preexec_fn=small_disk)
+    assert proc.returncode == 1 and "the disk is full" in the_error(proc.stderr), proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing half-written left
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    import prepare_tinystories
+    path = tmp_path / "raw.txt"
+    path.write_bytes(b"\xef\xbb\xbf<|endoftext|>\nOnce upon a time.\n<|endoftext|>\nThe end.\n")
+    assert list(prepare_tinystories.stories_from_file(path)) == ["Once upon a time.", "The end."]
