@@ -4,6 +4,7 @@ and JSON. Each must end within seconds, in bounded memory, with one line naming 
 wrong, and leave every file that was there byte for byte as it was (hashed before and after)."""
 import contextlib
 import hashlib
+import io
 import importlib.util
 import json
 import os
@@ -639,3 +640,72 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     path = tmp_path / "raw.txt"
     path.write_bytes(b"\xef\xbb\xbf<|endoftext|>\nOnce upon a time.\n<|endoftext|>\nThe end.\n")
     assert list(prepare_tinystories.stories_from_file(path)) == ["Once upon a time.", "The end."]
+
+
+# ------------------------------------------------------------------------ generate: 14, and quietly accepted
+
+def test_generate_mistakes_are_one_line(tmp_path, capsys, small_bpe, finished_run):
+    import generate
+    refused(generate.main, ["--checkpoint", finished_run, "--seed", "-1"], capsys, "--seed")
+    path = checkpoint_with_bpe(tmp_path / "ck.npz", small_bpe)
+    path = rewrite(path, tmp_path / "bare.npz", meta={"tokenizer_model_json": None, "tokenizer.model_file": None})
+    with unchanged(tmp_path):
+        refused(generate.main, ["--checkpoint", path, "--model_file", "/dev/zero"], capsys, "/dev/zero",
+                "character device")
+
+
+class Counting:
+    """A tokenizer's decoding, counting the ids it is asked to decode."""
+
+    def __init__(self, tok):
+        self.tok, self.decoded = tok, 0
+
+    def decode(self, ids):
+        self.decoded += len(ids)
+        return self.tok.decode(ids)
+
+    def decode_bytes(self, ids):
+        self.decoded += len(ids)
+        return self.tok.decode_bytes(ids)
+
+
+def test_streaming_decodes_each_token_once(small_bpe):
+    import generate
+    tok = tokenizer.BPETokenizer(small_bpe, small_bpe.to_json())
+    ids = tok.encode("Once upon a time, é 🐶 the dog ran. " * 60)
+    counting, out = Counting(tok), io.StringIO()
+    printer = generate.StreamPrinter(counting, out, ids[:3])
+    for i in ids[3:]:
+        printer.add(i)
+    printer.finish()
+    assert out.getvalue() == tok.decode(ids) + "\n"
+    assert counting.decoded <= len(ids) + 1  # it was quadratic: the whole text again for every token
+
+
+def test_a_long_text_is_written_as_it_is_made(tmp_path, small_bpe, monkeypatch):
+    import generate
+
+    class Enough(BaseException):
+        pass
+
+    class Out(io.StringIO):
+        def write(self, s):
+            if self.tell() > 200:
+                raise Enough
+            return super().write(s)
+
+    def endless(*args, **kwargs):
+        while True:
+            yield 100
+    monkeypatch.setattr(generate, "generate", endless)
+    path = checkpoint_with_bpe(tmp_path / "ck.npz", small_bpe)
+    with pytest.raises(Enough):  # without --stream it printed nothing until --max_length tokens were made
+        generate.main(["--checkpoint", path, "--max_length", "1000000000"], out=Out(), err=io.StringIO())
+
+
+def test_config_values_of_the_wrong_type_are_refused(finished_run, tmp_path, capsys):
+    import checkpoint
+    for key, value in (("n_layers", True), ("use_learned_pos", 0), ("activation", ["gelu"])):
+        path = rewrite(finished_run, tmp_path / f"{key}.npz", meta={f"config.{key}": value})
+        with unchanged(tmp_path):  # n_layers true loaded as 1 layer and was exported as "n_layer": true
+            refused(checkpoint.main, [path], capsys, path, key)
