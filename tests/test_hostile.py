@@ -3,6 +3,7 @@ re-exports, fresh runs over finished ones, FIFOs and devices, crafted checkpoint
 and JSON. Each must end within seconds, in bounded memory, with one line naming the file and what is
 wrong, and leave every file that was there byte for byte as it was (hashed before and after)."""
 import contextlib
+import errno
 import hashlib
 import io
 import importlib.util
@@ -162,6 +163,12 @@ def test_a_failed_re_export_leaves_the_earlier_export_as_it_was(tmp_path, capsys
     capsys.readouterr()
     with unchanged(tmp_path):
         refused(export_hf.main, [bad, str(out)], capsys, bad, "<|a|>", "reads as a special token", out)
+
+    def no_space(*args):  # a full disk in the middle of the export
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with unchanged(tmp_path), pytest.MonkeyPatch.context() as m:
+        m.setattr(export_hf, "write_tokenizer", no_space)
+        refused(export_hf.main, [good, str(out)], capsys, out, "No space left")
     assert export_hf.main([good, str(out)]) == 0  # and a good export still replaces it
 
 
@@ -647,6 +654,9 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
 def test_generate_mistakes_are_one_line(tmp_path, capsys, small_bpe, finished_run):
     import generate
     refused(generate.main, ["--checkpoint", finished_run, "--seed", "-1"], capsys, "--seed")
+    refused(generate.main, ["--checkpoint", "/dev/zero"], capsys, "/dev/zero", "character device")
+    os.mkfifo(tmp_path / "fifo.npz")
+    refused(generate.main, ["--checkpoint", str(tmp_path / "fifo.npz")], capsys, "fifo.npz", "FIFO")
     path = checkpoint_with_bpe(tmp_path / "ck.npz", small_bpe)
     path = rewrite(path, tmp_path / "bare.npz", meta={"tokenizer_model_json": None, "tokenizer.model_file": None})
     with unchanged(tmp_path):
