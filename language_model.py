@@ -57,7 +57,8 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.max_seq_len > MAX_SEQ_LEN:
-            raise ValueError(f"ModelConfig.max_seq_len {self.max_seq_len} is above the {MAX_SEQ_LEN} this code supports")
+            raise ValueError(f"ModelConfig.max_seq_len {self.max_seq_len} is above the {MAX_SEQ_LEN} this code "
+                             "supports")
         for name in ("use_learned_pos", "tie_embeddings"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")

@@ -419,8 +419,11 @@ def resolve_resume(args):
 
 def check_overwrite(args):
     """A run without --resume into a --save_dir that holds checkpoints: refused (TrainError saying what to do)
-    unless --overwrite, since its checkpoints would replace the earlier run's; with it, the note to print."""
+    unless --overwrite, since its checkpoints would replace the earlier run's; with it, the note to print
+    (None: no checkpoints there)."""
     found = list_checkpoints(args.save_dir)
+    if not found:
+        return None
     final = [f for f in found if os.path.basename(f.path) == "checkpoint_final.npz"]
     newest = (final or found)[0]
     what = ("a finished run" if final else "checkpoints of an earlier run") + f" ({newest.path}, " + \
@@ -519,8 +522,8 @@ class Trainer:
             # rank 0 picks the checkpoint, so that every rank loads the same one
             self.restore(self.ranks.bcast(resolve_resume(args) if self.root else None) if self.ranks
                          else resolve_resume(args), notes)
-        elif self.root and list_checkpoints(args.save_dir):
-            notes.append(check_overwrite(args))
+        elif self.root and (note := check_overwrite(args)):
+            notes.append(note)
         self.log = MetricsLog(args.save_dir, resume_step=self.step if args.resume else None) if self.root \
             else QuietLog()
         if self.root:  # after the log, whose metrics.jsonl may be refused: then nothing in the folder changed
