@@ -36,6 +36,7 @@ from collections import Counter
 import regex
 
 from atomic import atomic_write
+from untrusted import open_regular, parse_json, read_json, regular_file
 
 ENDOFTEXT = "<|endoftext|>"
 # GPT-2's pre-tokenisation pattern, exactly as tiktoken 0.14 spells it for r50k_base / gpt2.
@@ -80,15 +81,30 @@ def _is_ints(values, below):
     return isinstance(values, list) and all(type(x) is int and 0 <= x < below for x in values)
 
 
-def _check_size(path):
-    """Refuse a file far larger than any BPE model before reading it (a training text given by mistake)."""
+# A model's pattern must cut text into pieces that cover it (BPE drops what no piece matches) and must do so
+# in bounded time: it is run on this probe (words, digits, punctuation, whitespace runs, non-ASCII, and
+# runs of one character, where catastrophic backtracking shows) with regex's timeout. A pattern that
+# backtracks badly only on other text is not caught.
+PATTERN_PROBE = ("Once upon a time, Tom's dog (named Max) ran 12.5 km! They'll see.\n\n\t  Ünïcödé café "
+                 "日本語 🐶 end  \r\n" + "a" * 32 + "!" + " " * 32 + "x" + "1" * 32 + "." * 32 + "\n")
+PATTERN_SECONDS = 1.0
+
+
+def check_pattern(pattern, source):
+    """TokenizerError unless pattern is a regular expression whose pieces cover PATTERN_PROBE, found in
+    under PATTERN_SECONDS."""
+    if not isinstance(pattern, str) or not pattern:
+        raise TokenizerError(f"{source}: the pre-tokenisation pattern is empty or not a string")
     try:
-        size = os.path.getsize(path)
-    except OSError:
-        return  # open() says why, right after
-    if size > MAX_MODEL_BYTES:
-        raise TokenizerError(f"{path} is {size / 1e6:.0f} MB, too large for a BPE model file (at most "
-                             f"{MAX_MODEL_BYTES / 1e6:.0f} MB); is it the right file?")
+        pieces = regex.compile(pattern).findall(PATTERN_PROBE, timeout=PATTERN_SECONDS)
+    except regex.error as e:
+        raise TokenizerError(f"{source}: the pattern is not a regular expression: {e}") from None
+    except TimeoutError:
+        raise TokenizerError(f"{source}: the pattern takes over {PATTERN_SECONDS:g} s to split a short probe "
+                             "text (catastrophic backtracking): use GPT-2's") from None
+    if not all(isinstance(p, str) for p in pieces) or "".join(pieces) != PATTERN_PROBE:
+        raise TokenizerError(f"{source}: the pattern does not cover text (its pieces of a probe text leave "
+                             "characters out, which BPE would drop, or it has groups): use GPT-2's")
 
 
 class BPEModel:
@@ -135,9 +151,9 @@ class BPEModel:
                                   "`tokenizer.py --train_bpe --vocab_size N input.txt --model_file out.json`, "
                                   "or pass a vocab.json with its merges.txt")
         try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise bad(f"not JSON: {e}") from None
+            d = parse_json(text, "its text")
+        except ValueError as e:
+            raise bad(str(e)) from None
         if not isinstance(d, dict) or d.get("format") != BPE_FORMAT:
             raise bad(f"format is {d.get('format') if isinstance(d, dict) else type(d).__name__!r}, "
                       f"expected {BPE_FORMAT!r}")
@@ -164,10 +180,7 @@ class BPEModel:
             raise bad(f"vocab_size is {d.get('vocab_size')!r} but the vocab lists {n} ids")
         if not isinstance(pattern, str) or not isinstance(training, (dict, type(None))):
             raise bad("pattern must be a string and training an object")
-        try:
-            regex.compile(pattern)
-        except regex.error as e:
-            raise bad(f"pattern is not a regular expression: {e}") from None
+        check_pattern(pattern, source)
         model = cls([None if v is None else bytes(v) for v in vocab], merges, specials, pattern, merge_ids,
                     training)
         model.check(source)
@@ -222,7 +235,8 @@ def count_pretokens(text, specials=(ENDOFTEXT,), pattern=GPT2_PATTERN):
 # one: letter, number and punctuation runs (after at most one leading space) hold no whitespace, the
 # whitespace alternatives nothing else, and the pattern never looks behind. So the pieces of text[:i]
 # and of text[i:], found apart, are the pieces of text. PieceCounter cuts at such places before
-# spaces, read_blocks and _count_block before newlines; tests/test_bpe.py checks both on random text.
+# spaces, read_blocks and _count_block (and tokenizer.py, a long story) at _last_cut's; tests/test_bpe.py
+# checks both on random text.
 _SPACE_AFTER_WHITESPACE = regex.compile(r"(?<=\s) ")
 _ENDS_WITH_WHITESPACE = regex.compile(r"\s\Z")
 _KEEP = "\x00"  # stands for a space that must not be cut at
@@ -271,27 +285,50 @@ class PieceCounter:
 # ----------------------------------------------------------------------------------------------
 # Counting a file in blocks on all cores: memory grows with the distinct pieces, not the file
 
-def _last_cut(block, lo=0, hi=None):
-    """Index of the last newline in block[lo:hi] that follows a printable ASCII character, 0 if none.
+_BEFORE_WHITESPACE = regex.compile(rb"(?r)[\x21-\x7e\x80-\xff](?=[ \t\n\r\x0b\x0c])")  # searched from the end
+MAX_UNCUT_BYTES = 1 << 26  # text with no place to cut for this long is not text: refused, not read whole
 
-    No pre-token of GPT2_PATTERN spans such a cut: the character before it is neither whitespace
-    nor part of a whitespace run, and a newline starts a new piece after a non-space. So the pieces
-    of text[:cut] and text[cut:], counted apart, are exactly the pieces of the whole text (the
-    tests check this against random text cut at every such place).
+
+def _last_cut(block, lo=0, hi=None):
+    """Index in block[lo:hi] (UTF-8 bytes) of the last ASCII whitespace byte that follows a character
+    which is not whitespace, 0 if none: the last newline after printable ASCII if there is one (blocks then
+    end with whole lines), else any such place (lines that end in a space or a non-ASCII character, one
+    long line).
+
+    No pre-token of GPT2_PATTERN spans such a cut (see above), so the pieces of text[:cut] and
+    text[cut:], counted apart, are exactly the pieces of the whole text (the tests check this against
+    random text cut at every such place).
     """
-    i = len(block) if hi is None else hi
+    hi = len(block) if hi is None else hi
+    i = hi
     while True:
         i = block.rfind(b"\n", lo, i)
         if i <= lo:
-            return 0
+            break
         if 0x21 <= block[i - 1] <= 0x7E:
             return i
+    for m in _BEFORE_WHITESPACE.finditer(block, lo, hi):
+        i = m.end()
+        if i - 1 <= lo:
+            return 0
+        if block[i - 1] < 0x80:
+            return i
+        j = i - 1  # a multi-byte character ends here: whitespace (U+00A0, U+3000, ...) or not?
+        while j > lo and 0x80 <= block[j] < 0xC0 and i - j < 4:
+            j -= 1
+        try:
+            char = block[j:i].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if not char.isspace() and not regex.match(r"\s", char):
+            return i
+    return 0
 
 
 def read_blocks(path, block_bytes=1 << 20):
     """Yield (bytes, number of its first line) of about block_bytes each, cut only where _last_cut allows."""
     lineno, parts = 1, []
-    with open(path, "rb") as f:
+    with open_regular(path, "rb", "text file", error=TokenizerError) as f:
         while True:
             data = f.read(block_bytes)
             if not data:
@@ -299,8 +336,11 @@ def read_blocks(path, block_bytes=1 << 20):
                     yield b"".join(parts), lineno
                 return
             cut = _last_cut(data)
-            if cut == 0:  # no place to cut in this block (a very long line): read on
+            if cut == 0:  # no place to cut in this block: read on
                 parts.append(data)
+                if len(parts) * block_bytes > MAX_UNCUT_BYTES:
+                    raise TokenizerError(f"{path} line {lineno}: {MAX_UNCUT_BYTES >> 20} MB without whitespace "
+                                         "after a character, so without a place to cut it: is it text?")
                 continue
             block = b"".join(parts + [data[:cut]])
             parts = [data[cut:]]
@@ -352,8 +392,9 @@ def count_pretokens_file(path, specials=(ENDOFTEXT,), pattern=GPT2_PATTERN, work
     Only the counts are kept (the pieces of one block at a time, per worker), so memory grows with
     the number of distinct pieces, not with the size of the file.
     """
-    total = os.path.getsize(path)
-    pool = start_workers(workers) if workers > 1 and total > block_bytes else None
+    total = regular_file(path, "text file", error=TokenizerError).st_size
+    workers = min(workers, -(-total // block_bytes))  # no more processes than blocks
+    pool = start_workers(workers) if workers > 1 else None
     bar = None
     if progress:
         from tqdm import tqdm
@@ -582,20 +623,22 @@ def bytes_to_unicode():
 def model_from_vocab_merges(vocab_path, merges_path):
     """A BPEModel from GPT-2 style vocab.json ({token string: id}) + merges.txt ("a b" per line, by rank)."""
     dec = {c: b for b, c in bytes_to_unicode().items()}
-    _check_size(vocab_path)
-    _check_size(merges_path)
     try:
-        with open(vocab_path, encoding="utf-8") as f:
-            tok2id = json.load(f)
-        with open(merges_path, encoding="utf-8") as f:
-            lines = [ln.rstrip("\n") for ln in f]
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        tok2id = read_json(vocab_path, "vocab.json", MAX_MODEL_BYTES, TokenizerError)
+        if not isinstance(tok2id, dict) or not tok2id or not _is_ints(list(tok2id.values()), len(tok2id)) \
+                or len(set(tok2id.values())) != len(tok2id):
+            raise TokenizerError(f"{vocab_path} is not a vocab.json: a {{token: id}} object whose ids are 0 to "
+                                 "its size - 1, each once")
+        n = len(tok2id)
+        lines = []
+        with open_regular(merges_path, "r", "merges.txt", MAX_MODEL_BYTES, TokenizerError, encoding="utf-8") as f:
+            for ln in f:  # each merge makes a token, so a vocabulary of n ids holds at most n - 256 of them
+                lines.append(ln.rstrip("\n"))
+                if len(lines) > n - 256 + 1:  # + 1: the "#version" line
+                    raise TokenizerError(f"{merges_path} has more merges than the {n} tokens of {vocab_path} "
+                                         f"allow (at most {n - 256}): are they a pair?")
+    except (OSError, UnicodeDecodeError) as e:
         raise TokenizerError(f"cannot read {vocab_path} / {merges_path}: {e}") from None
-    if not isinstance(tok2id, dict) or not tok2id or not _is_ints(list(tok2id.values()), len(tok2id)) \
-            or len(set(tok2id.values())) != len(tok2id):
-        raise TokenizerError(f"{vocab_path} is not a vocab.json: a {{token: id}} object whose ids are 0 to "
-                             "its size - 1, each once")
-    n = len(tok2id)
     vocab, specials = [None] * n, {}
     for s, i in tok2id.items():
         if all(c in dec for c in s) and not (s.startswith("<|") and s.endswith("|>")):
@@ -661,9 +704,8 @@ def write_vocab_merges(model, vocab_path, merges_path):
 def read_model_file(model_file, merges_file=None):
     """(BPEModel, its JSON text) from our JSON model file, or from a vocab.json with its merges.txt
     (merges_file, or merges.txt beside it); the text is what a checkpoint embeds and the sha256 covers."""
-    _check_size(model_file)
     try:
-        with open(model_file, "rb") as f:
+        with open_regular(model_file, "rb", "BPE model file", MAX_MODEL_BYTES, TokenizerError) as f:
             raw = f.read()
     except OSError as e:
         raise TokenizerError(f"cannot read BPE model {model_file}: {e.strerror}. Train one with "
@@ -676,8 +718,8 @@ def read_model_file(model_file, merges_file=None):
     looks_like_vocab = text.lstrip().startswith("{") and f'"format": "{BPE_FORMAT}"' not in text[:2000]
     if looks_like_vocab and os.path.exists(pair):
         try:
-            is_vocab = all(isinstance(v, int) for v in json.loads(text).values())
-        except (json.JSONDecodeError, AttributeError):
+            is_vocab = all(isinstance(v, int) for v in parse_json(text, model_file).values())
+        except (ValueError, AttributeError):
             is_vocab = False
         if is_vocab:
             model = model_from_vocab_merges(model_file, pair)

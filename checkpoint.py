@@ -38,6 +38,7 @@ from atomic import atomic_write
 from config import ModelConfig, param_shapes
 from device import get_array_module, to_device
 from language_model import LanguageModel
+from untrusted import open_regular, parse_json
 
 FORMAT = "numpy-gpt checkpoint"
 VERSION = 1
@@ -77,12 +78,6 @@ def save_checkpoint(path, config, params, meta, arrays=None):
     return path
 
 
-# Limits on what an untrusted file may ask for before anything is allocated from it. Array sizes
-# are bounded by the file's own size; the context length (the sinusoidal table and generation's
-# KV cache are sized by it, not by any array in the file) gets a cap of its own.
-MAX_SEQ_LEN = 1 << 17
-
-
 def _bad(path, why):
     return CheckpointError(f"{path} is not a readable numpy-gpt checkpoint ({why}); it may be truncated, "
                            "damaged, or another kind of file")
@@ -104,10 +99,11 @@ class _Reader:
             raise CheckpointError(f"checkpoint not found: {self.path}")
         if os.path.isdir(self.path):
             raise CheckpointError(f"{self.path} is a directory; pass a checkpoint .npz file")
-        self.zip = None
+        self.file = self.zip = None
         try:
-            self.zip = zipfile.ZipFile(self.path)
-            size = os.path.getsize(self.path)
+            self.file = open_regular(self.path, "rb", "checkpoint .npz file", error=CheckpointError)
+            self.zip = zipfile.ZipFile(self.file)
+            size = os.fstat(self.file.fileno()).st_size
             self.members = {}
             for info in self.zip.infolist():
                 if not info.filename.endswith(".npy"):
@@ -117,8 +113,7 @@ class _Reader:
                     raise _bad(self.path, f"member {info.filename!r} has a size that does not fit the file")
                 self.members[info.filename[:-len(".npy")]] = info
         except BaseException as e:
-            if self.zip is not None:
-                self.zip.close()
+            self.close()
             if isinstance(e, _READ_ERRORS) and not isinstance(e, CheckpointError):
                 raise _bad(self.path, f"{type(e).__name__}: {e}") from None
             raise
@@ -127,7 +122,12 @@ class _Reader:
         return self
 
     def __exit__(self, *exc):
-        self.zip.close()
+        self.close()
+
+    def close(self):
+        for f in (self.zip, self.file):
+            if f is not None:
+                f.close()
 
     def _open_array(self, key, kinds):
         """The member under key, opened and read past its .npy header, with the (shape, fortran order,
@@ -182,10 +182,7 @@ class _Reader:
         path = self.path
         if "meta" not in self.members:
             raise CheckpointError(f"{path} is an .npz file but not a numpy-gpt checkpoint (no 'meta' record)")
-        try:
-            meta = json.loads(str(self.read("meta", kinds="U")))
-        except (ValueError, TypeError, RecursionError) as e:
-            raise CheckpointError(f"{path}: checkpoint meta is not valid JSON ({e})") from None
+        meta = parse_json(str(self.read("meta", kinds="U")), f"{path}: the checkpoint meta", CheckpointError)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise CheckpointError(f"{path} is not a numpy-gpt checkpoint (format={found!r})")
@@ -211,10 +208,8 @@ def read_meta(path):
 
 def check_config(config, shapes, path):
     """Errors unless shapes ({name: (shape, dtype)}, from the file's array headers) are exactly the
-    parameters of config, checked before anything is allocated from the config's numbers."""
-    if config.max_seq_len > MAX_SEQ_LEN:
-        raise CheckpointError(f"{path}: max_seq_len {config.max_seq_len} in the checkpoint config is above "
-                              f"the {MAX_SEQ_LEN} this code supports (damaged file?)")
+    parameters of config, checked before anything is allocated from the config's numbers (ModelConfig
+    itself caps the context length, which sizes no array in the file)."""
     if config.n_layers > len(shapes):  # before param_shapes makes 12 names a layer
         raise CheckpointError(f"{path}: the config says {config.n_layers} layers but the file holds only "
                               f"{len(shapes)} arrays (damaged file?)")
@@ -246,6 +241,10 @@ def load_checkpoint(path):
         names = check_config(config, shapes, path)
         params = {name: r.read("param/" + name, "f") for name in names}  # in the model's own order
         arrays = {k[len("opt/"):]: r.read(k, "fiu") for k in r.members if k.startswith("opt/")}
+    for kind, group in (("parameter", params), ("optimizer state", arrays)):
+        for name, a in group.items():
+            if not np.isfinite(a).all():  # save_checkpoint never writes such arrays: a damaged or foreign file
+                raise CheckpointError(f"{path}: the weights are not finite: {kind} {name!r} holds NaN or inf")
     return Checkpoint(config, params, meta, arrays)
 
 

@@ -17,6 +17,10 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2's tiktoken encoding
+# The longest context (max_seq_len) this code builds a model for, whether from flags, a checkpoint or a
+# Hugging Face folder: the sinusoidal table and generation's key/value cache are sized by it, not by any
+# array in a file, so an untrusted number must not choose it freely.
+MAX_SEQ_LEN = 1 << 17
 
 
 @dataclass
@@ -34,8 +38,14 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.max_seq_len > MAX_SEQ_LEN:
+            raise ValueError(f"ModelConfig.max_seq_len {self.max_seq_len} is above the {MAX_SEQ_LEN} this code "
+                             "supports")
+        for name in ("use_learned_pos", "tie_embeddings"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.activation not in ("gelu", "relu"):

@@ -37,12 +37,14 @@ import zlib
 import numpy as np
 
 from atomic import atomic_write
+from untrusted import open_regular, parse_json, read_json, regular_file
 
 CACHE_FORMAT = "numpy-gpt token cache"
 CACHE_VERSION = 1
 SIDECAR_FORMAT = "numpy-gpt tokenized jsonl"
 GPT2_EOT_ID = 50256  # <|endoftext|> in tiktoken's gpt2 encoding
 CHUNK_TOKENS = 1 << 20  # tokens buffered in memory while converting
+MAX_LINE_BYTES = 1 << 26  # a line of ids: 512 of them take ~3 KB; a 64 MB line holds ~10 million
 
 
 class DataError(Exception):
@@ -63,10 +65,10 @@ def read_sidecar(jsonl_path):
     if not os.path.exists(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
-        raise DataError(f"{path}: cannot read tokenizer sidecar ({e}); re-run tokenizer.py or delete it") from None
+        meta = read_json(path, "tokenizer sidecar", error=DataError, hint="; re-run tokenizer.py or delete it")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read tokenizer sidecar ({e.strerror}); re-run tokenizer.py or delete "
+                        "it") from None
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise DataError(f"{path}: not a numpy-gpt tokenized-jsonl sidecar (format={found!r})")
@@ -94,6 +96,10 @@ def convert_jsonl(jsonl_path, eot_id=None):
     """
     jsonl_path = str(jsonl_path)
     bin_path, meta_path = cache_paths(jsonl_path)
+    for path in (bin_path, meta_path):
+        if os.path.lexists(path) and not os.path.isfile(path):  # a folder, a FIFO, a device: not ours to replace
+            raise DataError(f"{path} is not a regular file, and the token cache of {jsonl_path} goes there: "
+                            "remove it")
     sidecar = read_sidecar(jsonl_path)
     stamp = _source_stamp(jsonl_path)
     if sidecar is not None:
@@ -170,7 +176,7 @@ def convert_jsonl(jsonl_path, eot_id=None):
 def _checksum(bin_path, meta):
     """CRC-32 of the token file's bytes followed by the meta record's (without its "crc32")."""
     crc = 0
-    with open(bin_path, "rb") as f:
+    with open_regular(bin_path, "rb", "token cache") as f:
         while chunk := f.read(1 << 24):
             crc = zlib.crc32(chunk, crc)
     record = json.dumps({k: v for k, v in meta.items() if k != "crc32"}, sort_keys=True)
@@ -194,15 +200,17 @@ def _narrow_in_place(f, n, wide, dtype):
 
 def _iter_jsonl(path):
     """Yield (line number, list of ids) for each non-blank line; clear errors for bad lines."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+    with open_regular(path, "rb", "tokenized .jsonl", error=DataError) as f:
+        lineno = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):  # a file without newlines is never read whole
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{path}:{lineno}: a line of more than {MAX_LINE_BYTES >> 20} MB, more than a line "
+                                "of token ids can be; tokenizer.py --max_length 512 splits a story over lines")
             if not raw.strip():
                 continue
-            try:
-                ids = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e}); each line must be a JSON array "
-                                "of token ids, e.g. [256, 345, 123]") from None
+            ids = parse_json(raw, f"{path}:{lineno}", DataError,
+                             "; each line must be a JSON array of token ids, e.g. [256, 345, 123]")
             if not isinstance(ids, list) or not all(type(i) is int for i in ids):
                 raise DataError(f"{path}:{lineno}: expected a JSON array of integer token ids, "
                                 f"got {raw[:60].decode('utf-8', 'replace')!r}")
@@ -217,8 +225,7 @@ def _cache_is_fresh(jsonl_path, eot_id, log=None):
     if not os.path.exists(meta_path):
         return None  # never converted: nothing damaged to report
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = read_json(meta_path, "token cache record")
         side = sidecar_path(jsonl_path)
         if (meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION
                 or meta.get("source") != _source_stamp(jsonl_path)
@@ -228,9 +235,9 @@ def _cache_is_fresh(jsonl_path, eot_id, log=None):
             return None
         damaged = (meta.get("dtype") not in ("uint16", "uint32") or type(meta.get("num_tokens")) is not int
                    or os.path.getsize(bin_path) != meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize
-                   or (meta.get("crc32") is not None and meta["crc32"] != _checksum(bin_path, meta)))
-    except (OSError, ValueError, AttributeError, TypeError, KeyError, RecursionError):
-        damaged = True  # ValueError: bad JSON or bad UTF-8; the others: a record of the wrong shape
+                   or type(meta.get("crc32")) is not int or meta["crc32"] != _checksum(bin_path, meta))
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        damaged = True  # ValueError: not a regular file, bad JSON; the others: a record of the wrong shape
     if damaged and log:
         log(f"{bin_path} or {os.path.basename(meta_path)}: the token cache is damaged (cut short or changed); "
             "converting again")
@@ -276,7 +283,7 @@ def load_dataset(path, vocab_size=None, eot_id=None, rebuild=False, log=None):
         raise DataError(f"data file not found: {path}. Tokenize your text first (see tokenizer.py / the guide).")
     if os.path.isdir(path):
         raise DataError(f"{path} is a directory; pass the tokenized .jsonl file")
-    if os.path.getsize(path) == 0:
+    if regular_file(path, "tokenized .jsonl", error=DataError).st_size == 0:
         raise DataError(f"{path} is empty: no token ids in it. Tokenize some text first (tokenizer.py).")
     if eot_id is None and read_sidecar(path) is None:
         if vocab_size is None:
@@ -351,8 +358,11 @@ class RandomBatches:
         return {"bit_generator": self.rng.bit_generator.state, "batches_drawn": self.batches_drawn}
 
     def set_state(self, state):
+        """Restore a state() (ValueError, TypeError or OverflowError for one that is not such a record)."""
+        if type(state["batches_drawn"]) is not int or not 0 <= state["batches_drawn"] < 2**63:
+            raise ValueError(f"batches_drawn {state['batches_drawn']!r} is not a count of batches")
         self.rng.bit_generator.state = state["bit_generator"]
-        self.batches_drawn = int(state["batches_drawn"])
+        self.batches_drawn = state["batches_drawn"]
 
 
 def num_eval_windows(dataset, seq_len):
@@ -391,6 +401,8 @@ def main(argv=None):
                              "else 50256 for vocab 50257, else vocab_size - 1)")
     parser.add_argument("--rebuild", action="store_true", help="convert again even if the cache is fresh")
     args = parser.parse_args(argv)
+    if args.eot_id is not None and args.eot_id < 0:
+        parser.exit(1, f"error: --eot_id must be a token id >= 0 (got {args.eot_id})\n")
     try:
         for path in args.files:
             ds = load_dataset(path, vocab_size=args.vocab_size, eot_id=args.eot_id, rebuild=args.rebuild,

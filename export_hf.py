@@ -37,22 +37,25 @@ import argparse
 import json
 import os
 import re
+import secrets
+import shutil
 import sys
 
 import numpy as np
 
 from atomic import atomic_write
 from checkpoint import CheckpointError, load_checkpoint
-from config import ModelConfig, param_shapes
+from config import MAX_SEQ_LEN, ModelConfig, param_shapes
+from untrusted import read_json, regular_file
 
 EXPORT_FORMAT = "numpy-gpt hf export"
 EXPORT_VERSION = 1
 GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # HF's names for GPT-2's tanh GELU; "gelu" is erf
-# Files an export writes; a re-export into the same folder replaces them all (stale ones are removed).
+# Files an export writes; a re-export into the same folder replaces the whole folder.
 EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
                 "special_tokens_map.json")
 # Largest config values accepted on import (checked before anything is allocated).
-LIMITS = {"vocab_size": 1 << 22, "n_positions": 1 << 20, "n_embd": 1 << 16, "n_layer": 1 << 10,
+LIMITS = {"vocab_size": 1 << 22, "n_positions": MAX_SEQ_LEN, "n_embd": 1 << 16, "n_layer": 1 << 10,
           "n_head": 1 << 12, "n_inner": 1 << 18}
 BUFFER_RE = re.compile(r"h\.\d+\.attn\.(masked_)?bias$")  # old files keep the causal mask: not a weight
 
@@ -194,9 +197,9 @@ def check_out_dir(out_dir):
         raise HFError(f"{out_dir} exists and is not a folder: choose another OUT_DIR")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         try:
-            with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
-                ours = (json.load(f).get("numpy_gpt") or {}).get("format") == EXPORT_FORMAT
-        except (OSError, ValueError, AttributeError):
+            ours = (read_json(os.path.join(out_dir, "config.json")).get("numpy_gpt") or {}).get("format") \
+                == EXPORT_FORMAT
+        except (OSError, ValueError, AttributeError):  # ValueError: not a regular file, not JSON
             ours = False
         if not ours:
             raise HFError(f"{out_dir} is not empty and not an earlier export of export_hf.py: choose a new OUT_DIR")
@@ -207,32 +210,59 @@ def check_out_dir(out_dir):
 
 
 def export(checkpoint_path, out_dir, log=print):
-    """Write checkpoint_path as a Hugging Face GPT-2 folder out_dir; returns the files written."""
+    """Write checkpoint_path as a Hugging Face GPT-2 folder out_dir; returns the files written.
+
+    The folder is built beside out_dir under a temporary name and renamed into place only when
+    complete, so a failure (a full disk, a tokenizer that vocab.json/merges.txt cannot spell) leaves
+    an earlier export in out_dir as it was."""
     st = safetensors_numpy()
     ck = load_checkpoint(checkpoint_path)
     check_out_dir(out_dir)
     bpe, what = tokenizer_to_export(ck.meta, ck.config)
-    from bpe import ENDOFTEXT
+    from bpe import ENDOFTEXT, TokenizerError
     eot = bpe.specials[ENDOFTEXT] if bpe is not None else (ck.meta.get("tokenizer") or {}).get("eot_id")
-    os.makedirs(out_dir, exist_ok=True)
-    for name in EXPORT_FILES:  # an earlier export's files, so none of them outlives this one
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.unlink(os.path.join(out_dir, name))
     record = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,
               "positions": "learned" if ck.config.use_learned_pos else "sinusoidal",
               "config": ck.config.to_dict(), "step": ck.meta.get("step"), "tokenizer": ck.meta.get("tokenizer"),
               "checkpoint": os.path.basename(str(checkpoint_path))}
     data = st.save(hf_tensors(ck.config, ck.params), metadata={"format": "pt"})  # "pt": what transformers 4 asks for
-    with atomic_write(os.path.join(out_dir, "model.safetensors"), "wb") as f:
-        f.write(data)
-    if bpe is not None:
-        write_tokenizer(bpe, out_dir, ck.config.max_seq_len)
-        log(f"tokenizer: {what} -> vocab.json + merges.txt")
-    else:
-        log(f"note: no tokenizer files written: {what}")
-    with atomic_write(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:  # last: marks it complete
-        f.write(json.dumps(hf_config(ck.config, eot, record), indent=2) + "\n")
-    return sorted(n for n in os.listdir(out_dir) if n in EXPORT_FILES)
+    final = os.path.realpath(out_dir)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    new = f"{final}.{secrets.token_hex(4)}.tmp"
+    os.mkdir(new)
+    try:
+        with atomic_write(os.path.join(new, "model.safetensors"), "wb") as f:
+            f.write(data)
+        if bpe is not None:
+            try:
+                write_tokenizer(bpe, new, ck.config.max_seq_len)
+            except TokenizerError as e:
+                raise HFError(f"{checkpoint_path}: {e}; nothing was written to {out_dir}") from None
+        with atomic_write(os.path.join(new, "config.json"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(hf_config(ck.config, eot, record), indent=2) + "\n")
+        files = sorted(os.listdir(new))
+        swap_in(new, final)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    log(f"tokenizer: {what} -> vocab.json + merges.txt" if bpe is not None else
+        f"note: no tokenizer files written: {what}")
+    return files
+
+
+def swap_in(new, final):
+    """Rename the complete folder new to final; an earlier folder there is removed only after that."""
+    if not os.path.isdir(final):
+        os.rename(new, final)
+        return
+    old = f"{new[:-len('.tmp')]}.old"
+    os.rename(final, old)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- import
@@ -284,9 +314,8 @@ def _weight_files(path):
         return [single]
     if os.path.exists(index):
         try:
-            with open(index, encoding="utf-8") as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            names = sorted(set(read_json(index, "safetensors index", error=HFError)["weight_map"].values()))
+        except (OSError, KeyError, TypeError, AttributeError) as e:
             raise HFError(f"{index} is not a safetensors index ({e})") from None
         if not all(isinstance(n, str) and n == os.path.basename(n) and n.endswith(".safetensors") for n in names):
             raise HFError(f"{index} names weight files outside the folder or not .safetensors: {names[:4]}")
@@ -306,6 +335,7 @@ class _Weights:
         self.where = {}
         for file in _weight_files(path):
             try:
+                regular_file(file, "safetensors file", error=HFError)  # a FIFO would hang safe_open
                 f = safe_open(file, framework="np")
             except (OSError, SafetensorError) as e:
                 raise HFError(f"{file} is not a readable safetensors file ({e})") from None
@@ -320,13 +350,20 @@ class _Weights:
         f, key, _ = self.where[name]
         return tuple(f.get_slice(key).get_shape())
 
-    def get(self, name):
+    def check_dtype(self, name):
         f, key, file = self.where[name]
         kind = f.get_slice(key).get_dtype()
         if kind not in ("F32", "F16", "F64"):
             raise HFError(f"{file}: tensor {key!r} is {kind}, which NumPy cannot read: save the model in float32 "
                           "(model.float().save_pretrained(DIR))")
-        return f.get_tensor(key).astype(np.float32, copy=False)
+
+    def get(self, name):
+        f, key, file = self.where[name]
+        self.check_dtype(name)
+        tensor = f.get_tensor(key).astype(np.float32, copy=False)
+        if not np.isfinite(tensor).all():
+            raise HFError(f"{file}: the weights are not finite: tensor {key!r} holds NaN or inf")
+        return tensor
 
 
 def read_hf_config(path):
@@ -337,27 +374,27 @@ def read_hf_config(path):
         raise HFError(f"{path} is not a folder (a Hugging Face GPT-2 folder holds config.json + model.safetensors)")
     source = os.path.join(path, "config.json")
     try:
-        with open(source, encoding="utf-8") as f:
-            hf = json.load(f)
+        hf = read_json(source, "config.json", error=HFError)
     except FileNotFoundError:
         raise HFError(f"{path} has no config.json: not a Hugging Face model folder") from None
-    except (OSError, ValueError) as e:
-        raise HFError(f"cannot read {source}: {e}") from None
+    except OSError as e:
+        raise HFError(f"cannot read {source}: {e.strerror}") from None
     _weight_files(path)  # first: a folder of pickled weights is refused whatever its config says
     config = _config_from_hf(hf, source)
+    weights = _Weights(path)
     record = hf.get("numpy_gpt") if isinstance(hf.get("numpy_gpt"), dict) else {}
     if record.get("positions") == "sinusoidal":
-        weights = _Weights(path)
         want = (config.max_seq_len, config.d_model)
         if "wpe" in weights.where and weights.shape("wpe") == want and \
                 np.array_equal(weights.get("wpe"), sinusoidal_positions(*want, np.float32)):
             config.use_learned_pos = False
+    check_hf_weights(path, config, weights)  # before anyone allocates a model from config.json's numbers
     return config, hf
 
 
-def load_hf_params(path, config):
-    """{our name: float32 array} for config from the folder; every name and shape checked before reading."""
-    weights = _Weights(path)
+def check_hf_weights(path, config, weights):
+    """{our name: shape} of what the folder must hold for config; errors unless the tensors' headers (names,
+    shapes, dtypes) are exactly that, read before anything is allocated (safe_open checked the offsets)."""
     want = param_shapes(config)
     if not config.use_learned_pos:
         want["wpe"] = (config.max_seq_len, config.d_model)  # read, compared with the table, then dropped
@@ -370,6 +407,14 @@ def load_hf_params(path, config):
     for name, shape in want.items():
         if weights.shape(name) != shape:
             raise HFError(f"{path}: {name} has shape {weights.shape(name)}, config.json implies {shape}")
+        weights.check_dtype(name)
+    return want
+
+
+def load_hf_params(path, config):
+    """{our name: float32 array} for config from the folder; every name and shape checked before reading."""
+    weights = _Weights(path)
+    want = check_hf_weights(path, config, weights)
     params = {name: weights.get(name) for name in want}
     if not config.use_learned_pos:
         del params["wpe"]

@@ -34,6 +34,7 @@ With --device cuda the weights and the key/value cache live on the GPU; each tok
 its row of logits (V,) back to the host, where sampling happens.
 """
 import argparse
+import codecs
 import json
 import os
 import sys
@@ -41,9 +42,10 @@ import time
 
 import numpy as np
 
-from config import PRESETS, config_from_flags
+from config import MAX_SEQ_LEN, PRESETS, config_from_flags
 from device import DeviceError, require, to_host
 from parallel import keep_freed_memory
+from untrusted import open_regular
 
 ARCH_FLAGS = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers")
 BENCH_PRESETS = ("small", "medium")  # of config.PRESETS: the guide's models, with a context of 256 tokens at least
@@ -159,7 +161,7 @@ class Decoder:
         self.model = model
         self.use_cache = use_cache
         self.max_len = model.config.max_seq_len
-        self.tokens = []  # everything fed so far; the model sees the last max_len
+        self.tokens = []  # the last max_len tokens fed: what the model sees
         self.cache = None
         self.rebuilds = 0  # how many times the cache was (re)filled from scratch
 
@@ -170,7 +172,8 @@ class Decoder:
         if not ids:
             raise ValueError("feed needs at least one token id")
         self.tokens.extend(ids)
-        window = np.array([self.tokens[-self.max_len:]])  # (1, T)
+        del self.tokens[:-self.max_len]  # memory bounded however long the text grows
+        window = np.array([self.tokens])  # (1, T)
         if not self.use_cache:
             return to_host(self.model.forward(window, last_only=True)[0, -1])
         if self.cache is not None and self.cache.length + len(ids) <= self.max_len:
@@ -203,32 +206,30 @@ def generate(model, prompt_ids, max_new_tokens, rng=None, temperature=1.0, top_k
 
 
 class StreamPrinter:
-    """Writes text as tokens arrive. A multi-byte character split across tokens decodes to
-    U+FFFD until its last byte arrives, so text ending in U+FFFD is held back until then."""
+    """Writes text as tokens arrive, each token's bytes decoded once (time linear in the tokens). A
+    multi-byte character split across tokens is held back until its last byte arrives; the text written
+    in the end is tokenizer.decode of all the ids. flush: after every token (--stream), else when the
+    output's buffer fills, so a long text still comes out as it grows."""
 
-    def __init__(self, tokenizer, out, ids=()):
-        self.tokenizer, self.out = tokenizer, out
-        self.ids = list(ids)
-        self.shown = tokenizer.decode(self.ids) if self.ids else ""
-        out.write(self.shown)
-        out.flush()
+    def __init__(self, tokenizer, out, ids=(), flush=True):
+        self.tokenizer, self.out, self.flush = tokenizer, out, flush
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # what decode() does, a piece at a time
+        self._show(self.tokenizer.decode_bytes(list(ids)))
 
     def add(self, token):
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            self._show(text)
+        self._show(self.tokenizer.decode_bytes([token]))
 
     def finish(self):
-        self._show(self.tokenizer.decode(self.ids) if self.ids else "")
+        self._show(b"", final=True)
         self.out.write("\n")
         self.out.flush()
 
-    def _show(self, text):
-        if text.startswith(self.shown):
-            self.out.write(text[len(self.shown):])
+    def _show(self, data, final=False):
+        text = self.utf8.decode(data, final)
+        if text:
+            self.out.write(text)
+        if self.flush:
             self.out.flush()
-            self.shown = text
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -315,6 +316,11 @@ def check_args(args):
     for name in ("max_length", "num_samples", "benchmark_tokens"):
         if getattr(args, name) < 1:
             raise GenerateError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.seed is not None and args.seed < 0:
+        raise GenerateError(f"--seed must be a number >= 0, got {args.seed}")
+    if args.benchmark_tokens > MAX_SEQ_LEN:
+        raise GenerateError(f"--benchmark_tokens {args.benchmark_tokens} is above the longest context this code "
+                            f"supports, {MAX_SEQ_LEN}")
     if not args.checkpoint and not args.benchmark:
         raise GenerateError("--checkpoint is required (a .npz written by train.py, or a Hugging Face GPT-2 folder)")
     require(args.device)  # DeviceError: what to install for --device cuda
@@ -343,10 +349,12 @@ def load_tokenizer(meta, args):
                                 f"({identity.get('type')} {identity.get('name')}); leave the flag out")
         model_json = meta.get("tokenizer_model_json")
         if model_json is None and args.model_file:
+            from bpe import MAX_MODEL_BYTES
             try:
-                with open(args.model_file, encoding="utf-8") as f:
+                with open_regular(args.model_file, "r", "BPE model file", MAX_MODEL_BYTES, GenerateError,
+                                  encoding="utf-8") as f:
                     model_json = f.read()
-            except OSError as e:
+            except (OSError, UnicodeDecodeError) as e:
                 raise GenerateError(f"cannot read --model_file: {e}") from None
         if identity.get("type") == "lecture2_bpe" and model_json is None and not identity.get("model_file"):
             raise GenerateError("the checkpoint does not embed its BPE model: pass --model_file path/to/bpe.json")
@@ -444,17 +452,11 @@ def run(args, out, err):
         out.write(f"----- sample {s + 1}/{args.num_samples} -----\n")
         tokens = generate(model, context, args.max_length, rng, args.temperature, args.top_k, args.top_p,
                           eot_id=tok.eot_id, use_cache=not args.no_cache, n_valid=tok.n_vocab)
-        if args.stream:
-            printer = StreamPrinter(tok, out, prompt_ids)
-            for token in tokens:
-                printer.add(token)
-                n_new += 1
-            printer.finish()
-        else:
-            new = list(tokens)
-            n_new += len(new)
-            out.write(tok.decode(prompt_ids + new) + "\n")
-            out.flush()
+        printer = StreamPrinter(tok, out, prompt_ids, flush=args.stream)  # never the whole text held
+        for token in tokens:
+            printer.add(token)
+            n_new += 1
+        printer.finish()
     seconds = time.perf_counter() - t0
     err.write(f"{n_new} tokens in {seconds:.2f} s ({n_new / max(seconds, 1e-9):.1f} tokens/s)\n")
     return 0

@@ -15,6 +15,10 @@ import os
 import time
 
 from atomic import atomic_write
+from train_flags import TrainError
+from untrusted import open_regular, parse_json
+
+MAX_METRICS_BYTES = 1 << 30  # metrics.jsonl read back on resume: a record per --log_interval steps, ~200 bytes
 
 try:
     from tqdm import tqdm
@@ -36,23 +40,27 @@ class MetricsLog:
     def open(self, resume_step=None):
         """Start writing: resuming at resume_step, the records past it are dropped (they belong to the
         part of the run that was lost, like a line cut short by a kill in the middle of writing it);
-        a fresh run moves an old file to metrics.jsonl.old."""
+        a fresh run keeps an old file as metrics.jsonl.old (.old.1, ... when taken), never overwritten."""
         if self.quiet:
             return
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
+            with open_regular(self.path, "r", "metrics log", MAX_METRICS_BYTES, TrainError, encoding="utf-8") as f:
                 keep = [line for line in f if self._record_step(line) <= resume_step]
             with atomic_write(self.path, "w", encoding="utf-8") as f:
                 f.writelines(keep)
-        elif resume_step is None and os.path.exists(self.path):
-            os.replace(self.path, self.path + ".old")
+        elif resume_step is None and os.path.exists(self.path):  # an earlier run's: kept, never overwritten
+            old, n = self.path + ".old", 0
+            while os.path.lexists(old):
+                n += 1
+                old = f"{self.path}.old.{n}"
+            os.replace(self.path, old)
         self.file = open(self.path, "a", encoding="utf-8")
 
     @staticmethod
     def _record_step(line):
         """The step of a metrics line; infinity for a line that is not a complete record."""
         try:
-            step = json.loads(line).get("step")
+            step = parse_json(line, "metrics.jsonl").get("step")
             return step if isinstance(step, int) else 0
         except (ValueError, AttributeError):
             return math.inf

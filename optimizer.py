@@ -295,7 +295,10 @@ class Optimizer:
                 if src.shape != buf.shape:
                     raise ValueError(f"optimizer state {key!r} has shape {src.shape}, expected {buf.shape}")
                 buf[...] = to_device(src, self.xp)
-        self.t = int(state["t"])
+        t = np.asarray(state["t"])
+        if t.shape != () or t.dtype.kind not in "iu" or not 0 <= t <= 2**53:
+            raise ValueError(f"optimizer step t = {t} is not a count of steps")
+        self.t = int(t)
 
 
 class SGD(Optimizer):

@@ -25,7 +25,9 @@ to it, with a clear message (`--no_fallback` turns that off).
 """
 import argparse
 import codecs
+import errno
 import hashlib
+import math
 import os
 import re
 import sys
@@ -141,7 +143,7 @@ def _limited(stories, limit):
 def stories_from_file(path, chunk_size=1 << 20):
     """Stream the stories of a local raw file (memory stays bounded for the 2.2 GB train file)."""
     sp = StorySplitter()
-    dec = codecs.getincrementaldecoder("utf-8")("replace")
+    dec = codecs.getincrementaldecoder("utf-8-sig")("replace")  # -sig: a byte-order mark is not text
     with open(path, "rb") as f:
         while True:
             raw = f.read(chunk_size)
@@ -309,7 +311,7 @@ def download(url, dest, sha256=None, retries=5, backoff=1.0, timeout=30, chunk_s
 def stream_stories(url, limit=None, **kw):
     """The first `limit` stories of a remote raw file (all if None), stopping the download early."""
     sp = StorySplitter()
-    dec = codecs.getincrementaldecoder("utf-8")("replace")
+    dec = codecs.getincrementaldecoder("utf-8-sig")("replace")  # -sig: a byte-order mark is not text
     n = 0
     chunks = stream_url(url, **kw)
     try:
@@ -399,8 +401,18 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.sample_size is not None and args.sample_size <= 0:
-        _say("error: --sample_size must be positive")
+    wrong = [f"--{name} {value}" for name, value, ok in (
+        ("sample_size", args.sample_size, args.sample_size is None or args.sample_size > 0),
+        ("valid_size", args.valid_size, args.valid_size is None or args.valid_size > 0),  # 0: an empty file
+        ("retries", args.retries, args.retries >= 0),
+        ("backoff", args.backoff, 0 <= args.backoff < math.inf),
+        ("timeout", args.timeout, 0 < args.timeout < math.inf)) if not ok]
+    if wrong:
+        _say(f"error: {', '.join(wrong)}: sizes and --timeout must be positive, --retries and --backoff "
+             "not negative (all finite)")
+        return 1
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        _say(f"error: --data_dir {args.data_dir} is a file, not a folder: name a folder to write the stories to")
         return 1
     net = dict(retries=args.retries, backoff=args.backoff, timeout=args.timeout, progress=not args.quiet)
     try:
@@ -426,6 +438,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         _say("interrupted; a partial download is kept as NAME.part and resumed next time")
         return 130
+    except OSError as e:  # a full disk, a folder that cannot be written; a finished file is never left half-written
+        why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else e.strerror
+        _say(f"error: {e.filename2 or e.filename or args.data_dir}: {why}")
+        return 1
     for split, (path, n, size) in out.items():
         _say(f"{split}: {n} stories, {size / 1e6:.2f} MB -> {path}")
     return 0

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from atomic import atomic_write
 from checkpoint import CheckpointError, read_meta
+from untrusted import read_json
 
 try:
     import fcntl
@@ -103,6 +104,17 @@ class RunDir:
                 return f.path
         return None
 
+    def earlier_run(self):
+        """What the folder's checkpoints are, in words ("a finished run (PATH, step N)"), for a fresh run
+        that would replace them; None when it holds none."""
+        found = self.checkpoints()
+        if not found:
+            return None
+        final = [f for f in found if os.path.basename(f.path) == FINAL]
+        newest = (final or found)[0]
+        state = f"step {newest.step}" if newest.error is None else f"unreadable: {newest.error}"
+        return ("a finished run" if final else "checkpoints of an earlier run") + f" ({newest.path}, {state})"
+
     def write_run_id(self, run_id):
         with atomic_write(self.path(RUN_FILE), "w", encoding="utf-8") as f:
             f.write(json.dumps({"run_id": run_id, "pid": os.getpid(), "time": round(time.time(), 3)}) + "\n")
@@ -110,9 +122,8 @@ class RunDir:
     def read_run_id(self):
         """The id of the run that last trained in the folder, or None (no record, or an unreadable one)."""
         try:
-            with open(self.path(RUN_FILE), encoding="utf-8") as f:
-                run_id = json.load(f).get("run_id")
-        except (OSError, ValueError, AttributeError):
+            run_id = read_json(self.path(RUN_FILE), RUN_FILE).get("run_id")
+        except (OSError, ValueError, AttributeError):  # ValueError: not a regular file, or bad JSON
             return None
         return run_id if isinstance(run_id, str) else None
 

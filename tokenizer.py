@@ -36,6 +36,7 @@ Our BPE itself (the model file format, training, the reference encoder, vocab.js
 bpe.py; here it runs in tiktoken's engine built from the model's ranks (BPETokenizer).
 """
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -44,11 +45,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import regex
 import tiktoken
 
 from atomic import atomic_write
-from bpe import ENDOFTEXT, GPT2_PATTERN, BPEModel, ReferenceEncoding, TokenizerError, check_vocab_size, \
-    read_model_file, start_workers, train_bpe_file
+from bpe import ENDOFTEXT, GPT2_PATTERN, MAX_UNCUT_BYTES, PATTERN_PROBE, BPEModel, ReferenceEncoding, TokenizerError, \
+    _last_cut, check_vocab_size, read_model_file, start_workers, train_bpe_file
+from untrusted import open_regular, regular_file
 
 BUNDLED_R50K = Path(__file__).resolve().parent / "data" / "sample" / "r50k_base.tiktoken"
 R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -58,6 +61,9 @@ SIDECAR_FORMAT = "numpy-gpt tokenized jsonl"
 SIDECAR_VERSION = 1
 LAYOUTS = {"lines": "one story per line", "raw": "stories separated by <|endoftext|> lines"}
 _SEP = ENDOFTEXT.encode()
+_SEP_LINE = regex.compile(rb"(?m)^[ \t\r\x0b\x0c]*<\|endoftext\|>[ \t\r\x0b\x0c]*\n")  # strip() == _SEP
+_SEP_LINE_LAST = regex.compile(rb"(?r)(?m)^[ \t\r\x0b\x0c]*<\|endoftext\|>[ \t\r\x0b\x0c]*\n")
+BOM = b"\xef\xbb\xbf"
 
 
 def _say(msg):
@@ -184,6 +190,15 @@ class BPETokenizer(Tokenizer):
                                         explicit_n_vocab=model.vocab_size)
             except ValueError as e:  # e.g. a pattern Python's regex accepts and tiktoken's engine does not
                 raise TokenizerError(f"{model_file or 'BPE model'}: tiktoken cannot use this model ({e})") from None
+            try:  # its engine gives up on heavy backtracking, dropping text: the probe must come back whole
+                same = enc.decode(enc.encode_ordinary(PATTERN_PROBE)) == PATTERN_PROBE
+            except BaseException as e:  # a Rust panic is a BaseException
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                same = False
+            if not same:
+                raise TokenizerError(f"{model_file or 'BPE model'}: tiktoken's engine does not give a probe text "
+                                     "back whole with this model's pattern: use GPT-2's")
         else:
             if verbose:
                 _say(f"note: {model_file}: merges cannot run in tiktoken's engine; using the (slower) reference encoder")
@@ -261,8 +276,8 @@ def detect_layout(path, probe_bytes=1 << 20):
     raw:   a story spans several lines and stories are separated by <|endoftext|> lines (the official
            TinyStories .txt files and data/sample/TinyStoriesV2-GPT4-train.sample.txt).
     """
-    with open(path, "rb") as f:
-        head = f.read(probe_bytes)
+    with open_regular(path, "rb", "text file", error=TokenizerError) as f:
+        head = f.read(probe_bytes).removeprefix(BOM)
     if len(head) == probe_bytes:
         head = head[:head.rfind(b"\n") + 1]  # whole lines only
     return "raw" if any(line.strip() == _SEP for line in head.split(b"\n")) else "lines"
@@ -296,18 +311,29 @@ def _stories(text, layout, path, first_line):
 
 
 def _encode_batch(job):
-    """(raw bytes of whole lines, first line number, path, max_length, layout) -> (jsonl text, stories, chunks,
-    tokens, story bytes, raw bytes). Runs in the worker processes, so decoding and formatting are parallel too."""
-    raw, first_line, path, max_length, layout = job
+    """(raw bytes, first line number, path, max_length, layout, part) -> (jsonl text, stories, chunks, tokens,
+    story bytes, raw bytes). Runs in the worker processes, so decoding and formatting are parallel too.
+
+    part None: raw holds whole stories. Else raw is a part of one long story ("first", "more", "last", the
+    last one ending with the story: its separator line in the raw layout), and the first item returned is
+    the part's ids, which the caller cuts into lines."""
+    raw, first_line, path, max_length, layout, part = job
     tok = _WORKER["tok"]
     eot = tok.eot_id
-    try:
-        text = raw.decode("utf-8")
+    n_raw = len(raw)
+    if part == "last" and layout == "raw" and (sep := _SEP_LINE.search(raw)):
+        raw = raw[:sep.start()]
+    try:  # a UTF-8 byte-order mark is not text; nor is the \r of a CRLF line end
+        text = raw.removeprefix(BOM if first_line == 1 else b"").decode("utf-8").replace("\r\n", "\n")
     except UnicodeDecodeError as e:
         lineno = first_line + raw.count(b"\n", 0, e.start)
         col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
         raise TokenizerError(f"{path} line {lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte {col} of "
                              "the line); fix that line or re-create the file with prepare_tinystories.py") from None
+    if part is not None:  # no whitespace around the cuts is stripped: the pieces are those of the whole story
+        text = text.lstrip() if part == "first" else text.rstrip() if part == "last" else text
+        ids = tok.encode_ordinary(text) + ([eot] if part == "last" else [])
+        return ids, int(part == "last"), 0, len(ids), len(text.encode("utf-8")), n_raw
     out, n_docs, n_chunks, n_tokens, n_bytes = [], 0, 0, 0, 0
     for story in _stories(text, layout, path, first_line):
         ids = tok.encode_ordinary(story)
@@ -319,30 +345,60 @@ def _encode_batch(job):
         for s in range(0, len(ids), step):
             out.append("[" + ",".join(map(str, ids[s:s + step])) + "]\n")
             n_chunks += 1
-    return "".join(out), n_docs, n_chunks, n_tokens, n_bytes, len(raw)
+    return "".join(out), n_docs, n_chunks, n_tokens, n_bytes, n_raw
+
+
+def _story_ends(buf, layout):
+    """(first, last): the offsets just after the first and the last story that ends in buf, 0 if none."""
+    if layout == "lines":
+        return buf.find(b"\n") + 1, buf.rfind(b"\n") + 1
+    first, last = _SEP_LINE.search(buf), _SEP_LINE_LAST.search(buf)
+    return (first.end(), last.end()) if first else (0, 0)
 
 
 def _read_raw_batches(path, max_length, batch_bytes, layout):
-    """Yield jobs for _encode_batch: about batch_bytes of whole lines each (whole stories in the raw layout,
-    so a batch ends with a separator line), with the first line's number."""
-    lineno = 1
-    with open(path, "rb") as f:
+    """Yield jobs for _encode_batch: about batch_bytes of whole stories each (whole lines; in the raw layout
+    ending with a separator line), with the first line's number. A story longer than 4 * batch_bytes goes
+    in parts instead, cut where no pre-token spans (bpe's _last_cut), so memory does not grow with it (one
+    50 MB line took 1.1 GB)."""
+    lineno, buf, part = 1, b"", None  # part: the kind of the last part sent while a long story is cut up
+    with open_regular(path, "rb", "text file", error=TokenizerError) as f:
         while True:
-            raw = f.read(batch_bytes)
-            if not raw:
+            data = f.read(batch_bytes)
+            buf += data
+            first, last = _story_ends(buf, layout) if data else (len(buf), len(buf))
+            end, kind = 0, None
+            if part is not None and first:
+                end, kind = first, "last"
+            elif part is None and last:
+                end = last
+            elif len(buf) > 4 * batch_bytes:
+                end, kind = _last_cut(buf), "first" if part is None else "more"
+                if not end and len(buf) > MAX_UNCUT_BYTES:
+                    raise TokenizerError(f"{path} line {lineno}: {len(buf) >> 20} MB without whitespace after a "
+                                         "character, so without a place to cut it: is it text?")
+            if end:
+                job, buf = buf[:end], buf[end:]
+                yield job, lineno, str(path), max_length, layout, kind
+                lineno += job.count(b"\n")
+                part = kind if kind != "last" else None
+            if not data:
                 return
-            if not raw.endswith(b"\n"):
-                raw += f.readline()
-            if layout == "raw":
-                parts, last = [raw], raw[raw.rfind(b"\n", 0, len(raw) - 1) + 1:]
-                while last.strip() != _SEP:
-                    last = f.readline()
-                    if not last:
-                        break
-                    parts.append(last)
-                raw = b"".join(parts)
-            yield raw, lineno, str(path), max_length, layout
-            lineno += raw.count(b"\n")
+
+
+def _write_part(f, ids, last, max_length, carry):
+    """Write the ids of a part of a long story as _encode_batch writes a whole one: the lines of max_length
+    ids it completes (with max_length 0, the story's one line at its end), the rest kept in carry; returns
+    how many lines it wrote."""
+    carry.extend(ids)
+    if not (last or max_length):
+        return 0
+    step = max_length or len(carry)
+    lines = -(-len(carry) // step) if last else len(carry) // step
+    for s in range(0, lines * step, step):
+        f.write("[" + ",".join(map(str, carry[s:s + step])) + "]\n")
+    del carry[:lines * step]
+    return lines
 
 
 def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, batch_bytes=1 << 18, progress=True,
@@ -350,13 +406,13 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
     """Tokenize input_path into output_path (jsonl) + its sidecar; return (sidecar, stats).
 
     layout: "lines" (one story per line) or "raw" (<|endoftext|> separator lines); None: detect_layout."""
-    if not os.path.isfile(input_path):
+    if not os.path.exists(input_path):
         raise TokenizerError(f"input file not found: {input_path}. Make it with prepare_tinystories.py "
                              "(e.g. --data_dir data --offline)")
-    total = os.path.getsize(input_path)
+    total = regular_file(input_path, "text file", error=TokenizerError).st_size
     if total == 0:
         raise TokenizerError(f"{input_path} is empty: no stories to tokenize")
-    workers = max(1, workers or os.cpu_count() or 1)
+    workers = max(1, min(workers or os.cpu_count() or 1, -(-total // batch_bytes)))  # no more than batches
     layout = layout or detect_layout(input_path)
     identity, model_json = tok.identity(), tok.model_json()
     out_path = os.path.abspath(output_path)
@@ -373,9 +429,13 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
         jobs = _read_raw_batches(input_path, max_length, batch_bytes, layout)
         results = pool.imap(_encode_batch, jobs) if pool is not None else map(_encode_batch, jobs)
         side = out_path + ".meta.json"
+        carry = []  # the ids of a long story not written yet
         with atomic_write(out_path, "w", encoding="utf-8") as f:
             for text, d, c, n, b, in_bytes in results:
-                f.write(text)
+                if isinstance(text, list):  # a part of a long story: its ids
+                    c = _write_part(f, text, d, max_length, carry)
+                else:
+                    f.write(text)
                 stats["docs"] += d
                 stats["lines"] += c
                 stats["tokens"] += n
@@ -449,8 +509,26 @@ def build_parser():
     return p
 
 
+def refuse_overwriting_inputs(outputs, inputs):
+    """TokenizerError when an output is one of the inputs (the same file, a link to it included),
+    before anything is written: the input would be replaced by what is made from it."""
+    for out in outputs:
+        for what, path in inputs:
+            try:
+                same = os.path.samefile(out, path)
+            except OSError:  # one of them does not exist (yet): not the same file
+                continue
+            if same:
+                raise TokenizerError(f"{out} is the {what} {path}: writing it would replace the input; "
+                                     "choose another output")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    cores = os.cpu_count() or 1
+    if args.workers is not None and args.workers > cores:
+        _say(f"note: --workers {args.workers} is more than the {cores} cores here; using {cores}")
+        args.workers = cores
     try:
         if args.train_bpe:
             if not args.input or not args.model_file:
@@ -458,11 +536,9 @@ def main(argv=None):
             if args.output:
                 raise TokenizerError(f"--train_bpe takes one input file; got an extra argument {args.output!r} "
                                      "(the model goes to --model_file)")
+            refuse_overwriting_inputs([args.model_file], [("training text", args.input)])
             check_vocab_size(args.vocab_size, [ENDOFTEXT])
-            try:
-                size = os.path.getsize(args.input)
-            except OSError as e:
-                raise TokenizerError(f"cannot read {args.input}: {e.strerror}") from None
+            size = regular_file(args.input, "text file", error=TokenizerError).st_size
             t0 = time.perf_counter()
             model = train_bpe_file(args.input, args.vocab_size, workers=max(1, args.workers or 1),
                                    progress=not args.quiet,
@@ -477,6 +553,12 @@ def main(argv=None):
             raise TokenizerError("give an input text file and an output .jsonl (or --train_bpe); see --help")
         if args.max_length < 0:
             raise TokenizerError("--max_length must be >= 0 (0 means no limit)")
+        inputs = [("input text", args.input)]
+        if args.tokenizer == "lecture2_bpe" and args.model_file:
+            model = os.path.join(args.model_file, "vocab.json") if os.path.isdir(args.model_file) else args.model_file
+            inputs += [("BPE model", model),  # and the merges.txt a vocab.json is read with
+                       ("merges file", args.merges_file or os.path.join(os.path.dirname(model), "merges.txt"))]
+        refuse_overwriting_inputs([args.output, args.output + ".meta.json"], inputs)
         tok = get_tokenizer(args.tokenizer, args.encoding, args.model_file, args.merges_file, args.allow_download)
         sidecar, st = tokenize_file(tok, args.input, args.output, args.max_length, args.workers,
                                     progress=not args.quiet)
@@ -486,6 +568,10 @@ def main(argv=None):
         return 0
     except TokenizerError as e:
         _say(f"error: {e}")
+        return 1
+    except OSError as e:  # an input that cannot be read; an output that is a folder or under a file, a full disk
+        why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else e.strerror
+        _say(f"error: {e.filename2 or e.filename or args.output or args.model_file}: {why}")
         return 1
     except KeyboardInterrupt:
         _say("interrupted; no output written")

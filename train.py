@@ -56,7 +56,7 @@ import numpy as np
 
 import distributed
 from checkpoint import CheckpointError, copy_params
-from config import config_from_flags
+from config import config_from_flags, param_shapes
 from data_loader import (DataError, RandomBatches, check_same_tokenizer, eval_batches, load_dataset,
                          num_eval_windows, same_tokenizer)
 from device import DeviceError, on_gpu, require, synchronize
@@ -168,14 +168,28 @@ def setup(args, world, log, run_dir, init=None):
     if args.resume:  # rank 0 picks the checkpoint, so that every rank loads the same one
         chosen = (run_dir.choose_resume() if args.resume == "latest" else args.resume) if world.is_root else None
         restore(run, world.bcast(chosen))
-    elif run_dir.latest():
-        log.say(f"note: {args.save_dir} already holds checkpoints of an earlier run; this fresh run will "
-                "overwrite those at the same steps (use --resume to continue that run instead)")
-    if world.is_root:
-        run_dir.write_run_id(run.run_id)
+    elif world.is_root:
+        check_overwrite(args, run_dir, log)
     log.open(resume_step=run.step if args.resume else None)
+    if world.is_root:  # after the log, whose metrics.jsonl may be refused: then nothing in the folder changed
+        run_dir.write_run_id(run.run_id)
     start(run)
     return run
+
+
+def check_overwrite(args, run_dir, log):
+    """A fresh run (no --resume) into a --save_dir that holds checkpoints would replace them: refused
+    unless --overwrite, which says what it replaces."""
+    earlier = run_dir.earlier_run()
+    if earlier is None:
+        return
+    replaced = ("the new run's checkpoint_final.npz and checkpoint_step_N.npz replace the earlier ones of the same "
+                "names, and the earlier metrics.jsonl is kept as metrics.jsonl.old")
+    if not args.overwrite:
+        raise TrainError(f"{args.save_dir} holds {earlier}. Continue it with --resume (a finished run with a higher "
+                         f"--max_steps), train into another --save_dir, or pass --overwrite to start over there "
+                         f"({replaced})")
+    log.say(f"note: --overwrite: a new run in {args.save_dir}, which holds {earlier}: {replaced}")
 
 
 def load_data(args, world, log):
@@ -398,6 +412,15 @@ def lost_at_start(what):
     return f"error: {what}. No checkpoint was written yet: start again"
 
 
+def memory_needed(args):
+    """Bytes the flags' model and batch need, roughly: weights, gradients and AdamW's two moments (and one
+    more gradient copy per extra worker), plus the activations a step keeps for its backward pass."""
+    P = sum(math.prod(s) for s in param_shapes(config_from_flags(vars(args))).values())
+    C, F, L, H, T = args.d_model, args.d_ff, args.n_layers, args.n_heads, args.seq_len
+    return 4 * P * (4 + max(0, (args.workers or os.cpu_count() or 1) - 1)) + \
+        4 * args.batch_size * T * L * (8 * C + 2 * F + H * T)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -411,6 +434,10 @@ def main(argv=None):
         return train(args, world, init)
     except (TrainError, DataError, CheckpointError, DeviceError, distributed.RanksError) as e:
         world.abort(f"error: {e}")
+    except MemoryError:
+        world.abort(f"error: out of memory: --d_model {args.d_model} --n_layers {args.n_layers} --d_ff {args.d_ff} "
+                    f"--vocab_size {args.vocab_size} --batch_size {args.batch_size} --seq_len {args.seq_len} need "
+                    f"about {memory_needed(args) / 1e9:,.1f} GB; make the model or the batch smaller")
     except OSError as e:  # a full disk outside a checkpoint write: metrics.jsonl, the token cache
         if e.errno in DISK_FULL:
             where = f" ({e.filename})" if e.filename else ""

@@ -11,8 +11,9 @@ A flag given on the command line always wins. One left out takes, in this order,
 batch; a preset may set any flag), else its default.
 """
 import argparse
+import math
 
-from config import PRESETS, flags_from_config
+from config import MAX_SEQ_LEN, PRESETS, flags_from_config
 from optimizer import OPTIMIZERS, LRSchedule
 
 
@@ -99,6 +100,11 @@ def build_parser():
     r.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from CHECKPOINT, or alone: the newest checkpoint of the run that last trained "
                         "in --save_dir (pass the same flags as the interrupted run)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start a new run (no --resume) in a --save_dir that holds checkpoints of an earlier one, "
+                        "which is refused without this flag: the new run's checkpoint_final.npz and "
+                        "checkpoint_step_N.npz replace the earlier ones of the same names; the earlier metrics.jsonl "
+                        "is kept as metrics.jsonl.old (.old.1, ... if taken)")
     r.add_argument("--max_time", type=float, default=None,
                    help="stop after this many minutes of training, saving a checkpoint to resume from")
     r.add_argument("--profile", action="store_true",
@@ -117,13 +123,20 @@ def check_args(args):
     for name in positive:
         if getattr(args, name) < 1:
             raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    for name in ("warmup_steps", "eval_interval", "save_interval", "grad_clip", "weight_decay", "min_lr"):
-        if getattr(args, name) < 0:
-            raise TrainError(f"--{name} must not be negative (got {getattr(args, name)})")
+    for name in ("warmup_steps", "eval_interval", "save_interval", "grad_clip", "weight_decay", "min_lr", "seed"):
+        if not getattr(args, name) >= 0:  # NaN too: --grad_clip nan would turn clipping off
+            raise TrainError(f"--{name} must be a number >= 0 (got {getattr(args, name)})")
+    for name in ("beta1", "beta2", "momentum"):
+        if not 0 <= getattr(args, name) < 1:
+            raise TrainError(f"--{name} must be in [0, 1) (got {getattr(args, name)})")
+    if args.eot_id is not None and args.eot_id < 0:
+        raise TrainError(f"--eot_id must be a token id >= 0 (got {args.eot_id})")
+    if args.seq_len > MAX_SEQ_LEN:
+        raise TrainError(f"--seq_len {args.seq_len} is above the longest context this code supports, {MAX_SEQ_LEN}")
     if args.d_model % args.n_heads:
         raise TrainError(f"--d_model {args.d_model} is not divisible by --n_heads {args.n_heads}")
-    if not args.learning_rate > 0:
-        raise TrainError(f"--learning_rate must be positive (got {args.learning_rate})")
+    if not 0 < args.learning_rate < math.inf:
+        raise TrainError(f"--learning_rate must be a positive number (got {args.learning_rate})")
     if args.min_lr > args.learning_rate:
         raise TrainError(f"--min_lr {args.min_lr} is above --learning_rate {args.learning_rate}")
     for name in ("eval_batches", "workers"):

@@ -54,10 +54,12 @@ class TrainState:
         data = meta["data"]
         if not isinstance(data, dict):
             raise TypeError(f"data is {type(data).__name__}, not a record")
+        split = (meta.get("ranks", 1), meta.get("workers"), meta.get("grad_accum", 1))
+        if not all(n is None or (type(n) is int and n >= 1) for n in split):  # None: not recorded
+            raise ValueError(f"ranks x workers x micro-batches {' x '.join(map(repr, split))} are not counts")
         return cls(step=int(meta["step"]), run_id=meta.get("run_id"), data=data, opt_state=ck.arrays,
                    tokenizer=meta.get("tokenizer"), tokenizer_model_json=meta.get("tokenizer_model_json"),
-                   train_args=meta.get("train_args") or {},
-                   split=(meta.get("ranks", 1), meta.get("workers"), meta.get("grad_accum", 1)))
+                   train_args=meta.get("train_args") or {}, split=split)
 
 
 def same_gradient_sums(a, b):
@@ -100,9 +102,9 @@ def restore(run, path):
         saved = TrainState.from_checkpoint(ck)
         run.opt.load_state_dict(saved.opt_state)
         run.batches.set_state(saved.data)
-    except (ValueError, KeyError, TypeError) as e:
-        raise TrainError(f"{path} lacks the optimizer or data state to resume exactly ({e}); "
-                         "it may be a weights-only file") from None
+    except (ValueError, KeyError, TypeError, OverflowError) as e:
+        raise TrainError(f"{path} lacks a usable optimizer or data state to resume exactly ({e}); it may be "
+                         "a weights-only or damaged file") from None
     run.step, run.last_good = saved.step, path
     run.run_id = saved.run_id or run.run_id  # a checkpoint from before runs had ids: a new one
     split = run.split

@@ -23,7 +23,8 @@ echo "== 3/4 train a tiny model (d_model 64, 2 layers) for 800 steps"
 $PY train.py --train_data $OUT/data/train_tokenized.jsonl --val_data $OUT/data/valid_tokenized.jsonl \
     --vocab_size 50257 --d_model 64 --n_heads 2 --d_ff 256 --n_layers 2 \
     --batch_size 16 --seq_len 64 --max_steps 800 --learning_rate 3e-3 --min_lr 3e-4 --warmup_steps 50 \
-    --save_dir $OUT/checkpoints --log_interval 100 --eval_interval 400 --eval_batches 20
+    --save_dir $OUT/checkpoints --log_interval 100 --eval_interval 400 --eval_batches 20 \
+    --overwrite  # a second demo starts over (without it train.py refuses to replace a finished run)
 
 echo "== 4/4 generate"
 $PY generate.py --checkpoint $OUT/checkpoints/checkpoint_final.npz --prompt "Once upon a time" \

@@ -257,7 +257,7 @@ def test_pickled_pytorch_weights_and_missing_files_are_refused(tmp_path, capsys)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{]")
-    with pytest.raises(HFError, match="cannot read"):
+    with pytest.raises(HFError, match="config.json: malformed JSON"):
         load_hf_model(str(broken))
 
 

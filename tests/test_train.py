@@ -356,10 +356,11 @@ def test_resume_continues_the_interrupted_run_not_a_newer_checkpoint_of_an_older
     # an earlier run in the folder ends with checkpoint_final.npz at step 60 (and checkpoint_step_40.npz)
     assert train.main(tiny_flags(data, d, seed=7, **common)) == 0
     old_id = read_meta(os.path.join(d, "checkpoint_final.npz")).get("run_id")
-    # a fresh run there is interrupted at step 25; resumed, it must go on from its own step 25
+    # a fresh run there (--overwrite: it was asked to start over) is interrupted at step 25; resumed, it
+    # must go on from its own step 25
     with monkeypatch.context() as m:
         stop_at(25, m)
-        assert train.main(tiny_flags(data, d, **common)) == 130
+        assert train.main(tiny_flags(data, d, overwrite=True, **common)) == 130
     capsys.readouterr()
     assert train.main(tiny_flags(data, d, resume=True, **common)) == 0
     out = capsys.readouterr().out
