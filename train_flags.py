@@ -14,11 +14,8 @@ import argparse
 import math
 
 from config import MAX_SEQ_LEN, PRESETS, flags_from_config
+from errors import TrainError
 from optimizer import OPTIMIZERS, LRSchedule
-
-
-class TrainError(Exception):
-    """Bad flags or state: the message says what to do."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -97,7 +94,7 @@ def build_parser():
                         "(default: the whole set)")
     r.add_argument("--save_interval", type=int, default=5000,
                    help="write checkpoint_step_N.npz every this many steps (0: only the final one)")
-    r.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+    r.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue from CHECKPOINT, or alone: the newest checkpoint of the run that last trained "
                         "in --save_dir (pass the same flags as the interrupted run)")
     r.add_argument("--overwrite", action="store_true",

@@ -19,9 +19,8 @@ import pytest
 
 from checkpoint import load_checkpoint
 from distributed import EXIT_RANK_LOST
-from test_mpi import (MPI_ENV, MPIEXEC, mpi_flavour, needs_mpi, newest_checkpoint_resumes, numbers, same_arrays,
-                      wait_for_rank_pid, wait_for_steps)
-from test_train import tiny_flags, write_data
+from helpers import (MPI_ENV, MPIEXEC, mpi_flavour, needs_mpi, newest_checkpoint_resumes, numbers, same_arrays,
+                     tiny_flags, wait_for_rank_pid, wait_for_steps, write_data)
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTS = {"10.77.0.1": "hostA", "10.77.0.2": "hostB"}  # address: host name; the first is where mpiexec runs
