@@ -359,7 +359,7 @@ def main(argv=None):
     parser.add_argument("--vocab_size", type=int, default=None, help="check every id is below this")
     parser.add_argument("--eot_id", type=int, default=None,
                         help="end-of-text id to join lines of a plain .jsonl (default: from the sidecar, "
-                             "else 50256 for vocab 50257, else vocab_size - 1)")
+                             f"else {GPT2_EOT_ID} for vocab {GPT2_VOCAB_SIZE}, else vocab_size - 1)")
     parser.add_argument("--rebuild", action="store_true", help="convert again even if the cache is fresh")
     args = parser.parse_args(argv)
     if args.eot_id is not None and args.eot_id < 0:

@@ -13,7 +13,7 @@ batch; a preset may set any flag), else its default.
 import argparse
 import math
 
-from config import MAX_SEQ_LEN, PRESETS, flags_from_config
+from config import GPT2_EOT_ID, GPT2_VOCAB_SIZE, MAX_SEQ_LEN, PRESETS, flags_from_config
 from errors import TrainError
 from optimizer import OPTIMIZERS, LRSchedule
 
@@ -36,12 +36,13 @@ def build_parser():
     d.add_argument("--val_data", default=None, help="tokenized validation .jsonl (no evaluation without it)")
     d.add_argument("--eot_id", type=int, default=None,
                    help="end-of-text id joining the lines of a plain .jsonl without tokenizer sidecar "
-                        "(default: 50256 for vocab 50257, else vocab_size - 1)")
+                        f"(default: {GPT2_EOT_ID} for vocab {GPT2_VOCAB_SIZE}, else vocab_size - 1)")
     m = p.add_argument_group("model")
     m.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="a model size of the README's table: sets the model flags, --batch_size and --seq_len "
                         "(any of them given as well wins)")
-    m.add_argument("--vocab_size", type=int, default=50257, help="vocabulary size (50257 for GPT-2's tiktoken)")
+    m.add_argument("--vocab_size", type=int, default=GPT2_VOCAB_SIZE,
+                   help=f"vocabulary size ({GPT2_VOCAB_SIZE} for GPT-2's tiktoken)")
     m.add_argument("--d_model", type=int, default=128, help="width of the residual stream")
     m.add_argument("--n_heads", type=int, default=4, help="attention heads per layer (must divide d_model)")
     m.add_argument("--d_ff", type=int, default=512, help="hidden width of the feed-forward block")

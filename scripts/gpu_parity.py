@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import device  # noqa: E402
-from config import PRESETS, config_from_flags  # noqa: E402
+from config import GPT2_VOCAB_SIZE, PRESETS, config_from_flags  # noqa: E402
 from errors import DeviceError  # noqa: E402
 from language_model import LanguageModel  # noqa: E402
 from loss import count_targets  # noqa: E402
@@ -31,7 +31,7 @@ def rel(a, b):
 def check(name, tol):
     """Print one line for the model `name`; True when the loss and the norm agree to tol."""
     preset = PRESETS[name]
-    cfg = config_from_flags(dict(preset, vocab_size=50257))
+    cfg = config_from_flags(dict(preset, vocab_size=GPT2_VOCAB_SIZE))
     B, T = preset["batch_size"], preset["seq_len"]
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
     x, y = tokens[:, :-1], tokens[:, 1:]

@@ -42,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from config import GPT2_VOCAB_SIZE  # noqa: E402
 
 STAGES = ("bpe", "hf", "tokenize", "convert", "train")
 HF_SCRIPT = """
@@ -170,7 +171,7 @@ def main(argv=None):
               f"{time.perf_counter() - t0:.1f} s; {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
               f"Python {platform.python_version()}", flush=True)
         use_bpe = "bpe" in stages or (work / "bpe.json").exists()
-        vocab = args.vocab_size if use_bpe else 50257
+        vocab = args.vocab_size if use_bpe else GPT2_VOCAB_SIZE
         tok_flags = ["--tokenizer", "lecture2_bpe", "--model_file", "bpe.json"] if use_bpe else \
             ["--tokenizer", "tiktoken", "--encoding", "gpt2"]
         commands = {
