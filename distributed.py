@@ -85,7 +85,7 @@ def world(timeout=30.0, on_lost=None):
     except ImportError:
         if size is not None and size > 1:
             raise UserError(f"started by mpiexec as one of {size} processes, but mpi4py is not installed, "
-                             f"so they cannot work together. Install it: {MPI_INSTALL_HINT}") from None
+                            f"so they cannot work together. Install it: {MPI_INSTALL_HINT}") from None
         return Solo()
     if MPI.COMM_WORLD.Get_size() == 1:
         return Solo()
@@ -204,7 +204,7 @@ class MPIRanks(World):
     def check_device(self, device):
         if device != "cpu":
             raise UserError(f"--device {device} under mpiexec (one rank per GPU) is not supported yet: train "
-                             "on one GPU without mpiexec, or on the CPU with MPI ranks")
+                            "on one GPU without mpiexec, or on the CPU with MPI ranks")
 
     # ------------------------------------------------------------------ collectives
     def _collective(self, call, patience=1):
@@ -258,7 +258,7 @@ class MPIRanks(World):
             diffs = ", ".join(f"{k}: {a!r} on rank 0 but {b!r} on rank {odd[0]} ({self.where[odd[0]][0]})"
                               for (k, a), (_, b) in zip(every[0], every[odd[0]]) if a != b)
             raise UserError(f"the ranks disagree about {what} ({diffs}); every machine needs the same "
-                             "files at the same paths and the same versions of Python and NumPy")
+                            "files at the same paths and the same versions of Python and NumPy")
 
     # ------------------------------------------------------------------ ending the job
     def watch(self, on_lost):
