@@ -165,6 +165,12 @@ class TwinComm:
     def Get_processor_name(self):
         return "here"
 
+    def bcast(self, obj, root=0):
+        return obj
+
+    def Barrier(self):
+        pass
+
     def Allreduce(self, in_place, buf, op):
         assert in_place == self.IN_PLACE and isinstance(buf, np.ndarray), type(buf)
         self.buffers.append(buf)
@@ -202,6 +208,21 @@ def test_on_the_gpu_gradients_and_sums_cross_to_the_host_in_one_copy_each():
         cfg = ModelConfig(vocab_size=11, d_model=4, n_heads=2, d_ff=8, n_layers=1, max_seq_len=3)
         gpu = LanguageModel(cfg, seed=3, device="cuda")
         assert distributed.params_checksum(gpu.params) == distributed.params_checksum(LanguageModel(cfg, seed=3).params)
+
+
+def test_a_gpu_training_step_under_mpi_copies_to_the_host_twice_and_reads_once(data, tmp_path, monkeypatch):
+    """train.py's loop, twin ranks: each step copies the gradients and the two sums to the host (and the
+    gradients back) and reads one value (the gradient norm), as one process on a GPU does."""
+    def run(steps):
+        with twin_ranks() as (ranks, comm), fake_cupy.installed():
+            monkeypatch.setattr(distributed, "world", lambda *args, **kwargs: ranks)
+            monkeypatch.setattr(ranks, "limit_threads", lambda: 1)  # BLAS in this process left alone
+            assert train.main(tiny_flags(data, str(tmp_path / str(steps)), max_steps=steps, log_interval=100,
+                                         eval_interval=0, save_interval=0, device="cuda")) == 0
+            return fake_cupy.counts.host_copies, fake_cupy.counts.syncs, len(comm.buffers)
+    (copies_3, syncs_3, reduced_3), (copies_5, syncs_5, reduced_5) = run(3), run(5)
+    assert (copies_5 - copies_3, syncs_5 - syncs_3) == (2 * 2, 2 * 1)
+    assert reduced_5 - reduced_3 == 2 * 3  # the gradients, the sums, the stop vote
 
 
 def test_gpu_evaluation_under_mpi_sums_only_the_vote_batch_by_batch(tmp_path):
