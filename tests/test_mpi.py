@@ -4,6 +4,7 @@ trains, bit for bit for N = 2; a dead rank stops the job with a message naming i
 The runs need mpi4py and the mpiexec of the MPI it was built with (scripts/test.sh installs
 `mpi4py mpich`); without them those tests skip. Tiny model, a few dozen steps: seconds each."""
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
