@@ -19,6 +19,7 @@ from optimizer import OPTIMIZERS, LRSchedule
 
 MAX_STEPS = 5000  # --max_steps without --time_budget
 
+
 class TrainError(Exception):
     """Bad flags or state: the message says what to do."""
 

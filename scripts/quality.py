@@ -202,7 +202,8 @@ def score(save_dir, flags):
     if final["step"] != steps:
         raise QualityError(f"{save_dir}: the run stopped at step {steps} before its end (see its output above)")
     return {"steps": steps, "horizon": budget.get("horizon"), "seconds_per_step": budget.get("seconds_per_step"),
-            "train_seconds": last_train["time"] - config["time"], "tokens_seen": steps * flags.batch_size * flags.seq_len,
+            "train_seconds": last_train["time"] - config["time"],
+            "tokens_seen": steps * flags.batch_size * flags.seq_len,  # every window's seq_len targets, every step
             "num_parameters": config["num_parameters"], "config": config["config"],
             "val_loss": final["val_loss"], "val_perplexity": math.exp(final["val_loss"]), "val_bpb": final["val_bpb"],
             "val_accuracy": final["val_accuracy"], "val_tokens": final["val_tokens"]}
@@ -244,7 +245,8 @@ def main(argv=None):
             side = json.load(f)
         record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine,
                   "recipe": recipe, "train_argv": [str(c) for c in cmd[1:]],
-                  "tokenizer": {"kind": args.tokenizer, "name": side["tokenizer"]["name"], "vocab_size": flags.vocab_size},
+                  "tokenizer": {"kind": args.tokenizer, "name": side["tokenizer"]["name"],
+                                "vocab_size": flags.vocab_size},
                   "train_text": {"path": str(args.train_text), "sha256": sha256_of(args.train_text)},
                   "valid_text": {"path": str(args.valid_text), "sha256": sha256_of(args.valid_text),
                                  "bytes": side["num_bytes"] + side["num_documents"],  # as train.py's evaluation
