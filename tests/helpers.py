@@ -54,6 +54,14 @@ def write_data(path, n_docs, seed, identity=IDENTITY, bytes_per_token=4):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """(train, valid) .jsonl of counting stories with their sidecars, made once per test file that imports
+    this fixture."""
+    d = tmp_path_factory.mktemp("data")
+    return write_data(d / "train.jsonl", 400, seed=1), write_data(d / "valid.jsonl", 60, seed=2)
+
+
 def tiny_flags(data, save_dir, **over):
     """train.py's argv for a tiny model on data (train, valid), flags given as keyword arguments
     (True: the flag alone; None or False: left out)."""

@@ -23,13 +23,8 @@ from checkpoint import load_checkpoint
 from config import ModelConfig
 from helpers import (MPI_ENV, MPIEXEC, REPO, metrics, mpi_flavour, needs_mpi, newest_checkpoint_resumes, numbers,
                      same_arrays, tiny_flags, wait_for_rank_pid, wait_for_steps, write_data)
+from helpers import data  # noqa: F401  (a fixture)
 from language_model import LanguageModel
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return write_data(d / "train.jsonl", 400, seed=1), write_data(d / "valid.jsonl", 60, seed=2)
 
 
 def mpirun(n, argv, launcher_flags=(), env=MPI_ENV, **kw):

@@ -13,12 +13,7 @@ import train
 from checkpoint import load_checkpoint, load_model, read_meta
 from data_loader import load_dataset
 from helpers import IDENTITY, REPO, V, after_each_update, metrics, tiny_flags, write_data
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return write_data(d / "train.jsonl", 400, seed=1), write_data(d / "valid.jsonl", 60, seed=2)
+from helpers import data  # noqa: F401  (a fixture)
 
 
 def test_tiny_model_learns_and_everything_is_recorded(data, tmp_path, capsys):
