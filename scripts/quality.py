@@ -59,7 +59,7 @@ def build_parser():
     p.add_argument("--train_text", required=True, help="training text (.txt, one story per line or the raw layout)")
     p.add_argument("--valid_text", required=True, help="held-out text to score on, the same layouts")
     p.add_argument("--tokenizer", choices=("gpt2", "bpe"), default="gpt2",
-                   help="gpt2: GPT-2's encoding (--vocab_size 50257); bpe: our BPE of the recipe's --vocab_size "
+                   help=f"gpt2: GPT-2's encoding (--vocab_size {GPT2_VOCAB_SIZE}); bpe: our BPE of the recipe's --vocab_size "
                         "tokens, trained on --train_text")
     p.add_argument("--time_budget", type=float, default=None, metavar="MINUTES",
                    help="minutes of training (default: the recipe's --time_budget, e.g. --preset laptop's 15)")
