@@ -1,5 +1,22 @@
-"""Float64 central finite differences, the oracle every backward pass is checked against."""
+"""Float64 central finite differences, the oracle every backward pass is checked against, on both
+array paths (a test file of layers imports array_path: its autouse fixture runs every test twice)."""
 import numpy as np
+import pytest
+
+from device import whole_array_mode
+
+
+@pytest.fixture(autouse=True, params=["blocked", "whole arrays"])
+def array_path(request):
+    """Every test of a file that imports this runs on both paths: the CPU's blocks and the GPU's whole
+    arrays (with NumPy)."""
+    with whole_array_mode(request.param == "whole arrays"):
+        yield request.param
+
+
+def zeros_like(d, names):
+    """{name: zeros shaped as d[name]} for the names: gradient buffers to add into."""
+    return {k: np.zeros_like(d[k]) for k in names}
 
 
 def numerical_gradient(f, x, h=1e-6):

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from device import whole_array_mode
 from embeddings import embedding_backward, embedding_forward, sinusoidal_positions
-from gradcheck import check_layer, numerical_gradient, rel_error
+from gradcheck import array_path  # noqa: F401  (autouse: every test here runs on both array paths)
+from gradcheck import check_layer, numerical_gradient, rel_error, zeros_like
 from lm_head import lm_head_forward, lm_head_loss
 from loss import IGNORE_INDEX, cross_entropy_reference, softmax_cross_entropy_inplace
 from transformer import (attention_backward, attention_forward, block_backward, block_forward,
@@ -14,17 +14,6 @@ from transformer import (attention_backward, attention_forward, block_backward, 
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
-
-
-@pytest.fixture(autouse=True, params=["blocked", "whole arrays"])
-def array_path(request):
-    """Every test here runs on both paths: the CPU's blocks and the GPU's whole arrays (with NumPy)."""
-    with whole_array_mode(request.param == "whole arrays"):
-        yield request.param
-
-
-def zeros_like(d, names):
-    return {k: np.zeros_like(d[k]) for k in names}
 
 
 def test_layernorm(rng):
