@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from device import get_array_module, to_device, whole_arrays
-from transformer import (BLOCK, blocks, causal_softmax_inplace, column_sum, matmul_into, row_dot_mean,
+from transformer import (BLOCK, blocks, causal_softmax_inplace, column_sum, matmul_into, matmul_rows, row_dot_mean,
                          softmax_backward_inplace)
 
 # llama2.c's TinyStories models and Llama 2 use 1e-5 (so does our layer norm); HF's LlamaConfig
@@ -180,7 +180,7 @@ def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_th
     H = n_heads
     Hkv = n_kv_heads or H
     hs, G = C // H, H // Hkv
-    qkv = x @ w_attn  # (B, T, C) -> (B, T, (H + 2Hkv) hs)
+    qkv = matmul_rows(x, w_attn)  # (B, T, C) -> (B, T, (H + 2Hkv) hs)
     qkv[..., :C] *= 1.0 / math.sqrt(hs)  # the scores' scale, applied to q
     start = kv.length if kv is not None else 0
     cos, sin = rope_angles(start, T, hs, rope_theta, x.dtype, xp)
@@ -200,7 +200,7 @@ def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_th
     y_heads = y.reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hs), a view
     matmul_into(att, v[:, :, None], y_heads)  # (B, Hkv, G, T, S) @ (B, Hkv, 1, S, hs), heads side by side
     y = y.reshape(B, T, C)
-    return y @ w_proj, LlamaAttentionCache(x, q, k, v, att, y, cos, sin)  # (B, T, C)
+    return matmul_rows(y, w_proj), LlamaAttentionCache(x, q, k, v, att, y, cos, sin)  # (B, T, C)
 
 
 def matmul_sum_into(a, b, out):
@@ -220,7 +220,7 @@ def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
     H = Hkv * G
     # forward was: out = y @ w_proj
     dw_proj += y.reshape(-1, C).T @ dout.reshape(-1, C)  # (C, B*T) @ (B*T, C) -> (C, C)
-    dy = (dout @ w_proj.T).reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # -> (B, Hkv, G, T, hs), a view
+    dy = matmul_rows(dout, w_proj.T).reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # -> (B, Hkv, G, T, hs), a view
     dheads = xp.empty((B, T, H + 2 * Hkv, hs), x.dtype)  # written through the views below
     dq = dheads[:, :, :H].reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hs)
     dk = dheads[:, :, H : H + Hkv].transpose(0, 2, 1, 3)  # (B, Hkv, S, hs)
@@ -239,7 +239,7 @@ def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
     dqkv[..., :C] *= 1.0 / math.sqrt(hs)  # forward was: q scaled by 1 / sqrt(hs)
     # forward was: qkv = x @ w_attn
     dw_attn += x.reshape(-1, C).T @ dqkv.reshape(B * T, -1)  # (C, (H + 2Hkv) hs)
-    return dqkv @ w_attn.T  # (B, T, (H + 2Hkv) hs) -> (B, T, C)
+    return matmul_rows(dqkv, w_attn.T)  # (B, T, (H + 2Hkv) hs) -> (B, T, C)
 
 
 # ----------------------------------------------------------------------------- SwiGLU feed-forward
@@ -267,7 +267,7 @@ def swiglu_forward(x, w_fc, w_proj):
     """
     xp = get_array_module(x)
     F = w_proj.shape[0]
-    h = x @ w_fc  # (B, T, C) -> (B, T, 2F)
+    h = matmul_rows(x, w_fc)  # (B, T, C) -> (B, T, 2F)
     s = xp.empty(h.shape[:-1] + (F,), h.dtype)
     a = xp.empty_like(s)
     for hb, sb, ab in blocks(h, s, a):
@@ -279,7 +279,7 @@ def swiglu_forward(x, w_fc, w_proj):
         xp.reciprocal(sb, out=sb)  # sigmoid(gate)
         xp.multiply(gate, sb, out=ab)  # silu(gate)
         ab *= up
-    return a @ w_proj, SwiGLUCache(x, h, s, a)  # (B, T, F) -> (B, T, C)
+    return matmul_rows(a, w_proj), SwiGLUCache(x, h, s, a)  # (B, T, F) -> (B, T, C)
 
 
 def swiglu_backward(dout, cache, w_fc, w_proj, dw_fc, dw_proj):
@@ -289,7 +289,7 @@ def swiglu_backward(dout, cache, w_fc, w_proj, dw_fc, dw_proj):
     F, C = w_proj.shape
     # forward was: out = a @ w_proj
     dw_proj += a.reshape(-1, F).T @ dout.reshape(-1, C)  # (F, C)
-    da = dout @ w_proj.T  # (B, T, C) -> (B, T, F)
+    da = matmul_rows(dout, w_proj.T)  # (B, T, C) -> (B, T, F)
     dh = xp.empty_like(h)  # (B, T, 2F) [dgate | dup]
     for hb, sb, dab, dhb in blocks(h, s, da, dh):
         gate, up = hb[:, :F], hb[:, F:]
@@ -305,7 +305,7 @@ def swiglu_backward(dout, cache, w_fc, w_proj, dw_fc, dw_proj):
         dgate *= dab  # da * up * silu'(gate)
     # forward was: h = x @ w_fc
     dw_fc += x.reshape(-1, C).T @ dh.reshape(-1, 2 * F)  # (C, 2F)
-    return dh @ w_fc.T  # (B, T, 2F) -> (B, T, C)
+    return matmul_rows(dh, w_fc.T)  # (B, T, 2F) -> (B, T, C)
 
 
 # ----------------------------------------------------------------------------- block
