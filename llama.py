@@ -94,27 +94,29 @@ def rope_rotate_inplace(x, cos, sin):
 
         x1' = x1 cos - x2 sin,   x2' = x2 cos + x1 sin        x1 = x[..., :hs/2], x2 = x[..., hs/2:]
 
-    On the CPU a few positions of one sequence at a time, so that the chain runs in cache."""
+    in three passes, as HF's x cos + rotate_half(x) sin: r = (-x2 sin, x1 sin) from a view of x
+    with each head's halves swapped, then x *= (cos, cos), x += r. On the CPU a few positions of
+    one sequence at a time, so that the chain runs in cache, with the cosines tiled over the heads:
+    then NumPy runs the last two passes along whole rows of heads, not hs-long pieces."""
     xp = get_array_module(x)
     B, T, n, hs = x.shape
     half = hs // 2
+    cos2 = xp.concatenate([cos, cos], axis=-1)[:, None]  # (T, 1, hs)
+    sin2 = xp.stack([-sin, sin], axis=1)[:, None]  # (T, 1, 2, hs/2): the factors of the swapped halves (x2, x1)
     if whole_arrays(x):
-        pieces = [(x, cos[:, None], sin[:, None])]  # (T, 1, hs/2) broadcast over batch and heads
-        scratch = xp.empty((2, B, T, n, half), x.dtype)
+        pieces = [(x, cos2, sin2)]  # broadcast over batch and heads
+        scratch = xp.empty((B, T, n, hs), x.dtype)
     else:
+        cos2 = xp.tile(cos2, (1, n, 1))  # (T, n, hs), each head's row of cosines side by side
         step = max(1, BLOCK // (n * hs))  # positions per block
-        pieces = ((x[b, t : t + step], cos[t : t + step, None], sin[t : t + step, None])
-                  for b in range(B) for t in range(0, T, step))
-        scratch = xp.empty((2, min(step, T), n, half), x.dtype)
+        pieces = ((x[b, t : t + step], cos2[t : t + step], sin2[t : t + step]) for b in range(B) for t in range(0, T, step))
+        scratch = xp.empty((min(step, T), n, hs), x.dtype)
     for xb, c, s in pieces:
-        x1, x2 = xb[..., :half], xb[..., half:]
-        x1s, x2s = scratch[:, : len(xb)]
-        xp.multiply(x1, s, out=x1s)
-        xp.multiply(x2, s, out=x2s)
-        x1 *= c
-        x1 -= x2s  # x1 cos - x2 sin
-        x2 *= c
-        x2 += x1s  # x2 cos + x1 sin
+        r = scratch[: len(xb)]
+        swapped = xb.reshape(*xb.shape[:-1], 2, half)[..., ::-1, :]  # (..., n, 2, hs/2): (x2, x1) of each head, a view
+        xp.multiply(swapped, s, out=r.reshape(swapped.shape))  # r = (-x2 sin, x1 sin)
+        xb *= c
+        xb += r
 
 
 class RopeCache(NamedTuple):
@@ -253,33 +255,38 @@ def swiglu_hidden(d_model, multiple_of=64):
 
 class SwiGLUCache(NamedTuple):
     x: np.ndarray  # (B, T, C) input
-    h: np.ndarray  # (B, T, 2F) [gate | up] = x @ w_fc, the pre-activations side by side
-    s: np.ndarray  # (B, T, F) sigmoid(gate)
-    a: np.ndarray  # (B, T, F) silu(gate) * up, input of the down projection
+    h: np.ndarray  # (2F, N) [silu(gate); up]: (x @ w_fc).T, the gate's rows turned into silu(gate) in place
+    s: np.ndarray  # (F, N) sigmoid(gate)
+    a: np.ndarray  # (F, N) silu(gate) * up, (the transpose of) the input of the down projection
 
 
 def swiglu_forward(x, w_fc, w_proj):
     """(B, T, C) -> (B, T, C): (silu(x @ w_gate) * (x @ w_up)) @ w_down, silu(g) = g sigmoid(g).
 
     w_fc (C, 2F) is [w_gate | w_up], so both come from one matrix product (as attention's c_attn
-    fuses q, k, v); w_proj (F, C) is w_down. The element-wise chain runs in cache-sized blocks of
-    rows on the CPU (transformer.blocks), on whole arrays on the whole-array path.
+    fuses q, k, v); w_proj (F, C) is w_down. The hidden units are kept as rows, h = (x @ w_fc).T
+    (2F, N), so that the gates h[:F] and the ups h[F:] are contiguous arrays: NumPy's element-wise
+    passes over half rows of an (N, 2F) array take 2-3 times as long. The transposes are flags to
+    BLAS (and cuBLAS), not copies. The element-wise chain runs in cache-sized blocks of rows on the
+    CPU (transformer.blocks), on whole arrays on the whole-array path. Backward needs the gate only
+    through sigmoid(gate) and silu(gate), so silu(gate) is written over it.
     """
     xp = get_array_module(x)
-    F = w_proj.shape[0]
-    h = matmul_rows(x, w_fc)  # (B, T, C) -> (B, T, 2F)
-    s = xp.empty(h.shape[:-1] + (F,), h.dtype)
-    a = xp.empty_like(s)
-    for hb, sb, ab in blocks(h, s, a):
-        gate, up = hb[:, :F], hb[:, F:]
-        xp.negative(gate, out=sb)
+    C, F = x.shape[-1], w_proj.shape[0]
+    h = w_fc.T @ x.reshape(-1, C).T  # (2F, C) @ (C, N) -> (2F, N)
+    gate, up = h[:F], h[F:]
+    s = xp.empty_like(gate)  # (F, N)
+    a = xp.empty_like(gate)
+    for gb, ub, sb, ab in blocks(gate, up, s, a):
+        xp.negative(gb, out=sb)
         with np.errstate(over="ignore"):  # exp(-gate) = inf for very negative gates gives s = 0, the right limit
             xp.exp(sb, out=sb)
         sb += 1.0
         xp.reciprocal(sb, out=sb)  # sigmoid(gate)
-        xp.multiply(gate, sb, out=ab)  # silu(gate)
-        ab *= up
-    return matmul_rows(a, w_proj), SwiGLUCache(x, h, s, a)  # (B, T, F) -> (B, T, C)
+        gb *= sb  # silu(gate), over the gate
+        xp.multiply(gb, ub, out=ab)
+    out = a.T @ w_proj  # (N, F) @ (F, C) -> (N, C)
+    return out.reshape(x.shape), SwiGLUCache(x, h, s, a)
 
 
 def swiglu_backward(dout, cache, w_fc, w_proj, dw_fc, dw_proj):
@@ -287,25 +294,23 @@ def swiglu_backward(dout, cache, w_fc, w_proj, dw_fc, dw_proj):
     x, h, s, a = cache
     xp = get_array_module(x)
     F, C = w_proj.shape
-    # forward was: out = a @ w_proj
-    dw_proj += a.reshape(-1, F).T @ dout.reshape(-1, C)  # (F, C)
-    da = matmul_rows(dout, w_proj.T)  # (B, T, C) -> (B, T, F)
-    dh = xp.empty_like(h)  # (B, T, 2F) [dgate | dup]
-    for hb, sb, dab, dhb in blocks(h, s, da, dh):
-        gate, up = hb[:, :F], hb[:, F:]
-        dgate, dup = dhb[:, :F], dhb[:, F:]
-        # forward was: a = silu(gate) * up, silu(g) = g s, s = sigmoid(g), silu'(g) = s (1 + g (1 - s))
-        xp.multiply(gate, sb, out=dup)
-        dup *= dab  # da * silu(gate)
+    dout2 = dout.reshape(-1, C)  # (N, C)
+    # forward was: out = a.T @ w_proj
+    dw_proj += a @ dout2  # (F, N) @ (N, C) -> (F, C)
+    da = w_proj @ dout2.T  # (F, C) @ (C, N) -> (F, N), the transpose of dout @ w_proj.T
+    dh = xp.empty_like(h)  # (2F, N) [dgate; dup]
+    for silu, up, sb, dab, dgate, dup in blocks(h[:F], h[F:], s, da, dh[:F], dh[F:]):
+        # forward was: a = silu(gate) * up, silu(g) = g s, s = sigmoid(g),
+        # silu'(g) = s + g s (1 - s) = s + silu(g) (1 - s)
+        xp.multiply(silu, dab, out=dup)  # da * silu(gate)
         xp.subtract(1.0, sb, out=dgate)
-        dgate *= gate
-        dgate += 1.0
-        dgate *= sb  # silu'(gate)
+        dgate *= silu
+        dgate += sb  # silu'(gate)
         dgate *= up
         dgate *= dab  # da * up * silu'(gate)
-    # forward was: h = x @ w_fc
-    dw_fc += x.reshape(-1, C).T @ dh.reshape(-1, 2 * F)  # (C, 2F)
-    return matmul_rows(dh, w_fc.T)  # (B, T, 2F) -> (B, T, C)
+    # forward was: h = (x @ w_fc).T
+    dw_fc += x.reshape(-1, C).T @ dh.T  # (C, N) @ (N, 2F) -> (C, 2F)
+    return (dh.T @ w_fc.T).reshape(x.shape)  # (N, 2F) @ (2F, C) -> (N, C)
 
 
 # ----------------------------------------------------------------------------- block
