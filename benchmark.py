@@ -12,6 +12,7 @@ the GPU memory CuPy's pool holds.
     python3 benchmark.py                                  # the guide's Small model
     python3 benchmark.py --d_model 256 --n_heads 8 --d_ff 1024 --n_layers 4 --batch_size 16 --seq_len 256
     python3 benchmark.py --all                            # Tiny, Small, Medium, Small with a 4096 vocabulary, Small llama
+                                                          # (both vocabularies)
     python3 benchmark.py --arch llama                     # the Small model with the Llama block (d_ff 384)
     python3 benchmark.py --device cuda                    # the Small model on an NVIDIA GPU (needs CuPy)
 """
@@ -35,10 +36,12 @@ from optimizer import AdamW, clip_grad_norm
 from parallel import keep_freed_memory
 
 RUNS = {  # --all: the guide's models (config.PRESETS, with their batches), Small with a small vocabulary, and
-    # Small with the Llama block (its SwiGLU width: about GPT-2's parameters)
+    # Small with the Llama block (its SwiGLU width: about GPT-2's parameters), with both vocabularies
     "tiny": PRESETS["tiny"], "small": PRESETS["small"], "medium": PRESETS["medium"],
     "small-v4096": dict(PRESETS["small"], vocab_size=4096),
     "small-llama": dict(PRESETS["small"], arch="llama", d_ff=swiglu_hidden(PRESETS["small"]["d_model"])),
+    "small-llama-v4096": dict(PRESETS["small"], arch="llama", d_ff=swiglu_hidden(PRESETS["small"]["d_model"]),
+                              vocab_size=4096),
 }
 
 
@@ -175,7 +178,8 @@ def main(argv=None):
     ap.add_argument("--min_seconds", type=float, default=3.0,
                     help="time at least this many seconds of steps: short steps are noisy (default 3)")
     ap.add_argument("--all", action="store_true",
-                    help="run the guide's Tiny, Small, Medium, Small-with-4096-vocab and Small with --arch llama")
+                    help="run the guide's Tiny, Small, Medium, Small-with-4096-vocab, and Small with --arch llama "
+                         "(both vocabularies)")
     ap.add_argument("--sizes", action="store_true", help="only print the guide's model sizes with their parameter counts")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu (NumPy) or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or cupy-cuda13x)")

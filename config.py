@@ -114,12 +114,14 @@ class ModelConfig:
     def describe(self):
         """One line for people: the block and its sizes."""
         head = "tied head" if self.tie_embeddings else "untied head"
+        layers = f"{self.n_layers} layer" + "s" * (self.n_layers != 1)
         if self.arch == "llama":
-            kv = f" ({self.n_kv_heads} key/value heads)" if self.n_kv_heads != self.n_heads else ""
-            return (f"llama: {self.n_layers} layers, d_model {self.d_model}, {self.n_heads} heads{kv}, RMSNorm, "
+            kv = f" ({self.n_kv_heads} key/value head{'s' * (self.n_kv_heads != 1)})" \
+                if self.n_kv_heads != self.n_heads else ""
+            return (f"llama: {layers}, d_model {self.d_model}, {self.n_heads} heads{kv}, RMSNorm, "
                     f"rotary positions (theta {self.rope_theta:g}), SwiGLU d_ff {self.d_ff}, no biases, {head}")
         pos = "learned" if self.use_learned_pos else "sinusoidal"
-        return (f"gpt2: {self.n_layers} layers, d_model {self.d_model}, {self.n_heads} heads, layer norm, {pos} "
+        return (f"gpt2: {layers}, d_model {self.d_model}, {self.n_heads} heads, layer norm, {pos} "
                 f"positions, {self.activation} MLP d_ff {self.d_ff}, {head}")
 
     @classmethod

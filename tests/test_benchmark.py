@@ -12,6 +12,18 @@ def test_matmuls_only_has_the_step_flop_count():
     assert benchmark.MatmulsOnly(cfg, B, T).flops == expected
 
 
+def test_matmuls_only_counts_the_llama_blocks_products():
+    """Llama's fused q, k, v with fewer key/value heads, SwiGLU's (C, 2F) [gate | up] and (F, C) down
+    projection, no biases: the products a step with --arch llama makes."""
+    B, T, C, H, Hkv, F, L, V = 4, 16, 32, 4, 2, 96, 3, 100
+    cfg = ModelConfig(vocab_size=V, d_model=C, n_heads=H, n_kv_heads=Hkv, d_ff=F, n_layers=L, max_seq_len=T,
+                      arch="llama")
+    N, hs = B * T, C // H
+    forward_per_layer = 2 * N * (C * (H + 2 * Hkv) * hs + C * C + C * 2 * F + F * C) + 2 * 2 * B * H * T * T * hs
+    assert benchmark.MatmulsOnly(cfg, B, T).flops == 3 * forward_per_layer * L + 3 * 2 * N * C * V
+    assert "small-llama" in benchmark.RUNS and benchmark.RUNS["small-llama"]["d_ff"] == 384
+
+
 def test_benchmark_prints_the_ratio(capsys):
     benchmark.main(["--vocab_size", "64", "--d_model", "16", "--n_heads", "2", "--d_ff", "32", "--n_layers", "1",
                     "--batch_size", "2", "--seq_len", "8", "--steps", "1", "--min_seconds", "0"])
@@ -19,3 +31,7 @@ def test_benchmark_prints_the_ratio(capsys):
     ratio = float(out.split("ratio")[1].split()[0])
     assert ratio > 0
     assert "tokens/s" in out and "peak memory" in out
+    benchmark.main(["--vocab_size", "64", "--d_model", "16", "--n_heads", "4", "--n_kv_heads", "2", "--n_layers", "1",
+                    "--batch_size", "2", "--seq_len", "8", "--steps", "1", "--min_seconds", "0", "--arch", "llama"])
+    out = capsys.readouterr().out
+    assert "arch=llama" in out and "n_kv_heads=2 d_ff=64" in out and "ratio" in out
