@@ -161,13 +161,32 @@ def rope_reference(x, start=0, theta=ROPE_THETA):
 
 class LlamaAttentionCache(NamedTuple):
     x: np.ndarray  # (B, T, C) input
-    q: np.ndarray  # (B, Hkv, G, T, hs) the queries divided by sqrt(hs), then rotated
+    q: np.ndarray  # (B, Hkv, G*T, hs) the queries divided by sqrt(hs), then rotated; a key/value head's G query heads stacked
     k: np.ndarray  # (B, Hkv, S, hs) rotated
     v: np.ndarray  # (B, Hkv, S, hs)
-    att: np.ndarray  # (B, Hkv, G, T, S) softmax probabilities
+    att: np.ndarray  # (B, Hkv, G*T, S) softmax probabilities
     y: np.ndarray  # (B, T, C) heads re-assembled, input of the output projection
     cos: np.ndarray  # (T, hs/2) the rotation's angles, for the inverse in backward
     sin: np.ndarray  # (T, hs/2)
+
+
+def stack_groups(a):
+    """(B, Hkv, G, T, n) -> (B, Hkv, G*T, n): the rows of the G query heads that share a key/value
+    head one after the other, so that each product with that head's keys or values is one matrix
+    product (a plain batch, where a key/value head broadcast over its G query heads would make CuPy
+    run a batch of pointers). A view when G = 1; with grouped-query attention a copy."""
+    B, Hkv, G, T, n = a.shape
+    return a.reshape(B, Hkv, G * T, n)
+
+
+def matmul_groups_into(a, b, out):
+    """out (B, Hkv, G, T, n), a strided view, = a (B, Hkv, G*T, k) @ b (B, Hkv, k, n), the stacked
+    rows put back under their query heads."""
+    if whole_arrays(out):
+        out[...] = (a @ b).reshape(out.shape)
+    else:  # NumPy writes straight into the view, b broadcast over the group
+        B, Hkv, G, T, n = out.shape
+        np.matmul(a.reshape(B, Hkv, G, T, a.shape[-1]), b[:, :, None], out=out)
 
 
 def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_theta=ROPE_THETA, kv=None, layer=0):
@@ -175,7 +194,8 @@ def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_th
 
     With `kv` (transformer.KVCache holding Hkv heads), x holds the positions after the kv.length
     cached ones: they are rotated at those positions, and their keys stored rotated, so a key
-    is turned once, at its own position. Query head j uses key/value head j // G (HF's repeat_kv).
+    is turned once, at its own position. Query head j uses key/value head j // G (HF's repeat_kv):
+    the G query heads of a key/value head are stacked as G*T rows against its S keys.
     """
     xp = get_array_module(x)
     B, T, C = x.shape
@@ -188,7 +208,7 @@ def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_th
     cos, sin = rope_angles(start, T, hs, rope_theta, x.dtype, xp)
     heads = qkv.reshape(B, T, H + 2 * Hkv, hs)  # a view
     rope_rotate_inplace(heads[:, :, : H + Hkv], cos, sin)  # q and k heads, at positions start .. start+T-1
-    q = heads[:, :, :H].reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hs), a view
+    q = stack_groups(heads[:, :, :H].reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4))  # (B, Hkv, G*T, hs)
     k = heads[:, :, H : H + Hkv].transpose(0, 2, 1, 3)  # (B, Hkv, T, hs)
     v = heads[:, :, H + Hkv :].transpose(0, 2, 1, 3)
     if kv is not None:
@@ -196,21 +216,13 @@ def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_th
         kv.v[layer][:, :, start : start + T] = v
         k = kv.k[layer][:, :, : start + T]  # (B, Hkv, S, hs)
         v = kv.v[layer][:, :, : start + T]
-    att = q @ k[:, :, None].transpose(0, 1, 2, 4, 3)  # (B, Hkv, G, T, hs) @ (B, Hkv, 1, hs, S) -> (B, Hkv, G, T, S)
-    causal_softmax_inplace(att)
+    att = q @ k.transpose(0, 1, 3, 2)  # (B, Hkv, G*T, hs) @ (B, Hkv, hs, S) -> (B, Hkv, G*T, S)
+    causal_softmax_inplace(att.reshape(B, Hkv, G, T, -1))  # each query head's (T, S) scores, a view
     y = xp.empty((B, T, H, hs), x.dtype)
     y_heads = y.reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hs), a view
-    matmul_into(att, v[:, :, None], y_heads)  # (B, Hkv, G, T, S) @ (B, Hkv, 1, S, hs), heads side by side
+    matmul_groups_into(att, v, y_heads)  # (B, Hkv, G*T, S) @ (B, Hkv, S, hs), heads side by side
     y = y.reshape(B, T, C)
     return matmul_rows(y, w_proj), LlamaAttentionCache(x, q, k, v, att, y, cos, sin)  # (B, T, C)
-
-
-def matmul_sum_into(a, b, out):
-    """out = the sum over g of a[:, :, g] @ b[:, :, g], where out may be a strided view: the
-    gradient of a key or value head that G query heads share (one product when G = 1)."""
-    matmul_into(a[:, :, 0], b[:, :, 0], out)
-    for g in range(1, a.shape[2]):
-        out += a[:, :, g] @ b[:, :, g]
 
 
 def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
@@ -218,23 +230,26 @@ def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
     x, q, k, v, att, y, cos, sin = cache
     xp = get_array_module(x)
     B, T, C = x.shape
-    Hkv, G, hs = q.shape[1], q.shape[2], q.shape[4]
+    Hkv, hs = k.shape[1], k.shape[3]
+    G = q.shape[2] // T
     H = Hkv * G
     # forward was: out = y @ w_proj
     dw_proj += y.reshape(-1, C).T @ dout.reshape(-1, C)  # (C, B*T) @ (B*T, C) -> (C, C)
-    dy = matmul_rows(dout, w_proj.T).reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # -> (B, Hkv, G, T, hs), a view
+    dy = matmul_rows(dout, w_proj.T).reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # -> (B, Hkv, G, T, hs)
+    dy = stack_groups(dy)  # (B, Hkv, G*T, hs)
     dheads = xp.empty((B, T, H + 2 * Hkv, hs), x.dtype)  # written through the views below
     dq = dheads[:, :, :H].reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hs)
     dk = dheads[:, :, H : H + Hkv].transpose(0, 2, 1, 3)  # (B, Hkv, S, hs)
     dv = dheads[:, :, H + Hkv :].transpose(0, 2, 1, 3)
-    # forward was: y = att @ v, each key/value head read by the G query heads of its group
-    datt = dy @ v[:, :, None].transpose(0, 1, 2, 4, 3)  # (B, Hkv, G, T, S)
-    matmul_sum_into(att.swapaxes(-1, -2), dy, dv)  # (S, T) @ (T, hs) summed over the group
+    # forward was: y = att @ v, each key/value head read by the G*T rows of its query heads, whose
+    # gradients the product over those rows adds up
+    datt = dy @ v.transpose(0, 1, 3, 2)  # (B, Hkv, G*T, S)
+    matmul_into(att.transpose(0, 1, 3, 2), dy, dv)  # (S, G*T) @ (G*T, hs)
     # forward was: att = softmax(pre); masked entries have att = 0, so they get no gradient
     softmax_backward_inplace(datt, att)
     # forward was: pre = q @ k.T, both rotated, q already divided by sqrt(hs)
-    matmul_into(datt, k[:, :, None], dq)  # (B, Hkv, G, T, S) @ (B, Hkv, 1, S, hs)
-    matmul_sum_into(datt.swapaxes(-1, -2), q, dk)
+    matmul_groups_into(datt, k, dq)  # (B, Hkv, G*T, S) @ (B, Hkv, S, hs)
+    matmul_into(datt.transpose(0, 1, 3, 2), q, dk)  # (S, G*T) @ (G*T, hs)
     # forward was: q, k = R(angle) q, R(angle) k; the inverse rotation takes their gradients back
     rope_rotate_inplace(dheads[:, :, : H + Hkv], cos, -sin)
     dqkv = dheads.reshape(B, T, (H + 2 * Hkv) * hs)
