@@ -11,8 +11,8 @@ the GPU memory CuPy's pool holds.
 
     python3 benchmark.py                                  # the guide's Small model
     python3 benchmark.py --d_model 256 --n_heads 8 --d_ff 1024 --n_layers 4 --batch_size 16 --seq_len 256
-    python3 benchmark.py --all                            # Tiny, Small, Medium, Small with a 4096 vocabulary, Small llama
-                                                          # (both vocabularies)
+    python3 benchmark.py --all                            # Tiny, Small, Medium, Small with a 4096 vocabulary,
+                                                          # Small with --arch llama (both vocabularies)
     python3 benchmark.py --arch llama                     # the Small model with the Llama block (d_ff 384)
     python3 benchmark.py --device cuda                    # the Small model on an NVIDIA GPU (needs CuPy)
 """

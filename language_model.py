@@ -29,10 +29,10 @@ import numpy as np
 from config import param_shapes
 from device import require, to_device, to_host
 from embeddings import embedding_backward, embedding_forward, sinusoidal_positions
+from llama import llama_block_backward, llama_block_forward
 from lm_head import HeadWorkspace, lm_head_forward, lm_head_loss
 from loss import IGNORE_INDEX
 from parallel import Shards
-from llama import llama_block_backward, llama_block_forward
 from transformer import KVCache, block_backward, block_forward
 
 

@@ -109,7 +109,8 @@ def rope_rotate_inplace(x, cos, sin):
     else:
         cos2 = xp.tile(cos2, (1, n, 1))  # (T, n, hs), each head's row of cosines side by side
         step = max(1, BLOCK // (n * hs))  # positions per block
-        pieces = ((x[b, t : t + step], cos2[t : t + step], sin2[t : t + step]) for b in range(B) for t in range(0, T, step))
+        pieces = ((x[b, t : t + step], cos2[t : t + step], sin2[t : t + step])
+                  for b in range(B) for t in range(0, T, step))
         scratch = xp.empty((min(step, T), n, hs), x.dtype)
     for xb, c, s in pieces:
         r = scratch[: len(xb)]
@@ -161,7 +162,7 @@ def rope_reference(x, start=0, theta=ROPE_THETA):
 
 class LlamaAttentionCache(NamedTuple):
     x: np.ndarray  # (B, T, C) input
-    q: np.ndarray  # (B, Hkv, G*T, hs) the queries divided by sqrt(hs), then rotated; a key/value head's G query heads stacked
+    q: np.ndarray  # (B, Hkv, G*T, hs) the queries divided by sqrt(hs), then rotated (stack_groups)
     k: np.ndarray  # (B, Hkv, S, hs) rotated
     v: np.ndarray  # (B, Hkv, S, hs)
     att: np.ndarray  # (B, Hkv, G*T, S) softmax probabilities

@@ -18,8 +18,8 @@ chunk holds every row: a GPU has the memory, and each chunk costs kernel launche
 import numpy as np
 
 from device import get_array_module, whole_arrays
-from loss import IGNORE_INDEX, softmax_cross_entropy_inplace
 from llama import RMS_EPS, rmsnorm_backward, rmsnorm_forward
+from loss import IGNORE_INDEX, softmax_cross_entropy_inplace
 from transformer import layernorm_backward, layernorm_forward, matmul_rows
 
 ROWS_PER_CHUNK = 512  # rows of logits per matrix product: big enough for BLAS to run at full speed

@@ -112,7 +112,8 @@ def test_a_llama_checkpoint_round_trips_and_a_checkpoint_from_before_it_loads_as
     assert loaded.config == CFG and loaded.config.arch == "gpt2"
     np.testing.assert_array_equal(loaded.forward(x), gpt2.forward(x))
     # a llama config over GPT-2's arrays (or the reverse) is refused before anything is read
-    path = save_checkpoint(tmp_path / "mixed.npz", dict(old, arch="llama", activation="swiglu"), gpt2.params, {"step": 1})
+    mixed = dict(old, arch="llama", activation="swiglu")
+    path = save_checkpoint(tmp_path / "mixed.npz", mixed, gpt2.params, {"step": 1})
     with pytest.raises(CheckpointError, match="does not match its own config"):
         load_checkpoint(path)
 

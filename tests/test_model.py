@@ -171,7 +171,8 @@ def llama_reference_logits(params, cfg, idx):
         heads = []
         for j in range(H):
             kv = slice((j // (H // Hkv)) * hs, (j // (H // Hkv) + 1) * hs)  # repeat_kv
-            scores = rope(q[:, j * hs:(j + 1) * hs]) @ rope(k[:, kv]).T / np.sqrt(hs) + np.triu(np.full((T, T), -np.inf), 1)
+            scores = rope(q[:, j * hs:(j + 1) * hs]) @ rope(k[:, kv]).T / np.sqrt(hs)
+            scores += np.triu(np.full((T, T), -np.inf), 1)
             heads.append(softmax(scores) @ v[:, kv])
         x = x + np.hstack(heads) @ P("attn.c_proj.weight")
         h = rms_norm(x, P("ln_2.weight"))
@@ -204,7 +205,8 @@ def test_llama_parameters_are_the_blocks_of_llama_py_without_biases_or_positions
         ["ln_f.weight", "lm_head.weight"]
     assert shapes["h.2.attn.c_attn.weight"] == (64, (4 + 2 * 2) * 16) and shapes["h.0.mlp.c_fc.weight"] == (64, 384)
     model = LanguageModel(cfg, seed=5)
-    assert model.num_parameters(include_embeddings=False) == 3 * block_parameters(64, 4, 2, 192)["llama"] + 64 + 100 * 64
+    per_block = block_parameters(64, 4, 2, 192)["llama"]
+    assert model.num_parameters(include_embeddings=False) == 3 * per_block + 64 + 100 * 64  # ln_f, lm_head
     # the initialisation: the same draws as llama.init_llama_block's, block after block, after wte's
     rng = np.random.default_rng(5)
     rng.normal(0.0, 0.02, size=(100, 64))
