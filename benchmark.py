@@ -11,7 +11,9 @@ the GPU memory CuPy's pool holds.
 
     python3 benchmark.py                                  # the guide's Small model
     python3 benchmark.py --d_model 256 --n_heads 8 --d_ff 1024 --n_layers 4 --batch_size 16 --seq_len 256
-    python3 benchmark.py --all                            # Tiny, Small, Medium and Small with a 4096 vocabulary
+    python3 benchmark.py --all                            # Tiny, Small, Medium, Small with a 4096 vocabulary,
+                                                          # Small with --arch llama (both vocabularies)
+    python3 benchmark.py --arch llama                     # the Small model with the Llama block (d_ff 384)
     python3 benchmark.py --device cuda                    # the Small model on an NVIDIA GPU (needs CuPy)
 
 Decoding (`--decode`, also `generate.py --benchmark`): tokens/s of greedy decoding with the
@@ -35,46 +37,58 @@ from decoding import Decoder
 from device import array_module, gpu_memory, synchronize, to_device
 from errors import UserError
 from language_model import LanguageModel
+from llama import swiglu_hidden
 from lm_head import ROWS_PER_CHUNK
 from loss import count_targets
 from optimizer import AdamW, clip_grad_norm
 from parallel import keep_freed_memory
 
-RUNS = {  # --all: the guide's models (config.PRESETS, with their batches), and Small with a small vocabulary
+RUNS = {  # --all: the guide's models (config.PRESETS, with their batches), Small with a small vocabulary, and
+    # Small with the Llama block (its SwiGLU width: about GPT-2's parameters), with both vocabularies
     "tiny": PRESETS["tiny"], "small": PRESETS["small"], "medium": PRESETS["medium"],
     "small-v4096": dict(PRESETS["small"], vocab_size=4096),
+    "small-llama": dict(PRESETS["small"], arch="llama", d_ff=swiglu_hidden(PRESETS["small"]["d_model"])),
+    "small-llama-v4096": dict(PRESETS["small"], arch="llama", d_ff=swiglu_hidden(PRESETS["small"]["d_model"]),
+                              vocab_size=4096),
 }
 DECODE_PRESETS = ("small", "medium")  # --decode: the guide's models, with a context of 256 tokens at least
 DECODE_CONTEXT = 256
 
 
 class MatmulsOnly:
-    """The matrix products of one training step, alone: N = B*T rows, per layer and for the head."""
+    """The matrix products of one training step, alone: N = B*T rows, per layer and for the head.
+
+    The widths are the block's: attn.c_attn (C, A), A = 3C for GPT-2 and (H + 2 Hkv) hs for Llama
+    (fewer key/value heads with grouped-query attention); mlp.c_fc (C, Ffc), F for GPT-2's MLP and
+    2F for SwiGLU's [gate | up]; mlp.c_proj (F, C). Attention's products are timed per query head
+    (B, H, T, .), which with grouped-query attention are as many multiply-adds."""
 
     def __init__(self, cfg, B, T, dtype=np.float32, xp=np):
         rng = np.random.default_rng(0)
         C, F, V, H = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_heads
         # the head's rows in chunks as lm_head.py makes them: all in one on the GPU (whole arrays)
         hs, N, R = C // H, B * T, B * T if xp is not np else min(ROWS_PER_CHUNK, B * T)
+        A, Ffc = ((H + 2 * cfg.n_kv_heads) * hs, 2 * F) if cfg.arch == "llama" else (3 * C, F)
         self.xp = xp
 
         def r(*shape):
             return to_device(rng.standard_normal(shape).astype(dtype), xp)
 
-        x, x3, xf, w3, w, wf, wp = r(N, C), r(N, 3 * C), r(N, F), r(C, 3 * C), r(C, C), r(C, F), r(F, C)
+        x, xa, xfc, xf = r(N, C), r(N, A), r(N, Ffc), r(N, F)
+        wa, w, wfc, wp = r(C, A), r(C, C), r(C, Ffc), r(F, C)
         q, att = r(B, H, T, hs), r(B, H, T, T)
         wte, logits = r(V, C), r(R, V)
-        o = {s: xp.empty(s, dtype) for s in [(N, C), (N, 3 * C), (N, F), (C, 3 * C), (C, C), (C, F), (F, C),
-                                              (B, H, T, T), (B, H, T, hs), (R, V), (R, C), (V, C)]}
+        o = {s: xp.empty(s, dtype) for s in {(N, C), (N, A), (N, Ffc), (N, F), (C, A), (C, C), (C, Ffc), (F, C),
+                                              (B, H, T, T), (B, H, T, hs), (R, V), (R, C), (V, C)}}
         layer = [  # (a, b, out) for out = a @ b
-            (x, w3, o[N, 3 * C]), (q, q.transpose(0, 1, 3, 2), o[B, H, T, T]), (att, q, o[B, H, T, hs]),
-            (x, w, o[N, C]), (x, wf, o[N, F]), (xf, wp, o[N, C]),  # forward
+            (x, wa, o[N, A]), (q, q.transpose(0, 1, 3, 2), o[B, H, T, T]), (att, q, o[B, H, T, hs]),
+            (x, w, o[N, C]), (x, wfc, o[N, Ffc]), (xf, wp, o[N, C]),  # forward
             (x.T, x, o[C, C]), (x, w.T, o[N, C]),  # attn.c_proj: dW, dx
             (q, q.transpose(0, 1, 3, 2), o[B, H, T, T]), (att.transpose(0, 1, 3, 2), q, o[B, H, T, hs]),  # datt, dv
             (att, q, o[B, H, T, hs]), (att.transpose(0, 1, 3, 2), q, o[B, H, T, hs]),  # dq, dk
-            (x.T, x3, o[C, 3 * C]), (x3, w3.T, o[N, C]),  # attn.c_attn: dW, dx
+            (x.T, xa, o[C, A]), (xa, wa.T, o[N, C]),  # attn.c_attn: dW, dx
             (xf.T, x, o[F, C]), (x, wp.T, o[N, F]),  # mlp.c_proj: dW, dx
-            (x.T, xf, o[C, F]), (xf, wf.T, o[N, C]),  # mlp.c_fc: dW, dx
+            (x.T, xfc, o[C, Ffc]), (xfc, wfc.T, o[N, C]),  # mlp.c_fc: dW, dx
         ]
         head = [(x[:R], wte.T, o[R, V]), (logits, wte, o[R, C]), (logits.T, x[:R], o[V, C])]
         self.products = layer * cfg.n_layers + head * (-(-N // R))
@@ -131,8 +145,9 @@ def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu"):
 
 
 def report(name, cfg, B, T, r):
-    print(f"{name}: d_model={cfg.d_model} n_heads={cfg.n_heads} d_ff={cfg.d_ff} n_layers={cfg.n_layers} "
-          f"vocab={cfg.vocab_size} batch={B} seq={T} params={r['params']:,}")
+    kv = f" n_kv_heads={cfg.n_kv_heads}" if cfg.arch == "llama" else ""
+    print(f"{name}: arch={cfg.arch} d_model={cfg.d_model} n_heads={cfg.n_heads}{kv} d_ff={cfg.d_ff} "
+          f"n_layers={cfg.n_layers} vocab={cfg.vocab_size} batch={B} seq={T} params={r['params']:,}")
     if r.get("gpu_mb") is None:
         times = f"step {r['step_s']:.3f} s   matmuls alone {r['matmul_s']:.3f} s"
         memory = f"peak memory {r['peak_mb']:.0f} MB"
@@ -213,14 +228,20 @@ def main(argv=None):
                     help=f"vocabulary size (default {GPT2_VOCAB_SIZE}, GPT-2's)")
     ap.add_argument("--d_model", type=int, default=128, help="model width C (default 128)")
     ap.add_argument("--n_heads", type=int, default=4, help="attention heads (default 4)")
-    ap.add_argument("--d_ff", type=int, default=512, help="feed-forward width (default 512)")
+    ap.add_argument("--d_ff", type=int, default=None,
+                    help="feed-forward width (default 512; with --arch llama SwiGLU's, llama.swiglu_hidden(d_model))")
     ap.add_argument("--n_layers", type=int, default=2, help="Transformer blocks (default 2)")
+    ap.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2", help="the block, as train.py's --arch")
+    ap.add_argument("--n_kv_heads", type=int, default=None,
+                    help="--arch llama: key/value heads (grouped-query attention; default --n_heads)")
     ap.add_argument("--batch_size", type=int, default=32, help="sequences per step (default 32)")
     ap.add_argument("--seq_len", type=int, default=128, help="tokens per sequence (default 128)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps at least; the median is reported (default 5)")
     ap.add_argument("--min_seconds", type=float, default=3.0,
                     help="time at least this many seconds of steps: short steps are noisy (default 3)")
-    ap.add_argument("--all", action="store_true", help="run the guide's Tiny, Small, Medium and Small-with-4096-vocab")
+    ap.add_argument("--all", action="store_true",
+                    help="run the guide's Tiny, Small, Medium, Small-with-4096-vocab, and Small with --arch llama "
+                         "(both vocabularies)")
     ap.add_argument("--sizes", action="store_true", help="only print the guide's model sizes with their parameter counts")
     ap.add_argument("--decode", action="store_true",
                     help="time greedy decoding instead (with and without the key/value cache) of the guide's "
@@ -253,8 +274,12 @@ def run(args):
                                                   "device": args.device}.items()]
             subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
         return
-    cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
-                      n_layers=args.n_layers, max_seq_len=args.seq_len)
+    d_ff = args.d_ff or (swiglu_hidden(args.d_model) if args.arch == "llama" else 512)
+    try:
+        cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=d_ff,
+                          n_layers=args.n_layers, max_seq_len=args.seq_len, arch=args.arch, n_kv_heads=args.n_kv_heads)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     result = bench(cfg, args.batch_size, args.seq_len, steps=args.steps, min_seconds=args.min_seconds,
                    device=args.device)
     report("model", cfg, args.batch_size, args.seq_len, result)

@@ -277,6 +277,7 @@ def main(argv=None):
     n = sum(p.size for p in ck.params.values())
     print(f"{args.checkpoint}: step {ck.meta.get('step')}, {n:,} parameters, format version {ck.meta['version']}, "
           f"run {ck.meta.get('run_id') or '(no id)'}")
+    print("model:", ck.config.describe())
     print("config:", json.dumps(ck.meta["config"]))
     tok = ck.meta.get("tokenizer") or {}
     print(f"tokenizer: {tok.get('type')} {tok.get('name')} (BPE model embedded: "

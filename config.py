@@ -3,6 +3,13 @@
     cfg = ModelConfig(vocab_size=50257, d_model=128, n_heads=4, d_ff=512, n_layers=2, max_seq_len=128)
     shapes = param_shapes(cfg)              # {"wte": (50257, 128), ..., "ln_f.bias": (128,)}
     cfg = config_from_flags(PRESETS["small"])   # the same model, from train.py's flag names
+    cfg = ModelConfig(arch="llama", d_model=128, n_heads=4, n_kv_heads=2, d_ff=384)   # Llama's block (llama.py)
+
+Two architectures share the embedding, the head and the parameter names: "gpt2" (transformer.py:
+layer norm, learned or sinusoidal position table, GELU/ReLU MLP, biases) and "llama" (llama.py:
+RMSNorm, rotary positions, SwiGLU, no biases, no position table). The fields only one of them
+uses (use_learned_pos, activation for GPT-2; rope_theta, n_kv_heads for Llama) must keep their
+GPT-2 values for "gpt2" and Llama's for "llama", so that one model has one config.
 
 ModelConfig is saved inside every checkpoint (checkpoint.py), so generate.py needs nothing
 else. A checkpoint written before a field existed still loads: the field takes its default.
@@ -14,7 +21,12 @@ left out), so a preset may set any flag, the optimizer's too.
 """
 from dataclasses import asdict, dataclass, fields
 
+import math
+
 import numpy as np
+
+from llama import RMS_EPS, ROPE_THETA, llama_block_shapes
+from transformer import LN_EPS
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2's tiktoken encoding: 50,256 merged tokens, then <|endoftext|>
 GPT2_EOT_ID = 50256
@@ -34,7 +46,13 @@ class ModelConfig:
     max_seq_len: int = 128  # length of the positional table: the longest context
     use_learned_pos: bool = False  # learned wpe (GPT-2) instead of the fixed sinusoidal table
     tie_embeddings: bool = True  # the head projects with wte instead of its own lm_head.weight
-    activation: str = "gelu"  # "gelu" (tanh form, as GPT-2) or "relu"
+    # GPT-2's MLP: "gelu" (tanh form, as GPT-2), "relu" or "relu2" (relu(x)^2); Llama's is "swiglu", its only
+    # one. None (the default): the architecture's own, "gelu" or "swiglu"
+    activation: str = None
+    arch: str = "gpt2"  # "gpt2" (transformer.py's block) or "llama" (llama.py's)
+    rope_theta: float = None  # llama: the base of the rotary frequencies, None: ROPE_THETA (10000); gpt2: None
+    n_kv_heads: int = None  # llama: key/value heads (fewer: grouped-query attention), None: n_heads; gpt2: None
+    norm_eps: float = RMS_EPS  # the eps of the norms: RMSNorm's for llama; GPT-2's layer norm has LN_EPS, the same
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
@@ -49,11 +67,63 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.activation not in ("gelu", "relu"):
-            raise ValueError(f"activation must be 'gelu' or 'relu', got {self.activation!r}")
+        if self.arch not in ("gpt2", "llama"):
+            raise ValueError(f"ModelConfig.arch must be 'gpt2' or 'llama', got {self.arch!r}")
+        if self.arch == "llama":
+            self._check_llama()
+        else:
+            self._check_gpt2()
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or \
+                not 0 < self.norm_eps < 1:
+            raise ValueError(f"ModelConfig.norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
+
+    def _check_gpt2(self):
+        if self.activation is None:
+            self.activation = "gelu"
+        if self.activation not in ("gelu", "relu", "relu2"):
+            raise ValueError(f"activation must be 'gelu', 'relu' or 'relu2', got {self.activation!r}")
+        for name in ("rope_theta", "n_kv_heads"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"ModelConfig.{name} is the Llama block's (arch 'llama'); GPT-2's has none, got "
+                                 f"{getattr(self, name)!r}")
+        if self.norm_eps != LN_EPS:
+            raise ValueError(f"ModelConfig.norm_eps {self.norm_eps!r}: GPT-2's layer norm uses {LN_EPS}")
+
+    def _check_llama(self):
+        if self.activation is None:
+            self.activation = "swiglu"
+        if self.activation != "swiglu":
+            raise ValueError(f"activation {self.activation!r}: the Llama block's feed-forward is SwiGLU ('swiglu')")
+        if self.use_learned_pos:
+            raise ValueError("use_learned_pos: the Llama block has no position table (its positions are rotary)")
+        if self.rope_theta is None:
+            self.rope_theta = ROPE_THETA
+        theta = self.rope_theta
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1 < theta < math.inf:
+            raise ValueError(f"ModelConfig.rope_theta must be a number above 1, got {theta!r}")
+        self.rope_theta = float(theta)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        k = self.n_kv_heads
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"ModelConfig.n_kv_heads must be a positive integer, got {k!r}")
+        llama_block_shapes(self.d_model, self.n_heads, k, self.d_ff)  # its ValueError: heads that do not fit
 
     def to_dict(self):
         return asdict(self)
+
+    def describe(self):
+        """One line for people: the block and its sizes."""
+        head = "tied head" if self.tie_embeddings else "untied head"
+        layers = f"{self.n_layers} layer" + "s" * (self.n_layers != 1)
+        if self.arch == "llama":
+            kv = f" ({self.n_kv_heads} key/value head{'s' * (self.n_kv_heads != 1)})" \
+                if self.n_kv_heads != self.n_heads else ""
+            return (f"llama: {layers}, d_model {self.d_model}, {self.n_heads} heads{kv}, RMSNorm, "
+                    f"rotary positions (theta {self.rope_theta:g}), SwiGLU d_ff {self.d_ff}, no biases, {head}")
+        pos = "learned" if self.use_learned_pos else "sinusoidal"
+        return (f"gpt2: {layers}, d_model {self.d_model}, {self.n_heads} heads, layer norm, {pos} "
+                f"positions, {self.activation} MLP d_ff {self.d_ff}, {head}")
 
     @classmethod
     def from_dict(cls, d):
@@ -67,9 +137,18 @@ class ModelConfig:
 
 
 def param_shapes(cfg):
-    """{name: shape} of every parameter, in GPT-2's names and layouts."""
+    """{name: shape} of every parameter, in GPT-2's names and layouts. Llama's blocks take the names
+    llama.llama_block_shapes gives, without the biases; it has no wpe and no ln_f.bias."""
     C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
     shapes = {"wte": (V, C)}
+    if cfg.arch == "llama":
+        block = llama_block_shapes(C, cfg.n_heads, cfg.n_kv_heads, F)
+        for i in range(cfg.n_layers):
+            shapes.update({f"h.{i}.{name}": shape for name, shape in block.items()})
+        shapes["ln_f.weight"] = (C,)
+        if not cfg.tie_embeddings:
+            shapes["lm_head.weight"] = (V, C)
+        return shapes
     if cfg.use_learned_pos:
         shapes["wpe"] = (cfg.max_seq_len, C)
     for i in range(cfg.n_layers):
@@ -105,6 +184,7 @@ PRESETS = {
     "medium": dict(d_model=256, n_heads=8, d_ff=1024, n_layers=4, batch_size=16, seq_len=256),
     "large": dict(d_model=512, n_heads=16, d_ff=2048, n_layers=6, batch_size=16, seq_len=256),
     "laptop": dict(vocab_size=4096, d_model=256, n_heads=8, d_ff=1024, n_layers=4, seq_len=128,
+                   arch="gpt2", rope_theta=None, n_kv_heads=None,
                    use_learned_pos=False, no_tie_embeddings=False, activation="gelu",
                    batch_size=32, grad_accum=1, optimizer="adamw", learning_rate=2e-3, min_lr=2e-4,
                    warmup_steps=100, lr_schedule="cosine", weight_decay=0.01, decay_embeddings=False,
@@ -128,4 +208,5 @@ def flags_from_config(config):
     use a shorter context than the model's max_seq_len)."""
     return {"vocab_size": config.vocab_size, "d_model": config.d_model, "n_heads": config.n_heads,
             "d_ff": config.d_ff, "n_layers": config.n_layers, "use_learned_pos": config.use_learned_pos,
-            "no_tie_embeddings": not config.tie_embeddings, "activation": config.activation}
+            "no_tie_embeddings": not config.tie_embeddings, "activation": config.activation, "arch": config.arch,
+            "rope_theta": config.rope_theta, "n_kv_heads": config.n_kv_heads}

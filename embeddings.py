@@ -6,7 +6,8 @@ T_max the longest sequence the positional table covers (max_seq_len).
     x[b, t] = wte[idx[b, t]] + pos[start + t]
 
 `pos` is either the learned table `wpe` (T_max, C), as in GPT-2, or a fixed sinusoidal
-table of the same shape (Vaswani et al. 2017) that has no parameters and gets no gradient.
+table of the same shape (Vaswani et al. 2017) that has no parameters and gets no gradient,
+or none at all (the Llama block: its attention turns q and k by their positions, llama.py).
 
 The sinusoids are scaled to the size of the token embeddings (initialised with std 0.02):
 at their natural amplitude of 1 the position signal is 50 times stronger than the token
@@ -34,10 +35,12 @@ def sinusoidal_positions(T_max, C, dtype=np.float32, scale=SINUSOID_SCALE):
 
 
 def embedding_forward(idx, wte, pos_table, start=0):
-    """idx (B, T) int, wte (V, C), pos_table (T_max, C) -> x (B, T, C).
+    """idx (B, T) int, wte (V, C), pos_table (T_max, C) or None (no position table) -> x (B, T, C).
 
     `start` is the position of idx[:, 0]; it is non-zero only when decoding with a key/value cache.
     """
+    if pos_table is None:
+        return wte[idx]  # (B, T, C), a new array (the blocks write their residual sums over their own outputs)
     T = idx.shape[1]
     return wte[idx] + pos_table[start : start + T]  # (B, T, C)
 

@@ -7,6 +7,9 @@ F d_ff, T_max max_seq_len, P the number of parameters (params.flat and grads.fla
     x = block_i(x) for i in range(L)            transformer.py (pre-norm)
     loss = cross_entropy(ln_f(x) @ wte.T, targets)   lm_head.py + loss.py
 
+With config.arch "llama" the blocks are llama.py's (RMSNorm, rotary positions, SwiGLU, no
+biases), the embedding adds no position table and ln_f is an RMSNorm.
+
 Parameters are a flat dict named as in GPT-2 (wte, wpe, h.{i}.ln_1.weight, ...
 h.{i}.attn.c_attn.weight (C, 3C), ..., ln_f.bias), so with learned positions, GELU and
 tied embeddings this computes exactly GPT-2's function (config.py holds the names and shapes).
@@ -26,6 +29,7 @@ import numpy as np
 from config import name_mismatch, param_shapes
 from device import array_module, to_device, to_host
 from embeddings import embedding_backward, embedding_forward, sinusoidal_positions
+from llama import llama_block_backward, llama_block_forward
 from lm_head import HeadWorkspace, lm_head_forward, lm_head_loss
 from loss import IGNORE_INDEX
 from parallel import Shards
@@ -34,7 +38,8 @@ from transformer import KVCache, block_backward, block_forward
 
 def init_params(cfg, rng, dtype=np.float32):
     """GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit layer-norm gains, and the
-    projections back into the residual stream scaled by 1/sqrt(2L) so its variance stays put."""
+    projections back into the residual stream scaled by 1/sqrt(2L) so its variance stays put.
+    The Llama block's parameters follow the same rule by their names (llama.init_llama_block's)."""
     params = {}
     for name, shape in param_shapes(cfg).items():
         if name.endswith(".bias"):
@@ -144,7 +149,10 @@ class LanguageModel:
         return self.shards.n_workers
 
     def positions(self):
-        """(T_max, C): the learned wpe, or the sinusoidal table in the parameters' dtype."""
+        """(T_max, C): the learned wpe, or the sinusoidal table in the parameters' dtype; None for
+        the Llama block's model (its positions are rotations inside attention)."""
+        if self.config.arch == "llama":
+            return None
         if self.config.use_learned_pos:
             return self.params["wpe"]
         if self._pos_table is None or self._pos_table.dtype != self.dtype:
@@ -164,7 +172,8 @@ class LanguageModel:
     def new_kv_cache(self, batch_size):
         cfg = self.config
         hs = cfg.d_model // cfg.n_heads
-        return KVCache(cfg.n_layers, batch_size, cfg.n_heads, cfg.max_seq_len, hs, self.dtype, self.xp)
+        heads = cfg.n_kv_heads or cfg.n_heads  # Llama's key/value heads (fewer with grouped-query attention)
+        return KVCache(cfg.n_layers, batch_size, heads, cfg.max_seq_len, hs, self.dtype, self.xp)
 
     def check_tokens(self, idx, name="idx", start=0, allow_ignore=False):
         """A clear ValueError for what would otherwise fail deep inside NumPy (or silently wrap, as
@@ -177,7 +186,7 @@ class LanguageModel:
             raise ValueError(f"{name} must have shape (batch, seq_len) with both > 0, got {idx.shape}")
         if start + idx.shape[1] > cfg.max_seq_len:
             raise ValueError(f"sequence of {start + idx.shape[1]} positions is longer than the model's "
-                             f"max_seq_len={cfg.max_seq_len} (the positional table)")
+                             f"max_seq_len={cfg.max_seq_len} (its longest context)")
         ok = (idx >= 0) & (idx < cfg.vocab_size)
         if allow_ignore:
             ok |= idx == IGNORE_INDEX
@@ -194,7 +203,11 @@ class LanguageModel:
         x = embedding_forward(idx, p["wte"], self.positions(), start)  # (B, T, C)
         caches = []
         for i in range(cfg.n_layers):
-            x, cache = block_forward(x, p.layers[i], cfg.n_heads, cfg.activation, kv, i)
+            if cfg.arch == "llama":
+                x, cache = llama_block_forward(x, p.layers[i], cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta,
+                                               cfg.norm_eps, kv, i)
+            else:
+                x, cache = block_forward(x, p.layers[i], cfg.n_heads, cfg.activation, kv, i)
             caches.append(cache)
         if kv is not None:
             kv.length += idx.shape[1]
@@ -209,18 +222,20 @@ class LanguageModel:
         if last_only:
             x = x[:, -1:]  # (B, T, C) -> (B, 1, C): the head is most of the cost
         p = self.params
-        return lm_head_forward(x, p["ln_f.weight"], p["ln_f.bias"], self.head_weight(p))
+        return lm_head_forward(x, p["ln_f.weight"], p.get("ln_f.bias"), self.head_weight(p), self.config.norm_eps)
 
     def _loss_and_backward(self, idx, targets, n_targets, g, workspace):
         """One worker's rows: forward, loss and backward, the gradients of (loss sum / n_targets)
         added into g. Returns (loss sum, number correct) over these rows."""
-        p = self.params
+        p, cfg = self.params, self.config
         x, caches = self._trunk_forward(idx)
         loss_sum, n_correct, _, dx = lm_head_loss(
-            x, p["ln_f.weight"], p["ln_f.bias"], self.head_weight(p), targets,
-            grads=(g["ln_f.weight"], g["ln_f.bias"], self.head_weight(g)), workspace=workspace, mean_over=n_targets)
-        for i in reversed(range(self.config.n_layers)):
-            dx = block_backward(dx, caches[i], p.layers[i], g.layers[i])
+            x, p["ln_f.weight"], p.get("ln_f.bias"), self.head_weight(p), targets,
+            grads=(g["ln_f.weight"], g.get("ln_f.bias"), self.head_weight(g)), workspace=workspace,
+            mean_over=n_targets, eps=cfg.norm_eps)
+        block = llama_block_backward if cfg.arch == "llama" else block_backward
+        for i in reversed(range(cfg.n_layers)):
+            dx = block(dx, caches[i], p.layers[i], g.layers[i])
         embedding_backward(dx, idx, g["wte"], g.get("wpe"))
         return loss_sum, n_correct
 
@@ -228,8 +243,8 @@ class LanguageModel:
         """One worker's rows, no gradients: (loss sum, number correct)."""
         p = self.params
         x, _ = self._trunk_forward(idx)
-        loss_sum, n_correct, _, _ = lm_head_loss(x, p["ln_f.weight"], p["ln_f.bias"], self.head_weight(p), targets,
-                                                 workspace=workspace)
+        loss_sum, n_correct, _, _ = lm_head_loss(x, p["ln_f.weight"], p.get("ln_f.bias"), self.head_weight(p),
+                                                 targets, workspace=workspace, eps=self.config.norm_eps)
         return loss_sum, n_correct
 
     def _to_device(self, idx, targets):

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from device import get_array_module, to_device, whole_arrays
-from transformer import (BLOCK, blocks, causal_softmax_inplace, column_sum, matmul_into, row_dot_mean,
+from transformer import (BLOCK, blocks, causal_softmax_inplace, column_sum, matmul_into, matmul_rows, row_dot_mean,
                          softmax_backward_inplace)
 
 # llama2.c's TinyStories models and Llama 2 use 1e-5 (so does our layer norm); HF's LlamaConfig
@@ -94,27 +94,30 @@ def rope_rotate_inplace(x, cos, sin):
 
         x1' = x1 cos - x2 sin,   x2' = x2 cos + x1 sin        x1 = x[..., :hs/2], x2 = x[..., hs/2:]
 
-    On the CPU a few positions of one sequence at a time, so that the chain runs in cache."""
+    in three passes, as HF's x cos + rotate_half(x) sin: r = (-x2 sin, x1 sin) from a view of x
+    with each head's halves swapped, then x *= (cos, cos), x += r. On the CPU a few positions of
+    one sequence at a time, so that the chain runs in cache, with the cosines tiled over the heads:
+    then NumPy runs the last two passes along whole rows of heads, not hs-long pieces."""
     xp = get_array_module(x)
     B, T, n, hs = x.shape
     half = hs // 2
+    cos2 = xp.concatenate([cos, cos], axis=-1)[:, None]  # (T, 1, hs)
+    sin2 = xp.stack([-sin, sin], axis=1)[:, None]  # (T, 1, 2, hs/2): the factors of the swapped halves (x2, x1)
     if whole_arrays(x):
-        pieces = [(x, cos[:, None], sin[:, None])]  # (T, 1, hs/2) broadcast over batch and heads
-        scratch = xp.empty((2, B, T, n, half), x.dtype)
+        pieces = [(x, cos2, sin2)]  # broadcast over batch and heads
+        scratch = xp.empty((B, T, n, hs), x.dtype)
     else:
+        cos2 = xp.tile(cos2, (1, n, 1))  # (T, n, hs), each head's row of cosines side by side
         step = max(1, BLOCK // (n * hs))  # positions per block
-        pieces = ((x[b, t : t + step], cos[t : t + step, None], sin[t : t + step, None])
+        pieces = ((x[b, t : t + step], cos2[t : t + step], sin2[t : t + step])
                   for b in range(B) for t in range(0, T, step))
-        scratch = xp.empty((2, min(step, T), n, half), x.dtype)
+        scratch = xp.empty((min(step, T), n, hs), x.dtype)
     for xb, c, s in pieces:
-        x1, x2 = xb[..., :half], xb[..., half:]
-        x1s, x2s = scratch[:, : len(xb)]
-        xp.multiply(x1, s, out=x1s)
-        xp.multiply(x2, s, out=x2s)
-        x1 *= c
-        x1 -= x2s  # x1 cos - x2 sin
-        x2 *= c
-        x2 += x1s  # x2 cos + x1 sin
+        r = scratch[: len(xb)]
+        swapped = xb.reshape(*xb.shape[:-1], 2, half)[..., ::-1, :]  # (..., n, 2, hs/2): (x2, x1) of each head, a view
+        xp.multiply(swapped, s, out=r.reshape(swapped.shape))  # r = (-x2 sin, x1 sin)
+        xb *= c
+        xb += r
 
 
 class RopeCache(NamedTuple):
@@ -159,13 +162,32 @@ def rope_reference(x, start=0, theta=ROPE_THETA):
 
 class LlamaAttentionCache(NamedTuple):
     x: np.ndarray  # (B, T, C) input
-    q: np.ndarray  # (B, Hkv, G, T, hs) the queries divided by sqrt(hs), then rotated
+    q: np.ndarray  # (B, Hkv, G*T, hs) the queries divided by sqrt(hs), then rotated (stack_groups)
     k: np.ndarray  # (B, Hkv, S, hs) rotated
     v: np.ndarray  # (B, Hkv, S, hs)
-    att: np.ndarray  # (B, Hkv, G, T, S) softmax probabilities
+    att: np.ndarray  # (B, Hkv, G*T, S) softmax probabilities
     y: np.ndarray  # (B, T, C) heads re-assembled, input of the output projection
     cos: np.ndarray  # (T, hs/2) the rotation's angles, for the inverse in backward
     sin: np.ndarray  # (T, hs/2)
+
+
+def stack_groups(a):
+    """(B, Hkv, G, T, n) -> (B, Hkv, G*T, n): the rows of the G query heads that share a key/value
+    head one after the other, so that each product with that head's keys or values is one matrix
+    product (a plain batch, where a key/value head broadcast over its G query heads would make CuPy
+    run a batch of pointers). A view when G = 1; with grouped-query attention a copy."""
+    B, Hkv, G, T, n = a.shape
+    return a.reshape(B, Hkv, G * T, n)
+
+
+def matmul_groups_into(a, b, out):
+    """out (B, Hkv, G, T, n), a strided view, = a (B, Hkv, G*T, k) @ b (B, Hkv, k, n), the stacked
+    rows put back under their query heads."""
+    if whole_arrays(out):
+        out[...] = (a @ b).reshape(out.shape)
+    else:  # NumPy writes straight into the view, b broadcast over the group
+        B, Hkv, G, T, n = out.shape
+        np.matmul(a.reshape(B, Hkv, G, T, a.shape[-1]), b[:, :, None], out=out)
 
 
 def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_theta=ROPE_THETA, kv=None, layer=0):
@@ -173,20 +195,21 @@ def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_th
 
     With `kv` (transformer.KVCache holding Hkv heads), x holds the positions after the kv.length
     cached ones: they are rotated at those positions, and their keys stored rotated, so a key
-    is turned once, at its own position. Query head j uses key/value head j // G (HF's repeat_kv).
+    is turned once, at its own position. Query head j uses key/value head j // G (HF's repeat_kv):
+    the G query heads of a key/value head are stacked as G*T rows against its S keys.
     """
     xp = get_array_module(x)
     B, T, C = x.shape
     H = n_heads
     Hkv = n_kv_heads or H
     hs, G = C // H, H // Hkv
-    qkv = x @ w_attn  # (B, T, C) -> (B, T, (H + 2Hkv) hs)
+    qkv = matmul_rows(x, w_attn)  # (B, T, C) -> (B, T, (H + 2Hkv) hs)
     qkv[..., :C] *= 1.0 / math.sqrt(hs)  # the scores' scale, applied to q
     start = kv.length if kv is not None else 0
     cos, sin = rope_angles(start, T, hs, rope_theta, x.dtype, xp)
     heads = qkv.reshape(B, T, H + 2 * Hkv, hs)  # a view
     rope_rotate_inplace(heads[:, :, : H + Hkv], cos, sin)  # q and k heads, at positions start .. start+T-1
-    q = heads[:, :, :H].reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hs), a view
+    q = stack_groups(heads[:, :, :H].reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4))  # (B, Hkv, G*T, hs)
     k = heads[:, :, H : H + Hkv].transpose(0, 2, 1, 3)  # (B, Hkv, T, hs)
     v = heads[:, :, H + Hkv :].transpose(0, 2, 1, 3)
     if kv is not None:
@@ -194,21 +217,13 @@ def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_th
         kv.v[layer][:, :, start : start + T] = v
         k = kv.k[layer][:, :, : start + T]  # (B, Hkv, S, hs)
         v = kv.v[layer][:, :, : start + T]
-    att = q @ k[:, :, None].transpose(0, 1, 2, 4, 3)  # (B, Hkv, G, T, hs) @ (B, Hkv, 1, hs, S) -> (B, Hkv, G, T, S)
-    causal_softmax_inplace(att)
+    att = q @ k.transpose(0, 1, 3, 2)  # (B, Hkv, G*T, hs) @ (B, Hkv, hs, S) -> (B, Hkv, G*T, S)
+    causal_softmax_inplace(att.reshape(B, Hkv, G, T, -1))  # each query head's (T, S) scores, a view
     y = xp.empty((B, T, H, hs), x.dtype)
     y_heads = y.reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hs), a view
-    matmul_into(att, v[:, :, None], y_heads)  # (B, Hkv, G, T, S) @ (B, Hkv, 1, S, hs), heads side by side
+    matmul_groups_into(att, v, y_heads)  # (B, Hkv, G*T, S) @ (B, Hkv, S, hs), heads side by side
     y = y.reshape(B, T, C)
-    return y @ w_proj, LlamaAttentionCache(x, q, k, v, att, y, cos, sin)  # (B, T, C)
-
-
-def matmul_sum_into(a, b, out):
-    """out = the sum over g of a[:, :, g] @ b[:, :, g], where out may be a strided view: the
-    gradient of a key or value head that G query heads share (one product when G = 1)."""
-    matmul_into(a[:, :, 0], b[:, :, 0], out)
-    for g in range(1, a.shape[2]):
-        out += a[:, :, g] @ b[:, :, g]
+    return matmul_rows(y, w_proj), LlamaAttentionCache(x, q, k, v, att, y, cos, sin)  # (B, T, C)
 
 
 def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
@@ -216,30 +231,33 @@ def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
     x, q, k, v, att, y, cos, sin = cache
     xp = get_array_module(x)
     B, T, C = x.shape
-    Hkv, G, hs = q.shape[1], q.shape[2], q.shape[4]
+    Hkv, hs = k.shape[1], k.shape[3]
+    G = q.shape[2] // T
     H = Hkv * G
     # forward was: out = y @ w_proj
     dw_proj += y.reshape(-1, C).T @ dout.reshape(-1, C)  # (C, B*T) @ (B*T, C) -> (C, C)
-    dy = (dout @ w_proj.T).reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # -> (B, Hkv, G, T, hs), a view
+    dy = matmul_rows(dout, w_proj.T).reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # -> (B, Hkv, G, T, hs)
+    dy = stack_groups(dy)  # (B, Hkv, G*T, hs)
     dheads = xp.empty((B, T, H + 2 * Hkv, hs), x.dtype)  # written through the views below
     dq = dheads[:, :, :H].reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hs)
     dk = dheads[:, :, H : H + Hkv].transpose(0, 2, 1, 3)  # (B, Hkv, S, hs)
     dv = dheads[:, :, H + Hkv :].transpose(0, 2, 1, 3)
-    # forward was: y = att @ v, each key/value head read by the G query heads of its group
-    datt = dy @ v[:, :, None].transpose(0, 1, 2, 4, 3)  # (B, Hkv, G, T, S)
-    matmul_sum_into(att.swapaxes(-1, -2), dy, dv)  # (S, T) @ (T, hs) summed over the group
+    # forward was: y = att @ v, each key/value head read by the G*T rows of its query heads, whose
+    # gradients the product over those rows adds up
+    datt = dy @ v.transpose(0, 1, 3, 2)  # (B, Hkv, G*T, S)
+    matmul_into(att.transpose(0, 1, 3, 2), dy, dv)  # (S, G*T) @ (G*T, hs)
     # forward was: att = softmax(pre); masked entries have att = 0, so they get no gradient
     softmax_backward_inplace(datt, att)
     # forward was: pre = q @ k.T, both rotated, q already divided by sqrt(hs)
-    matmul_into(datt, k[:, :, None], dq)  # (B, Hkv, G, T, S) @ (B, Hkv, 1, S, hs)
-    matmul_sum_into(datt.swapaxes(-1, -2), q, dk)
+    matmul_groups_into(datt, k, dq)  # (B, Hkv, G*T, S) @ (B, Hkv, S, hs)
+    matmul_into(datt.transpose(0, 1, 3, 2), q, dk)  # (S, G*T) @ (G*T, hs)
     # forward was: q, k = R(angle) q, R(angle) k; the inverse rotation takes their gradients back
     rope_rotate_inplace(dheads[:, :, : H + Hkv], cos, -sin)
     dqkv = dheads.reshape(B, T, (H + 2 * Hkv) * hs)
     dqkv[..., :C] *= 1.0 / math.sqrt(hs)  # forward was: q scaled by 1 / sqrt(hs)
     # forward was: qkv = x @ w_attn
     dw_attn += x.reshape(-1, C).T @ dqkv.reshape(B * T, -1)  # (C, (H + 2Hkv) hs)
-    return dqkv @ w_attn.T  # (B, T, (H + 2Hkv) hs) -> (B, T, C)
+    return matmul_rows(dqkv, w_attn.T)  # (B, T, (H + 2Hkv) hs) -> (B, T, C)
 
 
 # ----------------------------------------------------------------------------- SwiGLU feed-forward
@@ -253,33 +271,38 @@ def swiglu_hidden(d_model, multiple_of=64):
 
 class SwiGLUCache(NamedTuple):
     x: np.ndarray  # (B, T, C) input
-    h: np.ndarray  # (B, T, 2F) [gate | up] = x @ w_fc, the pre-activations side by side
-    s: np.ndarray  # (B, T, F) sigmoid(gate)
-    a: np.ndarray  # (B, T, F) silu(gate) * up, input of the down projection
+    h: np.ndarray  # (2F, N) [silu(gate); up]: (x @ w_fc).T, the gate's rows turned into silu(gate) in place
+    s: np.ndarray  # (F, N) sigmoid(gate)
+    a: np.ndarray  # (F, N) silu(gate) * up, (the transpose of) the input of the down projection
 
 
 def swiglu_forward(x, w_fc, w_proj):
     """(B, T, C) -> (B, T, C): (silu(x @ w_gate) * (x @ w_up)) @ w_down, silu(g) = g sigmoid(g).
 
     w_fc (C, 2F) is [w_gate | w_up], so both come from one matrix product (as attention's c_attn
-    fuses q, k, v); w_proj (F, C) is w_down. The element-wise chain runs in cache-sized blocks of
-    rows on the CPU (transformer.blocks), on whole arrays on the whole-array path.
+    fuses q, k, v); w_proj (F, C) is w_down. The hidden units are kept as rows, h = (x @ w_fc).T
+    (2F, N), so that the gates h[:F] and the ups h[F:] are contiguous arrays: NumPy's element-wise
+    passes over half rows of an (N, 2F) array take 2-3 times as long. The transposes are flags to
+    BLAS (and cuBLAS), not copies. The element-wise chain runs in cache-sized blocks of rows on the
+    CPU (transformer.blocks), on whole arrays on the whole-array path. Backward needs the gate only
+    through sigmoid(gate) and silu(gate), so silu(gate) is written over it.
     """
     xp = get_array_module(x)
-    F = w_proj.shape[0]
-    h = x @ w_fc  # (B, T, C) -> (B, T, 2F)
-    s = xp.empty(h.shape[:-1] + (F,), h.dtype)
-    a = xp.empty_like(s)
-    for hb, sb, ab in blocks(h, s, a):
-        gate, up = hb[:, :F], hb[:, F:]
-        xp.negative(gate, out=sb)
+    C, F = x.shape[-1], w_proj.shape[0]
+    h = w_fc.T @ x.reshape(-1, C).T  # (2F, C) @ (C, N) -> (2F, N)
+    gate, up = h[:F], h[F:]
+    s = xp.empty_like(gate)  # (F, N)
+    a = xp.empty_like(gate)
+    for gb, ub, sb, ab in blocks(gate, up, s, a):
+        xp.negative(gb, out=sb)
         with np.errstate(over="ignore"):  # exp(-gate) = inf for very negative gates gives s = 0, the right limit
             xp.exp(sb, out=sb)
         sb += 1.0
         xp.reciprocal(sb, out=sb)  # sigmoid(gate)
-        xp.multiply(gate, sb, out=ab)  # silu(gate)
-        ab *= up
-    return a @ w_proj, SwiGLUCache(x, h, s, a)  # (B, T, F) -> (B, T, C)
+        gb *= sb  # silu(gate), over the gate
+        xp.multiply(gb, ub, out=ab)
+    out = a.T @ w_proj  # (N, F) @ (F, C) -> (N, C)
+    return out.reshape(x.shape), SwiGLUCache(x, h, s, a)
 
 
 def swiglu_backward(dout, cache, w_fc, w_proj, dw_fc, dw_proj):
@@ -287,25 +310,23 @@ def swiglu_backward(dout, cache, w_fc, w_proj, dw_fc, dw_proj):
     x, h, s, a = cache
     xp = get_array_module(x)
     F, C = w_proj.shape
-    # forward was: out = a @ w_proj
-    dw_proj += a.reshape(-1, F).T @ dout.reshape(-1, C)  # (F, C)
-    da = dout @ w_proj.T  # (B, T, C) -> (B, T, F)
-    dh = xp.empty_like(h)  # (B, T, 2F) [dgate | dup]
-    for hb, sb, dab, dhb in blocks(h, s, da, dh):
-        gate, up = hb[:, :F], hb[:, F:]
-        dgate, dup = dhb[:, :F], dhb[:, F:]
-        # forward was: a = silu(gate) * up, silu(g) = g s, s = sigmoid(g), silu'(g) = s (1 + g (1 - s))
-        xp.multiply(gate, sb, out=dup)
-        dup *= dab  # da * silu(gate)
+    dout2 = dout.reshape(-1, C)  # (N, C)
+    # forward was: out = a.T @ w_proj
+    dw_proj += a @ dout2  # (F, N) @ (N, C) -> (F, C)
+    da = w_proj @ dout2.T  # (F, C) @ (C, N) -> (F, N), the transpose of dout @ w_proj.T
+    dh = xp.empty_like(h)  # (2F, N) [dgate; dup]
+    for silu, up, sb, dab, dgate, dup in blocks(h[:F], h[F:], s, da, dh[:F], dh[F:]):
+        # forward was: a = silu(gate) * up, silu(g) = g s, s = sigmoid(g),
+        # silu'(g) = s + g s (1 - s) = s + silu(g) (1 - s)
+        xp.multiply(silu, dab, out=dup)  # da * silu(gate)
         xp.subtract(1.0, sb, out=dgate)
-        dgate *= gate
-        dgate += 1.0
-        dgate *= sb  # silu'(gate)
+        dgate *= silu
+        dgate += sb  # silu'(gate)
         dgate *= up
         dgate *= dab  # da * up * silu'(gate)
-    # forward was: h = x @ w_fc
-    dw_fc += x.reshape(-1, C).T @ dh.reshape(-1, 2 * F)  # (C, 2F)
-    return dh @ w_fc.T  # (B, T, 2F) -> (B, T, C)
+    # forward was: h = (x @ w_fc).T
+    dw_fc += x.reshape(-1, C).T @ dh.T  # (C, N) @ (N, 2F) -> (C, 2F)
+    return (dh.T @ w_fc.T).reshape(x.shape)  # (N, 2F) @ (2F, C) -> (N, C)
 
 
 # ----------------------------------------------------------------------------- block

@@ -1,9 +1,10 @@
-"""The language-model head: final layer norm, projection to the vocabulary, and the loss.
+"""The language-model head: final norm, projection to the vocabulary, and the loss.
 
 Shapes: B batch, T sequence length, N = B*T rows, C model width, V vocabulary size,
 R rows per chunk.
 
     logits = layernorm(x) @ w_out.T          w_out (V, C): the token embedding wte when tied
+    logits = rmsnorm(x) @ w_out.T            the Llama block's model: b_ln None, RMSNorm has no bias
 
 With GPT-2's vocabulary this is over 90% of a small model's arithmetic, and the (N, V)
 logits are the largest array by far (800 MB for N = 4096 in float32). So training never
@@ -17,15 +18,26 @@ chunk holds every row: a GPU has the memory, and each chunk costs kernel launche
 import numpy as np
 
 from device import get_array_module, whole_arrays
+from llama import RMS_EPS, rmsnorm_backward, rmsnorm_forward
 from loss import IGNORE_INDEX, softmax_cross_entropy_inplace
 from transformer import layernorm_backward, layernorm_forward, matmul_rows
 
 ROWS_PER_CHUNK = 512  # rows of logits per matrix product: big enough for BLAS to run at full speed
 
 
-def lm_head_forward(x, w_ln, b_ln, w_out):
-    """(B, T, C) -> logits (B, T, V)."""
-    h, _ = layernorm_forward(x, w_ln, b_ln)
+def final_norm_forward(x, w_ln, b_ln, eps=RMS_EPS):
+    """GPT-2's final layer norm (gain and bias), or Llama's RMSNorm with eps when b_ln is None."""
+    return rmsnorm_forward(x, w_ln, eps) if b_ln is None else layernorm_forward(x, w_ln, b_ln)
+
+
+def final_norm_backward(dh, cache, dw_ln, db_ln):
+    """Reverse of final_norm_forward (db_ln None for RMSNorm). Returns dx."""
+    return rmsnorm_backward(dh, cache, dw_ln) if db_ln is None else layernorm_backward(dh, cache, dw_ln, db_ln)
+
+
+def lm_head_forward(x, w_ln, b_ln, w_out, eps=RMS_EPS):
+    """(B, T, C) -> logits (B, T, V). b_ln None: the final norm is RMSNorm (with eps)."""
+    h, _ = final_norm_forward(x, w_ln, b_ln, eps)
     return matmul_rows(h, w_out.T)  # (B, T, C) @ (C, V) -> (B, T, V): one GEMM, no copy of the table
 
 
@@ -43,10 +55,11 @@ class HeadWorkspace:
 
 
 def lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=None, workspace=None,
-                 rows_per_chunk=ROWS_PER_CHUNK, ignore_index=IGNORE_INDEX, mean_over=None):
+                 rows_per_chunk=ROWS_PER_CHUNK, ignore_index=IGNORE_INDEX, mean_over=None, eps=RMS_EPS):
     """Cross-entropy of the head's logits against targets, chunked over rows.
 
-    x (B, T, C), targets (B, T). `grads`: None for evaluation, or (dw_ln, db_ln, dw_out), into
+    x (B, T, C), targets (B, T); b_ln None: the final norm is RMSNorm (with eps), not layer norm.
+    `grads`: None for evaluation, or (dw_ln, db_ln, dw_out) (db_ln None with RMSNorm), into
     which the gradients of the mean loss are added: the mean over `mean_over` targets, by
     default the counted ones in `targets` (a shard of a batch passes the whole batch's count). Returns
     (loss_sum, n_correct, n_counted, dx): the loss summed over the counted (not ignored)
@@ -57,7 +70,7 @@ def lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=None, workspace=None,
     V = w_out.shape[0]
     N = B * T
     ws = workspace or HeadWorkspace()
-    h, ln_cache = layernorm_forward(x.reshape(N, C), w_ln, b_ln)  # (N, C)
+    h, ln_cache = final_norm_forward(x.reshape(N, C), w_ln, b_ln, eps)  # (N, C)
     t = targets.reshape(N)
     n_counted = xp.count_nonzero(t != ignore_index)  # an int; on the GPU a 0-d array, read only if needed
     grad_scale = None  # evaluation: nothing to scale, nothing read back
@@ -86,5 +99,5 @@ def lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=None, workspace=None,
             dw_out += dw_chunk
     if grads is None:
         return loss_sum, n_correct, n_counted, None
-    dx = layernorm_backward(dh, ln_cache, dw_ln, db_ln)
+    dx = final_norm_backward(dh, ln_cache, dw_ln, db_ln)
     return loss_sum, n_correct, n_counted, dx.reshape(B, T, C)

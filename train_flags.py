@@ -9,13 +9,15 @@ the flags left out take.
 A flag given on the command line always wins. One left out takes, in this order, the value of
 --init_from's config.json (the architecture), of --preset (config.PRESETS: a model size and its
 batch; a preset may set any flag), else its default. A preset's --time_budget gives way to a
---max_steps given: that many steps are asked for.
+--max_steps given: that many steps are asked for. With --arch llama, --d_ff left out (or set by a
+preset of GPT-2's widths) is llama.swiglu_hidden(d_model), and --activation is swiglu.
 """
 import argparse
 import math
 
 from config import GPT2_EOT_ID, GPT2_VOCAB_SIZE, MAX_SEQ_LEN, PRESETS, flags_from_config
 from errors import TrainError
+from llama import ROPE_THETA, swiglu_hidden
 from optimizer import OPTIMIZERS, LRSchedule
 
 MAX_STEPS = 5000  # --max_steps without --time_budget
@@ -52,7 +54,9 @@ def build_parser():
                    help=f"vocabulary size ({GPT2_VOCAB_SIZE} for GPT-2's tiktoken)")
     m.add_argument("--d_model", type=int, default=128, help="width of the residual stream")
     m.add_argument("--n_heads", type=int, default=4, help="attention heads per layer (must divide d_model)")
-    m.add_argument("--d_ff", type=int, default=512, help="hidden width of the feed-forward block")
+    m.add_argument("--d_ff", type=int, default=512,
+                   help="hidden width of the feed-forward block (default 512; with --arch llama SwiGLU's 8/3 d_model "
+                        "rounded up to a multiple of 64, e.g. 384 for d_model 128)")
     m.add_argument("--n_layers", type=int, default=2, help="number of transformer blocks")
     m.add_argument("--seq_len", type=int, default=128,
                    help="tokens per training window; also the model's max_seq_len (longest context)")
@@ -60,7 +64,18 @@ def build_parser():
                    help="learned positional embeddings (GPT-2) instead of fixed sinusoidal ones")
     m.add_argument("--no_tie_embeddings", action="store_true",
                    help="give the output layer its own weight instead of reusing the token embedding")
-    m.add_argument("--activation", choices=("gelu", "relu"), default="gelu", help="feed-forward nonlinearity")
+    m.add_argument("--activation", choices=("gelu", "relu", "relu2", "swiglu"), default="gelu",
+                   help="feed-forward nonlinearity of GPT-2's block: gelu (GPT-2's tanh form), relu, or relu2 "
+                        "(relu(x)^2); --arch llama's is swiglu, its only one (default gelu, with --arch llama swiglu)")
+    m.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2",
+                   help="the block: gpt2 (layer norm, position table, GELU MLP, biases) or llama (RMSNorm, rotary "
+                        "positions, SwiGLU feed-forward, no biases, no position table), as llama2.c's TinyStories "
+                        "models")
+    m.add_argument("--rope_theta", type=float, default=None,
+                   help=f"--arch llama: base of the rotary positions' frequencies (default {ROPE_THETA:g})")
+    m.add_argument("--n_kv_heads", type=int, default=None,
+                   help="--arch llama: key/value heads, fewer than --n_heads for grouped-query attention (must divide "
+                        "--n_heads; default: --n_heads)")
     m.add_argument("--init_from", default=None, metavar="DIR",
                    help="start from the weights of a Hugging Face GPT-2 folder (config.json + model.safetensors, "
                         "e.g. written by export_hf.py). Its config.json gives the architecture: leave the model flags "
@@ -151,6 +166,7 @@ def check_args(args):
         raise TrainError(f"--seq_len {args.seq_len} is above the longest context this code supports, {MAX_SEQ_LEN}")
     if args.d_model % args.n_heads:
         raise TrainError(f"--d_model {args.d_model} is not divisible by --n_heads {args.n_heads}")
+    check_arch(args)
     if not 0 < args.learning_rate < math.inf:
         raise TrainError(f"--learning_rate must be a positive number (got {args.learning_rate})")
     if args.min_lr > args.learning_rate:
@@ -164,6 +180,30 @@ def check_args(args):
         raise TrainError(f"--time_budget must be a positive number of minutes (got {args.time_budget})")
     if not args.rank_timeout > 0:
         raise TrainError(f"--rank_timeout must be a positive number of seconds (got {args.rank_timeout})")
+
+
+def check_arch(args):
+    """Flags of one block given with the other."""
+    if args.arch == "llama":
+        wrong = [f for f, bad in (("--use_learned_pos", args.use_learned_pos),
+                                  (f"--activation {args.activation}", args.activation != "swiglu")) if bad]
+        if wrong:
+            raise TrainError(f"{' and '.join(wrong)} with --arch llama: the Llama block has rotary positions (no "
+                             "position table) and a SwiGLU feed-forward; leave the flag out")
+        if args.n_kv_heads is not None and (args.n_kv_heads < 1 or args.n_heads % args.n_kv_heads):
+            raise TrainError(f"--n_kv_heads {args.n_kv_heads} must divide --n_heads {args.n_heads}")
+        if args.rope_theta is not None and not 1 < args.rope_theta < math.inf:
+            raise TrainError(f"--rope_theta must be a number above 1 (got {args.rope_theta})")
+        if (args.d_model // args.n_heads) % 2:
+            raise TrainError(f"--arch llama needs an even head size, --d_model / --n_heads = "
+                             f"{args.d_model} / {args.n_heads} = {args.d_model // args.n_heads}: rotary positions "
+                             "turn pairs of dimensions")
+        return
+    wrong = [f"--{name}" for name in ("rope_theta", "n_kv_heads") if getattr(args, name) is not None]
+    if args.activation == "swiglu":
+        wrong.append("--activation swiglu")
+    if wrong:
+        raise TrainError(f"{' and '.join(wrong)}: the Llama block's (--arch llama), not GPT-2's")
 
 
 def given_flags(parser, argv):
@@ -184,11 +224,17 @@ def apply_defaults(args, given, init=None):
             if name not in taken:
                 setattr(args, name, value)
                 taken.add(name)
-    for name, value in PRESETS[args.preset].items() if args.preset else ():
+    preset = PRESETS[args.preset] if args.preset else {}
+    for name, value in preset.items():
         if name not in taken and not (name == "time_budget" and "max_steps" in taken):
             setattr(args, name, value)
     if args.max_steps is None and args.time_budget is None:
         args.max_steps = MAX_STEPS
+    if args.arch == "llama":  # the Llama block's own widths and nonlinearity, unless a flag (or a llama preset) says
+        if "d_ff" not in taken and preset.get("arch") != "llama":
+            args.d_ff = swiglu_hidden(args.d_model)
+        if "activation" not in taken:
+            args.activation = "swiglu"
 
 
 def check_init_from(args, config):

@@ -241,7 +241,7 @@ def block_rows(a):
 
 def blocks(*arrays):
     """Matching blocks of rows of C-contiguous arrays (..., F) with the same number of rows (F may
-    differ: SwiGLU's fused (N, 2F) beside (N, F)), for chains of in-place passes that then run in
+    differ), for chains of in-place passes that then run in
     cache (about 1.6x faster than whole-array passes on (2048, 512)). Rows per block: the first's."""
     rows = []
     for a in arrays:

@@ -32,6 +32,7 @@ SMALL = ["--d_model", "32", "--n_heads", "2", "--d_ff", "64", "--n_layers", "2",
          "--seq_len", "32", "--max_steps", "40", "--warmup_steps", "5", "--learning_rate", "3e-3",
          "--log_interval", "5", "--eval_interval", "20", "--eval_batches", "4", "--save_interval", "20",
          "--no_progress"]
+LLAMA = ["--arch", "llama", "--n_kv_heads", "1", "--rope_theta", "500"]  # grouped-query: 2 query heads, 1 key/value
 # name: (data, extra flags, launcher ranks, the run it must equal)
 RUNS = {
     "gpt2_workers2": ("gpt2", ["--workers", "2"], 1, None),
@@ -44,6 +45,10 @@ RUNS = {
                                  "--grad_clip", "0.05", "--lr_schedule", "linear"], 1, None),
     "bpe_learned_workers2": ("bpe", ["--workers", "2", "--use_learned_pos", "--decay_embeddings",
                                      "--beta2", "0.95"], 1, None),
+    "llama_workers2": ("gpt2", ["--workers", "2", *LLAMA], 1, None),
+    "llama_mpi2": ("gpt2", ["--workers", "1", *LLAMA], 2, "llama_workers2"),
+    "llama_resumed": ("gpt2", ["--workers", "2", *LLAMA, "--resume", "{llama_workers2}/checkpoint_step_20.npz"], 1,
+                      "llama_workers2"),
 }
 
 

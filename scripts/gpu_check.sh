@@ -11,8 +11,9 @@
 #   env       Python, NumPy, CuPy, the GPU and its driver
 #   pytest    tests/test_device.py and tests/test_fake_cupy.py: with CuPy and a GPU the GPU tests run
 #   parity    the first step's loss and gradient norm against NumPy's, Small and Medium, 1e-5 relative
-#             (scripts/gpu_parity.py)
-#   bench     benchmark.py --device cuda for Small and Medium (ms per step, tokens/s, CuPy's pool)
+#             (scripts/gpu_parity.py), then Small with --arch llama
+#   bench     benchmark.py --device cuda for Small and Medium (ms per step, tokens/s, CuPy's pool), then
+#             Small with --arch llama
 #   generate  generate.py --device cuda --benchmark: tokens/s with and without the key/value cache
 #   train     the bundled sample tokenized; 40 steps of Small on the GPU, then the same run resumed
 #             from its step-20 checkpoint, and the two final weights compared
@@ -114,6 +115,7 @@ fi
 if want parity; then
   step parity_small 120 '^small:' "$PY" scripts/gpu_parity.py small --tol 1e-5
   step parity_medium 150 '^medium:' "$PY" scripts/gpu_parity.py medium --tol 1e-5
+  step parity_llama 120 '^small-llama:' "$PY" scripts/gpu_parity.py small-llama --tol 1e-5
 fi
 
 # ------------------------------------------------------------------ benchmark.py on the GPU
@@ -121,6 +123,7 @@ if want bench; then
   step bench_small 75 'ms +matmuls' "$PY" benchmark.py --device cuda "${BENCH[@]}"
   step bench_medium 90 'ms +matmuls' "$PY" benchmark.py --device cuda \
     --d_model 256 --n_heads 8 --d_ff 1024 --n_layers 4 --batch_size 16 --seq_len 256 "${BENCH[@]}"
+  step bench_llama 75 'ms +matmuls' "$PY" benchmark.py --device cuda --arch llama "${BENCH[@]}"
 fi
 
 # ------------------------------------------------------------------ generation speed

@@ -1,10 +1,12 @@
-"""The GPU's first training step against NumPy's, for the guide's Small and Medium models: the same
+"""The GPU's first training step against NumPy's, for the guide's Small and Medium models (and Small with
+the Llama block, small-llama): the same
 weights (drawn on the host), the same batch of random tokens; the loss of the first forward_backward
 and the gradient norm must agree to --tol (default 1e-5) relative. One line per model, exit 1 if
 any differs more (scripts/gpu_check.sh runs it).
 
     python3 scripts/gpu_parity.py                 # small and medium
     python3 scripts/gpu_parity.py small --tol 1e-6
+    python3 scripts/gpu_parity.py small-llama
 """
 import argparse
 import sys
@@ -15,13 +17,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import device  # noqa: E402
-from config import GPT2_VOCAB_SIZE, PRESETS, config_from_flags  # noqa: E402
+from benchmark import RUNS  # noqa: E402
+from config import GPT2_VOCAB_SIZE, config_from_flags  # noqa: E402
 from errors import DeviceError  # noqa: E402
 from language_model import LanguageModel  # noqa: E402
 from loss import count_targets  # noqa: E402
 from optimizer import global_grad_norm  # noqa: E402
 
-MODELS = ("small", "medium")  # the guide's sizes with their batches (config.PRESETS)
+MODELS = ("small", "medium")  # the guide's sizes with their batches (config.PRESETS), checked by default
+MORE = ("small-llama",)  # benchmark.py's Small with --arch llama
 
 
 def rel(a, b):
@@ -30,7 +34,7 @@ def rel(a, b):
 
 def check(name, tol):
     """Print one line for the model `name`; True when the loss and the norm agree to tol."""
-    preset = PRESETS[name]
+    preset = RUNS[name]
     cfg = config_from_flags(dict(preset, vocab_size=GPT2_VOCAB_SIZE))
     B, T = preset["batch_size"], preset["seq_len"]
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
@@ -65,12 +69,13 @@ def check(name, tol):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="*", metavar="MODEL", help="small or medium, the guide's models (default: both)")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="small or medium, the guide's models (default: both), or small-llama")
     p.add_argument("--tol", type=float, default=1e-5, help="largest relative difference allowed (default 1e-5)")
     args = p.parse_args(argv)
     for name in args.models:
-        if name not in MODELS:
-            p.error(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
+        if name not in MODELS + MORE:
+            p.error(f"unknown model {name!r}: choose from {', '.join(MODELS + MORE)}")
     try:
         device.array_module("cuda")
     except DeviceError as e:

@@ -47,7 +47,7 @@ def test_benchmark_prints_its_figures(monkeypatch, capsys):
     benchmark.main(["--vocab_size", "64", "--d_model", "16", "--n_heads", "2", "--d_ff", "32", "--n_layers", "1",
                     "--batch_size", "2", "--seq_len", "8"])
     assert capsys.readouterr().out.splitlines() == [
-        "model: d_model=16 n_heads=2 d_ff=32 n_layers=1 vocab=64 batch=2 seq=8 params=4,321",
+        "model: arch=gpt2 d_model=16 n_heads=2 d_ff=32 n_layers=1 vocab=64 batch=2 seq=8 params=4,321",
         "  step 0.500 s   matmuls alone 0.250 s (7 GFLOP/s)   ratio 2.00   32 tokens/s   peak memory 123 MB"]
 
 
@@ -62,3 +62,15 @@ def test_benchmark_runs_end_to_end(capsys):
 def test_decode_benchmark_command_line(capsys):
     with pytest.raises(SystemExit, match="--decode_tokens must be at least 1"):
         benchmark.main(["--decode", "--decode_tokens", "0"])
+
+
+def test_matmuls_only_counts_the_llama_blocks_products():
+    """Llama's fused q, k, v with fewer key/value heads, SwiGLU's (C, 2F) [gate | up] and (F, C) down
+    projection, no biases: the products a step with --arch llama makes."""
+    B, T, C, H, Hkv, F, L, V = 4, 16, 32, 4, 2, 96, 3, 100
+    cfg = ModelConfig(vocab_size=V, d_model=C, n_heads=H, n_kv_heads=Hkv, d_ff=F, n_layers=L, max_seq_len=T,
+                      arch="llama")
+    N, hs = B * T, C // H
+    forward_per_layer = 2 * N * (C * (H + 2 * Hkv) * hs + C * C + C * 2 * F + F * C) + 2 * 2 * B * H * T * T * hs
+    assert benchmark.MatmulsOnly(cfg, B, T).flops == 3 * forward_per_layer * L + 3 * 2 * N * C * V
+    assert "small-llama" in benchmark.RUNS and benchmark.RUNS["small-llama"]["d_ff"] == 384

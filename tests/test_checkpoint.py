@@ -90,6 +90,33 @@ def test_command_line_prints_a_summary(tmp_path, capsys):
     assert checkpoint.main([path]) == 0
     out = capsys.readouterr().out
     assert "step 3" in out and "run 20261125-a1" in out and f"{sum(p.size for p in model.params.values()):,} parameters" in out
+    assert "model: gpt2: 1 layer, d_model 8, 2 heads, layer norm, sinusoidal positions, gelu MLP d_ff 16" in out
+
+
+def test_a_llama_checkpoint_round_trips_and_a_checkpoint_from_before_it_loads_as_gpt2(tmp_path, capsys):
+    cfg = ModelConfig(vocab_size=32, d_model=8, n_heads=2, n_kv_heads=1, d_ff=12, n_layers=2, max_seq_len=8,
+                      arch="llama", rope_theta=1e6, tie_embeddings=False)
+    model = LanguageModel(cfg, seed=1)
+    path = save_checkpoint(tmp_path / "llama.npz", cfg, model.params, {"step": 3})
+    loaded, _ = load_model(path)
+    assert loaded.config == cfg and read_meta(path)["config"]["arch"] == "llama"
+    x = np.array([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(loaded.forward(x), model.forward(x))
+    assert checkpoint.main([path]) == 0
+    assert ("model: llama: 2 layers, d_model 8, 2 heads (1 key/value head), RMSNorm, rotary positions (theta 1e+06), "
+            "SwiGLU d_ff 12, no biases, untied head") in capsys.readouterr().out
+    # written before the Llama block: no arch, rope_theta, n_kv_heads or norm_eps in its config
+    old = {k: v for k, v in CFG.to_dict().items() if k not in ("arch", "rope_theta", "n_kv_heads", "norm_eps")}
+    gpt2 = LanguageModel(CFG, seed=1)
+    path = save_checkpoint(tmp_path / "old.npz", old, gpt2.params, {"step": 1})
+    loaded, _ = load_model(path)
+    assert loaded.config == CFG and loaded.config.arch == "gpt2"
+    np.testing.assert_array_equal(loaded.forward(x), gpt2.forward(x))
+    # a llama config over GPT-2's arrays (or the reverse) is refused before anything is read
+    mixed = dict(old, arch="llama", activation="swiglu")
+    path = save_checkpoint(tmp_path / "mixed.npz", mixed, gpt2.params, {"step": 1})
+    with pytest.raises(CheckpointError, match="does not match its own config"):
+        load_checkpoint(path)
 
 
 def test_load_model_builds_from_the_file_without_random_weights_or_gradients(tmp_path, monkeypatch):

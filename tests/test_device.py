@@ -21,6 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # big enough that the CPU path really cuts its work: 3 GELU blocks (d_ff 256), 2 head chunks of
 # 512 rows (B*T = 640), 2 softmax blocks per chunk (vocab 600), a 2-worker split
 CFG = ModelConfig(vocab_size=600, d_model=32, n_heads=4, d_ff=256, n_layers=2, max_seq_len=80)
+# the Llama block at the same sizes, grouped-query (2 query heads a key/value head): its SwiGLU rows of 640 in
+# blocks of 102 on the CPU
+LLAMA_CFG = ModelConfig(vocab_size=600, d_model=32, n_heads=4, n_kv_heads=2, d_ff=96, n_layers=2, max_seq_len=80,
+                        arch="llama")
+BOTH = pytest.mark.parametrize("cfg", [CFG, LLAMA_CFG], ids=["gpt2", "llama"])
 
 
 def cupy_gpu():
@@ -42,13 +47,14 @@ def max_rel_diff(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+@BOTH
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-6), (np.float64, 1e-12)])
-def test_whole_arrays_give_what_blocks_and_workers_give(dtype, tol):
+def test_whole_arrays_give_what_blocks_and_workers_give(dtype, tol, cfg):
     idx, targets = batch()
     n = count_targets(targets)
-    blocked = LanguageModel(CFG, seed=1, dtype=dtype, workers=2)
+    blocked = LanguageModel(cfg, seed=1, dtype=dtype, workers=2)
     loss_b, correct_b = blocked.forward_backward(idx, targets, n)
-    whole = LanguageModel(CFG, seed=1, dtype=dtype, workers=2)
+    whole = LanguageModel(cfg, seed=1, dtype=dtype, workers=2)
     with whole_array_mode():
         loss_w, correct_w = whole.forward_backward(idx, targets, n)
         evaluated = whole.evaluate(idx, targets)
@@ -172,7 +178,8 @@ def test_device_cuda_without_a_gpu_exits_with_one_line(script, args, tmp_path):
 
 # ------------------------------------------------ the GPU path's plumbing, with a NumPy stand-in for CuPy
 
-def test_a_gpu_step_reads_one_value_back_and_computes_what_numpy_does():
+@BOTH
+def test_a_gpu_step_reads_one_value_back_and_computes_what_numpy_does(cfg):
     """With fake_cupy every array of the model is a "device" array that refuses host arrays and
     counts host reads. A training step reads one value (the gradient norm), copies nothing back,
     and computes what NumPy computes on the whole-array path: up to rounding, since the stand-in
@@ -180,7 +187,7 @@ def test_a_gpu_step_reads_one_value_back_and_computes_what_numpy_does():
     idx, targets = batch(3)
     n = count_targets(targets)
     with whole_array_mode():
-        cpu = LanguageModel(CFG, seed=4)
+        cpu = LanguageModel(cfg, seed=4)
         opt_cpu = AdamW(cpu.params, weight_decay=0.1)
         cpu.zero_grad()
         loss_cpu, correct_cpu = cpu.forward_backward(idx, targets, n)
@@ -188,7 +195,7 @@ def test_a_gpu_step_reads_one_value_back_and_computes_what_numpy_does():
         opt_cpu.step(cpu.grads, lr=1e-3)
         evaluated_cpu = cpu.evaluate(idx, targets)
     with fake_cupy.installed() as cupy:
-        gpu = LanguageModel(CFG, seed=4, device="cuda")
+        gpu = LanguageModel(cfg, seed=4, device="cuda")
         assert isinstance(gpu.params.flat, cupy.ndarray) and gpu.xp is cupy
         assert not isinstance(gpu.params.flat, np.ndarray)
         opt = AdamW(gpu.params, weight_decay=0.1)
@@ -204,7 +211,7 @@ def test_a_gpu_step_reads_one_value_back_and_computes_what_numpy_does():
         assert float(loss) == pytest.approx(float(loss_cpu), rel=1e-6) and int(correct) == int(correct_cpu)
         assert norm == pytest.approx(norm_cpu, rel=1e-6)
         # one step of Adam moves each weight by about 1e-3: compare the moves, not the weights
-        init = LanguageModel(CFG, seed=4).params.flat
+        init = LanguageModel(cfg, seed=4).params.flat
         assert max_rel_diff(device.to_host(gpu.params.flat) - init, cpu.params.flat - init) < 1e-3
         state = opt.state_dict()  # host arrays, for the checkpoint
         assert all(type(v) is np.ndarray for v in state.values())
@@ -250,22 +257,24 @@ def test_the_loss_runs_on_cupy_13_and_14(cupy_version):
         np.testing.assert_allclose(cupy.asnumpy(row_scale), expected[2], rtol=1e-6)
 
 
-def test_gpu_products_with_a_weight_are_single_gemms():
+@BOTH
+def test_gpu_products_with_a_weight_are_single_gemms(cfg):
     """CuPy runs an N-D product such as (B, T, C) @ (C, K) as B small GEMMs through an array of
     pointers, after copying a transposed weight (w.T) into a contiguous one. Every product of a
     training step with a weight is one 2-D GEMM over the rows instead, which reads w.T as it is."""
     idx, targets = batch(5)
     with fake_cupy.installed():
-        gpu = LanguageModel(CFG, seed=4, device="cuda")
+        gpu = LanguageModel(cfg, seed=4, device="cuda")
         gpu.zero_grad()
         gpu.forward_backward(idx, targets, count_targets(targets))
         assert fake_cupy.counts.batched_matmuls == 0
         assert [shape for shape in fake_cupy.counts.operand_copies if len(shape) == 2] == []  # only the heads' 4-D views
 
 
-def test_gpu_generation_copies_one_row_of_logits_per_token():
+@pytest.mark.parametrize("arch", [{}, dict(arch="llama", n_heads=4, n_kv_heads=1)], ids=["gpt2", "llama"])
+def test_gpu_generation_copies_one_row_of_logits_per_token(arch):
     from decoding import Decoder, generate
-    cfg = ModelConfig(vocab_size=61, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=12)
+    cfg = ModelConfig(**{**dict(vocab_size=61, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=12), **arch})
     with whole_array_mode():
         cpu = LanguageModel(cfg, seed=5, dtype=np.float64)
         expected = list(generate(cpu, [1, 2], 20, np.random.default_rng(0), temperature=0.8))

@@ -33,11 +33,17 @@ def fixed_model(cfg=TINY, seed=4, scale=1.0, dtype=np.float64):
 
 # ----------------------------------------------------------------------------- decoding
 
-@pytest.mark.parametrize("learned_pos", [False, True])
-def test_cached_and_uncached_logits_agree_at_every_step_across_slides(learned_pos):
-    cfg = ModelConfig(vocab_size=64, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=8,
-                      use_learned_pos=learned_pos, tie_embeddings=not learned_pos)
+@pytest.mark.parametrize("arch", [
+    dict(use_learned_pos=False),
+    dict(use_learned_pos=True, tie_embeddings=False),
+    # the Llama block: keys cached after rotation at their own positions, 2 key/value heads for 4 query heads
+    dict(arch="llama", n_heads=4, n_kv_heads=2, rope_theta=50.0),
+])
+def test_cached_and_uncached_logits_agree_at_every_step_across_slides(arch):
+    cfg = ModelConfig(**{**dict(vocab_size=64, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=8), **arch})
     model = fixed_model(cfg)
+    if cfg.arch == "llama":
+        assert model.new_kv_cache(1).k[0].shape == (1, 2, 8, 4)
     rng = np.random.default_rng(0)
     for prompt in ([5], [1, 2, 3], list(rng.integers(0, 64, 11))):  # the last is longer than the window
         cached, plain = Decoder(model), Decoder(model, use_cache=False)

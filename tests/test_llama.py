@@ -109,11 +109,12 @@ def silu(z):
     return z / (1 + np.exp(-z))
 
 
-@pytest.mark.parametrize("F", [130, 40000])  # rows per block: 252 (the last one partial), and 1 (a row > a block)
-def test_swiglu_in_blocks_matches_the_whole_array_formulas(rng, F):
+# the hidden units are rows of N = B*T: 31 rows of 2100 a block (the last one partial), and 1 (a row > a block)
+@pytest.mark.parametrize("F, B, T", [(130, 3, 700), (3, 2, 40000)])
+def test_swiglu_in_blocks_matches_the_whole_array_formulas(rng, F, B, T):
     """Forward as HF's LlamaMLP, down(silu(gate(x)) * up(x)); backward against the derivatives written out."""
     C = 8
-    x = rng.standard_normal((3, 700 if F == 130 else 2, C))
+    x = rng.standard_normal((B, T, C))
     w_gate, w_up, w_down = rng.standard_normal((C, F)), rng.standard_normal((C, F)), rng.standard_normal((F, C)) / 10
     out, cache = swiglu_forward(x, np.concatenate([w_gate, w_up], axis=1), w_down)
     gate, up = x @ w_gate, x @ w_up
@@ -133,7 +134,7 @@ def test_swiglu_in_blocks_matches_the_whole_array_formulas(rng, F):
 
 
 def test_blocks_pair_rows_of_arrays_of_different_widths(array_path):
-    """SwiGLU's chains walk the fused (N, 2F) pre-activations beside (N, F) arrays, row for row."""
+    """Element-wise chains may walk arrays of different widths side by side, row for row."""
     wide, narrow = np.arange(3000 * 260.0).reshape(3000, 260), np.zeros((3000, 130))
     got = list(blocks(wide, narrow))
     assert len(got) == (1 if array_path == "whole arrays" else 12)  # 252 rows of the wider per block

@@ -41,9 +41,15 @@ def array_path(request):
         yield request.param
 
 
+LLAMA = dict(arch="llama", n_kv_heads=1, rope_theta=100.0)  # grouped-query: 2 query heads share one key/value head
+
+
 @pytest.mark.parametrize("overrides", [
     {},  # sinusoidal positions, GELU, tied head
     {"use_learned_pos": True, "tie_embeddings": False, "activation": "relu"},
+    {"activation": "relu2"},
+    {"arch": "llama"},  # RMSNorm, rotary positions, SwiGLU, no biases, tied head
+    {**LLAMA, "tie_embeddings": False},
 ])
 def test_whole_model_gradients(overrides, array_path):
     rng = np.random.default_rng(0)
@@ -58,6 +64,7 @@ def test_whole_model_gradients(overrides, array_path):
         numeric = numerical_gradient(lambda: model.evaluate(idx, targets)[0] / 7, p)
         err = rel_error(model.grads[name], numeric)
         assert err < 1e-6, f"{name}: relative error {err:.2e}"
+        assert np.abs(numeric).max() > 0, f"the gradient of {name} is zero: the check would prove nothing"
 
 
 def test_tied_weight_collects_embedding_and_head_gradients():
@@ -138,6 +145,78 @@ def test_computes_gpt2s_function(learned, array_path):
         np.testing.assert_allclose(logits[b], ref, rtol=1e-12, atol=1e-12)
 
 
+def llama_reference_logits(params, cfg, idx):
+    """An independent Llama forward pass (float64) written as HF's LlamaForCausalLM computes it: RMSNorm,
+    q/k/v projections, rotate_half RoPE, repeat_kv, per-head causal softmax, SwiGLU, final RMSNorm."""
+    def rms_norm(x, g):
+        return g * x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.norm_eps)
+
+    def rope(x):  # x (T, hs) at positions 0..T-1: x cos + rotate_half(x) sin
+        T, hs = x.shape
+        angle = np.arange(T)[:, None] / cfg.rope_theta ** (np.arange(0, hs, 2) / hs)
+        cos, sin = np.cos(np.hstack([angle, angle])), np.sin(np.hstack([angle, angle]))
+        return x * cos + np.hstack([-x[:, hs // 2:], x[:, : hs // 2]]) * sin
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    T, C, H, Hkv, F = len(idx), cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff
+    hs = C // H
+    x = params["wte"][idx]
+    for i in range(cfg.n_layers):
+        P = lambda n: params[f"h.{i}.{n}"]  # noqa: E731
+        h = rms_norm(x, P("ln_1.weight"))
+        q, k, v = np.split(h @ P("attn.c_attn.weight"), [C, C + Hkv * hs], axis=-1)
+        heads = []
+        for j in range(H):
+            kv = slice((j // (H // Hkv)) * hs, (j // (H // Hkv) + 1) * hs)  # repeat_kv
+            scores = rope(q[:, j * hs:(j + 1) * hs]) @ rope(k[:, kv]).T / np.sqrt(hs)
+            scores += np.triu(np.full((T, T), -np.inf), 1)
+            heads.append(softmax(scores) @ v[:, kv])
+        x = x + np.hstack(heads) @ P("attn.c_proj.weight")
+        h = rms_norm(x, P("ln_2.weight"))
+        gate, up = np.split(h @ P("mlp.c_fc.weight"), 2, axis=-1)
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ P("mlp.c_proj.weight")
+    head = params["wte"] if cfg.tie_embeddings else params["lm_head.weight"]
+    return rms_norm(x, params["ln_f.weight"]) @ head.T
+
+
+@pytest.mark.parametrize("overrides", [{"arch": "llama"}, {**LLAMA, "n_heads": 4, "n_kv_heads": 2, "d_model": 16,
+                                                            "tie_embeddings": False}])
+def test_computes_llamas_function(overrides, array_path):
+    rng = np.random.default_rng(4)
+    model = tiny_model(**overrides)
+    for k in model.params:
+        model.params[k] += rng.standard_normal(model.params[k].shape) * 0.3
+    idx = rng.integers(0, 11, (2, 6))
+    logits = model.forward(idx)
+    for b in range(2):
+        ref = llama_reference_logits(model.params, model.config, idx[b])
+        np.testing.assert_allclose(logits[b], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_llama_parameters_are_the_blocks_of_llama_py_without_biases_or_positions():
+    from llama import block_parameters, init_llama_block, llama_block_shapes
+    cfg = ModelConfig(arch="llama", vocab_size=100, d_model=64, n_heads=4, n_kv_heads=2, d_ff=192, n_layers=3,
+                      max_seq_len=32, tie_embeddings=False)
+    shapes = param_shapes(cfg)
+    assert list(shapes) == ["wte"] + [f"h.{i}.{n}" for i in range(3) for n in llama_block_shapes(64, 4, 2, 192)] + \
+        ["ln_f.weight", "lm_head.weight"]
+    assert shapes["h.2.attn.c_attn.weight"] == (64, (4 + 2 * 2) * 16) and shapes["h.0.mlp.c_fc.weight"] == (64, 384)
+    model = LanguageModel(cfg, seed=5)
+    per_block = block_parameters(64, 4, 2, 192)["llama"]
+    assert model.num_parameters(include_embeddings=False) == 3 * per_block + 64 + 100 * 64  # ln_f, lm_head
+    # the initialisation: the same draws as llama.init_llama_block's, block after block, after wte's
+    rng = np.random.default_rng(5)
+    rng.normal(0.0, 0.02, size=(100, 64))
+    for i in range(3):
+        for name, p in init_llama_block(llama_block_shapes(64, 4, 2, 192), 3, rng).items():
+            np.testing.assert_array_equal(model.params[f"h.{i}.{name}"], p)
+    assert np.all(model.params["ln_f.weight"] == 1)
+    assert model.new_kv_cache(3).k[0].shape == (3, 2, 32, 16)  # the cache holds the key/value heads only
+
+
 def test_parameter_names_and_layouts_follow_gpt2():
     cfg = ModelConfig(vocab_size=50257, d_model=768, n_heads=12, d_ff=3072, n_layers=12, max_seq_len=1024,
                       use_learned_pos=True)
@@ -147,9 +226,10 @@ def test_parameter_names_and_layouts_follow_gpt2():
     assert sum(np.prod(s) for s in shapes.values()) == 124_439_808  # GPT-2 small's published count
 
 
-def test_kv_cache_gives_the_same_logits_as_a_full_pass(array_path):
+@pytest.mark.parametrize("overrides", [{}, LLAMA])
+def test_kv_cache_gives_the_same_logits_as_a_full_pass(overrides, array_path):
     rng = np.random.default_rng(5)
-    model = tiny_model()
+    model = tiny_model(**overrides)
     idx = rng.integers(0, 11, (3, 6))
     full = model.forward(idx)
     cache = model.new_kv_cache(3)
@@ -205,6 +285,36 @@ def test_a_config_without_a_later_field_loads_with_its_default():
     assert cfg.activation == "gelu" and cfg.tie_embeddings is True and cfg.d_model == TINY["d_model"]
 
 
+def test_a_config_written_before_the_llama_block_is_gpt2s():
+    old = {**TINY, "use_learned_pos": False, "tie_embeddings": True, "activation": "gelu"}  # main's fields before
+    cfg = ModelConfig.from_dict(old)
+    assert cfg == ModelConfig(**TINY) and cfg.arch == "gpt2" and cfg.rope_theta is None and cfg.n_kv_heads is None
+    assert list(param_shapes(cfg)) == list(param_shapes(ModelConfig(**TINY, arch="gpt2")))
+    llama = ModelConfig(**TINY, arch="llama")
+    assert llama.activation == "swiglu" and llama.rope_theta == 10000.0 and llama.n_kv_heads == TINY["n_heads"]
+    assert ModelConfig.from_dict(llama.to_dict()) == llama
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"arch": "llama3"}, "arch"),
+    ({"arch": "llama", "use_learned_pos": True}, "no position table"),
+    ({"arch": "llama", "activation": "gelu"}, "SwiGLU"),
+    ({"arch": "llama", "n_kv_heads": 3, "n_heads": 4, "d_model": 16}, "n_kv_heads"),
+    ({"arch": "llama", "n_heads": 8, "d_model": 24}, "even head size"),
+    ({"arch": "llama", "rope_theta": 0.5}, "rope_theta"),
+    ({"arch": "llama", "rope_theta": "big"}, "rope_theta"),
+    ({"arch": "llama", "n_kv_heads": True}, "n_kv_heads"),
+    ({"arch": "llama", "norm_eps": 0}, "norm_eps"),
+    ({"rope_theta": 10000.0}, "Llama"),
+    ({"n_kv_heads": 2}, "Llama"),
+    ({"activation": "swiglu"}, "activation"),
+    ({"norm_eps": 1e-6}, "layer norm"),
+])
+def test_a_config_mixing_the_blocks_gets_a_clear_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{**TINY, **overrides})
+
+
 def test_parameter_count():
     model = LanguageModel(ModelConfig(vocab_size=50257, d_model=128, n_heads=4, d_ff=512, n_layers=2))
     assert model.num_parameters(include_embeddings=False) == 396_800
@@ -227,9 +337,11 @@ def adam_train(model, batches, lr):
     return losses
 
 
-def test_tiny_model_overfits_one_batch(array_path):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_tiny_model_overfits_one_batch(arch, array_path):
     rng = np.random.default_rng(7)
-    model = LanguageModel(ModelConfig(vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=2, max_seq_len=16), seed=1)
+    model = LanguageModel(ModelConfig(vocab_size=32, d_model=32, n_heads=2, d_ff=64, n_layers=2, max_seq_len=16,
+                                      arch=arch), seed=1)
     idx, targets = batch(rng, B=4, T=16, V=32)
     losses = adam_train(model, [(idx, targets)] * 300, lr=1e-2)
     assert losses[0] > 3.0  # starts near ln(32) = 3.47

@@ -302,6 +302,22 @@ def test_two_ranks_train_bit_for_bit_what_two_workers_train(data, tmp_path):
 
 
 @needs_mpi
+def test_two_ranks_train_a_llama_model_bit_for_bit_as_two_workers(data, tmp_path):
+    """--arch llama (grouped-query attention): the same losses, evaluations, weights and optimizer state."""
+    flags = dict(arch="llama", n_heads=4, n_kv_heads=2, max_steps=12, log_interval=3, eval_interval=6,
+                 save_interval=0, batch_size=7)
+    ranks_dir, workers_dir = str(tmp_path / "ranks"), str(tmp_path / "workers")
+    run = mpirun(2, tiny_flags(data, ranks_dir, **flags))
+    assert run.returncode == 0, run.stderr
+    assert "2 MPI ranks on 1 machine" in run.stdout
+    assert train.main(tiny_flags(data, workers_dir, workers=2, **flags)) == 0
+    assert numbers(ranks_dir) == numbers(workers_dir) and len(numbers(ranks_dir)) == 6
+    final = [os.path.join(d, "checkpoint_final.npz") for d in (ranks_dir, workers_dir)]
+    assert load_checkpoint(final[0]).config.arch == "llama"
+    same_arrays(*final)
+
+
+@needs_mpi
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed: the ranks would train")
 def test_ranks_on_the_gpu_without_cupy_stop_with_one_line(data, tmp_path):
     out = mpirun(2, tiny_flags(data, str(tmp_path / "ck"), max_steps=2) + ["--device", "cuda"])

@@ -474,8 +474,9 @@ def test_a_preset_sets_the_model_and_the_batch_and_flags_given_win(data, tmp_pat
 
 
 def test_a_checkpoint_written_before_the_run_state_record_resumes_exactly(data, tmp_path):
-    """Older checkpoints carry an "rng" key (the batch order's state, again), no "grad_accum" and, from
-    one process, no "ranks": they still resume to the uninterrupted run's weights."""
+    """Older checkpoints carry an "rng" key (the batch order's state, again), no "grad_accum", from one
+    process no "ranks", and in their config none of the Llama block's fields: they still resume to the
+    uninterrupted run's weights."""
     from checkpoint import save_checkpoint
     d = str(tmp_path / "ck")
     assert train.main(tiny_flags(data, d, max_steps=6, save_interval=3, eval_interval=0, workers=1)) == 0
@@ -485,10 +486,78 @@ def test_a_checkpoint_written_before_the_run_state_record_resumes_exactly(data, 
     meta = {k: v for k, v in ck.meta.items() if k not in ("format", "version", "config", "ranks", "grad_accum")}
     meta["rng"] = ck.meta["data"]["bit_generator"]
     old = str(tmp_path / "old.npz")
-    save_checkpoint(old, ck.config, ck.params, meta, ck.arrays)
+    config = {k: v for k, v in ck.config.to_dict().items() if k not in ("arch", "rope_theta", "n_kv_heads", "norm_eps")}
+    save_checkpoint(old, config, ck.params, meta, ck.arrays)
     more = str(tmp_path / "more")
     assert train.main(tiny_flags(data, more, max_steps=6, save_interval=3, eval_interval=0, workers=1,
                                  resume=old)) == 0
     got, want = (load_checkpoint(os.path.join(p, "checkpoint_final.npz")) for p in (more, d))
     for k, v in want.params.items():
         assert np.array_equal(got.params[k], v), k
+
+
+def test_a_llama_run_learns_is_interrupted_and_resumes_bit_for_bit(data, tmp_path, capsys):
+    """--arch llama end to end: the checkpoint records the architecture (d_ff defaults to SwiGLU's width),
+    a Ctrl-C at step 17 resumed gives the uninterrupted run's weights, optimizer state and metrics, and the
+    checkpoint prints as such and generates the same tokens with the key/value cache as without."""
+    import checkpoint
+    import generate
+    common = dict(arch="llama", n_heads=4, n_kv_heads=2, rope_theta=500.0, d_ff=None, max_steps=30,
+                  save_interval=10, eval_interval=10, log_interval=5, workers=2)
+    ref, d = str(tmp_path / "ref"), str(tmp_path / "ck")
+    assert train.main(tiny_flags(data, ref, **common)) == 0
+    with pytest.MonkeyPatch.context() as m:
+        stop_at(17, m)
+        assert train.main(tiny_flags(data, d, **common)) == 130
+    assert train.main(tiny_flags(data, d, resume=True, **common)) == 0
+    assert "resumed from" in capsys.readouterr().out
+    got, want = (load_checkpoint(os.path.join(p, "checkpoint_final.npz")) for p in (d, ref))
+    assert want.config.to_dict() == dict(vocab_size=V, d_model=16, n_heads=4, d_ff=64, n_layers=1, max_seq_len=16,
+                                         use_learned_pos=False, tie_embeddings=True, activation="swiglu",
+                                         arch="llama", rope_theta=500.0, n_kv_heads=2, norm_eps=1e-5)
+    assert "h.0.attn.c_attn.bias" not in want.params and "ln_f.bias" not in want.params
+    for tree in ("params", "arrays"):
+        for k, v in getattr(want, tree).items():
+            assert np.array_equal(getattr(got, tree)[k], v), k
+    losses = [r["loss"] for r in metrics(ref) if r["type"] == "train"]
+    assert losses[-1] < losses[0] - 1.0, losses  # it learns the counting stories
+    def after_20(save_dir):  # the resumed run's log of steps 18-20 averages fewer steps than the whole run's
+        return [(r["type"], r["step"], r.get("loss"), r.get("val_loss"), r.get("grad_norm")) for r in metrics(save_dir)
+                if r["type"] in ("train", "eval") and r["step"] > 20]
+    assert after_20(d) == after_20(ref) and len(after_20(ref)) == 3  # steps 25 and 30, the evaluation at 30
+    checkpoint.main([os.path.join(ref, "checkpoint_final.npz")])
+    assert "model: llama: 1 layer, d_model 16, 4 heads (2 key/value heads)" in capsys.readouterr().out
+    model, _ = load_model(os.path.join(ref, "checkpoint_final.npz"))
+    greedy = [list(generate.generate(model, [5, 6, 7], 40, temperature=0, use_cache=c)) for c in (True, False)]
+    assert greedy[0] == greedy[1] and len(greedy[0]) == 40  # past the context of 16: the window slid
+
+
+def test_llama_flags_are_checked_and_take_the_llama_defaults():
+    import train_flags
+
+    def parse(argv):
+        parser = train_flags.build_parser()
+        args = parser.parse_args(["--train_data", "x", *argv])
+        train_flags.apply_defaults(args, train_flags.given_flags(parser, ["--train_data", "x", *argv]))
+        train_flags.check_args(args)
+        return args
+
+    args = parse(["--arch", "llama", "--preset", "small"])  # the preset's d_ff 512 is GPT-2's 4 d_model
+    assert (args.d_model, args.d_ff, args.activation, args.rope_theta, args.n_kv_heads) == \
+        (128, 384, "swiglu", None, None)
+    assert parse(["--arch", "llama", "--d_model", "256", "--n_heads", "8"]).d_ff == 704  # 8 * 256 / 3 rounded up to 64s
+    assert parse(["--arch", "llama", "--d_ff", "100"]).d_ff == 100  # given: wins
+    laptop = parse(["--arch", "llama", "--preset", "laptop"])  # a recipe that names GPT-2's activation and width
+    assert (laptop.d_model, laptop.d_ff, laptop.activation, laptop.vocab_size) == (256, 704, "swiglu", 4096)
+    assert (parse([]).arch, parse([]).d_ff, parse([]).activation) == ("gpt2", 512, "gelu")  # GPT-2's, as before
+    assert parse(["--activation", "relu2"]).activation == "relu2"
+    for argv, message in ((["--arch", "llama", "--use_learned_pos"], "--use_learned_pos with --arch llama"),
+                          (["--arch", "llama", "--activation", "gelu"], "--activation gelu with --arch llama"),
+                          (["--arch", "llama", "--n_kv_heads", "3"], "--n_kv_heads 3 must divide --n_heads 4"),
+                          (["--arch", "llama", "--rope_theta", "1"], "--rope_theta must be a number above 1"),
+                          (["--arch", "llama", "--d_model", "24", "--n_heads", "8"], "even head size"),
+                          (["--rope_theta", "500"], "--rope_theta: the Llama block's"),
+                          (["--n_kv_heads", "2"], "--n_kv_heads: the Llama block's"),
+                          (["--activation", "swiglu"], "--activation swiglu: the Llama block's")):
+        with pytest.raises(train_flags.TrainError, match=message):
+            parse(argv)
