@@ -34,6 +34,7 @@ class ModelConfig:
     use_learned_pos: bool = False  # learned wpe (GPT-2) instead of the fixed sinusoidal table
     tie_embeddings: bool = True  # the head projects with wte instead of its own lm_head.weight
     activation: str = "gelu"  # "gelu" (tanh form, as GPT-2) or "relu"
+    dropout: float = 0.0  # drop probability while training (dropout.py), 0: none; never in evaluation or generation
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
@@ -50,6 +51,8 @@ class ModelConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.activation not in ("gelu", "relu"):
             raise ValueError(f"activation must be 'gelu' or 'relu', got {self.activation!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"ModelConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
 
     def to_dict(self):
         return asdict(self)
