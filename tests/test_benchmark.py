@@ -19,3 +19,10 @@ def test_benchmark_prints_the_ratio(capsys):
     ratio = float(out.split("ratio")[1].split()[0])
     assert ratio > 0
     assert "tokens/s" in out and "peak memory" in out
+
+
+def test_benchmark_times_the_step_with_and_without_dropout(capsys):
+    benchmark.main(["--vocab_size", "64", "--d_model", "16", "--n_heads", "2", "--d_ff", "32", "--n_layers", "1",
+                    "--batch_size", "2", "--seq_len", "8", "--steps", "1", "--min_seconds", "0", "--dropout", "0.1"])
+    out = capsys.readouterr().out
+    assert "with dropout 0.1: step" in out and "% on the step without" in out
