@@ -7,6 +7,7 @@ does), and calls xp.empty, xp.exp, ... The rest of what differs is here:
 - the scatter-add of the embedding gradient: np.add.at on the CPU, cupyx.scatter_add on the
   GPU (there `a[idx] += v` with a repeated index keeps one of the additions, not all),
 - copies between host and device, waiting for the GPU before reading a clock, its memory pool,
+  which GPU this process uses (chosen before CuPy touches one: one MPI rank per GPU),
 - how the element-wise work runs: in cache-sized blocks shared over threads on the CPU, or on
   whole arrays on the GPU, where each block would be a kernel launch of its own. The whole-array
   path also runs with NumPy inside `whole_array_mode()`, so tests check it without a GPU.
@@ -31,8 +32,12 @@ class DeviceError(Exception):
     """--device cuda cannot run here; the message says what to install or check."""
 
 
-def require(device):
-    """The array module for --device: numpy for "cpu", cupy for "cuda" once it has run a kernel."""
+def require(device, gpu=None):
+    """The array module for --device: numpy for "cpu", cupy for "cuda" once it has run a kernel.
+
+    gpu(n): which of the n GPUs that CUDA shows this process to use (under MPI the rank's own:
+    distributed.World.gpu), made current before anything runs on one, so that no rank opens a
+    context on another's; None: the current one (GPU 0 unless chosen before)."""
     if device == "cpu":
         return np
     if device != "cuda":
@@ -47,8 +52,11 @@ def require(device):
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DeviceError(f"--device cuda: CuPy is installed but cannot load ({reason}); {INSTALL_HINT}") from None
     try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
+        n_visible = cupy.cuda.runtime.getDeviceCount()
+        if n_visible < 1:
             raise RuntimeError("no GPU found")
+        if gpu is not None:
+            cupy.cuda.Device(gpu(n_visible)).use()
         int(cupy.arange(3).sum())  # compiles and runs a kernel: catches a wheel built for other drivers
     except Exception as e:  # CUDARuntimeError, CompileException, missing libraries: all mean the same here
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -77,6 +85,46 @@ def to_host(a):
     """a as a NumPy array: a copy from the GPU (which waits for it), the array itself on the CPU."""
     xp = get_array_module(a)
     return np.asarray(a) if xp is np else xp.asnumpy(a)
+
+
+def copy_into(dst, src):
+    """dst[...] = src between host and device, in place: one copy (from the GPU one that waits for it)."""
+    if on_gpu(src) and not on_gpu(dst):
+        src.get(out=dst)
+    elif on_gpu(dst) and not on_gpu(src):
+        dst.set(src)
+    else:
+        dst[...] = src
+
+
+def pinned_like(a):
+    """An empty host array shaped as the GPU array a, in pinned (page-locked) memory, which the GPU
+    copies to and from at full speed."""
+    import cupyx
+    return cupyx.empty_pinned(a.shape, a.dtype)
+
+
+def host_floats(values):
+    """A few numbers (Python or NumPy ones, 0-d arrays on either device) as one float64 host array;
+    the ones on the GPU come back together in one copy, one wait for it, however many they are."""
+    out = np.array([0.0 if on_gpu(v) else float(v) for v in values])
+    there = [i for i, v in enumerate(values) if on_gpu(v)]
+    if there:
+        xp = get_array_module(values[there[0]])
+        out[there] = xp.stack([values[i].astype(np.float64) for i in there]).get()
+    return out
+
+
+def gpu_name(xp):
+    """Which GPU this process uses, "GPU i (PCI bus id)" with i its CUDA index here (CUDA_VISIBLE_DEVICES
+    numbers them from 0; the bus id is the one nvidia-smi shows); None on the CPU."""
+    if xp is np:
+        return None
+    i = xp.cuda.Device().id
+    try:
+        return f"GPU {i} ({xp.cuda.runtime.deviceGetPCIBusId(i)})"
+    except Exception:  # a name for the log only: never worth stopping a run
+        return f"GPU {i}"
 
 
 def synchronize(xp):

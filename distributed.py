@@ -32,6 +32,13 @@ with MPI_Abort, since mpiexec would wait for a hung one there forever.
 
 Uppercase mpi4py calls (Allreduce, Bcast) move NumPy buffers at C speed; lowercase ones
 (allgather, bcast) pickle Python objects and carry only small things (a path, checksums).
+
+On GPUs (--device cuda) each rank trains on its own GPU where there are enough (World.gpu says
+which), and what crosses between ranks crosses on the host: the gradients through one pinned
+host buffer (one copy from the GPU, the Allreduce, one copy back), the few sums in one copy.
+MPI could take the GPU's memory itself only if it is CUDA-aware, and mpi4py (4.1) has no way to
+ask (MPICH's MPIX_GPU_query_support and Open MPI's MPIX_Query_cuda_support are not wrapped); an
+MPI that is not CUDA-aware crashes on a GPU buffer instead of refusing it. So: host buffers always.
 """
 import contextlib
 import os
@@ -44,6 +51,7 @@ import zlib
 
 import numpy as np
 
+from device import copy_into, host_floats, on_gpu, pinned_like, to_host
 from parallel import blas_controller, split_rows
 
 # set by mpiexec/mpirun in every process it starts: Open MPI, MPICH and Intel MPI (PMI), PMIx launchers
@@ -100,6 +108,15 @@ class World:
         (a == b, an empty share, when there are fewer rows than ranks)."""
         return split_rows(n_rows, self.size)[self.rank]
 
+    def gpu(self, n_visible):
+        """The GPU this rank trains on, by its index among the n_visible that CUDA shows it (device.require
+        makes it current). When CUDA_VISIBLE_DEVICES gives each rank on this machine GPUs of its own (a
+        launcher or job script that binds ranks to GPUs), the first of them; otherwise the local rank
+        modulo n_visible: rank i of a machine on its GPU i, and more ranks than GPUs share them."""
+        if own_gpus(self.visible_devices):
+            return 0
+        return self.local_rank % n_visible
+
 
 class Solo(World):
     """This process alone: every collective is the identity or does nothing."""
@@ -107,6 +124,7 @@ class Solo(World):
 
     def __init__(self):
         self.where = [(socket.gethostname(), os.getpid())]  # (host, pid) of every rank
+        self.visible_devices = [os.environ.get("CUDA_VISIBLE_DEVICES")]
 
     def describe(self):
         return f"1 process (pid {self.where[0][1]} on {self.where[0][0]})"
@@ -142,9 +160,6 @@ class Solo(World):
         """Stop with a clear error unless every rank holds the same values (a function returning
         {name: value}: called only where there are other ranks to compare with)."""
 
-    def check_device(self, device):
-        """An error for a device the ranks cannot share yet."""
-
     def limit_threads(self):
         """This rank's share of the cores (BLAS held to it), for its workers and the optimizer's
         threads; None alone: every core is this process's."""
@@ -174,6 +189,8 @@ class MPIRanks(World):
         self.node = comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank = self.node.Get_rank()
         self.neighbours = self.node.allgather(self.rank)  # the world ranks on this machine, this one too
+        self.visible_devices = self.node.allgather(os.environ.get("CUDA_VISIBLE_DEVICES"))  # theirs, for gpu()
+        self._host = None  # the host buffer of the gradients' sum on the GPU, made once
         # (host, pid) of every rank: names a lost rank, and maps the pid in mpiexec's own message to a rank
         self.where = comm.allgather((MPI.Get_processor_name(), os.getpid()))
         self.timeout = timeout
@@ -203,11 +220,6 @@ class MPIRanks(World):
         blas_controller().limit(limits=n, user_api="blas")  # kept: not used as a context manager
         return n
 
-    def check_device(self, device):
-        if device != "cpu":
-            raise RanksError(f"--device {device} under mpiexec (one rank per GPU) is not supported yet: train "
-                             "on one GPU without mpiexec, or on the CPU with MPI ranks")
-
     # ------------------------------------------------------------------ collectives
     def _collective(self, call, patience=1):
         """Run a blocking MPI call with the watchdog looking on, for up to patience x --rank_timeout
@@ -219,11 +231,22 @@ class MPIRanks(World):
                 self.watchdog.lost(f"MPI error ({e})")
 
     def allreduce_(self, flat):
-        self._collective(lambda: self.comm.Allreduce(self.MPI.IN_PLACE, flat, op=self.MPI.SUM))
+        """On the GPU through the host buffer: one copy there, the Allreduce, one copy back."""
+        buf = self._on_host(flat) if on_gpu(flat) else flat
+        self._collective(lambda: self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM))
+        if buf is not flat:
+            copy_into(flat, buf)
+
+    def _on_host(self, a):
+        """The GPU array a copied into the host buffer (pinned memory, made on the first call)."""
+        if self._host is None or (self._host.shape, self._host.dtype) != (a.shape, a.dtype):
+            self._host = pinned_like(a)
+        copy_into(self._host, a)
+        return self._host
 
     def sum(self, values, patience=1):
-        """(float64; exact for counts below 2**53)."""
-        buf = np.array([float(v) for v in values])
+        """(float64, on the host; exact for counts below 2**53). Values on the GPU come back in one copy."""
+        buf = host_floats(values)
         self._collective(lambda: self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), patience)
         return buf
 
@@ -385,11 +408,20 @@ def process_state(pid):
         return "running"
 
 
+def own_gpus(visible_devices):
+    """Whether the CUDA_VISIBLE_DEVICES of the ranks on a machine give each rank GPUs no other rank has."""
+    if None in visible_devices:
+        return False
+    sets = [{d.strip() for d in v.split(",")} for v in visible_devices]
+    return all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
+
+
 def params_checksum(params):
-    """CRC-32 of every parameter's bytes in order: equal on every rank that holds the same weights."""
+    """CRC-32 of every parameter's bytes in order (on the GPU copied to the host first): equal on every
+    rank that holds the same weights."""
     crc = 0
     for v in params.values():
-        crc = zlib.crc32(np.ascontiguousarray(v).view(np.uint8).reshape(-1), crc)
+        crc = zlib.crc32(np.ascontiguousarray(to_host(v)).view(np.uint8).reshape(-1), crc)
     return f"crc32 {crc:08x}"
 
 

@@ -37,6 +37,7 @@ stops the run without saving and names the last good checkpoint.
 Data-parallel over processes, on one machine or several (needs mpi4py, see the README;
 --batch_size stays the global batch, and 2 ranks give what --workers 2 gives, bit for bit):
     mpiexec -n 2 python3 train.py <the usual flags>
+    mpiexec -n 2 python3 train.py <the usual flags> --device cuda     # one rank per GPU
 
 The loop (train_loop) is llm.c's: evaluate and save when due, stop after the last step, else
 one step. Its parts: distributed.py (the processes), run_dir.py (the folder), train_state.py
@@ -59,7 +60,7 @@ from checkpoint import CheckpointError, copy_params
 from config import config_from_flags, param_shapes
 from data_loader import (DataError, RandomBatches, check_same_tokenizer, eval_batches, load_dataset,
                          num_eval_windows, same_tokenizer)
-from device import DeviceError, on_gpu, require, synchronize
+from device import DeviceError, gpu_name, on_gpu, require, synchronize
 from dropout import DropoutKey
 from export_hf import load_hf_params, read_hf_config
 from language_model import LanguageModel
@@ -138,8 +139,7 @@ class Run:
 
 def setup(args, world, log, run_dir, init=None):
     """The data, model, optimizer and schedule of a run, restored from a checkpoint when resuming."""
-    world.check_device(args.device)
-    require(args.device)  # before any data is read: without CuPy or a GPU, say what to install
+    require(args.device, world.gpu)  # before any data is read: without CuPy or a GPU, say what to install
     if args.batch_size < world.size:
         raise TrainError(f"--batch_size {args.batch_size} is smaller than the {world.size} MPI ranks: "
                          "each rank needs at least one row of every batch")
@@ -215,9 +215,12 @@ def start(run):
     state, and from now on name the checkpoint to resume from if a rank is lost."""
     args, world, log, model = run.args, run.world, run.log, run.model
     rows = sorted({b - a for a, b in split_rows(args.batch_size, world.size)})
+    gpus = world.gather(gpu_name(model.xp))  # each rank's GPU (None on the CPU)
     log.say(f"{world.describe()}; {model.workers} worker(s) each, {args.grad_accum} micro-batch(es) a step; "
-            f"each process computes {'-'.join(map(str, rows))} of the {args.batch_size} rows of every batch")
-    log.record(type="ranks", step=run.step, size=world.size, where=world.where, workers=model.workers)
+            f"each process computes {'-'.join(map(str, rows))} of the {args.batch_size} rows of every batch"
+            f"{which_gpus(gpus)}")
+    log.record(type="ranks", step=run.step, size=world.size, where=world.where, workers=model.workers,
+               **({} if gpus[0] is None else {"gpus": gpus}))
     n_params = model.num_parameters()
     log.say(f"model: {n_params:,} parameters ({model.config.to_dict()})")
     log.say(f"data: {len(run.train_ds):,} training tokens" +
@@ -234,6 +237,16 @@ def start(run):
         "weights": distributed.params_checksum(model.params),
         "batch_order": distributed.checksum(json.dumps(run.batches.state()).encode())}, patience=distributed.SLOW)
     world.watch(functools.partial(lost_rank_message, run))
+
+
+def which_gpus(gpus):
+    """"; rank 0 on GPU 0 (its PCI bus id), rank 1 on ..." for the ranks line ("; on GPU 0 (...)" for one
+    process, "" on the CPU)."""
+    if gpus[0] is None:
+        return ""
+    if len(gpus) == 1:
+        return f"; on {gpus[0]}"
+    return "; " + ", ".join(f"rank {r} on {g}" for r, g in enumerate(gpus))
 
 
 def init_weights(model, args, init, identity, log):
@@ -257,19 +270,27 @@ def evaluate(model, val, batch_size, seq_len, max_batches=None, world=distribute
     Each rank evaluates its rows of every batch (as one process's workers would); one small sum a
     batch adds up the parts, so no rank waits longer than a batch for another (--rank_timeout holds),
     and a signal (stop.interrupted) on any rank ends the evaluation on all: it returns None. On the GPU
-    the sums stay there until the end. Perplexity is exp(total loss / total tokens), not a mean of
+    each rank's sums stay there until the end, read once and added up over the ranks then; a batch's
+    sum carries only the vote. Perplexity is exp(total loss / total tokens), not a mean of
     per-batch values; bits per byte divides the total loss in bits by the UTF-8 bytes those tokens
     stand for (val.num_bytes, separators included) times the fraction of the set evaluated.
     """
     loss_sum, n_correct, n_tokens = 0.0, 0, 0
+    on_device = model.xp is not np
     for x, y in eval_batches(val, batch_size, seq_len, max_batches):
         a, b = world.rows(len(x))
         s, c = model.evaluate(x[a:b], y[a:b]) if b > a else (0.0, 0)
-        s, c, interrupted = world.sum([s, c, stop is not None and stop.interrupted])
+        vote = stop is not None and stop.interrupted
+        if on_device:
+            (interrupted,) = world.sum([vote])
+        else:
+            s, c, interrupted = world.sum([s, c, vote])
         if interrupted:
             return None
         loss_sum, n_correct, n_tokens = loss_sum + s, n_correct + c, n_tokens + count_targets(y)
-    loss_sum, n_correct = float(loss_sum), int(n_correct)  # on the GPU: read now, once
+    if on_device:
+        loss_sum, n_correct = world.sum([loss_sum, n_correct])
+    loss_sum, n_correct = float(loss_sum), int(n_correct)  # one process on the GPU: read now, once
     mean = loss_sum / n_tokens
     out = {"val_loss": mean, "val_perplexity": math.exp(min(mean, 700.0)), "val_accuracy": n_correct / n_tokens,
            "val_bpb": None, "val_tokens": n_tokens}

@@ -16,6 +16,8 @@
 #   generate  generate.py --device cuda --benchmark: tokens/s with and without the key/value cache
 #   train     the bundled sample tokenized; 40 steps of Small on the GPU, then the same run resumed
 #             from its step-20 checkpoint, and the two final weights compared
+#   mpi       2 MPI ranks sharing the GPU (with several GPUs: one each) resume that run from its
+#             step-20 checkpoint; their final weights compared with the one process's (needs mpi4py)
 #   memory    peak GPU memory: nvidia-smi, sampled twice a second through the whole run
 # $OUT/summary.txt has one line per check: ok/FAIL/TIME/SKIP, the check, its seconds, its figure.
 # Every command's whole output is in $OUT/log.txt; nvidia-smi's samples in $OUT/nvsmi.csv.
@@ -39,13 +41,9 @@ export CUPY_CACHE_DIR=$W/cupy_kernel_cache  # CuPy's compiled kernels, shared by
 
 if [ -n "$STAND_IN" ]; then
   BUDGET=${BUDGET:-1200}
-  # `import cupy` and `import cupyx` find these first: they put the stand-in in their place
-  for m in cupy cupyx; do
-    mkdir -p "$W/stand_in/$m"
-    printf 'import sys\nsys.path.insert(0, %s)\nimport fake_cupy\nfake_cupy.install()\n' \
-      "'$REPO/tests'" > "$W/stand_in/$m/__init__.py"
-  done
-  export PYTHONPATH=$W/stand_in${PYTHONPATH:+:$PYTHONPATH}
+  # `import cupy` and `import cupyx` find these first (in every process, mpiexec's ranks too): they
+  # put the stand-in in their place
+  export PYTHONPATH=$REPO/tests/stand_in${PYTHONPATH:+:$PYTHONPATH}
   BENCH=(--steps 1 --min_seconds 0 --batch_size 4)
   GEN_TOKENS=8
   TRAIN_STEPS=6
@@ -132,12 +130,31 @@ if want generate; then
 fi
 
 # ------------------------------------------------------------------ train and resume on the GPU
+TR=(--train_data "$W/train.jsonl" --val_data "$W/valid.jsonl" --vocab_size 50257 --d_model 128 --n_heads 4
+  --d_ff 512 --n_layers 2 --batch_size 32 --seq_len 128 --learning_rate 1e-3 --warmup_steps 5
+  --log_interval "$HALF" --eval_interval "$HALF" --eval_batches 4 --save_interval "$HALF" --no_progress
+  --device cuda --max_steps "$TRAIN_STEPS")
+# compare_moves.py WHOLE OTHER HALF WHAT: the run OTHER, resumed at step HALF from WHOLE's checkpoint,
+# against WHOLE: on a GPU close, not bit for bit (its scatter-add has no fixed order, and 2 ranks add up
+# a batch's halves otherwise than one pass over it); a state lost on resume would move them by far more
+cat > "$W/compare_moves.py" << 'EOF'
+import json
+import sys
+import numpy as np
+sys.path.insert(0, ".")
+from checkpoint import load_checkpoint
+whole, other, half, what = sys.argv[1:5]
+a, b = (load_checkpoint(f"{d}/checkpoint_final.npz").params for d in (whole, other))
+h = load_checkpoint(f"{whole}/checkpoint_step_{half}.npz").params
+worst = max(float(np.abs(b[k] - a[k]).max() / max(np.abs(a[k] - h[k]).max(), 1e-30)) for k in a)
+with open(f"{other}/metrics.jsonl") as f:  # the GPU of each rank, as the run recorded it
+    gpus = [r["gpus"] for r in map(json.loads, f) if r.get("type") == "ranks"][-1]
+print(f"{what} from step {half} on {', '.join(gpus)}: its moves since then differ from the uninterrupted run's "
+      f"by {worst:.1e} of the largest move (at most 5e-2 passes)")
+sys.exit(0 if worst <= 5e-2 else 1)
+EOF
 if want train; then
   rm -rf "$W/ck_gpu" "$W/ck_resumed"
-  TR=(--train_data "$W/train.jsonl" --val_data "$W/valid.jsonl" --vocab_size 50257 --d_model 128 --n_heads 4
-    --d_ff 512 --n_layers 2 --batch_size 32 --seq_len 128 --learning_rate 1e-3 --warmup_steps 5
-    --log_interval "$HALF" --eval_interval "$HALF" --eval_batches 4 --save_interval "$HALF" --no_progress
-    --device cuda --max_steps "$TRAIN_STEPS")
   step tokenize 90 ' tokens \(' bash -c "
     '$PY' tokenizer.py data/sample/TinyStoriesV2-GPT4-train.sample.txt '$W/train.jsonl' --tokenizer tiktoken \
       --encoding gpt2 --max_length 512 --quiet &&
@@ -146,21 +163,24 @@ if want train; then
   step train_gpu 120 "^step +$TRAIN_STEPS/|^eval step $TRAIN_STEPS:" "$PY" train.py "${TR[@]}" --save_dir "$W/ck_gpu" &&
   step train_resume 90 "^step +$TRAIN_STEPS/|^eval step $TRAIN_STEPS:" "$PY" train.py "${TR[@]}" --save_dir "$W/ck_resumed" \
     --resume "$W/ck_gpu/checkpoint_step_$HALF.npz" &&
-  step resume_compare 60 'resumed' "$PY" - "$W/ck_gpu" "$W/ck_resumed" "$HALF" << 'EOF'
-# The run resumed at step HALF against the uninterrupted one: on a GPU close, not bit for bit (its
-# scatter-add has no fixed order); a state lost on resume would move the weights by far more.
-import sys
-import numpy as np
-sys.path.insert(0, ".")
-from checkpoint import load_checkpoint
-whole, resumed, half = sys.argv[1], sys.argv[2], sys.argv[3]
-a, b = (load_checkpoint(f"{d}/checkpoint_final.npz").params for d in (whole, resumed))
-h = load_checkpoint(f"{whole}/checkpoint_step_{half}.npz").params
-worst = max(float(np.abs(b[k] - a[k]).max() / max(np.abs(a[k] - h[k]).max(), 1e-30)) for k in a)
-print(f"resumed at step {half}: its moves since then differ from the uninterrupted run's by {worst:.1e} of the "
-      f"largest move (at most 5e-2 passes)")
-sys.exit(0 if worst <= 5e-2 else 1)
-EOF
+  step resume_compare 60 'moves since' "$PY" "$W/compare_moves.py" "$W/ck_gpu" "$W/ck_resumed" "$HALF" resumed
+fi
+
+# ------------------------------------------------------------------ 2 MPI ranks on the GPU
+if want mpi; then
+  MPIEXEC=$(dirname "$PY")/mpiexec
+  [ -x "$MPIEXEC" ] || MPIEXEC=$(command -v mpiexec)
+  if [ -z "$MPIEXEC" ] || ! "$PY" -c 'import mpi4py' 2> /dev/null; then
+    line SKIP mpi_2ranks 0 "needs mpi4py and mpiexec: $PY -m pip install mpi4py mpich"
+  elif [ ! -f "$W/ck_gpu/checkpoint_step_$HALF.npz" ]; then
+    line SKIP mpi_2ranks 0 "needs the train step's checkpoints (ONLY=\"train mpi\")"
+  else
+    rm -rf "$W/ck_mpi"
+    # Open MPI refuses root without these; MPICH ignores them
+    step mpi_2ranks 120 "^step +$TRAIN_STEPS/" env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+      "$MPIEXEC" -n 2 "$PY" train.py "${TR[@]}" --save_dir "$W/ck_mpi" --resume "$W/ck_gpu/checkpoint_step_$HALF.npz" &&
+    step mpi_compare 60 'moves since' "$PY" "$W/compare_moves.py" "$W/ck_gpu" "$W/ck_mpi" "$HALF" "2 MPI ranks"
+  fi
 fi
 
 # ------------------------------------------------------------------ peak GPU memory

@@ -13,7 +13,9 @@ fails (each rule below is CuPy's, from its source at v13.6.0 and v14.2.0):
   don't match array"), because its gufunc transposes `out` over two axes. cupy_version=14 accepts
   it (CuPy 14 takes a fast path to dot);
 - scatter_add adds its contributions in a shuffled order, as CuPy's atomicAdd kernel gives no order:
-  a test cannot count on results bit for bit equal to NumPy's (shuffle_scatter=False: NumPy's order).
+  a test cannot count on results bit for bit equal to NumPy's (shuffle_scatter=False: NumPy's order);
+- it has `gpus` GPUs (1 by default), all of this process's memory: cupy.cuda.Device(i).use() makes
+  one current and refuses an index CUDA would refuse.
 
 It counts, in `counts`, what costs time on a GPU:
 - syncs: reads of device values on the host (float(), int(), bool(), .item(), .tolist()); on a GPU
@@ -28,6 +30,9 @@ It counts, in `counts`, what costs time on a GPU:
 Its arithmetic is NumPy's: it checks the GPU path's plumbing, not CuPy's numbers.
 
     with fake_cupy.installed() as cupy: ...   # sys.modules["cupy"] / ["cupyx"] are the stand-ins inside
+
+In other processes (mpiexec's ranks, scripts/gpu_check.sh's rehearsal), tests/stand_in on PYTHONPATH
+has `import cupy` install it, with the options of install() in $FAKE_CUPY ("gpus=2 shuffle_scatter=0").
 """
 import contextlib
 import sys
@@ -106,7 +111,7 @@ class Counts:
 
 
 counts = Counts()
-_settings = {"cupy_version": 13, "rng": None}
+_settings = {"cupy_version": 13, "rng": None, "gpus": 1, "device": 0}
 
 
 def _host(x):
@@ -264,13 +269,20 @@ class DeviceArray:
     def tolist(self):
         return self._read().tolist()
 
-    def get(self):
+    def get(self, stream=None, order="C", out=None, blocking=True):
         counts.host_copies += 1
-        return self._a.copy()
+        if out is None:
+            return self._a.copy()
+        if not isinstance(out, np.ndarray):
+            raise TypeError("Only numpy.ndarray can be obtained from cupy.ndarray")
+        _same_layout(out, self)
+        out[...] = self._a
+        return out
 
-    def set(self, arr):
+    def set(self, arr, stream=None):
         if not isinstance(arr, np.ndarray):
             raise TypeError("Only numpy.ndarray can be set to cupy.ndarray")
+        _same_layout(arr, self)
         self._a[...] = arr
 
     def __repr__(self):
@@ -286,6 +298,16 @@ class DeviceArray:
 
     def __rmatmul__(self, other):
         return matmul(other, self)
+
+
+def _same_layout(host, dev):
+    """CuPy's checks of the host array in get(out=) and set() (_core/core.pyx)."""
+    if host.dtype != dev.dtype:
+        raise TypeError(f"{host.dtype} array cannot be set to {dev.dtype} array")
+    if host.shape != dev.shape:
+        raise ValueError(f"Shape mismatch: {host.shape} and {dev.shape}")
+    if not host.flags.c_contiguous:
+        raise RuntimeError("Non-contiguous array is not supported yet")
 
 
 def _binary(ufunc):
@@ -356,6 +378,30 @@ def scatter_add(a, slices, value):
     np.add.at(a._a, idx, v)
 
 
+def empty_pinned(shape, dtype=float, order="C"):
+    """cupyx.empty_pinned: a host NumPy array (in CuPy in page-locked memory)."""
+    return np.empty(shape, dtype, order)
+
+
+class Device:
+    """cupy.cuda.Device: a GPU by its index, the current one by default; use() makes it current."""
+
+    def __init__(self, device=None):
+        self.id = _settings["device"] if device is None else int(device)
+
+    def use(self):
+        _set_device(self.id)
+
+    def synchronize(self):
+        pass
+
+
+def _set_device(i):
+    if not 0 <= i < _settings["gpus"]:
+        raise RuntimeError("cudaErrorInvalidDevice: invalid device ordinal")  # CuPy's CUDARuntimeError
+    _settings["device"] = i
+
+
 def _missing(module):
     def module_getattr(name):
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
@@ -382,33 +428,42 @@ def _module(cupy_version):
     cupy.ascontiguousarray = ascontiguousarray
     cupy.get_array_module = lambda *arrays: cupy if any(isinstance(a, DeviceArray) for a in arrays) else np
     cupy.cuda = types.SimpleNamespace(
-        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, deviceSynchronize=lambda: None),
-        Device=lambda device=None: types.SimpleNamespace(id=0, synchronize=lambda: None))
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: _settings["gpus"], deviceSynchronize=lambda: None,
+                                      getDevice=lambda: _settings["device"], setDevice=_set_device,
+                                      deviceGetPCIBusId=lambda i: f"0000:{i + 1:02X}:00.0"),
+        Device=Device)
     pool = types.SimpleNamespace(used_bytes=lambda: 1 << 20, total_bytes=lambda: 2 << 20)
     cupy.get_default_memory_pool = lambda: pool
     cupy.__getattr__ = _missing("cupy")
     cupyx = types.ModuleType("cupyx")
-    cupyx.scatter_add = scatter_add
+    cupyx.scatter_add, cupyx.empty_pinned = scatter_add, empty_pinned
     cupyx.__getattr__ = _missing("cupyx")
     return cupy, cupyx
 
 
-def install(cupy_version=13, shuffle_scatter=True, seed=0):
-    """Make the stand-ins sys.modules["cupy"] and ["cupyx"], for good (scripts/gpu_check.sh's
-    rehearsal on a CPU). cupy_version: 13 (the stricter matmul) or 14. The counts start from zero."""
+def install(cupy_version=13, shuffle_scatter=True, seed=0, gpus=1):
+    """Make the stand-ins sys.modules["cupy"] and ["cupyx"], for good (in other processes: see
+    tests/stand_in). cupy_version: 13 (the stricter matmul) or 14; gpus: how many GPUs CUDA shows,
+    GPU 0 current. The counts start from zero."""
     sys.modules["cupy"], sys.modules["cupyx"] = _module(cupy_version)
-    _settings.update(cupy_version=cupy_version, rng=np.random.default_rng(seed) if shuffle_scatter else None)
+    _settings.update(cupy_version=cupy_version, rng=np.random.default_rng(seed) if shuffle_scatter else None,
+                     gpus=gpus, device=0)
     counts.reset()
     return sys.modules["cupy"]
 
 
+def install_from(options):
+    """install() with the options of a string such as "gpus=2 shuffle_scatter=0" (empty: the defaults)."""
+    return install(**{k: int(v) for k, v in (item.split("=", 1) for item in options.split())})
+
+
 @contextlib.contextmanager
-def installed(cupy_version=13, shuffle_scatter=True, seed=0):
+def installed(cupy_version=13, shuffle_scatter=True, seed=0, gpus=1):
     """install() for the duration of a with block: `import cupy` gets the stand-in inside."""
     saved = {name: sys.modules.get(name) for name in ("cupy", "cupyx")}
     before = dict(_settings)
     try:
-        yield install(cupy_version, shuffle_scatter, seed)
+        yield install(cupy_version, shuffle_scatter, seed, gpus)
     finally:
         _settings.update(before)
         for name, module in saved.items():

@@ -140,6 +140,20 @@ def test_cuda_with_cupy_but_no_gpu_says_what_to_check(monkeypatch):
     assert "\n" not in str(e.value)
 
 
+def test_cuda_makes_the_gpu_it_is_given_current():
+    """require's gpu(n): under MPI the rank's own GPU (distributed.World.gpu), of the n that CUDA shows."""
+    with fake_cupy.installed(gpus=3) as cupy:
+        shown = []
+        assert require("cuda", gpu=lambda n: shown.append(n) or 2) is cupy
+        assert shown == [3] and cupy.cuda.Device().id == 2
+        assert device.gpu_name(cupy) == "GPU 2 (0000:03:00.0)" and device.gpu_name(np) is None
+        require("cuda")  # (as LanguageModel calls it) keeps the current one
+        assert cupy.cuda.Device().id == 2
+        with pytest.raises(DeviceError, match="CuPy cannot use an NVIDIA GPU here .cudaErrorInvalidDevice") as e:
+            require("cuda", gpu=lambda n: n)
+        assert "\n" not in str(e.value)
+
+
 @pytest.mark.skipif(cupy_gpu() is not None, reason="CuPy runs here: --device cuda would train")
 @pytest.mark.parametrize("script, args", [
     ("train.py", ["--train_data", "data/sample/train_tokenized.jsonl", "--max_steps", "1"]),

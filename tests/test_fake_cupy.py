@@ -1,4 +1,9 @@
 """The stand-in for CuPy (fake_cupy.py) must fail where CuPy fails, or the GPU path's tests prove little."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -91,3 +96,36 @@ def test_scatter_add_adds_in_no_fixed_order():
         np.testing.assert_allclose(r, expected, rtol=1e-4, atol=1e-4)
     assert not np.array_equal(results[0], expected) and not np.array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[2], expected)  # NumPy's order
+
+
+def test_copies_through_host_buffers_and_gpus_by_index_as_cupy_has_them():
+    with fake_cupy.installed(gpus=2) as cupy:
+        import cupyx
+        a = cupy.asarray(np.arange(4, dtype=np.float32))
+        host = cupyx.empty_pinned(a.shape, a.dtype)
+        assert type(host) is np.ndarray
+        assert a.get(out=host) is host and fake_cupy.counts.host_copies == 1
+        np.testing.assert_array_equal(host, np.arange(4))
+        host *= 2
+        a.set(host)
+        np.testing.assert_array_equal(cupy.asnumpy(a), 2 * np.arange(4))
+        with pytest.raises(TypeError, match="float64 array cannot be set to float32"):
+            a.set(host.astype(np.float64))
+        with pytest.raises(ValueError, match="Shape mismatch"):
+            a.get(out=np.empty(3, np.float32))
+        assert cupy.cuda.runtime.getDeviceCount() == 2 and cupy.cuda.Device().id == 0
+        cupy.cuda.Device(1).use()
+        assert cupy.cuda.Device().id == 1 == cupy.cuda.runtime.getDevice()
+        with pytest.raises(RuntimeError, match="invalid device ordinal"):
+            cupy.cuda.Device(2).use()
+    with fake_cupy.installed() as cupy:
+        assert cupy.cuda.Device().id == 0 and cupy.cuda.runtime.getDeviceCount() == 1
+
+
+def test_other_processes_get_the_stand_in_from_tests_stand_in(tmp_path):
+    """tests/stand_in on PYTHONPATH: `import cupy` (or cupyx first) installs it, with the options in $FAKE_CUPY."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent / "stand_in"), FAKE_CUPY="gpus=3 cupy_version=14")
+    code = ("import cupyx, cupy, fake_cupy\n"
+            "print(cupy.__version__, cupy.cuda.runtime.getDeviceCount(), cupyx.scatter_add is fake_cupy.scatter_add)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["14.2.0", "3", "True"], out.stderr

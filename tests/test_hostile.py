@@ -132,7 +132,8 @@ def test_tokenizer_refuses_an_output_that_is_one_of_its_inputs(tmp_path, capsys,
 def checkpoint_with_bpe(path, model, step=3):
     """A small checkpoint trained (as far as its meta says) with the BPE model `model`."""
     from checkpoint import save_checkpoint
-    from language_model import LanguageModel, ModelConfig
+    from config import ModelConfig
+    from language_model import LanguageModel
     tok = tokenizer.BPETokenizer(model, model.to_json())
     lm = LanguageModel(ModelConfig(vocab_size=model.vocab_size, d_model=8, n_heads=2, d_ff=16, n_layers=1,
                                    max_seq_len=16), seed=step)
@@ -389,7 +390,8 @@ def hf_folder(path, small_bpe, config=None, tensors=None):
     safetensors = pytest.importorskip("safetensors.numpy")
     import bpe
     from export_hf import hf_config, hf_tensors
-    from language_model import LanguageModel, ModelConfig
+    from config import ModelConfig
+    from language_model import LanguageModel
     cfg = ModelConfig(vocab_size=300, d_model=8, n_heads=2, d_ff=16, n_layers=1, max_seq_len=16, use_learned_pos=True)
     lm = LanguageModel(cfg, seed=0)
     path.mkdir()

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import distributed
+import fake_cupy
 import train
 from checkpoint import load_checkpoint
 from config import ModelConfig
@@ -52,9 +53,17 @@ def data(tmp_path_factory):
     return write_data(d / "train.jsonl", 400, seed=1), write_data(d / "valid.jsonl", 60, seed=2)
 
 
-def mpirun(n, argv, launcher_flags=(), **kw):
+def mpirun(n, argv, launcher_flags=(), env=MPI_ENV, **kw):
     return subprocess.run([MPIEXEC, *launcher_flags, "-n", str(n), sys.executable, "train.py", *argv], cwd=REPO,
-                          env=MPI_ENV, capture_output=True, text=True, timeout=120, **kw)
+                          env=env, capture_output=True, text=True, timeout=120, **kw)
+
+
+def stand_in_env(options=""):
+    """The environment of ranks that each put the stand-in for CuPy (tests/fake_cupy.py) in CuPy's place,
+    with fake_cupy.install()'s options, e.g. "gpus=2"."""
+    return dict(MPI_ENV, PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "stand_in"),
+                                                     *filter(None, [os.environ.get("PYTHONPATH")])]),
+                FAKE_CUPY=options)
 
 
 def same_arrays(path_a, path_b):
@@ -112,6 +121,134 @@ def test_ranks_rows_with_the_whole_batch_count_add_up_to_the_whole_batch_bit_for
     assert sums[0][0] + sums[1][0] == loss_sum and sums[0][1] + sums[1][1] == n_correct
     for name, g in whole.grads.items():
         np.testing.assert_array_equal(grads[0][name] + grads[1][name], g, err_msg=name)
+
+
+def test_each_rank_trains_on_its_own_gpu_where_there_are_enough():
+    """The local rank modulo the GPUs CUDA shows, unless CUDA_VISIBLE_DEVICES already gives each rank on the
+    machine GPUs of its own (a launcher that binds ranks to GPUs): then the first of them."""
+    def gpu(local_rank, visible_devices, n_visible):
+        return distributed.World.gpu(SimpleNamespace(local_rank=local_rank, visible_devices=visible_devices),
+                                     n_visible)
+    unset = [None] * 4
+    assert [gpu(r, unset, 4) for r in range(4)] == [0, 1, 2, 3]
+    assert [gpu(r, unset, 2) for r in range(4)] == [0, 1, 0, 1]  # more ranks than GPUs: they share
+    assert [gpu(r, unset[:2], 1) for r in range(2)] == [0, 0]
+    assert [gpu(r, ["0,1,2,3"] * 4, 4) for r in range(4)] == [0, 1, 2, 3]  # the same GPUs for all
+    assert [gpu(r, ["3", "2", "1", "0"], 1) for r in range(4)] == [0, 0, 0, 0]  # one GPU given to each
+    assert [gpu(r, ["0,1", "2,3"], 2) for r in range(2)] == [0, 0]  # two of its own each: the first
+    assert [gpu(r, ["0,1", "1,2"], 2) for r in range(2)] == [0, 1]  # sharing GPU 1: not their own
+    assert [gpu(r, ["0", None], 2) for r in range(2)] == [0, 1]
+    assert gpu(0, [None], 3) == gpu(0, ["2"], 1) == 0  # alone (Solo)
+    assert distributed.Solo().gpu(2) == 0
+
+
+class TwinComm:
+    """mpi4py's COMM_WORLD as rank 0 of 2 sees it, where rank 1 holds what rank 0 holds: a sum doubles. Like
+    mpi4py's it takes host buffers only (the stand-in's device arrays have no buffer interface; a real CuPy
+    array would reach an MPI that is not CUDA-aware as a device pointer, and crash it)."""
+    COMM_TYPE_SHARED, IN_PLACE, SUM, MAX = "shared", "in place", "sum", "max"
+    Exception = RuntimeError
+
+    def __init__(self):
+        self.buffers = []  # what each Allreduce was given
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 2
+
+    def Split_type(self, kind):
+        return self  # both ranks on this machine
+
+    def allgather(self, obj):
+        return [obj, obj]
+
+    def Get_processor_name(self):
+        return "here"
+
+    def bcast(self, obj, root=0):
+        return obj
+
+    def Barrier(self):
+        pass
+
+    def Allreduce(self, in_place, buf, op):
+        assert in_place == self.IN_PLACE and isinstance(buf, np.ndarray), type(buf)
+        self.buffers.append(buf)
+        if op == self.SUM:
+            buf *= 2
+
+
+@contextlib.contextmanager
+def twin_ranks():
+    comm = TwinComm()
+    ranks = distributed.MPIRanks(comm, comm)
+    try:
+        yield ranks, comm
+    finally:
+        ranks.watchdog.stop()
+
+
+def test_on_the_gpu_gradients_and_sums_cross_to_the_host_in_one_copy_each():
+    """The flat gradients: one copy into a host buffer made once, the Allreduce there, one copy back. The few
+    sums (0-d arrays on the GPU, and the stop vote on the host): one copy for all, no other read."""
+    with twin_ranks() as (ranks, comm), fake_cupy.installed() as cupy:
+        grads = cupy.asarray(np.arange(6, dtype=np.float32))
+        for _ in range(2):
+            copies = fake_cupy.counts.host_copies
+            ranks.allreduce_(grads)
+            assert fake_cupy.counts.host_copies - copies == 1
+        np.testing.assert_array_equal(cupy.asnumpy(grads), 4 * np.arange(6))
+        assert comm.buffers[0] is comm.buffers[1] and comm.buffers[0].dtype == np.float32
+        loss_sum, n_correct = cupy.asarray(np.float32(1.5)), cupy.asarray(np.int64(3))
+        copies, syncs = fake_cupy.counts.host_copies, fake_cupy.counts.syncs
+        summed = ranks.sum([loss_sum, n_correct, True])
+        assert (fake_cupy.counts.host_copies - copies, fake_cupy.counts.syncs - syncs) == (1, 0)
+        assert type(summed) is np.ndarray and summed.dtype == np.float64
+        np.testing.assert_array_equal(summed, [3.0, 6.0, 2.0])
+        cfg = ModelConfig(vocab_size=11, d_model=4, n_heads=2, d_ff=8, n_layers=1, max_seq_len=3)
+        gpu = LanguageModel(cfg, seed=3, device="cuda")
+        assert distributed.params_checksum(gpu.params) == distributed.params_checksum(LanguageModel(cfg, seed=3).params)
+
+
+def test_a_gpu_training_step_under_mpi_copies_to_the_host_twice_and_reads_once(data, tmp_path, monkeypatch):
+    """train.py's loop, twin ranks: each step copies the gradients and the two sums to the host (and the
+    gradients back) and reads one value (the gradient norm), as one process on a GPU does."""
+    def run(steps):
+        with twin_ranks() as (ranks, comm), fake_cupy.installed():
+            monkeypatch.setattr(distributed, "world", lambda *args, **kwargs: ranks)
+            monkeypatch.setattr(ranks, "limit_threads", lambda: 1)  # BLAS in this process left alone
+            assert train.main(tiny_flags(data, str(tmp_path / str(steps)), max_steps=steps, log_interval=100,
+                                         eval_interval=0, save_interval=0, device="cuda")) == 0
+            return fake_cupy.counts.host_copies, fake_cupy.counts.syncs, len(comm.buffers)
+    (copies_3, syncs_3, reduced_3), (copies_5, syncs_5, reduced_5) = run(3), run(5)
+    assert (copies_5 - copies_3, syncs_5 - syncs_3) == (2 * 2, 2 * 1)
+    assert reduced_5 - reduced_3 == 2 * 3  # the gradients, the sums, the stop vote
+
+
+def test_gpu_evaluation_under_mpi_sums_only_the_vote_batch_by_batch(tmp_path):
+    """Each rank's loss and correct count stay on its GPU over the batches and cross once at the end (one
+    copy, one Allreduce); a batch's Allreduce carries only the stop vote. The result is the CPU's."""
+    from data_loader import eval_batches, load_dataset
+    from device import whole_array_mode
+    val = load_dataset(write_data(tmp_path / "valid.jsonl", 60, seed=2), vocab_size=64)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=16)
+    n_batches = len(list(eval_batches(val, 4, 16)))
+    with twin_ranks() as (ranks, comm):
+        with whole_array_mode():
+            expected = train.evaluate(LanguageModel(cfg, seed=1), val, 4, 16, world=ranks)
+        assert len(comm.buffers) == n_batches  # on the CPU: the sums and the vote, batch by batch
+        comm.buffers.clear()
+        with fake_cupy.installed():
+            gpu = LanguageModel(cfg, seed=1, device="cuda", for_training=False)
+            copies, syncs = fake_cupy.counts.host_copies, fake_cupy.counts.syncs
+            res = train.evaluate(gpu, val, 4, 16, world=ranks)
+            assert (fake_cupy.counts.host_copies - copies, fake_cupy.counts.syncs - syncs) == (1, 0)
+    assert [len(b) for b in comm.buffers] == [1] * n_batches + [2]
+    assert res.keys() == expected.keys() and res["val_tokens"] == expected["val_tokens"] > 0
+    for k in res:
+        assert res[k] == pytest.approx(expected[k], rel=1e-6), k
 
 
 def test_outside_mpiexec_nothing_changes_and_mpi4py_is_not_imported():
@@ -222,12 +359,40 @@ def test_two_ranks_train_bit_for_bit_what_two_workers_train_with_dropout(data, t
 
 
 @needs_mpi
-def test_ranks_on_the_gpu_are_refused_with_one_line(data, tmp_path):
-    """One rank per GPU is a later step: asking for it says so before anything starts (whether or not
-    CuPy is installed)."""
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed: the ranks would train")
+def test_ranks_on_the_gpu_without_cupy_stop_with_one_line(data, tmp_path):
     out = mpirun(2, tiny_flags(data, str(tmp_path / "ck"), max_steps=2) + ["--device", "cuda"])
     assert out.returncode != 0
-    assert "under mpiexec (one rank per GPU) is not supported yet" in out.stderr and "Traceback" not in out.stderr
+    assert (out.stdout + out.stderr).count("error: --device cuda needs CuPy") == 1 and "Traceback" not in out.stderr
+
+
+@needs_mpi
+def test_two_ranks_on_one_gpu_train_what_one_process_on_it_trains(data, tmp_path):
+    """Every rank with the stand-in for CuPy, its scatter-add in NumPy's order. 2 ranks sharing one "GPU"
+    train what one process on it trains, to float32 rounding: the two halves of a batch add up otherwise
+    than one whole-array pass over it. Resumed on two "GPUs", one each, they end exactly where they did."""
+    flags = dict(max_steps=20, log_interval=5, eval_interval=10, save_interval=10, batch_size=7, device="cuda")
+    ranks_dir, one_dir, resumed = str(tmp_path / "ranks"), str(tmp_path / "one"), str(tmp_path / "resumed")
+    run = mpirun(2, tiny_flags(data, ranks_dir, **flags), env=stand_in_env("shuffle_scatter=0"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "rank 0 on GPU 0 (0000:01:00.0), rank 1 on GPU 0 (0000:01:00.0)" in run.stdout
+    with fake_cupy.installed(shuffle_scatter=False):
+        assert train.main(tiny_flags(data, one_dir, **flags)) == 0
+    ranks, one = numbers(ranks_dir), numbers(one_dir)
+    assert [r[:2] for r in ranks] == [r[:2] for r in one]
+    for (_, _, x), (_, _, y) in zip(ranks, one):
+        np.testing.assert_allclose(x, y, rtol=1e-5)
+    a, b = (load_checkpoint(os.path.join(d, "checkpoint_final.npz")) for d in (ranks_dir, one_dir))
+    for name in a.params:
+        np.testing.assert_allclose(a.params[name], b.params[name], rtol=0, atol=2e-4, err_msg=name)
+
+    shutil.copytree(ranks_dir, resumed)
+    os.unlink(os.path.join(resumed, "checkpoint_final.npz"))
+    run = mpirun(2, tiny_flags(data, resumed, resume=True, **flags), env=stand_in_env("shuffle_scatter=0 gpus=2"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "rank 0 on GPU 0 (0000:01:00.0), rank 1 on GPU 1 (0000:02:00.0)" in run.stdout
+    assert "checkpoint_step_10.npz at step 10" in run.stdout
+    same_arrays(os.path.join(resumed, "checkpoint_final.npz"), os.path.join(ranks_dir, "checkpoint_final.npz"))
 
 
 @needs_mpi
