@@ -16,6 +16,7 @@ the GPU memory CuPy's pool holds.
     python3 benchmark.py --dropout 0.1                    # also the step with dropout, timed alternately
 """
 import argparse
+import itertools
 import math
 import os
 import resource
@@ -96,14 +97,13 @@ def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
     optimizer = AdamW(model.params)
     x, y = tokens[:, :-1], tokens[:, 1:]
-    n_steps = [0]
+    step_number = itertools.count()
 
     def step(with_dropout=False):  # what train.py does each step, less the data and the logging
         model.zero_grad()
-        model.forward_backward(x, y, count_targets(y), DropoutKey(0, n_steps[0]) if with_dropout else None)
+        model.forward_backward(x, y, count_targets(y), DropoutKey(0, next(step_number)) if with_dropout else None)
         clip_grad_norm(model.grads, 1.0)
         optimizer.step(model.grads, lr=3e-4)
-        n_steps[0] += 1
 
     def dropout_step():
         step(with_dropout=True)

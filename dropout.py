@@ -86,7 +86,8 @@ def draw_masks(key, config, B, T, xp=np):
         rng = np.random.default_rng([key.seed, DROPOUT_STREAM, key.step, key.row + r])
         numbers = rng.integers(0, LEVELS, starts[-1], dtype=np.uint16)  # all of row r's masks
         for start, n in zip(starts, sizes):
-            np.greater_equal(numbers[start : start + n], threshold, out=keep[B * start + r * n : B * start + (r + 1) * n])
+            first = B * start + r * n  # row r of this mask
+            np.greater_equal(numbers[start : start + n], threshold, out=keep[first : first + n])
     keep = to_device(keep, xp)  # one copy to the GPU; nothing on the CPU
     scale = LEVELS / (LEVELS - threshold)
     masks = [DropoutMask(keep[B * start : B * (start + n)].reshape(B, *shape), scale)

@@ -115,10 +115,10 @@ class Shards:
     worker's are the model's own gradients, the others' are made here) and a workspace.
 
     run(fn, idx, targets) calls fn(rows of idx, rows of targets, grads, workspace, first row) for
-    every worker's contiguous slice of the batch (first row: where it starts in idx, for what depends
-    on a row's place in the batch, as dropout's masks do), all at once, then adds the other workers' gradients
-    into the model's: fn adds its gradients into grads, and the model's gradients gain the whole
-    batch's. With backward=False (evaluation) fn gets no buffer and nothing is added. Without
+    every worker's contiguous slice of the batch (first row: where the slice starts in idx, for what
+    depends on a row's place in the batch, as dropout's masks do), all at once, then adds the other
+    workers' gradients into the model's: fn adds its gradients into grads, and the model's gradients
+    gain the whole batch's. With backward=False (evaluation) fn gets no buffer and nothing is added. Without
     gradients at all (a model for generation) only the workspaces are kept. On the whole-array
     path (the GPU's) one worker takes the whole batch.
     """
