@@ -83,7 +83,7 @@ def build_parser():
     o.add_argument("--dropout", type=float, default=0.0, metavar="P",
                    help="drop each element with probability P while training, as GPT-2 does (0.1 there): after the "
                         "embeddings, on the attention weights and on each residual branch; never in evaluation or "
-                        "generation. Helps against overfitting small data (0: off)")
+                        "generation. Helps against overfitting small data (default 0: off)")
     o.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the batch order")
     o.add_argument("--workers", type=int, default=None,
                    help="threads each batch is split over, one per core (default: as many as NumPy's BLAS uses, "

@@ -202,7 +202,7 @@ def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer
     causal_softmax_inplace(att)
     weights = att if att_mask is None else dropout_forward(att, att_mask)  # dropout(att), a new array
     y = get_array_module(x).empty((B, T, H, hs), x.dtype)
-    matmul_into(weights, v, y.transpose(0, 2, 1, 3))  # (B, H, T, S) @ (B, H, S, hs) -> (B, H, T, hs), heads abreast
+    matmul_into(weights, v, y.transpose(0, 2, 1, 3))  # (B, H, T, S) @ (B, H, S, hs) -> (B, H, T, hs), heads side by side
     y = y.reshape(B, T, C)
     out = matmul_rows(y, w_proj)  # (B, T, C)
     out += b_proj
