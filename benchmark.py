@@ -159,8 +159,10 @@ def print_sizes(vocab_size=50257):
           f"Params (without the {vocab_size}-token embedding) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, p in PRESETS.items():
-        model = LanguageModel(config_from_flags(dict(p, vocab_size=vocab_size)), for_training=False)
-        print(f"| {name.capitalize()} (`--preset {name}`) | {p['d_model']} | {p['n_heads']} | {p['d_ff']} | {p['n_layers']} | "
+        vocab = p.get("vocab_size", vocab_size)  # a recipe's own vocabulary (laptop: our BPE's)
+        own = f", {vocab}-token vocabulary" if vocab != vocab_size else ""
+        model = LanguageModel(config_from_flags(dict(p, vocab_size=vocab)), for_training=False)
+        print(f"| {name.capitalize()} (`--preset {name}`{own}) | {p['d_model']} | {p['n_heads']} | {p['d_ff']} | {p['n_layers']} | "
               f"{p['batch_size']} × {p['seq_len']} | {model.num_parameters():,} | "
               f"{model.num_parameters(include_embeddings=False):,} |")
 

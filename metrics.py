@@ -129,11 +129,11 @@ class Interval:
 
 
 def log_train(log, step, max_steps, interval, lr, grad_norm, tokens_per_step):
-    """One line and one record of the interval's means."""
+    """One line and one record of the interval's means (max_steps None: not known yet, --time_budget)."""
     n, secs = interval.steps, interval.seconds
     loss, accuracy = float(interval.loss) / n, float(interval.accuracy) / n  # on the GPU: read now
     steps_per_s, tokens_per_s = n / secs, n * tokens_per_step / secs
-    log.say(f"step {step:>6}/{max_steps} | loss {loss:.4f} | acc {accuracy:.4f} | lr {lr:.2e} | "
+    log.say(f"step {step:>6}/{max_steps or '?'} | loss {loss:.4f} | acc {accuracy:.4f} | lr {lr:.2e} | "
             f"grad norm {grad_norm:.3f} | {steps_per_s:.2f} steps/s | {tokens_per_s:,.0f} tokens/s")
     log.record(type="train", step=step, loss=loss, accuracy=accuracy, lr=lr, grad_norm=grad_norm,
                steps_per_s=steps_per_s, tokens_per_s=tokens_per_s)

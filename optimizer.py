@@ -67,7 +67,9 @@ class LRSchedule:
     kind="cosine": half a cosine from base_lr at the end of warmup to min_lr at max_steps.
     kind="linear": a straight line from base_lr to min_lr over the same range.
     kind="constant": base_lr after warmup.
-    After max_steps the rate stays at min_lr (cosine/linear).
+    After max_steps the rate stays at min_lr (cosine/linear). max_steps None: the horizon is not
+    known yet (train.py --time_budget measures the speed first), and the rate after warmup stays at
+    base_lr until max_steps is set.
     ``schedule(step)`` is the rate for the update that follows step `step` (0-based),
     so the first update uses base_lr / warmup_steps, never 0.
     """
@@ -79,15 +81,16 @@ class LRSchedule:
             raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(self.KINDS)}")
         if base_lr <= 0 or min_lr < 0 or min_lr > base_lr:
             raise ValueError(f"need 0 <= min_lr <= base_lr and base_lr > 0 (got base_lr={base_lr}, min_lr={min_lr})")
-        if warmup_steps < 0 or max_steps < 1:
+        if warmup_steps < 0 or (max_steps is not None and max_steps < 1):
             raise ValueError(f"need warmup_steps >= 0 and max_steps >= 1 (got {warmup_steps}, {max_steps})")
         self.base_lr, self.min_lr = float(base_lr), float(min_lr)
-        self.warmup_steps, self.max_steps, self.kind = int(warmup_steps), int(max_steps), kind
+        self.warmup_steps, self.kind = int(warmup_steps), kind
+        self.max_steps = None if max_steps is None else int(max_steps)
 
     def __call__(self, step):
         if step < self.warmup_steps:
             return self.base_lr * (step + 1) / self.warmup_steps
-        if self.kind == "constant":
+        if self.kind == "constant" or self.max_steps is None:
             return self.base_lr
         decay_steps = self.max_steps - self.warmup_steps
         if decay_steps <= 0:

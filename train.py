@@ -12,6 +12,12 @@ given as well wins), its batch of 32 computed as 4 micro-batches of 8 rows for l
     python3 train.py --preset small --grad_accum 4 --train_data data/train_tokenized.jsonl \\
         --val_data data/valid_tokenized.jsonl --save_dir checkpoints_small
 
+For a wall-clock budget instead of a number of steps (the learning-rate schedule ends when the time is
+up): --time_budget MINUTES. --preset laptop is a whole recipe for 15 minutes on a 2-core laptop, on our
+BPE of 4,096 tokens (tokenizer.py --train_bpe --vocab_size 4096, then tokenize with it: the README):
+    python3 train.py --preset laptop --train_data data/train_bpe4096.jsonl \\
+        --val_data data/valid_bpe4096.jsonl --save_dir checkpoints_laptop
+
 Continue an interrupted run (same flags plus --resume: the newest checkpoint of that run in
 --save_dir, or name one). The result is bit-for-bit what the uninterrupted run gives:
     python3 train.py <same flags as before> --resume
@@ -56,6 +62,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 import distributed
+from budget import TimeBudget
 from checkpoint import CheckpointError, copy_params
 from config import config_from_flags, param_shapes
 from data_loader import (DataError, RandomBatches, check_same_tokenizer, eval_batches, load_dataset,
@@ -118,6 +125,8 @@ class Run:
     tokenizer: dict               # the data's tokenizer identity
     tokenizer_model_json: str
     run_id: str                   # kept in every checkpoint: a bare --resume continues this run, no other
+    horizon: int                  # the step the run and its schedule end at (--time_budget: None until measured)
+    budget: TimeBudget = None     # --time_budget, until it has fixed the horizon
     step: int = 0                 # updates done so far
     last_good: str = None         # newest checkpoint known to be good (named when stopping on NaN)
 
@@ -125,6 +134,10 @@ class Run:
     def split(self):
         """How each batch is cut: (MPI ranks, workers per rank, micro-batches)."""
         return self.world.size, self.model.workers, self.args.grad_accum
+
+    def end_at(self, horizon):
+        """Set the step the run ends at, where the learning-rate schedule ends."""
+        self.horizon = self.schedule.max_steps = horizon
 
     def state(self):
         """The run's state besides the weights, for a checkpoint."""
@@ -134,7 +147,7 @@ class Run:
                           opt_state=self.opt.state_dict(), tokenizer=self.tokenizer,
                           tokenizer_model_json=self.tokenizer_model_json,
                           train_args={k: v for k, v in vars(a).items() if k != "resume"},
-                          split=self.split)
+                          split=self.split, horizon=self.horizon if a.time_budget else None)
 
 
 def setup(args, world, log, run_dir, init=None):
@@ -158,19 +171,21 @@ def setup(args, world, log, run_dir, init=None):
                           device=args.device)
     if init is not None and not args.resume:  # resuming: the checkpoint has the weights
         init_weights(model, args, init, train_ds.tokenizer, log)
+    horizon = None if args.time_budget else args.max_steps
     run = Run(args=args, world=world, log=log, run_dir=run_dir, train_ds=train_ds, val_ds=val_ds,
               # the batch order has its own random stream, separate from the initial weights'
               batches=RandomBatches(train_ds, args.batch_size, args.seq_len, seed=[args.seed, 1]),
               model=model, opt=make_optimizer(args, model.params, threads),
-              schedule=LRSchedule(args.learning_rate, args.warmup_steps, args.max_steps, args.min_lr,
-                                  args.lr_schedule),
+              schedule=LRSchedule(args.learning_rate, args.warmup_steps, horizon, args.min_lr, args.lr_schedule),
               tokenizer=train_ds.tokenizer, tokenizer_model_json=tokenizer_model_json(train_ds.tokenizer, log.say),
-              run_id=world.bcast(new_run_id()))  # rank 0's
+              run_id=world.bcast(new_run_id()), horizon=horizon)  # rank 0's
     if args.resume:  # rank 0 picks the checkpoint, so that every rank loads the same one
         chosen = (run_dir.choose_resume() if args.resume == "latest" else args.resume) if world.is_root else None
         restore(run, world.bcast(chosen))
     elif world.is_root:
         check_overwrite(args, run_dir, log)
+    if run.horizon is None:  # --time_budget, not known from a checkpoint: measured in train_loop
+        run.budget = TimeBudget(args.time_budget, world, cap=args.max_steps)
     log.open(resume_step=run.step if args.resume else None)
     if world.is_root:  # after the log, whose metrics.jsonl may be refused: then nothing in the folder changed
         run_dir.write_run_id(run.run_id)
@@ -341,22 +356,28 @@ def due(interval, step, start):
 
 
 def train_loop(run):
-    """Train to --max_steps, or until Ctrl-C / SIGTERM / --max_time; returns the exit code."""
+    """Train to --max_steps (or the horizon of --time_budget), or until Ctrl-C / SIGTERM / --max_time;
+    returns the exit code."""
     args, world, model, log = run.args, run.world, run.model, run.log
-    if run.step >= args.max_steps:
-        log.say(f"checkpoint is at step {run.step}, already >= --max_steps {args.max_steps}: nothing to train")
+    end = run.horizon or args.max_steps  # before --time_budget has measured: its cap, if any
+    if end is not None and run.step >= end:
+        what = f"--max_steps {end}" if end == args.max_steps else \
+            f"the {end} steps its --time_budget fixed (to train on: no --time_budget, a higher --max_steps)"
+        log.say(f"checkpoint is at step {run.step}, already >= {what}: nothing to train")
         return 0
     start, interval = run.step, Interval()
     timer = StepTimer(functools.partial(synchronize, model.xp) if args.profile else None)
     stop, show_bar = Stop(args.max_time, world), world.is_root and not args.no_progress
     try:
-        with stop, progress_bar(log, args.max_steps, run.step, show_bar) as bar:
+        with stop, progress_bar(log, run.horizon, run.step, show_bar) as bar:
             while True:
-                last_step = run.step == args.max_steps or stop.requested()
-                if run.val_ds is not None and (run.step == args.max_steps or due(args.eval_interval, run.step, start)):
+                if run.budget is not None and run.budget.measured(run.step):
+                    fix_horizon(run, stop, timer, bar)
+                last_step = run.step == run.horizon or stop.requested()
+                if run.val_ds is not None and (run.step == run.horizon or due(args.eval_interval, run.step, start)):
                     validate(run, stop, timer)  # a Ctrl-C here skips the evaluation, never the save
                 if last_step or due(args.save_interval, run.step, start):
-                    path = save(run, FINAL if run.step == args.max_steps else step_name(run.step))
+                    path = save(run, FINAL if run.step == run.horizon else step_name(run.step))
                 if last_step:
                     break
                 timer.start()
@@ -382,21 +403,37 @@ def train_loop(run):
                 timer.lap("optimizer")
                 interval.add(loss, accuracy, timer.step_seconds())
                 bar.update(1)
-                if run.step % args.log_interval == 0 or run.step == args.max_steps:
-                    log_train(log, run.step, args.max_steps, interval, lr, grad_norm, args.batch_size * args.seq_len)
+                if run.step % args.log_interval == 0 or run.step == run.horizon:
+                    log_train(log, run.step, run.horizon, interval, lr, grad_norm, args.batch_size * args.seq_len)
                     interval = Interval()
                 timer.stop("bookkeeping")
     except TrainError as e:
         with contextlib.suppress(OSError):  # the error may be a full disk
             log.record(type="error", step=run.step + 1, message=str(e))
         raise
-    if run.step == args.max_steps:
+    if run.step == run.horizon:
         log.say(f"done: {run.step} steps; final weights in {path}")
     else:
         log.say(f"{stop.reason} at step {run.step}; resume with the same flags plus --resume ({path})")
         log.record(type="stopped", step=run.step, reason=stop.reason)
     timer.report(log, run.step, "model", show=args.profile)
-    return stop.exit_code if run.step < args.max_steps else 0
+    return stop.exit_code if run.step != run.horizon else 0
+
+
+def fix_horizon(run, stop, timer, bar):
+    """--time_budget: the step the run ends at, from the speed of its first steps (budget.py), with an
+    evaluation and a checkpoint timed when periodic ones fall before it; logged and recorded."""
+    args, budget = run.args, run.budget
+    evaluate = functools.partial(validate, run, stop, timer) if run.val_ds is not None else None
+    horizon = budget.horizon(run.step, evaluate, args.eval_interval, lambda: save(run, step_name(run.step)),
+                             args.save_interval)
+    run.end_at(horizon)
+    bar.total, run.budget = horizon, None
+    run.log.say(budget.describe(run.step, horizon))
+    run.log.record(type="budget", step=run.step, horizon=horizon, seconds_per_step=budget.step_s,
+                   minutes=args.time_budget, **{f"{k}_seconds": s for k, (_, s) in budget.costs.items()})
+    if "checkpoint" in budget.costs:  # written to time it, before the horizon was known: again, with it
+        save(run, step_name(run.step))
 
 
 def lost_rank_message(run, what):

@@ -8,13 +8,16 @@ the flags left out take.
 
 A flag given on the command line always wins. One left out takes, in this order, the value of
 --init_from's config.json (the architecture), of --preset (config.PRESETS: a model size and its
-batch; a preset may set any flag), else its default.
+batch; a preset may set any flag), else its default. A preset's --time_budget gives way to a
+--max_steps given: that many steps are asked for.
 """
 import argparse
 import math
 
 from config import MAX_SEQ_LEN, PRESETS, flags_from_config
 from optimizer import OPTIMIZERS, LRSchedule
+
+MAX_STEPS = 5000  # --max_steps without --time_budget
 
 
 class TrainError(Exception):
@@ -42,8 +45,12 @@ def build_parser():
                         "(default: 50256 for vocab 50257, else vocab_size - 1)")
     m = p.add_argument_group("model")
     m.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="a model size of the README's table: sets the model flags, --batch_size and --seq_len "
-                        "(any of them given as well wins)")
+                   help="tiny|small|medium|large: a model size of the README's table, which sets the model flags, "
+                        "--batch_size and --seq_len; laptop: the recipe for 15 minutes on a 2-core laptop, which "
+                        "sets every model and optimizer flag and --time_budget 15, and --vocab_size 4096: train our "
+                        "BPE of that size on the training text first (python3 tokenizer.py --train_bpe --vocab_size "
+                        "4096 TRAIN.txt --model_file bpe4096.json) and tokenize with it (README, 2. Tokenize). "
+                        "Flags given as well win; --max_steps given drops the preset's --time_budget")
     m.add_argument("--vocab_size", type=int, default=50257, help="vocabulary size (50257 for GPT-2's tiktoken)")
     m.add_argument("--d_model", type=int, default=128, help="width of the residual stream")
     m.add_argument("--n_heads", type=int, default=4, help="attention heads per layer (must divide d_model)")
@@ -65,7 +72,9 @@ def build_parser():
     o.add_argument("--grad_accum", type=int, default=1, metavar="N",
                    help="compute each batch as N micro-batches of batch_size/N windows, one after the other, "
                         "their gradients added up: the same update for less memory")
-    o.add_argument("--max_steps", type=int, default=5000, help="total optimizer steps")
+    o.add_argument("--max_steps", type=int, default=None,
+                   help=f"total optimizer steps (default: {MAX_STEPS}; with --time_budget: what fits, at most this "
+                        "when given)")
     o.add_argument("--learning_rate", type=float, default=3e-4, help="peak learning rate, reached after warmup")
     o.add_argument("--min_lr", type=float, default=3e-5, help="learning rate at the end of the decay")
     o.add_argument("--warmup_steps", type=int, default=500, help="steps of linear warmup from 0 to --learning_rate")
@@ -110,7 +119,16 @@ def build_parser():
                         "checkpoint_step_N.npz replace the earlier ones of the same names; the earlier metrics.jsonl "
                         "is kept as metrics.jsonl.old (.old.1, ... if taken)")
     r.add_argument("--max_time", type=float, default=None,
-                   help="stop after this many minutes of training, saving a checkpoint to resume from")
+                   help="stop after this many minutes of training, saving a checkpoint to resume from (the "
+                        "schedule is not changed: see --time_budget)")
+    r.add_argument("--time_budget", type=float, default=None, metavar="MINUTES",
+                   help="train for this many minutes of wall time, the learning-rate schedule ending when they "
+                        "are up: the speed of the first steps (the first one not timed; 10 steps and 20 s, or a "
+                        "tenth of the budget) sets how many steps fit, periodic evaluations and checkpoints "
+                        "included, and the run and its schedule end there (the horizon, logged). --max_steps "
+                        "given caps it; warmup stays in steps; the final evaluation and checkpoint come after "
+                        "the budget. The checkpoints record the horizon: --resume continues on it, never "
+                        "measuring again. --max_time still stops the run early")
     r.add_argument("--profile", action="store_true",
                    help="print where step time goes (model vs data, clipping, optimizer, logging); on a GPU it "
                         "waits for the GPU at each part, to time it")
@@ -125,7 +143,7 @@ def check_args(args):
     positive = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "seq_len", "batch_size", "grad_accum",
                 "max_steps", "log_interval")
     for name in positive:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # max_steps None: --time_budget's
             raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     for name in ("warmup_steps", "eval_interval", "save_interval", "grad_clip", "weight_decay", "min_lr", "seed"):
         if not getattr(args, name) >= 0:  # NaN too: --grad_clip nan would turn clipping off
@@ -148,6 +166,8 @@ def check_args(args):
             raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.max_time is not None and not args.max_time > 0:
         raise TrainError(f"--max_time must be a positive number of minutes (got {args.max_time})")
+    if args.time_budget is not None and not 0 < args.time_budget < math.inf:
+        raise TrainError(f"--time_budget must be a positive number of minutes (got {args.time_budget})")
     if not args.rank_timeout > 0:
         raise TrainError(f"--rank_timeout must be a positive number of seconds (got {args.rank_timeout})")
 
@@ -162,7 +182,8 @@ def given_flags(parser, argv):
 
 def apply_defaults(args, given, init=None):
     """Flags not given take --init_from's values (init: its (ModelConfig, config.json), whose architecture
-    wins; --seq_len its n_positions), then --preset's, then their defaults."""
+    wins; --seq_len its n_positions), then --preset's (its --time_budget not when --max_steps is given),
+    then their defaults."""
     taken = set(given)
     if init is not None:
         for name, value in dict(flags_from_config(init[0]), seq_len=init[0].max_seq_len).items():
@@ -170,8 +191,10 @@ def apply_defaults(args, given, init=None):
                 setattr(args, name, value)
                 taken.add(name)
     for name, value in PRESETS[args.preset].items() if args.preset else ():
-        if name not in taken:
+        if name not in taken and not (name == "time_budget" and "max_steps" in taken):
             setattr(args, name, value)
+    if args.max_steps is None and args.time_budget is None:
+        args.max_steps = MAX_STEPS
 
 
 def check_init_from(args, config):

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, replace
 
 import distributed
+from budget import on_resume
 from checkpoint import CheckpointError, copy_params, load_checkpoint, save_checkpoint
 from data_loader import same_tokenizer
 from train_flags import TrainError
@@ -38,18 +39,21 @@ class TrainState:
     tokenizer_model_json: str  # a BPE tokenizer's model, so that generate.py needs nothing else (or None)
     train_args: dict          # the run's flags, --resume aside
     split: tuple              # how each batch was cut: (MPI ranks, workers per rank, micro-batches)
+    horizon: int = None       # --time_budget: the step the run and its schedule end at (None: no budget, or
+    #                           not measured yet)
 
     def to_meta(self):
         ranks, workers, grad_accum = self.split
         return {"step": self.step, "run_id": self.run_id, "data": self.data, "tokenizer": self.tokenizer,
                 "tokenizer_model_json": self.tokenizer_model_json, "train_args": self.train_args,
-                "ranks": ranks, "workers": workers, "grad_accum": grad_accum}
+                "ranks": ranks, "workers": workers, "grad_accum": grad_accum, "horizon": self.horizon}
 
     @classmethod
     def from_checkpoint(cls, ck):
         """The state in a Checkpoint (checkpoint.load_checkpoint). KeyError, TypeError or ValueError
         for a file without it (a weights-only file). A checkpoint from before a field existed: no run
-        id (None), the split of one process (its number of workers unknown: None), one micro-batch."""
+        id (None), the split of one process (its number of workers unknown: None), one micro-batch, no
+        horizon (None)."""
         meta = ck.meta
         data = meta["data"]
         if not isinstance(data, dict):
@@ -57,9 +61,12 @@ class TrainState:
         split = (meta.get("ranks", 1), meta.get("workers"), meta.get("grad_accum", 1))
         if not all(n is None or (type(n) is int and n >= 1) for n in split):  # None: not recorded
             raise ValueError(f"ranks x workers x micro-batches {' x '.join(map(repr, split))} are not counts")
+        horizon = meta.get("horizon")
+        if horizon is not None and not (type(horizon) is int and horizon >= 1):
+            raise ValueError(f"the horizon {horizon!r} is not a number of steps")
         return cls(step=int(meta["step"]), run_id=meta.get("run_id"), data=data, opt_state=ck.arrays,
                    tokenizer=meta.get("tokenizer"), tokenizer_model_json=meta.get("tokenizer_model_json"),
-                   train_args=meta.get("train_args") or {}, split=split)
+                   train_args=meta.get("train_args") or {}, split=split, horizon=horizon)
 
 
 def same_gradient_sums(a, b):
@@ -109,6 +116,7 @@ def restore(run, path):
         raise TrainError(f"{path} lacks a usable optimizer or data state to resume exactly ({e}); it may be "
                          "a weights-only or damaged file") from None
     run.step, run.last_good = saved.step, path
+    run.end_at(on_resume(saved.horizon, run.args.time_budget, run.args.max_steps, run.log.say))
     run.run_id = saved.run_id or run.run_id  # a checkpoint from before runs had ids: a new one
     split = run.split
     was = tuple(now if then is None else then for then, now in zip(saved.split, split))  # None: not recorded

@@ -1,0 +1,275 @@
+"""The quality benchmark: what a recipe learns in a wall-clock budget, scored in bits per byte of held-out text.
+
+    python3 scripts/quality.py --train_text data/tinystories_train_sample.txt \\
+        --valid_text data/tinystories_valid_sample.txt --tokenizer bpe -- --preset laptop
+    python3 scripts/quality.py --train_text T.txt --valid_text V.txt --tokenizer gpt2 --time_budget 12 \\
+        -- --preset small --learning_rate 2e-3
+
+The flags after `--` are the recipe: train.py's flags (a --preset and/or any others). One command:
+1. tokenizes both texts (.txt, one story per line or the raw <|endoftext|> layout) with GPT-2's
+   encoding (--tokenizer gpt2) or with our BPE of the recipe's --vocab_size tokens trained on the
+   training text (--tokenizer bpe), cached in --work_dir under names keyed by the SHA-256 of the text
+   and of the tokenizer, so that the next recipe on the same texts starts training at once;
+2. trains with train.py --time_budget (the learning-rate schedule ends when the time is up), into
+   a new folder under WORK_DIR/runs; the recipe's evaluations are left to it (none before the end by
+   default);
+3. scores the final weights on the whole validation text (train.py's final evaluation: every window of
+   --seq_len tokens, the tail shorter than one window aside): loss in nats per token, perplexity, and
+   bits per byte, the summed loss in bits over the UTF-8 bytes the evaluated tokens stand for (one byte
+   more per story, for the separator, whose token the model predicts too), which does not depend on the
+   tokenizer;
+4. generates --samples stories from "Once upon a time" (temperature 0.8, top-k 40, seed 0);
+5. prints a markdown table row (with its header) and appends the whole record, as one JSON line, to
+   --results (default WORK_DIR/results.jsonl).
+
+The budget covers training only: tokenizing (once per text and tokenizer), the final evaluation (about
+a second per 10,000 tokens of validation text for the laptop preset on 2 cores) and the samples come
+on top. Run nothing else on the machine meanwhile: the budget's horizon follows the speed it measures.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import train_flags  # noqa: E402
+
+PY = sys.executable
+GPT2_VOCAB = 50257
+SAMPLING = {"prompt": "Once upon a time", "temperature": 0.8, "top_k": 40, "seed": 0}
+OWNED = ("train_data", "val_data", "save_dir", "resume", "overwrite", "init_from", "eval_batches")  # the script's
+HEADER = ("| date | recipe | tokenizer | budget | steps | s/step | tokens seen | val loss | bits/byte | "
+          "perplexity | sample |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+class QualityError(Exception):
+    """Bad input to the benchmark: the message says what to do."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Train a recipe for a wall-clock budget and score it in bits per byte of held-out text. "
+                    "Flags after `--` are the recipe: train.py's flags (--preset laptop, --learning_rate 2e-3, ...).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--train_text", required=True, help="training text (.txt, one story per line or the raw layout)")
+    p.add_argument("--valid_text", required=True, help="held-out text to score on, the same layouts")
+    p.add_argument("--tokenizer", choices=("gpt2", "bpe"), default="gpt2",
+                   help="gpt2: GPT-2's encoding (--vocab_size 50257); bpe: our BPE of the recipe's --vocab_size "
+                        "tokens, trained on --train_text")
+    p.add_argument("--time_budget", type=float, default=None, metavar="MINUTES",
+                   help="minutes of training (default: the recipe's --time_budget, e.g. --preset laptop's 15)")
+    p.add_argument("--work_dir", default="quality_work",
+                   help="the tokenized texts (cached), one folder per run (runs/), results.jsonl")
+    p.add_argument("--results", default=None, help="JSON-lines file the record is appended to "
+                                                   "(default: WORK_DIR/results.jsonl)")
+    p.add_argument("--samples", type=int, default=3, help="stories to generate")
+    p.add_argument("--sample_tokens", type=int, default=80, help="most tokens per story")
+    return p
+
+
+def parse(argv):
+    """(the script's args, the recipe's train.py flags)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    return build_parser().parse_args(argv[:cut]), argv[cut + 1:]
+
+
+def resolve_recipe(recipe, args):
+    """train.py's values for the recipe's flags (presets applied), and the flags train.py gets."""
+    parser = train_flags.build_parser()
+    full = ["--train_data", "-", *recipe]
+    try:
+        flags = parser.parse_args(full)
+    except SystemExit:
+        raise QualityError(f"the recipe {' '.join(recipe)!r} is not a valid train.py command line (see the "
+                           "message above and python3 train.py --help)") from None
+    given = train_flags.given_flags(parser, full)
+    owned = sorted(given & set(OWNED) - {"train_data"})
+    owned += ["train_data"] if any(a.split("=")[0] == "--train_data" for a in recipe) else []
+    if owned:
+        raise QualityError(f"the recipe sets --{', --'.join(owned)}: the benchmark chooses those itself (the data, "
+                           "its own folder, from scratch, the whole validation text)")
+    if args.time_budget is not None and "time_budget" in given:
+        raise QualityError("--time_budget is given twice: give it once, before the `--` or after it")
+    extra = []
+    if args.time_budget is not None:
+        extra += ["--time_budget", str(args.time_budget)]
+    if args.tokenizer == "gpt2":
+        if "vocab_size" in given and flags.vocab_size != GPT2_VOCAB:
+            raise QualityError(f"the recipe's --vocab_size {flags.vocab_size} is not GPT-2's {GPT2_VOCAB}: use "
+                               "--tokenizer bpe to train our BPE of that size")
+        extra += ["--vocab_size", str(GPT2_VOCAB)]  # over a preset's own vocabulary (laptop: our BPE's)
+    elif "vocab_size" not in given and not (flags.preset and "vocab_size" in train_flags.PRESETS[flags.preset]):
+        raise QualityError("--tokenizer bpe trains our BPE of the recipe's --vocab_size tokens: give the recipe "
+                           "one (e.g. -- --vocab_size 4096, or --preset laptop)")
+    if "eval_interval" not in given:
+        extra += ["--eval_interval", "0"]  # one evaluation, at the end: the whole validation text
+    extra += ["--no_progress"]
+    full += extra
+    flags = parser.parse_args(full)
+    train_flags.apply_defaults(flags, train_flags.given_flags(parser, full))
+    if flags.time_budget is None:
+        raise QualityError("no time budget: give --time_budget MINUTES (or a recipe that sets one, --preset laptop)")
+    try:
+        train_flags.check_args(flags)
+    except train_flags.TrainError as e:
+        raise QualityError(f"the recipe: {e}") from None
+    return flags, [*recipe, *extra]
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        raise QualityError(f"cannot read {path}: {e.strerror}") from None
+    return h.hexdigest()
+
+
+def run(cmd, what):
+    """Run one of the tools; its own one-line error when it fails."""
+    proc = subprocess.run([PY, *map(str, cmd)], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        last = (proc.stderr.strip() or proc.stdout.strip() or "no message").splitlines()[-1]
+        raise QualityError(f"{what} failed: {last}")
+    return proc.stdout
+
+
+def tokenized(text, text_sha, tok_key, tok_flags, cache, say):
+    """The cached tokenized .jsonl of text for the tokenizer tok_key, made with tokenizer.py when missing
+    (its sidecar, written last, marks a complete file)."""
+    out = cache / f"{Path(text).stem}-{text_sha[:16]}-{tok_key}.jsonl"
+    if (cache / (out.name + ".meta.json")).exists():
+        say(f"cached: {out}")
+        return out
+    run(["tokenizer.py", text, out, *tok_flags, "--quiet"], f"tokenizing {text}")
+    say(f"tokenized {text} -> {out}")
+    return out
+
+
+def prepare_data(args, vocab_size, say=print):
+    """(train .jsonl, valid .jsonl, tokenizer key), tokenized or taken from WORK_DIR/tokenized."""
+    cache = Path(args.work_dir) / "tokenized"
+    cache.mkdir(parents=True, exist_ok=True)
+    train_sha, valid_sha = sha256_of(args.train_text), sha256_of(args.valid_text)
+    if args.tokenizer == "gpt2":
+        key, flags = "gpt2", ["--tokenizer", "tiktoken", "--encoding", "gpt2"]
+    else:
+        key = f"bpe{vocab_size}-{train_sha[:16]}"  # our BPE is a function of its training text and size
+        model = cache / f"{key}.json"
+        if not model.exists():
+            run(["tokenizer.py", "--train_bpe", "--vocab_size", vocab_size, args.train_text, "--model_file", model,
+                 "--quiet"], f"training our BPE of {vocab_size} tokens on {args.train_text}")
+            say(f"trained our BPE of {vocab_size} tokens -> {model}")
+        flags = ["--tokenizer", "lecture2_bpe", "--model_file", model]
+    return (tokenized(args.train_text, train_sha, key, flags, cache, say),
+            tokenized(args.valid_text, valid_sha, key, flags, cache, say), key)
+
+
+def read_metrics(save_dir):
+    with open(os.path.join(save_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def samples(checkpoint, n, max_tokens):
+    """n stories generated from the checkpoint (SAMPLING's settings), as text."""
+    s = SAMPLING
+    out = run(["generate.py", "--checkpoint", checkpoint, "--prompt", s["prompt"], "--num_samples", n,
+               "--max_length", max_tokens, "--temperature", s["temperature"], "--top_k", s["top_k"],
+               "--seed", s["seed"]], "generating samples")
+    parts = out.split("----- sample ")[1:]  # generate.py's "----- sample i/n -----" lines
+    return [p.split("-----\n", 1)[1].strip() for p in parts]
+
+
+def score(save_dir, flags):
+    """The run's numbers from its metrics.jsonl and final checkpoint."""
+    recs = read_metrics(save_dir)
+    final = [r for r in recs if r["type"] == "eval"][-1]
+    steps = max(r["step"] for r in recs if r["type"] == "train")
+    config = next(r for r in recs if r["type"] == "config")
+    budget = next((r for r in recs if r["type"] == "budget"), {})
+    last_train = [r for r in recs if r["type"] == "train"][-1]
+    if final["step"] != steps:
+        raise QualityError(f"{save_dir}: the run stopped at step {steps} before its end (see its output above)")
+    return {"steps": steps, "horizon": budget.get("horizon"), "seconds_per_step": budget.get("seconds_per_step"),
+            "train_seconds": last_train["time"] - config["time"],
+            "tokens_seen": steps * flags.batch_size * flags.seq_len,  # every window's seq_len targets, every step
+            "num_parameters": config["num_parameters"], "config": config["config"],
+            "val_loss": final["val_loss"], "val_perplexity": math.exp(final["val_loss"]), "val_bpb": final["val_bpb"],
+            "val_accuracy": final["val_accuracy"], "val_tokens": final["val_tokens"]}
+
+
+def markdown_row(r):
+    def cell(text):
+        return str(text).replace("|", "\\|").replace("\n", " / ")
+    sample = r["samples"][0][:120] + ("..." if len(r["samples"][0]) > 120 else "") if r["samples"] else ""
+    s_step = f"{r['seconds_per_step']:.3f}" if r["seconds_per_step"] is not None else "-"
+    return (f"| {r['date'][:10]} | `{cell(' '.join(r['recipe']))}` | {r['tokenizer']['name']} | "
+            f"{r['time_budget_minutes']:g} min | {r['steps']:,} | {s_step} | {r['tokens_seen']:,} | "
+            f"{r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['val_perplexity']:.2f} | {cell(sample)} |")
+
+
+def main(argv=None):
+    args, recipe = parse(argv)
+    try:
+        if args.samples < 0 or args.sample_tokens < 1:
+            raise QualityError("--samples must be >= 0 and --sample_tokens >= 1")
+        for path in (args.train_text, args.valid_text):
+            if not os.path.isfile(path):
+                raise QualityError(f"{path} is not a text file")
+        flags, train_argv = resolve_recipe(recipe, args)
+        train_data, val_data, tok_key = prepare_data(args, flags.vocab_size)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        save_dir = Path(args.work_dir) / "runs" / f"{stamp}-{tok_key.split('-')[0]}-{os.getpid()}"
+        machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.machine(),
+                   "python": platform.python_version(),
+                   "load_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+        cmd = ["train.py", "--train_data", train_data, "--val_data", val_data, "--save_dir", save_dir, *train_argv]
+        print("+ python3 " + " ".join(map(str, cmd)), flush=True)
+        t = time.time()
+        proc = subprocess.run([PY, *map(str, cmd)], cwd=REPO)  # its output is the run's log, shown as it goes
+        if proc.returncode:
+            raise QualityError(f"train.py failed (exit {proc.returncode}): its message is above")
+        wall = time.time() - t
+        with open(str(val_data) + ".meta.json", encoding="utf-8") as f:
+            side = json.load(f)
+        record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine,
+                  "recipe": recipe, "train_argv": [str(c) for c in cmd[1:]],
+                  "tokenizer": {"kind": args.tokenizer, "name": side["tokenizer"]["name"],
+                                "vocab_size": flags.vocab_size},
+                  "train_text": {"path": str(args.train_text), "sha256": sha256_of(args.train_text)},
+                  "valid_text": {"path": str(args.valid_text), "sha256": sha256_of(args.valid_text),
+                                 "bytes": side["num_bytes"] + side["num_documents"],  # as train.py's evaluation
+                                 "tokens": side["num_tokens"], "stories": side["num_documents"]},
+                  "time_budget_minutes": flags.time_budget, "wall_seconds": wall,
+                  **score(save_dir, flags), "sampling": dict(SAMPLING, max_length=args.sample_tokens),
+                  "save_dir": str(save_dir)}
+        final = save_dir / "checkpoint_final.npz"
+        record["samples"] = samples(final, args.samples, args.sample_tokens) if args.samples else []
+        row = markdown_row(record)
+        record["markdown_row"] = row
+        results = Path(args.results or Path(args.work_dir) / "results.jsonl")
+        results.parent.mkdir(parents=True, exist_ok=True)
+        with open(results, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for i, text in enumerate(record["samples"]):
+            print(f"----- sample {i + 1}/{len(record['samples'])} -----\n{text}")
+        print(f"\n{HEADER}\n{row}\n\nrecord appended to {results}")
+        return 0
+    except QualityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
