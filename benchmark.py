@@ -14,6 +14,12 @@ the GPU memory CuPy's pool holds.
     python3 benchmark.py --all                            # Tiny, Small, Medium and Small with a 4096 vocabulary
     python3 benchmark.py --device cuda                    # the Small model on an NVIDIA GPU (needs CuPy)
     python3 benchmark.py --dropout 0.1                    # also the step with dropout, timed alternately
+
+Decoding (`--decode`, also `generate.py --benchmark`): tokens/s of greedy decoding with the
+key/value cache and without it (the whole window again for every token), and the time per token
+at a few context lengths, for the guide's Small and Medium models (random weights).
+
+    python3 benchmark.py --decode
 """
 import argparse
 import itertools
@@ -27,9 +33,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from config import PRESETS, ModelConfig, config_from_flags
-from device import DeviceError, gpu_memory, require, synchronize, to_device
+from config import GPT2_VOCAB_SIZE, PRESETS, ModelConfig, config_from_flags
+from decoding import Decoder
+from device import array_module, gpu_memory, synchronize, to_device
 from dropout import DropoutKey
+from errors import UserError
 from language_model import LanguageModel
 from lm_head import ROWS_PER_CHUNK
 from loss import count_targets
@@ -40,6 +48,8 @@ RUNS = {  # --all: the guide's models (config.PRESETS, with their batches), and 
     "tiny": PRESETS["tiny"], "small": PRESETS["small"], "medium": PRESETS["medium"],
     "small-v4096": dict(PRESETS["small"], vocab_size=4096),
 }
+DECODE_PRESETS = ("small", "medium")  # --decode: the guide's models, with a context of 256 tokens at least
+DECODE_CONTEXT = 256
 
 
 class MatmulsOnly:
@@ -152,7 +162,56 @@ def report(name, cfg, B, T, r):
               f"({100 * (r['dropout_step_s'] / r['step_s'] - 1):+.1f}% on the step without)", flush=True)
 
 
-def print_sizes(vocab_size=50257):
+def decode_benchmark(model, n_tokens=256, contexts=(16, 64, 128, 256), out=sys.stdout):
+    """Greedy-decode n_tokens with and without the cache; report tokens/s and per-token time by context.
+
+    Returns {"cache"|"no cache": {"tokens_per_s": float, "ms_at": {context: ms}, "tokens": [...]}}.
+    """
+    if n_tokens > model.config.max_seq_len:
+        raise UserError(f"benchmark of {n_tokens} tokens needs max_seq_len >= {n_tokens}, "
+                        f"model has {model.config.max_seq_len}")
+    results = {}
+    for name, use_cache in (("cache", True), ("no cache", False)):
+        decoder = Decoder(model, use_cache)
+        logits = decoder.feed([0])
+        tokens, seconds = [0], []
+        while len(tokens) < n_tokens:
+            token = int(np.argmax(logits))
+            tokens.append(token)
+            t0 = time.perf_counter()
+            logits = decoder.feed([token])  # the step whose context is len(tokens)
+            seconds.append(time.perf_counter() - t0)
+        ms_at = {}
+        for c in contexts:
+            if 2 <= c <= n_tokens:  # the fastest of the steps at contexts c-4..c: the least disturbed by other work
+                ms_at[c] = 1e3 * min(seconds[max(0, c - 6): c - 1])
+        results[name] = {"tokens_per_s": len(seconds) / sum(seconds), "ms_at": ms_at, "tokens": tokens}
+        per = "  ".join(f"ctx {c}: {ms:6.2f} ms" for c, ms in ms_at.items())
+        out.write(f"  {name:8s}: {results[name]['tokens_per_s']:8.1f} tokens/s   per token at {per}\n")
+        out.flush()
+    same = results["cache"]["tokens"] == results["no cache"]["tokens"]
+    out.write(f"  greedy tokens identical with and without the cache: {same}\n")
+    return results
+
+
+def decode_models(n_tokens, device="cpu"):
+    """{name: model} of DECODE_PRESETS with random weights and a context of n_tokens at least."""
+    return {name: LanguageModel(config_from_flags(dict(PRESETS[name], seq_len=max(DECODE_CONTEXT, n_tokens))),
+                                seed=0, dtype=np.float32, device=device) for name in DECODE_PRESETS}
+
+
+def run_decode(models, n_tokens, device, out=sys.stdout):
+    """decode_benchmark of each of {name: model}, each with a line saying what it is."""
+    if hasattr(os, "getloadavg"):  # other work on the machine slows every figure below
+        out.write(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
+    for name, model in models.items():
+        c = model.config
+        out.write(f"{name}: vocab {c.vocab_size}, d_model {c.d_model}, {c.n_heads} heads, d_ff {c.d_ff}, "
+                  f"{c.n_layers} layers, {model.dtype} on {device}; greedy decoding of {n_tokens} tokens\n")
+        decode_benchmark(model, n_tokens, out=out)
+
+
+def print_sizes(vocab_size=GPT2_VOCAB_SIZE):
     """The guide's model sizes (config.PRESETS): parameters with and without the (V, C) token embedding
     (tied to the head), as the README's table shows them."""
     print(f"| Size | d_model | n_heads | d_ff | n_layers | batch × seq | Params (all) | "
@@ -169,7 +228,8 @@ def print_sizes(vocab_size=50257):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab_size", type=int, default=50257, help="vocabulary size (default 50257, GPT-2's)")
+    ap.add_argument("--vocab_size", type=int, default=GPT2_VOCAB_SIZE,
+                    help=f"vocabulary size (default {GPT2_VOCAB_SIZE}, GPT-2's)")
     ap.add_argument("--d_model", type=int, default=128, help="model width C (default 128)")
     ap.add_argument("--n_heads", type=int, default=4, help="attention heads (default 4)")
     ap.add_argument("--d_ff", type=int, default=512, help="feed-forward width (default 512)")
@@ -183,14 +243,27 @@ def main(argv=None):
                     help="also time the step with dropout P (train.py --dropout), alternately with the one without")
     ap.add_argument("--all", action="store_true", help="run the guide's Tiny, Small, Medium and Small-with-4096-vocab")
     ap.add_argument("--sizes", action="store_true", help="only print the guide's model sizes with their parameter counts")
+    ap.add_argument("--decode", action="store_true",
+                    help="time greedy decoding instead (with and without the key/value cache) of the guide's "
+                         "Small and Medium models")
+    ap.add_argument("--decode_tokens", type=int, default=256, help="with --decode: tokens to decode (default 256)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu (NumPy) or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or cupy-cuda13x)")
     args = ap.parse_args(argv)
     keep_freed_memory()
     try:
-        require(args.device)
-    except DeviceError as e:
+        run(args)
+    except UserError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def run(args):
+    array_module(args.device)  # DeviceError: what to install for --device cuda
+    if args.decode:
+        if args.decode_tokens < 1:
+            raise UserError(f"--decode_tokens must be at least 1, got {args.decode_tokens}")
+        run_decode(decode_models(args.decode_tokens, args.device), args.decode_tokens, args.device)
+        return
     if args.sizes:
         print_sizes()
         return
@@ -204,7 +277,7 @@ def main(argv=None):
     cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
                       n_layers=args.n_layers, max_seq_len=args.seq_len)
     if not 0 <= args.dropout < 1:
-        raise SystemExit(f"error: --dropout must be in [0, 1) (got {args.dropout})")
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     result = bench(cfg, args.batch_size, args.seq_len, steps=args.steps, min_seconds=args.min_seconds,
                    device=args.device, dropout=args.dropout)
     report("model", cfg, args.batch_size, args.seq_len, result)

@@ -35,17 +35,14 @@ from typing import NamedTuple
 import numpy as np
 
 from atomic import atomic_write
-from config import ModelConfig, param_shapes
+from config import ModelConfig, name_mismatch, param_shapes
 from device import get_array_module, to_device
+from errors import CheckpointError, UserError
 from language_model import LanguageModel
 from untrusted import open_regular, parse_json
 
 FORMAT = "numpy-gpt checkpoint"
 VERSION = 1
-
-
-class CheckpointError(Exception):
-    """A file is not a usable checkpoint; the message says why and what to do."""
 
 
 class Checkpoint(NamedTuple):
@@ -214,9 +211,9 @@ def check_config(config, shapes, path):
         raise CheckpointError(f"{path}: the config says {config.n_layers} layers but the file holds only "
                               f"{len(shapes)} arrays (damaged file?)")
     expected = param_shapes(config)
-    if expected.keys() != shapes.keys():
-        missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-        raise CheckpointError(f"{path} does not match its own config: missing {missing[:4]}, unexpected {extra[:4]}")
+    mismatch = name_mismatch(expected, shapes)
+    if mismatch:
+        raise CheckpointError(f"{path} does not match its own config: {mismatch}")
     for name, shape in expected.items():
         if shapes[name][0] != shape:
             raise CheckpointError(f"{path}: parameter {name!r} has shape {shapes[name][0]}, its config gives {shape}")
@@ -260,9 +257,9 @@ def load_model(path, dtype=None, for_training=False, device="cpu"):
 
 def copy_params(dst, src, path="checkpoint"):
     """Copy src arrays (host arrays) into the existing dst arrays in place (names and shapes must match)."""
-    if dst.keys() != src.keys():
-        missing, extra = sorted(set(dst) - set(src)), sorted(set(src) - set(dst))
-        raise CheckpointError(f"{path} does not match the model: missing {missing[:4]}, unexpected {extra[:4]}")
+    mismatch = name_mismatch(dst, src)
+    if mismatch:
+        raise CheckpointError(f"{path} does not match the model: {mismatch}")
     for name, arr in src.items():
         if dst[name].shape != arr.shape:
             raise CheckpointError(f"{path}: parameter {name!r} has shape {arr.shape}, model has {dst[name].shape}")
@@ -275,7 +272,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         ck = load_checkpoint(args.checkpoint)
-    except CheckpointError as e:
+    except UserError as e:
         parser.exit(1, f"error: {e}\n")
     n = sum(p.size for p in ck.params.values())
     print(f"{args.checkpoint}: step {ck.meta.get('step')}, {n:,} parameters, format version {ck.meta['version']}, "

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-GPT2_VOCAB_SIZE = 50257  # GPT-2's tiktoken encoding
+GPT2_VOCAB_SIZE = 50257  # GPT-2's tiktoken encoding: 50,256 merged tokens, then <|endoftext|>
+GPT2_EOT_ID = 50256
 # The longest context (max_seq_len) this code builds a model for, whether from flags, a checkpoint or a
 # Hugging Face folder: the sinusoidal table and generation's key/value cache are sized by it, not by any
 # array in a file, so an untrusted number must not choose it freely.
@@ -88,6 +89,13 @@ def param_shapes(cfg):
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (V, C)  # same layout as wte
     return shapes
+
+
+def name_mismatch(expected, found):
+    """How two collections of parameter names differ, "missing [...], unexpected [...]" (four of each at
+    most), or None when they hold the same names."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    return f"missing {missing[:4]}, unexpected {extra[:4]}" if missing or extra else None
 
 
 # The guide's model sizes, with the batch benchmark.py times each at (train.py flag values); and laptop,

@@ -37,50 +37,19 @@ import zlib
 import numpy as np
 
 from atomic import atomic_write
+from config import GPT2_EOT_ID, GPT2_VOCAB_SIZE
+from errors import DataError, UserError
+from tokenizer import read_sidecar, same_tokenizer, sidecar_path
 from untrusted import open_regular, parse_json, read_json, regular_file
 
 CACHE_FORMAT = "numpy-gpt token cache"
 CACHE_VERSION = 1
-SIDECAR_FORMAT = "numpy-gpt tokenized jsonl"
-GPT2_EOT_ID = 50256  # <|endoftext|> in tiktoken's gpt2 encoding
 CHUNK_TOKENS = 1 << 20  # tokens buffered in memory while converting
 MAX_LINE_BYTES = 1 << 26  # a line of ids: 512 of them take ~3 KB; a 64 MB line holds ~10 million
 
 
-class DataError(Exception):
-    """A data file is missing, malformed, or does not fit the model; the message says what to do."""
-
-
-def sidecar_path(jsonl_path):
-    return str(jsonl_path) + ".meta.json"
-
-
 def cache_paths(jsonl_path):
     return str(jsonl_path) + ".tokens.bin", str(jsonl_path) + ".tokens.json"
-
-
-def read_sidecar(jsonl_path):
-    """The tokenizer's sidecar dict for jsonl_path, or None for a plain .jsonl."""
-    path = sidecar_path(jsonl_path)
-    if not os.path.exists(path):
-        return None
-    try:
-        meta = read_json(path, "tokenizer sidecar", error=DataError, hint="; re-run tokenizer.py or delete it")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read tokenizer sidecar ({e.strerror}); re-run tokenizer.py or delete "
-                        "it") from None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise DataError(f"{path}: not a numpy-gpt tokenized-jsonl sidecar (format={found!r})")
-    tok = meta.get("tokenizer")
-    ok = tok is None or (isinstance(tok, dict) and all(
-        tok.get(k) is None or (type(tok[k]) is int and 0 <= tok[k] < 2**32) for k in ("n_vocab", "eot_id")))
-    for key in ("num_documents", "num_tokens", "num_bytes"):
-        ok = ok and (meta.get(key) is None or (type(meta[key]) is int and meta[key] >= 0))
-    if not ok:
-        raise DataError(f"{path}: damaged tokenizer sidecar (a field has the wrong type or range); "
-                        "re-run tokenizer.py to write it again")
-    return meta
 
 
 def _source_stamp(path):
@@ -288,7 +257,7 @@ def load_dataset(path, vocab_size=None, eot_id=None, rebuild=False, log=None):
     if eot_id is None and read_sidecar(path) is None:
         if vocab_size is None:
             raise DataError(f"{path} has no tokenizer sidecar; pass vocab_size or eot_id")
-        eot_id = GPT2_EOT_ID if vocab_size == GPT2_EOT_ID + 1 else vocab_size - 1
+        eot_id = GPT2_EOT_ID if vocab_size == GPT2_VOCAB_SIZE else vocab_size - 1
         if log:
             log(f"{path}: no tokenizer sidecar ({os.path.basename(sidecar_path(path))}); "
                 f"joining lines with end-of-text id {eot_id}")
@@ -307,14 +276,6 @@ def load_dataset(path, vocab_size=None, eot_id=None, rebuild=False, log=None):
                         f"{hint}. Use --vocab_size {max(meta['max_id'] + 1, tok.get('n_vocab') or 0)} "
                         "(or re-tokenize with the tokenizer you meant).")
     return TokenDataset(path, tokens, meta)
-
-
-def same_tokenizer(a, b):
-    """True when two tokenizer identity dicts name the same tokenizer (None = unknown = compatible)."""
-    if a is None or b is None:
-        return True
-    keys = ("type", "name", "n_vocab", "eot_id", "sha256")
-    return all(a.get(k) == b.get(k) for k in keys)
 
 
 def check_same_tokenizer(train, val):
@@ -398,7 +359,7 @@ def main(argv=None):
     parser.add_argument("--vocab_size", type=int, default=None, help="check every id is below this")
     parser.add_argument("--eot_id", type=int, default=None,
                         help="end-of-text id to join lines of a plain .jsonl (default: from the sidecar, "
-                             "else 50256 for vocab 50257, else vocab_size - 1)")
+                             f"else {GPT2_EOT_ID} for vocab {GPT2_VOCAB_SIZE}, else vocab_size - 1)")
     parser.add_argument("--rebuild", action="store_true", help="convert again even if the cache is fresh")
     args = parser.parse_args(argv)
     if args.eot_id is not None and args.eot_id < 0:
@@ -408,7 +369,7 @@ def main(argv=None):
             ds = load_dataset(path, vocab_size=args.vocab_size, eot_id=args.eot_id, rebuild=args.rebuild,
                               log=lambda m: print(m, file=sys.stderr))
             print(ds)
-    except DataError as e:
+    except UserError as e:
         parser.exit(1, f"error: {e}\n")
     return 0
 

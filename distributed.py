@@ -52,7 +52,8 @@ import zlib
 import numpy as np
 
 from device import copy_into, host_floats, on_gpu, pinned_like, to_host
-from parallel import blas_controller, split_rows
+from errors import UserError
+from parallel import available_cores, blas_controller, split_rows
 
 # set by mpiexec/mpirun in every process it starts: Open MPI, MPICH and Intel MPI (PMI), PMIx launchers
 LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
@@ -63,10 +64,10 @@ EXIT_RANK_LOST = 75  # a rank of the job was lost: resume from the last checkpoi
 # work the others wait for (rank 0 writing a checkpoint, the ranks starting); None: no limit
 # (converting a dataset), though a rank on this machine that dies still stops the wait at once.
 SLOW = 10
-
-
-class RanksError(Exception):
-    """MPI is wanted but unusable, or the ranks disagree; the message says what to do."""
+# Seconds rank 0 leaves mpiexec to pass its last message on before MPI_Abort ends every process; on an
+# error every rank meets alike (a flag, the data), the other ranks give rank 0 six times as long to say it
+# and end the job before they speak themselves. NUMPY_GPT_MPI_GRACE sets it (the tests make it short).
+MPI_GRACE = float(os.environ.get("NUMPY_GPT_MPI_GRACE", "0.5"))
 
 
 def launcher_size():
@@ -91,8 +92,8 @@ def world(timeout=30.0, on_lost=None):
         from mpi4py import MPI
     except ImportError:
         if size is not None and size > 1:
-            raise RanksError(f"started by mpiexec as one of {size} processes, but mpi4py is not installed, "
-                             f"so they cannot work together. Install it: {MPI_INSTALL_HINT}") from None
+            raise UserError(f"started by mpiexec as one of {size} processes, but mpi4py is not installed, "
+                            f"so they cannot work together. Install it: {MPI_INSTALL_HINT}") from None
         return Solo()
     if MPI.COMM_WORLD.Get_size() == 1:
         return Solo()
@@ -109,7 +110,7 @@ class World:
         return split_rows(n_rows, self.size)[self.rank]
 
     def gpu(self, n_visible):
-        """The GPU this rank trains on, by its index among the n_visible that CUDA shows it (device.require
+        """The GPU this rank trains on, by its index among the n_visible that CUDA shows it (device.array_module
         makes it current). When CUDA_VISIBLE_DEVICES gives each rank on this machine GPUs of its own (a
         launcher or job script that binds ranks to GPUs), the first of them; otherwise the local rank
         modulo n_visible: rank i of a machine on its GPU i, and more ranks than GPUs share them."""
@@ -208,10 +209,7 @@ class MPIRanks(World):
         """This rank's fair share of its machine's cores: the cores it may run on, divided among the
         ranks on the machine that may run on the same ones (a launcher that binds each rank to its
         own cores has already divided them)."""
-        try:
-            mine = frozenset(os.sched_getaffinity(0))
-        except AttributeError:
-            mine = frozenset(range(os.cpu_count() or 1))
+        mine = available_cores()
         sharing = sum(1 for s in self.node.allgather(mine) if s == mine)
         return max(1, len(mine) // sharing)
 
@@ -282,8 +280,8 @@ class MPIRanks(World):
         if odd:
             diffs = ", ".join(f"{k}: {a!r} on rank 0 but {b!r} on rank {odd[0]} ({self.where[odd[0]][0]})"
                               for (k, a), (_, b) in zip(every[0], every[odd[0]]) if a != b)
-            raise RanksError(f"the ranks disagree about {what} ({diffs}); every machine needs the same "
-                             "files at the same paths and the same versions of Python and NumPy")
+            raise UserError(f"the ranks disagree about {what} ({diffs}); every machine needs the same "
+                            "files at the same paths and the same versions of Python and NumPy")
 
     # ------------------------------------------------------------------ ending the job
     def watch(self, on_lost):
@@ -292,13 +290,13 @@ class MPIRanks(World):
 
     def abort(self, message):
         """MPI_Abort, since a rank that simply exits can leave the others waiting. Most errors (flags,
-        data) happen on every rank alike: the other ranks give rank 0 three seconds to say it and end
-        the job, and speak only when it did not."""
+        data) happen on every rank alike: the other ranks give rank 0 time to say it and end the job
+        (MPI_GRACE), and speak only when it did not."""
         if not self.is_root:
-            time.sleep(3)
+            time.sleep(6 * MPI_GRACE)
         sys.stderr.write((message if self.is_root else f"rank {self.rank}: {message}") + "\n")
         sys.stderr.flush()
-        time.sleep(0.5)  # for mpiexec to pass the message on before MPI_Abort has it end every process
+        time.sleep(MPI_GRACE)  # for mpiexec to pass the message on before MPI_Abort has it end every process
         self.comm.Abort(1)
 
     def crash(self):
@@ -373,7 +371,7 @@ class Watchdog:
                 sys.stderr.write((message or f"error: {what}") + "\n")
                 sys.stderr.flush()
                 if away:  # ranks on other machines: end the job, or mpiexec waits forever for a hung one there
-                    time.sleep(0.5)  # for mpiexec to pass the message on first
+                    time.sleep(MPI_GRACE)  # for mpiexec to pass the message on first
                     ranks.end_job(EXIT_RANK_LOST)
             os._exit(EXIT_RANK_LOST)
 

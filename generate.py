@@ -13,196 +13,35 @@ JSON), so `--checkpoint` alone is enough. The guide's architecture flags (`--voc
 --d_model ...`) are accepted and checked against the checkpoint: a mismatch is an error.
 `--checkpoint` may also be a Hugging Face GPT-2 folder (config.json + model.safetensors, as
 export_hf.py writes or GPT-2's own files); its tokenizer is the folder's vocab.json + merges.txt,
-else tiktoken's gpt2 for a 50257-token model.
+else tiktoken's gpt2 for a 50257-token model. open_source() tells the two apart.
 
-Decoding. The prompt is run through the model once (prefill), filling a per-layer key/value
-cache; each new token then costs one position's work: its query attends to the cached keys
-and values. Positions are absolute (position 0 is the first token of the window), so once
-the context is longer than the model's max_seq_len, sliding the window by one token moves
-every token to a new position and invalidates every cached key and value. We then rebuild
-the cache from the last max_seq_len tokens (one prefill) - exactly what an uncached forward
-over that window computes, so the model always sees the last max_seq_len tokens, as in
-nanoGPT. (Once the window slides, every step is such a prefill; keeping a shorter window
-after a slide would be cheaper but would change what the model sees.)
-
-Sampling, in this order (as Hugging Face's samplers): logits / temperature, then top-k,
-then top-p on what is left, then one draw. Temperature 0 or top_k 1 is greedy (argmax).
-Tokens tied with the k-th largest logit are all kept, and so are tokens tied with the
-last one of the nucleus, so the kept set does not depend on how a sort breaks ties.
-
-With --device cuda the weights and the key/value cache live on the GPU; each token copies
-its row of logits (V,) back to the host, where sampling happens.
+How a token is made: decoding.py (the key/value cache, and the window that slides once the text
+outgrows the model's context), then sampling.py (temperature, top-k, top-p, one draw). With
+--device cuda the weights and the cache live on the GPU; sampling happens on the host.
+--benchmark is benchmark.py's decoding benchmark (`benchmark.py --decode`), run from here.
 """
 import argparse
 import codecs
-import json
 import os
 import sys
 import time
 
 import numpy as np
 
-from config import MAX_SEQ_LEN, PRESETS, config_from_flags
-from device import DeviceError, require, to_host
+import benchmark
+from bpe import MAX_MODEL_BYTES
+from checkpoint import load_model
+from config import MAX_SEQ_LEN
+from decoding import generate
+from device import array_module
+from errors import UserError
+from hf_format import load_hf_model, load_hf_tokenizer
 from parallel import keep_freed_memory
+from sampling import check_sampling
+from tokenizer import KINDS, get_tokenizer, tokenizer_from_identity, tokenizer_kind
 from untrusted import open_regular
 
 ARCH_FLAGS = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers")
-BENCH_PRESETS = ("small", "medium")  # of config.PRESETS: the guide's models, with a context of 256 tokens at least
-BENCH_CONTEXT = 256
-
-
-class GenerateError(Exception):
-    """Bad input to generation; the message says what is wrong and what to do."""
-
-
-# ----------------------------------------------------------------------------- sampling
-
-def check_sampling(temperature=1.0, top_k=None, top_p=None):
-    """ValueError for sampling settings that mean nothing."""
-    if not temperature >= 0:  # also catches NaN
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be at least 1 (1 = greedy), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def is_greedy(temperature, top_k):
-    return temperature == 0 or top_k == 1
-
-
-def nucleus_threshold(probs, top_p):
-    """The probability of the least likely token of the nucleus: the smallest set of most
-    likely tokens whose total reaches top_p (always at least the most likely token).
-
-    Only the largest m probabilities are sorted, m growing until they hold top_p of the mass,
-    so with a 50K vocabulary this is a partial sort of a few hundred values, not a full one.
-    """
-    V = probs.size
-    m = min(V, 256)
-    while True:
-        top = np.sort(np.partition(probs, V - m)[V - m:] if m < V else probs)[::-1]  # (m,) descending
-        cum = np.cumsum(top)
-        if cum[-1] >= top_p or m == V:
-            n = int(np.searchsorted(cum, top_p, side="left")) + 1  # smallest n with cum[n-1] >= top_p
-            return top[min(n, m) - 1]  # n > m only by rounding when top_p = 1: keep everything
-        m = min(V, 8 * m)
-
-
-def kept_tokens(logits, temperature=1.0, top_k=None, top_p=None):
-    """The tokens the next one is drawn from and their probabilities: (ids ascending, probs summing to 1).
-
-    Works on the kept candidates only, so with top_k the softmax covers k values, not the vocabulary.
-    """
-    check_sampling(temperature, top_k, top_p)
-    z = np.asarray(logits)
-    if z.ndim != 1 or z.size == 0:
-        raise ValueError(f"logits must be a non-empty vector, got shape {z.shape}")
-    if np.isnan(z).any() or np.isposinf(z).any():
-        raise ValueError("logits contain NaN or +inf: the model's weights are broken")
-    V = z.size
-    if is_greedy(temperature, top_k):
-        return np.array([np.argmax(z)]), np.ones(1)  # ties: the lowest id
-    if top_k is not None and top_k < V:
-        kth = np.partition(z, V - top_k)[V - top_k]  # the k-th largest logit
-        ids = np.flatnonzero(z >= kth)  # ties with it are kept too
-    else:
-        ids = np.flatnonzero(z > -np.inf)
-        if ids.size == 0:
-            raise ValueError("every logit is -inf: no token can be sampled")
-    zk = z[ids].astype(np.float64)
-    with np.errstate(over="ignore"):  # shift first, so a tiny temperature gives -inf, never inf - inf
-        probs = np.exp((zk - zk.max()) / temperature)
-    probs /= probs.sum()
-    if top_p is not None and top_p < 1:
-        keep = probs >= nucleus_threshold(probs, top_p)
-        ids, probs = ids[keep], probs[keep]
-        probs /= probs.sum()
-    return ids, probs
-
-
-def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """The distribution the next token is drawn from, (V,) float64: zero outside the kept set, sums to 1."""
-    ids, p = kept_tokens(logits, temperature, top_k, top_p)
-    probs = np.zeros(np.asarray(logits).size)
-    probs[ids] = p
-    return probs
-
-
-def draw(probs, rng):
-    """An index drawn from probs (n,); entries of probability 0 are never drawn."""
-    cdf = np.cumsum(probs)
-    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    i = min(i, probs.size - 1)  # u * total can round up to total
-    while probs[i] == 0:  # only after that rounding: step back to the last token that can be drawn
-        i -= 1
-    return i
-
-
-def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
-    """The next token id: argmax when greedy, else one draw from the kept tokens."""
-    ids, probs = kept_tokens(logits, temperature, top_k, top_p)
-    return int(ids[0]) if ids.size == 1 else int(ids[draw(probs, rng)])
-
-
-# ----------------------------------------------------------------------------- decoding
-
-class Decoder:
-    """The logits of the next token for a growing sequence, fed to the model incrementally.
-
-    With use_cache (the default) a token costs one position's work until the context fills
-    the model's max_seq_len; then the window slides and the cache is rebuilt from the last
-    max_seq_len tokens (see the module docstring). Without the cache every call runs the
-    model over the whole window: the reference the cached path must match.
-    """
-
-    def __init__(self, model, use_cache=True):
-        self.model = model
-        self.use_cache = use_cache
-        self.max_len = model.config.max_seq_len
-        self.tokens = []  # the last max_len tokens fed: what the model sees
-        self.cache = None
-        self.rebuilds = 0  # how many times the cache was (re)filled from scratch
-
-    def feed(self, ids):
-        """Append token ids (at least one) to the context; returns the next token's logits (V,),
-        a NumPy array (on the GPU, the one row copied to the host)."""
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise ValueError("feed needs at least one token id")
-        self.tokens.extend(ids)
-        del self.tokens[:-self.max_len]  # memory bounded however long the text grows
-        window = np.array([self.tokens])  # (1, T)
-        if not self.use_cache:
-            return to_host(self.model.forward(window, last_only=True)[0, -1])
-        if self.cache is not None and self.cache.length + len(ids) <= self.max_len:
-            # only the new positions
-            return to_host(self.model.forward(np.array([ids]), kv_cache=self.cache, last_only=True)[0, -1])
-        # first call, or the window slid: every position changed, so start the cache afresh
-        self.cache = self.model.new_kv_cache(1)
-        self.rebuilds += 1
-        return to_host(self.model.forward(window, kv_cache=self.cache, last_only=True)[0, -1])
-
-
-def generate(model, prompt_ids, max_new_tokens, rng=None, temperature=1.0, top_k=None, top_p=None,
-             eot_id=None, use_cache=True, n_valid=None):
-    """Yield up to max_new_tokens new token ids after prompt_ids (non-empty); stops before eot_id.
-
-    n_valid: sample only ids below it (a model vocabulary padded beyond its tokenizer's).
-    """
-    check_sampling(temperature, top_k, top_p)
-    if rng is None:
-        rng = np.random.default_rng()
-    decoder = Decoder(model, use_cache)
-    logits = decoder.feed(prompt_ids)
-    for i in range(max_new_tokens):
-        token = sample_next(logits[:n_valid], rng, temperature, top_k, top_p)
-        if token == eot_id:
-            return
-        yield token
-        if i + 1 < max_new_tokens:
-            logits = decoder.feed([token])
 
 
 class StreamPrinter:
@@ -232,40 +71,6 @@ class StreamPrinter:
             self.out.flush()
 
 
-# ----------------------------------------------------------------------------- benchmark
-
-def benchmark(model, n_tokens=256, contexts=(16, 64, 128, 256), out=sys.stdout):
-    """Greedy-decode n_tokens with and without the cache; report tokens/s and per-token time by context.
-
-    Returns {"cache"|"no cache": {"tokens_per_s": float, "ms_at": {context: ms}, "tokens": [...]}}.
-    """
-    if n_tokens > model.config.max_seq_len:
-        raise GenerateError(f"benchmark of {n_tokens} tokens needs max_seq_len >= {n_tokens}, "
-                            f"model has {model.config.max_seq_len}")
-    results = {}
-    for name, use_cache in (("cache", True), ("no cache", False)):
-        decoder = Decoder(model, use_cache)
-        logits = decoder.feed([0])
-        tokens, seconds = [0], []
-        while len(tokens) < n_tokens:
-            token = int(np.argmax(logits))
-            tokens.append(token)
-            t0 = time.perf_counter()
-            logits = decoder.feed([token])  # the step whose context is len(tokens)
-            seconds.append(time.perf_counter() - t0)
-        ms_at = {}
-        for c in contexts:
-            if 2 <= c <= n_tokens:  # the fastest of the steps at contexts c-4..c: the least disturbed by other work
-                ms_at[c] = 1e3 * min(seconds[max(0, c - 6): c - 1])
-        results[name] = {"tokens_per_s": len(seconds) / sum(seconds), "ms_at": ms_at, "tokens": tokens}
-        per = "  ".join(f"ctx {c}: {ms:6.2f} ms" for c, ms in ms_at.items())
-        out.write(f"  {name:8s}: {results[name]['tokens_per_s']:8.1f} tokens/s   per token at {per}\n")
-        out.flush()
-    same = results["cache"]["tokens"] == results["no cache"]["tokens"]
-    out.write(f"  greedy tokens identical with and without the cache: {same}\n")
-    return results
-
-
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
@@ -285,8 +90,9 @@ def build_parser():
     p.add_argument("--no_cache", action="store_true",
                    help="re-run the model over the whole context for every token (slow; for comparison)")
     t = p.add_argument_group("tokenizer (normally taken from the checkpoint)")
-    t.add_argument("--tokenizer_type", choices=("tiktoken", "lecture2_bpe"), default=None,
-                   help="must match the checkpoint's tokenizer; used only if the checkpoint names none")
+    t.add_argument("--tokenizer_type", choices=list(KINDS), default=None,
+                   help="tiktoken or bpe (lecture2_bpe: the guide's name for bpe); must match the checkpoint's "
+                        "tokenizer; used only if the checkpoint names none")
     t.add_argument("--encoding", default="gpt2",
                    help="tiktoken encoding (default gpt2), used only if the checkpoint names no tokenizer")
     t.add_argument("--model_file", default=None,
@@ -312,18 +118,18 @@ def check_args(args):
     try:
         check_sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
-        raise GenerateError(str(e)) from None
+        raise UserError(str(e)) from None
     for name in ("max_length", "num_samples", "benchmark_tokens"):
         if getattr(args, name) < 1:
-            raise GenerateError(f"--{name} must be at least 1, got {getattr(args, name)}")
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.seed is not None and args.seed < 0:
-        raise GenerateError(f"--seed must be a number >= 0, got {args.seed}")
+        raise UserError(f"--seed must be a number >= 0, got {args.seed}")
     if args.benchmark_tokens > MAX_SEQ_LEN:
-        raise GenerateError(f"--benchmark_tokens {args.benchmark_tokens} is above the longest context this code "
-                            f"supports, {MAX_SEQ_LEN}")
+        raise UserError(f"--benchmark_tokens {args.benchmark_tokens} is above the longest context this code "
+                        f"supports, {MAX_SEQ_LEN}")
     if not args.checkpoint and not args.benchmark:
-        raise GenerateError("--checkpoint is required (a .npz written by train.py, or a Hugging Face GPT-2 folder)")
-    require(args.device)  # DeviceError: what to install for --device cuda
+        raise UserError("--checkpoint is required (a .npz written by train.py, or a Hugging Face GPT-2 folder)")
+    array_module(args.device)  # DeviceError: what to install for --device cuda
 
 
 def check_architecture(config, args, path):
@@ -331,70 +137,64 @@ def check_architecture(config, args, path):
     wrong = [f"--{n} {getattr(args, n)} (checkpoint: {getattr(config, n)})"
              for n in ARCH_FLAGS if getattr(args, n) is not None and getattr(args, n) != getattr(config, n)]
     if wrong:
-        raise GenerateError(f"{path} was written by a different architecture: " + ", ".join(wrong) +
-                            ". Leave the architecture flags out (the checkpoint carries its config) "
-                            "or pass the ones the model was trained with.")
+        raise UserError(f"{path} was written by a different architecture: " + ", ".join(wrong) +
+                        ". Leave the architecture flags out (the checkpoint carries its config) "
+                        "or pass the ones the model was trained with.")
 
 
-def load_tokenizer(meta, args):
-    """The tokenizer the checkpoint was trained with (its identity is in the meta record)."""
-    from tokenizer import get_tokenizer, tokenizer_from_identity
+def checkpoint_tokenizer(meta, args):
+    """The tokenizer a checkpoint was trained with (its identity is in the meta record), else the flags'."""
     identity = meta.get("tokenizer")
-    if meta.get("hf_dir") and not (args.tokenizer_type or args.model_file):  # a Hugging Face folder
-        from export_hf import load_hf_tokenizer
-        return load_hf_tokenizer(meta["hf_dir"], meta["vocab_size"])
-    if identity:
-        if args.tokenizer_type and args.tokenizer_type != identity.get("type"):
-            raise GenerateError(f"--tokenizer_type {args.tokenizer_type} does not match the checkpoint's tokenizer "
-                                f"({identity.get('type')} {identity.get('name')}); leave the flag out")
-        model_json = meta.get("tokenizer_model_json")
-        if model_json is None and args.model_file:
-            from bpe import MAX_MODEL_BYTES
-            try:
-                with open_regular(args.model_file, "r", "BPE model file", MAX_MODEL_BYTES, GenerateError,
-                                  encoding="utf-8") as f:
-                    model_json = f.read()
-            except (OSError, UnicodeDecodeError) as e:
-                raise GenerateError(f"cannot read --model_file: {e}") from None
-        if identity.get("type") == "lecture2_bpe" and model_json is None and not identity.get("model_file"):
-            raise GenerateError("the checkpoint does not embed its BPE model: pass --model_file path/to/bpe.json")
-        return tokenizer_from_identity(identity, model_json=model_json)
-    # a checkpoint trained on plain .jsonl files does not know its tokenizer: the flags say
-    if (args.tokenizer_type or "tiktoken") == "tiktoken":
+    if not identity:  # a checkpoint trained on plain .jsonl files does not know its tokenizer: the flags say
+        return flags_tokenizer(args)
+    if args.tokenizer_type and tokenizer_kind(args.tokenizer_type) != tokenizer_kind(identity.get("type")):
+        raise UserError(f"--tokenizer_type {args.tokenizer_type} does not match the checkpoint's tokenizer "
+                        f"({identity.get('type')} {identity.get('name')}); leave the flag out")
+    model_json = meta.get("tokenizer_model_json")
+    if model_json is None and args.model_file:
+        try:
+            with open_regular(args.model_file, "r", "BPE model file", MAX_MODEL_BYTES, UserError,
+                              encoding="utf-8") as f:
+                model_json = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --model_file: {e}") from None
+    if tokenizer_kind(identity.get("type")) == "bpe" and model_json is None and not identity.get("model_file"):
+        raise UserError("the checkpoint does not embed its BPE model: pass --model_file path/to/bpe.json")
+    return tokenizer_from_identity(identity, model_json=model_json)
+
+
+def flags_tokenizer(args):
+    """The tokenizer --tokenizer_type, --encoding and --model_file name (tiktoken's gpt2 by default)."""
+    if tokenizer_kind(args.tokenizer_type or "tiktoken") == "tiktoken":
         return get_tokenizer("tiktoken", encoding=args.encoding, verbose=False)
     if not args.model_file:
-        raise GenerateError("--tokenizer_type lecture2_bpe needs --model_file path/to/bpe.json")
-    return get_tokenizer("lecture2_bpe", model_file=args.model_file, verbose=False)
+        raise UserError(f"--tokenizer_type {args.tokenizer_type} needs --model_file path/to/bpe.json")
+    return get_tokenizer("bpe", model_file=args.model_file, verbose=False)
 
 
-def load_any(path, device="cpu"):
-    """(model, meta) from a .npz checkpoint or a Hugging Face GPT-2 folder, the weights on device."""
+def open_source(path, args, with_tokenizer=True):
+    """(model, tokenizer, step) of what generation starts from: a .npz checkpoint (its config, weights and
+    tokenizer) or a Hugging Face GPT-2 folder (its tokenizer files, unless the tokenizer flags name one);
+    the weights on --device, the architecture flags checked. with_tokenizer=False: tokenizer None."""
     if os.path.isdir(path):
-        from export_hf import load_hf_model
-        return load_hf_model(path, device=device)
-    from checkpoint import load_model
-    return load_model(path, device=device)
-
-
-def run_benchmark(args, out):
-    from language_model import LanguageModel
-    if args.checkpoint:
-        model, _ = load_any(args.checkpoint, args.device)
-        models = {args.checkpoint: model}
+        model, record = load_hf_model(path, device=args.device)
+        meta, step = None, record.get("step")
     else:
-        models = {}
-        for name in BENCH_PRESETS:
-            cfg = config_from_flags(dict(PRESETS[name], seq_len=max(BENCH_CONTEXT, args.benchmark_tokens)))
-            models[name] = LanguageModel(cfg, seed=0, dtype=np.float32, device=args.device)
-    if hasattr(os, "getloadavg"):  # other work on the machine slows every figure below
-        out.write(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
-    for name, model in models.items():
-        c = model.config
-        out.write(f"{name}: vocab {c.vocab_size}, d_model {c.d_model}, {c.n_heads} heads, d_ff {c.d_ff}, "
-                  f"{c.n_layers} layers, {model.dtype} on {args.device}; greedy decoding of "
-                  f"{args.benchmark_tokens} tokens\n")
-        benchmark(model, args.benchmark_tokens, out=out)
-    return 0
+        model, meta = load_model(path, device=args.device)
+        step = meta.get("step")
+    check_architecture(model.config, args, path)
+    if not with_tokenizer:
+        return model, None, step
+    if meta is not None:
+        tok = checkpoint_tokenizer(meta, args)
+    elif args.tokenizer_type or args.model_file:
+        tok = flags_tokenizer(args)
+    else:
+        tok = load_hf_tokenizer(path, model.config.vocab_size)
+    if tok.n_vocab > model.config.vocab_size:
+        raise UserError(f"the tokenizer has {tok.n_vocab} tokens but the model only {model.config.vocab_size}: "
+                        "this checkpoint was not trained with this tokenizer")
+    return model, tok, step
 
 
 def main(argv=None, out=None, err=None):
@@ -406,38 +206,23 @@ def main(argv=None, out=None, err=None):
     try:
         check_args(args)
         if args.benchmark:
-            return run_benchmark(args, out)
+            models = {args.checkpoint: open_source(args.checkpoint, args, with_tokenizer=False)[0]} \
+                if args.checkpoint else benchmark.decode_models(args.benchmark_tokens, args.device)
+            benchmark.run_decode(models, args.benchmark_tokens, args.device, out)
+            return 0
         return run(args, out, err)
     except KeyboardInterrupt:
         out.write("\n")
         err.write("interrupted\n")
         return 130
-    except Exception as e:
-        known = (GenerateError, DeviceError) + _load_errors()
-        if not isinstance(e, known):
-            raise
+    except (UserError, OSError) as e:  # OSError: a file that cannot be read
         err.write(f"error: {e}\n")
         return 1
 
 
-def _load_errors():
-    """Exception types that mean bad input files (checkpoint or tokenizer), reported without a traceback."""
-    import tokenizer
-    from checkpoint import CheckpointError
-    errors = [OSError, json.JSONDecodeError, CheckpointError]
-    errors += [v for k, v in vars(tokenizer).items()
-               if k.endswith("Error") and isinstance(v, type) and issubclass(v, Exception)]
-    return tuple(errors)
-
-
 def run(args, out, err):
-    model, meta = load_any(args.checkpoint, args.device)
+    model, tok, step = open_source(args.checkpoint, args)
     config = model.config
-    check_architecture(config, args, args.checkpoint)
-    tok = load_tokenizer(meta, args)
-    if tok.n_vocab > config.vocab_size:
-        raise GenerateError(f"the tokenizer has {tok.n_vocab} tokens but the model only {config.vocab_size}: "
-                            "this checkpoint was not trained with this tokenizer")
     prompt_ids = tok.encode(args.prompt) if args.prompt else []
     context = prompt_ids or [tok.eot_id]  # an empty prompt starts a new story
     if len(context) > config.max_seq_len:
@@ -445,7 +230,7 @@ def run(args, out, err):
                   f"{config.max_seq_len}; the model sees only the last {config.max_seq_len}\n")
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
     rng = np.random.default_rng(seed)
-    err.write(f"{args.checkpoint}: step {meta.get('step')}, {model.num_parameters():,} parameters, "
+    err.write(f"{args.checkpoint}: step {step}, {model.num_parameters():,} parameters, "
               f"context {config.max_seq_len}, tokenizer {tok.name}; seed {seed}\n")
     n_new, t0 = 0, time.perf_counter()
     for s in range(args.num_samples):

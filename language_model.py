@@ -27,8 +27,8 @@ import math
 
 import numpy as np
 
-from config import param_shapes
-from device import require, to_device, to_host
+from config import name_mismatch, param_shapes
+from device import array_module, to_device, to_host
 from dropout import draw_masks
 from embeddings import embedding_backward, embedding_forward, sinusoidal_positions
 from lm_head import HeadWorkspace, lm_head_forward, lm_head_loss
@@ -106,7 +106,7 @@ class LanguageModel:
     def __init__(self, config, seed=0, dtype=np.float32, params=None, workers=None, device="cpu",
                  for_training=True):
         self.config = config
-        self.xp = xp = require(device)
+        self.xp = xp = array_module(device)
         self.shapes = param_shapes(config)
         if params is None:
             params = init_params(config, np.random.default_rng(seed), dtype)
@@ -123,9 +123,9 @@ class LanguageModel:
         self._pos_table = None
 
     def _check_params(self, params):
-        if params.keys() != self.shapes.keys():
-            missing, extra = sorted(set(self.shapes) - set(params)), sorted(set(params) - set(self.shapes))
-            raise ValueError(f"parameters do not match the config: missing {missing[:4]}, unexpected {extra[:4]}")
+        mismatch = name_mismatch(self.shapes, params)
+        if mismatch:
+            raise ValueError(f"parameters do not match the config: {mismatch}")
         for name, p in params.items():
             if tuple(p.shape) != self.shapes[name]:
                 raise ValueError(f"parameter {name!r} has shape {tuple(p.shape)}, the config needs {self.shapes[name]}")

@@ -5,10 +5,10 @@ A target equal to IGNORE_INDEX contributes neither loss nor gradient nor accurac
 """
 import numpy as np
 
-from device import get_array_module, whole_arrays
+from device import BLOCK, get_array_module, whole_arrays
 
 IGNORE_INDEX = -100  # as in PyTorch's cross_entropy
-BLOCK_ELEMENTS = 1 << 18  # logits per block of rows: 1 MB of float32 stays in a core's L2 cache
+BLOCK_ELEMENTS = 4 * BLOCK  # logits per block of rows: 1 MB of float32 (see device.BLOCK)
 SHIFT_FREE = (-20.0, 60.0)  # row maxima for which exp needs no shift (see softmax_cross_entropy_inplace)
 
 

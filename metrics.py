@@ -15,7 +15,7 @@ import os
 import time
 
 from atomic import atomic_write
-from train_flags import TrainError
+from errors import TrainError
 from untrusted import open_regular, parse_json
 
 MAX_METRICS_BYTES = 1 << 30  # metrics.jsonl read back on resume: a record per --log_interval steps, ~200 bytes

@@ -1,4 +1,4 @@
-"""Optimizers (SGD, Adam, AdamW), learning-rate schedules and gradient clipping.
+"""Optimizers (SGD and AdamW), learning-rate schedules and gradient clipping.
 
 Everything works on two dicts with the same keys, ``params`` and ``grads``
 (name -> array), like ``LanguageModel.params`` / ``LanguageModel.grads``. There every
@@ -20,34 +20,27 @@ inside device.whole_array_mode()) the same passes run over whole arrays instead.
         grad_norm = clip_grad_norm(model.grads, max_norm=1.0)
         opt.step(model.grads, lr=schedule(step))
 
-Conventions follow PyTorch so numbers can be compared with it:
-  SGD:   buf = momentum * buf + g;            p -= lr * buf
-  Adam:  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+The updates, for the parameters that decay (decay_mask: matrices) and the others (no decay step):
+  decay: p *= 1 - lr * weight_decay        (decoupled: the gradient is not changed)
+  SGD:   buf = momentum * buf + g;  p -= lr * buf
+  AdamW: m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
          p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-  AdamW: p *= 1 - lr * weight_decay (decoupled, only for decayed params), then Adam.
+AdamW is PyTorch's torch.optim.AdamW; with weight_decay 0 it is Adam (train.py --optimizer adam).
+SGD's weight decay is decoupled as AdamW's is, unlike PyTorch's SGD, which adds weight_decay * p to
+the gradient (that is, before the momentum): with momentum the two differ.
 """
 import math
-import os
 
 import numpy as np
 
-from device import get_array_module, to_device, to_host, whole_arrays
-from parallel import ShardRunner, slices
-
-# Elements per block in the blocked update loops: 4 float32 arrays of this size
-# (param, grad, m, v) plus one scratch block stay within a typical L2 cache, so
-# the ~10 ufunc passes of an Adam step hit cache instead of main memory.
-BLOCK = 1 << 16
-
+from config import name_mismatch
+from device import BLOCK, get_array_module, to_device, to_host, whole_arrays
+from parallel import ShardRunner, cores, slices
 
 def default_threads():
     """Cores this process may use (at most 8): NumPy ufuncs release the GIL, so the
     element-wise update of disjoint slices runs in parallel."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
+    return max(1, min(8, cores()))
 
 
 def _flat(a):
@@ -271,9 +264,9 @@ class Optimizer:
         return self.state[kind]
 
     def _check(self, grads):
-        if grads.keys() != self.params.keys():
-            missing = sorted(set(self.params) ^ set(grads))
-            raise ValueError(f"grads and params have different keys: {missing[:5]}")
+        mismatch = name_mismatch(self.params, grads)
+        if mismatch:
+            raise ValueError(f"grads and params have different keys: {mismatch}")
 
     def step(self, grads, lr):
         raise NotImplementedError
@@ -305,7 +298,8 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """Plain SGD, optionally with (heavy-ball) momentum: buf = mu*buf + g; p -= lr*buf."""
+    """Plain SGD, optionally with (heavy-ball) momentum: buf = mu*buf + g; p -= lr*buf; weight decay
+    decoupled (p *= 1 - lr * weight_decay first, the gradient left as it is)."""
 
     def __init__(self, params, momentum=0.0, weight_decay=0.0, decay_embeddings=False, threads=None):
         super().__init__(params, threads)
@@ -336,10 +330,15 @@ class SGD(Optimizer):
         self.t += 1
 
 
-class Adam(Optimizer):
-    """Adam (Kingma & Ba) with bias correction; weight_decay here is decoupled (see AdamW)."""
+class AdamW(Optimizer):
+    """Adam (Kingma & Ba) with bias correction and decoupled weight decay (Loshchilov & Hutter), default
+    0.01 as in the guide; weight_decay=0 is plain Adam.
 
-    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_embeddings=False,
+    Decay applies to matrices only: never to biases or layer-norm parameters, and to
+    the embedding tables only when decay_embeddings=True.
+    """
+
+    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, decay_embeddings=False,
                  threads=None):
         super().__init__(params, threads)
         self.beta1, self.beta2 = (float(b) for b in betas)
@@ -382,17 +381,4 @@ class Adam(Optimizer):
         self._run(kernel, grads)
 
 
-class AdamW(Adam):
-    """Adam with decoupled weight decay (Loshchilov & Hutter), default 0.01 as in the guide.
-
-    Decay applies to matrices only: never to biases or layer-norm parameters, and to
-    the embedding tables only when decay_embeddings=True.
-    """
-
-    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, decay_embeddings=False,
-                 threads=None):
-        super().__init__(params, betas=betas, eps=eps, weight_decay=weight_decay,
-                         decay_embeddings=decay_embeddings, threads=threads)
-
-
-OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+OPTIMIZERS = ("adam", "adamw", "sgd")  # train.py --optimizer: adam is AdamW with weight_decay 0

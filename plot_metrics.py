@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+from errors import UserError
+
 
 def read_metrics(path):
     """(train, eval) lists of records from a metrics.jsonl written by train.py."""
@@ -33,7 +35,7 @@ def plot(path, out):
 
     train, evals = read_metrics(path)
     if not train and not evals:
-        raise ValueError(f"{path} has no train or eval records yet")
+        raise UserError(f"{path} has no train or eval records yet")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
@@ -62,7 +64,7 @@ def main(argv=None):
         parser.exit(1, "error: matplotlib is not installed (pip install matplotlib); it is optional for training\n")
     try:
         plot(args.metrics, out)
-    except (OSError, ValueError) as e:
+    except (UserError, OSError, ValueError) as e:  # ValueError: a line that is not JSON
         parser.exit(1, f"error: {e}\n")
     print(f"wrote {out}")
     return 0

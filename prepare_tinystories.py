@@ -37,6 +37,8 @@ from pathlib import Path
 import requests
 
 from atomic import atomic_write
+from errors import DownloadError, UserError, say
+from pretokens import ENDOFTEXT
 
 HF_BASE_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
 FILES = {"V2": ("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"),
@@ -44,7 +46,6 @@ FILES = {"V2": ("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"),
 # sha256 / size of remote files where known (none are published for the official files; the
 # downloader then checks the size the server announces). Tests add entries for their local server.
 KNOWN_SHA256 = {}
-ENDOFTEXT = "<|endoftext|>"
 SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
 BUNDLED_TRAIN = SAMPLE_DIR / "TinyStoriesV2-GPT4-train.sample.txt"
 BUNDLED_VALID = SAMPLE_DIR / "TinyStories-valid.sample.txt"
@@ -53,16 +54,8 @@ STORY_START = re.compile(r"^(Once upon a time|Once there (was|were|lived)|There 
                          r"Once,? (a|an|the|in|on|there)\b|Long ago|A long time ago)")
 
 
-class DownloadError(Exception):
-    """A download that failed for good (after retries, or a client error); the message says what to do."""
-
-
 class _Retry(Exception):
     """A transient problem: retry (resuming where possible)."""
-
-
-def _say(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +180,7 @@ def _retry_or_give_up(url, err, attempt, retries, backoff, kept=""):
         raise DownloadError(f"could not download {url} after {retries + 1} attempts in a row "
                             f"(last error: {err}){kept}. Try again later, or use --offline") from None
     delay = backoff * 2 ** (attempt - 1)
-    _say(f"download: {url}: {err}; retry {attempt}/{retries} in {delay:.3g} s")
+    say(f"download: {url}: {err}; retry {attempt}/{retries} in {delay:.3g} s")
     time.sleep(delay)
 
 
@@ -237,7 +230,7 @@ def download(url, dest, sha256=None, retries=5, backoff=1.0, timeout=30, chunk_s
     An existing dest is trusted as complete (only a checked file is ever renamed to that name).
     """
     if os.path.exists(dest):
-        _say(f"download: {dest} already there, not downloading again")
+        say(f"download: {dest} already there, not downloading again")
         return dest
     from tqdm import tqdm
     session = session or requests.Session()
@@ -265,7 +258,7 @@ def download(url, dest, sha256=None, retries=5, backoff=1.0, timeout=30, chunk_s
                         mode = "ab"
                     else:
                         if pos:
-                            _say(f"download: {url}: server ignores Range; starting over from byte 0")
+                            say(f"download: {url}: server ignores Range; starting over from byte 0")
                         pos, mode = 0, "wb"
                         total = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
                     if bar is None:
@@ -335,8 +328,8 @@ def stream_stories(url, limit=None, **kw):
 
 def prepare_offline(data_dir, sample_size=None, valid_size=None):
     """Write the sample outputs from the bundled data/sample/ files."""
-    _say(f"offline: using the bundled sample in {SAMPLE_DIR} ({BUNDLED_TRAIN.name}: 1,727 stories; "
-         f"{BUNDLED_VALID.name}: split into stories by paragraph heuristics)")
+    say(f"offline: using the bundled sample in {SAMPLE_DIR} ({BUNDLED_TRAIN.name}: 1,727 stories; "
+        f"{BUNDLED_VALID.name}: split into stories by paragraph heuristics)")
     out = {}
     for split, src, limit in (("train", BUNDLED_TRAIN, sample_size), ("valid", BUNDLED_VALID, valid_size)):
         if not src.exists():
@@ -344,7 +337,7 @@ def prepare_offline(data_dir, sample_size=None, valid_size=None):
         path = os.path.join(data_dir, f"tinystories_{split}_sample.txt")
         out[split] = (path,) + _atomic_lines(path, _limited(stories_from_file(src), limit))
     if sample_size and out["train"][1] < sample_size:
-        _say(f"note: the bundled sample has only {out['train'][1]} train stories (asked for {sample_size})")
+        say(f"note: the bundled sample has only {out['train'][1]} train stories (asked for {sample_size})")
     return out
 
 
@@ -357,7 +350,7 @@ def prepare_sample(data_dir, sample_size, valid_size, base_url, dataset="V2", **
     for split, name, limit in (("train", train_name, sample_size), ("valid", valid_name, valid_size)):
         url = f"{base_url.rstrip('/')}/{name}"
         path = os.path.join(data_dir, f"tinystories_{split}_sample.txt")
-        _say(f"streaming {url} ({'all' if limit is None else f'first {limit}'} stories)")
+        say(f"streaming {url} ({'all' if limit is None else f'first {limit}'} stories)")
         with tqdm(unit="B", unit_scale=True, desc=name, file=sys.stderr, disable=not progress) as bar:
             out[split] = (path,) + _atomic_lines(path, stream_stories(url, limit, bar=bar, **kw))
     return out
@@ -371,7 +364,7 @@ def prepare_full(data_dir, base_url, dataset="V2", retries=5, backoff=1.0, timeo
         download(f"{base_url.rstrip('/')}/{name}", raw, KNOWN_SHA256.get(name), retries, backoff, timeout,
                  progress=progress)
         path = os.path.join(data_dir, f"tinystories_{split}.txt")
-        _say(f"converting {raw} -> {path}")
+        say(f"converting {raw} -> {path}")
         out[split] = (path,) + _atomic_lines(path, stories_from_file(raw))
     return out
 
@@ -408,11 +401,11 @@ def main(argv=None):
         ("backoff", args.backoff, 0 <= args.backoff < math.inf),
         ("timeout", args.timeout, 0 < args.timeout < math.inf)) if not ok]
     if wrong:
-        _say(f"error: {', '.join(wrong)}: sizes and --timeout must be positive, --retries and --backoff "
-             "not negative (all finite)")
+        say(f"error: {', '.join(wrong)}: sizes and --timeout must be positive, --retries and --backoff "
+            "not negative (all finite)")
         return 1
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
-        _say(f"error: --data_dir {args.data_dir} is a file, not a folder: name a folder to write the stories to")
+        say(f"error: --data_dir {args.data_dir} is a file, not a folder: name a folder to write the stories to")
         return 1
     net = dict(retries=args.retries, backoff=args.backoff, timeout=args.timeout, progress=not args.quiet)
     try:
@@ -429,21 +422,21 @@ def main(argv=None):
             except DownloadError as e:
                 if args.no_fallback:
                     raise
-                _say(f"\n*** download failed: {e}\n*** FALLING BACK to the bundled offline sample "
-                     f"(use --no_fallback to fail instead)\n")
+                say(f"\n*** download failed: {e}\n*** FALLING BACK to the bundled offline sample "
+                    f"(use --no_fallback to fail instead)\n")
                 out = prepare_offline(args.data_dir, args.sample_size, args.valid_size)
-    except DownloadError as e:
-        _say(f"error: {e}")
+    except UserError as e:
+        say(f"error: {e}")
         return 1
     except KeyboardInterrupt:
-        _say("interrupted; a partial download is kept as NAME.part and resumed next time")
+        say("interrupted; a partial download is kept as NAME.part and resumed next time")
         return 130
     except OSError as e:  # a full disk, a folder that cannot be written; a finished file is never left half-written
         why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else e.strerror
-        _say(f"error: {e.filename2 or e.filename or args.data_dir}: {why}")
+        say(f"error: {e.filename2 or e.filename or args.data_dir}: {why}")
         return 1
     for split, (path, n, size) in out.items():
-        _say(f"{split}: {n} stories, {size / 1e6:.2f} MB -> {path}")
+        say(f"{split}: {n} stories, {size / 1e6:.2f} MB -> {path}")
     return 0
 
 

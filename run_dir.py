@@ -23,7 +23,8 @@ import time
 from typing import NamedTuple
 
 from atomic import atomic_write
-from checkpoint import CheckpointError, read_meta
+from checkpoint import read_meta
+from errors import CheckpointError
 from untrusted import read_json
 
 try:

@@ -15,25 +15,26 @@ Train our own byte-level BPE, then tokenize with it:
 
     python3 tokenizer.py --train_bpe --vocab_size 4096 data/tinystories_train_sample.txt --model_file bpe4096.json
     python3 tokenizer.py data/tinystories_train_sample.txt data/train_tokenized.jsonl \\
-        --tokenizer lecture2_bpe --model_file bpe4096.json --max_length 512
+        --tokenizer bpe --model_file bpe4096.json --max_length 512
 
-A GPT-2 style pair (`--model_file vocab.json`, with `merges.txt` beside it or `--merges_file`)
-loads as lecture2_bpe too.
+`--tokenizer lecture2_bpe`, the guide's name for it, is the same as `--tokenizer bpe`. A GPT-2 style
+pair (`--model_file vocab.json`, with `merges.txt` beside it or `--merges_file`) loads as bpe too.
 
 Output `X.jsonl`: one JSON array of token ids per line. Every story gets the end-of-text id
 appended; a story longer than --max_length is split into consecutive chunks (never truncated),
 so only its last chunk ends with end-of-text. The sidecar `X.jsonl.meta.json` records which
-tokenizer made the file (train.py refuses train/val data from different tokenizers).
+tokenizer made the file (its identity: train.py refuses train/val data from different tokenizers).
 
 From Python:
 
     from tokenizer import get_tokenizer, tokenizer_from_identity
     tok = get_tokenizer("tiktoken", encoding="gpt2")
-    tok = get_tokenizer("lecture2_bpe", model_file="bpe4096.json")
+    tok = get_tokenizer("bpe", model_file="bpe4096.json")
     ids = tok.encode("Once upon a time"); text = tok.decode(ids)
 
-Our BPE itself (the model file format, training, the reference encoder, vocab.json import) is in
-bpe.py; here it runs in tiktoken's engine built from the model's ranks (BPETokenizer).
+Our BPE itself (the model file, training, the reference encoder) is in bpe.py, the pre-token
+counting it trains on in pretokens.py, GPT-2's files in gpt2_files.py; here a model runs in
+tiktoken's engine built from its ranks (BPETokenizer).
 """
 import argparse
 import errno
@@ -41,22 +42,22 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import regex
 import tiktoken
 
 from atomic import atomic_write
-from bpe import ENDOFTEXT, GPT2_PATTERN, MAX_UNCUT_BYTES, PATTERN_PROBE, BPEModel, ReferenceEncoding, TokenizerError, \
-    _last_cut, check_vocab_size, read_model_file, start_workers, train_bpe_file
-from untrusted import open_regular, regular_file
+from bpe import BPE_FORMAT, MAX_MODEL_BYTES, BPEModel, ReferenceEncoding, check_vocab_size, train_bpe_file
+from errors import DataError, TokenizerError, UserError, say
+from gpt2_files import BUNDLED_R50K, R50K_SHA256, gpt2_encoding, in_tiktoken_cache, model_from_vocab_merges
+from parallel import cores, start_workers
+from pretokens import ENDOFTEXT, MAX_UNCUT_BYTES, PATTERN_PROBE, last_cut
+from untrusted import open_regular, parse_json, read_json, regular_file
 
-BUNDLED_R50K = Path(__file__).resolve().parent / "data" / "sample" / "r50k_base.tiktoken"
-R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-# Where tiktoken keeps the two files it downloads for get_encoding("gpt2") (cache name = sha1(url)).
-GPT2_CACHE_KEYS = ("6d1cbeee0f20b3d9449abfede4726ed8212e3aee", "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")
+# The kinds of tokenizer, as flags and identities name them: "lecture2_bpe" is the guide's name for
+# our BPE, and the type that files written before it was renamed "bpe" record.
+KINDS = {"tiktoken": "tiktoken", "bpe": "bpe", "lecture2_bpe": "bpe"}
 SIDECAR_FORMAT = "numpy-gpt tokenized jsonl"
 SIDECAR_VERSION = 1
 LAYOUTS = {"lines": "one story per line", "raw": "stories separated by <|endoftext|> lines"}
@@ -64,10 +65,6 @@ _SEP = ENDOFTEXT.encode()
 _SEP_LINE = regex.compile(rb"(?m)^[ \t\r\x0b\x0c]*<\|endoftext\|>[ \t\r\x0b\x0c]*\n")  # strip() == _SEP
 _SEP_LINE_LAST = regex.compile(rb"(?r)(?m)^[ \t\r\x0b\x0c]*<\|endoftext\|>[ \t\r\x0b\x0c]*\n")
 BOM = b"\xef\xbb\xbf"
-
-
-def _say(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _sha256_text(text):
@@ -106,6 +103,7 @@ class Tokenizer:
         return self._enc.decode_bytes(list(ids))
 
     def identity(self):
+        """What names this tokenizer in a sidecar and a checkpoint (tokenizer_from_identity rebuilds it)."""
         return {"type": self.type, "name": self.name, "n_vocab": self.n_vocab, "eot_id": self.eot_id,
                 "sha256": self.sha256, "model_file": self.model_file}
 
@@ -120,42 +118,22 @@ class TiktokenTokenizer(Tokenizer):
     type = "tiktoken"
 
 
-def _gpt2_in_tiktoken_cache():
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-    if cache_dir is None:
-        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    return cache_dir != "" and all(os.path.exists(os.path.join(cache_dir, k)) for k in GPT2_CACHE_KEYS)
-
-
-def gpt2_encoding_from_bundle(path=BUNDLED_R50K):
-    """tiktoken's gpt2 encoding built from the bundled r50k_base ranks (sha256 verified); no network."""
-    from tiktoken.load import load_tiktoken_bpe
-    if not os.path.exists(path):
-        raise TokenizerError(f"bundled GPT-2 ranks not found at {path}; restore data/sample/ from the repository")
-    try:
-        ranks = load_tiktoken_bpe(str(path), expected_hash=R50K_SHA256)
-    except ValueError as e:
-        raise TokenizerError(f"{path}: {e}; restore data/sample/r50k_base.tiktoken from the repository") from None
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
-
-
 def load_tiktoken(encoding="gpt2", allow_download=False, verbose=True):
     """A TiktokenTokenizer. For gpt2: tiktoken's own loader when its cache holds the files (or
     allow_download), else the bundled ranks, so the common offline path never waits on the network."""
-    say = _say if verbose else (lambda m: None)
+    note = say if verbose else (lambda m: None)
     if encoding == "gpt2":
         enc, source = None, None
         if "gpt2" in getattr(tiktoken.registry, "ENCODINGS", {}):
             enc, source = tiktoken.get_encoding("gpt2"), "tiktoken (already loaded)"
-        elif allow_download or _gpt2_in_tiktoken_cache():
+        elif allow_download or in_tiktoken_cache():
             try:
                 enc, source = tiktoken.get_encoding("gpt2"), "tiktoken's cache or download"
             except Exception as e:  # network down, proxy, bad cache: the bundle is the same encoding
-                say(f"tokenizer: tiktoken could not load gpt2 ({type(e).__name__}: {e}); using the bundled ranks")
+                note(f"tokenizer: tiktoken could not load gpt2 ({type(e).__name__}: {e}); using the bundled ranks")
         if enc is None:
-            enc, source = gpt2_encoding_from_bundle(), f"bundled {BUNDLED_R50K.name} (sha256 verified)"
-        say(f"tokenizer: tiktoken gpt2 from {source}")
+            enc, source = gpt2_encoding(), f"bundled {BUNDLED_R50K.name} (sha256 verified)"
+        note(f"tokenizer: tiktoken gpt2 from {source}")
         return TiktokenTokenizer(enc, "gpt2", enc.eot_token, R50K_SHA256)
     try:
         enc = tiktoken.get_encoding(encoding)
@@ -164,16 +142,15 @@ def load_tiktoken(encoding="gpt2", allow_download=False, verbose=True):
     except Exception as e:
         raise TokenizerError(f"could not load tiktoken encoding {encoding!r} ({type(e).__name__}: {e}). "
                              "Only gpt2 is bundled for offline use; connect to the network or use --encoding gpt2") from None
-    say(f"tokenizer: tiktoken {encoding}")
+    note(f"tokenizer: tiktoken {encoding}")
     eot = enc._special_tokens.get(ENDOFTEXT)
     if eot is None:
         raise TokenizerError(f"tiktoken encoding {encoding!r} has no {ENDOFTEXT} token")
     return TiktokenTokenizer(enc, encoding, eot, None)
 
 
-
 class BPETokenizer(Tokenizer):
-    type = "lecture2_bpe"
+    type = "bpe"
 
     def __init__(self, model, json_text, model_file=None, verbose=False):
         self.model = model
@@ -185,7 +162,7 @@ class BPETokenizer(Tokenizer):
         ranks = model.tiktoken_ranks()
         if ranks is not None:
             try:
-                enc = tiktoken.Encoding(name=f"lecture2_bpe-{sha[:12]}", pat_str=model.pattern,
+                enc = tiktoken.Encoding(name=f"bpe-{sha[:12]}", pat_str=model.pattern,
                                         mergeable_ranks=ranks, special_tokens=model.specials,
                                         explicit_n_vocab=model.vocab_size)
             except ValueError as e:  # e.g. a pattern Python's regex accepts and tiktoken's engine does not
@@ -201,7 +178,7 @@ class BPETokenizer(Tokenizer):
                                      "back whole with this model's pattern: use GPT-2's")
         else:
             if verbose:
-                _say(f"note: {model_file}: merges cannot run in tiktoken's engine; using the (slower) reference encoder")
+                say(f"note: {model_file}: merges cannot run in tiktoken's engine; using the (slower) reference encoder")
             enc = ReferenceEncoding(model)
         super().__init__(enc, f"bpe{model.vocab_size}-{sha[:12]}", model.specials[ENDOFTEXT], sha,
                          os.path.abspath(model_file) if model_file else None)
@@ -211,36 +188,68 @@ class BPETokenizer(Tokenizer):
         return self._json
 
 
+def read_model_file(model_file, merges_file=None):
+    """(BPEModel, its JSON text) from our JSON model file, or from a vocab.json with its merges.txt
+    (merges_file, or merges.txt beside it); the text is what a checkpoint embeds and the sha256 covers."""
+    try:
+        with open_regular(model_file, "rb", "BPE model file", MAX_MODEL_BYTES, TokenizerError) as f:
+            raw = f.read()
+    except OSError as e:
+        raise TokenizerError(f"cannot read BPE model {model_file}: {e.strerror}. Train one with "
+                             "`tokenizer.py --train_bpe --vocab_size 4096 input.txt --model_file FILE`") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TokenizerError(f"{model_file} is not a BPE model (not UTF-8 JSON text)") from None
+    pair = merges_file or os.path.join(os.path.dirname(model_file) or ".", "merges.txt")
+    looks_like_vocab = text.lstrip().startswith("{") and f'"format": "{BPE_FORMAT}"' not in text[:2000]
+    if looks_like_vocab and os.path.exists(pair):
+        try:
+            is_vocab = all(isinstance(v, int) for v in parse_json(text, model_file).values())
+        except (ValueError, AttributeError):
+            is_vocab = False
+        if is_vocab:
+            model = model_from_vocab_merges(model_file, pair)
+            return model, model.to_json()
+    return BPEModel.from_json(text, model_file), text
+
+
 def load_bpe(model_file, merges_file=None, verbose=True):
     """A BPETokenizer from our JSON model, or from a vocab.json (+ merges.txt beside it or merges_file)."""
     if not model_file:
-        raise TokenizerError("--tokenizer lecture2_bpe needs --model_file (train one with --train_bpe)")
+        raise TokenizerError("--tokenizer bpe needs --model_file (train one with --train_bpe)")
     if os.path.isdir(model_file):
         model_file = os.path.join(model_file, "vocab.json")
     model, text = read_model_file(model_file, merges_file)
     tok = BPETokenizer(model, text, model_file, verbose)
     if verbose:
-        _say(f"tokenizer: lecture2_bpe from {model_file} ({model.vocab_size} tokens)")
+        say(f"tokenizer: bpe from {model_file} ({model.vocab_size} tokens)")
     return tok
+
+
+def tokenizer_kind(name):
+    """"tiktoken" or "bpe" for a --tokenizer flag or an identity's type, None for anything else."""
+    return KINDS.get(name)
 
 
 def get_tokenizer(kind="tiktoken", encoding="gpt2", model_file=None, merges_file=None, allow_download=False,
                   verbose=True):
-    """The shared entry point: kind "tiktoken" (encoding=...) or "lecture2_bpe" (model_file=...)."""
-    if kind == "tiktoken":
+    """The shared entry point: kind "tiktoken" (encoding=...) or "bpe" (model_file=...)."""
+    if tokenizer_kind(kind) == "tiktoken":
         return load_tiktoken(encoding, allow_download, verbose)
-    if kind in ("lecture2_bpe", "bpe"):
+    if tokenizer_kind(kind) == "bpe":
         return load_bpe(model_file, merges_file, verbose)
-    raise TokenizerError(f"unknown tokenizer {kind!r}: use tiktoken or lecture2_bpe")
+    raise TokenizerError(f"unknown tokenizer {kind!r}: use tiktoken or bpe")
 
 
 def tokenizer_from_identity(identity, model_json=None, verbose=False):
     """Rebuild the tokenizer an identity dict names (from model_json when given; sha256 checked)."""
     if not identity or "type" not in identity:
         raise TokenizerError(f"not a tokenizer identity: {identity!r}")
-    if identity["type"] == "tiktoken":
+    kind = tokenizer_kind(identity["type"])
+    if kind == "tiktoken":
         tok = load_tiktoken(identity.get("name", "gpt2"), verbose=verbose)
-    elif identity["type"] == "lecture2_bpe":
+    elif kind == "bpe":
         if model_json is not None:
             if identity.get("sha256") and _sha256_text(model_json) != identity["sha256"]:
                 raise TokenizerError("the embedded BPE model does not match the tokenizer's sha256 (file corrupted?)")
@@ -257,6 +266,56 @@ def tokenizer_from_identity(identity, model_json=None, verbose=False):
     if identity.get("n_vocab") not in (None, tok.n_vocab):
         raise TokenizerError(f"tokenizer {tok.name} has {tok.n_vocab} tokens, the identity says {identity['n_vocab']}")
     return tok
+
+
+def same_tokenizer(a, b):
+    """True when two identity dicts name the same tokenizer (None = unknown = compatible)."""
+    if a is None or b is None:
+        return True
+    return tokenizer_kind(a.get("type")) == tokenizer_kind(b.get("type")) and \
+        all(a.get(k) == b.get(k) for k in ("name", "n_vocab", "eot_id", "sha256"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The sidecar X.jsonl.meta.json: which tokenizer made X.jsonl, and what is in it
+
+def sidecar_path(jsonl_path):
+    return str(jsonl_path) + ".meta.json"
+
+
+def read_sidecar(jsonl_path):
+    """The sidecar dict of jsonl_path (its "tokenizer": the identity), or None for a plain .jsonl."""
+    path = sidecar_path(jsonl_path)
+    if not os.path.exists(path):
+        return None
+    try:
+        meta = read_json(path, "tokenizer sidecar", error=DataError, hint="; re-run tokenizer.py or delete it")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read tokenizer sidecar ({e.strerror}); re-run tokenizer.py or delete "
+                        "it") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"{path}: not a numpy-gpt tokenized-jsonl sidecar (format={found!r})")
+    if meta.get("version") != SIDECAR_VERSION:
+        raise DataError(f"{path}: tokenizer sidecar version {meta.get('version')!r}, but this code reads version "
+                        f"{SIDECAR_VERSION}; update numpy-gpt (git pull) or re-run tokenizer.py")
+    tok = meta.get("tokenizer")
+    ok = tok is None or (isinstance(tok, dict) and all(
+        tok.get(k) is None or (type(tok[k]) is int and 0 <= tok[k] < 2**32) for k in ("n_vocab", "eot_id")))
+    for key in ("num_documents", "num_tokens", "num_bytes"):
+        ok = ok and (meta.get(key) is None or (type(meta[key]) is int and meta[key] >= 0))
+    if not ok:
+        raise DataError(f"{path}: damaged tokenizer sidecar (a field has the wrong type or range); "
+                        "re-run tokenizer.py to write it again")
+    return meta
+
+
+def write_sidecar(jsonl_path, identity, **facts):
+    """Write jsonl_path's sidecar (atomically): the tokenizer's identity and facts about the file."""
+    record = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "tokenizer": identity, **facts}
+    with atomic_write(sidecar_path(jsonl_path), "w", encoding="utf-8") as f:
+        f.write(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,7 +418,7 @@ def _story_ends(buf, layout):
 def _read_raw_batches(path, max_length, batch_bytes, layout):
     """Yield jobs for _encode_batch: about batch_bytes of whole stories each (whole lines; in the raw layout
     ending with a separator line), with the first line's number. A story longer than 4 * batch_bytes goes
-    in parts instead, cut where no pre-token spans (bpe's _last_cut), so memory does not grow with it (one
+    in parts instead, cut where no pre-token spans (pretokens.last_cut), so memory does not grow with it (one
     50 MB line took 1.1 GB)."""
     lineno, buf, part = 1, b"", None  # part: the kind of the last part sent while a long story is cut up
     with open_regular(path, "rb", "text file", error=TokenizerError) as f:
@@ -373,7 +432,7 @@ def _read_raw_batches(path, max_length, batch_bytes, layout):
             elif part is None and last:
                 end = last
             elif len(buf) > 4 * batch_bytes:
-                end, kind = _last_cut(buf), "first" if part is None else "more"
+                end, kind = last_cut(buf), "first" if part is None else "more"
                 if not end and len(buf) > MAX_UNCUT_BYTES:
                     raise TokenizerError(f"{path} line {lineno}: {len(buf) >> 20} MB without whitespace after a "
                                          "character, so without a place to cut it: is it text?")
@@ -412,7 +471,7 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
     total = regular_file(input_path, "text file", error=TokenizerError).st_size
     if total == 0:
         raise TokenizerError(f"{input_path} is empty: no stories to tokenize")
-    workers = max(1, min(workers or os.cpu_count() or 1, -(-total // batch_bytes)))  # no more than batches
+    workers = max(1, min(workers or cores(), -(-total // batch_bytes)))  # no more than batches
     layout = layout or detect_layout(input_path)
     identity, model_json = tok.identity(), tok.model_json()
     out_path = os.path.abspath(output_path)
@@ -428,7 +487,7 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
     try:
         jobs = _read_raw_batches(input_path, max_length, batch_bytes, layout)
         results = pool.imap(_encode_batch, jobs) if pool is not None else map(_encode_batch, jobs)
-        side = out_path + ".meta.json"
+        side = sidecar_path(out_path)
         carry = []  # the ids of a long story not written yet
         with atomic_write(out_path, "w", encoding="utf-8") as f:
             for text, d, c, n, b, in_bytes in results:
@@ -449,12 +508,9 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
                                      "nothing to tokenize")
             if os.path.exists(side):
                 os.unlink(side)  # never leave an old sidecar describing the new jsonl
-        sidecar = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "tokenizer": identity,
-                   "num_documents": stats["docs"], "num_lines": stats["lines"], "num_tokens": stats["tokens"],
-                   "num_bytes": stats["bytes"], "eot_appended": True, "max_length": max_length,
-                   "source": str(input_path)}
-        with atomic_write(side, "w", encoding="utf-8") as f:
-            f.write(json.dumps(sidecar, indent=1) + "\n")
+        sidecar = write_sidecar(out_path, identity, num_documents=stats["docs"], num_lines=stats["lines"],
+                                num_tokens=stats["tokens"], num_bytes=stats["bytes"], eot_appended=True,
+                                max_length=max_length, source=str(input_path))
     except BaseException:
         if pool is not None:
             pool.terminate()
@@ -484,20 +540,21 @@ def build_parser():
     p.add_argument("input", nargs="?", help="text file of stories in either layout (the BPE training text with "
                                          "--train_bpe)")
     p.add_argument("output", nargs="?", help="output .jsonl of token ids (a sidecar OUTPUT.meta.json is written too)")
-    p.add_argument("--tokenizer", default="tiktoken", choices=["tiktoken", "lecture2_bpe"],
-                   help="tiktoken (a named tiktoken encoding) or lecture2_bpe (our BPE model from --model_file)")
+    p.add_argument("--tokenizer", default="tiktoken", choices=list(KINDS),
+                   help="tiktoken (a named tiktoken encoding) or bpe (our BPE model from --model_file; "
+                        "lecture2_bpe is the guide's name for it)")
     p.add_argument("--encoding", default="gpt2",
                    help="tiktoken encoding name; gpt2 works offline from the bundled ranks (default: gpt2)")
-    p.add_argument("--model_file", help="BPE model JSON to read (lecture2_bpe; or a vocab.json with merges.txt "
+    p.add_argument("--model_file", help="BPE model JSON to read (bpe; or a vocab.json with merges.txt "
                                         "beside it), or to write with --train_bpe")
     p.add_argument("--merges_file", help="merges.txt to pair with a vocab.json --model_file (default: beside it)")
     p.add_argument("--max_length", type=int, default=512,
                    help="most token ids per output line: a longer story is split into consecutive chunks of at "
                         "most this many ids, never truncated (0: no limit). The end-of-text id is appended to "
                         "every story, so it ends the story's last chunk (default: 512)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(),
+    p.add_argument("--workers", type=int, default=cores(),
                    help=f"processes that tokenize, or count the text's pre-tokens with --train_bpe "
-                        f"(default: all {os.cpu_count()} cores)")
+                        f"(default: all {cores()} cores)")
     p.add_argument("--allow_download", action="store_true",
                    help="let tiktoken download the gpt2 files when its cache lacks them (default: use the "
                         "bundled data/sample/r50k_base.tiktoken, no network wait)")
@@ -525,10 +582,10 @@ def refuse_overwriting_inputs(outputs, inputs):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cores = os.cpu_count() or 1
-    if args.workers is not None and args.workers > cores:
-        _say(f"note: --workers {args.workers} is more than the {cores} cores here; using {cores}")
-        args.workers = cores
+    n_cores = cores()
+    if args.workers is not None and args.workers > n_cores:
+        say(f"note: --workers {args.workers} is more than the {n_cores} cores here; using {n_cores}")
+        args.workers = n_cores
     try:
         if args.train_bpe:
             if not args.input or not args.model_file:
@@ -546,35 +603,35 @@ def main(argv=None):
             secs = time.perf_counter() - t0
             with atomic_write(args.model_file, "w", encoding="utf-8") as f:
                 f.write(model.to_json())
-            _say(f"trained BPE: {model.vocab_size} tokens ({len(model.merges)} merges) on "
-                 f"{size / 1e6:.2f} MB in {secs:.1f} s on {max(1, args.workers or 1)} worker(s) -> {args.model_file}")
+            say(f"trained BPE: {model.vocab_size} tokens ({len(model.merges)} merges) on "
+                f"{size / 1e6:.2f} MB in {secs:.1f} s on {max(1, args.workers or 1)} worker(s) -> {args.model_file}")
             return 0
         if not args.input or not args.output:
             raise TokenizerError("give an input text file and an output .jsonl (or --train_bpe); see --help")
         if args.max_length < 0:
             raise TokenizerError("--max_length must be >= 0 (0 means no limit)")
         inputs = [("input text", args.input)]
-        if args.tokenizer == "lecture2_bpe" and args.model_file:
+        if tokenizer_kind(args.tokenizer) == "bpe" and args.model_file:
             model = os.path.join(args.model_file, "vocab.json") if os.path.isdir(args.model_file) else args.model_file
             inputs += [("BPE model", model),  # and the merges.txt a vocab.json is read with
                        ("merges file", args.merges_file or os.path.join(os.path.dirname(model), "merges.txt"))]
-        refuse_overwriting_inputs([args.output, args.output + ".meta.json"], inputs)
+        refuse_overwriting_inputs([args.output, sidecar_path(args.output)], inputs)
         tok = get_tokenizer(args.tokenizer, args.encoding, args.model_file, args.merges_file, args.allow_download)
         sidecar, st = tokenize_file(tok, args.input, args.output, args.max_length, args.workers,
                                     progress=not args.quiet)
-        _say(f"{args.output}: {st['docs']} stories ({LAYOUTS[st['layout']]}), {st['lines']} lines, "
-             f"{st['tokens']} tokens ({st['tokens'] / max(st['bytes'], 1):.3f} per byte) in {st['seconds']:.1f} s, "
-             f"{st['mb_per_s']:.1f} MB/s on {st['workers']} worker(s); tokenizer {tok.name}")
+        say(f"{args.output}: {st['docs']} stories ({LAYOUTS[st['layout']]}), {st['lines']} lines, "
+            f"{st['tokens']} tokens ({st['tokens'] / max(st['bytes'], 1):.3f} per byte) in {st['seconds']:.1f} s, "
+            f"{st['mb_per_s']:.1f} MB/s on {st['workers']} worker(s); tokenizer {tok.name}")
         return 0
-    except TokenizerError as e:
-        _say(f"error: {e}")
+    except UserError as e:
+        say(f"error: {e}")
         return 1
     except OSError as e:  # an input that cannot be read; an output that is a folder or under a file, a full disk
         why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else e.strerror
-        _say(f"error: {e.filename2 or e.filename or args.output or args.model_file}: {why}")
+        say(f"error: {e.filename2 or e.filename or args.output or args.model_file}: {why}")
         return 1
     except KeyboardInterrupt:
-        _say("interrupted; no output written")
+        say("interrupted; no output written")
         return 130
 
 

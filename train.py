@@ -63,22 +63,22 @@ import numpy as np
 
 import distributed
 from budget import TimeBudget
-from checkpoint import CheckpointError, copy_params
+from checkpoint import copy_params
 from config import config_from_flags, param_shapes
-from data_loader import (DataError, RandomBatches, check_same_tokenizer, eval_batches, load_dataset,
-                         num_eval_windows, same_tokenizer)
-from device import DeviceError, gpu_name, on_gpu, require, synchronize
+from data_loader import RandomBatches, check_same_tokenizer, eval_batches, load_dataset, num_eval_windows
+from device import array_module, gpu_name, on_gpu, synchronize
 from dropout import DropoutKey
-from export_hf import load_hf_params, read_hf_config
+from errors import DataError, TrainError, UserError
+from hf_format import load_hf_params, read_hf_config
 from language_model import LanguageModel
 from loss import count_targets
 from metrics import Interval, MetricsLog, StepTimer, log_eval, log_train, progress_bar
-from optimizer import OPTIMIZERS, LRSchedule, clip_grad_norm
-from parallel import keep_freed_memory, split_rows
+from optimizer import SGD, AdamW, LRSchedule, clip_grad_norm
+from parallel import cores, keep_freed_memory, split_rows
 from run_dir import FINAL, RunDir, new_run_id, step_name
 from stop import Stop
-from tokenizer import tokenizer_from_identity
-from train_flags import TrainError, apply_defaults, build_parser, check_args, check_init_from, given_flags
+from tokenizer import same_tokenizer, tokenizer_from_identity, tokenizer_kind
+from train_flags import apply_defaults, build_parser, check_args, check_init_from, given_flags
 from train_state import DISK_FULL, TrainState, restore, save
 
 NAN_REMEDIES = ("lower --learning_rate (e.g. halve it), keep --grad_clip at 1.0 or lower it, use more "
@@ -86,17 +86,18 @@ NAN_REMEDIES = ("lower --learning_rate (e.g. halve it), keep --grad_clip at 1.0 
 
 
 def make_optimizer(args, params, threads=None):
+    """--optimizer sgd, adamw, or adam: AdamW without weight decay."""
     if args.optimizer == "sgd":
-        return OPTIMIZERS["sgd"](params, momentum=args.momentum, weight_decay=args.weight_decay,
-                                 decay_embeddings=args.decay_embeddings, threads=threads)
+        return SGD(params, momentum=args.momentum, weight_decay=args.weight_decay,
+                   decay_embeddings=args.decay_embeddings, threads=threads)
     weight_decay = args.weight_decay if args.optimizer == "adamw" else 0.0
-    return OPTIMIZERS[args.optimizer](params, betas=(args.beta1, args.beta2), weight_decay=weight_decay,
-                                      decay_embeddings=args.decay_embeddings, threads=threads)
+    return AdamW(params, betas=(args.beta1, args.beta2), weight_decay=weight_decay,
+                 decay_embeddings=args.decay_embeddings, threads=threads)
 
 
 def tokenizer_model_json(identity, log):
-    """The BPE model's JSON text for a lecture2_bpe tokenizer (embedded in checkpoints), else None."""
-    if not identity or identity.get("type") != "lecture2_bpe":
+    """The BPE model's JSON text for a bpe tokenizer (embedded in checkpoints), else None."""
+    if not identity or tokenizer_kind(identity.get("type")) != "bpe":
         return None
     try:
         return tokenizer_from_identity(identity).model_json()
@@ -152,7 +153,7 @@ class Run:
 
 def setup(args, world, log, run_dir, init=None):
     """The data, model, optimizer and schedule of a run, restored from a checkpoint when resuming."""
-    require(args.device, world.gpu)  # before any data is read: without CuPy or a GPU, say what to install
+    array_module(args.device, world.gpu)  # before any data is read: without CuPy or a GPU, say what to install
     if args.batch_size < world.size:
         raise TrainError(f"--batch_size {args.batch_size} is smaller than the {world.size} MPI ranks: "
                          "each rank needs at least one row of every batch")
@@ -180,7 +181,7 @@ def setup(args, world, log, run_dir, init=None):
               tokenizer=train_ds.tokenizer, tokenizer_model_json=tokenizer_model_json(train_ds.tokenizer, log.say),
               run_id=world.bcast(new_run_id()), horizon=horizon)  # rank 0's
     if args.resume:  # rank 0 picks the checkpoint, so that every rank loads the same one
-        chosen = (run_dir.choose_resume() if args.resume == "latest" else args.resume) if world.is_root else None
+        chosen = (run_dir.choose_resume() if args.resume is True else args.resume) if world.is_root else None
         restore(run, world.bcast(chosen))
     elif world.is_root:
         check_overwrite(args, run_dir, log)
@@ -479,7 +480,7 @@ def memory_needed(args):
     more gradient copy per extra worker), plus the activations a step keeps for its backward pass."""
     P = sum(math.prod(s) for s in param_shapes(config_from_flags(vars(args))).values())
     C, F, L, H, T = args.d_model, args.d_ff, args.n_layers, args.n_heads, args.seq_len
-    return 4 * P * (4 + max(0, (args.workers or os.cpu_count() or 1) - 1)) + \
+    return 4 * P * (4 + max(0, (args.workers or cores()) - 1)) + \
         4 * args.batch_size * T * L * (8 * C + 2 * F + H * T)
 
 
@@ -494,7 +495,7 @@ def main(argv=None):
         check_args(args)
         world = distributed.world(args.rank_timeout, on_lost=lost_at_start)
         return train(args, world, init)
-    except (TrainError, DataError, CheckpointError, DeviceError, distributed.RanksError) as e:
+    except UserError as e:
         world.abort(f"error: {e}")
     except MemoryError:
         world.abort(f"error: out of memory: --d_model {args.d_model} --n_layers {args.n_layers} --d_ff {args.d_ff} "

@@ -14,14 +14,11 @@ batch; a preset may set any flag), else its default. A preset's --time_budget gi
 import argparse
 import math
 
-from config import MAX_SEQ_LEN, PRESETS, flags_from_config
+from config import GPT2_EOT_ID, GPT2_VOCAB_SIZE, MAX_SEQ_LEN, PRESETS, flags_from_config
+from errors import TrainError
 from optimizer import OPTIMIZERS, LRSchedule
 
 MAX_STEPS = 5000  # --max_steps without --time_budget
-
-
-class TrainError(Exception):
-    """Bad flags or state: the message says what to do."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -42,7 +39,7 @@ def build_parser():
     d.add_argument("--val_data", default=None, help="tokenized validation .jsonl (no evaluation without it)")
     d.add_argument("--eot_id", type=int, default=None,
                    help="end-of-text id joining the lines of a plain .jsonl without tokenizer sidecar "
-                        "(default: 50256 for vocab 50257, else vocab_size - 1)")
+                        f"(default: {GPT2_EOT_ID} for vocab {GPT2_VOCAB_SIZE}, else vocab_size - 1)")
     m = p.add_argument_group("model")
     m.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="tiny|small|medium|large: a model size of the README's table, which sets the model flags, "
@@ -51,7 +48,8 @@ def build_parser():
                         "BPE of that size on the training text first (python3 tokenizer.py --train_bpe --vocab_size "
                         "4096 TRAIN.txt --model_file bpe4096.json) and tokenize with it (README, 2. Tokenize). "
                         "Flags given as well win; --max_steps given drops the preset's --time_budget")
-    m.add_argument("--vocab_size", type=int, default=50257, help="vocabulary size (50257 for GPT-2's tiktoken)")
+    m.add_argument("--vocab_size", type=int, default=GPT2_VOCAB_SIZE,
+                   help=f"vocabulary size ({GPT2_VOCAB_SIZE} for GPT-2's tiktoken)")
     m.add_argument("--d_model", type=int, default=128, help="width of the residual stream")
     m.add_argument("--n_heads", type=int, default=4, help="attention heads per layer (must divide d_model)")
     m.add_argument("--d_ff", type=int, default=512, help="hidden width of the feed-forward block")
@@ -110,7 +108,7 @@ def build_parser():
                         "(default: the whole set)")
     r.add_argument("--save_interval", type=int, default=5000,
                    help="write checkpoint_step_N.npz every this many steps (0: only the final one)")
-    r.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+    r.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue from CHECKPOINT, or alone: the newest checkpoint of the run that last trained "
                         "in --save_dir (pass the same flags as the interrupted run)")
     r.add_argument("--overwrite", action="store_true",

@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 
 import distributed
 from budget import on_resume
-from checkpoint import CheckpointError, copy_params, load_checkpoint, save_checkpoint
-from data_loader import same_tokenizer
-from train_flags import TrainError
+from checkpoint import copy_params, load_checkpoint, save_checkpoint
+from errors import CheckpointError, TrainError
+from tokenizer import same_tokenizer
 
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too large, over quota
 

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from device import get_array_module, whole_arrays
+from device import BLOCK, get_array_module, whole_arrays
 from loss import SHIFT_FREE
 
 LN_EPS = 1e-5
@@ -241,7 +241,6 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
 
 # ----------------------------------------------------------------------------- feed-forward
 
-BLOCK = 1 << 16  # elements per block of the element-wise chains: 256 KB of float32 stays in L2 cache
 
 
 def block_rows(a):

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import distributed  # noqa: E402  (after the path is set)
-from config import ModelConfig  # noqa: E402
+from config import GPT2_VOCAB_SIZE, ModelConfig  # noqa: E402
+from errors import UserError  # noqa: E402
 from language_model import LanguageModel  # noqa: E402
 from loss import count_targets  # noqa: E402
 from optimizer import AdamW, clip_grad_norm  # noqa: E402
@@ -100,7 +101,8 @@ def compare(args, model_flags):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab_size", type=int, default=50257, help="vocabulary size (default 50257, GPT-2's)")
+    ap.add_argument("--vocab_size", type=int, default=GPT2_VOCAB_SIZE,
+                    help=f"vocabulary size (default {GPT2_VOCAB_SIZE}, GPT-2's)")
     ap.add_argument("--d_model", type=int, default=128, help="model width (default 128: the guide's Small)")
     ap.add_argument("--n_heads", type=int, default=4, help="attention heads (default 4)")
     ap.add_argument("--d_ff", type=int, default=512, help="feed-forward width (default 512)")
@@ -115,11 +117,14 @@ def main(argv=None):
                     help="launch N ranks x 1 worker and 1 process x N workers in turn and compare them")
     ap.add_argument("--rounds", type=int, default=3, help="with --compare: launches of each (default 3)")
     args = ap.parse_args(argv)
-    if args.compare:
-        keep = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "batch_size", "seq_len", "steps", "warmup")
-        compare(args, [f"--{k}={getattr(args, k)}" for k in keep])
-    else:
-        measure(args)
+    try:
+        if args.compare:
+            keep = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "batch_size", "seq_len", "steps", "warmup")
+            compare(args, [f"--{k}={getattr(args, k)}" for k in keep])
+        else:
+            measure(args)
+    except UserError as e:  # mpi4py missing under mpiexec, ranks that disagree
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

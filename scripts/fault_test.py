@@ -18,7 +18,7 @@ Each fault hits a real train.py process (a tiny model on generated counting stor
     python3 scripts/fault_test.py --trials 10 --seed 7  # more random kill sequences
     python3 scripts/fault_test.py --only damage --variants 2000
 
-tests/test_faults.py runs a reduced form of the same functions in CI.
+tests/test_faults.py runs a reduced form of the same functions in CI and asserts on what they return.
 """
 import argparse
 import glob
@@ -35,32 +35,22 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for folder in (ROOT, ROOT / "tests"):  # the toy data and the optimizer hook are the tests' (tests/helpers.py)
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
-V, EOT = 64, 63
-IDENTITY = {"type": "lecture2_bpe", "name": "counting", "n_vocab": V, "eot_id": EOT, "sha256": "0" * 64,
-            "model_file": None}
+from helpers import V, after_each_update, write_data  # noqa: E402
+
 KILLS = ("step", "checkpoint", "eval", "timer")
 
 
-def write_data(path, n_docs, seed):
-    """Counting stories (a random start, +1 mod 60 each token, then end-of-text) and the sidecar
-    tokenizer.py would write for them."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n_docs):
-        start, length = rng.randrange(60), rng.randrange(10, 40)
-        lines.append([(start + i) % 60 for i in range(length)] + [EOT])
-    with open(path, "w") as f:
-        f.writelines(json.dumps(ids) + "\n" for ids in lines)
-    n_tokens = sum(map(len, lines))
-    sidecar = {"format": "numpy-gpt tokenized jsonl", "version": 1, "tokenizer": IDENTITY,
-               "num_documents": n_docs, "num_lines": n_docs, "num_tokens": n_tokens,
-               "num_bytes": 3 * (n_tokens - n_docs), "eot_appended": True, "max_length": 512, "source": "generated"}
-    with open(str(path) + ".meta.json", "w") as f:
-        json.dump(sidecar, f)
-    return str(path)
+class Failed(Exception):
+    """What a fault test checks does not hold (raised, not asserted: it must hold under python -O too)."""
+
+
+def expect(ok, message):
+    if not ok:
+        raise Failed(message)
 
 
 def make_data(folder):
@@ -99,19 +89,7 @@ def child(fault, at, argv):
         os.kill(os.getpid(), signal.SIGKILL)
 
     if fault == "step":  # the weights changed in memory, nothing saved yet
-        real_make_optimizer = train.make_optimizer
-
-        def make_optimizer(*args, **kwargs):
-            opt = real_make_optimizer(*args, **kwargs)
-            update = opt.step
-
-            def update_then_die(grads, lr):
-                update(grads, lr)
-                if due():
-                    die()
-            opt.step = update_then_die
-            return opt
-        train.make_optimizer = make_optimizer
+        after_each_update(lambda opt: due() and die())
     elif fault == "checkpoint":  # half of a checkpoint's bytes written (and on disk)
         real_savez = np.savez
 
@@ -166,24 +144,24 @@ def run_child(fault, at, argv, timeout=300):
 # The checks
 
 
-def same_run(dir_a, dir_b):
-    """Assert that two runs ended with bit-identical weights, optimizer state and batch position."""
+def differences(dir_a, dir_b):
+    """How two runs' final checkpoints differ in weights, optimizer state and batch position ([]: they are
+    bit-identical)."""
     import numpy as np
 
     from checkpoint import load_checkpoint
     a, b = (load_checkpoint(os.path.join(d, "checkpoint_final.npz")) for d in (dir_a, dir_b))
-    assert a.meta["step"] == b.meta["step"] and a.meta["data"] == b.meta["data"], "batch position differs"
-    for name in a.params:
-        assert np.array_equal(a.params[name], b.params[name]), f"weights {name} differ"
-    for name in a.arrays:
-        assert np.array_equal(a.arrays[name], b.arrays[name]), f"optimizer state {name} differs"
+    found = [] if a.meta["step"] == b.meta["step"] and a.meta["data"] == b.meta["data"] else ["batch position"]
+    found += [f"weights {name}" for name in a.params if not np.array_equal(a.params[name], b.params[name])]
+    found += [f"optimizer state {name}" for name in a.arrays if not np.array_equal(a.arrays[name], b.arrays[name])]
+    return found
 
 
 def reference_run(work, data):
     ref = os.path.join(work, "reference")
     if not os.path.exists(os.path.join(ref, "checkpoint_final.npz")):
         rc, _, err = run_child("none", 0, train_flags(data, ref))
-        assert rc == 0, err
+        expect(rc == 0, err)
     return ref
 
 
@@ -209,37 +187,36 @@ def kill_and_resume(work, data, rng, kinds=None, say=print):
               "timer": rng.randint(1, 100)}[kind]
         resume = bool(glob.glob(os.path.join(d, "checkpoint_*.npz")))
         rc, out, err = run_child(kind, at, train_flags(data, d, resume=resume))
-        assert rc == -signal.SIGKILL, f"{kind} at {at}: the run was not killed (exit {rc}): {err[-2000:]}"
+        expect(rc == -signal.SIGKILL, f"{kind} at {at}: the run was not killed (exit {rc}): {err[-2000:]}")
         newest = newest_is_loadable(d)
         history.append((kind, at, newest[1] if newest else None))
         say(f"  kill -9 {kind:10} at {at:3}: newest checkpoint {newest[0] if newest else '(none yet)'}")
     rc, out, err = run_child("none", 0, train_flags(data, d, resume=bool(newest_is_loadable(d))))
-    assert rc == 0, err
-    same_run(ref, d)
+    expect(rc == 0, err)
+    expect(not differences(ref, d), f"the resumed run ends otherwise: {differences(ref, d)}")
     with open(os.path.join(d, "metrics.jsonl")) as f:
         logged = [json.loads(line)["step"] for line in f if '"type": "train"' in line]
-    assert logged == list(range(10, 301, 10)), "metrics.jsonl does not read as one run"
+    expect(logged == list(range(10, 301, 10)), "metrics.jsonl does not read as one run")
     return history
 
 
-def full_disk(work, data, at=3, say=print):
-    """The at-th checkpoint write finds the disk full: one line, the previous checkpoint intact, and a
-    resume afterwards ends as the uninterrupted run."""
+def full_disk(work, data, at=3):
+    """The at-th checkpoint write finds the disk full, then the run is resumed: what happened, as
+    {"exit", "stderr": the run's exit code and its stderr, "previous": the checkpoint before, "previous_step":
+    the step it loads with, "temp_files": what the write left, "written": whether the checkpoint it was
+    writing exists, "resumed_exit", "resumed_stderr", "differences": the resumed run's from an uninterrupted
+    one}. It should be: one line saying the disk is full and naming the previous checkpoint, which is intact,
+    nothing left behind, and a resume that ends as the uninterrupted run."""
     from checkpoint import load_checkpoint
     ref = reference_run(work, data)
     d = os.path.join(work, "disk-full")
-    rc, out, err = run_child("disk_full", at, train_flags(data, d))
+    rc, _, err = run_child("disk_full", at, train_flags(data, d))
     previous = os.path.join(d, f"checkpoint_step_{10 * (at - 1)}.npz")
-    assert rc == 1, f"exit {rc}: {err[-2000:]}"
-    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: cannot write "), err
-    assert "the disk is full" in err and previous in err, err
-    assert load_checkpoint(previous).meta["step"] == 10 * (at - 1)
-    assert not glob.glob(os.path.join(d, "*.tmp")), "a temp file was left behind"
-    assert not os.path.exists(os.path.join(d, f"checkpoint_step_{10 * at}.npz"))
-    say(f"  {err.strip()}")
-    rc, out, err = run_child("none", 0, train_flags(data, d, resume=True))
-    assert rc == 0, err
-    same_run(ref, d)
+    facts = {"exit": rc, "stderr": err, "previous": previous, "previous_step": load_checkpoint(previous).meta["step"],
+             "temp_files": glob.glob(os.path.join(d, "*.tmp")),
+             "written": os.path.exists(os.path.join(d, f"checkpoint_step_{10 * at}.npz"))}
+    rc, _, err = run_child("none", 0, train_flags(data, d, resume=True))
+    return dict(facts, resumed_exit=rc, resumed_stderr=err, differences=differences(ref, d) if rc == 0 else None)
 
 
 def damage(blob, rng):
@@ -255,7 +232,7 @@ def damage(blob, rng):
 
 
 def one_line_naming(message, path):
-    assert "\n" not in message.strip() and str(path) in message, message
+    expect("\n" not in message.strip() and str(path) in message, message)
 
 
 def damaged_checkpoints(work, rng, variants=200):
@@ -263,7 +240,8 @@ def damaged_checkpoints(work, rng, variants=200):
     naming the file."""
     import numpy as np
 
-    from checkpoint import CheckpointError, load_checkpoint
+    from checkpoint import load_checkpoint
+    from errors import CheckpointError
     ref = reference_run(work, make_data(os.path.join(work, "data")))
     good_path = os.path.join(ref, "checkpoint_step_20.npz")
     good = load_checkpoint(good_path)
@@ -281,12 +259,12 @@ def damaged_checkpoints(work, rng, variants=200):
             errors += 1
             continue
         except Exception as e:
-            raise AssertionError(f"checkpoint {how}: {type(e).__name__}: {e}") from None
+            raise Failed(f"checkpoint {how}: {type(e).__name__}: {e}") from None
         for name, arr in good.params.items():  # loaded: then it must be what was saved
-            assert np.array_equal(ck.params[name], arr), f"checkpoint {how}: {name} loaded with other values"
+            expect(np.array_equal(ck.params[name], arr), f"checkpoint {how}: {name} loaded with other values")
         for name, arr in good.arrays.items():
-            assert np.array_equal(ck.arrays[name], arr), f"checkpoint {how}: {name} loaded with other values"
-        assert ck.meta == good.meta, f"checkpoint {how}: meta loaded with other values"
+            expect(np.array_equal(ck.arrays[name], arr), f"checkpoint {how}: {name} loaded with other values")
+        expect(ck.meta == good.meta, f"checkpoint {how}: meta loaded with other values")
     return errors
 
 
@@ -295,7 +273,8 @@ def damaged_data(work, rng, variants=100):
     DataError naming the damaged file (the .jsonl or its sidecar, which cannot be rebuilt)."""
     import numpy as np
 
-    from data_loader import DataError, cache_paths, load_dataset
+    from data_loader import cache_paths, load_dataset
+    from errors import DataError
     clean = os.path.join(work, "clean")
     os.makedirs(clean, exist_ok=True)
     jsonl = write_data(os.path.join(clean, "t.jsonl"), 40, seed=3)
@@ -313,23 +292,33 @@ def damaged_data(work, rng, variants=100):
         try:
             ds = load_dataset(os.path.join(d, "t.jsonl"), vocab_size=V)
         except DataError as e:
-            assert names[i % len(names)] in ("t.jsonl", "t.jsonl.meta.json"), f"{target} {how}: {e}"
+            expect(names[i % len(names)] in ("t.jsonl", "t.jsonl.meta.json"), f"{target} {how}: {e}")
             one_line_naming(str(e), target)
             errors += 1
             continue
         except Exception as e:
-            raise AssertionError(f"{target} {how}: {type(e).__name__}: {e}") from None
+            raise Failed(f"{target} {how}: {type(e).__name__}: {e}") from None
         if not target.endswith(".jsonl"):  # a damaged .jsonl may still be valid, with other numbers
-            assert np.array_equal(np.asarray(ds.tokens), tokens), f"{target} {how}: other tokens loaded"
+            expect(np.array_equal(np.asarray(ds.tokens), tokens), f"{target} {how}: other tokens loaded")
     return errors
 
 
 def damaged_on_the_command_line(work, rng, variants=3):
     """train.py --resume, generate.py --checkpoint and checkpoint.py on a damaged checkpoint, and train.py
-    on a damaged .jsonl: exit 1 with one line naming the file, no traceback."""
+    on a damaged .jsonl: [{"command", "damage", "file", "exit", "stderr"}] of every run. Each should exit 1
+    with one line, "error: ...", naming the file, and no traceback."""
+    from checkpoint import load_checkpoint
+    from errors import CheckpointError
     data = make_data(os.path.join(work, "data"))
     ref = reference_run(work, data)
     blob = open(os.path.join(ref, "checkpoint_step_20.npz"), "rb").read()
+    runs = []
+
+    def run(cmd, damage, file):
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        runs.append({"command": cmd[0], "damage": damage, "file": file, "exit": proc.returncode,
+                     "stderr": proc.stderr})
+
     for i in range(variants):
         d = os.path.join(work, f"cli-{i}")
         os.makedirs(d, exist_ok=True)
@@ -339,16 +328,12 @@ def damaged_on_the_command_line(work, rng, variants=3):
             with open(path, "wb") as f:
                 f.write(bad)
             try:
-                from checkpoint import CheckpointError, load_checkpoint
                 load_checkpoint(path)
             except CheckpointError:
                 break
         for cmd in (["train.py", *train_flags(data, d, resume=True)], ["generate.py", "--checkpoint", path],
                     ["checkpoint.py", path]):
-            proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
-            assert proc.returncode == 1 and "Traceback" not in proc.stderr, f"{cmd[0]}, checkpoint {how}: {proc.stderr}"
-            assert proc.stderr.startswith("error: "), proc.stderr
-            one_line_naming(proc.stderr, path)
+            run(cmd, f"checkpoint {how}", path)
     # a .jsonl cut in the middle of a line
     d = os.path.join(work, "cli-data")
     shutil.rmtree(d, ignore_errors=True)
@@ -358,10 +343,29 @@ def damaged_on_the_command_line(work, rng, variants=3):
     with open(cut, "wb") as f:
         f.write(text[:text.index(b"\n", len(text) // 2) - 3])
     shutil.copy(data[0] + ".meta.json", cut + ".meta.json")
-    proc = subprocess.run([sys.executable, "train.py", *train_flags((cut, data[1]), os.path.join(d, "ck"))],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    one_line_naming(proc.stderr, cut)
+    run(["train.py", *train_flags((cut, data[1]), os.path.join(d, "ck"))], "a .jsonl cut in a line", cut)
+    return runs
+
+
+def problems_after_full_disk(facts):
+    """What full_disk's facts show to be wrong ([]: nothing)."""
+    err = facts["stderr"]
+    wrong = [] if facts["exit"] == 1 else [f"exit {facts['exit']}: {err[-2000:]}"]
+    if "Traceback" in err or err.count("\n") != 1 or not err.startswith("error: cannot write ") or \
+            "the disk is full" not in err or facts["previous"] not in err:
+        wrong.append(f"not one line saying the disk is full and naming {facts['previous']}: {err}")
+    if facts["temp_files"] or facts["written"]:
+        wrong.append(f"left behind: {facts['temp_files'] or 'the checkpoint it was writing'}")
+    if facts["resumed_exit"] != 0 or facts["differences"]:
+        wrong.append(f"the resumed run: exit {facts['resumed_exit']}, differs in {facts['differences']}")
+    return wrong
+
+
+def problems_on_the_command_line(runs):
+    """The runs of damaged_on_the_command_line that did not end with one line naming the file."""
+    return [f"{r['command']}, {r['damage']}: exit {r['exit']}: {r['stderr']}" for r in runs
+            if r["exit"] != 1 or "Traceback" in r["stderr"] or not r["stderr"].startswith("error: ")
+            or "\n" in r["stderr"].strip() or r["file"] not in r["stderr"]]
 
 
 def main(argv=None):
@@ -388,15 +392,21 @@ def main(argv=None):
                 print("  final weights bit-identical to the uninterrupted run")
         if args.only in (None, "disk_full"):
             print("full disk:")
-            full_disk(work, data, at=rng.randint(2, 5))
+            facts = full_disk(work, data, at=rng.randint(2, 5))
+            print(f"  {facts['stderr'].strip()}")
+            expect(not problems_after_full_disk(facts), "; ".join(problems_after_full_disk(facts)))
             print("  resumed afterwards: bit-identical to the uninterrupted run")
         if args.only in (None, "damage"):
             n = damaged_checkpoints(work, rng, args.variants)
             print(f"damaged checkpoints: {args.variants} loads, {n} refused with one line, the rest loaded intact")
             n = damaged_data(work, rng, args.variants)
             print(f"damaged data files: {args.variants} loads, {n} refused with one line, the rest loaded intact")
-            damaged_on_the_command_line(work, rng)
+            wrong = problems_on_the_command_line(damaged_on_the_command_line(work, rng))
+            expect(not wrong, "\n".join(wrong))
             print("damaged files on the command line: one line each, no traceback")
+    except Failed as e:
+        print(f"FAILED (seed {seed}): {e}")
+        return 1
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from config import GPT2_VOCAB_SIZE  # noqa: E402
 SAMPLE = REPO / "data" / "sample"
 PY = sys.executable
 SMALL = ["--d_model", "32", "--n_heads", "2", "--d_ff", "64", "--n_layers", "2", "--batch_size", "8",
@@ -58,7 +60,7 @@ def prepare(tmp):
     bpe = tmp / "bpe512.json"
     sh([PY, "tokenizer.py", "--train_bpe", "--vocab_size", "512", str(train_txt), "--model_file", str(bpe)])
     out = {}
-    for name, flags, vocab in (("gpt2", ["--tokenizer", "tiktoken", "--encoding", "gpt2"], 50257),
+    for name, flags, vocab in (("gpt2", ["--tokenizer", "tiktoken", "--encoding", "gpt2"], GPT2_VOCAB_SIZE),
                                ("bpe", ["--tokenizer", "lecture2_bpe", "--model_file", str(bpe)], 512)):
         files = []
         for split, txt in (("train", train_txt), ("valid", valid_txt)):

@@ -15,7 +15,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import device  # noqa: E402
-from config import PRESETS, config_from_flags  # noqa: E402
+from config import GPT2_VOCAB_SIZE, PRESETS, config_from_flags  # noqa: E402
+from errors import DeviceError  # noqa: E402
 from language_model import LanguageModel  # noqa: E402
 from loss import count_targets  # noqa: E402
 from optimizer import global_grad_norm  # noqa: E402
@@ -30,7 +31,7 @@ def rel(a, b):
 def check(name, tol):
     """Print one line for the model `name`; True when the loss and the norm agree to tol."""
     preset = PRESETS[name]
-    cfg = config_from_flags(dict(preset, vocab_size=50257))
+    cfg = config_from_flags(dict(preset, vocab_size=GPT2_VOCAB_SIZE))
     B, T = preset["batch_size"], preset["seq_len"]
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -71,8 +72,8 @@ def main(argv=None):
         if name not in MODELS:
             p.error(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
     try:
-        device.require("cuda")
-    except device.DeviceError as e:
+        device.array_module("cuda")
+    except DeviceError as e:
         sys.exit(f"gpu_parity.py: {e}")
     results = [check(name, args.tol) for name in args.models or MODELS]
     return 0 if all(results) else 1

@@ -41,17 +41,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import train_flags  # noqa: E402
+from config import GPT2_VOCAB_SIZE  # noqa: E402
+from errors import TrainError, UserError  # noqa: E402
 
 PY = sys.executable
-GPT2_VOCAB = 50257
 SAMPLING = {"prompt": "Once upon a time", "temperature": 0.8, "top_k": 40, "seed": 0}
 OWNED = ("train_data", "val_data", "save_dir", "resume", "overwrite", "init_from", "eval_batches")  # the script's
 HEADER = ("| date | recipe | tokenizer | budget | steps | s/step | tokens seen | val loss | bits/byte | "
           "perplexity | sample |\n|---|---|---|---|---|---|---|---|---|---|---|")
-
-
-class QualityError(Exception):
-    """Bad input to the benchmark: the message says what to do."""
 
 
 def build_parser():
@@ -62,7 +59,7 @@ def build_parser():
     p.add_argument("--train_text", required=True, help="training text (.txt, one story per line or the raw layout)")
     p.add_argument("--valid_text", required=True, help="held-out text to score on, the same layouts")
     p.add_argument("--tokenizer", choices=("gpt2", "bpe"), default="gpt2",
-                   help="gpt2: GPT-2's encoding (--vocab_size 50257); bpe: our BPE of the recipe's --vocab_size "
+                   help=f"gpt2: GPT-2's encoding (--vocab_size {GPT2_VOCAB_SIZE}); bpe: our BPE of the recipe's --vocab_size "
                         "tokens, trained on --train_text")
     p.add_argument("--time_budget", type=float, default=None, metavar="MINUTES",
                    help="minutes of training (default: the recipe's --time_budget, e.g. --preset laptop's 15)")
@@ -89,27 +86,27 @@ def resolve_recipe(recipe, args):
     try:
         flags = parser.parse_args(full)
     except SystemExit:
-        raise QualityError(f"the recipe {' '.join(recipe)!r} is not a valid train.py command line (see the "
-                           "message above and python3 train.py --help)") from None
+        raise UserError(f"the recipe {' '.join(recipe)!r} is not a valid train.py command line (see the "
+                        "message above and python3 train.py --help)") from None
     given = train_flags.given_flags(parser, full)
     owned = sorted(given & set(OWNED) - {"train_data"})
     owned += ["train_data"] if any(a.split("=")[0] == "--train_data" for a in recipe) else []
     if owned:
-        raise QualityError(f"the recipe sets --{', --'.join(owned)}: the benchmark chooses those itself (the data, "
-                           "its own folder, from scratch, the whole validation text)")
+        raise UserError(f"the recipe sets --{', --'.join(owned)}: the benchmark chooses those itself (the data, "
+                        "its own folder, from scratch, the whole validation text)")
     if args.time_budget is not None and "time_budget" in given:
-        raise QualityError("--time_budget is given twice: give it once, before the `--` or after it")
+        raise UserError("--time_budget is given twice: give it once, before the `--` or after it")
     extra = []
     if args.time_budget is not None:
         extra += ["--time_budget", str(args.time_budget)]
     if args.tokenizer == "gpt2":
-        if "vocab_size" in given and flags.vocab_size != GPT2_VOCAB:
-            raise QualityError(f"the recipe's --vocab_size {flags.vocab_size} is not GPT-2's {GPT2_VOCAB}: use "
-                               "--tokenizer bpe to train our BPE of that size")
-        extra += ["--vocab_size", str(GPT2_VOCAB)]  # over a preset's own vocabulary (laptop: our BPE's)
+        if "vocab_size" in given and flags.vocab_size != GPT2_VOCAB_SIZE:
+            raise UserError(f"the recipe's --vocab_size {flags.vocab_size} is not GPT-2's {GPT2_VOCAB_SIZE}: use "
+                            "--tokenizer bpe to train our BPE of that size")
+        extra += ["--vocab_size", str(GPT2_VOCAB_SIZE)]  # over a preset's own vocabulary (laptop: our BPE's)
     elif "vocab_size" not in given and not (flags.preset and "vocab_size" in train_flags.PRESETS[flags.preset]):
-        raise QualityError("--tokenizer bpe trains our BPE of the recipe's --vocab_size tokens: give the recipe "
-                           "one (e.g. -- --vocab_size 4096, or --preset laptop)")
+        raise UserError("--tokenizer bpe trains our BPE of the recipe's --vocab_size tokens: give the recipe "
+                        "one (e.g. -- --vocab_size 4096, or --preset laptop)")
     if "eval_interval" not in given:
         extra += ["--eval_interval", "0"]  # one evaluation, at the end: the whole validation text
     extra += ["--no_progress"]
@@ -117,11 +114,11 @@ def resolve_recipe(recipe, args):
     flags = parser.parse_args(full)
     train_flags.apply_defaults(flags, train_flags.given_flags(parser, full))
     if flags.time_budget is None:
-        raise QualityError("no time budget: give --time_budget MINUTES (or a recipe that sets one, --preset laptop)")
+        raise UserError("no time budget: give --time_budget MINUTES (or a recipe that sets one, --preset laptop)")
     try:
         train_flags.check_args(flags)
-    except train_flags.TrainError as e:
-        raise QualityError(f"the recipe: {e}") from None
+    except TrainError as e:
+        raise UserError(f"the recipe: {e}") from None
     return flags, [*recipe, *extra]
 
 
@@ -132,7 +129,7 @@ def sha256_of(path):
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     except OSError as e:
-        raise QualityError(f"cannot read {path}: {e.strerror}") from None
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     return h.hexdigest()
 
 
@@ -141,7 +138,7 @@ def run(cmd, what):
     proc = subprocess.run([PY, *map(str, cmd)], cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
         last = (proc.stderr.strip() or proc.stdout.strip() or "no message").splitlines()[-1]
-        raise QualityError(f"{what} failed: {last}")
+        raise UserError(f"{what} failed: {last}")
     return proc.stdout
 
 
@@ -200,7 +197,7 @@ def score(save_dir, flags):
     budget = next((r for r in recs if r["type"] == "budget"), {})
     last_train = [r for r in recs if r["type"] == "train"][-1]
     if final["step"] != steps:
-        raise QualityError(f"{save_dir}: the run stopped at step {steps} before its end (see its output above)")
+        raise UserError(f"{save_dir}: the run stopped at step {steps} before its end (see its output above)")
     return {"steps": steps, "horizon": budget.get("horizon"), "seconds_per_step": budget.get("seconds_per_step"),
             "train_seconds": last_train["time"] - config["time"],
             "tokens_seen": steps * flags.batch_size * flags.seq_len,  # every window's seq_len targets, every step
@@ -223,10 +220,10 @@ def main(argv=None):
     args, recipe = parse(argv)
     try:
         if args.samples < 0 or args.sample_tokens < 1:
-            raise QualityError("--samples must be >= 0 and --sample_tokens >= 1")
+            raise UserError("--samples must be >= 0 and --sample_tokens >= 1")
         for path in (args.train_text, args.valid_text):
             if not os.path.isfile(path):
-                raise QualityError(f"{path} is not a text file")
+                raise UserError(f"{path} is not a text file")
         flags, train_argv = resolve_recipe(recipe, args)
         train_data, val_data, tok_key = prepare_data(args, flags.vocab_size)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -239,7 +236,7 @@ def main(argv=None):
         t = time.time()
         proc = subprocess.run([PY, *map(str, cmd)], cwd=REPO)  # its output is the run's log, shown as it goes
         if proc.returncode:
-            raise QualityError(f"train.py failed (exit {proc.returncode}): its message is above")
+            raise UserError(f"train.py failed (exit {proc.returncode}): its message is above")
         wall = time.time() - t
         with open(str(val_data) + ".meta.json", encoding="utf-8") as f:
             side = json.load(f)
@@ -266,7 +263,7 @@ def main(argv=None):
             print(f"----- sample {i + 1}/{len(record['samples'])} -----\n{text}")
         print(f"\n{HEADER}\n{row}\n\nrecord appended to {results}")
         return 0
-    except QualityError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -11,7 +11,7 @@ in a subprocess of its own:
 
     bpe       tokenizer.py --train_bpe --vocab_size 10000 big.txt --model_file bpe.json
     hf        HuggingFace tokenizers' byte-level BPE trainer, same file and vocabulary (--compare_hf)
-    tokenize  tokenizer.py big.txt big.jsonl --tokenizer lecture2_bpe --model_file bpe.json
+    tokenize  tokenizer.py big.txt big.jsonl --tokenizer bpe --model_file bpe.json
               (tiktoken gpt2 when the bpe stage is not run)
     convert   data_loader.py big.jsonl              the .jsonl -> binary token file
     train     train.py on big.jsonl, the guide's small model, a few steps
@@ -42,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from config import GPT2_VOCAB_SIZE  # noqa: E402
 
 STAGES = ("bpe", "hf", "tokenize", "convert", "train")
 HF_SCRIPT = """
@@ -170,8 +171,8 @@ def main(argv=None):
               f"{time.perf_counter() - t0:.1f} s; {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
               f"Python {platform.python_version()}", flush=True)
         use_bpe = "bpe" in stages or (work / "bpe.json").exists()
-        vocab = args.vocab_size if use_bpe else 50257
-        tok_flags = ["--tokenizer", "lecture2_bpe", "--model_file", "bpe.json"] if use_bpe else \
+        vocab = args.vocab_size if use_bpe else GPT2_VOCAB_SIZE
+        tok_flags = ["--tokenizer", "bpe", "--model_file", "bpe.json"] if use_bpe else \
             ["--tokenizer", "tiktoken", "--encoding", "gpt2"]
         commands = {
             "bpe": [py, str(ROOT / "tokenizer.py"), "--train_bpe", "--vocab_size", str(args.vocab_size), "big.txt",

@@ -1,6 +1,13 @@
-"""benchmark.py times the matrix products a step cannot avoid: check it counts exactly those."""
+"""benchmark.py times the matrix products a step cannot avoid: check it counts exactly those, that its
+figures follow from its timings, and what it prints."""
+import numpy as np
+import pytest
+
 import benchmark
 from config import ModelConfig
+from language_model import LanguageModel
+
+CFG = ModelConfig(vocab_size=64, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=8)
 
 
 def test_matmuls_only_has_the_step_flop_count():
@@ -12,13 +19,44 @@ def test_matmuls_only_has_the_step_flop_count():
     assert benchmark.MatmulsOnly(cfg, B, T).flops == expected
 
 
-def test_benchmark_prints_the_ratio(capsys):
+def test_matmuls_only_runs_every_product_into_its_output():
+    mm = benchmark.MatmulsOnly(CFG, 2, 8, dtype=np.float64)
+    for a, b, out in mm.products:
+        out.fill(np.nan)
+    mm.run()
+    a, b, out = mm.products[-1]  # outputs are shared by products of one shape: the last one written stays
+    np.testing.assert_allclose(out, a @ b)
+    assert all(np.isfinite(out).all() for _, _, out in mm.products)
+
+
+def test_bench_figures_follow_from_its_timings():
+    B, T = 2, 8
+    r = benchmark.bench(CFG, B, T, steps=2, warmup=1)
+    assert r["step_s"] > 0 and r["matmul_s"] > 0
+    assert r["ratio"] == pytest.approx(r["step_s"] / r["matmul_s"])
+    assert r["tokens_per_s"] == pytest.approx(B * T / r["step_s"])
+    assert r["gflops"] == pytest.approx(benchmark.MatmulsOnly(CFG, B, T).flops / r["matmul_s"] / 1e9)
+    assert r["params"] == LanguageModel(CFG, for_training=False).num_parameters()
+    assert r["gpu_mb"] is None and r["peak_mb"] > 0
+
+
+def test_benchmark_prints_its_figures(monkeypatch, capsys):
+    figures = dict(step_s=0.5, matmul_s=0.25, ratio=2.0, tokens_per_s=32.0, gflops=7.0, peak_mb=123.0,
+                   params=4321, gpu_mb=None)
+    monkeypatch.setattr(benchmark, "bench", lambda *args, **kwargs: figures)
+    benchmark.main(["--vocab_size", "64", "--d_model", "16", "--n_heads", "2", "--d_ff", "32", "--n_layers", "1",
+                    "--batch_size", "2", "--seq_len", "8"])
+    assert capsys.readouterr().out.splitlines() == [
+        "model: d_model=16 n_heads=2 d_ff=32 n_layers=1 vocab=64 batch=2 seq=8 params=4,321",
+        "  step 0.500 s   matmuls alone 0.250 s (7 GFLOP/s)   ratio 2.00   32 tokens/s   peak memory 123 MB"]
+
+
+def test_benchmark_runs_end_to_end(capsys):
+    """A smoke test: the command line runs a real step and prints a line of figures."""
     benchmark.main(["--vocab_size", "64", "--d_model", "16", "--n_heads", "2", "--d_ff", "32", "--n_layers", "1",
                     "--batch_size", "2", "--seq_len", "8", "--steps", "1", "--min_seconds", "0"])
     out = capsys.readouterr().out
-    ratio = float(out.split("ratio")[1].split()[0])
-    assert ratio > 0
-    assert "tokens/s" in out and "peak memory" in out
+    assert "ratio" in out and "tokens/s" in out and "peak memory" in out
 
 
 def test_benchmark_times_the_step_with_and_without_dropout(capsys):
@@ -26,3 +64,8 @@ def test_benchmark_times_the_step_with_and_without_dropout(capsys):
                     "--batch_size", "2", "--seq_len", "8", "--steps", "1", "--min_seconds", "0", "--dropout", "0.1"])
     out = capsys.readouterr().out
     assert "with dropout 0.1: step" in out and "% on the step without" in out
+
+
+def test_decode_benchmark_command_line(capsys):
+    with pytest.raises(SystemExit, match="--decode_tokens must be at least 1"):
+        benchmark.main(["--decode", "--decode_tokens", "0"])

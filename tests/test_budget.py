@@ -14,8 +14,8 @@ import distributed
 import train
 import train_flags
 from checkpoint import load_checkpoint, read_meta
-from test_mpi import MPI_ENV, MPIEXEC, REPO, needs_mpi, numbers
-from test_train import data, metrics, tiny_flags  # noqa: F401 (data: the fixture)
+from helpers import MPI_ENV, MPIEXEC, REPO, metrics, needs_mpi, numbers, tiny_flags
+from helpers import data  # noqa: F401  (a fixture)
 
 
 class Ticks:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import checkpoint
-from checkpoint import CheckpointError, load_checkpoint, load_model, read_meta, save_checkpoint
+from checkpoint import load_checkpoint, load_model, read_meta, save_checkpoint
 from config import ModelConfig
+from errors import CheckpointError
 from language_model import LanguageModel
 
 CFG = ModelConfig(vocab_size=32, d_model=8, n_heads=2, d_ff=16, n_layers=1, max_seq_len=8)

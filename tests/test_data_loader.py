@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import data_loader
-from data_loader import (DataError, RandomBatches, cache_paths, check_same_tokenizer, eval_batches,
-                         load_dataset)
+from data_loader import RandomBatches, cache_paths, check_same_tokenizer, eval_batches, load_dataset
+from errors import DataError
 
 IDENTITY = {"type": "tiktoken", "name": "gpt2", "n_vocab": 50257, "eot_id": 50256,
             "sha256": None, "model_file": None}

@@ -10,7 +10,8 @@ import pytest
 
 import device
 import fake_cupy
-from device import DeviceError, require, scatter_add, whole_array_mode, whole_arrays
+from device import array_module, scatter_add, whole_array_mode, whole_arrays
+from errors import DeviceError
 from config import ModelConfig
 from language_model import LanguageModel
 from loss import IGNORE_INDEX, count_targets
@@ -25,7 +26,7 @@ CFG = ModelConfig(vocab_size=600, d_model=32, n_heads=4, d_ff=256, n_layers=2, m
 def cupy_gpu():
     """The cupy module where CuPy can run on a GPU here, else None."""
     try:
-        return require("cuda")
+        return array_module("cuda")
     except DeviceError:
         return None
 
@@ -103,16 +104,16 @@ def test_scatter_add_counts_every_repeated_index():
 def test_host_copies_and_cpu_helpers():
     a = np.arange(3)
     assert device.to_host(a) is a and device.to_device(a, np) is a
-    assert require("cpu") is np and device.gpu_memory(np) is None
+    assert array_module("cpu") is np and device.gpu_memory(np) is None
     device.synchronize(np)  # nothing to wait for
     with pytest.raises(DeviceError, match="cpu or cuda"):
-        require("tpu")
+        array_module("tpu")
 
 
 @pytest.mark.skipif(cupy_gpu() is not None, reason="CuPy runs here: nothing is missing")
 def test_cuda_without_cupy_or_gpu_says_what_to_install():
     with pytest.raises(DeviceError, match="pip install cupy-cuda12x") as e:
-        require("cuda")
+        array_module("cuda")
     assert "\n" not in str(e.value)
 
 
@@ -125,7 +126,7 @@ def test_cuda_with_a_broken_cupy_says_so_in_one_line(monkeypatch):
     monkeypatch.setattr(sys, "meta_path", [Broken()] + sys.meta_path)
     with pytest.raises(DeviceError, match="installed but cannot load .libcublas.so.12: cannot open shared object "
                                           r"file.; pip install cupy-cuda12x") as e:
-        require("cuda")
+        array_module("cuda")
     assert "\n" not in str(e.value)
 
 
@@ -136,7 +137,7 @@ def test_cuda_with_cupy_but_no_gpu_says_what_to_check(monkeypatch):
     fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=no_device))
     monkeypatch.setitem(sys.modules, "cupy", fake)
     with pytest.raises(DeviceError, match="no CUDA-capable device.*nvidia-smi.*cupy-cuda12x") as e:
-        require("cuda")
+        array_module("cuda")
     assert "\n" not in str(e.value)
 
 
@@ -144,13 +145,13 @@ def test_cuda_makes_the_gpu_it_is_given_current():
     """require's gpu(n): under MPI the rank's own GPU (distributed.World.gpu), of the n that CUDA shows."""
     with fake_cupy.installed(gpus=3) as cupy:
         shown = []
-        assert require("cuda", gpu=lambda n: shown.append(n) or 2) is cupy
+        assert array_module("cuda", gpu=lambda n: shown.append(n) or 2) is cupy
         assert shown == [3] and cupy.cuda.Device().id == 2
         assert device.gpu_name(cupy) == "GPU 2 (0000:03:00.0)" and device.gpu_name(np) is None
-        require("cuda")  # (as LanguageModel calls it) keeps the current one
+        array_module("cuda")  # (as LanguageModel calls it) keeps the current one
         assert cupy.cuda.Device().id == 2
         with pytest.raises(DeviceError, match="CuPy cannot use an NVIDIA GPU here .cudaErrorInvalidDevice") as e:
-            require("cuda", gpu=lambda n: n)
+            array_module("cuda", gpu=lambda n: n)
         assert "\n" not in str(e.value)
 
 
@@ -219,7 +220,7 @@ def test_gpu_evaluation_reads_its_sums_back_once_at_the_end(tmp_path):
     read back once each, however many batches, and give what NumPy gives."""
     import train
     from data_loader import eval_batches, load_dataset
-    from test_train import write_data
+    from helpers import write_data
     val = load_dataset(write_data(tmp_path / "valid.jsonl", 60, seed=2), vocab_size=64)
     cfg = ModelConfig(vocab_size=64, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=16)
     with whole_array_mode():
@@ -263,7 +264,7 @@ def test_gpu_products_with_a_weight_are_single_gemms():
 
 
 def test_gpu_generation_copies_one_row_of_logits_per_token():
-    from generate import Decoder, generate
+    from decoding import Decoder, generate
     cfg = ModelConfig(vocab_size=61, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=12)
     with whole_array_mode():
         cpu = LanguageModel(cfg, seed=5, dtype=np.float64)
@@ -289,7 +290,7 @@ def test_train_on_the_gpu_resume_on_either_device(tmp_path, capsys):
     weights of the GPU run itself, up to rounding (the stand-in's scatter-add has no fixed order)."""
     import train
     from checkpoint import load_checkpoint
-    from test_train import tiny_flags, write_data
+    from helpers import tiny_flags, write_data
     data = write_data(tmp_path / "train.jsonl", 100, seed=1), write_data(tmp_path / "valid.jsonl", 20, seed=2)
 
     def run(save_dir, **flags):
@@ -341,7 +342,7 @@ def test_gpu_first_step_loss_equals_numpys_for_the_small_model():
 
 @needs_gpu
 def test_gpu_generation_with_the_cache_matches_the_cpu():
-    from generate import Decoder
+    from decoding import Decoder
     cfg = ModelConfig(vocab_size=97, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_seq_len=24)
     cpu = LanguageModel(cfg, seed=3, dtype=np.float64)
     gpu = LanguageModel(cfg, params=cpu.params, device="cuda")

@@ -131,7 +131,7 @@ def test_a_gpu_step_with_dropout_still_reads_one_value_and_computes_what_numpy_d
 def test_the_flag_is_checked_recorded_in_the_checkpoint_and_a_changed_p_is_noted(tmp_path, capsys):
     import train
     from checkpoint import load_checkpoint
-    from test_train import tiny_flags, write_data
+    from helpers import tiny_flags, write_data
     data = write_data(tmp_path / "train.jsonl", 100, seed=1), write_data(tmp_path / "valid.jsonl", 20, seed=2)
     for bad in ("1", "-0.1", "nan"):
         with pytest.raises(SystemExit) as e:
@@ -153,10 +153,10 @@ def test_the_flag_is_checked_recorded_in_the_checkpoint_and_a_changed_p_is_noted
 
 
 def test_the_export_writes_the_pdrop_values():
-    from export_hf import hf_config
-    hf = hf_config(CFG, 49, {})
+    from hf_format import gpt2_config_json
+    hf = gpt2_config_json(CFG, 49, {})
     assert hf["embd_pdrop"] == hf["attn_pdrop"] == hf["resid_pdrop"] == 0.25
-    assert hf_config(ModelConfig(), 0, {})["attn_pdrop"] == 0.0
+    assert gpt2_config_json(ModelConfig(), 0, {})["attn_pdrop"] == 0.0
 
 
 def test_bad_dropout_in_a_config_is_refused():

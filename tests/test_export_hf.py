@@ -14,11 +14,15 @@ import pytest
 import export_hf
 import generate
 import train
+from bpe import train_bpe
 from checkpoint import load_checkpoint, save_checkpoint
-from export_hf import HFError, export, load_hf_model
 from config import ModelConfig
+from errors import HFError
+from export_hf import export
+from gpt2_files import gpt2_bpe_model, model_from_vocab_merges, write_vocab_merges
+from hf_format import load_hf_model
 from language_model import LanguageModel
-from bpe import ENDOFTEXT, model_from_vocab_merges, train_bpe, write_vocab_merges
+from pretokens import ENDOFTEXT
 from tokenizer import get_tokenizer, load_bpe, load_tiktoken
 
 pytest.importorskip("safetensors", reason="the interchange needs safetensors (scripts/test.sh installs it)")
@@ -75,7 +79,7 @@ def bpe_tok(tmp_path_factory):
 def gpt2_pair(tmp_path_factory):
     """GPT-2's vocab.json + merges.txt as export_hf writes them (from the bundled ranks)."""
     d = tmp_path_factory.mktemp("gpt2")
-    write_vocab_merges(export_hf.gpt2_bpe_model(), d / "vocab.json", d / "merges.txt")
+    write_vocab_merges(gpt2_bpe_model(), d / "vocab.json", d / "merges.txt")
     return d
 
 
@@ -93,9 +97,9 @@ def test_export_then_import_gives_back_the_same_model(tmp_path, variant):
     out = tmp_path / "hf"
     files = export(path, str(out), log=lambda m: None)
     assert files == ["config.json", "model.safetensors"]  # vocab 97 and no tokenizer named: no tokenizer files
-    back, meta = load_hf_model(str(out))
+    back, record = load_hf_model(str(out))
     assert back.config == cfg
-    assert meta["step"] == 7
+    assert record["step"] == 7
     assert back.params.keys() == model.params.keys()
     for name, p in model.params.items():
         assert back.params[name].dtype == np.float32
@@ -144,9 +148,9 @@ def test_gpt2s_own_file_layout_is_read_too(tmp_path):
     for key in ("numpy_gpt", "n_inner", "activation_function", "tie_word_embeddings"):  # GPT-2's defaults
         del hf[key]
     (out / "config.json").write_text(json.dumps(hf))
-    back, meta = load_hf_model(str(out))
+    back, record = load_hf_model(str(out))
     assert back.config == cfg
-    assert meta["step"] is None
+    assert record.get("step") is None  # not our export: no record
     for name, p in model.params.items():
         np.testing.assert_array_equal(back.params[name], p, err_msg=name)
 
@@ -312,7 +316,8 @@ def test_our_bpe_survives_vocab_json_and_merges_txt(tmp_path, bpe_tok):
 
 
 def test_write_vocab_merges_refuses_what_the_pair_cannot_say(tmp_path, bpe_tok):
-    from bpe import BPEModel, TokenizerError
+    from bpe import BPEModel
+    from errors import TokenizerError
     m = bpe_tok.model
     other_pattern = BPEModel(m.vocab, m.merges, m.specials, pattern=r"\S+|\s+", merge_ids=m.merge_ids)
     with pytest.raises(TokenizerError, match="pattern"):

@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import fault_test  # noqa: E402
+from helpers import V, write_data  # noqa: E402
 
 SEED = 20261125  # fixed, so that CI is repeatable; the script draws a fresh one each time
 
@@ -34,7 +35,16 @@ def test_five_kill_9s_each_leave_a_loadable_checkpoint_and_the_resumed_run_is_bi
 
 @pytest.mark.slow
 def test_a_full_disk_while_a_checkpoint_is_written_stops_with_one_line_and_keeps_the_previous_one(work):
-    fault_test.full_disk(*work, at=3, say=lambda msg: None)
+    facts = fault_test.full_disk(*work, at=3)
+    err = facts["stderr"]
+    assert facts["exit"] == 1, err
+    assert err.startswith("error: cannot write ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "the disk is full" in err and facts["previous"] in err, err
+    assert facts["previous"].endswith("checkpoint_step_20.npz") and facts["previous_step"] == 20  # intact
+    assert facts["temp_files"] == [] and not facts["written"]  # nothing half-written left
+    assert facts["resumed_exit"] == 0, facts["resumed_stderr"]
+    assert facts["differences"] == []  # the resumed run ends as the uninterrupted one, bit for bit
+    assert fault_test.problems_after_full_disk(facts) == []  # and the script's own check agrees
 
 
 def test_damaged_checkpoints_load_intact_or_give_one_line_naming_the_file(work):
@@ -49,30 +59,37 @@ def test_damaged_data_files_are_rebuilt_or_give_one_line_naming_the_file(work):
 
 @pytest.mark.slow
 def test_damaged_files_on_the_command_line_give_one_line_and_no_traceback(work):
-    fault_test.damaged_on_the_command_line(work[0], random.Random(SEED), variants=1)
+    runs = fault_test.damaged_on_the_command_line(work[0], random.Random(SEED), variants=1)
+    assert [r["command"] for r in runs] == ["train.py", "generate.py", "checkpoint.py", "train.py"]
+    for r in runs:
+        err = r["stderr"]
+        assert r["exit"] == 1 and "Traceback" not in err, (r["command"], r["damage"], err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and r["file"] in err, (r["command"], err)
+    assert fault_test.problems_on_the_command_line(runs) == []
 
 
 def test_a_flipped_byte_in_the_token_cache_is_noticed_and_the_cache_converted_again(tmp_path):
     import numpy as np
 
     from data_loader import cache_paths, load_dataset
-    path = fault_test.write_data(str(tmp_path / "t.jsonl"), 30, seed=5)
-    tokens = np.array(load_dataset(path, vocab_size=fault_test.V).tokens)
+    path = write_data(str(tmp_path / "t.jsonl"), 30, seed=5)
+    tokens = np.array(load_dataset(path, vocab_size=V).tokens)
     bin_path = cache_paths(path)[0]
     with open(bin_path, "r+b") as f:  # an id that is still in range: only the checksum can tell
         f.seek(10)
         f.write(bytes([tokens[5] ^ 1]))
     messages = []
-    ds = load_dataset(path, vocab_size=fault_test.V, log=messages.append)
+    ds = load_dataset(path, vocab_size=V, log=messages.append)
     assert any("damaged" in m and "converting again" in m for m in messages)
     assert np.array_equal(np.asarray(ds.tokens), tokens)
 
 
 def test_a_jsonl_cut_at_a_line_boundary_is_told_by_its_sidecar(tmp_path):
-    from data_loader import DataError, load_dataset
-    path = fault_test.write_data(str(tmp_path / "t.jsonl"), 30, seed=5)
+    from data_loader import load_dataset
+    from errors import DataError
+    path = write_data(str(tmp_path / "t.jsonl"), 30, seed=5)
     lines = open(path).readlines()
     with open(path, "w") as f:
         f.writelines(lines[:20])
     with pytest.raises(DataError, match=r"t\.jsonl holds .* tokens but its sidecar .* says .*cut short"):
-        load_dataset(path, vocab_size=fault_test.V)
+        load_dataset(path, vocab_size=V)

@@ -7,7 +7,9 @@ import pytest
 import generate
 from bpe import train_bpe
 from checkpoint import save_checkpoint
-from generate import Decoder, StreamPrinter, generate as generate_tokens, main
+from benchmark import decode_benchmark
+from decoding import Decoder, generate as generate_tokens
+from generate import StreamPrinter, main
 from config import ModelConfig
 from language_model import LanguageModel
 from tokenizer import get_tokenizer
@@ -290,7 +292,7 @@ def Path_sample(name):
 
 def test_benchmark_reports_both_modes_with_identical_greedy_tokens(ck_path):
     out = io.StringIO()
-    results = generate.benchmark(fixed_model(), n_tokens=8, contexts=(4, 8), out=out)
+    results = decode_benchmark(fixed_model(), n_tokens=8, contexts=(4, 8), out=out)
     assert results["cache"]["tokens"] == results["no cache"]["tokens"]
     assert set(results["cache"]["ms_at"]) == {4, 8}
     assert "identical with and without the cache: True" in out.getvalue()

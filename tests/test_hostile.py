@@ -145,18 +145,20 @@ def checkpoint_with_bpe(path, model, step=3):
 def unspellable_bpe():
     """A BPE with a token whose bytes spell "<|a|>": vocab.json would read it back as a special token."""
     import bpe
+    from pretokens import ENDOFTEXT
     vocab = [bytes([i]) for i in range(256)]
     merges = []
     for piece in (b"<|", b"<|a", b"<|a|", b"<|a|>"):
         merges.append((vocab.index(piece[:-1]) if len(piece) > 2 else piece[0], piece[-1]))
         vocab.append(piece)
-    return bpe.BPEModel(vocab + [None], merges, {bpe.ENDOFTEXT: len(vocab)})
+    return bpe.BPEModel(vocab + [None], merges, {ENDOFTEXT: len(vocab)})
 
 
 def test_a_failed_re_export_leaves_the_earlier_export_as_it_was(tmp_path, capsys):
     pytest.importorskip("safetensors")
     import bpe
     import export_hf
+    import hf_format
     good = checkpoint_with_bpe(tmp_path / "good.npz", bpe.train_bpe(STORIES, 300))
     bad = checkpoint_with_bpe(tmp_path / "bad.npz", unspellable_bpe())
     out = tmp_path / "hf"
@@ -168,7 +170,7 @@ def test_a_failed_re_export_leaves_the_earlier_export_as_it_was(tmp_path, capsys
     def no_space(*args):  # a full disk in the middle of the export
         raise OSError(errno.ENOSPC, "No space left on device")
     with unchanged(tmp_path), pytest.MonkeyPatch.context() as m:
-        m.setattr(export_hf, "write_tokenizer", no_space)
+        m.setattr(hf_format, "write_tokenizer", no_space)
         refused(export_hf.main, [good, str(out)], capsys, out, "No space left")
     assert export_hf.main([good, str(out)]) == 0  # and a good export still replaces it
 
@@ -178,13 +180,13 @@ def test_a_failed_re_export_leaves_the_earlier_export_as_it_was(tmp_path, capsys
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Tokenized toy data (test_train's counting stories), converted once."""
-    from test_train import write_data
+    from helpers import write_data
     d = tmp_path_factory.mktemp("data")
     return write_data(d / "train.jsonl", 100, seed=1), write_data(d / "valid.jsonl", 30, seed=2)
 
 
 def train_flags(data, save_dir, **over):
-    from test_train import tiny_flags
+    from helpers import tiny_flags
     return tiny_flags(data, str(save_dir), **dict(dict(max_steps=4, eval_interval=0, log_interval=2), **over))
 
 
@@ -289,7 +291,7 @@ def test_a_save_dir_with_a_device_link_and_a_fifo_is_scanned_without_hanging(dat
 # ------------------------------------------------------------------------ token files: 5, 8, 10, 11, 14
 
 def small_jsonl(tmp_path, name="t.jsonl"):
-    from test_train import write_data
+    from helpers import write_data
     return write_data(tmp_path / name, 20, seed=3)
 
 
@@ -388,17 +390,18 @@ def hf_folder(path, small_bpe, config=None, tensors=None):
     """A GPT-2 folder as export_hf writes it (a 300-token BPE, 8 wide, 1 layer), with config.json fields and
     tensors replaced by those given."""
     safetensors = pytest.importorskip("safetensors.numpy")
-    import bpe
-    from export_hf import hf_config, hf_tensors
     from config import ModelConfig
+    from gpt2_files import write_vocab_merges
+    from hf_format import gpt2_config_json, hf_tensors
     from language_model import LanguageModel
+    from pretokens import ENDOFTEXT
     cfg = ModelConfig(vocab_size=300, d_model=8, n_heads=2, d_ff=16, n_layers=1, max_seq_len=16, use_learned_pos=True)
     lm = LanguageModel(cfg, seed=0)
     path.mkdir()
     safetensors.save_file(dict(hf_tensors(cfg, lm.params), **(tensors or {})), str(path / "model.safetensors"),
                           metadata={"format": "pt"})
-    bpe.write_vocab_merges(small_bpe, str(path / "vocab.json"), str(path / "merges.txt"))
-    record = dict(hf_config(cfg, small_bpe.specials[bpe.ENDOFTEXT], {}), **(config or {}))
+    write_vocab_merges(small_bpe, str(path / "vocab.json"), str(path / "merges.txt"))
+    record = dict(gpt2_config_json(cfg, small_bpe.specials[ENDOFTEXT], {}), **(config or {}))
     (path / "config.json").write_text(json.dumps(record))
     return path
 
@@ -440,7 +443,7 @@ def test_hostile_hugging_face_folders_are_one_line(tmp_path, capsys, small_bpe, 
 
 def test_init_from_checks_the_weights_against_config_json_before_allocating(tmp_path, capsys, small_bpe):
     import train
-    from test_train import write_data
+    from helpers import write_data
     d = hf_folder(tmp_path / "hf", small_bpe, config={"n_embd": 4096, "n_layer": 64, "n_head": 64,
                                                        "n_inner": 16384})  # 13 billion parameters: 52 GB
     identity = {"type": "lecture2_bpe", "name": "toy", "n_vocab": 300, "eot_id": 63, "sha256": "0" * 64,
@@ -487,7 +490,7 @@ def bpe_file(tmp_path, small_bpe, **fields):
                                   "vocab.json id of 5000 digits", "merges.txt longer than its vocabulary",
                                   "empty pattern", "pattern that drops text", "pathological pattern"])
 def test_hostile_bpe_model_files_are_one_line(tmp_path, capsys, small_bpe, case):
-    import bpe
+    import gpt2_files
     text = tmp_path / "stories.txt"
     text.write_text(STORIES + "a" * 40 + "\n")
     model = {"model is /dev/zero": lambda: "/dev/zero",
@@ -498,7 +501,7 @@ def test_hostile_bpe_model_files_are_one_line(tmp_path, capsys, small_bpe, case)
              "pathological pattern": lambda: bpe_file(tmp_path, small_bpe, pattern=r"(?:a|a)*c|[\s\S]"),
              }.get(case, lambda: tmp_path / "vocab.json")()
     if case.startswith(("vocab.json", "merges.txt")):
-        bpe.write_vocab_merges(small_bpe, str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+        gpt2_files.write_vocab_merges(small_bpe, str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
         merges = tmp_path / "merges.txt"
         if case.startswith("vocab.json"):
             model.write_text(re.sub(r'"<\|endoftext\|>": \d+', '"<|endoftext|>": ' + "9" * 5000, model.read_text()))
@@ -527,15 +530,15 @@ def test_a_tokenizer_file_named_in_a_checkpoint_is_checked_too(tmp_path, capsys,
 # ------------------------------------------------------------------------ 7. text without the usual line ends
 
 def test_bpe_blocks_are_cut_on_any_safe_boundary(tmp_path):
-    import bpe
-    from test_bpe import plain_counts
+    import pretokens
+    from helpers import plain_counts
     lines = "".join(f"Once upon a time é {i} dog ran \n" for i in range(3000))  # every line ends in a space
     for text in (lines, lines.replace("\n", " ")):  # ... or it is all one line
         path = tmp_path / "in.txt"
         path.write_text(text, encoding="utf-8")
-        blocks = [b for b, _ in bpe.read_blocks(path, 4096)]
+        blocks = [b for b, _ in pretokens.read_blocks(path, 4096)]
         assert len(blocks) > 20 and max(map(len, blocks)) <= 2 * 4096 and b"".join(blocks) == path.read_bytes()
-        assert bpe.count_pretokens_file(path, block_bytes=4096) == plain_counts(text)
+        assert pretokens.count_pretokens_file(path, block_bytes=4096) == plain_counts(text)
 
 
 @pytest.mark.parametrize("layout", ["lines", "raw"])

@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 
-from device import whole_array_mode
 from embeddings import embedding_backward, embedding_forward, sinusoidal_positions
-from gradcheck import check_layer, numerical_gradient, rel_error
+from gradcheck import array_path  # noqa: F401  (autouse: every test here runs on both array paths)
+from gradcheck import block_masks, check_layer, fixed_mask, numerical_gradient, rel_error, zeros_like
 from lm_head import lm_head_forward, lm_head_loss
 from loss import IGNORE_INDEX, cross_entropy_reference, softmax_cross_entropy_inplace
-from transformer import (BlockMasks, DropoutMask, attention_backward, attention_forward, block_backward, block_forward,
+from transformer import (attention_backward, attention_forward, block_backward, block_forward,
                          causal_softmax_inplace, dropout_backward, dropout_forward, layernorm_backward,
                          layernorm_forward, mlp_backward, mlp_forward, residual_add_inplace)
 
@@ -15,24 +15,6 @@ from transformer import (BlockMasks, DropoutMask, attention_backward, attention_
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
-
-
-@pytest.fixture(autouse=True, params=["blocked", "whole arrays"])
-def array_path(request):
-    """Every test here runs on both paths: the CPU's blocks and the GPU's whole arrays (with NumPy)."""
-    with whole_array_mode(request.param == "whole arrays"):
-        yield request.param
-
-
-def zeros_like(d, names):
-    return {k: np.zeros_like(d[k]) for k in names}
-
-
-def fixed_mask(rng, shape, p=0.3):
-    """A dropout mask drawn once (the layers take it as given): kept and dropped elements both."""
-    keep = rng.random(shape) >= p
-    assert keep.any() and not keep.all()
-    return DropoutMask(keep, 1 / (1 - p))
 
 
 def test_dropout(rng):
@@ -182,10 +164,6 @@ def block_params(rng, C=8, F=12):
               "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
               "mlp.c_fc.weight": (C, F), "mlp.c_fc.bias": (F,), "mlp.c_proj.weight": (F, C), "mlp.c_proj.bias": (C,)}
     return {k: rng.standard_normal(s) * 0.5 for k, s in shapes.items()}
-
-
-def block_masks(rng, B=2, T=3, C=8, H=2):
-    return BlockMasks(fixed_mask(rng, (B, H, T, T)), fixed_mask(rng, (B, T, C)), fixed_mask(rng, (B, T, C)))
 
 
 @pytest.mark.parametrize("dropout", [False, True])  # True: fixed masks on the attention weights and both branches

@@ -8,29 +8,18 @@ import pytest
 import fake_cupy
 from device import to_device, to_host, whole_array_mode
 from embeddings import embedding_backward
-from gradcheck import check_layer, numerical_gradient, rel_error
+from gradcheck import array_path  # noqa: F401  (autouse: every test here runs on both array paths)
+from gradcheck import block_masks, check_layer, fixed_mask, numerical_gradient, rel_error, zeros_like
 from llama import (RMS_EPS, block_parameters, init_llama_block, llama_attention_backward, llama_attention_forward,
                    llama_block_backward, llama_block_forward, llama_block_shapes, rmsnorm_backward, rmsnorm_forward,
                    rope_backward, rope_forward, rope_reference, swiglu_backward, swiglu_forward, swiglu_hidden)
 from loss import IGNORE_INDEX, cross_entropy_reference
-from test_layers import block_masks, fixed_mask
 from transformer import DropoutMask, KVCache, blocks
 
 
 @pytest.fixture
 def rng():
     return np.random.default_rng(4321)
-
-
-@pytest.fixture(autouse=True, params=["blocked", "whole arrays"])
-def array_path(request):
-    """Every test here runs on both paths: the CPU's blocks and the GPU's whole arrays (with NumPy)."""
-    with whole_array_mode(request.param == "whole arrays"):
-        yield request.param
-
-
-def zeros_like(d, names):
-    return {k: np.zeros_like(d[k]) for k in names}
 
 
 # ----------------------------------------------------------------------------- RMSNorm

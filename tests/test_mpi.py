@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,35 +21,10 @@ import fake_cupy
 import train
 from checkpoint import load_checkpoint
 from config import ModelConfig
+from helpers import (MPI_ENV, MPIEXEC, REPO, metrics, mpi_flavour, needs_mpi, newest_checkpoint_resumes, numbers,
+                     same_arrays, tiny_flags, wait_for_rank_pid, wait_for_steps, write_data)
+from helpers import data  # noqa: F401  (a fixture)
 from language_model import LanguageModel
-from test_train import metrics, tiny_flags, write_data
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def find_mpiexec():
-    """The mpiexec next to this Python (the pip wheels put it there), else the one on PATH."""
-    here = Path(sys.executable).parent / "mpiexec"
-    return str(here) if here.exists() else shutil.which("mpiexec")
-
-
-MPIEXEC = find_mpiexec()
-needs_mpi = pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
-                               reason="needs mpi4py and mpiexec: pip install mpi4py mpich")
-# Open MPI refuses to start as root without these; MPICH ignores them
-MPI_ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1", PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe")
-
-
-def mpi_flavour():
-    out = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True).stdout
-    return "openmpi" if "Open MPI" in out or "OpenRTE" in out or "prterun" in out else "mpich"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return write_data(d / "train.jsonl", 400, seed=1), write_data(d / "valid.jsonl", 60, seed=2)
 
 
 def mpirun(n, argv, launcher_flags=(), env=MPI_ENV, **kw):
@@ -64,22 +38,6 @@ def stand_in_env(options=""):
     return dict(MPI_ENV, PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "stand_in"),
                                                      *filter(None, [os.environ.get("PYTHONPATH")])]),
                 FAKE_CUPY=options)
-
-
-def same_arrays(path_a, path_b):
-    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
-    assert a.params.keys() == b.params.keys() and a.arrays.keys() == b.arrays.keys()
-    for name in a.params:
-        np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
-    for name in a.arrays:
-        np.testing.assert_array_equal(a.arrays[name], b.arrays[name], err_msg=name)
-
-
-def numbers(save_dir):
-    """Every logged loss, accuracy and gradient norm, in order, full precision."""
-    keys = ("loss", "accuracy", "grad_norm", "val_loss", "val_accuracy", "val_bpb", "val_tokens")
-    return [(r["type"], r["step"], [r[k] for k in keys if k in r]) for r in metrics(save_dir)
-            if r["type"] in ("train", "eval")]
 
 
 # ---------------------------------------------------------------------------- without MPI
@@ -444,26 +402,6 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoin
     assert ck.meta["step"] == stopped[0]["step"] and ck.meta["ranks"] == 2
 
 
-def wait_for_rank_pid(save_dir, rank, timeout=60):
-    """The pid of a rank, from the "ranks" record rank 0 writes at the start."""
-    t = time.monotonic()
-    while time.monotonic() - t < timeout:
-        try:
-            return next(r["where"][rank][1] for r in metrics(save_dir) if r["type"] == "ranks")
-        except (OSError, StopIteration, ValueError):
-            time.sleep(0.1)
-    raise AssertionError("the ranks did not start")
-
-
-def wait_for_steps(save_dir, steps, timeout=60):
-    t = time.monotonic()
-    while time.monotonic() - t < timeout:
-        if any(r["type"] == "train" and r["step"] >= steps for r in metrics(save_dir)):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no step {steps} within {timeout} s")
-
-
 def run_and_hurt_rank_1(save_dir, argv, sig):
     """Start 2 ranks, send sig to rank 1 once two checkpoints are written; (stdout + stderr, seconds the job
     took to end after that, rank 1's pid)."""
@@ -482,18 +420,6 @@ def run_and_hurt_rank_1(save_dir, argv, sig):
         if sig == signal.SIGSTOP:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def newest_checkpoint_resumes(data, save_dir):
-    """The newest checkpoint is complete, and --resume goes on from it (a rank 0 killed in the middle of a
-    write leaves only a .tmp file, never a truncated .npz; the next run deletes it)."""
-    newest = max((f for f in os.listdir(save_dir) if f.endswith(".npz")), key=lambda f: int(f.split("_")[-1][:-4]))
-    step = load_checkpoint(os.path.join(save_dir, newest)).meta["step"]
-    assert step >= 100
-    assert train.main(tiny_flags(data, save_dir, resume=True, max_steps=step + 2, log_interval=1)) == 0
-    assert metrics(save_dir)[-1]["step"] == step + 2
-    assert not [f for f in os.listdir(save_dir) if f.endswith(".tmp")]
-    return os.path.join(save_dir, newest)
 
 
 def the_error(output, save_dir):

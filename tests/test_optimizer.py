@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import optimizer
-from optimizer import SGD, Adam, AdamW, LRSchedule, clip_grad_norm, decay_mask, global_grad_norm
+from optimizer import SGD, AdamW, LRSchedule, clip_grad_norm, decay_mask, global_grad_norm
 
 
 def test_cosine_schedule_warmup_then_decay_to_min():
@@ -81,6 +81,24 @@ def test_sgd_plain_and_with_momentum_three_steps_by_hand():
     assert opt.t == 3
 
 
+def test_sgd_weight_decay_is_decoupled_not_added_to_the_gradient():
+    # decoupled: p *= 1 - lr * wd, then the momentum step on the gradient alone (PyTorch's SGD would put
+    # wd * p into the gradient, and so into the momentum buffer)
+    lr, wd, mu, gs = 0.1, 0.5, 0.9, (1.0, 2.0, -1.0)
+    p, buf = 1.0, 0.0
+    for g in gs:
+        p *= 1 - lr * wd
+        buf = mu * buf + g
+        p -= lr * buf
+    params = {"w": np.array([[1.0]]), "b": np.array([1.0])}  # a matrix decays, a bias does not
+    opt = SGD(params, momentum=mu, weight_decay=wd)
+    for g in gs:
+        opt.step({"w": np.array([[g]]), "b": np.array([g])}, lr=lr)
+    assert params["w"][0, 0] == pytest.approx(p, rel=1e-12)
+    assert params["b"][0] == pytest.approx(1 - lr * (1 + (mu + 2) + (mu * (mu + 2) - 1)), rel=1e-12)
+    np.testing.assert_allclose(opt.state["momentum"]["w"], [[mu * (mu + 2) - 1]])  # the gradients' alone
+
+
 def adam_by_hand(p, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
     """Scalar Adam(W) in plain Python floats, straight from the paper's formulas."""
     m = v = 0.0
@@ -96,14 +114,14 @@ def adam_by_hand(p, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
 def test_adam_first_step_moves_each_weight_by_lr():
     # with bias correction the first step is lr * g/|g| (up to eps), whatever |g|
     p = {"w": np.array([[1.0, 2.0], [3.0, 4.0]])}
-    Adam(p).step({"w": np.array([[0.1, -5.0], [1e-3, 2.0]])}, lr=0.01)
+    AdamW(p, weight_decay=0).step({"w": np.array([[0.1, -5.0], [1e-3, 2.0]])}, lr=0.01)
     np.testing.assert_allclose(p["w"], [[0.99, 2.01], [2.99, 3.99]], rtol=1e-6)
 
 
 def test_adam_three_steps_match_hand_computation():
     gs = [0.5, -1.0, 2.0]
     p = {"w": np.array([[1.0]]), "b": np.array([0.2])}
-    opt = Adam(p, betas=(0.8, 0.9), eps=1e-6)
+    opt = AdamW(p, betas=(0.8, 0.9), eps=1e-6, weight_decay=0)
     for g in gs:
         opt.step({"w": np.array([[g]]), "b": np.array([-g])}, lr=0.1)
     assert p["w"][0, 0] == pytest.approx(adam_by_hand(1.0, gs, 0.1, 0.8, 0.9, 1e-6), rel=1e-12)
@@ -202,7 +220,7 @@ def test_state_dict_round_trip_continues_identically():
 
 
 def test_mismatched_grads_are_an_error():
-    opt = Adam({"w": np.zeros(2)})
+    opt = AdamW({"w": np.zeros(2)}, weight_decay=0)
     with pytest.raises(ValueError, match="different keys"):
         opt.step({"v": np.zeros(2)}, lr=0.1)
 
@@ -246,7 +264,7 @@ REFERENCE = {
 MAKERS = {
     "adamw": lambda p: AdamW(p, weight_decay=0.1),
     "adamw_embeddings_3threads": lambda p: AdamW(p, weight_decay=0.1, decay_embeddings=True, threads=3),
-    "adam": lambda p: Adam(p, betas=(0.8, 0.99), eps=1e-6),
+    "adam": lambda p: AdamW(p, betas=(0.8, 0.99), eps=1e-6, weight_decay=0),
     "sgd_momentum": lambda p: SGD(p, momentum=0.9, weight_decay=0.1),
     "sgd": lambda p: SGD(p),
 }

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import prepare_tinystories as P
+from errors import DownloadError
 from http_server import FileServer
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
@@ -115,7 +116,7 @@ def test_truncated_body_is_detected_and_resumed(server, tmp_path):
 
 def test_always_truncated_fails_clearly_and_never_leaves_a_complete_looking_file(server, tmp_path):
     dest = str(tmp_path / "f.txt")
-    with pytest.raises(P.DownloadError, match=r"4 attempts.*\.part is kept"):
+    with pytest.raises(DownloadError, match=r"4 attempts.*\.part is kept"):
         P.download(f"{server.url}/alltrunc/train.txt", dest, **FAST)
     assert not os.path.exists(dest)
     assert 0 < os.path.getsize(dest + ".part") < len(server.small)
@@ -131,7 +132,7 @@ def test_partial_file_from_an_earlier_run_is_resumed(server, tmp_path):
 
 def test_server_error_is_retried_then_fails_with_a_clear_message(server, tmp_path):
     dest = str(tmp_path / "f.txt")
-    with pytest.raises(P.DownloadError, match=r"after 4 attempts.*500"):
+    with pytest.raises(DownloadError, match=r"after 4 attempts.*500"):
         P.download(f"{server.url}/error/train.txt", dest, **FAST)
     assert len(server.log) == 4 and not os.path.exists(dest)
     P.download(f"{server.url}/flaky/train.txt", dest, **FAST)  # one 503, then fine
@@ -139,7 +140,7 @@ def test_server_error_is_retried_then_fails_with_a_clear_message(server, tmp_pat
 
 
 def test_missing_file_fails_at_once(server, tmp_path):
-    with pytest.raises(P.DownloadError, match="404"):
+    with pytest.raises(DownloadError, match="404"):
         P.download(f"{server.url}/ok/nope.txt", str(tmp_path / "f.txt"), **FAST)
     assert len(server.log) == 1
 
@@ -153,7 +154,7 @@ def test_server_without_range_support_starts_over(server, tmp_path):
 
 def test_checksum_mismatch_deletes_the_download(server, tmp_path):
     dest = str(tmp_path / "f.txt")
-    with pytest.raises(P.DownloadError, match="sha256"):
+    with pytest.raises(DownloadError, match="sha256"):
         P.download(f"{server.url}/corrupt/train.txt", dest, sha256=hashlib.sha256(server.small).hexdigest(), **FAST)
     assert not os.path.exists(dest) and not os.path.exists(dest + ".part")
 

@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from checkpoint import FORMAT, VERSION, CheckpointError
+from checkpoint import FORMAT, VERSION
+from errors import CheckpointError
 from run_dir import RUN_FILE, RunDir, new_run_id
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from generate import draw, next_token_probs, nucleus_threshold, sample_next
+from sampling import draw, next_token_probs, nucleus_threshold, sample_next
 
 
 def reference_probs(logits, temperature=1.0, top_k=None, top_p=None):

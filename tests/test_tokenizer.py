@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 import bpe as B
+import gpt2_files as G
+import pretokens as P
 import tokenizer as T
+from errors import TokenizerError
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 TRAIN_TEXT = (SAMPLE / "TinyStoriesV2-GPT4-train.sample.txt").read_text(encoding="utf-8")
@@ -53,8 +56,8 @@ def test_gpt2_bundle_with_a_wrong_hash_is_refused(tmp_path):
     data = bytearray((SAMPLE / "r50k_base.tiktoken").read_bytes())
     data[10] ^= 1
     bad.write_bytes(bytes(data))
-    with pytest.raises(T.TokenizerError, match="restore"):
-        T.gpt2_encoding_from_bundle(bad)
+    with pytest.raises(TokenizerError, match="restore"):
+        G.r50k_ranks(bad)
 
 
 # ---------------------------------------------------------------- BPE encoding
@@ -80,20 +83,24 @@ def test_identity_and_rebuilding_from_the_embedded_json(bpe, tmp_path):
     path.write_text(bpe.model_json(), encoding="utf-8")
     tok = T.get_tokenizer("lecture2_bpe", model_file=str(path), verbose=False)
     ident = tok.identity()
-    assert ident["type"] == "lecture2_bpe" and ident["n_vocab"] == 1000 and ident["eot_id"] == 999
+    assert ident["type"] == "bpe" and ident["n_vocab"] == 1000 and ident["eot_id"] == 999
     assert ident["model_file"] == str(path) and len(ident["sha256"]) == 64
     assert tok.model_json() == path.read_text(encoding="utf-8")
+    # files written before "lecture2_bpe" became "bpe" name the same tokenizer
+    old = dict(ident, type="lecture2_bpe")
+    assert T.same_tokenizer(old, ident) and not T.same_tokenizer(dict(ident, type="tiktoken"), ident)
+    assert T.tokenizer_from_identity(old, tok.model_json()).identity() == ident
     os.unlink(path)  # the checkpoint's embedded copy is enough
     again = T.tokenizer_from_identity(ident, tok.model_json())
     assert again.encode("Once upon a time") == tok.encode("Once upon a time")
-    with pytest.raises(T.TokenizerError, match="sha256"):
+    with pytest.raises(TokenizerError, match="sha256"):
         T.tokenizer_from_identity(ident, tok.model_json().replace('"version": 1', '"version":  1'))
-    with pytest.raises(T.TokenizerError, match="cannot read BPE model"):
+    with pytest.raises(TokenizerError, match="cannot read BPE model"):
         T.tokenizer_from_identity(ident)
 
 
 def test_vocab_json_and_merges_txt_load_as_the_same_tokenizer(bpe, bpe_model, tmp_path):
-    b2u = B.bytes_to_unicode()
+    b2u = G.bytes_to_unicode()
     s = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
     vocab = {s(v): i for i, v in enumerate(bpe_model.vocab) if v is not None}
     vocab["<|endoftext|>"] = bpe.eot_id
@@ -200,7 +207,7 @@ def test_one_story_per_line_is_detected_and_a_late_separator_is_an_error(tmp_pat
     inp.write_text("\n".join(_stories(20)) + "\n", encoding="utf-8")
     assert T.detect_layout(inp) == "lines"
     inp.write_text("\n".join(_stories(20)) + "\n<|endoftext|>\nOne more.\n", encoding="utf-8")
-    with pytest.raises(T.TokenizerError, match="line 21: an <\\|endoftext\\|> separator line"):
+    with pytest.raises(TokenizerError, match="line 21: an <\\|endoftext\\|> separator line"):
         T.tokenize_file(bpe, inp, str(tmp_path / "o.jsonl"), layout="lines", progress=False)
     assert not (tmp_path / "o.jsonl").exists()
 
@@ -214,7 +221,7 @@ def test_workers_are_forked_only_while_no_other_thread_runs(tmp_path):
     script = f"""
 import os, sys, threading
 sys.path.insert(0, {str(Path(T.__file__).parent)!r})
-import bpe, tokenizer
+import pretokens, tokenizer
 seen, real_fork = [], os.fork
 def fork():
     seen.append(threading.active_count())
@@ -224,12 +231,12 @@ if __name__ == "__main__":
     tok = tokenizer.get_tokenizer("tiktoken", verbose=False)
     for out in ("a.jsonl", "b.jsonl"):
         tokenizer.tokenize_file(tok, "in.txt", out, workers=2, batch_bytes=10_000, progress=True)
-    print(seen, bpe.count_pretokens_file("in.txt", workers=2, block_bytes=10_000, progress=True)[" the"])
+    print(seen, pretokens.count_pretokens_file("in.txt", workers=2, block_bytes=10_000, progress=True)[" the"])
 """
     (tmp_path / "run.py").write_text(script)
     r = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["[1,", "1]", str(B.count_pretokens(inp.read_text())[" the"])]
+    assert r.stdout.split() == ["[1,", "1]", str(P.count_pretokens(inp.read_text())[" the"])]
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
 
 
@@ -242,7 +249,7 @@ def test_cli_trains_a_bpe_and_tokenizes_with_it(tmp_path):
     assert T.main([str(inp), str(out), "--tokenizer", "lecture2_bpe", "--model_file", str(model),
                    "--max_length", "512", "--quiet"]) == 0
     meta = json.loads((tmp_path / "o.jsonl.meta.json").read_text())
-    assert meta["tokenizer"]["type"] == "lecture2_bpe" and meta["tokenizer"]["n_vocab"] == 600
+    assert meta["tokenizer"]["type"] == "bpe" and meta["tokenizer"]["n_vocab"] == 600
     assert max(i for r in _read_jsonl(out) for i in r) == 599  # the end-of-text id
 
 
@@ -318,7 +325,7 @@ def test_gpt2_never_waits_on_the_network_when_tiktoken_has_no_cache(tmp_path, mo
 def test_truncated_or_corrupted_model_files_give_a_one_line_error(tmp_path, capsys, bpe_model, layout):
     inp = tmp_path / "in.txt"
     inp.write_text("Once upon a time, a cat sat.\nThe end.\n", encoding="utf-8")
-    b2u = B.bytes_to_unicode()
+    b2u = G.bytes_to_unicode()
     s = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
     if layout == "json":
         files = {"m.json": bpe_model.to_json().encode()}

@@ -1,12 +1,10 @@
 """train.py end to end on a tiny model: learning, metrics, checkpoints, exact resume, failures."""
-import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,59 +12,8 @@ import pytest
 import train
 from checkpoint import load_checkpoint, load_model, read_meta
 from data_loader import load_dataset
-
-REPO = Path(__file__).resolve().parent.parent
-V, EOT = 64, 63
-IDENTITY = {"type": "lecture2_bpe", "name": "toy", "n_vocab": V, "eot_id": EOT, "sha256": "0" * 64,
-            "model_file": None}
-
-
-def write_data(path, n_docs, seed, identity=IDENTITY, bytes_per_token=4):
-    """Counting stories: a random start, then +1 (mod 60) each token, then end-of-text.
-    Easy to learn, so a few hundred tiny steps show the loss falling."""
-    rng = np.random.default_rng(seed)
-    lines = []
-    for _ in range(n_docs):
-        start, length = rng.integers(0, 60), rng.integers(10, 40)
-        lines.append([int((start + i) % 60) for i in range(length)] + [EOT])
-    with open(path, "w") as f:
-        f.writelines(json.dumps(ids) + "\n" for ids in lines)
-    n_tokens = sum(map(len, lines))
-    if identity is not None:
-        # as tokenizer.py counts them: the stories' bytes, not the newline between them
-        meta = {"format": "numpy-gpt tokenized jsonl", "version": 1, "tokenizer": identity,
-                "num_documents": n_docs, "num_lines": n_docs, "num_tokens": n_tokens,
-                "num_bytes": bytes_per_token * (n_tokens - n_docs), "eot_appended": True, "max_length": 512,
-                "source": "toy"}
-        with open(str(path) + ".meta.json", "w") as f:
-            json.dump(meta, f)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return write_data(d / "train.jsonl", 400, seed=1), write_data(d / "valid.jsonl", 60, seed=2)
-
-
-def tiny_flags(data, save_dir, **over):
-    flags = {"train_data": data[0], "val_data": data[1], "vocab_size": V, "d_model": 16, "n_heads": 2,
-             "d_ff": 32, "n_layers": 1, "batch_size": 8, "seq_len": 16, "max_steps": 150,
-             "learning_rate": 1e-2, "min_lr": 1e-3, "warmup_steps": 10, "save_dir": save_dir,
-             "log_interval": 10, "eval_interval": 50, "save_interval": 50}
-    flags.update(over)
-    argv = []
-    for k, v in flags.items():
-        if v is True:
-            argv.append(f"--{k}")
-        elif v is not None and v is not False:
-            argv += [f"--{k}", str(v)]
-    return argv + ["--no_progress"]
-
-
-def metrics(save_dir):
-    with open(os.path.join(save_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from helpers import IDENTITY, REPO, V, after_each_update, metrics, tiny_flags, write_data
+from helpers import data  # noqa: F401  (a fixture)
 
 
 def test_tiny_model_learns_and_everything_is_recorded(data, tmp_path, capsys):
@@ -335,19 +282,7 @@ def test_progress_bar_with_eta_on_a_terminal(data, tmp_path, monkeypatch):
 
 def stop_at(step, monkeypatch):
     """Make the next train.main() get a Ctrl-C right after update `step` (it saves there and exits 130)."""
-    real = train.make_optimizer
-
-    def make_optimizer(*args, **kwargs):
-        opt = real(*args, **kwargs)
-        update = opt.step
-
-        def update_then_signal(grads, lr):
-            update(grads, lr)
-            if opt.t == step:
-                os.kill(os.getpid(), signal.SIGINT)
-        opt.step = update_then_signal
-        return opt
-    monkeypatch.setattr(train, "make_optimizer", make_optimizer)
+    after_each_update(lambda opt: opt.t == step and os.kill(os.getpid(), signal.SIGINT), monkeypatch.setattr)
 
 
 def test_resume_continues_the_interrupted_run_not_a_newer_checkpoint_of_an_older_run(data, tmp_path, monkeypatch,

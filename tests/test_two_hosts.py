@@ -19,9 +19,9 @@ import pytest
 
 from checkpoint import load_checkpoint
 from distributed import EXIT_RANK_LOST
-from test_mpi import (MPI_ENV, MPIEXEC, mpi_flavour, needs_mpi, newest_checkpoint_resumes, numbers, same_arrays,
-                      wait_for_rank_pid, wait_for_steps)
-from test_train import tiny_flags, write_data
+from helpers import (MPI_ENV, MPIEXEC, mpi_flavour, needs_mpi, newest_checkpoint_resumes, numbers, same_arrays,
+                     tiny_flags, wait_for_rank_pid, wait_for_steps)
+from helpers import data  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTS = {"10.77.0.1": "hostA", "10.77.0.2": "hostB"}  # address: host name; the first is where mpiexec runs
@@ -155,12 +155,6 @@ def hosts(tmp_path_factory):
         yield h
     finally:
         h.remove()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return write_data(d / "train.jsonl", 400, seed=1), write_data(d / "valid.jsonl", 60, seed=2)
 
 
 def run(proc, timeout=120):

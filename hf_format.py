@@ -1,0 +1,383 @@
+"""The Hugging Face format: a model folder as `transformers` writes it, read and written here.
+
+export_hf.py writes a checkpoint as such a folder; train.py --init_from and generate.py
+--checkpoint DIR read one (an export, or GPT-2's own files). The folder (what `save_pretrained`
+writes for a GPT2LMHeadModel):
+    config.json              GPT2Config: vocab_size, n_positions (our max_seq_len), n_embd (d_model),
+                             n_layer, n_head, n_inner (d_ff), activation_function ("gelu_new", the tanh
+                             GELU, or "relu"), layer_norm_epsilon, tie_word_embeddings, bos/eos ids; plus
+                             "numpy_gpt": our own config, step and tokenizer, for the record
+    model.safetensors        float32 tensors named transformer.<our name>.weight: transformer.wte.weight
+                             (V, C), transformer.wpe.weight (T_max, C), transformer.h.{i}.attn.c_attn.weight
+                             (C, 3C), ..., transformer.ln_f.bias, and lm_head.weight (V, C) if untied
+    vocab.json, merges.txt   the byte-level BPE in GPT-2's spelling (gpt2_files.write_vocab_merges)
+    tokenizer_config.json, special_tokens_map.json    <|endoftext|> as bos/eos/unk
+
+Our parameters already have GPT-2's names and layouts: HF's Conv1D keeps its weight as (in, out),
+as we do, so no array is transposed. Every variant maps onto GPT-2's function: sinusoidal
+positions become a fixed wpe table (read back as sinusoidal when it still is that table), ReLU
+is activation_function "relu", an untied head keeps its own lm_head.weight.
+
+What differs between architectures is in two places: config.json <-> ModelConfig (one pair of
+functions per model_type, MODEL_TYPES) and the tensors' names (hf_key, our_name). Reading trusts
+nothing in the folder: the tensors' names, shapes and dtypes in the safetensors headers are checked
+against config.json before a model is built from its numbers.
+
+safetensors is an optional extra (`pip install safetensors`): only this interchange needs it.
+"""
+import json
+import os
+import re
+import secrets
+import shutil
+
+import numpy as np
+
+from atomic import atomic_write
+from config import GPT2_VOCAB_SIZE, MAX_SEQ_LEN, ModelConfig, name_mismatch, param_shapes
+from embeddings import sinusoidal_positions
+from errors import HFError
+from gpt2_files import write_vocab_merges
+from language_model import LanguageModel
+from pretokens import ENDOFTEXT
+from tokenizer import load_bpe, load_tiktoken
+from transformer import LN_EPS
+from untrusted import read_json, regular_file
+
+EXPORT_FORMAT = "numpy-gpt hf export"
+EXPORT_VERSION = 1
+GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # HF's names for GPT-2's tanh GELU; "gelu" is erf
+# Files an export writes; a re-export into the same folder replaces the whole folder.
+EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
+                "special_tokens_map.json")
+# Largest config values accepted on import (checked before anything is allocated).
+LIMITS = {"vocab_size": 1 << 22, "n_positions": MAX_SEQ_LEN, "n_embd": 1 << 16, "n_layer": 1 << 10,
+          "n_head": 1 << 12, "n_inner": 1 << 18}
+BUFFER_RE = re.compile(r"h\.\d+\.attn\.(masked_)?bias$")  # old files keep the causal mask: not a weight
+
+
+def safetensors_numpy():
+    """The safetensors package's NumPy API, or a one-line error naming the pip command."""
+    try:
+        import safetensors.numpy
+    except ImportError:
+        raise HFError("the Hugging Face interchange needs the safetensors package: pip install safetensors") from None
+    return safetensors.numpy
+
+
+# ----------------------------------------------------------------------------- config.json <-> ModelConfig
+
+def gpt2_config_json(config, eot_id, record):
+    """GPT2Config fields (config.json) describing our ModelConfig; `record` goes under "numpy_gpt"."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.max_seq_len,
+        "n_embd": config.d_model,
+        "n_layer": config.n_layers,
+        "n_head": config.n_heads,
+        "n_inner": config.d_ff,
+        "activation_function": "gelu_new" if config.activation == "gelu" else "relu",
+        "layer_norm_epsilon": LN_EPS,
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "numpy_gpt": record,
+    }
+
+
+def _int_field(hf, key, source):
+    value = hf.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= LIMITS[key]:
+        raise HFError(f"{source}: {key} must be an integer from 1 to {LIMITS[key]}, got {value!r}")
+    return value
+
+
+def config_from_gpt2_json(hf, source):
+    """Our ModelConfig (learned positions) from GPT2Config fields; errors for what we do not compute."""
+    C = _int_field(hf, "n_embd", source)
+    d_ff = hf.get("n_inner")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in GELU_NAMES + ("relu",):
+        raise HFError(f"{source}: activation_function {act!r} is not computed here; numpy-gpt has GPT-2's tanh "
+                      f"GELU ({' / '.join(GELU_NAMES)}) and relu")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if not isinstance(eps, (int, float)) or abs(eps - LN_EPS) > 1e-12:
+        raise HFError(f"{source}: layer_norm_epsilon {eps!r}; numpy-gpt's layer norm uses {LN_EPS}")
+    for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("add_cross_attention", False)):
+        if hf.get(key, want) != want:
+            raise HFError(f"{source}: {key} is {hf.get(key)!r}; numpy-gpt computes GPT-2 with {key} = {want}")
+    tie = hf.get("tie_word_embeddings", True)
+    if not isinstance(tie, bool):
+        raise HFError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
+    try:
+        return ModelConfig(vocab_size=_int_field(hf, "vocab_size", source), d_model=C,
+                           n_heads=_int_field(hf, "n_head", source), n_layers=_int_field(hf, "n_layer", source),
+                           d_ff=4 * C if d_ff is None else _int_field(hf, "n_inner", source),
+                           max_seq_len=_int_field(hf, "n_positions", source), use_learned_pos=True,
+                           tie_embeddings=tie, activation="relu" if act == "relu" else "gelu")
+    except ValueError as e:
+        raise HFError(f"{source}: {e}") from None
+
+
+# config.json's model_type -> the ModelConfig it describes (a second architecture adds its reader here,
+# and its writer beside gpt2_config_json)
+MODEL_TYPES = {"gpt2": config_from_gpt2_json}
+
+
+def config_from_json(hf, source):
+    """Our ModelConfig from a config.json's fields (its model_type says which architecture)."""
+    if not isinstance(hf, dict):
+        raise HFError(f"{source} is not a JSON object")
+    kind = hf.get("model_type", "gpt2")
+    if kind not in MODEL_TYPES:
+        raise HFError(f"{source}: model_type {kind!r}; numpy-gpt reads model_type {' or '.join(MODEL_TYPES)} "
+                      "(GPT-2)")
+    return MODEL_TYPES[kind](hf, source)
+
+
+# ----------------------------------------------------------------------------- tensor names
+
+def hf_key(name):
+    """The safetensors name of our parameter `name` (GPT2LMHeadModel's)."""
+    if name == "lm_head.weight":
+        return name
+    return f"transformer.{name}.weight" if name in ("wte", "wpe") else f"transformer.{name}"
+
+
+def our_name(key):
+    """Our parameter name for a safetensors name, with or without the "transformer." prefix."""
+    name = key[len("transformer."):] if key.startswith("transformer.") else key
+    return name[:-len(".weight")] if name in ("wte.weight", "wpe.weight") else name
+
+
+def hf_tensors(config, params):
+    """Our parameters under HF's names, float32; the sinusoidal table becomes wpe."""
+    tensors = {hf_key(name): np.ascontiguousarray(p, dtype=np.float32) for name, p in params.items()}
+    if not config.use_learned_pos:
+        tensors[hf_key("wpe")] = sinusoidal_positions(config.max_seq_len, config.d_model, np.float32)
+    return tensors
+
+
+# ----------------------------------------------------------------------------- writing a folder
+
+def write_tokenizer(bpe, out_dir, max_len):
+    """vocab.json + merges.txt, and the two small files that make <|endoftext|> transformers' bos/eos/unk."""
+    write_vocab_merges(bpe, os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt"))
+    special = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    tok_config = dict(special, tokenizer_class="GPT2Tokenizer", model_max_length=max_len, add_prefix_space=False,
+                      add_bos_token=False, errors="replace", clean_up_tokenization_spaces=False,
+                      added_tokens_decoder={str(i): {"content": s, "special": True, "lstrip": False, "rstrip": False,
+                                                     "normalized": True, "single_word": False}
+                                            for s, i in sorted(bpe.specials.items(), key=lambda kv: kv[1])})
+    for name, record in (("tokenizer_config.json", tok_config), ("special_tokens_map.json", special)):
+        with atomic_write(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            f.write(json.dumps(record, indent=2) + "\n")
+
+
+def check_out_dir(out_dir):
+    """Write into a new or empty folder, or over an earlier export; never over someone else's files."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise HFError(f"{out_dir} exists and is not a folder: choose another OUT_DIR")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        try:
+            ours = (read_json(os.path.join(out_dir, "config.json")).get("numpy_gpt") or {}).get("format") \
+                == EXPORT_FORMAT
+        except (OSError, ValueError, AttributeError):  # ValueError: not a regular file, not JSON
+            ours = False
+        if not ours:
+            raise HFError(f"{out_dir} is not empty and not an earlier export of export_hf.py: choose a new OUT_DIR")
+        others = sorted(set(os.listdir(out_dir)) - set(EXPORT_FILES))
+        if others:
+            raise HFError(f"{out_dir} holds files an export does not write ({', '.join(others[:4])}), which "
+                          "transformers might load instead: remove them or choose a new OUT_DIR")
+
+
+def write_folder(out_dir, config, params, bpe, eot_id, record):
+    """Write a Hugging Face folder out_dir: the model (config, params), the tokenizer files of bpe (a
+    BPEModel; None: none), `record` as config.json's "numpy_gpt"; returns the files written.
+
+    The folder is built beside out_dir under a temporary name and renamed into place only when
+    complete, so a failure (a full disk, a tokenizer that vocab.json/merges.txt cannot spell) leaves
+    an earlier export in out_dir as it was; TokenizerError says why bpe cannot be written."""
+    st = safetensors_numpy()
+    check_out_dir(out_dir)
+    data = st.save(hf_tensors(config, params), metadata={"format": "pt"})  # "pt": what transformers 4 asks for
+    final = os.path.realpath(out_dir)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    new = f"{final}.{secrets.token_hex(4)}.tmp"
+    os.mkdir(new)
+    try:
+        with atomic_write(os.path.join(new, "model.safetensors"), "wb") as f:
+            f.write(data)
+        if bpe is not None:
+            write_tokenizer(bpe, new, config.max_seq_len)
+        with atomic_write(os.path.join(new, "config.json"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(gpt2_config_json(config, eot_id, record), indent=2) + "\n")
+        files = sorted(os.listdir(new))
+        swap_in(new, final)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    return files
+
+
+def swap_in(new, final):
+    """Rename the complete folder new to final; an earlier folder there is removed only after that."""
+    if not os.path.isdir(final):
+        os.rename(new, final)
+        return
+    old = f"{new[:-len('.tmp')]}.old"
+    os.rename(final, old)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- reading a folder
+
+def _weight_files(path):
+    """The folder's safetensors files; an error that says what to do for pickled or missing weights."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return [single]
+    if os.path.exists(index):
+        try:
+            names = sorted(set(read_json(index, "safetensors index", error=HFError)["weight_map"].values()))
+        except (OSError, KeyError, TypeError, AttributeError) as e:
+            raise HFError(f"{index} is not a safetensors index ({e})") from None
+        if not all(isinstance(n, str) and n == os.path.basename(n) and n.endswith(".safetensors") for n in names):
+            raise HFError(f"{index} names weight files outside the folder or not .safetensors: {names[:4]}")
+        return [os.path.join(path, n) for n in names]
+    if any(n.endswith(".bin") for n in os.listdir(path)):
+        raise HFError(f"{path} has only pytorch_model.bin (pickled PyTorch, which numpy-gpt never loads): convert it "
+                      "to model.safetensors first, e.g. GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(DIR)")
+    raise HFError(f"{path} has no model.safetensors: a GPT-2 folder holds config.json and model.safetensors")
+
+
+class _Weights:
+    """The tensors of a folder's safetensors files by our names, read only when asked for."""
+
+    def __init__(self, path):
+        safetensors_numpy()
+        from safetensors import SafetensorError, safe_open
+        self.where = {}
+        for file in _weight_files(path):
+            try:
+                regular_file(file, "safetensors file", error=HFError)  # a FIFO would hang safe_open
+                f = safe_open(file, framework="np")
+            except (OSError, SafetensorError) as e:
+                raise HFError(f"{file} is not a readable safetensors file ({e})") from None
+            for key in f.keys():
+                name = our_name(key)
+                if name in self.where:
+                    raise HFError(f"{file}: tensor {key!r} appears twice (with and without 'transformer.')")
+                self.where[name] = (f, key, file)
+
+    def shape(self, name):
+        f, key, _ = self.where[name]
+        return tuple(f.get_slice(key).get_shape())
+
+    def check_dtype(self, name):
+        f, key, file = self.where[name]
+        kind = f.get_slice(key).get_dtype()
+        if kind not in ("F32", "F16", "F64"):
+            raise HFError(f"{file}: tensor {key!r} is {kind}, which NumPy cannot read: save the model in float32 "
+                          "(model.float().save_pretrained(DIR))")
+
+    def get(self, name):
+        f, key, file = self.where[name]
+        self.check_dtype(name)
+        tensor = f.get_tensor(key).astype(np.float32, copy=False)
+        if not np.isfinite(tensor).all():
+            raise HFError(f"{file}: the weights are not finite: tensor {key!r} holds NaN or inf")
+        return tensor
+
+
+def our_record(hf):
+    """The "numpy_gpt" record of a config.json our export wrote ({} for other folders)."""
+    return hf.get("numpy_gpt") if isinstance(hf.get("numpy_gpt"), dict) else {}
+
+
+def read_hf_config(path):
+    """(ModelConfig, config.json's dict) of a Hugging Face folder. Positions are sinusoidal only when the
+    folder is our export of a sinusoidal model and its wpe is still exactly that table."""
+    if not os.path.isdir(path):
+        raise HFError(f"{path} is not a folder (a Hugging Face GPT-2 folder holds config.json + model.safetensors)")
+    source = os.path.join(path, "config.json")
+    try:
+        hf = read_json(source, "config.json", error=HFError)
+    except FileNotFoundError:
+        raise HFError(f"{path} has no config.json: not a Hugging Face model folder") from None
+    except OSError as e:
+        raise HFError(f"cannot read {source}: {e.strerror}") from None
+    _weight_files(path)  # first: a folder of pickled weights is refused whatever its config says
+    config = config_from_json(hf, source)
+    weights = _Weights(path)
+    if our_record(hf).get("positions") == "sinusoidal":
+        want = (config.max_seq_len, config.d_model)
+        if "wpe" in weights.where and weights.shape("wpe") == want and \
+                np.array_equal(weights.get("wpe"), sinusoidal_positions(*want, np.float32)):
+            config.use_learned_pos = False
+    check_hf_weights(path, config, weights)  # before anyone allocates a model from config.json's numbers
+    return config, hf
+
+
+def check_hf_weights(path, config, weights):
+    """{our name: shape} of what the folder must hold for config; errors unless the tensors' headers (names,
+    shapes, dtypes) are exactly that, read before anything is allocated (safe_open checked the offsets)."""
+    want = param_shapes(config)
+    if not config.use_learned_pos:
+        want["wpe"] = (config.max_seq_len, config.d_model)  # read, compared with the table, then dropped
+    have = {n for n in weights.where if not BUFFER_RE.match(n)}
+    if config.tie_embeddings:
+        have.discard("lm_head.weight")  # tied: transformers ignores it too; the head is wte
+    mismatch = name_mismatch(want, have)
+    if mismatch:
+        raise HFError(f"{path}: the weights do not match config.json: {mismatch}")
+    for name, shape in want.items():
+        if weights.shape(name) != shape:
+            raise HFError(f"{path}: {name} has shape {weights.shape(name)}, config.json implies {shape}")
+        weights.check_dtype(name)
+    return want
+
+
+def load_hf_params(path, config):
+    """{our name: float32 array} for config from the folder; every name and shape checked before reading."""
+    weights = _Weights(path)
+    want = check_hf_weights(path, config, weights)
+    params = {name: weights.get(name) for name in want}
+    if not config.use_learned_pos:
+        del params["wpe"]
+    return params
+
+
+def load_hf_model(path, dtype=np.float32, device="cpu"):
+    """A LanguageModel (for generation: no gradients) with the folder's weights, and config.json's
+    "numpy_gpt" record ({} for a folder our export did not write)."""
+    config, hf = read_hf_config(path)
+    params = {k: v.astype(dtype, copy=False) for k, v in load_hf_params(path, config).items()}
+    return LanguageModel(config, params=params, for_training=False, device=device), our_record(hf)
+
+
+def load_hf_tokenizer(path, vocab_size):
+    """The folder's tokenizer: its vocab.json + merges.txt, else tiktoken's gpt2 for a 50257-token model."""
+    vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+    if os.path.exists(vocab) and os.path.exists(merges):
+        return load_bpe(vocab, merges, verbose=False)
+    if vocab_size == GPT2_VOCAB_SIZE:
+        return load_tiktoken("gpt2", verbose=False)
+    raise HFError(f"{path} has no vocab.json + merges.txt and vocab_size {vocab_size} is not GPT-2's "
+                  f"{GPT2_VOCAB_SIZE}: pass the tokenizer with --tokenizer_type bpe --model_file FILE")
