@@ -15,6 +15,7 @@ the GPU memory CuPy's pool holds.
                                                           # Small with --arch llama (both vocabularies)
     python3 benchmark.py --arch llama                     # the Small model with the Llama block (d_ff 384)
     python3 benchmark.py --device cuda                    # the Small model on an NVIDIA GPU (needs CuPy)
+    python3 benchmark.py --dropout 0.1                    # also the step with dropout, timed alternately
 
 Decoding (`--decode`, also `generate.py --benchmark`): tokens/s of greedy decoding with the
 key/value cache and without it (the whole window again for every token), and the time per token
@@ -23,18 +24,21 @@ at a few context lengths, for the guide's Small and Medium models (random weight
     python3 benchmark.py --decode
 """
 import argparse
+import itertools
 import math
 import os
 import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from config import GPT2_VOCAB_SIZE, PRESETS, ModelConfig, config_from_flags
 from decoding import Decoder
 from device import array_module, gpu_memory, synchronize, to_device
+from dropout import DropoutKey
 from errors import UserError
 from language_model import LanguageModel
 from llama import swiglu_hidden
@@ -109,39 +113,50 @@ def median_time(fn, repeats, xp=np):
     return float(np.median(times))
 
 
-def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu"):
-    model = LanguageModel(cfg, seed=0, device=device)
+def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0.0):
+    """The step's and the matmuls' median times; with dropout > 0 also the step that drops with that
+    probability (its masks drawn anew each step), timed in turn with the others."""
+    model = LanguageModel(replace(cfg, dropout=dropout), seed=0, device=device)
     xp = model.xp
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
     optimizer = AdamW(model.params)
     x, y = tokens[:, :-1], tokens[:, 1:]
+    step_number = itertools.count()
 
-    def step():  # what train.py does each step, less the data and the logging
+    def step(with_dropout=False):  # what train.py does each step, less the data and the logging
         model.zero_grad()
-        model.forward_backward(x, y, count_targets(y))
+        model.forward_backward(x, y, count_targets(y), DropoutKey(0, next(step_number)) if with_dropout else None)
         clip_grad_norm(model.grads, 1.0)
         optimizer.step(model.grads, lr=3e-4)
 
+    def dropout_step():
+        step(with_dropout=True)
+
     for _ in range(warmup):
         step()
+        if dropout:
+            dropout_step()
     steps = max(steps, math.ceil(min_seconds / median_time(step, 1, xp)))  # short steps: more of them, less noise
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = gpu_memory(xp)  # (in use, held by the pool) after a step: its arrays, and what it keeps for the next
     mm = MatmulsOnly(cfg, B, T, xp=xp)
     mm.run()
-    step_times, mm_times = [], []
-    for _ in range(steps):  # alternate, so both see the same machine
+    timed = {"step": step, "matmul": mm.run}
+    if dropout:
+        timed["dropout_step"] = dropout_step
+    times = {name: [] for name in timed}
+    for _ in range(steps):  # alternate, so all see the same machine
         # Each is timed right after an untimed run of itself, as in a loop of its own: after
         # the matmuls, OpenBLAS's threads spin-wait for more work for ~0.1 s and would slow
         # a step's first tenth of a second (training runs steps back to back, never this mix).
-        step()
-        step_times.append(median_time(step, 1, xp))
-        mm.run()
-        mm_times.append(median_time(mm.run, 1, xp))
-    t_step, t_mm = float(np.median(step_times)), float(np.median(mm_times))
+        for name, fn in timed.items():
+            fn()
+            times[name].append(median_time(fn, 1, xp))
+    t = {name: float(np.median(ts)) for name, ts in times.items()}
+    t_step, t_mm = t["step"], t["matmul"]
     return dict(step_s=t_step, matmul_s=t_mm, ratio=t_step / t_mm, tokens_per_s=B * T / t_step,
                 gflops=mm.flops / t_mm / 1e9, peak_mb=peak_mb, params=model.num_parameters(),
-                gpu_mb=None if gpu is None else gpu[1] / 2**20)
+                gpu_mb=None if gpu is None else gpu[1] / 2**20, dropout=dropout, dropout_step_s=t.get("dropout_step"))
 
 
 def report(name, cfg, B, T, r):
@@ -156,6 +171,10 @@ def report(name, cfg, B, T, r):
         memory = f"GPU memory {r['gpu_mb']:.0f} MB (held by CuPy's pool), host peak {r['peak_mb']:.0f} MB"
     print(f"  {times} ({r['gflops']:.0f} GFLOP/s)   ratio {r['ratio']:.2f}   {r['tokens_per_s']:,.0f} tokens/s   "
           f"{memory}", flush=True)
+    if r.get("dropout_step_s") is not None:
+        t, unit = (r["dropout_step_s"], "s") if r.get("gpu_mb") is None else (1000 * r["dropout_step_s"], "ms")
+        print(f"  with dropout {r['dropout']}: step {t:.3f} {unit} "
+              f"({100 * (r['dropout_step_s'] / r['step_s'] - 1):+.1f}% on the step without)", flush=True)
 
 
 def decode_benchmark(model, n_tokens=256, contexts=(16, 64, 128, 256), out=sys.stdout):
@@ -239,6 +258,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps at least; the median is reported (default 5)")
     ap.add_argument("--min_seconds", type=float, default=3.0,
                     help="time at least this many seconds of steps: short steps are noisy (default 3)")
+    ap.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                    help="also time the step with dropout P (train.py --dropout), alternately with the one without")
     ap.add_argument("--all", action="store_true",
                     help="run the guide's Tiny, Small, Medium, Small-with-4096-vocab, and Small with --arch llama "
                          "(both vocabularies)")
@@ -271,7 +292,7 @@ def run(args):
         for name, flags in RUNS.items():
             print(f"== {name}", flush=True)
             argv = [f"--{k}={v}" for k, v in {**flags, "steps": args.steps, "min_seconds": args.min_seconds,
-                                                  "device": args.device}.items()]
+                                                  "device": args.device, "dropout": args.dropout}.items()]
             subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
         return
     d_ff = args.d_ff or (swiglu_hidden(args.d_model) if args.arch == "llama" else 512)
@@ -280,8 +301,10 @@ def run(args):
                           n_layers=args.n_layers, max_seq_len=args.seq_len, arch=args.arch, n_kv_heads=args.n_kv_heads)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     result = bench(cfg, args.batch_size, args.seq_len, steps=args.steps, min_seconds=args.min_seconds,
-                   device=args.device)
+                   device=args.device, dropout=args.dropout)
     report("model", cfg, args.batch_size, args.seq_len, result)
 
 

@@ -53,6 +53,7 @@ class ModelConfig:
     rope_theta: float = None  # llama: the base of the rotary frequencies, None: ROPE_THETA (10000); gpt2: None
     n_kv_heads: int = None  # llama: key/value heads (fewer: grouped-query attention), None: n_heads; gpt2: None
     norm_eps: float = RMS_EPS  # the eps of the norms: RMSNorm's for llama; GPT-2's layer norm has LN_EPS, the same
+    dropout: float = 0.0  # drop probability while training (dropout.py), 0: none; never in evaluation or generation
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
@@ -73,6 +74,8 @@ class ModelConfig:
             self._check_llama()
         else:
             self._check_gpt2()
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"ModelConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or \
                 not 0 < self.norm_eps < 1:
             raise ValueError(f"ModelConfig.norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
@@ -188,7 +191,7 @@ PRESETS = {
                    use_learned_pos=False, no_tie_embeddings=False, activation="gelu",
                    batch_size=32, grad_accum=1, optimizer="adamw", learning_rate=2e-3, min_lr=2e-4,
                    warmup_steps=100, lr_schedule="cosine", weight_decay=0.01, decay_embeddings=False,
-                   beta1=0.9, beta2=0.999, grad_clip=1.0, time_budget=15),
+                   beta1=0.9, beta2=0.999, grad_clip=1.0, dropout=0.0, time_budget=15),
 }
 
 

@@ -80,7 +80,7 @@ def gpt2_config_json(config, eot_id, record):
         "n_inner": config.d_ff,
         "activation_function": "gelu_new" if config.activation == "gelu" else "relu",
         "layer_norm_epsilon": LN_EPS,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,  # we train without dropout
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,

@@ -10,6 +10,10 @@ F d_ff, T_max max_seq_len, P the number of parameters (params.flat and grads.fla
 With config.arch "llama" the blocks are llama.py's (RMSNorm, rotary positions, SwiGLU, no
 biases), the embedding adds no position table and ln_f is an RMSNorm.
 
+Training with config.dropout > 0 drops out the embeddings' output and, in each block, the
+attention weights and both branches' outputs, with masks drawn per global row of the step's
+batch (dropout.py); evaluation and generation never drop.
+
 Parameters are a flat dict named as in GPT-2 (wte, wpe, h.{i}.ln_1.weight, ...
 h.{i}.attn.c_attn.weight (C, 3C), ..., ln_f.bias), so with learned positions, GELU and
 tied embeddings this computes exactly GPT-2's function (config.py holds the names and shapes).
@@ -28,12 +32,13 @@ import numpy as np
 
 from config import name_mismatch, param_shapes
 from device import array_module, to_device, to_host
+from dropout import draw_masks
 from embeddings import embedding_backward, embedding_forward, sinusoidal_positions
 from llama import llama_block_backward, llama_block_forward
 from lm_head import HeadWorkspace, lm_head_forward, lm_head_loss
 from loss import IGNORE_INDEX
 from parallel import Shards
-from transformer import KVCache, block_backward, block_forward
+from transformer import KVCache, block_backward, block_forward, dropout_backward, dropout_forward
 
 
 def init_params(cfg, rng, dtype=np.float32):
@@ -196,18 +201,22 @@ class LanguageModel:
                              f"(min {int(idx.min())}, max {int(idx.max())}); is vocab_size right for this data?")
 
     # ------------------------------------------------------------------ passes
-    def _trunk_forward(self, idx, kv=None):
-        """Embeddings and blocks: idx (B, T) -> x (B, T, C) and the caches backward needs."""
+    def _trunk_forward(self, idx, kv=None, masks=None):
+        """Embeddings and blocks: idx (B, T) -> x (B, T, C) and the caches backward needs. masks: the
+        pass's dropout.ModelMasks, None: no dropout."""
         cfg, p = self.config, self.params
         start = kv.length if kv is not None else 0
         x = embedding_forward(idx, p["wte"], self.positions(), start)  # (B, T, C)
+        if masks is not None:
+            dropout_forward(x, masks.embedding, out=x)
         caches = []
         for i in range(cfg.n_layers):
+            layer_masks = None if masks is None else masks.layers[i]
             if cfg.arch == "llama":
                 x, cache = llama_block_forward(x, p.layers[i], cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta,
-                                               cfg.norm_eps, kv, i)
+                                               cfg.norm_eps, kv, i, layer_masks)
             else:
-                x, cache = block_forward(x, p.layers[i], cfg.n_heads, cfg.activation, kv, i)
+                x, cache = block_forward(x, p.layers[i], cfg.n_heads, cfg.activation, kv, i, layer_masks)
             caches.append(cache)
         if kv is not None:
             kv.length += idx.shape[1]
@@ -224,11 +233,18 @@ class LanguageModel:
         p = self.params
         return lm_head_forward(x, p["ln_f.weight"], p.get("ln_f.bias"), self.head_weight(p), self.config.norm_eps)
 
-    def _loss_and_backward(self, idx, targets, n_targets, g, workspace):
+    def _dropout_masks(self, key, B, T):
+        """The dropout masks of the B rows of `key` (dropout.DropoutKey), None without dropout."""
+        if key is None or self.config.dropout == 0:
+            return None
+        return draw_masks(key, self.config, B, T, self.xp)
+
+    def _loss_and_backward(self, idx, targets, n_targets, g, workspace, dropout):
         """One worker's rows: forward, loss and backward, the gradients of (loss sum / n_targets)
         added into g. Returns (loss sum, number correct) over these rows."""
         p, cfg = self.params, self.config
-        x, caches = self._trunk_forward(idx)
+        masks = self._dropout_masks(dropout, *idx.shape)
+        x, caches = self._trunk_forward(idx, masks=masks)
         loss_sum, n_correct, _, dx = lm_head_loss(
             x, p["ln_f.weight"], p.get("ln_f.bias"), self.head_weight(p), targets,
             grads=(g["ln_f.weight"], g.get("ln_f.bias"), self.head_weight(g)), workspace=workspace,
@@ -236,6 +252,8 @@ class LanguageModel:
         block = llama_block_backward if cfg.arch == "llama" else block_backward
         for i in reversed(range(cfg.n_layers)):
             dx = block(dx, caches[i], p.layers[i], g.layers[i])
+        if masks is not None:
+            dropout_backward(dx, masks.embedding, out=dx)  # forward was: x = dropout(wte[idx] + pos)
         embedding_backward(dx, idx, g["wte"], g.get("wpe"))
         return loss_sum, n_correct
 
@@ -266,21 +284,26 @@ class LanguageModel:
         """Set every gradient to 0, before the forward_backward calls of a step."""
         self.shards.zero_grad()
 
-    def forward_backward(self, idx, targets, n_targets):
+    def forward_backward(self, idx, targets, n_targets, dropout=None):
         """The gradients of the batch's summed loss / n_targets, added into self.grads; returns the
         batch's (loss sum, number of correct predictions) over its counted targets (see _sums).
 
         n_targets: the counted targets (loss.count_targets) of the whole batch the step averages over;
         this batch may be a part of it (one micro-batch of --grad_accum, one MPI rank's rows). The
         gradients add up (zero_grad clears them), so the parts' calls give the whole batch's.
+        dropout: a dropout.DropoutKey naming the step and the global row of idx[0], to train with
+        config.dropout (each worker offsets it by its first row); None: no dropout.
         """
         if self.grads is None:
             raise ValueError("this model was made with for_training=False: it has no gradients")
         idx, targets = self._to_device(idx, targets)
         return self._sums(self.shards.run(
-            lambda i, t, g, ws: self._loss_and_backward(i, t, n_targets, g, ws), idx, targets))
+            lambda i, t, g, ws, row: self._loss_and_backward(i, t, n_targets, g, ws,
+                                                             None if dropout is None else dropout.offset(row)),
+            idx, targets))
 
     def evaluate(self, idx, targets):
         """No gradients: (loss sum, number of correct predictions) over the counted targets (see _sums)."""
         idx, targets = self._to_device(idx, targets)
-        return self._sums(self.shards.run(lambda i, t, g, ws: self._loss(i, t, ws), idx, targets, backward=False))
+        return self._sums(self.shards.run(lambda i, t, g, ws, row: self._loss(i, t, ws), idx, targets,
+                                          backward=False))

@@ -20,8 +20,10 @@ not the interleaved pairs of Meta's original code), frequencies theta^(-2i/hs); 
 columns are [q heads | k heads | v heads], head-major as HF's q_proj/k_proj/v_proj rows, and
 mlp.c_fc's are [gate | up]. Weights are (in, out), x @ w, as everywhere in this repository.
 Each layer is a forward/backward pair as in transformer.py: backward adds into the gradient
-arrays it is given. Dropout (later) goes on the attention weights after the softmax and on
-each branch's output before its residual add, as in GPT-2's block.
+arrays it is given. Dropout, in training only, goes where GPT-2's block has it: on the attention
+weights after the softmax and on each branch's output before its residual add (transformer.py's
+DropoutMask and BlockMasks; the attention weights' mask is (B, H, T, S), query head j = kv head
+j // G, group member j % G, as the weights themselves are laid out).
 """
 import math
 from typing import NamedTuple
@@ -29,7 +31,9 @@ from typing import NamedTuple
 import numpy as np
 
 from device import get_array_module, to_device, whole_arrays
-from transformer import (BLOCK, blocks, causal_softmax_inplace, column_sum, matmul_into, matmul_rows, row_dot_mean,
+from transformer import (BLOCK, NO_DROPOUT, BlockMasks, DropoutMask, blocks, causal_softmax_inplace, column_sum,
+                         dropout_backward, dropout_forward, matmul_into, matmul_rows, residual_add_inplace,
+                         row_dot_mean,
                          softmax_backward_inplace)
 
 # llama2.c's TinyStories models and Llama 2 use 1e-5 (so does our layer norm); HF's LlamaConfig
@@ -169,6 +173,7 @@ class LlamaAttentionCache(NamedTuple):
     y: np.ndarray  # (B, T, C) heads re-assembled, input of the output projection
     cos: np.ndarray  # (T, hs/2) the rotation's angles, for the inverse in backward
     sin: np.ndarray  # (T, hs/2)
+    att_mask: DropoutMask | None  # (B, Hkv, G*T, S) dropout on att, None: none
 
 
 def stack_groups(a):
@@ -190,13 +195,16 @@ def matmul_groups_into(a, b, out):
         np.matmul(a.reshape(B, Hkv, G, T, a.shape[-1]), b[:, :, None], out=out)
 
 
-def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_theta=ROPE_THETA, kv=None, layer=0):
+def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_theta=ROPE_THETA, kv=None, layer=0,
+                            att_mask=None):
     """Causal self-attention with rotary positions, (B, T, C) -> (B, T, C); no biases.
 
     With `kv` (transformer.KVCache holding Hkv heads), x holds the positions after the kv.length
     cached ones: they are rotated at those positions, and their keys stored rotated, so a key
     is turned once, at its own position. Query head j uses key/value head j // G (HF's repeat_kv):
-    the G query heads of a key/value head are stacked as G*T rows against its S keys.
+    the G query heads of a key/value head are stacked as G*T rows against its S keys. With `att_mask`
+    (a DropoutMask (B, H, T, S), training only) the attention weights are dropped out before they
+    weigh the values.
     """
     xp = get_array_module(x)
     B, T, C = x.shape
@@ -219,16 +227,19 @@ def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_th
         v = kv.v[layer][:, :, : start + T]
     att = q @ k.transpose(0, 1, 3, 2)  # (B, Hkv, G*T, hs) @ (B, Hkv, hs, S) -> (B, Hkv, G*T, S)
     causal_softmax_inplace(att.reshape(B, Hkv, G, T, -1))  # each query head's (T, S) scores, a view
+    if att_mask is not None:  # (B, H, T, S) -> (B, Hkv, G*T, S), a view: head j = G * (j // G) + j % G
+        att_mask = att_mask._replace(keep=att_mask.keep.reshape(att.shape))
+    weights = att if att_mask is None else dropout_forward(att, att_mask)  # dropout(att), a new array
     y = xp.empty((B, T, H, hs), x.dtype)
     y_heads = y.reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hs), a view
-    matmul_groups_into(att, v, y_heads)  # (B, Hkv, G*T, S) @ (B, Hkv, S, hs), heads side by side
+    matmul_groups_into(weights, v, y_heads)  # (B, Hkv, G*T, S) @ (B, Hkv, S, hs), heads side by side
     y = y.reshape(B, T, C)
-    return matmul_rows(y, w_proj), LlamaAttentionCache(x, q, k, v, att, y, cos, sin)  # (B, T, C)
+    return matmul_rows(y, w_proj), LlamaAttentionCache(x, q, k, v, att, y, cos, sin, att_mask)  # (B, T, C)
 
 
 def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
     """Reverse of llama_attention_forward (training only, no key/value cache). Returns dx."""
-    x, q, k, v, att, y, cos, sin = cache
+    x, q, k, v, att, y, cos, sin, att_mask = cache
     xp = get_array_module(x)
     B, T, C = x.shape
     Hkv, hs = k.shape[1], k.shape[3]
@@ -242,10 +253,14 @@ def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
     dq = dheads[:, :, :H].reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hs)
     dk = dheads[:, :, H : H + Hkv].transpose(0, 2, 1, 3)  # (B, Hkv, S, hs)
     dv = dheads[:, :, H + Hkv :].transpose(0, 2, 1, 3)
-    # forward was: y = att @ v, each key/value head read by the G*T rows of its query heads, whose
-    # gradients the product over those rows adds up
-    datt = dy @ v.transpose(0, 1, 3, 2)  # (B, Hkv, G*T, S)
-    matmul_into(att.transpose(0, 1, 3, 2), dy, dv)  # (S, G*T) @ (G*T, hs)
+    # forward was: y = weights @ v, each key/value head read by the G*T rows of its query heads, whose
+    # gradients the product over those rows adds up; weights = dropout(att) (recomputed: cheaper than
+    # keeping it) or att
+    weights = att if att_mask is None else dropout_forward(att, att_mask)
+    datt = dy @ v.transpose(0, 1, 3, 2)  # (B, Hkv, G*T, S) dweights
+    matmul_into(weights.transpose(0, 1, 3, 2), dy, dv)  # (S, G*T) @ (G*T, hs)
+    if att_mask is not None:
+        dropout_backward(datt, att_mask, out=datt)  # dweights -> datt
     # forward was: att = softmax(pre); masked entries have att = 0, so they get no gradient
     softmax_backward_inplace(datt, att)
     # forward was: pre = q @ k.T, both rotated, q already divided by sqrt(hs)
@@ -336,31 +351,38 @@ class LlamaBlockCache(NamedTuple):
     attn: LlamaAttentionCache
     ln_2: RMSNormCache
     mlp: SwiGLUCache
+    dropout: BlockMasks  # NO_DROPOUT: none
 
 
-def llama_block_forward(x, p, n_heads, n_kv_heads=None, rope_theta=ROPE_THETA, eps=RMS_EPS, kv=None, layer=0):
-    """Pre-norm block: x + attn(rmsnorm_1(x)), then + swiglu(rmsnorm_2(.)). `p` maps the names of
-    llama_block_shapes to arrays."""
+def llama_block_forward(x, p, n_heads, n_kv_heads=None, rope_theta=ROPE_THETA, eps=RMS_EPS, kv=None, layer=0,
+                        dropout=None):
+    """Pre-norm block: x + dropout(attn(rmsnorm_1(x))), then + dropout(swiglu(rmsnorm_2(.))). `p` maps the
+    names of llama_block_shapes to arrays; `dropout`: the block's BlockMasks when training with dropout,
+    None: no dropout."""
+    dropout = dropout or NO_DROPOUT
     h, c_ln1 = rmsnorm_forward(x, p["ln_1.weight"], eps)
     a, c_attn = llama_attention_forward(h, p["attn.c_attn.weight"], p["attn.c_proj.weight"],
-                                        n_heads, n_kv_heads, rope_theta, kv, layer)
-    a += x  # the residual x + attn(rmsnorm(x)), written over attention's output (a fresh array)
+                                        n_heads, n_kv_heads, rope_theta, kv, layer, dropout.att)
+    residual_add_inplace(a, x, dropout.attn_out)  # x + dropout(attn(rmsnorm(x))), over attention's output (fresh)
     x = a
     h, c_ln2 = rmsnorm_forward(x, p["ln_2.weight"], eps)
     m, c_mlp = swiglu_forward(h, p["mlp.c_fc.weight"], p["mlp.c_proj.weight"])
-    m += x  # the residual, written over the feed-forward's output
-    return m, LlamaBlockCache(c_ln1, c_attn, c_ln2, c_mlp)
+    residual_add_inplace(m, x, dropout.mlp_out)  # the residual, over the feed-forward's output
+    return m, LlamaBlockCache(c_ln1, c_attn, c_ln2, c_mlp, dropout)
 
 
 def llama_block_backward(dout, cache, p, g):
     """Reverse of llama_block_forward; `g` holds the gradient arrays under the same names as `p`."""
-    # forward was: out = x1 + swiglu(rmsnorm_2(x1)), so dx1 = dout + the path through the feed-forward
-    dh = swiglu_backward(dout, cache.mlp, p["mlp.c_fc.weight"], p["mlp.c_proj.weight"],
+    attn_mask, mlp_mask = cache.dropout.attn_out, cache.dropout.mlp_out
+    # forward was: out = x1 + dropout(swiglu(rmsnorm_2(x1))), so dx1 = dout + the path through the feed-forward
+    dm = dout if mlp_mask is None else dropout_backward(dout, mlp_mask)  # (B, T, C) a new array: dout is needed below
+    dh = swiglu_backward(dm, cache.mlp, p["mlp.c_fc.weight"], p["mlp.c_proj.weight"],
                          g["mlp.c_fc.weight"], g["mlp.c_proj.weight"])
     dx1 = rmsnorm_backward(dh, cache.ln_2, g["ln_2.weight"])
     dx1 += dout
-    # forward was: x1 = x + attn(rmsnorm_1(x))
-    dh = llama_attention_backward(dx1, cache.attn, p["attn.c_attn.weight"], p["attn.c_proj.weight"],
+    # forward was: x1 = x + dropout(attn(rmsnorm_1(x)))
+    da = dx1 if attn_mask is None else dropout_backward(dx1, attn_mask)
+    dh = llama_attention_backward(da, cache.attn, p["attn.c_attn.weight"], p["attn.c_proj.weight"],
                                   g["attn.c_attn.weight"], g["attn.c_proj.weight"])
     dx = rmsnorm_backward(dh, cache.ln_1, g["ln_1.weight"])
     dx += dx1

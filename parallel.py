@@ -133,10 +133,11 @@ class Shards:
     """The workers of one process and what each owns: a thread, a gradient buffer (the first
     worker's are the model's own gradients, the others' are made here) and a workspace.
 
-    run(fn, idx, targets) calls fn(rows of idx, rows of targets, grads, workspace) for every
-    worker's contiguous slice of the batch, all at once, then adds the other workers' gradients
-    into the model's: fn adds its gradients into grads, and the model's gradients gain the whole
-    batch's. With backward=False (evaluation) fn gets no buffer and nothing is added. Without
+    run(fn, idx, targets) calls fn(rows of idx, rows of targets, grads, workspace, first row) for
+    every worker's contiguous slice of the batch (first row: where the slice starts in idx, for what
+    depends on a row's place in the batch, as dropout's masks do), all at once, then adds the other
+    workers' gradients into the model's: fn adds its gradients into grads, and the model's gradients
+    gain the whole batch's. With backward=False (evaluation) fn gets no buffer and nothing is added. Without
     gradients at all (a model for generation) only the workspaces are kept. On the whole-array
     path (the GPU's) one worker takes the whole batch.
     """
@@ -168,7 +169,7 @@ class Shards:
             a, b = rows[i]
             if backward and i > 0 and not cleared:
                 self.grads[i].flat.fill(0)  # this pass's gradients alone: they are added into the model's
-            return fn(idx[a:b], targets[a:b], self.grads[i] if backward else None, self.workspaces[i])
+            return fn(idx[a:b], targets[a:b], self.grads[i] if backward else None, self.workspaces[i], a)
 
         results = self.runner.map(work, range(n))
         if backward:

@@ -57,7 +57,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -67,6 +67,7 @@ from checkpoint import copy_params
 from config import config_from_flags, param_shapes
 from data_loader import RandomBatches, check_same_tokenizer, eval_batches, load_dataset, num_eval_windows
 from device import array_module, gpu_name, on_gpu, synchronize
+from dropout import DropoutKey
 from errors import DataError, TrainError, UserError
 from hf_format import load_hf_params, read_hf_config
 from language_model import LanguageModel
@@ -164,7 +165,7 @@ def setup(args, world, log, run_dir, init=None):
     if init is not None:
         check_init_from(args, init[0])
     try:
-        config = init[0] if init is not None else config_from_flags(vars(args))
+        config = replace(init[0], dropout=args.dropout) if init is not None else config_from_flags(vars(args))
     except ValueError as e:
         raise TrainError(str(e)) from None
     model = LanguageModel(config, seed=args.seed, dtype=np.float32, workers=args.workers or threads,
@@ -331,10 +332,12 @@ def validate(run, stop, timer):
                              "evaluations; --eval_batches N samples N batches evenly across it instead")
 
 
-def accumulate_gradients(model, x, y, n_targets, micro_batches):
+def accumulate_gradients(model, x, y, n_targets, micro_batches, dropout=None):
     """model.grads += the gradients of the rows x, y, in micro_batches parts one after the other
-    (nanoGPT's gradient accumulation); returns their (loss sum, number correct)."""
-    sums = [model.forward_backward(x[a:b], y[a:b], n_targets) for a, b in split_rows(len(x), micro_batches)]
+    (nanoGPT's gradient accumulation); returns their (loss sum, number correct). dropout: the
+    DropoutKey of x's first row (each part's is offset by the part's first row), None: no dropout."""
+    sums = [model.forward_backward(x[a:b], y[a:b], n_targets, None if dropout is None else dropout.offset(a))
+            for a, b in split_rows(len(x), micro_batches)]
     loss_sum, n_correct = sums[0]
     for s, c in sums[1:]:
         loss_sum, n_correct = loss_sum + s, n_correct + c
@@ -385,7 +388,8 @@ def train_loop(run):
                 a, b = world.rows(len(x))     # this rank's rows of the batch
                 timer.lap("data")
                 model.zero_grad()
-                loss_sum, n_correct = accumulate_gradients(model, x[a:b], y[a:b], n, args.grad_accum)
+                key = DropoutKey(args.seed, run.step).offset(a)  # the masks of global rows a.. of this step
+                loss_sum, n_correct = accumulate_gradients(model, x[a:b], y[a:b], n, args.grad_accum, key)
                 timer.lap("model")
                 world.allreduce_(model.grads.flat)
                 loss_sum, n_correct = world.sum([loss_sum, n_correct])

@@ -102,6 +102,10 @@ def build_parser():
     o.add_argument("--beta2", type=float, default=0.999, help="Adam/AdamW second-moment decay")
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0 for plain SGD)")
     o.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
+    o.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="drop each element with probability P while training, as GPT-2 does (0.1 there): after the "
+                        "embeddings, on the attention weights and on each residual branch; never in evaluation or "
+                        "generation. Helps against overfitting small data (default 0: off)")
     o.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the batch order")
     o.add_argument("--workers", type=int, default=None,
                    help="threads each batch is split over, one per core (default: as many as NumPy's BLAS uses, "
@@ -157,7 +161,7 @@ def check_args(args):
     for name in ("warmup_steps", "eval_interval", "save_interval", "grad_clip", "weight_decay", "min_lr", "seed"):
         if not getattr(args, name) >= 0:  # NaN too: --grad_clip nan would turn clipping off
             raise TrainError(f"--{name} must be a number >= 0 (got {getattr(args, name)})")
-    for name in ("beta1", "beta2", "momentum"):
+    for name in ("beta1", "beta2", "momentum", "dropout"):
         if not 0 <= getattr(args, name) < 1:
             raise TrainError(f"--{name} must be in [0, 1) (got {getattr(args, name)})")
     if args.eot_id is not None and args.eot_id < 0:

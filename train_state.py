@@ -13,7 +13,7 @@ order's generator state kept in "data"): they are ignored.
 """
 import errno
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import distributed
 from budget import on_resume
@@ -80,7 +80,8 @@ def same_gradient_sums(a, b):
 def check_resume(ck, path, args, config, identity, num_tokens, log):
     """Errors for a checkpoint of another architecture or tokenizer than this run's; a note for other
     changed flags (args: train.py's), which let training continue but not repeat the run exactly."""
-    saved, wanted = ck.config.to_dict(), config.to_dict()
+    # dropout changes the training, not the model: a note below, not an error here
+    saved, wanted = replace(ck.config, dropout=0.0).to_dict(), replace(config, dropout=0.0).to_dict()
     if saved != wanted:
         diffs = ", ".join(f"{k}={saved.get(k)!r} (flags give {wanted.get(k)!r})"
                           for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
@@ -92,6 +93,8 @@ def check_resume(ck, path, args, config, identity, num_tokens, log):
     old = ck.meta.get("train_args") or {}
     changed = [f"--{k} {old[k]} -> {getattr(args, k)}" for k in TRAJECTORY_FLAGS
                if k in old and old[k] != getattr(args, k)]
+    if ck.config.dropout != config.dropout:  # a checkpoint from before dropout existed: 0
+        changed.append(f"--dropout {ck.config.dropout} -> {config.dropout}")
     saved_tokens = (ck.meta.get("data") or {}).get("num_tokens")
     if saved_tokens is not None and saved_tokens != num_tokens:
         changed.append(f"training data {saved_tokens:,} -> {num_tokens:,} tokens")

@@ -11,6 +11,10 @@ Parameter layouts follow GPT-2: a linear layer is `x @ weight + bias`, weight (i
 The same functions run on NumPy and CuPy arrays (`xp = get_array_module(x)`, device.py). The
 CPU's speedups (einsum row sums, cache-sized blocks, products written into strided views)
 give way on the whole-array path (the GPU's) to plain whole-array operations.
+
+Dropout, in training only, as GPT-2 has it: on the attention weights after the softmax, and on
+each branch's output before its residual add. Its masks are drawn by dropout.py and given to the
+block as a BlockMasks; the caches keep them for backward. Without masks nothing is dropped.
 """
 from typing import NamedTuple
 
@@ -107,6 +111,7 @@ class AttentionCache(NamedTuple):
     v: np.ndarray  # (B, H, S, hs)
     att: np.ndarray  # (B, H, T, S) softmax probabilities
     y: np.ndarray  # (B, T, C) heads re-assembled, input of the output projection
+    att_mask: "DropoutMask | None"  # (B, H, T, S) dropout on att, None: none
 
 
 _masks = {}
@@ -171,11 +176,13 @@ def matmul_into(a, b, out):
         np.matmul(a, b, out=out)
 
 
-def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer=0):
+def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer=0, att_mask=None):
     """Multi-head causal self-attention, (B, T, C) -> (B, T, C).
 
     With `kv` (a KVCache), x holds the positions after the kv.length cached ones: their keys
     and values are written into the cache and the queries attend to all cached positions.
+    With `att_mask` (a DropoutMask (B, H, T, S), training only) the attention weights are dropped
+    out before they weigh the values.
     """
     B, T, C = x.shape
     H = n_heads
@@ -193,17 +200,18 @@ def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer
         v = kv.v[layer][:, :, : start + T]
     att = q @ k.transpose(0, 1, 3, 2)  # (B, H, T, hs) @ (B, H, hs, S) -> (B, H, T, S)
     causal_softmax_inplace(att)
+    weights = att if att_mask is None else dropout_forward(att, att_mask)  # dropout(att), a new array
     y = get_array_module(x).empty((B, T, H, hs), x.dtype)
-    matmul_into(att, v, y.transpose(0, 2, 1, 3))  # (B, H, T, S) @ (B, H, S, hs) -> (B, H, T, hs), heads side by side
+    matmul_into(weights, v, y.transpose(0, 2, 1, 3))  # (B, H, T, S) @ (B, H, S, hs) -> (B, H, T, hs), heads side by side
     y = y.reshape(B, T, C)
     out = matmul_rows(y, w_proj)  # (B, T, C)
     out += b_proj
-    return out, AttentionCache(x, q, k, v, att, y)
+    return out, AttentionCache(x, q, k, v, att, y, att_mask)
 
 
 def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, db_proj):
     """Reverse of attention_forward (training only, no key/value cache). Returns dx."""
-    x, q, k, v, att, y = cache
+    x, q, k, v, att, y, att_mask = cache
     B, T, C = x.shape
     H, hs = q.shape[1], q.shape[3]
     # forward was: out = y @ w_proj + b_proj
@@ -212,9 +220,12 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
     dy = matmul_rows(dout, w_proj.T).reshape(B, T, H, hs).transpose(0, 2, 1, 3)  # -> (B, H, T, hs), a view
     dqkv = get_array_module(x).empty((B, T, 3, H, hs), x.dtype)  # written through its (3, B, H, T, hs) view below
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
-    # forward was: y = att @ v
-    datt = dy @ v.transpose(0, 1, 3, 2)  # (B, H, T, S)
-    matmul_into(att.transpose(0, 1, 3, 2), dy, dv)  # (B, H, S, hs)
+    # forward was: y = weights @ v, weights = dropout(att) (recomputed: cheaper than keeping it) or att
+    weights = att if att_mask is None else dropout_forward(att, att_mask)
+    datt = dy @ v.transpose(0, 1, 3, 2)  # (B, H, T, S) dweights
+    matmul_into(weights.transpose(0, 1, 3, 2), dy, dv)  # (B, H, S, hs)
+    if att_mask is not None:
+        dropout_backward(datt, att_mask, out=datt)  # dweights -> datt
     # forward was: att = softmax(pre); masked entries have att = 0, so they get no gradient
     softmax_backward_inplace(datt, att)
     # forward was: pre = qs @ k.T with qs = q / sqrt(hs), the q that the cache holds
@@ -341,6 +352,51 @@ def mlp_backward(dout, cache, w_fc, w_proj, dw_fc, db_fc, dw_proj, db_proj):
     return matmul_rows(dh, w_fc.T)  # (B, T, F) -> (B, T, C)
 
 
+# ----------------------------------------------------------------------------- dropout
+
+class DropoutMask(NamedTuple):
+    keep: np.ndarray  # (..., F) bool, the shape of the array it drops from: True where an element stays
+    scale: float  # 1 / (1 - p), p the drop probability: the kept elements scaled so that E[out] = x
+
+
+def dropout_forward(x, mask, out=None):
+    """(..., F) -> (..., F): x * keep * scale, into `out` (x itself: in place; default: a new array), in
+    cache-sized blocks on the CPU. x must be C-contiguous (every array dropped here is fresh)."""
+    xp = get_array_module(x)
+    out = xp.empty_like(x) if out is None else out
+    for xb, kb, ob in blocks(x, mask.keep, out):
+        xp.multiply(xb, kb, out=ob)
+        ob *= mask.scale
+    return out
+
+
+def dropout_backward(dout, mask, out=None):
+    """Forward was out = x * keep * scale, a fixed diagonal linear map: dx = dout * keep * scale."""
+    return dropout_forward(dout, mask, out)
+
+
+def residual_add_inplace(branch, x, mask=None):
+    """branch becomes x + dropout(branch), in place, in one blocked pass (x + branch without a mask):
+    a block's residual add, the branch's output dropped out before it joins the residual stream."""
+    if mask is None:
+        branch += x
+        return
+    for bb, kb, xb in blocks(branch, mask.keep, x):
+        bb *= kb
+        bb *= mask.scale
+        bb += xb
+
+
+class BlockMasks(NamedTuple):
+    """One block's dropout masks for one training pass (dropout.draw_masks), in either block."""
+    att: DropoutMask  # (B, H, T, T) the attention weights, after the softmax
+    attn_out: DropoutMask  # (B, T, C) the attention branch's output, before its residual add
+    mlp_out: DropoutMask  # (B, T, C) the feed-forward branch's output, before its residual add
+
+
+NO_DROPOUT = BlockMasks(None, None, None)
+
+
 # ----------------------------------------------------------------------------- block
 
 class BlockCache(NamedTuple):
@@ -348,31 +404,37 @@ class BlockCache(NamedTuple):
     attn: AttentionCache
     ln_2: LayerNormCache
     mlp: MLPCache
+    dropout: BlockMasks  # NO_DROPOUT: none
 
 
-def block_forward(x, p, n_heads, activation="gelu", kv=None, layer=0):
-    """Pre-norm block: x + attn(ln_1(x)), then + mlp(ln_2(.)). `p` maps 'ln_1.weight'... to arrays."""
+def block_forward(x, p, n_heads, activation="gelu", kv=None, layer=0, dropout=None):
+    """Pre-norm block: x + dropout(attn(ln_1(x))), then + dropout(mlp(ln_2(.))). `p` maps 'ln_1.weight'...
+    to arrays; `dropout`: the block's BlockMasks when training with dropout, None: no dropout."""
+    dropout = dropout or NO_DROPOUT
     h, c_ln1 = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"])
     a, c_attn = attention_forward(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"],
-                                  p["attn.c_proj.weight"], p["attn.c_proj.bias"], n_heads, kv, layer)
-    a += x  # the residual x + attn(ln_1(x)), written over attn's output (a fresh array)
+                                  p["attn.c_proj.weight"], p["attn.c_proj.bias"], n_heads, kv, layer, dropout.att)
+    residual_add_inplace(a, x, dropout.attn_out)  # x + dropout(attn(ln_1(x))), over attn's output (a fresh array)
     x = a
     h, c_ln2 = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])
     m, c_mlp = mlp_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"],
                            p["mlp.c_proj.weight"], p["mlp.c_proj.bias"], activation)
-    m += x  # the residual, written over the MLP's output
-    return m, BlockCache(c_ln1, c_attn, c_ln2, c_mlp)
+    residual_add_inplace(m, x, dropout.mlp_out)  # the residual, over the MLP's output
+    return m, BlockCache(c_ln1, c_attn, c_ln2, c_mlp, dropout)
 
 
 def block_backward(dout, cache, p, g):
     """Reverse of block_forward; `g` holds the gradient arrays under the same names as `p`."""
-    # forward was: out = x1 + mlp(ln_2(x1)), so dx1 = dout + the path through the MLP
-    dh = mlp_backward(dout, cache.mlp, p["mlp.c_fc.weight"], p["mlp.c_proj.weight"],
+    attn_mask, mlp_mask = cache.dropout.attn_out, cache.dropout.mlp_out
+    # forward was: out = x1 + dropout(mlp(ln_2(x1))), so dx1 = dout + the path through the MLP
+    dm = dout if mlp_mask is None else dropout_backward(dout, mlp_mask)  # (B, T, C) a new array: dout is needed below
+    dh = mlp_backward(dm, cache.mlp, p["mlp.c_fc.weight"], p["mlp.c_proj.weight"],
                       g["mlp.c_fc.weight"], g["mlp.c_fc.bias"], g["mlp.c_proj.weight"], g["mlp.c_proj.bias"])
     dx1 = layernorm_backward(dh, cache.ln_2, g["ln_2.weight"], g["ln_2.bias"])
     dx1 += dout
-    # forward was: x1 = x + attn(ln_1(x))
-    dh = attention_backward(dx1, cache.attn, p["attn.c_attn.weight"], p["attn.c_proj.weight"],
+    # forward was: x1 = x + dropout(attn(ln_1(x)))
+    da = dx1 if attn_mask is None else dropout_backward(dx1, attn_mask)
+    dh = attention_backward(da, cache.attn, p["attn.c_attn.weight"], p["attn.c_proj.weight"],
                             g["attn.c_attn.weight"], g["attn.c_attn.bias"],
                             g["attn.c_proj.weight"], g["attn.c_proj.bias"])
     dx = layernorm_backward(dh, cache.ln_1, g["ln_1.weight"], g["ln_1.bias"])

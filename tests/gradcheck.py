@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from device import whole_array_mode
+from transformer import BlockMasks, DropoutMask
 
 
 @pytest.fixture(autouse=True, params=["blocked", "whole arrays"])
@@ -17,6 +18,18 @@ def array_path(request):
 def zeros_like(d, names):
     """{name: zeros shaped as d[name]} for the names: gradient buffers to add into."""
     return {k: np.zeros_like(d[k]) for k in names}
+
+
+def fixed_mask(rng, shape, p=0.3):
+    """A dropout mask drawn once (the layers take it as given), with kept and dropped elements both."""
+    keep = rng.random(shape) >= p
+    assert keep.any() and not keep.all()
+    return DropoutMask(keep, 1 / (1 - p))
+
+
+def block_masks(rng, B=2, T=3, C=8, H=2):
+    """A block's fixed dropout masks: the attention weights (B, H, T, T) and both branches (B, T, C)."""
+    return BlockMasks(fixed_mask(rng, (B, H, T, T)), fixed_mask(rng, (B, T, C)), fixed_mask(rng, (B, T, C)))
 
 
 def numerical_gradient(f, x, h=1e-6):

@@ -59,6 +59,13 @@ def test_benchmark_runs_end_to_end(capsys):
     assert "ratio" in out and "tokens/s" in out and "peak memory" in out
 
 
+def test_benchmark_times_the_step_with_and_without_dropout(capsys):
+    benchmark.main(["--vocab_size", "64", "--d_model", "16", "--n_heads", "2", "--d_ff", "32", "--n_layers", "1",
+                    "--batch_size", "2", "--seq_len", "8", "--steps", "1", "--min_seconds", "0", "--dropout", "0.1"])
+    out = capsys.readouterr().out
+    assert "with dropout 0.1: step" in out and "% on the step without" in out
+
+
 def test_decode_benchmark_command_line(capsys):
     with pytest.raises(SystemExit, match="--decode_tokens must be at least 1"):
         benchmark.main(["--decode", "--decode_tokens", "0"])

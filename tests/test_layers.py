@@ -4,16 +4,38 @@ import pytest
 
 from embeddings import embedding_backward, embedding_forward, sinusoidal_positions
 from gradcheck import array_path  # noqa: F401  (autouse: every test here runs on both array paths)
-from gradcheck import check_layer, numerical_gradient, rel_error, zeros_like
+from gradcheck import block_masks, check_layer, fixed_mask, numerical_gradient, rel_error, zeros_like
 from lm_head import lm_head_forward, lm_head_loss
 from loss import IGNORE_INDEX, cross_entropy_reference, softmax_cross_entropy_inplace
 from transformer import (attention_backward, attention_forward, block_backward, block_forward,
-                         causal_softmax_inplace, layernorm_backward, layernorm_forward, mlp_backward, mlp_forward)
+                         causal_softmax_inplace, dropout_backward, dropout_forward, layernorm_backward,
+                         layernorm_forward, mlp_backward, mlp_forward, residual_add_inplace)
 
 
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def test_dropout(rng):
+    p = {"x": rng.standard_normal((2, 3, 4))}
+    mask = fixed_mask(rng, (2, 3, 4))
+    check_layer(lambda: (dropout_forward(p["x"], mask), mask), lambda dout, m: {"x": dropout_backward(dout, m)},
+                p, ["x"], rng)
+    out = dropout_forward(p["x"], mask)
+    np.testing.assert_array_equal(out, np.where(mask.keep, p["x"] * mask.scale, 0))
+    x = p["x"].copy()
+    assert dropout_forward(x, mask, out=x) is x
+    np.testing.assert_array_equal(x, out)  # in place, the same numbers
+
+
+@pytest.mark.parametrize("F", [4, 70000])  # a row of several blocks' rows, and a row longer than a block
+def test_residual_add_with_dropout_in_blocks(rng, F):
+    branch, x = rng.standard_normal((3, 2, F)), rng.standard_normal((3, 2, F))
+    mask = fixed_mask(rng, branch.shape)
+    expected = x + np.where(mask.keep, branch * mask.scale, 0)
+    residual_add_inplace(branch, x, mask)
+    np.testing.assert_allclose(branch, expected, rtol=1e-15)
 
 
 def test_layernorm(rng):
@@ -40,13 +62,15 @@ def attention_params(rng, C=8):
             "w_proj": rng.standard_normal((C, C)) * 0.5, "b_proj": rng.standard_normal(C) * 0.1}
 
 
+@pytest.mark.parametrize("dropout", [False, True])  # True: a fixed dropout mask on the attention weights
 @pytest.mark.parametrize("scale", [1, 8])  # 8: scores in the hundreds, past what exp takes unshifted
-def test_attention(rng, scale):
+def test_attention(rng, scale, dropout):
     p = attention_params(rng)
     p["w_attn"] *= scale
+    mask = fixed_mask(rng, (2, 2, 3, 3)) if dropout else None
 
     def forward():
-        return attention_forward(p["x"], p["w_attn"], p["b_attn"], p["w_proj"], p["b_proj"], n_heads=2)
+        return attention_forward(p["x"], p["w_attn"], p["b_attn"], p["w_proj"], p["b_proj"], n_heads=2, att_mask=mask)
 
     def backward(dout, cache):
         g = zeros_like(p, ["w_attn", "b_attn", "w_proj", "b_proj"])
@@ -142,16 +166,18 @@ def block_params(rng, C=8, F=12):
     return {k: rng.standard_normal(s) * 0.5 for k, s in shapes.items()}
 
 
-def test_block(rng):
+@pytest.mark.parametrize("dropout", [False, True])  # True: fixed masks on the attention weights and both branches
+def test_block(rng, dropout):
     p = block_params(rng)
     p["x"] = rng.standard_normal((2, 3, 8))
+    masks = block_masks(rng) if dropout else None
 
     def backward(dout, cache):
         g = zeros_like(p, [k for k in p if k != "x"])
         g["x"] = block_backward(dout, cache, p, g)
         return g
 
-    check_layer(lambda: block_forward(p["x"], p, n_heads=2), backward, p, list(p), rng)
+    check_layer(lambda: block_forward(p["x"], p, n_heads=2, dropout=masks), backward, p, list(p), rng)
 
 
 def test_embedding_learned_positions(rng):

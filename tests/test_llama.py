@@ -9,12 +9,12 @@ import fake_cupy
 from device import to_device, to_host, whole_array_mode
 from embeddings import embedding_backward
 from gradcheck import array_path  # noqa: F401  (autouse: every test here runs on both array paths)
-from gradcheck import check_layer, numerical_gradient, rel_error, zeros_like
+from gradcheck import block_masks, check_layer, fixed_mask, numerical_gradient, rel_error, zeros_like
 from llama import (RMS_EPS, block_parameters, init_llama_block, llama_attention_backward, llama_attention_forward,
                    llama_block_backward, llama_block_forward, llama_block_shapes, rmsnorm_backward, rmsnorm_forward,
                    rope_backward, rope_forward, rope_reference, swiglu_backward, swiglu_forward, swiglu_hidden)
 from loss import IGNORE_INDEX, cross_entropy_reference
-from transformer import KVCache, blocks
+from transformer import DropoutMask, KVCache, blocks
 
 
 @pytest.fixture
@@ -167,17 +167,31 @@ def attention_params(rng, C=8, H=2, Hkv=2, T=3, scale=1.0):
             "w_proj": rng.standard_normal((C, C)) * 0.5}
 
 
+@pytest.mark.parametrize("dropout", [False, True])  # True: a fixed dropout mask (B, H, T, T) on the attention weights
 @pytest.mark.parametrize("H, Hkv", [(2, 2), (4, 2), (4, 1)])  # multi-head, grouped-query (G = 2), one key/value head
 @pytest.mark.parametrize("scale", [1, 8])  # 8: scores in the hundreds, past what exp takes unshifted
-def test_attention(rng, H, Hkv, scale):
+def test_attention(rng, H, Hkv, scale, dropout):
     p = attention_params(rng, H=H, Hkv=Hkv, scale=scale)
+    mask = fixed_mask(rng, (2, H, 3, 3)) if dropout else None
 
     def backward(dout, cache):
         g = zeros_like(p, ["w_attn", "w_proj"])
         g["x"] = llama_attention_backward(dout, cache, p["w_attn"], p["w_proj"], g["w_attn"], g["w_proj"])
         return g
 
-    check_layer(lambda: llama_attention_forward(p["x"], p["w_attn"], p["w_proj"], H, Hkv), backward, p, list(p), rng)
+    check_layer(lambda: llama_attention_forward(p["x"], p["w_attn"], p["w_proj"], H, Hkv, att_mask=mask), backward,
+                p, list(p), rng)
+
+
+def test_attention_dropout_mask_is_laid_out_as_the_query_heads(rng):
+    """Mask (B, H, T, S) entry [b, j] drops query head j's weights: dropping all of head j's zeroes
+    exactly its slice of y (the heads side by side), in grouped-query attention too (H 4, Hkv 2)."""
+    p = attention_params(rng, H=4, Hkv=2, T=3)
+    keep = np.ones((2, 4, 3, 3), bool)
+    keep[1, 2] = False  # row 1, query head 2 (key/value head 1, second of its group)
+    _, cache = llama_attention_forward(p["x"], p["w_attn"], p["w_proj"], 4, 2, att_mask=DropoutMask(keep, 1.0))
+    y = cache.y.reshape(2, 3, 4, 2)  # (B, T, H, hs)
+    assert np.all(y[1, :, 2] == 0) and np.all(y[0] != 0) and np.all(np.delete(y[1], 2, axis=1) != 0)
 
 
 def attention_reference(x, w_attn, w_proj, H, Hkv, theta=10000.0):
@@ -239,17 +253,19 @@ def block_params(rng, C=8, H=2, Hkv=2, F=12):
     return {k: rng.standard_normal(s) * 0.5 for k, s in llama_block_shapes(C, H, Hkv, F).items()}
 
 
+@pytest.mark.parametrize("dropout", [False, True])  # True: fixed masks on the attention weights and both branches
 @pytest.mark.parametrize("H, Hkv", [(2, 2), (2, 1)])
-def test_block(rng, H, Hkv):
+def test_block(rng, H, Hkv, dropout):
     p = block_params(rng, H=H, Hkv=Hkv)
     p["x"] = rng.standard_normal((2, 3, 8))
+    masks = block_masks(rng, H=H) if dropout else None
 
     def backward(dout, cache):
         g = zeros_like(p, [k for k in p if k != "x"])
         g["x"] = llama_block_backward(dout, cache, p, g)
         return g
 
-    check_layer(lambda: llama_block_forward(p["x"], p, H, Hkv), backward, p, list(p), rng)
+    check_layer(lambda: llama_block_forward(p["x"], p, H, Hkv, dropout=masks), backward, p, list(p), rng)
 
 
 def test_block_with_the_kv_cache_gives_the_same_output(rng):

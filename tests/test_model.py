@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from device import whole_array_mode
+from dropout import DropoutKey
 from gradcheck import numerical_gradient, rel_error
 from config import ModelConfig, param_shapes
 from language_model import LanguageModel
@@ -26,11 +27,11 @@ def batch(rng, B=2, T=4, V=11):
     return tokens[:, :-1], tokens[:, 1:].copy()
 
 
-def train_pass(model, idx, targets):
+def train_pass(model, idx, targets, dropout=None):
     """One step's gradients in model.grads; returns (mean loss, accuracy) as floats."""
     n = count_targets(targets)
     model.zero_grad()
-    loss_sum, n_correct = model.forward_backward(idx, targets, n)
+    loss_sum, n_correct = model.forward_backward(idx, targets, n, dropout)
     return float(loss_sum) / n, float(n_correct) / n
 
 
@@ -65,6 +66,31 @@ def test_whole_model_gradients(overrides, array_path):
         err = rel_error(model.grads[name], numeric)
         assert err < 1e-6, f"{name}: relative error {err:.2e}"
         assert np.abs(numeric).max() > 0, f"the gradient of {name} is zero: the check would prove nothing"
+
+
+@pytest.mark.parametrize("overrides", [{"use_learned_pos": True}, LLAMA], ids=["gpt2", "llama"])
+def test_whole_model_gradients_with_dropout(overrides, array_path):
+    """With a fixed key the masks are fixed: the loss of forward_backward itself is then a function of
+    the weights to take finite differences of. On the blocked path two workers draw a row each. (One
+    block, to keep it quick: the blocks' masks have their own checks in test_layers.py, test_llama.py.)"""
+    rng = np.random.default_rng(10)
+    model = tiny_model(dropout=0.3, n_layers=1, **overrides)
+    for k in model.params:
+        model.params[k] += rng.standard_normal(model.params[k].shape) * 0.1
+    idx, targets = batch(rng)
+    targets[1, 2] = IGNORE_INDEX
+    key = DropoutKey(seed=3, step=5, row=6)
+    train_pass(model, idx, targets, key)
+    analytic = {k: v.copy() for k, v in model.grads.items()}
+
+    def loss():
+        return float(model.forward_backward(idx, targets, 7, key)[0]) / 7
+
+    assert loss() != pytest.approx(float(model.evaluate(idx, targets)[0]) / 7, rel=1e-3)  # dropout is on
+    for name, p in model.params.items():
+        numeric = numerical_gradient(loss, p)
+        err = rel_error(analytic[name], numeric)
+        assert err < 1e-6, f"{name}: relative error {err:.2e}"
 
 
 def test_tied_weight_collects_embedding_and_head_gradients():

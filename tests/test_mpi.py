@@ -50,29 +50,31 @@ def test_rank_rows_are_cut_as_the_workers_cut_a_batch():
         model = LanguageModel(cfg, workers=n_ranks)
         for rows in range(n_ranks, 12):
             idx = np.arange(rows)[:, None].repeat(3, axis=1) % 11
-            workers = model.shards.run(lambda i, t, g, ws: (int(i[0, 0]), len(i)), idx, idx)
+            workers = model.shards.run(lambda i, t, g, ws, row: (int(i[0, 0]), row, len(i)), idx, idx)
             ranks = [distributed.World.rows(SimpleNamespace(size=n_ranks, rank=r), rows) for r in range(n_ranks)]
-            assert [(a, b - a) for a, b in ranks] == workers
+            assert [(a, a, b - a) for a, b in ranks] == workers  # each worker told where its rows start
             assert ranks[0][0] == 0 and ranks[-1][1] == rows
             assert all(ranks[i][1] == ranks[i + 1][0] for i in range(n_ranks - 1))
 
 
-def test_ranks_rows_with_the_whole_batch_count_add_up_to_the_whole_batch_bit_for_bit():
+@pytest.mark.parametrize("dropout", [0.0, 0.3])  # with dropout each rank draws the masks of its global rows
+def test_ranks_rows_with_the_whole_batch_count_add_up_to_the_whole_batch_bit_for_bit(dropout):
     """forward_backward(..., n) on each rank's rows, the sums added: what one process with as many
     workers computes (the Allreduce done here by hand), bit for bit, ignored targets included."""
+    from dropout import DropoutKey
     from loss import IGNORE_INDEX, count_targets
-    cfg = ModelConfig(vocab_size=13, d_model=8, n_heads=2, d_ff=12, n_layers=1, max_seq_len=6)
+    cfg = ModelConfig(vocab_size=13, d_model=8, n_heads=2, d_ff=12, n_layers=1, max_seq_len=6, dropout=dropout)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (5, 7))
     x, y = tokens[:, :-1], tokens[:, 1:].copy()
     y[4, :3] = IGNORE_INDEX
-    n = count_targets(y)
+    n, key = count_targets(y), DropoutKey(seed=2, step=9)
     whole = LanguageModel(cfg, seed=1, workers=2)
-    loss_sum, n_correct = whole.forward_backward(x, y, n)
+    loss_sum, n_correct = whole.forward_backward(x, y, n, key)
     rank_models = [LanguageModel(cfg, seed=1, workers=1) for _ in range(2)]
     sums, grads = [], []
     for r, model in enumerate(rank_models):
         a, b = distributed.World.rows(SimpleNamespace(size=2, rank=r), len(x))
-        sums.append(model.forward_backward(x[a:b], y[a:b], n))
+        sums.append(model.forward_backward(x[a:b], y[a:b], n, key.offset(a)))
         grads.append(model.grads)
     assert sums[0][0] + sums[1][0] == loss_sum and sums[0][1] + sums[1][1] == n_correct
     for name, g in whole.grads.items():
@@ -303,9 +305,10 @@ def test_two_ranks_train_bit_for_bit_what_two_workers_train(data, tmp_path):
 
 @needs_mpi
 def test_two_ranks_train_a_llama_model_bit_for_bit_as_two_workers(data, tmp_path):
-    """--arch llama (grouped-query attention): the same losses, evaluations, weights and optimizer state."""
+    """--arch llama (grouped-query attention, dropout): the same losses, evaluations, weights and optimizer
+    state."""
     flags = dict(arch="llama", n_heads=4, n_kv_heads=2, max_steps=12, log_interval=3, eval_interval=6,
-                 save_interval=0, batch_size=7)
+                 save_interval=0, batch_size=7, dropout=0.1)
     ranks_dir, workers_dir = str(tmp_path / "ranks"), str(tmp_path / "workers")
     run = mpirun(2, tiny_flags(data, ranks_dir, **flags))
     assert run.returncode == 0, run.stderr
@@ -315,6 +318,19 @@ def test_two_ranks_train_a_llama_model_bit_for_bit_as_two_workers(data, tmp_path
     final = [os.path.join(d, "checkpoint_final.npz") for d in (ranks_dir, workers_dir)]
     assert load_checkpoint(final[0]).config.arch == "llama"
     same_arrays(*final)
+
+
+@needs_mpi
+def test_two_ranks_train_bit_for_bit_what_two_workers_train_with_dropout(data, tmp_path):
+    """Each rank draws the dropout masks of its rows' places in the global batch, as each worker does."""
+    flags = dict(max_steps=20, log_interval=5, eval_interval=10, save_interval=10, batch_size=7, dropout=0.2)
+    ranks_dir, workers_dir = str(tmp_path / "ranks"), str(tmp_path / "workers")
+    run = mpirun(2, tiny_flags(data, ranks_dir, **flags))
+    assert run.returncode == 0, run.stderr
+    assert train.main(tiny_flags(data, workers_dir, workers=2, **flags)) == 0
+    assert numbers(ranks_dir) == numbers(workers_dir)
+    same_arrays(os.path.join(ranks_dir, "checkpoint_final.npz"), os.path.join(workers_dir, "checkpoint_final.npz"))
+    assert load_checkpoint(os.path.join(ranks_dir, "checkpoint_final.npz")).config.dropout == 0.2
 
 
 @needs_mpi

@@ -96,9 +96,10 @@ def wait_for(predicate, proc, timeout=60):
 
 @pytest.mark.slow
 def test_killed_and_interrupted_runs_resume_to_exactly_the_same_weights(data, tmp_path):
+    """With dropout on: a resumed run draws the masks the uninterrupted one drew (those of its steps)."""
     steps = 600
     ref_dir, dir_b = str(tmp_path / "ref"), str(tmp_path / "b")
-    common = dict(max_steps=steps, save_interval=20, log_interval=50, eval_interval=200, eval_batches=2)
+    common = dict(max_steps=steps, save_interval=20, log_interval=50, eval_interval=200, eval_batches=2, dropout=0.1)
     assert train.main(tiny_flags(data, ref_dir, **common)) == 0
 
     def checkpoints():
@@ -130,7 +131,7 @@ def test_killed_and_interrupted_runs_resume_to_exactly_the_same_weights(data, tm
     assert train.main(tiny_flags(data, dir_b, resume=True, **common)) == 0
     ref = load_checkpoint(os.path.join(ref_dir, "checkpoint_final.npz"))
     got = load_checkpoint(os.path.join(dir_b, "checkpoint_final.npz"))
-    assert got.meta["step"] == steps and got.meta["data"] == ref.meta["data"]
+    assert got.meta["step"] == steps and got.meta["data"] == ref.meta["data"] and got.config.dropout == 0.1
     for k, v in ref.params.items():
         assert np.array_equal(got.params[k], v), k
     for k, v in ref.arrays.items():
@@ -145,9 +146,9 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_good_checkpoint(data, tmp_p
     real = LanguageModel.forward_backward
     calls = []
 
-    def flaky(self, idx, targets, n_targets):
+    def flaky(self, idx, targets, n_targets, dropout=None):
         calls.append(1)
-        loss_sum, n_correct = real(self, idx, targets, n_targets)
+        loss_sum, n_correct = real(self, idx, targets, n_targets, dropout)
         return (float("nan"), n_correct) if len(calls) == 13 else (loss_sum, n_correct)
     monkeypatch.setattr(LanguageModel, "forward_backward", flaky)
     save_dir = str(tmp_path / "ck")
@@ -399,13 +400,48 @@ def test_grad_accum_micro_steps_give_the_update_of_one_full_step():
         np.testing.assert_allclose(micro.grads[name], g, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+def test_grad_accum_with_dropout_draws_the_masks_of_one_full_step():
+    """Each micro-batch draws the masks of its rows' places in the whole batch: bit for bit the update of one
+    pass where the additions are the same (as above: 2 micro-batches of one worker against 2 workers), and
+    float32 rounding apart where they are not (4 micro-batches); another step's masks are another update."""
+    from threadpoolctl import threadpool_limits
+
+    from config import ModelConfig
+    from dropout import DropoutKey
+    from language_model import LanguageModel
+    from loss import count_targets
+    rng = np.random.default_rng(3)
+    cfg = ModelConfig(vocab_size=V, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=8, tie_embeddings=False,
+                      dropout=0.3)
+    idx = np.concatenate([rng.permutation(V)[:16].reshape(2, 8) for _ in range(2)])  # 16 ids in each 2 rows
+    targets = rng.integers(0, V, idx.shape)
+    n, key = count_targets(targets), DropoutKey(seed=5, step=17)
+
+    def grads(workers, micro_batches, key):
+        model = LanguageModel(cfg, seed=1, workers=workers)
+        model.zero_grad()
+        sums = train.accumulate_gradients(model, idx, targets, n, micro_batches, key)
+        return [float(v) for v in sums], model.grads
+
+    with threadpool_limits(1, user_api="blas"):
+        (want_sums, want), (got_sums, got) = grads(2, 1, key), grads(1, 2, key)
+        _, other_step = grads(2, 1, DropoutKey(seed=5, step=18))
+        (four_sums, four), (plain_sums, _) = grads(1, 4, key), grads(2, 1, None)
+    assert got_sums == want_sums != plain_sums  # dropout was on
+    for name, g in want.items():
+        np.testing.assert_array_equal(got[name], g, err_msg=name)
+        np.testing.assert_allclose(four[name], g, rtol=1e-5, atol=1e-7, err_msg=name)
+    assert four_sums[0] == pytest.approx(want_sums[0], rel=1e-6)
+    assert not np.allclose(other_step["h.0.mlp.c_fc.weight"], want["h.0.mlp.c_fc.weight"], rtol=1e-3)
+
+
 def test_a_run_with_grad_accum_is_checkpointed_and_resumed_exactly(data, tmp_path, monkeypatch, capsys):
     from language_model import LanguageModel
     rows, real = [], LanguageModel.forward_backward
 
-    def recording(self, idx, targets, n_targets):
+    def recording(self, idx, targets, n_targets, dropout=None):
         rows.append(len(idx))
-        return real(self, idx, targets, n_targets)
+        return real(self, idx, targets, n_targets, dropout)
     monkeypatch.setattr(LanguageModel, "forward_backward", recording)
     common = dict(max_steps=30, save_interval=10, eval_interval=10, log_interval=5, grad_accum=4, workers=1)
     ref, d = str(tmp_path / "ref"), str(tmp_path / "ck")
@@ -514,7 +550,7 @@ def test_a_llama_run_learns_is_interrupted_and_resumes_bit_for_bit(data, tmp_pat
     got, want = (load_checkpoint(os.path.join(p, "checkpoint_final.npz")) for p in (d, ref))
     assert want.config.to_dict() == dict(vocab_size=V, d_model=16, n_heads=4, d_ff=64, n_layers=1, max_seq_len=16,
                                          use_learned_pos=False, tie_embeddings=True, activation="swiglu",
-                                         arch="llama", rope_theta=500.0, n_kv_heads=2, norm_eps=1e-5)
+                                         arch="llama", rope_theta=500.0, n_kv_heads=2, norm_eps=1e-5, dropout=0.0)
     assert "h.0.attn.c_attn.bias" not in want.params and "ln_f.bias" not in want.params
     for tree in ("params", "arrays"):
         for k, v in getattr(want, tree).items():
