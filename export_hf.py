@@ -1,11 +1,12 @@
-"""Export a checkpoint as a Hugging Face GPT-2 folder, for `transformers` (weights, config and tokenizer).
+"""Export a checkpoint as a Hugging Face folder, for `transformers` (weights, config and tokenizer): a
+GPT2LMHeadModel for a GPT-2 checkpoint, a LlamaForCausalLM for one trained with --arch llama.
 
     python3 export_hf.py checkpoints_small/checkpoint_final.npz hf_small
 
 then, where transformers and torch are installed:
 
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-    model, tok = GPT2LMHeadModel.from_pretrained("hf_small"), AutoTokenizer.from_pretrained("hf_small")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = AutoModelForCausalLM.from_pretrained("hf_small"), AutoTokenizer.from_pretrained("hf_small")
     print(tok.decode(model.generate(**tok("Once upon a time", return_tensors="pt"), max_new_tokens=50)[0]))
 
 Such a folder (an export, or GPT-2's own files) is read back by
@@ -44,7 +45,7 @@ def tokenizer_to_export(meta, config):
             return None, "the checkpoint does not embed its BPE model"
         model = BPEModel.from_json(text, "the checkpoint's embedded BPE model")
         if model.pattern != GPT2_PATTERN:
-            return None, "its BPE splits text with another pattern than GPT-2's, which transformers' GPT-2 tokenizer uses"
+            return None, "its BPE splits text with another pattern than GPT-2's, which transformers' GPT2Tokenizer uses"
         return model, f"our BPE ({model.vocab_size} tokens)"
     if not identity:
         return None, f"the checkpoint names no tokenizer and vocab_size {config.vocab_size} is not GPT-2's {GPT2_VOCAB_SIZE}"
@@ -52,13 +53,15 @@ def tokenizer_to_export(meta, config):
 
 
 def export(checkpoint_path, out_dir, log=print):
-    """Write checkpoint_path as a Hugging Face GPT-2 folder out_dir; returns the files written."""
+    """Write checkpoint_path as a Hugging Face folder out_dir (GPT-2 or Llama, as the checkpoint's arch);
+    returns the files written."""
     safetensors_numpy()  # first: without it nothing can be written
     ck = load_checkpoint(checkpoint_path)
     bpe, what = tokenizer_to_export(ck.meta, ck.config)
     eot = bpe.specials[ENDOFTEXT] if bpe is not None else (ck.meta.get("tokenizer") or {}).get("eot_id")
     record = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,
-              "positions": "learned" if ck.config.use_learned_pos else "sinusoidal",
+              "positions": "rotary" if ck.config.arch == "llama" else
+              "learned" if ck.config.use_learned_pos else "sinusoidal",
               "config": ck.config.to_dict(), "step": ck.meta.get("step"), "tokenizer": ck.meta.get("tokenizer"),
               "checkpoint": os.path.basename(str(checkpoint_path))}
     try:
@@ -72,8 +75,9 @@ def export(checkpoint_path, out_dir, log=print):
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description="Export a numpy-gpt checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors, "
-                    "vocab.json + merges.txt) that transformers' GPT2LMHeadModel and AutoTokenizer load.",
+        description="Export a numpy-gpt checkpoint as a Hugging Face folder (config.json, model.safetensors, "
+                    "vocab.json + merges.txt) that transformers' AutoModelForCausalLM and AutoTokenizer load: a "
+                    "GPT2LMHeadModel, or a LlamaForCausalLM for a checkpoint trained with --arch llama.",
         epilog="Example: python3 export_hf.py checkpoints_small/checkpoint_final.npz hf_small")
     p.add_argument("checkpoint", help="a .npz checkpoint written by train.py")
     p.add_argument("out_dir", help="folder to write (new, empty, or an earlier export, which is replaced)")

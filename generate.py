@@ -5,13 +5,13 @@
     python3 generate.py --checkpoint ck.npz --prompt "Once upon a time" --temperature 0    # greedy
     python3 generate.py --checkpoint ck.npz --prompt "The dog" --temperature 1.2 --top_p 0.9 --stream
     python3 generate.py --benchmark          # tokens/s of the guide's Small and Medium models, cache vs none
-    python3 generate.py --checkpoint hf_small --prompt "Once upon a time"   # a Hugging Face GPT-2 folder
+    python3 generate.py --checkpoint hf_small --prompt "Once upon a time"   # a Hugging Face GPT-2 or Llama folder
     python3 generate.py --checkpoint ck.npz --prompt "Once upon a time" --device cuda   # on an NVIDIA GPU (CuPy)
 
 The checkpoint carries the model's config and its tokenizer's identity (and a BPE model's
 JSON), so `--checkpoint` alone is enough. The guide's architecture flags (`--vocab_size
 --d_model ...`) are accepted and checked against the checkpoint: a mismatch is an error.
-`--checkpoint` may also be a Hugging Face GPT-2 folder (config.json + model.safetensors, as
+`--checkpoint` may also be a Hugging Face GPT-2 or Llama folder (config.json + model.safetensors, as
 export_hf.py writes or GPT-2's own files); its tokenizer is the folder's vocab.json + merges.txt,
 else tiktoken's gpt2 for a 50257-token model. open_source() tells the two apart.
 
@@ -75,8 +75,9 @@ class StreamPrinter:
 
 def build_parser():
     p = argparse.ArgumentParser(description="Generate text from a numpy-gpt checkpoint (key/value-cached decoding).")
-    p.add_argument("--checkpoint", help="a .npz checkpoint written by train.py, or a Hugging Face GPT-2 folder with "
-                                        "config.json + model.safetensors as export_hf.py writes (required unless --benchmark)")
+    p.add_argument("--checkpoint", help="a .npz checkpoint written by train.py, or a Hugging Face GPT-2 or Llama "
+                                        "folder with config.json + model.safetensors as export_hf.py writes "
+                                        "(required unless --benchmark)")
     p.add_argument("--prompt", default="", help="text to continue; empty starts from the end-of-text token")
     p.add_argument("--max_length", type=int, default=100, help="most new tokens per sample, default 100 (stops earlier at end-of-text)")
     p.add_argument("--temperature", type=float, default=1.0,
@@ -128,7 +129,8 @@ def check_args(args):
         raise UserError(f"--benchmark_tokens {args.benchmark_tokens} is above the longest context this code "
                         f"supports, {MAX_SEQ_LEN}")
     if not args.checkpoint and not args.benchmark:
-        raise UserError("--checkpoint is required (a .npz written by train.py, or a Hugging Face GPT-2 folder)")
+        raise UserError("--checkpoint is required (a .npz written by train.py, or a Hugging Face GPT-2 or Llama "
+                        "folder)")
     array_module(args.device)  # DeviceError: what to install for --device cuda
 
 
@@ -174,7 +176,7 @@ def flags_tokenizer(args):
 
 def open_source(path, args, with_tokenizer=True):
     """(model, tokenizer, step) of what generation starts from: a .npz checkpoint (its config, weights and
-    tokenizer) or a Hugging Face GPT-2 folder (its tokenizer files, unless the tokenizer flags name one);
+    tokenizer) or a Hugging Face GPT-2 or Llama folder (its tokenizer files, unless the tokenizer flags name one);
     the weights on --device, the architecture flags checked. with_tokenizer=False: tokenizer None."""
     if os.path.isdir(path):
         model, record = load_hf_model(path, device=args.device)

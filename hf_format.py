@@ -1,27 +1,37 @@
 """The Hugging Face format: a model folder as `transformers` writes it, read and written here.
 
 export_hf.py writes a checkpoint as such a folder; train.py --init_from and generate.py
---checkpoint DIR read one (an export, or GPT-2's own files). The folder (what `save_pretrained`
-writes for a GPT2LMHeadModel):
+--checkpoint DIR read one (an export, or a folder transformers saved). A GPT-2 checkpoint becomes
+what `save_pretrained` writes for a GPT2LMHeadModel, a Llama one (arch "llama") a LlamaForCausalLM:
     config.json              GPT2Config: vocab_size, n_positions (our max_seq_len), n_embd (d_model),
                              n_layer, n_head, n_inner (d_ff), activation_function ("gelu_new", the tanh
-                             GELU, or "relu"), layer_norm_epsilon, tie_word_embeddings, bos/eos ids; plus
+                             GELU, "relu" or "relu2"), layer_norm_epsilon, tie_word_embeddings, bos/eos ids;
+                             or LlamaConfig: hidden_size, intermediate_size (d_ff), num_hidden_layers,
+                             num_attention_heads, num_key_value_heads, head_dim, hidden_act "silu",
+                             rms_norm_eps, rope_theta, max_position_embeddings, no biases, ...; in both,
                              "numpy_gpt": our own config, step and tokenizer, for the record
-    model.safetensors        float32 tensors named transformer.<our name>.weight: transformer.wte.weight
-                             (V, C), transformer.wpe.weight (T_max, C), transformer.h.{i}.attn.c_attn.weight
-                             (C, 3C), ..., transformer.ln_f.bias, and lm_head.weight (V, C) if untied
+    model.safetensors        float32 tensors (layout below)
     vocab.json, merges.txt   the byte-level BPE in GPT-2's spelling (gpt2_files.write_vocab_merges)
     tokenizer_config.json, special_tokens_map.json    <|endoftext|> as bos/eos/unk
 
-Our parameters already have GPT-2's names and layouts: HF's Conv1D keeps its weight as (in, out),
-as we do, so no array is transposed. Every variant maps onto GPT-2's function: sinusoidal
-positions become a fixed wpe table (read back as sinusoidal when it still is that table), ReLU
-is activation_function "relu", an untied head keeps its own lm_head.weight.
+GPT-2: our parameters already have GPT-2's names and layouts: HF's Conv1D keeps its weight as (in,
+out), as we do, so no array is transposed; the safetensors names are transformer.<our name>:
+transformer.wte.weight (V, C), transformer.h.{i}.attn.c_attn.weight (C, 3C), ..., and lm_head.weight
+(V, C) if untied. Every variant maps onto GPT-2's function: sinusoidal positions become a fixed wpe
+table (read back as sinusoidal when it still is that table), ReLU and ReLU^2 are activation_function
+"relu" and "relu2", an untied head keeps its own lm_head.weight.
 
-What differs between architectures is in two places: config.json <-> ModelConfig (one pair of
-functions per model_type, MODEL_TYPES) and the tensors' names (hf_key, our_name). Reading trusts
-nothing in the folder: the tensors' names, shapes and dtypes in the safetensors headers are checked
-against config.json before a model is built from its numbers.
+Llama: HF's nn.Linear keeps its weight as (out, in), so each of our block matrices is the
+transpose of one HF tensor or of several side by side: attn.c_attn = [q_proj | k_proj | v_proj]^T,
+attn.c_proj = o_proj^T, mlp.c_fc = [gate_proj | up_proj]^T, mlp.c_proj = down_proj^T; ln_1, ln_2 and
+ln_f are input_layernorm, post_attention_layernorm and model.norm, wte is model.embed_tokens. No
+rotary permutation: llama.py pairs dimensions i and i + hs/2 as HF's rotate_half does.
+
+What differs between architectures is in two places: config.json <-> ModelConfig (a writer and a
+reader per model_type, CONFIG_WRITERS and MODEL_TYPES) and the tensors (layout: which HF tensors
+make each of our parameters). Reading trusts nothing in the folder: the tensors' names, shapes and
+dtypes in the safetensors headers are checked against config.json before a model is built from
+its numbers.
 
 safetensors is an optional extra (`pip install safetensors`): only this interchange needs it.
 """
@@ -41,6 +51,7 @@ from gpt2_files import write_vocab_merges
 from language_model import LanguageModel
 from pretokens import ENDOFTEXT
 from tokenizer import load_bpe, load_tiktoken
+from llama import ROPE_THETA
 from transformer import LN_EPS
 from untrusted import read_json, regular_file
 
@@ -50,10 +61,15 @@ GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # HF's names for GP
 # Files an export writes; a re-export into the same folder replaces the whole folder.
 EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
                 "special_tokens_map.json")
-# Largest config values accepted on import (checked before anything is allocated).
+# Largest config values accepted on import (checked before anything is allocated): GPT2Config's names,
+# then LlamaConfig's for the same sizes.
 LIMITS = {"vocab_size": 1 << 22, "n_positions": MAX_SEQ_LEN, "n_embd": 1 << 16, "n_layer": 1 << 10,
-          "n_head": 1 << 12, "n_inner": 1 << 18}
-BUFFER_RE = re.compile(r"h\.\d+\.attn\.(masked_)?bias$")  # old files keep the causal mask: not a weight
+          "n_head": 1 << 12, "n_inner": 1 << 18,
+          "max_position_embeddings": MAX_SEQ_LEN, "hidden_size": 1 << 16, "num_hidden_layers": 1 << 10,
+          "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12, "head_dim": 1 << 16,
+          "intermediate_size": 1 << 18}
+# Not weights: old GPT-2 files keep the causal mask, old Llama files the rotary frequencies.
+BUFFER_RE = re.compile(r"h\.\d+\.attn\.(masked_)?bias$|\.rotary_emb\.inv_freq$")
 
 
 def safetensors_numpy():
@@ -78,7 +94,7 @@ def gpt2_config_json(config, eot_id, record):
         "n_layer": config.n_layers,
         "n_head": config.n_heads,
         "n_inner": config.d_ff,
-        "activation_function": "gelu_new" if config.activation == "gelu" else "relu",
+        "activation_function": "gelu_new" if config.activation == "gelu" else config.activation,  # relu, relu2
         "layer_norm_epsilon": LN_EPS,
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "initializer_range": 0.02,
@@ -106,9 +122,9 @@ def config_from_gpt2_json(hf, source):
     C = _int_field(hf, "n_embd", source)
     d_ff = hf.get("n_inner")
     act = hf.get("activation_function", "gelu_new")
-    if act not in GELU_NAMES + ("relu",):
+    if act not in GELU_NAMES + ("relu", "relu2"):
         raise HFError(f"{source}: activation_function {act!r} is not computed here; numpy-gpt has GPT-2's tanh "
-                      f"GELU ({' / '.join(GELU_NAMES)}) and relu")
+                      f"GELU ({' / '.join(GELU_NAMES)}), relu and relu2")
     eps = hf.get("layer_norm_epsilon", 1e-5)
     if not isinstance(eps, (int, float)) or abs(eps - LN_EPS) > 1e-12:
         raise HFError(f"{source}: layer_norm_epsilon {eps!r}; numpy-gpt's layer norm uses {LN_EPS}")
@@ -124,14 +140,96 @@ def config_from_gpt2_json(hf, source):
                            n_heads=_int_field(hf, "n_head", source), n_layers=_int_field(hf, "n_layer", source),
                            d_ff=4 * C if d_ff is None else _int_field(hf, "n_inner", source),
                            max_seq_len=_int_field(hf, "n_positions", source), use_learned_pos=True,
-                           tie_embeddings=tie, activation="relu" if act == "relu" else "gelu")
+                           tie_embeddings=tie, activation="gelu" if act in GELU_NAMES else act)
     except ValueError as e:
         raise HFError(f"{source}: {e}") from None
 
 
-# config.json's model_type -> the ModelConfig it describes (a second architecture adds its reader here,
-# and its writer beside gpt2_config_json)
-MODEL_TYPES = {"gpt2": config_from_gpt2_json}
+def llama_config_json(config, eot_id, record):
+    """LlamaConfig fields (config.json) describing our ModelConfig of arch "llama"; `record` goes under
+    "numpy_gpt". The fields whose LlamaConfig defaults are not ours are all written (rms_norm_eps:
+    Llama 1's 1e-6 there; tie_word_embeddings: false there)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.d_ff,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.d_model // config.n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": config.dropout,
+        "pretraining_tp": 1,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "numpy_gpt": record,
+    }
+
+
+def _rope_theta(hf, source):
+    """The rotary base of a LlamaConfig: rope_theta with no rope_scaling (transformers 4), or
+    rope_parameters {"rope_type": "default", "rope_theta": ...} (transformers 5)."""
+    rope = hf.get("rope_parameters")
+    if rope is not None:
+        if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+            raise HFError(f"{source}: rope_parameters {rope!r}; numpy-gpt computes the plain rotary embedding "
+                          "(rope_type 'default')")
+        theta = rope.get("rope_theta", ROPE_THETA)
+    else:
+        if hf.get("rope_scaling") is not None:
+            raise HFError(f"{source}: rope_scaling {hf.get('rope_scaling')!r}; numpy-gpt computes the plain rotary "
+                          "embedding (rope_scaling null)")
+        theta = hf.get("rope_theta", ROPE_THETA)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1 < theta < 1e12:
+        raise HFError(f"{source}: rope_theta must be a number above 1, got {theta!r}")
+    return float(theta)
+
+
+def config_from_llama_json(hf, source):
+    """Our ModelConfig of arch "llama" from LlamaConfig fields; errors for what we do not compute."""
+    C = _int_field(hf, "hidden_size", source)
+    H = _int_field(hf, "num_attention_heads", source)
+    Hkv = _int_field(hf, "num_key_value_heads", source) if hf.get("num_key_value_heads") is not None else H
+    if hf.get("head_dim") is not None and _int_field(hf, "head_dim", source) * H != C:
+        raise HFError(f"{source}: head_dim {hf['head_dim']} times num_attention_heads {H} is not hidden_size {C}; "
+                      "numpy-gpt's heads split the model width")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise HFError(f"{source}: hidden_act {act!r}; numpy-gpt's Llama block is SwiGLU (hidden_act 'silu')")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key, False) is not False:
+            raise HFError(f"{source}: {key} is {hf.get(key)!r}; numpy-gpt's Llama block has no biases")
+    eps = hf.get("rms_norm_eps", 1e-6)  # LlamaConfig's default
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise HFError(f"{source}: rms_norm_eps must be a number in (0, 1), got {eps!r}")
+    tie = hf.get("tie_word_embeddings", False)  # LlamaConfig's default
+    if not isinstance(tie, bool):
+        raise HFError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
+    try:
+        return ModelConfig(arch="llama", vocab_size=_int_field(hf, "vocab_size", source), d_model=C, n_heads=H,
+                           n_kv_heads=Hkv, n_layers=_int_field(hf, "num_hidden_layers", source),
+                           d_ff=_int_field(hf, "intermediate_size", source),
+                           max_seq_len=_int_field(hf, "max_position_embeddings", source),
+                           rope_theta=_rope_theta(hf, source), norm_eps=float(eps), tie_embeddings=tie)
+    except ValueError as e:
+        raise HFError(f"{source}: {e}") from None
+
+
+# Our arch -> its config.json writer; config.json's model_type -> the ModelConfig it describes.
+CONFIG_WRITERS = {"gpt2": gpt2_config_json, "llama": llama_config_json}
+MODEL_TYPES = {"gpt2": config_from_gpt2_json, "llama": config_from_llama_json}
 
 
 def config_from_json(hf, source):
@@ -140,31 +238,79 @@ def config_from_json(hf, source):
         raise HFError(f"{source} is not a JSON object")
     kind = hf.get("model_type", "gpt2")
     if kind not in MODEL_TYPES:
-        raise HFError(f"{source}: model_type {kind!r}; numpy-gpt reads model_type {' or '.join(MODEL_TYPES)} "
-                      "(GPT-2)")
+        raise HFError(f"{source}: model_type {kind!r}; numpy-gpt reads model_type 'gpt2' (GPT2LMHeadModel) or "
+                      "'llama' (LlamaForCausalLM)")
     return MODEL_TYPES[kind](hf, source)
 
 
-# ----------------------------------------------------------------------------- tensor names
+# ----------------------------------------------------------------------------- tensors
 
 def hf_key(name):
-    """The safetensors name of our parameter `name` (GPT2LMHeadModel's)."""
+    """The safetensors name of our parameter `name` in a GPT2LMHeadModel."""
     if name == "lm_head.weight":
         return name
     return f"transformer.{name}.weight" if name in ("wte", "wpe") else f"transformer.{name}"
 
 
 def our_name(key):
-    """Our parameter name for a safetensors name, with or without the "transformer." prefix."""
+    """Our parameter name for a GPT-2 safetensors name, with or without the "transformer." prefix."""
     name = key[len("transformer."):] if key.startswith("transformer.") else key
     return name[:-len(".weight")] if name in ("wte.weight", "wpe.weight") else name
 
 
-def hf_tensors(config, params):
-    """Our parameters under HF's names, float32; the sinusoidal table becomes wpe."""
-    tensors = {hf_key(name): np.ascontiguousarray(p, dtype=np.float32) for name, p in params.items()}
+def gpt2_layout(config):
+    """{our name: (False, [(HF name, shape)])}: each parameter is one HF tensor, as it is; with the
+    sinusoidal table as transformer.wpe.weight (written out, compared on reading, then dropped)."""
+    shapes = param_shapes(config)
     if not config.use_learned_pos:
-        tensors[hf_key("wpe")] = sinusoidal_positions(config.max_seq_len, config.d_model, np.float32)
+        shapes["wpe"] = (config.max_seq_len, config.d_model)
+    return {name: (False, [(hf_key(name), shape)]) for name, shape in shapes.items()}
+
+
+def llama_layout(config):
+    """{our name: (transposed, [(HF name, HF shape), ...])}: our (in, out) block matrices are HF's (out, in)
+    tensors transposed and set side by side along our columns, in the order listed."""
+    V, C, F, H, Hkv = config.vocab_size, config.d_model, config.d_ff, config.n_heads, config.n_kv_heads
+    hs = C // H
+    layout = {"wte": (False, [("model.embed_tokens.weight", (V, C))])}
+    for i in range(config.n_layers):
+        ours, hf = f"h.{i}.", f"model.layers.{i}."
+        layout.update({
+            ours + "ln_1.weight": (False, [(hf + "input_layernorm.weight", (C,))]),
+            ours + "attn.c_attn.weight": (True, [(hf + "self_attn.q_proj.weight", (H * hs, C)),
+                                                 (hf + "self_attn.k_proj.weight", (Hkv * hs, C)),
+                                                 (hf + "self_attn.v_proj.weight", (Hkv * hs, C))]),
+            ours + "attn.c_proj.weight": (True, [(hf + "self_attn.o_proj.weight", (C, C))]),
+            ours + "ln_2.weight": (False, [(hf + "post_attention_layernorm.weight", (C,))]),
+            ours + "mlp.c_fc.weight": (True, [(hf + "mlp.gate_proj.weight", (F, C)),
+                                              (hf + "mlp.up_proj.weight", (F, C))]),
+            ours + "mlp.c_proj.weight": (True, [(hf + "mlp.down_proj.weight", (C, F))]),
+        })
+    layout["ln_f.weight"] = (False, [("model.norm.weight", (C,))])
+    if not config.tie_embeddings:
+        layout["lm_head.weight"] = (False, [("lm_head.weight", (V, C))])
+    return layout
+
+
+# Our arch -> (its layout, the canonical spelling of a safetensors name in its files: GPT-2's own files
+# leave out "transformer.", our exports and transformers' keep it)
+LAYOUTS = {"gpt2": (gpt2_layout, lambda key: hf_key(our_name(key))), "llama": (llama_layout, lambda key: key)}
+
+
+def layout(config):
+    return LAYOUTS[config.arch][0](config)
+
+
+def hf_tensors(config, params):
+    """Our parameters as HF's tensors, float32, by their HF names; GPT-2's sinusoidal table becomes wpe."""
+    tensors = {}
+    for name, (transposed, parts) in layout(config).items():
+        p = params[name] if name in params else sinusoidal_positions(config.max_seq_len, config.d_model, np.float32)
+        start = 0
+        for key, shape in parts:
+            piece = p[:, start:start + shape[0]].T if transposed else p
+            tensors[key] = np.ascontiguousarray(piece, dtype=np.float32)
+            start += shape[0]
     return tensors
 
 
@@ -222,7 +368,7 @@ def write_folder(out_dir, config, params, bpe, eot_id, record):
         if bpe is not None:
             write_tokenizer(bpe, new, config.max_seq_len)
         with atomic_write(os.path.join(new, "config.json"), "w", encoding="utf-8") as f:
-            f.write(json.dumps(gpt2_config_json(config, eot_id, record), indent=2) + "\n")
+            f.write(json.dumps(CONFIG_WRITERS[config.arch](config, eot_id, record), indent=2) + "\n")
         files = sorted(os.listdir(new))
         swap_in(new, final)
     except BaseException:
@@ -264,14 +410,17 @@ def _weight_files(path):
     if any(n.endswith(".bin") for n in os.listdir(path)):
         raise HFError(f"{path} has only pytorch_model.bin (pickled PyTorch, which numpy-gpt never loads): convert it "
                       "to model.safetensors first, e.g. GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(DIR)")
-    raise HFError(f"{path} has no model.safetensors: a GPT-2 folder holds config.json and model.safetensors")
+    raise HFError(f"{path} has no model.safetensors: a Hugging Face model folder holds config.json and "
+                  "model.safetensors")
 
 
 class _Weights:
-    """The tensors of a folder's safetensors files by our names, read only when asked for."""
+    """The tensors of a folder's safetensors files by their canonical names (LAYOUTS), read only when
+    asked for."""
 
-    def __init__(self, path):
+    def __init__(self, path, arch):
         safetensors_numpy()
+        canonical = LAYOUTS[arch][1]
         from safetensors import SafetensorError, safe_open
         self.where = {}
         for file in _weight_files(path):
@@ -281,7 +430,7 @@ class _Weights:
             except (OSError, SafetensorError) as e:
                 raise HFError(f"{file} is not a readable safetensors file ({e})") from None
             for key in f.keys():
-                name = our_name(key)
+                name = canonical(key)
                 if name in self.where:
                     raise HFError(f"{file}: tensor {key!r} appears twice (with and without 'transformer.')")
                 self.where[name] = (f, key, file)
@@ -315,7 +464,8 @@ def read_hf_config(path):
     """(ModelConfig, config.json's dict) of a Hugging Face folder. Positions are sinusoidal only when the
     folder is our export of a sinusoidal model and its wpe is still exactly that table."""
     if not os.path.isdir(path):
-        raise HFError(f"{path} is not a folder (a Hugging Face GPT-2 folder holds config.json + model.safetensors)")
+        raise HFError(f"{path} is not a folder (a Hugging Face model folder holds config.json + "
+                      "model.safetensors)")
     source = os.path.join(path, "config.json")
     try:
         hf = read_json(source, "config.json", error=HFError)
@@ -325,42 +475,45 @@ def read_hf_config(path):
         raise HFError(f"cannot read {source}: {e.strerror}") from None
     _weight_files(path)  # first: a folder of pickled weights is refused whatever its config says
     config = config_from_json(hf, source)
-    weights = _Weights(path)
-    if our_record(hf).get("positions") == "sinusoidal":
+    weights = _Weights(path, config.arch)
+    wpe = hf_key("wpe")
+    if config.arch == "gpt2" and our_record(hf).get("positions") == "sinusoidal":
         want = (config.max_seq_len, config.d_model)
-        if "wpe" in weights.where and weights.shape("wpe") == want and \
-                np.array_equal(weights.get("wpe"), sinusoidal_positions(*want, np.float32)):
+        if wpe in weights.where and weights.shape(wpe) == want and \
+                np.array_equal(weights.get(wpe), sinusoidal_positions(*want, np.float32)):
             config.use_learned_pos = False
     check_hf_weights(path, config, weights)  # before anyone allocates a model from config.json's numbers
     return config, hf
 
 
 def check_hf_weights(path, config, weights):
-    """{our name: shape} of what the folder must hold for config; errors unless the tensors' headers (names,
-    shapes, dtypes) are exactly that, read before anything is allocated (safe_open checked the offsets)."""
-    want = param_shapes(config)
-    if not config.use_learned_pos:
-        want["wpe"] = (config.max_seq_len, config.d_model)  # read, compared with the table, then dropped
-    have = {n for n in weights.where if not BUFFER_RE.match(n)}
+    """The folder's layout for config; errors unless the tensors' headers (names, shapes, dtypes) are
+    exactly what it lists, read before anything is allocated (safe_open checked the offsets)."""
+    parts = layout(config)
+    want = {key: shape for _, pieces in parts.values() for key, shape in pieces}
+    have = {key for key in weights.where if not BUFFER_RE.search(key)}
     if config.tie_embeddings:
-        have.discard("lm_head.weight")  # tied: transformers ignores it too; the head is wte
+        have.discard("lm_head.weight")  # tied: transformers ignores it too; the head is the token table
     mismatch = name_mismatch(want, have)
     if mismatch:
         raise HFError(f"{path}: the weights do not match config.json: {mismatch}")
-    for name, shape in want.items():
-        if weights.shape(name) != shape:
-            raise HFError(f"{path}: {name} has shape {weights.shape(name)}, config.json implies {shape}")
-        weights.check_dtype(name)
-    return want
+    for key, shape in want.items():
+        if weights.shape(key) != shape:
+            raise HFError(f"{path}: {key} has shape {weights.shape(key)}, config.json implies {shape}")
+        weights.check_dtype(key)
+    return parts
 
 
 def load_hf_params(path, config):
     """{our name: float32 array} for config from the folder; every name and shape checked before reading."""
-    weights = _Weights(path)
-    want = check_hf_weights(path, config, weights)
-    params = {name: weights.get(name) for name in want}
+    weights = _Weights(path, config.arch)
+    params = {}
+    for name, (transposed, pieces) in check_hf_weights(path, config, weights).items():
+        arrays = [weights.get(key) for key, _ in pieces]
+        params[name] = np.ascontiguousarray(np.concatenate([a.T for a in arrays], axis=1)) if transposed \
+            else arrays[0]
     if not config.use_learned_pos:
-        del params["wpe"]
+        params.pop("wpe", None)  # GPT-2's sinusoidal table: not a parameter
     return params
 
 

@@ -29,7 +29,7 @@ A tiny smoke run that takes seconds, with a profile of where the time goes:
         --max_steps 200 --warmup_steps 20 --save_dir checkpoints_tiny --log_interval 20 \\
         --eval_interval 100 --eval_batches 10 --profile
 
-Fine-tune from a Hugging Face GPT-2 folder (config.json + model.safetensors: export_hf.py's output,
+Fine-tune from a Hugging Face GPT-2 or Llama folder (config.json + model.safetensors: export_hf.py's output,
 or GPT-2's own files); the architecture comes from its config.json, so the model flags can be left out:
     python3 train.py --init_from hf_small --train_data data/train_tokenized.jsonl \\
         --val_data data/valid_tokenized.jsonl --max_steps 1000 --learning_rate 1e-4 --save_dir ck_tuned
@@ -162,8 +162,6 @@ def setup(args, world, log, run_dir, init=None):
                          f"{world.size} process(es): every micro-batch needs at least one row")
     threads = world.limit_threads()  # under MPI this rank's share of the cores
     train_ds, val_ds = load_data(args, world, log)
-    if init is not None:
-        check_init_from(args, init[0])
     try:
         config = replace(init[0], dropout=args.dropout) if init is not None else config_from_flags(vars(args))
     except ValueError as e:
@@ -266,7 +264,7 @@ def which_gpus(gpus):
 
 
 def init_weights(model, args, init, identity, log):
-    """--init_from: the weights of a Hugging Face GPT-2 folder (init: its (ModelConfig, config.json)),
+    """--init_from: the weights of a Hugging Face GPT-2 or Llama folder (init: its (ModelConfig, config.json)),
     copied into the model in place."""
     config, hf = init
     record = hf.get("numpy_gpt") if isinstance(hf.get("numpy_gpt"), dict) else {}  # our exports say more
@@ -492,6 +490,8 @@ def main(argv=None):
     try:
         init = read_hf_config(args.init_from) if args.init_from else None
         apply_defaults(args, given_flags(parser, argv), init)
+        if init is not None:
+            check_init_from(args, init[0])  # first: the folder's flags that disagree, before what follows from them
         check_args(args)
         world = distributed.world(args.rank_timeout, on_lost=lost_at_start)
         return train(args, world, init)

@@ -77,9 +77,10 @@ def build_parser():
                    help="--arch llama: key/value heads, fewer than --n_heads for grouped-query attention (must divide "
                         "--n_heads; default: --n_heads)")
     m.add_argument("--init_from", default=None, metavar="DIR",
-                   help="start from the weights of a Hugging Face GPT-2 folder (config.json + model.safetensors, "
-                        "e.g. written by export_hf.py). Its config.json gives the architecture: leave the model flags "
-                        "out (any given must agree); --seq_len defaults to its n_positions and may be shorter")
+                   help="start from the weights of a Hugging Face GPT-2 or Llama folder (config.json + "
+                        "model.safetensors, e.g. written by export_hf.py). Its config.json gives the architecture: "
+                        "leave the model flags out (any given must agree); --seq_len defaults to its context "
+                        "(n_positions, max_position_embeddings) and may be shorter")
     o = p.add_argument_group("optimization")
     o.add_argument("--batch_size", type=int, default=32, help="windows per step")
     o.add_argument("--grad_accum", type=int, default=1, metavar="N",
@@ -246,7 +247,7 @@ def check_init_from(args, config):
     wrong = [f"--{k} {getattr(args, k)} (folder: {v})" for k, v in flags_from_config(config).items()
              if getattr(args, k) != v]
     if args.seq_len > config.max_seq_len:
-        wrong.append(f"--seq_len {args.seq_len} (folder's n_positions: {config.max_seq_len})")
+        wrong.append(f"--seq_len {args.seq_len} (folder's context: {config.max_seq_len})")
     if wrong:
         raise TrainError(f"{args.init_from}/config.json describes another model than the flags: {', '.join(wrong)}. "
                          "Leave the model flags out with --init_from: its config.json carries them")

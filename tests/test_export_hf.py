@@ -36,12 +36,22 @@ TRICKY = ["Once upon a time, there was a little dog named Max.", "It's 12:30 - t
           "Ünïcödé café, naïve résumé; 日本語 テキスト 🐶!", "   leading spaces", "trailing \n",
           f"The end.{ENDOFTEXT}Once again", "I'm, you're, we've, he'd, she'll, 'quoted' ''", ""]
 VARIANTS = [dict(use_learned_pos=lp, activation=act, tie_embeddings=tie)
-            for lp, act, tie in itertools.product((True, False), ("gelu", "relu"), (True, False))]
+             for lp, act, tie in itertools.product((True, False), ("gelu", "relu", "relu2"), (True, False))] + \
+    [dict(arch="llama", n_kv_heads=kv, tie_embeddings=tie, rope_theta=theta)
+     for kv, tie, theta in ((None, True, None), (2, False, None), (1, True, 500.0))]
 
 
 def variant_id(v):
+    if v.get("arch") == "llama":
+        return "-".join(("llama", f"kv{v['n_kv_heads'] or 'all'}", "tied" if v["tie_embeddings"] else "untied",
+                         f"theta{v['rope_theta'] or 'default'}"))
     return "-".join(("learned" if v["use_learned_pos"] else "sinusoidal", v["activation"],
                      "tied" if v["tie_embeddings"] else "untied"))
+
+
+def llama_config(**changes):
+    return ModelConfig(**dict(dict(arch="llama", vocab_size=97, d_model=16, n_heads=4, n_kv_heads=2, d_ff=40,
+                                   n_layers=2, max_seq_len=12), **changes))
 
 
 def random_model(cfg, seed=0):
@@ -104,6 +114,62 @@ def test_export_then_import_gives_back_the_same_model(tmp_path, variant):
     for name, p in model.params.items():
         assert back.params[name].dtype == np.float32
         np.testing.assert_array_equal(back.params[name], p, err_msg=name)
+    idx = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    np.testing.assert_array_equal(back.forward(idx), model.forward(idx))
+
+
+def test_the_llama_folder_has_llamas_names_layouts_and_config_fields(tmp_path):
+    cfg = llama_config(tie_embeddings=False, rope_theta=500.0)
+    path, model = checkpoint(tmp_path, cfg)
+    export(path, str(tmp_path / "hf"), log=lambda m: None)
+    tensors = safetensors.numpy.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    C, hs, F, p = 16, 4, 40, model.params
+    one = "model.layers.1."
+    layer = {name[len(one):]: t.shape for name, t in tensors.items() if name.startswith(one)}
+    assert layer == {"input_layernorm.weight": (C,), "self_attn.q_proj.weight": (4 * hs, C),
+                     "self_attn.k_proj.weight": (2 * hs, C), "self_attn.v_proj.weight": (2 * hs, C),
+                     "self_attn.o_proj.weight": (C, C), "post_attention_layernorm.weight": (C,),
+                     "mlp.gate_proj.weight": (F, C), "mlp.up_proj.weight": (F, C), "mlp.down_proj.weight": (C, F)}
+    assert {n for n in tensors if not n.startswith("model.layers.")} == {
+        "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    # HF's Linear is (out, in): our (in, out) columns [q | k | v] and [gate | up], each transposed
+    w_attn = p["h.1.attn.c_attn.weight"]
+    np.testing.assert_array_equal(tensors["model.layers.1.self_attn.q_proj.weight"], w_attn[:, :C].T)
+    np.testing.assert_array_equal(tensors["model.layers.1.self_attn.k_proj.weight"], w_attn[:, C:C + 2 * hs].T)
+    np.testing.assert_array_equal(tensors["model.layers.1.self_attn.v_proj.weight"], w_attn[:, C + 2 * hs:].T)
+    np.testing.assert_array_equal(tensors["model.layers.1.mlp.gate_proj.weight"], p["h.1.mlp.c_fc.weight"][:, :F].T)
+    np.testing.assert_array_equal(tensors["model.layers.1.mlp.up_proj.weight"], p["h.1.mlp.c_fc.weight"][:, F:].T)
+    np.testing.assert_array_equal(tensors["model.layers.1.mlp.down_proj.weight"], p["h.1.mlp.c_proj.weight"].T)
+    np.testing.assert_array_equal(tensors["model.layers.1.self_attn.o_proj.weight"], p["h.1.attn.c_proj.weight"].T)
+    np.testing.assert_array_equal(tensors["model.embed_tokens.weight"], p["wte"])
+    np.testing.assert_array_equal(tensors["model.norm.weight"], p["ln_f.weight"])
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf["architectures"] == ["LlamaForCausalLM"]
+    assert {k: hf[k] for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+                               "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
+                               "attention_bias", "mlp_bias", "tie_word_embeddings")} == {
+        "model_type": "llama", "vocab_size": 97, "hidden_size": 16, "intermediate_size": 40, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4, "hidden_act": "silu",
+        "max_position_embeddings": 12, "rms_norm_eps": 1e-5, "rope_theta": 500.0, "rope_scaling": None,
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}
+
+
+def test_old_llama_files_with_rotary_buffers_and_transformers_5s_rope_parameters_are_read(tmp_path):
+    cfg = llama_config(rope_theta=500.0)
+    path, model = checkpoint(tmp_path, cfg)
+    out = tmp_path / "hf"
+    export(path, str(out), log=lambda m: None)
+    tensors = safetensors.numpy.load_file(str(out / "model.safetensors"))
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(2, np.float32)  # a buffer, not a weight
+    (out / "model.safetensors").write_bytes(safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+    hf = json.loads((out / "config.json").read_text())
+    for key in ("rope_theta", "rope_scaling", "numpy_gpt"):
+        del hf[key]
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0}
+    (out / "config.json").write_text(json.dumps(hf))
+    back, _ = load_hf_model(str(out))
+    assert back.config == cfg
     idx = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
     np.testing.assert_array_equal(back.forward(idx), model.forward(idx))
 
@@ -225,14 +291,38 @@ def edit_config(folder, **changes):
     ({"n_layer": -1}, "n_layer must be"),
     ({"vocab_size": "50257"}, "vocab_size must be"),
     ({"n_head": 3}, "divisible"),
-    ({"model_type": "llama"}, "model_type 'llama'"),
+    ({"model_type": "mistral"}, "model_type 'mistral'"),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
-    ({"n_layer": 3}, "missing ['h.2."),
+    ({"n_layer": 3}, "missing ['transformer.h.2."),
     ({"n_inner": 32}, "h.0.mlp.c_fc.weight has shape (16, 24), config.json implies (16, 32)"),
 ])
 def test_folders_we_cannot_compute_exactly_are_refused_before_allocating(tmp_path, changes, says):
     cfg = ModelConfig(vocab_size=97, d_model=16, n_heads=2, d_ff=24, n_layers=2, max_seq_len=12)
     path, _ = checkpoint(tmp_path, cfg)
+    export(path, str(tmp_path / "hf"), log=lambda m: None)
+    edit_config(tmp_path / "hf", **changes)
+    with pytest.raises(HFError) as e:
+        load_hf_model(str(tmp_path / "hf"))
+    assert says in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'default'"),
+    ({"rope_theta": 0.5}, "rope_theta must be a number above 1"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"head_dim": 8}, "head_dim 8 times num_attention_heads 4"),
+    ({"num_key_value_heads": 3}, "divisible by n_kv_heads"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps must be"),
+    ({"hidden_size": 10**9}, "hidden_size must be an integer from 1 to"),
+    ({"num_hidden_layers": 3}, "missing ['model.layers.2."),
+    ({"intermediate_size": 48}, "model.layers.0.mlp.gate_proj.weight has shape (40, 16), config.json implies (48, 16)"),
+    ({"tie_word_embeddings": False}, "missing ['lm_head.weight']"),
+])
+def test_llama_folders_we_cannot_compute_exactly_are_refused_before_allocating(tmp_path, changes, says):
+    path, _ = checkpoint(tmp_path, llama_config())
     export(path, str(tmp_path / "hf"), log=lambda m: None)
     edit_config(tmp_path / "hf", **changes)
     with pytest.raises(HFError) as e:
@@ -346,9 +436,10 @@ def test_gpt2_vocab_and_merges_encode_exactly_as_tiktoken(gpt2_pair):
 
 # ----------------------------------------------------------------------------- import paths
 
-def test_generate_from_the_folder_matches_generate_from_the_checkpoint(tmp_path, bpe_tok, capsys):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_from_the_folder_matches_generate_from_the_checkpoint(tmp_path, bpe_tok, capsys, arch):
     cfg = ModelConfig(vocab_size=bpe_tok.n_vocab, d_model=16, n_heads=2, d_ff=24, n_layers=2, max_seq_len=32,
-                      tie_embeddings=False)
+                      tie_embeddings=False, arch=arch)
     path, _ = checkpoint(tmp_path, cfg, bpe_tok)
     assert export_hf.main([path, str(tmp_path / "hf")]) == 0
     assert "vocab.json" in capsys.readouterr().out
@@ -411,7 +502,7 @@ def test_train_init_from_takes_the_folders_weights_and_architecture(tmp_path, ca
                               "--seq_len", "8"]) == 0
     assert load_checkpoint(str(tmp_path / "b" / "checkpoint_final.npz")).config == cfg
     for wrong, says in ((["--d_model", "32"], "--d_model 32 (folder: 16)"),
-                        (["--seq_len", "48"], "--seq_len 48 (folder's n_positions: 24)"),
+                        (["--seq_len", "48"], "--seq_len 48 (folder's context: 24)"),
                         (["--activation", "gelu"], "--activation gelu (folder: relu)"),
                         (["--vocab_size", "50257"], "--vocab_size 50257 (folder: 64)")):
         with pytest.raises(SystemExit) as e:
@@ -419,6 +510,24 @@ def test_train_init_from_takes_the_folders_weights_and_architecture(tmp_path, ca
         assert says in str(e.value) and "Leave the model flags out" in str(e.value)
     with pytest.raises(SystemExit, match="has no config.json"):
         train.main(base[:1] + [str(tmp_path)] + base[2:] + ["--save_dir", str(tmp_path / "d")])
+
+
+def test_train_init_from_a_llama_folder_takes_its_weights_and_architecture(tmp_path):
+    cfg = llama_config(vocab_size=64, max_seq_len=24, rope_theta=500.0, tie_embeddings=False)
+    path, model = checkpoint(tmp_path, cfg)
+    export(path, str(tmp_path / "hf"), log=lambda m: None)
+    data = write_counting_data(tmp_path / "train.jsonl", 200, 1), write_counting_data(tmp_path / "val.jsonl", 20, 2)
+    base = ["--init_from", str(tmp_path / "hf"), "--train_data", data[0], "--val_data", data[1], "--batch_size", "4",
+            "--max_steps", "1", "--learning_rate", "1e-30", "--min_lr", "0", "--warmup_steps", "0",
+            "--eval_batches", "1", "--no_progress"]
+    assert train.main(base + ["--save_dir", str(tmp_path / "a")]) == 0
+    ck = load_checkpoint(str(tmp_path / "a" / "checkpoint_final.npz"))
+    assert ck.config == cfg
+    for name, p in model.params.items():
+        np.testing.assert_array_equal(ck.params[name], p, err_msg=name)
+    with pytest.raises(SystemExit) as e:
+        train.main(base + ["--save_dir", str(tmp_path / "c"), "--arch", "gpt2"])
+    assert "--arch gpt2 (folder: llama)" in str(e.value)
 
 
 def test_given_flags_sees_flags_set_to_their_default_values():
@@ -444,7 +553,8 @@ def test_transformers_loads_the_export_and_computes_the_same_logits(tmp_path, va
     path, model = checkpoint(tmp_path, cfg)
     export(path, str(tmp_path / "hf"), log=lambda m: None)
     capfd.readouterr()
-    hf_model, info = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+    assert type(hf_model).__name__ == ("LlamaForCausalLM" if cfg.arch == "llama" else "GPT2LMHeadModel")
     assert {k: v for k, v in info.items() if v} == {}  # nothing missing, unexpected or mismatched
     err = capfd.readouterr().err  # transformers 5 prints a LOAD REPORT of such keys, 4 "weights ... were not ..."
     assert not any(word in err for word in ("LOAD REPORT", "MISSING", "UNEXPECTED", "were not", "newly initialized")), err
@@ -455,6 +565,30 @@ def test_transformers_loads_the_export_and_computes_the_same_logits(tmp_path, va
     diff = float(np.abs(theirs - ours).max())
     print(f"{variant_id(variant)}: max |logit difference| {diff:.2e}")
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_transformers_greedy_text_is_ours(tmp_path, bpe_tok, arch):
+    """The export's tokenizer and model in transformers continue a prompt greedily as generate.py does."""
+    transformers = import_transformers()
+    import torch
+    cfg = ModelConfig(vocab_size=bpe_tok.n_vocab, d_model=32, n_heads=4, d_ff=48, n_layers=2, max_seq_len=64,
+                      arch=arch, tie_embeddings=False)
+    path, _ = checkpoint(tmp_path, cfg, bpe_tok)
+    export(path, str(tmp_path / "hf"), log=lambda m: None)
+    out, err = io.StringIO(), io.StringIO()
+    assert generate.main(["--checkpoint", path, "--prompt", "Once upon a time", "--max_length", "20",
+                          "--temperature", "0", "--num_samples", "1"], out=out, err=err) == 0, err.getvalue()
+    ours = out.getvalue().split("-----\n", 1)[1].strip()
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    prompt = tok("Once upon a time", return_tensors="pt")
+    with torch.no_grad():
+        ids = hf_model.generate(**prompt, max_new_tokens=20, do_sample=False, eos_token_id=bpe_tok.eot_id,
+                                pad_token_id=bpe_tok.eot_id)
+    theirs = tok.decode(ids[0], skip_special_tokens=True).strip()
+    print(f"{arch}: {ours!r}")
+    assert len(ours) > len("Once upon a time") and theirs == ours
 
 
 def test_transformers_tokenizer_encodes_as_ours(tmp_path, bpe_tok):
@@ -486,6 +620,28 @@ def test_a_folder_saved_by_transformers_imports_with_the_same_logits(tmp_path):
     model, _ = load_hf_model(str(tmp_path / "hf"))
     assert model.config == ModelConfig(vocab_size=101, d_model=32, n_heads=4, d_ff=128, n_layers=2, max_seq_len=20,
                                        use_learned_pos=True, tie_embeddings=True, activation="gelu")
+    idx = np.random.default_rng(2).integers(0, 101, (2, 20))
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor(idx)).logits.numpy()
+    assert float(np.abs(model.forward(idx) - theirs).max()) < 1e-4
+
+
+def test_a_llama_folder_saved_by_transformers_imports_with_the_same_logits(tmp_path):
+    transformers = import_transformers()
+    import torch
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=20,
+                                      rms_norm_eps=1e-6, rope_theta=500.0, tie_word_embeddings=False)
+    hf_model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # the gains start at one: move them all
+        for p in hf_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf_model.save_pretrained(str(tmp_path / "hf"))
+    model, _ = load_hf_model(str(tmp_path / "hf"))
+    assert model.config == ModelConfig(arch="llama", vocab_size=101, d_model=32, n_heads=4, n_kv_heads=2, d_ff=80,
+                                       n_layers=2, max_seq_len=20, rope_theta=500.0, norm_eps=1e-6,
+                                       tie_embeddings=False)
     idx = np.random.default_rng(2).integers(0, 101, (2, 20))
     with torch.no_grad():
         theirs = hf_model(torch.tensor(idx)).logits.numpy()
