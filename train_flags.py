@@ -9,8 +9,10 @@ the flags left out take.
 A flag given on the command line always wins. One left out takes, in this order, the value of
 --init_from's config.json (the architecture), of --preset (config.PRESETS: a model size and its
 batch; a preset may set any flag), else its default. A preset's --time_budget gives way to a
---max_steps given: that many steps are asked for. With --arch llama, --d_ff left out (or set by a
-preset of GPT-2's widths) is llama.swiglu_hidden(d_model), and --activation is swiglu.
+--max_steps given: that many steps are asked for. A preset's values of the block's own flags
+(BLOCK_FLAGS) hold only for the block it names (arch, GPT-2's when it names none): with another
+--arch given, --d_ff left out is llama.swiglu_hidden(d_model) for llama, 4 d_model for gpt2, and
+--activation that block's default (swiglu, gelu).
 """
 import argparse
 import math
@@ -219,9 +221,12 @@ def given_flags(parser, argv):
     return {name for name, value in vars(ns).items() if value is not unset}
 
 
+BLOCK_FLAGS = ("d_ff", "activation", "rope_theta", "n_kv_heads")  # a preset's values for its own block only
+
+
 def apply_defaults(args, given, init=None):
     """Flags not given take --init_from's values (init: its (ModelConfig, config.json), whose architecture
-    wins; --seq_len its n_positions), then --preset's (its --time_budget not when --max_steps is given),
+    wins; --seq_len its context), then --preset's (its --time_budget not when --max_steps is given),
     then their defaults."""
     taken = set(given)
     if init is not None:
@@ -230,16 +235,22 @@ def apply_defaults(args, given, init=None):
                 setattr(args, name, value)
                 taken.add(name)
     preset = PRESETS[args.preset] if args.preset else {}
+    arch = args.arch if "arch" in taken else preset.get("arch", args.arch)
+    own_block = preset.get("arch", "gpt2") == arch  # the preset's d_ff, activation, ... are its block's
     for name, value in preset.items():
-        if name not in taken and not (name == "time_budget" and "max_steps" in taken):
-            setattr(args, name, value)
+        if name in taken or (name == "time_budget" and "max_steps" in taken) or \
+                (name in BLOCK_FLAGS and not own_block):
+            continue
+        setattr(args, name, value)
     if args.max_steps is None and args.time_budget is None:
         args.max_steps = MAX_STEPS
-    if args.arch == "llama":  # the Llama block's own widths and nonlinearity, unless a flag (or a llama preset) says
-        if "d_ff" not in taken and preset.get("arch") != "llama":
+    if "d_ff" not in taken and not (own_block and "d_ff" in preset):  # the block's own width for d_model
+        if args.arch == "llama":
             args.d_ff = swiglu_hidden(args.d_model)
-        if "activation" not in taken:
-            args.activation = "swiglu"
+        elif preset and not own_block:  # a Llama recipe's model with GPT-2's block: its 4C-wide MLP
+            args.d_ff = 4 * args.d_model
+    if args.arch == "llama" and "activation" not in taken:
+        args.activation = "swiglu"
 
 
 def check_init_from(args, config):

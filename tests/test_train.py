@@ -583,8 +583,14 @@ def test_llama_flags_are_checked_and_take_the_llama_defaults():
         (128, 384, "swiglu", None, None)
     assert parse(["--arch", "llama", "--d_model", "256", "--n_heads", "8"]).d_ff == 704  # 8 * 256 / 3 rounded up to 64s
     assert parse(["--arch", "llama", "--d_ff", "100"]).d_ff == 100  # given: wins
-    laptop = parse(["--arch", "llama", "--preset", "laptop"])  # a recipe that names GPT-2's activation and width
-    assert (laptop.d_model, laptop.d_ff, laptop.activation, laptop.vocab_size) == (256, 704, "swiglu", 4096)
+    laptop = parse(["--preset", "laptop"])  # a Llama recipe
+    assert (laptop.arch, laptop.d_model, laptop.d_ff, laptop.activation, laptop.rope_theta, laptop.n_kv_heads,
+            laptop.vocab_size) == ("llama", 256, 704, "swiglu", 10000.0, 8, 4096)
+    # with GPT-2's block, its block's flags give way to GPT-2's (4 d_model, gelu, no rotary, no kv heads)
+    laptop = parse(["--arch", "gpt2", "--preset", "laptop"])
+    assert (laptop.d_model, laptop.d_ff, laptop.activation, laptop.rope_theta, laptop.n_kv_heads,
+            laptop.vocab_size, laptop.learning_rate) == (256, 1024, "gelu", None, None, 4096, 2e-3)
+    assert parse(["--arch", "gpt2", "--preset", "laptop", "--activation", "relu2"]).activation == "relu2"
     assert (parse([]).arch, parse([]).d_ff, parse([]).activation) == ("gpt2", 512, "gelu")  # GPT-2's, as before
     assert parse(["--activation", "relu2"]).activation == "relu2"
     for argv, message in ((["--arch", "llama", "--use_learned_pos"], "--use_learned_pos with --arch llama"),
