@@ -298,6 +298,7 @@ LAYOUTS = {"gpt2": (gpt2_layout, lambda key: hf_key(our_name(key))), "llama": (l
 
 
 def layout(config):
+    """{our name: (transposed, [(HF name, HF shape), ...])} of config's architecture."""
     return LAYOUTS[config.arch][0](config)
 
 
@@ -305,7 +306,8 @@ def hf_tensors(config, params):
     """Our parameters as HF's tensors, float32, by their HF names; GPT-2's sinusoidal table becomes wpe."""
     tensors = {}
     for name, (transposed, parts) in layout(config).items():
-        p = params[name] if name in params else sinusoidal_positions(config.max_seq_len, config.d_model, np.float32)
+        sinusoidal = name == "wpe" and not config.use_learned_pos
+        p = sinusoidal_positions(config.max_seq_len, config.d_model, np.float32) if sinusoidal else params[name]
         start = 0
         for key, shape in parts:
             piece = p[:, start:start + shape[0]].T if transposed else p
