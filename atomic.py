@@ -1,4 +1,4 @@
-"""Crash-safe file writes: the target is always either the old complete file or the new one.
+"""[engine] Crash-safe file writes: the target is always either the old complete file or the new one.
 
 Checkpoints, token caches, tokenized data, prepared stories and BPE models are written through
 atomic_write, so an interrupted run never leaves a truncated file that looks valid.

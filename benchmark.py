@@ -1,4 +1,4 @@
-"""How close is a training step to the cost of its matrix multiplies?
+"""[command] How close is a training step to the cost of its matrix multiplies?
 
 Times forward + backward + AdamW update steps of the model on random tokens and, in the same
 run, the matrix products such a step cannot avoid done alone with NumPy (same shapes, same
@@ -35,25 +35,24 @@ from dataclasses import replace
 
 import numpy as np
 
-from config import GPT2_VOCAB_SIZE, PRESETS, ModelConfig, config_from_flags
+from config import ARCHS, GPT2_VOCAB_SIZE, ModelConfig
 from decoding import Decoder
 from device import array_module, gpu_memory, synchronize, to_device
 from dropout import DropoutKey
 from errors import UserError
 from language_model import LanguageModel
-from llama import swiglu_hidden
 from lm_head import ROWS_PER_CHUNK
 from loss import count_targets
 from optimizer import AdamW, clip_grad_norm
 from parallel import keep_freed_memory
+from train_flags import PRESETS, config_from_flags
 
-RUNS = {  # --all: the guide's models (config.PRESETS, with their batches), Small with a small vocabulary, and
-    # Small with the Llama block (its SwiGLU width: about GPT-2's parameters), with both vocabularies
+RUNS = {  # --all: the guide's models (train_flags.PRESETS, with their batches), Small with a small vocabulary,
+    # and Small with the Llama block (its SwiGLU width: about GPT-2's parameters), with both vocabularies
     "tiny": PRESETS["tiny"], "small": PRESETS["small"], "medium": PRESETS["medium"],
     "small-v4096": dict(PRESETS["small"], vocab_size=4096),
-    "small-llama": dict(PRESETS["small"], arch="llama", d_ff=swiglu_hidden(PRESETS["small"]["d_model"])),
-    "small-llama-v4096": dict(PRESETS["small"], arch="llama", d_ff=swiglu_hidden(PRESETS["small"]["d_model"]),
-                              vocab_size=4096),
+    "small-llama": dict(PRESETS["small"], arch="llama"),
+    "small-llama-v4096": dict(PRESETS["small"], arch="llama", vocab_size=4096),
 }
 DECODE_PRESETS = ("small", "medium")  # --decode: the guide's models, with a context of 256 tokens at least
 DECODE_CONTEXT = 256
@@ -72,7 +71,8 @@ class MatmulsOnly:
         C, F, V, H = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_heads
         # the head's rows in chunks as lm_head.py makes them: all in one on the GPU (whole arrays)
         hs, N, R = C // H, B * T, B * T if xp is not np else min(ROWS_PER_CHUNK, B * T)
-        A, Ffc = ((H + 2 * cfg.n_kv_heads) * hs, 2 * F) if cfg.arch == "llama" else (3 * C, F)
+        block = ARCHS[cfg.arch].block_shapes(cfg)
+        A, Ffc = block["attn.c_attn.weight"][1], block["mlp.c_fc.weight"][1]
         self.xp = xp
 
         def r(*shape):
@@ -160,7 +160,7 @@ def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0
 
 
 def report(name, cfg, B, T, r):
-    kv = f" n_kv_heads={cfg.n_kv_heads}" if cfg.arch == "llama" else ""
+    kv = "" if cfg.n_kv_heads is None else f" n_kv_heads={cfg.n_kv_heads}"
     print(f"{name}: arch={cfg.arch} d_model={cfg.d_model} n_heads={cfg.n_heads}{kv} d_ff={cfg.d_ff} "
           f"n_layers={cfg.n_layers} vocab={cfg.vocab_size} batch={B} seq={T} params={r['params']:,}")
     if r.get("gpu_mb") is None:
@@ -227,17 +227,18 @@ def run_decode(models, n_tokens, device, out=sys.stdout):
 
 
 def print_sizes(vocab_size=GPT2_VOCAB_SIZE):
-    """The guide's model sizes (config.PRESETS): parameters with and without the (V, C) token embedding
+    """The guide's model sizes (train_flags.PRESETS): parameters with and without the (V, C) token embedding
     (tied to the head), as the README's table shows them."""
     print(f"| Size | d_model | n_heads | d_ff | n_layers | batch × seq | Params (all) | "
           f"Params (without the {vocab_size}-token embedding) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, p in PRESETS.items():
         vocab = p.get("vocab_size", vocab_size)  # a recipe's own vocabulary (laptop: our BPE's)
-        own = (", the Llama block" if p.get("arch") == "llama" else "") + \
+        own = (f", the {p['arch']} block" if "arch" in p else "") + \
             (f", {vocab}-token vocabulary" if vocab != vocab_size else "")
         model = LanguageModel(config_from_flags(dict(p, vocab_size=vocab)), for_training=False)
-        print(f"| {name.capitalize()} (`--preset {name}`{own}) | {p['d_model']} | {p['n_heads']} | {p['d_ff']} | {p['n_layers']} | "
+        print(f"| {name.capitalize()} (`--preset {name}`{own}) | {p['d_model']} | {p['n_heads']} | "
+              f"{model.config.d_ff} | {p['n_layers']} | "
               f"{p['batch_size']} × {p['seq_len']} | {model.num_parameters():,} | "
               f"{model.num_parameters(include_embeddings=False):,} |")
 
@@ -249,9 +250,9 @@ def main(argv=None):
     ap.add_argument("--d_model", type=int, default=128, help="model width C (default 128)")
     ap.add_argument("--n_heads", type=int, default=4, help="attention heads (default 4)")
     ap.add_argument("--d_ff", type=int, default=None,
-                    help="feed-forward width (default 512; with --arch llama SwiGLU's, llama.swiglu_hidden(d_model))")
+                    help="feed-forward width (default: the block's own, 4 d_model for gpt2, SwiGLU's for llama)")
     ap.add_argument("--n_layers", type=int, default=2, help="Transformer blocks (default 2)")
-    ap.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2", help="the block, as train.py's --arch")
+    ap.add_argument("--arch", choices=list(ARCHS), default="gpt2", help="the block, as train.py's --arch")
     ap.add_argument("--n_kv_heads", type=int, default=None,
                     help="--arch llama: key/value heads (grouped-query attention; default --n_heads)")
     ap.add_argument("--batch_size", type=int, default=32, help="sequences per step (default 32)")
@@ -296,9 +297,8 @@ def run(args):
                                                   "device": args.device, "dropout": args.dropout}.items()]
             subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
         return
-    d_ff = args.d_ff or (swiglu_hidden(args.d_model) if args.arch == "llama" else 512)
     try:
-        cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=d_ff,
+        cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
                           n_layers=args.n_layers, max_seq_len=args.seq_len, arch=args.arch, n_kv_heads=args.n_kv_heads)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None

@@ -1,4 +1,5 @@
-"""Our byte-level BPE: the model and its file, the trainers (fast and reference) and the reference encoder.
+"""[data & text] Our byte-level BPE: the model and its file, the trainers (fast and reference) and
+the reference encoder.
 
 Train a model (the command line is tokenizer.py's; this module is what it calls):
 

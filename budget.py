@@ -1,4 +1,4 @@
-"""--time_budget: how many steps fit in a run's minutes, so that the learning-rate schedule ends when
+"""[training run] --time_budget: how many steps fit in a run's minutes, so that the learning-rate schedule ends when
 the time is up. The budget shapes the run; --max_time only stops it.
 
     budget = TimeBudget(minutes, world, cap=args.max_steps)

@@ -1,4 +1,4 @@
-"""Checkpoints: one .npz with the weights, optimizer state and a JSON meta record.
+"""[files] Checkpoints: one .npz with the weights, optimizer state and a JSON meta record.
 
 Layout of the .npz (uncompressed, loads with allow_pickle=False):
     "param/<name>"   model parameters (GPT-2 names, e.g. "wte", "h.0.attn.c_attn.weight")

@@ -1,32 +1,27 @@
-"""The model's hyperparameters, its parameters' names and shapes, and the size presets.
+"""[model] The model's record: its hyperparameters, each block kind's fixed facts, and the names
+and shapes of its parameters. A leaf: it imports no layer, so every room may import it.
 
     cfg = ModelConfig(vocab_size=50257, d_model=128, n_heads=4, d_ff=512, n_layers=2, max_seq_len=128)
     shapes = param_shapes(cfg)              # {"wte": (50257, 128), ..., "ln_f.bias": (128,)}
-    cfg = config_from_flags(PRESETS["small"])   # the same model, from train.py's flag names
-    cfg = ModelConfig(arch="llama", d_model=128, n_heads=4, n_kv_heads=2, d_ff=384)   # Llama's block (llama.py)
+    cfg = ModelConfig(arch="llama", d_model=128, n_heads=4, n_kv_heads=2)   # Llama's block, d_ff 384
 
-Two architectures share the embedding, the head and the parameter names: "gpt2" (transformer.py:
-layer norm, learned or sinusoidal position table, GELU/ReLU MLP, biases) and "llama" (llama.py:
-RMSNorm, rotary positions, SwiGLU, no biases, no position table). The fields only one of them
-uses (use_learned_pos, activation for GPT-2; rope_theta, n_kv_heads for Llama) must keep their
-GPT-2 values for "gpt2" and Llama's for "llama", so that one model has one config.
+Two kinds of block share the embedding, the head and the parameter names (ARCHS, one row each):
+"gpt2" (transformer.py: layer norm, learned or sinusoidal position table, GELU/ReLU MLP, biases)
+and "llama" (llama.py: RMSNorm, rotary positions, SwiGLU, no biases, no position table). The
+fields only one of them uses (use_learned_pos, activation for GPT-2; rope_theta, n_kv_heads for
+Llama) must keep their GPT-2 values for "gpt2" and Llama's for "llama", so that one model has one
+config. d_ff left out (None) is the block's own width: 4 d_model for GPT-2's MLP, SwiGLU's
+swiglu_hidden(d_model) for Llama's. language_model.BLOCKS holds each kind's math.
 
 ModelConfig is saved inside every checkpoint (checkpoint.py), so generate.py needs nothing
 else. A checkpoint written before a field existed still loads: the field takes its default.
-
-PRESETS is the one table of the model sizes: train.py --preset, benchmark.py (--all, --sizes),
-generate.py --benchmark and the README's table of sizes read it. A preset holds train.py flag
-values; flags given on the command line win over a preset's (train.py applies it only to flags
-left out), so a preset may set any flag, the optimizer's too.
+The training recipes (--preset) and the flag names live with train.py's flags (train_flags.py).
 """
-from dataclasses import asdict, dataclass, fields
-
 import math
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, NamedTuple
 
 import numpy as np
-
-from llama import RMS_EPS, ROPE_THETA, llama_block_shapes
-from transformer import LN_EPS
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2's tiktoken encoding: 50,256 merged tokens, then <|endoftext|>
 GPT2_EOT_ID = 50256
@@ -35,13 +30,107 @@ GPT2_EOT_ID = 50256
 # array in a file, so an untrusted number must not choose it freely.
 MAX_SEQ_LEN = 1 << 17
 
+LN_EPS = 1e-5  # GPT-2's layer norm
+# llama2.c's TinyStories models and Llama 2 use 1e-5 (so does our layer norm); HF's LlamaConfig
+# defaults to Llama 1's 1e-6, so the export must write rms_norm_eps (and rope_theta) explicitly.
+RMS_EPS = 1e-5
+ROPE_THETA = 10000.0
+
+
+# ----------------------------------------------------------------------------- the blocks' shapes
+
+def gpt2_block_shapes(d_model, d_ff):
+    """{name: shape} of one GPT-2 block's parameters (GPT-2's names and (in, out) layouts)."""
+    C, F = d_model, d_ff
+    return {"ln_1.weight": (C,), "ln_1.bias": (C,),
+            "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+            "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+            "ln_2.weight": (C,), "ln_2.bias": (C,),
+            "mlp.c_fc.weight": (C, F), "mlp.c_fc.bias": (F,),
+            "mlp.c_proj.weight": (F, C), "mlp.c_proj.bias": (C,)}
+
+
+def swiglu_hidden(d_model, multiple_of=64):
+    """The usual SwiGLU width when none is given: 2/3 of 4 d_model, rounded up to a multiple of 64
+    (Llama's formula: 11008 for d_model 4096 with multiple_of 256; llama2.c's 768 for 288)."""
+    hidden = 8 * d_model // 3
+    return multiple_of * -(-hidden // multiple_of)
+
+
+def llama_block_shapes(d_model, n_heads, n_kv_heads=None, d_ff=None):
+    """{name: shape} of one Llama block's parameters, in GPT-2's names where the role is the same, so
+    that a model's per-layer dict looks alike for both blocks. For HF's LlamaForCausalLM (weights there
+    (out, in)): ln_1 = input_layernorm, ln_2 = post_attention_layernorm, attn.c_attn's columns
+    [:C | C:C+Hkv hs | C+Hkv hs:] transposed = q_proj, k_proj, v_proj, attn.c_proj.T = o_proj,
+    mlp.c_fc's [:F | F:] transposed = gate_proj, up_proj, mlp.c_proj.T = down_proj."""
+    C, H = d_model, n_heads
+    Hkv = n_kv_heads or H
+    if C % H or H % Hkv or (C // H) % 2:
+        raise ValueError(f"the Llama block needs d_model ({C}) divisible by n_heads ({H}), an even head size "
+                         f"and n_heads divisible by n_kv_heads ({Hkv})")
+    hs, F = C // H, d_ff or swiglu_hidden(C)
+    return {"ln_1.weight": (C,), "attn.c_attn.weight": (C, (H + 2 * Hkv) * hs), "attn.c_proj.weight": (C, C),
+            "ln_2.weight": (C,), "mlp.c_fc.weight": (C, 2 * F), "mlp.c_proj.weight": (F, C)}
+
+
+# ----------------------------------------------------------------------------- the block table
+
+class Arch(NamedTuple):
+    """What one kind of block fixes about the model's record (language_model.BLOCKS holds its math)."""
+    d_ff: Callable  # (d_model) -> the feed-forward width when none is given
+    activations: tuple  # the feed-forward's activations, its default first
+    block_shapes: Callable  # (config) -> {name: shape} of one block's parameters
+    final_norm: tuple  # the names of the final norm's parameters
+    rotary: bool  # positions turned inside attention (no position table)
+    norm: str  # words for people (describe)
+    ffn: str
+
+
+def _check_gpt2(cfg):
+    for name in ("rope_theta", "n_kv_heads"):
+        if getattr(cfg, name) is not None:
+            raise ValueError(f"ModelConfig.{name} is the Llama block's (arch 'llama'); GPT-2's has none, got "
+                             f"{getattr(cfg, name)!r}")
+    if cfg.norm_eps != LN_EPS:
+        raise ValueError(f"ModelConfig.norm_eps {cfg.norm_eps!r}: GPT-2's layer norm uses {LN_EPS}")
+
+
+def _check_llama(cfg):
+    if cfg.use_learned_pos:
+        raise ValueError("use_learned_pos: the Llama block has no position table (its positions are rotary)")
+    if cfg.rope_theta is None:
+        cfg.rope_theta = ROPE_THETA
+    theta = cfg.rope_theta
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1 < theta < math.inf:
+        raise ValueError(f"ModelConfig.rope_theta must be a number above 1, got {theta!r}")
+    cfg.rope_theta = float(theta)
+    if cfg.n_kv_heads is None:
+        cfg.n_kv_heads = cfg.n_heads
+    k = cfg.n_kv_heads
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"ModelConfig.n_kv_heads must be a positive integer, got {k!r}")
+    llama_block_shapes(cfg.d_model, cfg.n_heads, k, cfg.d_ff)  # its ValueError: heads that do not fit
+
+
+ARCHS = {
+    "gpt2": Arch(d_ff=lambda C: 4 * C, activations=("gelu", "relu", "relu2"),
+                 block_shapes=lambda cfg: gpt2_block_shapes(cfg.d_model, cfg.d_ff),
+                 final_norm=("ln_f.weight", "ln_f.bias"), rotary=False, norm="layer norm", ffn="{} MLP"),
+    "llama": Arch(d_ff=swiglu_hidden, activations=("swiglu",),
+                  block_shapes=lambda cfg: llama_block_shapes(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff),
+                  final_norm=("ln_f.weight",), rotary=True, norm="RMSNorm", ffn="SwiGLU"),
+}
+CHECKS = {"gpt2": _check_gpt2, "llama": _check_llama}  # each block's own fields: defaults filled in, then checked
+
+
+# ----------------------------------------------------------------------------- the record
 
 @dataclass
 class ModelConfig:
     vocab_size: int = GPT2_VOCAB_SIZE
     d_model: int = 128
     n_heads: int = 4
-    d_ff: int = 512
+    d_ff: int = None  # the feed-forward width; None: the block's own (ARCHS: 4 d_model, or SwiGLU's)
     n_layers: int = 2
     max_seq_len: int = 128  # length of the positional table: the longest context
     use_learned_pos: bool = False  # learned wpe (GPT-2) instead of the fixed sinusoidal table
@@ -49,13 +138,18 @@ class ModelConfig:
     # GPT-2's MLP: "gelu" (tanh form, as GPT-2), "relu" or "relu2" (relu(x)^2); Llama's is "swiglu", its only
     # one. None (the default): the architecture's own, "gelu" or "swiglu"
     activation: str = None
-    arch: str = "gpt2"  # "gpt2" (transformer.py's block) or "llama" (llama.py's)
+    arch: str = "gpt2"  # a row of ARCHS: "gpt2" (transformer.py's block) or "llama" (llama.py's)
     rope_theta: float = None  # llama: the base of the rotary frequencies, None: ROPE_THETA (10000); gpt2: None
     n_kv_heads: int = None  # llama: key/value heads (fewer: grouped-query attention), None: n_heads; gpt2: None
     norm_eps: float = RMS_EPS  # the eps of the norms: RMSNorm's for llama; GPT-2's layer norm has LN_EPS, the same
     dropout: float = 0.0  # drop probability while training (dropout.py), 0: none; never in evaluation or generation
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"ModelConfig.arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
+        arch = ARCHS[self.arch]
+        if self.d_ff is None and isinstance(self.d_model, (int, np.integer)) and not isinstance(self.d_model, bool):
+            self.d_ff = arch.d_ff(self.d_model)
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -68,65 +162,41 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.arch not in ("gpt2", "llama"):
-            raise ValueError(f"ModelConfig.arch must be 'gpt2' or 'llama', got {self.arch!r}")
-        if self.arch == "llama":
-            self._check_llama()
-        else:
-            self._check_gpt2()
+        if self.activation is None:
+            self.activation = arch.activations[0]
+        if self.activation not in arch.activations:
+            choices = " or ".join(map(repr, arch.activations))
+            raise ValueError(f"activation {self.activation!r}: the {self.arch} block's feed-forward "
+                             f"({arch.ffn.format(arch.activations[0])}) takes {choices}")
+        CHECKS[self.arch](self)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"ModelConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or \
                 not 0 < self.norm_eps < 1:
             raise ValueError(f"ModelConfig.norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
 
-    def _check_gpt2(self):
-        if self.activation is None:
-            self.activation = "gelu"
-        if self.activation not in ("gelu", "relu", "relu2"):
-            raise ValueError(f"activation must be 'gelu', 'relu' or 'relu2', got {self.activation!r}")
-        for name in ("rope_theta", "n_kv_heads"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"ModelConfig.{name} is the Llama block's (arch 'llama'); GPT-2's has none, got "
-                                 f"{getattr(self, name)!r}")
-        if self.norm_eps != LN_EPS:
-            raise ValueError(f"ModelConfig.norm_eps {self.norm_eps!r}: GPT-2's layer norm uses {LN_EPS}")
-
-    def _check_llama(self):
-        if self.activation is None:
-            self.activation = "swiglu"
-        if self.activation != "swiglu":
-            raise ValueError(f"activation {self.activation!r}: the Llama block's feed-forward is SwiGLU ('swiglu')")
-        if self.use_learned_pos:
-            raise ValueError("use_learned_pos: the Llama block has no position table (its positions are rotary)")
-        if self.rope_theta is None:
-            self.rope_theta = ROPE_THETA
-        theta = self.rope_theta
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1 < theta < math.inf:
-            raise ValueError(f"ModelConfig.rope_theta must be a number above 1, got {theta!r}")
-        self.rope_theta = float(theta)
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        k = self.n_kv_heads
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"ModelConfig.n_kv_heads must be a positive integer, got {k!r}")
-        llama_block_shapes(self.d_model, self.n_heads, k, self.d_ff)  # its ValueError: heads that do not fit
+    @property
+    def positions(self):
+        """How the model knows where a token is: "rotary" (q and k turned inside attention), or the
+        position table added to the embeddings, "learned" (wpe) or "sinusoidal" (fixed)."""
+        if ARCHS[self.arch].rotary:
+            return "rotary"
+        return "learned" if self.use_learned_pos else "sinusoidal"
 
     def to_dict(self):
         return asdict(self)
 
     def describe(self):
         """One line for people: the block and its sizes."""
+        arch = ARCHS[self.arch]
         head = "tied head" if self.tie_embeddings else "untied head"
         layers = f"{self.n_layers} layer" + "s" * (self.n_layers != 1)
-        if self.arch == "llama":
-            kv = f" ({self.n_kv_heads} key/value head{'s' * (self.n_kv_heads != 1)})" \
-                if self.n_kv_heads != self.n_heads else ""
-            return (f"llama: {layers}, d_model {self.d_model}, {self.n_heads} heads{kv}, RMSNorm, "
-                    f"rotary positions (theta {self.rope_theta:g}), SwiGLU d_ff {self.d_ff}, no biases, {head}")
-        pos = "learned" if self.use_learned_pos else "sinusoidal"
-        return (f"gpt2: {layers}, d_model {self.d_model}, {self.n_heads} heads, layer norm, {pos} "
-                f"positions, {self.activation} MLP d_ff {self.d_ff}, {head}")
+        kv = f" ({self.n_kv_heads} key/value head{'s' * (self.n_kv_heads != 1)})" \
+            if self.n_kv_heads not in (None, self.n_heads) else ""
+        pos = f"{self.positions} positions" + (f" (theta {self.rope_theta:g})" if arch.rotary else "")
+        biases = "" if "ln_f.bias" in arch.final_norm else ", no biases"
+        return (f"{self.arch}: {layers}, d_model {self.d_model}, {self.n_heads} heads{kv}, {arch.norm}, {pos}, "
+                f"{arch.ffn.format(self.activation)} d_ff {self.d_ff}{biases}, {head}")
 
     @classmethod
     def from_dict(cls, d):
@@ -140,31 +210,18 @@ class ModelConfig:
 
 
 def param_shapes(cfg):
-    """{name: shape} of every parameter, in GPT-2's names and layouts. Llama's blocks take the names
-    llama.llama_block_shapes gives, without the biases; it has no wpe and no ln_f.bias."""
-    C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    """{name: shape} of every parameter, in GPT-2's names and layouts, in the order of the flat buffer:
+    the token table, the position table (learned positions only), the blocks, the final norm (without
+    a bias in the Llama block's model), the output layer when untied."""
+    C, V = cfg.d_model, cfg.vocab_size
+    arch = ARCHS[cfg.arch]
     shapes = {"wte": (V, C)}
-    if cfg.arch == "llama":
-        block = llama_block_shapes(C, cfg.n_heads, cfg.n_kv_heads, F)
-        for i in range(cfg.n_layers):
-            shapes.update({f"h.{i}.{name}": shape for name, shape in block.items()})
-        shapes["ln_f.weight"] = (C,)
-        if not cfg.tie_embeddings:
-            shapes["lm_head.weight"] = (V, C)
-        return shapes
-    if cfg.use_learned_pos:
+    if cfg.positions == "learned":
         shapes["wpe"] = (cfg.max_seq_len, C)
+    block = arch.block_shapes(cfg)
     for i in range(cfg.n_layers):
-        shapes.update({
-            f"h.{i}.ln_1.weight": (C,), f"h.{i}.ln_1.bias": (C,),
-            f"h.{i}.attn.c_attn.weight": (C, 3 * C), f"h.{i}.attn.c_attn.bias": (3 * C,),
-            f"h.{i}.attn.c_proj.weight": (C, C), f"h.{i}.attn.c_proj.bias": (C,),
-            f"h.{i}.ln_2.weight": (C,), f"h.{i}.ln_2.bias": (C,),
-            f"h.{i}.mlp.c_fc.weight": (C, F), f"h.{i}.mlp.c_fc.bias": (F,),
-            f"h.{i}.mlp.c_proj.weight": (F, C), f"h.{i}.mlp.c_proj.bias": (C,),
-        })
-    shapes["ln_f.weight"] = (C,)
-    shapes["ln_f.bias"] = (C,)
+        shapes.update({f"h.{i}.{name}": shape for name, shape in block.items()})
+    shapes.update({name: (C,) for name in arch.final_norm})
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (V, C)  # same layout as wte
     return shapes
@@ -175,42 +232,3 @@ def name_mismatch(expected, found):
     most), or None when they hold the same names."""
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     return f"missing {missing[:4]}, unexpected {extra[:4]}" if missing or extra else None
-
-
-# The guide's model sizes, with the batch benchmark.py times each at (train.py flag values); and laptop,
-# a whole recipe: every model and optimizer flag, for --time_budget minutes on a 2-core laptop, trained
-# on our BPE of 4,096 tokens: the Llama block, which scored best of the recipes tried with
-# scripts/quality.py (15 minutes on 3.5 MB of TinyStories; the README's table). With --arch gpt2 its
-# block's flags give way to GPT-2's (d_ff 4 d_model, gelu): the GPT-2 recipe that was tried beside it.
-PRESETS = {
-    "tiny": dict(d_model=64, n_heads=2, d_ff=256, n_layers=2, batch_size=32, seq_len=128),
-    "small": dict(d_model=128, n_heads=4, d_ff=512, n_layers=2, batch_size=32, seq_len=128),
-    "medium": dict(d_model=256, n_heads=8, d_ff=1024, n_layers=4, batch_size=16, seq_len=256),
-    "large": dict(d_model=512, n_heads=16, d_ff=2048, n_layers=6, batch_size=16, seq_len=256),
-    "laptop": dict(vocab_size=4096, d_model=256, n_heads=8, d_ff=704, n_layers=4, seq_len=128,
-                   arch="llama", rope_theta=10000.0, n_kv_heads=8,
-                   use_learned_pos=False, no_tie_embeddings=False, activation="swiglu",
-                   batch_size=32, grad_accum=1, optimizer="adamw", learning_rate=2e-3, min_lr=2e-4,
-                   warmup_steps=100, lr_schedule="cosine", weight_decay=0.01, decay_embeddings=False,
-                   beta1=0.9, beta2=0.999, grad_clip=1.0, dropout=0.0, time_budget=15),
-}
-
-
-def config_from_flags(flags):
-    """The ModelConfig that train.py's flags describe ({flag name: value}; those left out take
-    ModelConfig's defaults). --seq_len is the model's max_seq_len."""
-    renamed = {"seq_len": "max_seq_len"}
-    known = {f.name for f in fields(ModelConfig)}
-    values = {renamed.get(k, k): v for k, v in flags.items() if renamed.get(k, k) in known}
-    if "no_tie_embeddings" in flags:
-        values["tie_embeddings"] = not flags["no_tie_embeddings"]
-    return ModelConfig(**values)
-
-
-def flags_from_config(config):
-    """The values of train.py's architecture flags that describe config (--seq_len aside: a run may
-    use a shorter context than the model's max_seq_len)."""
-    return {"vocab_size": config.vocab_size, "d_model": config.d_model, "n_heads": config.n_heads,
-            "d_ff": config.d_ff, "n_layers": config.n_layers, "use_learned_pos": config.use_learned_pos,
-            "no_tie_embeddings": not config.tie_embeddings, "activation": config.activation, "arch": config.arch,
-            "rope_theta": config.rope_theta, "n_kv_heads": config.n_kv_heads}

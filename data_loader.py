@@ -1,4 +1,4 @@
-"""Token datasets for training: tokenized .jsonl -> memory-mapped binary -> batches.
+"""[data & text] Token datasets for training: tokenized .jsonl -> memory-mapped binary -> batches.
 
 The tokenizer writes `X.jsonl` (one JSON array of token ids per line) and, with it,
 a sidecar `X.jsonl.meta.json` naming the tokenizer. Parsing JSON every run would be

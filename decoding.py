@@ -1,4 +1,4 @@
-"""Decoding: the next token's logits for a growing text, one token's work at a time (a key/value cache).
+"""[generation] Decoding: the next token's logits for a growing text, one token's work at a time (a key/value cache).
 
     decoder = Decoder(model)
     logits = decoder.feed(prompt_ids)           # (V,) on the host: the prefill

@@ -1,4 +1,5 @@
-"""The processes a run trains in: this process alone, or MPI ranks that together look like the serial loop.
+"""[training run] The processes a run trains in: this process alone, or MPI ranks that together look
+like the serial loop.
 
     world = distributed.world()                  # Solo(), or MPIRanks under mpiexec -n N
     x, y = batches.next()                        # the same (B, T) batch on every rank

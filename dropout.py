@@ -1,4 +1,5 @@
-"""Dropout's masks: which elements a training pass drops, drawn from a random stream of their own.
+"""[math] Dropout: applying a mask, and which elements a training pass drops (masks drawn from a
+random stream of their own).
 
 Shapes: B rows (sequences) of a pass, T sequence length, C d_model, H heads, L n_layers.
 
@@ -12,8 +13,8 @@ and resid_pdrop):
     att = dropout(softmax(q @ k.T / sqrt(hs)))                         each block, (B, H, T, T)
     x = x + dropout(attn(ln_1(x))),  x = x + dropout(mlp(ln_2(x)))     each block, (B, T, C) twice
 
-The layers apply the masks (transformer.py: DropoutMask, dropout_forward/backward, BlockMasks, for
-both blocks); this module draws them.
+This module holds the whole idea: applying a mask (dropout_forward/backward, residual_add_inplace,
+which both blocks call) and drawing the masks of a training pass (draw_masks).
 
 Which masks: a function of (seed, step, global row) alone. Every row of a step's whole batch has a
 generator of its own, seeded from (seed, DROPOUT_STREAM, step, row), and draws all its masks from
@@ -40,12 +41,58 @@ from typing import NamedTuple
 
 import numpy as np
 
-from device import to_device
-from transformer import BlockMasks, DropoutMask
+from device import blocks, get_array_module, to_device
 
 DROPOUT_STREAM = 2  # the initial weights draw from the seed itself, the batch order from (seed, 1)
 LEVELS = 1 << 16  # one uint16 per element
 
+
+# ----------------------------------------------------------------------------- applying a mask
+
+class DropoutMask(NamedTuple):
+    keep: np.ndarray  # (..., F) bool, the shape of the array it drops from: True where an element stays
+    scale: float  # 1 / (1 - p), p the drop probability: the kept elements scaled so that E[out] = x
+
+
+def dropout_forward(x, mask, out=None):
+    """(..., F) -> (..., F): x * keep * scale, into `out` (x itself: in place; default: a new array), in
+    cache-sized blocks on the CPU. x must be C-contiguous (every array dropped here is fresh)."""
+    xp = get_array_module(x)
+    out = xp.empty_like(x) if out is None else out
+    for xb, kb, ob in blocks(x, mask.keep, out):
+        xp.multiply(xb, kb, out=ob)
+        ob *= mask.scale
+    return out
+
+
+def dropout_backward(dout, mask, out=None):
+    """Forward was out = x * keep * scale, a fixed diagonal linear map: dx = dout * keep * scale."""
+    return dropout_forward(dout, mask, out)
+
+
+def residual_add_inplace(branch, x, mask=None):
+    """branch becomes x + dropout(branch), in place, in one blocked pass (x + branch without a mask):
+    a block's residual add, the branch's output dropped out before it joins the residual stream."""
+    if mask is None:
+        branch += x
+        return
+    for bb, kb, xb in blocks(branch, mask.keep, x):
+        bb *= kb
+        bb *= mask.scale
+        bb += xb
+
+
+class BlockMasks(NamedTuple):
+    """One block's dropout masks for one training pass (dropout.draw_masks), in either block."""
+    att: DropoutMask  # (B, H, T, T) the attention weights, after the softmax
+    attn_out: DropoutMask  # (B, T, C) the attention branch's output, before its residual add
+    mlp_out: DropoutMask  # (B, T, C) the feed-forward branch's output, before its residual add
+
+
+NO_DROPOUT = BlockMasks(None, None, None)
+
+
+# ----------------------------------------------------------------------------- drawing the masks
 
 class DropoutKey(NamedTuple):
     """The masks of a training pass: those of step `step` of the run of seed `seed`, for the rows of the

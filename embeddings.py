@@ -1,4 +1,4 @@
-"""Token embedding plus positional encoding: the model's first layer.
+"""[math] Token embedding plus positional encoding: the model's first layer.
 
 Shapes: B batch, T sequence length, C model width (d_model), V vocabulary size,
 T_max the longest sequence the positional table covers (max_seq_len).

@@ -1,4 +1,4 @@
-"""Errors a user can fix, and how the scripts tell the user things.
+"""[engine] Errors a user can fix, and how the scripts tell the user things.
 
 Every script's main catches UserError and prints it as one line, `error: <message>`, exit
 code 1; any other exception is a bug and keeps its traceback. A message says which file or

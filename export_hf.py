@@ -1,4 +1,4 @@
-"""Export a checkpoint as a Hugging Face folder, for `transformers` (weights, config and tokenizer): a
+"""[command] Export a checkpoint as a Hugging Face folder, for `transformers` (weights, config and tokenizer): a
 GPT2LMHeadModel for a GPT-2 checkpoint, a LlamaForCausalLM for one trained with --arch llama.
 
     python3 export_hf.py checkpoints_small/checkpoint_final.npz hf_small
@@ -60,8 +60,7 @@ def export(checkpoint_path, out_dir, log=print):
     bpe, what = tokenizer_to_export(ck.meta, ck.config)
     eot = bpe.specials[ENDOFTEXT] if bpe is not None else (ck.meta.get("tokenizer") or {}).get("eot_id")
     record = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION,
-              "positions": "rotary" if ck.config.arch == "llama" else
-              "learned" if ck.config.use_learned_pos else "sinusoidal",
+              "positions": ck.config.positions,
               "config": ck.config.to_dict(), "step": ck.meta.get("step"), "tokenizer": ck.meta.get("tokenizer"),
               "checkpoint": os.path.basename(str(checkpoint_path))}
     try:

@@ -1,4 +1,4 @@
-"""Generate text from a trained checkpoint, one token at a time, with a key/value cache.
+"""[command] Generate text from a trained checkpoint, one token at a time, with a key/value cache.
 
     python3 generate.py --checkpoint checkpoints_small/checkpoint_final.npz \\
         --prompt "Once upon a time" --max_length 100 --temperature 0.8 --top_k 50 --num_samples 3

@@ -1,4 +1,4 @@
-"""GPT-2's files: its spelling of a byte-level BPE (vocab.json + merges.txt) and its own BPE, bundled.
+"""[data & text] GPT-2's files: its spelling of a byte-level BPE (vocab.json + merges.txt) and its own BPE, bundled.
 
 GPT-2 (and Hugging Face's GPT2Tokenizer) keeps a BPE as two text files:
     vocab.json    {token: id}, every token's bytes spelled as printable characters by

@@ -1,4 +1,4 @@
-"""The Hugging Face format: a model folder as `transformers` writes it, read and written here.
+"""[interchange] The Hugging Face format: a model folder as `transformers` writes it, read and written here.
 
 export_hf.py writes a checkpoint as such a folder; train.py --init_from and generate.py
 --checkpoint DIR read one (an export, or a folder transformers saved). A GPT-2 checkpoint becomes
@@ -44,15 +44,13 @@ import shutil
 import numpy as np
 
 from atomic import atomic_write
-from config import GPT2_VOCAB_SIZE, MAX_SEQ_LEN, ModelConfig, name_mismatch, param_shapes
+from config import GPT2_VOCAB_SIZE, LN_EPS, MAX_SEQ_LEN, ROPE_THETA, ModelConfig, name_mismatch, param_shapes
 from embeddings import sinusoidal_positions
 from errors import HFError
 from gpt2_files import write_vocab_merges
 from language_model import LanguageModel
 from pretokens import ENDOFTEXT
 from tokenizer import load_bpe, load_tiktoken
-from llama import ROPE_THETA
-from transformer import LN_EPS
 from untrusted import read_json, regular_file
 
 EXPORT_FORMAT = "numpy-gpt hf export"
@@ -138,7 +136,7 @@ def config_from_gpt2_json(hf, source):
     try:
         return ModelConfig(vocab_size=_int_field(hf, "vocab_size", source), d_model=C,
                            n_heads=_int_field(hf, "n_head", source), n_layers=_int_field(hf, "n_layer", source),
-                           d_ff=4 * C if d_ff is None else _int_field(hf, "n_inner", source),
+                           d_ff=None if d_ff is None else _int_field(hf, "n_inner", source),  # None: 4 C
                            max_seq_len=_int_field(hf, "n_positions", source), use_learned_pos=True,
                            tie_embeddings=tie, activation="gelu" if act in GELU_NAMES else act)
     except ValueError as e:
@@ -479,7 +477,7 @@ def read_hf_config(path):
     config = config_from_json(hf, source)
     weights = _Weights(path, config.arch)
     wpe = hf_key("wpe")
-    if config.arch == "gpt2" and our_record(hf).get("positions") == "sinusoidal":
+    if config.positions == "learned" and our_record(hf).get("positions") == "sinusoidal":
         want = (config.max_seq_len, config.d_model)
         if wpe in weights.where and weights.shape(wpe) == want and \
                 np.array_equal(weights.get(wpe), sinusoidal_positions(*want, np.float32)):

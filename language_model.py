@@ -1,4 +1,4 @@
-"""A GPT-style language model composed of the hand-written layers.
+"""[model] A GPT-style language model composed of the hand-written layers.
 
 Shapes: B batch, T sequence length, C d_model, V vocab_size, L n_layers, H n_heads,
 F d_ff, T_max max_seq_len, P the number of parameters (params.flat and grads.flat are (P,)).
@@ -7,8 +7,10 @@ F d_ff, T_max max_seq_len, P the number of parameters (params.flat and grads.fla
     x = block_i(x) for i in range(L)            transformer.py (pre-norm)
     loss = cross_entropy(ln_f(x) @ wte.T, targets)   lm_head.py + loss.py
 
-With config.arch "llama" the blocks are llama.py's (RMSNorm, rotary positions, SwiGLU, no
-biases), the embedding adds no position table and ln_f is an RMSNorm.
+Which block, and its final norm, the model picks once from BLOCKS by config.arch: GPT-2's
+(transformer.py) or Llama's (llama.py: RMSNorm, rotary positions, SwiGLU, no biases), whose
+embedding adds no position table (config.positions "rotary") and whose ln_f is an RMSNorm. A
+new kind of block is a row here and one in config.ARCHS.
 
 Training with config.dropout > 0 drops out the embeddings' output and, in each block, the
 attention weights and both branches' outputs, with masks drawn per global row of the step's
@@ -30,15 +32,34 @@ import math
 
 import numpy as np
 
+from typing import Callable, NamedTuple
+
+import llama
+import transformer
 from config import name_mismatch, param_shapes
 from device import array_module, to_device, to_host
-from dropout import draw_masks
+from dropout import draw_masks, dropout_backward, dropout_forward
 from embeddings import embedding_backward, embedding_forward, sinusoidal_positions
-from llama import llama_block_backward, llama_block_forward
 from lm_head import HeadWorkspace, lm_head_forward, lm_head_loss
 from loss import IGNORE_INDEX
 from parallel import Shards
-from transformer import KVCache, block_backward, block_forward, dropout_backward, dropout_forward
+from transformer import KVCache
+
+
+class Block(NamedTuple):
+    """One kind of block's math, in the signatures every kind shares."""
+    forward: Callable  # (x, p, cfg, kv, layer, dropout) -> out, cache
+    backward: Callable  # (dout, cache, p, g) -> dx, adding into g
+    final_norm_forward: Callable  # (x, params, cfg) -> h, cache: ln_f
+    final_norm_backward: Callable  # (dh, cache, grads) -> dx
+
+
+BLOCKS = {  # config.arch -> its block (config.ARCHS holds the same kinds' shapes and defaults)
+    "gpt2": Block(transformer.block_forward, transformer.block_backward,
+                  transformer.final_norm_forward, transformer.final_norm_backward),
+    "llama": Block(llama.llama_block_forward, llama.llama_block_backward,
+                   llama.llama_final_norm_forward, llama.llama_final_norm_backward),
+}
 
 
 def init_params(cfg, rng, dtype=np.float32):
@@ -125,6 +146,7 @@ class LanguageModel:
         self.grads = FlatDict(xp.zeros(size, dtype), self.shapes) if for_training else None
         self.shards = Shards(1 if xp is not np else workers, self.grads,
                              lambda: FlatDict(xp.zeros(size, dtype), self.shapes), HeadWorkspace)
+        self.block = BLOCKS[config.arch]
         self._pos_table = None
 
     def _check_params(self, params):
@@ -155,10 +177,10 @@ class LanguageModel:
 
     def positions(self):
         """(T_max, C): the learned wpe, or the sinusoidal table in the parameters' dtype; None for
-        the Llama block's model (its positions are rotations inside attention)."""
-        if self.config.arch == "llama":
+        rotary positions (rotations inside attention: the Llama block's)."""
+        if self.config.positions == "rotary":
             return None
-        if self.config.use_learned_pos:
+        if self.config.positions == "learned":
             return self.params["wpe"]
         if self._pos_table is None or self._pos_table.dtype != self.dtype:
             table = sinusoidal_positions(self.config.max_seq_len, self.config.d_model, self.dtype)
@@ -212,11 +234,7 @@ class LanguageModel:
         caches = []
         for i in range(cfg.n_layers):
             layer_masks = None if masks is None else masks.layers[i]
-            if cfg.arch == "llama":
-                x, cache = llama_block_forward(x, p.layers[i], cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta,
-                                               cfg.norm_eps, kv, i, layer_masks)
-            else:
-                x, cache = block_forward(x, p.layers[i], cfg.n_heads, cfg.activation, kv, i, layer_masks)
+            x, cache = self.block.forward(x, p.layers[i], cfg, kv, i, layer_masks)
             caches.append(cache)
         if kv is not None:
             kv.length += idx.shape[1]
@@ -230,8 +248,8 @@ class LanguageModel:
         x, _ = self._trunk_forward(to_device(idx, self.xp), kv_cache)
         if last_only:
             x = x[:, -1:]  # (B, T, C) -> (B, 1, C): the head is most of the cost
-        p = self.params
-        return lm_head_forward(x, p["ln_f.weight"], p.get("ln_f.bias"), self.head_weight(p), self.config.norm_eps)
+        h, _ = self.block.final_norm_forward(x, self.params, self.config)
+        return lm_head_forward(h, self.head_weight(self.params))
 
     def _dropout_masks(self, key, B, T):
         """The dropout masks of the B rows of `key` (dropout.DropoutKey), None without dropout."""
@@ -245,13 +263,13 @@ class LanguageModel:
         p, cfg = self.params, self.config
         masks = self._dropout_masks(dropout, *idx.shape)
         x, caches = self._trunk_forward(idx, masks=masks)
-        loss_sum, n_correct, _, dx = lm_head_loss(
-            x, p["ln_f.weight"], p.get("ln_f.bias"), self.head_weight(p), targets,
-            grads=(g["ln_f.weight"], g.get("ln_f.bias"), self.head_weight(g)), workspace=workspace,
-            mean_over=n_targets, eps=cfg.norm_eps)
-        block = llama_block_backward if cfg.arch == "llama" else block_backward
+        B, T, C = x.shape
+        h, norm_cache = self.block.final_norm_forward(x.reshape(B * T, C), p, cfg)
+        loss_sum, n_correct, _, dh = lm_head_loss(h, self.head_weight(p), targets.reshape(B * T),
+                                                  self.head_weight(g), workspace, mean_over=n_targets)
+        dx = self.block.final_norm_backward(dh, norm_cache, g).reshape(B, T, C)
         for i in reversed(range(cfg.n_layers)):
-            dx = block(dx, caches[i], p.layers[i], g.layers[i])
+            dx = self.block.backward(dx, caches[i], p.layers[i], g.layers[i])
         if masks is not None:
             dropout_backward(dx, masks.embedding, out=dx)  # forward was: x = dropout(wte[idx] + pos)
         embedding_backward(dx, idx, g["wte"], g.get("wpe"))
@@ -259,10 +277,11 @@ class LanguageModel:
 
     def _loss(self, idx, targets, workspace):
         """One worker's rows, no gradients: (loss sum, number correct)."""
-        p = self.params
         x, _ = self._trunk_forward(idx)
-        loss_sum, n_correct, _, _ = lm_head_loss(x, p["ln_f.weight"], p.get("ln_f.bias"), self.head_weight(p),
-                                                 targets, workspace=workspace, eps=self.config.norm_eps)
+        B, T, C = x.shape
+        h, _ = self.block.final_norm_forward(x.reshape(B * T, C), self.params, self.config)
+        loss_sum, n_correct, _, _ = lm_head_loss(h, self.head_weight(self.params), targets.reshape(B * T),
+                                                 workspace=workspace)
         return loss_sum, n_correct
 
     def _to_device(self, idx, targets):

@@ -1,4 +1,4 @@
-"""The Llama block: RMSNorm, rotary positions, SwiGLU, and the block built from them.
+"""[math] The Llama block: RMSNorm, rotary positions, SwiGLU, and the block built from them.
 
 Shapes: B batch, T sequence length (of the queries), S length of the keys (T, or more with a
 key/value cache), C model width, H query heads, Hkv key/value heads (H for plain multi-head
@@ -21,25 +21,22 @@ columns are [q heads | k heads | v heads], head-major as HF's q_proj/k_proj/v_pr
 mlp.c_fc's are [gate | up]. Weights are (in, out), x @ w, as everywhere in this repository.
 Each layer is a forward/backward pair as in transformer.py: backward adds into the gradient
 arrays it is given. Dropout, in training only, goes where GPT-2's block has it: on the attention
-weights after the softmax and on each branch's output before its residual add (transformer.py's
+weights after the softmax and on each branch's output before its residual add (dropout.py's
 DropoutMask and BlockMasks; the attention weights' mask is (B, H, T, S), query head j = kv head
-j // G, group member j % G, as the weights themselves are laid out).
+j // G, group member j % G, as the weights themselves are laid out). From GPT-2's block this
+takes only the attention core (the causal softmax); the shapes of the parameters and the
+defaults (RMS_EPS, ROPE_THETA, swiglu_hidden) are the model's record, config.py's.
 """
 import math
 from typing import NamedTuple
 
 import numpy as np
 
-from device import get_array_module, to_device, whole_arrays
-from transformer import (BLOCK, NO_DROPOUT, BlockMasks, DropoutMask, blocks, causal_softmax_inplace, column_sum,
-                         dropout_backward, dropout_forward, matmul_into, matmul_rows, residual_add_inplace,
-                         row_dot_mean,
-                         softmax_backward_inplace)
-
-# llama2.c's TinyStories models and Llama 2 use 1e-5 (so does our layer norm); HF's LlamaConfig
-# defaults to Llama 1's 1e-6, so the export must write rms_norm_eps (and rope_theta) explicitly.
-RMS_EPS = 1e-5
-ROPE_THETA = 10000.0
+from config import RMS_EPS, ROPE_THETA, llama_block_shapes
+from device import (BLOCK, blocks, column_sum, get_array_module, matmul_into, matmul_rows, row_dot_mean, to_device,
+                    whole_arrays)
+from dropout import NO_DROPOUT, BlockMasks, DropoutMask, dropout_backward, dropout_forward, residual_add_inplace
+from transformer import causal_softmax_inplace, softmax_backward_inplace
 
 # ----------------------------------------------------------------------------- RMSNorm
 
@@ -277,13 +274,6 @@ def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
 
 # ----------------------------------------------------------------------------- SwiGLU feed-forward
 
-def swiglu_hidden(d_model, multiple_of=64):
-    """The usual SwiGLU width when none is given: 2/3 of 4 d_model, rounded up to a multiple of 64
-    (Llama's formula: 11008 for d_model 4096 with multiple_of 256; llama2.c's 768 for 288)."""
-    hidden = 8 * d_model // 3
-    return multiple_of * -(-hidden // multiple_of)
-
-
 class SwiGLUCache(NamedTuple):
     x: np.ndarray  # (B, T, C) input
     h: np.ndarray  # (2F, N) [silu(gate); up]: (x @ w_fc).T, the gate's rows turned into silu(gate) in place
@@ -299,7 +289,7 @@ def swiglu_forward(x, w_fc, w_proj):
     (2F, N), so that the gates h[:F] and the ups h[F:] are contiguous arrays: NumPy's element-wise
     passes over half rows of an (N, 2F) array take 2-3 times as long. The transposes are flags to
     BLAS (and cuBLAS), not copies. The element-wise chain runs in cache-sized blocks of rows on the
-    CPU (transformer.blocks), on whole arrays on the whole-array path. Backward needs the gate only
+    CPU (device.blocks), on whole arrays on the whole-array path. Backward needs the gate only
     through sigmoid(gate) and silu(gate), so silu(gate) is written over it.
     """
     xp = get_array_module(x)
@@ -354,18 +344,17 @@ class LlamaBlockCache(NamedTuple):
     dropout: BlockMasks  # NO_DROPOUT: none
 
 
-def llama_block_forward(x, p, n_heads, n_kv_heads=None, rope_theta=ROPE_THETA, eps=RMS_EPS, kv=None, layer=0,
-                        dropout=None):
+def llama_block_forward(x, p, cfg, kv=None, layer=0, dropout=None):
     """Pre-norm block: x + dropout(attn(rmsnorm_1(x))), then + dropout(swiglu(rmsnorm_2(.))). `p` maps the
-    names of llama_block_shapes to arrays; `dropout`: the block's BlockMasks when training with dropout,
-    None: no dropout."""
+    names of llama_block_shapes to arrays; cfg: the ModelConfig (n_heads, n_kv_heads, rope_theta, norm_eps);
+    `dropout`: the block's BlockMasks when training with dropout, None: no dropout."""
     dropout = dropout or NO_DROPOUT
-    h, c_ln1 = rmsnorm_forward(x, p["ln_1.weight"], eps)
+    h, c_ln1 = rmsnorm_forward(x, p["ln_1.weight"], cfg.norm_eps)
     a, c_attn = llama_attention_forward(h, p["attn.c_attn.weight"], p["attn.c_proj.weight"],
-                                        n_heads, n_kv_heads, rope_theta, kv, layer, dropout.att)
+                                        cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, kv, layer, dropout.att)
     residual_add_inplace(a, x, dropout.attn_out)  # x + dropout(attn(rmsnorm(x))), over attention's output (fresh)
     x = a
-    h, c_ln2 = rmsnorm_forward(x, p["ln_2.weight"], eps)
+    h, c_ln2 = rmsnorm_forward(x, p["ln_2.weight"], cfg.norm_eps)
     m, c_mlp = swiglu_forward(h, p["mlp.c_fc.weight"], p["mlp.c_proj.weight"])
     residual_add_inplace(m, x, dropout.mlp_out)  # the residual, over the feed-forward's output
     return m, LlamaBlockCache(c_ln1, c_attn, c_ln2, c_mlp, dropout)
@@ -389,23 +378,17 @@ def llama_block_backward(dout, cache, p, g):
     return dx
 
 
-# ----------------------------------------------------------------------------- parameters
+def llama_final_norm_forward(x, p, cfg):
+    """The model's last RMSNorm, ln_f, before the output layer; p: the model's parameters."""
+    return rmsnorm_forward(x, p["ln_f.weight"], cfg.norm_eps)
 
-def llama_block_shapes(d_model, n_heads, n_kv_heads=None, d_ff=None):
-    """{name: shape} of one block's parameters, in GPT-2's names where the role is the same, so that
-    a model's per-layer dict looks alike for both blocks. For HF's LlamaForCausalLM (weights there
-    (out, in)): ln_1 = input_layernorm, ln_2 = post_attention_layernorm, attn.c_attn's columns
-    [:C | C:C+Hkv hs | C+Hkv hs:] transposed = q_proj, k_proj, v_proj, attn.c_proj.T = o_proj,
-    mlp.c_fc's [:F | F:] transposed = gate_proj, up_proj, mlp.c_proj.T = down_proj."""
-    C, H = d_model, n_heads
-    Hkv = n_kv_heads or H
-    if C % H or H % Hkv or (C // H) % 2:
-        raise ValueError(f"the Llama block needs d_model ({C}) divisible by n_heads ({H}), an even head size "
-                         f"and n_heads divisible by n_kv_heads ({Hkv})")
-    hs, F = C // H, d_ff or swiglu_hidden(C)
-    return {"ln_1.weight": (C,), "attn.c_attn.weight": (C, (H + 2 * Hkv) * hs), "attn.c_proj.weight": (C, C),
-            "ln_2.weight": (C,), "mlp.c_fc.weight": (C, 2 * F), "mlp.c_proj.weight": (F, C)}
 
+def llama_final_norm_backward(dh, cache, g):
+    """Reverse of llama_final_norm_forward; g: the model's gradients. Returns dx."""
+    return rmsnorm_backward(dh, cache, g["ln_f.weight"])
+
+
+# ----------------------------------------------------------------------------- for tests
 
 def init_llama_block(shapes, n_layers, rng, dtype=np.float32):
     """GPT-2's initialisation, the rule language_model.init_params applies to these names too: gains 1,

@@ -1,4 +1,4 @@
-"""Softmax cross-entropy for next-token prediction.
+"""[math] Softmax cross-entropy for next-token prediction.
 
 Shapes: N rows (B*T token positions), V vocabulary size.
 A target equal to IGNORE_INDEX contributes neither loss nor gradient nor accuracy.

@@ -1,4 +1,4 @@
-"""Optimizers (SGD and AdamW), learning-rate schedules and gradient clipping.
+"""[math] Optimizers (SGD and AdamW), learning-rate schedules and gradient clipping.
 
 Everything works on two dicts with the same keys, ``params`` and ``grads``
 (name -> array), like ``LanguageModel.params`` / ``LanguageModel.grads``. There every

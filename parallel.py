@@ -1,4 +1,4 @@
-"""Every core busy: the batch split into shards, one thread per core.
+"""[engine] Every core busy: the batch split into shards, one thread per core.
 
 NumPy's matrix products (BLAS) use all the cores, but its element-wise work (exp, softmax,
 layer norm, additions) runs on one. On a 2-core machine that leaves a core idle for a

@@ -1,4 +1,4 @@
-"""Draw training and validation loss curves from a train.py metrics file (needs matplotlib).
+"""[command] Draw training and validation loss curves from a train.py metrics file (needs matplotlib).
 
     python3 plot_metrics.py checkpoints_small/metrics.jsonl                 # -> checkpoints_small/loss.png
     python3 plot_metrics.py checkpoints_small/metrics.jsonl --out curves.png

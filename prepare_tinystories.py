@@ -1,4 +1,4 @@
-"""Download TinyStories and write it one story per line, ready for tokenizer.py.
+"""[command] Download TinyStories and write it one story per line, ready for tokenizer.py.
 
     python3 prepare_tinystories.py --data_dir data --sample_size 10000   # first 10K train stories, streamed
     python3 prepare_tinystories.py --data_dir data --full                # whole dataset (about 2.2 GB)

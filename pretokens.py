@@ -1,4 +1,4 @@
-"""Pre-tokenisation: the pieces BPE works inside, and counting them in a file of any size on all cores.
+"""[data & text] Pre-tokenisation: the pieces BPE works inside, and counting them in a file of any size on all cores.
 
 GPT-2's pattern cuts text into pieces (a word with its leading space, a run of digits, of
 punctuation, of whitespace); BPE never merges across a piece, and special tokens such as

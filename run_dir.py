@@ -1,4 +1,4 @@
-"""A training run's folder (--save_dir): which run trains there, its checkpoints, one writer at a time.
+"""[training run] A training run's folder (--save_dir): which run trains there, its checkpoints, one writer at a time.
 
     run_dir = RunDir("checkpoints_small")
     with run_dir.lock():                        # a second train.py on the folder is refused

@@ -1,4 +1,4 @@
-"""Sampling the next token from the model's logits: temperature, top-k, top-p, then one draw.
+"""[generation] Sampling the next token from the model's logits: temperature, top-k, top-p, then one draw.
 
     from sampling import sample_next
     token = sample_next(logits, rng, temperature=0.8, top_k=50)     # logits (V,), rng a NumPy Generator

@@ -1,4 +1,4 @@
-"""Whether a training run should stop early, before the next step: one question for the loop.
+"""[training run] Whether a training run should stop early, before the next step: one question for the loop.
 
     with Stop(max_minutes, world) as stop:
         while True:

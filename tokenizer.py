@@ -1,4 +1,4 @@
-"""Tokenizers for numpy-gpt: GPT-2's BPE through tiktoken (works offline) and our own byte-level BPE.
+"""[command; data & text] Tokenizers for numpy-gpt: GPT-2's BPE through tiktoken (works offline) and our own byte-level BPE.
 
 Tokenize a text file:
 

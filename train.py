@@ -1,4 +1,4 @@
-"""Train the NumPy GPT on tokenized TinyStories: resumable, observable, robust.
+"""[command] Train the NumPy GPT on tokenized TinyStories: resumable, observable, robust.
 
 Small model from the guide (about 1 s a step on 2 cores):
     python3 train.py \\
@@ -64,21 +64,21 @@ import numpy as np
 import distributed
 from budget import TimeBudget
 from checkpoint import copy_params
-from config import config_from_flags, param_shapes
-from data_loader import RandomBatches, check_same_tokenizer, eval_batches, load_dataset, num_eval_windows
+from config import param_shapes
+from data_loader import RandomBatches, check_same_tokenizer, load_dataset, num_eval_windows
 from device import array_module, gpu_name, on_gpu, synchronize
 from dropout import DropoutKey
 from errors import DataError, TrainError, UserError
 from hf_format import load_hf_params, read_hf_config
 from language_model import LanguageModel
 from loss import count_targets
-from metrics import Interval, MetricsLog, StepTimer, log_eval, log_train, progress_bar
+from metrics import Interval, MetricsLog, StepTimer, evaluate, log_eval, log_train, progress_bar
 from optimizer import SGD, AdamW, LRSchedule, clip_grad_norm
 from parallel import cores, keep_freed_memory, split_rows
 from run_dir import FINAL, RunDir, new_run_id, step_name
 from stop import Stop
 from tokenizer import same_tokenizer, tokenizer_from_identity, tokenizer_kind
-from train_flags import apply_defaults, build_parser, check_args, check_init_from, given_flags
+from train_flags import apply_defaults, build_parser, check_args, check_init_from, config_from_flags, given_flags
 from train_state import DISK_FULL, TrainState, restore, save
 
 NAN_REMEDIES = ("lower --learning_rate (e.g. halve it), keep --grad_clip at 1.0 or lower it, use more "
@@ -276,42 +276,6 @@ def init_weights(model, args, init, identity, log):
     copy_params(model.params, load_hf_params(args.init_from, config), args.init_from)
     step = f" (step {record['step']} of the run that wrote it)" if record.get("step") is not None else ""
     log.say(f"initialised from {args.init_from}{step}")
-
-
-def evaluate(model, val, batch_size, seq_len, max_batches=None, world=distributed.Solo(), stop=None):
-    """Loss, perplexity, accuracy and bits per byte over the validation windows.
-
-    Each rank evaluates its rows of every batch (as one process's workers would); one small sum a
-    batch adds up the parts, so no rank waits longer than a batch for another (--rank_timeout holds),
-    and a signal (stop.interrupted) on any rank ends the evaluation on all: it returns None. On the GPU
-    each rank's sums stay there until the end, read once and added up over the ranks then; a batch's
-    sum carries only the vote. Perplexity is exp(total loss / total tokens), not a mean of
-    per-batch values; bits per byte divides the total loss in bits by the UTF-8 bytes those tokens
-    stand for (val.num_bytes, separators included) times the fraction of the set evaluated.
-    """
-    loss_sum, n_correct, n_tokens = 0.0, 0, 0
-    on_device = model.xp is not np
-    for x, y in eval_batches(val, batch_size, seq_len, max_batches):
-        a, b = world.rows(len(x))
-        s, c = model.evaluate(x[a:b], y[a:b]) if b > a else (0.0, 0)
-        vote = stop is not None and stop.interrupted
-        if on_device:
-            (interrupted,) = world.sum([vote])
-        else:
-            s, c, interrupted = world.sum([s, c, vote])
-        if interrupted:
-            return None
-        loss_sum, n_correct, n_tokens = loss_sum + s, n_correct + c, n_tokens + count_targets(y)
-    if on_device:
-        loss_sum, n_correct = world.sum([loss_sum, n_correct])
-    loss_sum, n_correct = float(loss_sum), int(n_correct)  # one process on the GPU: read now, once
-    mean = loss_sum / n_tokens
-    out = {"val_loss": mean, "val_perplexity": math.exp(min(mean, 700.0)), "val_accuracy": n_correct / n_tokens,
-           "val_bpb": None, "val_tokens": n_tokens}
-    if val.num_bytes:
-        bytes_seen = val.num_bytes * n_tokens / len(val.tokens)  # bytes per token x tokens evaluated
-        out["val_bpb"] = loss_sum / math.log(2) / bytes_seen
-    return out
 
 
 def validate(run, stop, timer):

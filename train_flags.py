@@ -1,28 +1,66 @@
-"""train.py's command line: every flag with its help, the checks of their values, and the values
-the flags left out take.
+"""[training run] train.py's command line: every flag with its help, the checks of their values, the
+values the flags left out take, and the recipes (--preset).
 
     parser = build_parser()
     args = parser.parse_args(argv)
     apply_defaults(args, given_flags(parser, argv), init)   # --init_from's folder, then --preset
     check_args(args)
 
-A flag given on the command line always wins. One left out takes, in this order, the value of
---init_from's config.json (the architecture), of --preset (config.PRESETS: a model size and its
-batch; a preset may set any flag), else its default. A preset's --time_budget gives way to a
---max_steps given: that many steps are asked for. A preset's values of the block's own flags
-(BLOCK_FLAGS) hold only for the block it names (arch, GPT-2's when it names none): with another
---arch given, --d_ff left out is llama.swiglu_hidden(d_model) for llama, 4 d_model for gpt2, and
---activation that block's default (swiglu, gelu).
+One rule of precedence: a flag given on the command line wins; one left out takes, in this order,
+the value of --init_from's config.json (the architecture), of --preset (PRESETS), else its default.
+The one exception: a preset's --time_budget gives way to a --max_steps given (that many steps are
+asked for). The block's own flags left out (--d_ff, --activation, --rope_theta, --n_kv_heads: None)
+are the block's own values (config.ARCHS), so a preset that names no width serves either block:
+--preset laptop --arch gpt2 is the laptop recipe with GPT-2's block (d_ff 4 d_model, gelu).
 """
 import argparse
 import math
+from dataclasses import fields
 
-from config import GPT2_EOT_ID, GPT2_VOCAB_SIZE, MAX_SEQ_LEN, PRESETS, flags_from_config
+from config import ARCHS, GPT2_EOT_ID, GPT2_VOCAB_SIZE, MAX_SEQ_LEN, ROPE_THETA, ModelConfig
 from errors import TrainError
-from llama import ROPE_THETA, swiglu_hidden
 from optimizer import OPTIMIZERS, LRSchedule
 
 MAX_STEPS = 5000  # --max_steps without --time_budget
+
+# The guide's model sizes, with the batch benchmark.py times each at (train.py flag values: d_ff left out is
+# the block's own width, 4 d_model for GPT-2's MLP, the guide's); and laptop, a whole recipe: every model and
+# optimizer flag, for --time_budget minutes on a 2-core laptop, trained on our BPE of 4,096 tokens: the Llama
+# block, which scored best of the recipes tried with scripts/quality.py (15 minutes on 3.5 MB of TinyStories;
+# the README's table). Its block flags are None, the block's own (SwiGLU's d_ff 704 for d_model 256, 8 key/value
+# heads, theta 10000), so --preset laptop --arch gpt2 is the GPT-2 recipe tried beside it (d_ff 1024, gelu).
+PRESETS = {
+    "tiny": dict(d_model=64, n_heads=2, n_layers=2, batch_size=32, seq_len=128),
+    "small": dict(d_model=128, n_heads=4, n_layers=2, batch_size=32, seq_len=128),
+    "medium": dict(d_model=256, n_heads=8, n_layers=4, batch_size=16, seq_len=256),
+    "large": dict(d_model=512, n_heads=16, n_layers=6, batch_size=16, seq_len=256),
+    "laptop": dict(vocab_size=4096, d_model=256, n_heads=8, d_ff=None, n_layers=4, seq_len=128,
+                   arch="llama", rope_theta=None, n_kv_heads=None,
+                   use_learned_pos=False, no_tie_embeddings=False, activation=None,
+                   batch_size=32, grad_accum=1, optimizer="adamw", learning_rate=2e-3, min_lr=2e-4,
+                   warmup_steps=100, lr_schedule="cosine", weight_decay=0.01, decay_embeddings=False,
+                   beta1=0.9, beta2=0.999, grad_clip=1.0, dropout=0.0, time_budget=15),
+}
+
+
+def config_from_flags(flags):
+    """The ModelConfig that train.py's flags describe ({flag name: value}; those left out take
+    ModelConfig's defaults). --seq_len is the model's max_seq_len."""
+    renamed = {"seq_len": "max_seq_len"}
+    known = {f.name for f in fields(ModelConfig)}
+    values = {renamed.get(k, k): v for k, v in flags.items() if renamed.get(k, k) in known}
+    if "no_tie_embeddings" in flags:
+        values["tie_embeddings"] = not flags["no_tie_embeddings"]
+    return ModelConfig(**values)
+
+
+def flags_from_config(config):
+    """The values of train.py's architecture flags that describe config (--seq_len aside: a run may
+    use a shorter context than the model's max_seq_len)."""
+    return {"vocab_size": config.vocab_size, "d_model": config.d_model, "n_heads": config.n_heads,
+            "d_ff": config.d_ff, "n_layers": config.n_layers, "use_learned_pos": config.use_learned_pos,
+            "no_tie_embeddings": not config.tie_embeddings, "activation": config.activation, "arch": config.arch,
+            "rope_theta": config.rope_theta, "n_kv_heads": config.n_kv_heads}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -56,9 +94,10 @@ def build_parser():
                    help=f"vocabulary size ({GPT2_VOCAB_SIZE} for GPT-2's tiktoken)")
     m.add_argument("--d_model", type=int, default=128, help="width of the residual stream")
     m.add_argument("--n_heads", type=int, default=4, help="attention heads per layer (must divide d_model)")
-    m.add_argument("--d_ff", type=int, default=512,
-                   help="hidden width of the feed-forward block (default 512; with --arch llama SwiGLU's 8/3 d_model "
-                        "rounded up to a multiple of 64, e.g. 384 for d_model 128)")
+    m.add_argument("--d_ff", type=int, default=None,
+                   help="hidden width of the feed-forward block (default: the block's own, 4 d_model for GPT-2's "
+                        "MLP; with --arch llama SwiGLU's 8/3 d_model rounded up to a multiple of 64, e.g. 384 for "
+                        "d_model 128)")
     m.add_argument("--n_layers", type=int, default=2, help="number of transformer blocks")
     m.add_argument("--seq_len", type=int, default=128,
                    help="tokens per training window; also the model's max_seq_len (longest context)")
@@ -66,10 +105,10 @@ def build_parser():
                    help="learned positional embeddings (GPT-2) instead of fixed sinusoidal ones")
     m.add_argument("--no_tie_embeddings", action="store_true",
                    help="give the output layer its own weight instead of reusing the token embedding")
-    m.add_argument("--activation", choices=("gelu", "relu", "relu2", "swiglu"), default="gelu",
+    m.add_argument("--activation", choices=("gelu", "relu", "relu2", "swiglu"), default=None,
                    help="feed-forward nonlinearity of GPT-2's block: gelu (GPT-2's tanh form), relu, or relu2 "
                         "(relu(x)^2); --arch llama's is swiglu, its only one (default gelu, with --arch llama swiglu)")
-    m.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2",
+    m.add_argument("--arch", choices=list(ARCHS), default="gpt2",
                    help="the block: gpt2 (layer norm, position table, GELU MLP, biases) or llama (RMSNorm, rotary "
                         "positions, SwiGLU feed-forward, no biases, no position table), as llama2.c's TinyStories "
                         "models")
@@ -221,13 +260,10 @@ def given_flags(parser, argv):
     return {name for name, value in vars(ns).items() if value is not unset}
 
 
-BLOCK_FLAGS = ("d_ff", "activation", "rope_theta", "n_kv_heads")  # a preset's values for its own block only
-
-
 def apply_defaults(args, given, init=None):
     """Flags not given take --init_from's values (init: its (ModelConfig, config.json), whose architecture
     wins; --seq_len its context), then --preset's (its --time_budget not when --max_steps is given),
-    then their defaults."""
+    then their defaults; the block's own flags left out then take the block's values (config.ARCHS)."""
     taken = set(given)
     if init is not None:
         for name, value in dict(flags_from_config(init[0]), seq_len=init[0].max_seq_len).items():
@@ -235,22 +271,16 @@ def apply_defaults(args, given, init=None):
                 setattr(args, name, value)
                 taken.add(name)
     preset = PRESETS[args.preset] if args.preset else {}
-    arch = args.arch if "arch" in taken else preset.get("arch", args.arch)
-    own_block = preset.get("arch", "gpt2") == arch  # the preset's d_ff, activation, ... are its block's
     for name, value in preset.items():
-        if name in taken or (name == "time_budget" and "max_steps" in taken) or \
-                (name in BLOCK_FLAGS and not own_block):
+        if name in taken or (name == "time_budget" and "max_steps" in taken):
             continue
         setattr(args, name, value)
     if args.max_steps is None and args.time_budget is None:
         args.max_steps = MAX_STEPS
-    if "d_ff" not in taken and not (own_block and "d_ff" in preset):  # the block's own width for d_model
-        if args.arch == "llama":
-            args.d_ff = swiglu_hidden(args.d_model)
-        elif preset and not own_block:  # a Llama recipe's model with GPT-2's block: its 4C-wide MLP
-            args.d_ff = 4 * args.d_model
-    if args.arch == "llama" and "activation" not in taken:
-        args.activation = "swiglu"
+    if args.d_ff is None and args.arch in ARCHS and args.d_model >= 1:  # recorded as a number, as the model has it
+        args.d_ff = ARCHS[args.arch].d_ff(args.d_model)
+    if args.activation is None and args.arch in ARCHS:
+        args.activation = ARCHS[args.arch].activations[0]
 
 
 def check_init_from(args, config):

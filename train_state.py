@@ -1,4 +1,4 @@
-"""A training run's state besides its weights (what decides the next update, and which run it is),
+"""[training run] A training run's state besides its weights (what decides the next update, and which run it is),
 and how a run saves it into a checkpoint and resumes from one.
 
 llm.c's state file as one record, TrainState. train.py's save() writes it into a checkpoint (its

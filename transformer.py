@@ -1,4 +1,5 @@
-"""The Transformer block: layer norm, causal self-attention, feed-forward, residuals.
+"""[math] GPT-2's Transformer block: layer norm, causal self-attention, feed-forward, residuals; and the
+attention core both blocks use (the causal softmax, the key/value cache).
 
 Shapes: B batch, T sequence length (of the queries), S length of the keys (T, or more with a
 key/value cache), C model width, H heads, hs = C // H head size, F feed-forward width (d_ff).
@@ -9,23 +10,28 @@ Each layer is a pair of plain functions side by side: `*_forward(...) -> out, ca
 Parameter layouts follow GPT-2: a linear layer is `x @ weight + bias`, weight (in, out).
 
 The same functions run on NumPy and CuPy arrays (`xp = get_array_module(x)`, device.py). The
-CPU's speedups (einsum row sums, cache-sized blocks, products written into strided views)
-give way on the whole-array path (the GPU's) to plain whole-array operations.
+CPU's speedups (einsum row sums, cache-sized blocks, products written into strided views: device.py's
+array kit) give way on the whole-array path (the GPU's) to plain whole-array operations.
 
 Dropout, in training only, as GPT-2 has it: on the attention weights after the softmax, and on
-each branch's output before its residual add. Its masks are drawn by dropout.py and given to the
-block as a BlockMasks; the caches keep them for backward. Without masks nothing is dropped.
-"""
-from typing import NamedTuple
+each branch's output before its residual add. Its masks are drawn and applied by dropout.py and
+given to the block as a BlockMasks; the caches keep them for backward. Without masks nothing is
+dropped.
 
+The block's pair `block_forward(x, p, cfg, ...)` / `block_backward(dout, cache, p, g)` and the final
+norm's pair have the signatures every block shares (language_model.BLOCKS picks one row).
+"""
 import math
+from typing import NamedTuple
 
 import numpy as np
 
-from device import BLOCK, get_array_module, whole_arrays
+from config import LN_EPS
+from device import (block_rows, blocks, column_sum, get_array_module, matmul_into, matmul_rows, row_dot_mean,
+                    row_mean, row_sum, whole_arrays)
+from dropout import NO_DROPOUT, BlockMasks, DropoutMask, dropout_backward, dropout_forward, residual_add_inplace
 from loss import SHIFT_FREE
 
-LN_EPS = 1e-5
 GELU_K = math.sqrt(2.0 / math.pi)  # GELU's tanh approximation, as in GPT-2
 
 # ----------------------------------------------------------------------------- layer norm
@@ -35,31 +41,6 @@ class LayerNormCache(NamedTuple):
     w: np.ndarray  # (C,) gain
     rstd: np.ndarray  # (..., 1) = 1 / sqrt(var + eps)
 
-
-def row_sum(a, b=None):
-    """(..., C) [, (..., C)] -> (..., 1): the sum of each row of a (or of a * b). On the CPU einsum
-    sums a short last axis (C = 64...1024) several times faster than a.sum(axis=-1), whose per-row
-    reduction calls cost more than the adds, and needs no temporary a * b."""
-    if whole_arrays(a):
-        return (a if b is None else a * b).sum(axis=-1, keepdims=True)
-    return (np.einsum("...c->...", a) if b is None else np.einsum("...c,...c->...", a, b))[..., None]
-
-
-def column_sum(a, b=None):
-    """(N, C) [, (N, C)] -> (C,): the sum over the rows of a (or of a * b)."""
-    if whole_arrays(a):
-        return (a if b is None else a * b).sum(axis=0)
-    return np.einsum("nc->c", a) if b is None else np.einsum("nc,nc->c", a, b)
-
-
-def row_mean(a):
-    """(..., C) -> (..., 1): the mean of each row."""
-    return row_sum(a) * (1.0 / a.shape[-1])
-
-
-def row_dot_mean(a, b):
-    """(..., C), (..., C) -> (..., 1): mean of a * b along each row."""
-    return row_sum(a, b) * (1.0 / a.shape[-1])
 
 
 def layernorm_forward(x, w, b):
@@ -111,7 +92,7 @@ class AttentionCache(NamedTuple):
     v: np.ndarray  # (B, H, S, hs)
     att: np.ndarray  # (B, H, T, S) softmax probabilities
     y: np.ndarray  # (B, T, C) heads re-assembled, input of the output projection
-    att_mask: "DropoutMask | None"  # (B, H, T, S) dropout on att, None: none
+    att_mask: DropoutMask | None  # (B, H, T, S) dropout on att, None: none
 
 
 _masks = {}
@@ -156,24 +137,6 @@ def softmax_backward_inplace(da, a):
     """da (upstream gradient of a = softmax(pre)) becomes dpre = a * (da - sum(a * da)), in place."""
     da -= row_sum(da, a)
     da *= a
-
-
-def matmul_rows(x, w):
-    """(..., K) @ (K, N) -> (..., N). On the whole-array path (the GPU's) as one 2-D product of all
-    rows of x with w: CuPy does a 3-D @ 2-D product as B small GEMMs through an array of pointers,
-    after copying a transposed w (w.T), which in a 2-D product is a flag to cuBLAS."""
-    if not whole_arrays(x):
-        return x @ w
-    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
-
-
-def matmul_into(a, b, out):
-    """out[...] = a @ b, where out may be a strided view. NumPy's matmul writes straight into it;
-    the whole-array path makes the product and copies it in, which any array library can."""
-    if whole_arrays(out):
-        out[...] = a @ b
-    else:
-        np.matmul(a, b, out=out)
 
 
 def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer=0, att_mask=None):
@@ -240,31 +203,6 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
 
 
 # ----------------------------------------------------------------------------- feed-forward
-
-
-
-def block_rows(a):
-    """Rows (of length F = a.shape[-1]) per block: BLOCK elements' worth, or all of them on the
-    whole-array path, where each block would be kernel launches of its own."""
-    F = a.shape[-1]
-    return max(1, a.size // F) if whole_arrays(a) else max(1, BLOCK // F)
-
-
-def blocks(*arrays):
-    """Matching blocks of rows of C-contiguous arrays (..., F) with the same number of rows (F may
-    differ), for chains of in-place passes that then run in
-    cache (about 1.6x faster than whole-array passes on (2048, 512)). Rows per block: the first's."""
-    rows = []
-    for a in arrays:
-        if not a.flags.c_contiguous:
-            raise ValueError("blocks() needs C-contiguous arrays (a view, never a copy)")
-        rows.append(a.reshape(-1, a.shape[-1]))
-        if len(rows[-1]) != len(rows[0]):
-            raise ValueError(f"blocks() needs arrays of as many rows: {len(rows[0])} and {len(rows[-1])}")
-    step = block_rows(arrays[0])
-    for i in range(0, len(rows[0]), step):
-        yield tuple(r[i : i + step] for r in rows)
-
 
 def gelu_forward(x, bias=None):
     """GELU, GPT-2's tanh form: out = 0.5 x (1 + tanh(u)), u = k (x + 0.044715 x^3).
@@ -352,51 +290,6 @@ def mlp_backward(dout, cache, w_fc, w_proj, dw_fc, db_fc, dw_proj, db_proj):
     return matmul_rows(dh, w_fc.T)  # (B, T, F) -> (B, T, C)
 
 
-# ----------------------------------------------------------------------------- dropout
-
-class DropoutMask(NamedTuple):
-    keep: np.ndarray  # (..., F) bool, the shape of the array it drops from: True where an element stays
-    scale: float  # 1 / (1 - p), p the drop probability: the kept elements scaled so that E[out] = x
-
-
-def dropout_forward(x, mask, out=None):
-    """(..., F) -> (..., F): x * keep * scale, into `out` (x itself: in place; default: a new array), in
-    cache-sized blocks on the CPU. x must be C-contiguous (every array dropped here is fresh)."""
-    xp = get_array_module(x)
-    out = xp.empty_like(x) if out is None else out
-    for xb, kb, ob in blocks(x, mask.keep, out):
-        xp.multiply(xb, kb, out=ob)
-        ob *= mask.scale
-    return out
-
-
-def dropout_backward(dout, mask, out=None):
-    """Forward was out = x * keep * scale, a fixed diagonal linear map: dx = dout * keep * scale."""
-    return dropout_forward(dout, mask, out)
-
-
-def residual_add_inplace(branch, x, mask=None):
-    """branch becomes x + dropout(branch), in place, in one blocked pass (x + branch without a mask):
-    a block's residual add, the branch's output dropped out before it joins the residual stream."""
-    if mask is None:
-        branch += x
-        return
-    for bb, kb, xb in blocks(branch, mask.keep, x):
-        bb *= kb
-        bb *= mask.scale
-        bb += xb
-
-
-class BlockMasks(NamedTuple):
-    """One block's dropout masks for one training pass (dropout.draw_masks), in either block."""
-    att: DropoutMask  # (B, H, T, T) the attention weights, after the softmax
-    attn_out: DropoutMask  # (B, T, C) the attention branch's output, before its residual add
-    mlp_out: DropoutMask  # (B, T, C) the feed-forward branch's output, before its residual add
-
-
-NO_DROPOUT = BlockMasks(None, None, None)
-
-
 # ----------------------------------------------------------------------------- block
 
 class BlockCache(NamedTuple):
@@ -407,18 +300,20 @@ class BlockCache(NamedTuple):
     dropout: BlockMasks  # NO_DROPOUT: none
 
 
-def block_forward(x, p, n_heads, activation="gelu", kv=None, layer=0, dropout=None):
+def block_forward(x, p, cfg, kv=None, layer=0, dropout=None):
     """Pre-norm block: x + dropout(attn(ln_1(x))), then + dropout(mlp(ln_2(.))). `p` maps 'ln_1.weight'...
-    to arrays; `dropout`: the block's BlockMasks when training with dropout, None: no dropout."""
+    to arrays; cfg: the ModelConfig (n_heads, activation); `dropout`: the block's BlockMasks when training
+    with dropout, None: no dropout."""
     dropout = dropout or NO_DROPOUT
     h, c_ln1 = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"])
     a, c_attn = attention_forward(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"],
-                                  p["attn.c_proj.weight"], p["attn.c_proj.bias"], n_heads, kv, layer, dropout.att)
+                                  p["attn.c_proj.weight"], p["attn.c_proj.bias"], cfg.n_heads, kv, layer,
+                                  dropout.att)
     residual_add_inplace(a, x, dropout.attn_out)  # x + dropout(attn(ln_1(x))), over attn's output (a fresh array)
     x = a
     h, c_ln2 = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])
     m, c_mlp = mlp_forward(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"],
-                           p["mlp.c_proj.weight"], p["mlp.c_proj.bias"], activation)
+                           p["mlp.c_proj.weight"], p["mlp.c_proj.bias"], cfg.activation)
     residual_add_inplace(m, x, dropout.mlp_out)  # the residual, over the MLP's output
     return m, BlockCache(c_ln1, c_attn, c_ln2, c_mlp, dropout)
 
@@ -440,3 +335,13 @@ def block_backward(dout, cache, p, g):
     dx = layernorm_backward(dh, cache.ln_1, g["ln_1.weight"], g["ln_1.bias"])
     dx += dx1
     return dx
+
+
+def final_norm_forward(x, p, cfg):
+    """The model's last layer norm, ln_f, before the output layer; p: the model's parameters."""
+    return layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
+
+
+def final_norm_backward(dh, cache, g):
+    """Reverse of final_norm_forward; g: the model's gradients. Returns dx."""
+    return layernorm_backward(dh, cache, g["ln_f.weight"], g["ln_f.bias"])

@@ -1,4 +1,4 @@
-"""Reading files we did not write: every input must be a regular file of a plausible size, and its JSON
+"""[engine] Reading files we did not write: every input must be a regular file of a plausible size, and its JSON
 is parsed within limits; anything else is one error naming the file (the reading side of atomic.py).
 
 A path can name a FIFO (opening it waits for a writer, forever), a device (/dev/zero never ends), a

@@ -18,13 +18,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import device  # noqa: E402
 from benchmark import RUNS  # noqa: E402
-from config import GPT2_VOCAB_SIZE, config_from_flags  # noqa: E402
+from config import GPT2_VOCAB_SIZE  # noqa: E402
+from train_flags import config_from_flags  # noqa: E402
 from errors import DeviceError  # noqa: E402
 from language_model import LanguageModel  # noqa: E402
 from loss import count_targets  # noqa: E402
 from optimizer import global_grad_norm  # noqa: E402
 
-MODELS = ("small", "medium")  # the guide's sizes with their batches (config.PRESETS), checked by default
+MODELS = ("small", "medium")  # the guide's sizes with their batches (train_flags.PRESETS), checked by default
 MORE = ("small-llama",)  # benchmark.py's Small with --arch llama
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from device import whole_array_mode
-from transformer import BlockMasks, DropoutMask
+from dropout import BlockMasks, DropoutMask
 
 
 @pytest.fixture(autouse=True, params=["blocked", "whole arrays"])

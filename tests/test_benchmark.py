@@ -80,4 +80,4 @@ def test_matmuls_only_counts_the_llama_blocks_products():
     N, hs = B * T, C // H
     forward_per_layer = 2 * N * (C * (H + 2 * Hkv) * hs + C * C + C * 2 * F + F * C) + 2 * 2 * B * H * T * T * hs
     assert benchmark.MatmulsOnly(cfg, B, T).flops == 3 * forward_per_layer * L + 3 * 2 * N * C * V
-    assert "small-llama" in benchmark.RUNS and benchmark.RUNS["small-llama"]["d_ff"] == 384
+    assert "small-llama" in benchmark.RUNS and benchmark.config_from_flags(benchmark.RUNS["small-llama"]).d_ff == 384

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import budget
-import config
 import distributed
 import train
 import train_flags
@@ -240,11 +239,11 @@ def test_the_laptop_preset_sets_every_model_and_optimizer_flag():
     # what a recipe does not choose: which preset or folder, how long in steps, the seed, the hardware
     # and SGD's momentum (the recipe's optimizer is AdamW)
     not_recipe = {"preset", "init_from", "max_steps", "seed", "workers", "device", "momentum"}
-    assert (groups["model"] | groups["optimization"]) - not_recipe <= set(config.PRESETS["laptop"])
+    assert (groups["model"] | groups["optimization"]) - not_recipe <= set(train_flags.PRESETS["laptop"])
     args = parse(["--preset", "laptop"])
     assert (args.vocab_size, args.d_model, args.n_layers, args.learning_rate, args.time_budget, args.max_steps) == \
         (4096, 256, 4, 2e-3, 15, None)
-    config.config_from_flags(vars(args))  # a model the code builds
+    train_flags.config_from_flags(vars(args))  # a model the code builds
 
 
 def test_max_steps_given_with_the_laptop_preset_drops_its_budget_unless_the_budget_is_given_too():

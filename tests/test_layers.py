@@ -5,11 +5,13 @@ import pytest
 from embeddings import embedding_backward, embedding_forward, sinusoidal_positions
 from gradcheck import array_path  # noqa: F401  (autouse: every test here runs on both array paths)
 from gradcheck import block_masks, check_layer, fixed_mask, numerical_gradient, rel_error, zeros_like
+from config import ModelConfig, gpt2_block_shapes
+from dropout import dropout_backward, dropout_forward, residual_add_inplace
+from language_model import BLOCKS
 from lm_head import lm_head_forward, lm_head_loss
 from loss import IGNORE_INDEX, cross_entropy_reference, softmax_cross_entropy_inplace
 from transformer import (attention_backward, attention_forward, block_backward, block_forward,
-                         causal_softmax_inplace, dropout_backward, dropout_forward, layernorm_backward,
-                         layernorm_forward, mlp_backward, mlp_forward, residual_add_inplace)
+                         causal_softmax_inplace, layernorm_backward, layernorm_forward, mlp_backward, mlp_forward)
 
 
 @pytest.fixture
@@ -160,10 +162,7 @@ def test_gelu_in_blocks_matches_the_whole_array_formulas(rng, F):
 
 
 def block_params(rng, C=8, F=12):
-    shapes = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
-              "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
-              "mlp.c_fc.weight": (C, F), "mlp.c_fc.bias": (F,), "mlp.c_proj.weight": (F, C), "mlp.c_proj.bias": (C,)}
-    return {k: rng.standard_normal(s) * 0.5 for k, s in shapes.items()}
+    return {k: rng.standard_normal(s) * 0.5 for k, s in gpt2_block_shapes(C, F).items()}
 
 
 @pytest.mark.parametrize("dropout", [False, True])  # True: fixed masks on the attention weights and both branches
@@ -177,7 +176,23 @@ def test_block(rng, dropout):
         g["x"] = block_backward(dout, cache, p, g)
         return g
 
-    check_layer(lambda: block_forward(p["x"], p, n_heads=2, dropout=masks), backward, p, list(p), rng)
+    check_layer(lambda: block_forward(p["x"], p, ModelConfig(d_model=8, n_heads=2), dropout=masks), backward, p,
+                list(p), rng)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_final_norm(rng, arch):
+    """Each block's ln_f pair in the model's table: GPT-2's layer norm with its bias, Llama's RMSNorm."""
+    block, cfg = BLOCKS[arch], ModelConfig(d_model=4, n_heads=2, arch=arch)
+    names = ["ln_f.weight", "ln_f.bias"] if arch == "gpt2" else ["ln_f.weight"]
+    p = {"x": rng.standard_normal((2, 3, 4)), **{name: rng.standard_normal(4) for name in names}}
+
+    def backward(dout, cache):
+        g = zeros_like(p, names)
+        g["x"] = block.final_norm_backward(dout, cache, g)
+        return g
+
+    check_layer(lambda: block.final_norm_forward(p["x"], p, cfg), backward, p, list(p), rng)
 
 
 def test_embedding_learned_positions(rng):
@@ -242,36 +257,31 @@ def test_cross_entropy_reference_gradient(rng):
 @pytest.mark.parametrize("rows_per_chunk", [1, 4, 1024])
 def test_chunked_head_loss(rng, rows_per_chunk):
     """The chunked head + loss against finite differences and against the plain unchunked version."""
-    B, T, C, V = 2, 3, 4, 11
-    p = {"x": rng.standard_normal((B, T, C)), "w_ln": rng.standard_normal(C), "b_ln": rng.standard_normal(C),
-         "w_out": rng.standard_normal((V, C))}
-    targets = rng.integers(0, V, (B, T))
-    targets[1, 2] = IGNORE_INDEX
+    N, C, V = 6, 4, 11
+    p = {"h": rng.standard_normal((N, C)), "w_out": rng.standard_normal((V, C))}
+    targets = rng.integers(0, V, N)
+    targets[5] = IGNORE_INDEX
 
     def mean_loss():
-        s, _, n, _ = lm_head_loss(p["x"], p["w_ln"], p["b_ln"], p["w_out"], targets, rows_per_chunk=rows_per_chunk)
+        s, _, n, _ = lm_head_loss(p["h"], p["w_out"], targets, rows_per_chunk=rows_per_chunk)
         return s / n
 
-    g = zeros_like(p, ["w_ln", "b_ln", "w_out"])
-    s, n_correct, n, dx = lm_head_loss(p["x"], p["w_ln"], p["b_ln"], p["w_out"], targets,
-                                       grads=(g["w_ln"], g["b_ln"], g["w_out"]), rows_per_chunk=rows_per_chunk)
-    g["x"] = dx
+    g = zeros_like(p, ["w_out"])
+    s, n_correct, n, g["h"] = lm_head_loss(p["h"], p["w_out"], targets, g["w_out"], rows_per_chunk=rows_per_chunk)
     assert n == 5
     for name in p:
         assert rel_error(g[name], numerical_gradient(mean_loss, p[name])) < 1e-6, name
-    logits = lm_head_forward(p["x"], p["w_ln"], p["b_ln"], p["w_out"]).reshape(B * T, V)
-    ref_loss, ref_acc, _ = cross_entropy_reference(logits, targets.reshape(-1))
+    ref_loss, ref_acc, _ = cross_entropy_reference(lm_head_forward(p["h"], p["w_out"]), targets)
     assert s / n == pytest.approx(ref_loss, rel=1e-12)
     assert n_correct / n == pytest.approx(ref_acc)
 
 
 def test_head_loss_accumulates_into_gradients(rng):
     """Backward adds: a gradient buffer holding something keeps it (the tied weight relies on this)."""
-    x, w_ln, b_ln, w_out = rng.standard_normal((1, 2, 4)), np.ones(4), np.zeros(4), rng.standard_normal((5, 4))
-    targets = np.array([[1, 2]])
-    fresh = [np.zeros(4), np.zeros(4), np.zeros((5, 4))]
-    lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=fresh)
-    preset = [np.ones(4), np.ones(4), np.ones((5, 4))]
-    lm_head_loss(x, w_ln, b_ln, w_out, targets, grads=preset)
-    for f, p in zip(fresh, preset):
-        np.testing.assert_allclose(p, f + 1, rtol=1e-12)
+    h, w_out = rng.standard_normal((2, 4)), rng.standard_normal((5, 4))
+    targets = np.array([1, 2])
+    fresh = np.zeros((5, 4))
+    lm_head_loss(h, w_out, targets, fresh)
+    preset = np.ones((5, 4))
+    lm_head_loss(h, w_out, targets, preset)
+    np.testing.assert_allclose(preset, fresh + 1, rtol=1e-12)

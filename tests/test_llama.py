@@ -10,11 +10,14 @@ from device import to_device, to_host, whole_array_mode
 from embeddings import embedding_backward
 from gradcheck import array_path  # noqa: F401  (autouse: every test here runs on both array paths)
 from gradcheck import block_masks, check_layer, fixed_mask, numerical_gradient, rel_error, zeros_like
-from llama import (RMS_EPS, block_parameters, init_llama_block, llama_attention_backward, llama_attention_forward,
-                   llama_block_backward, llama_block_forward, llama_block_shapes, rmsnorm_backward, rmsnorm_forward,
-                   rope_backward, rope_forward, rope_reference, swiglu_backward, swiglu_forward, swiglu_hidden)
+from config import RMS_EPS, ModelConfig, llama_block_shapes, swiglu_hidden
+from device import blocks
+from dropout import DropoutMask
+from llama import (block_parameters, init_llama_block, llama_attention_backward, llama_attention_forward,
+                   llama_block_backward, llama_block_forward, rmsnorm_backward, rmsnorm_forward, rope_backward,
+                   rope_forward, rope_reference, swiglu_backward, swiglu_forward)
 from loss import IGNORE_INDEX, cross_entropy_reference
-from transformer import DropoutMask, KVCache, blocks
+from transformer import KVCache
 
 
 @pytest.fixture
@@ -249,6 +252,11 @@ def test_attention_is_causal(rng):
 
 # ----------------------------------------------------------------------------- block and trunk
 
+def llama_cfg(H, Hkv, C=8, **kw):
+    """The ModelConfig a Llama block reads (heads, theta, eps) for width C."""
+    return ModelConfig(arch="llama", d_model=C, n_heads=H, n_kv_heads=Hkv, **kw)
+
+
 def block_params(rng, C=8, H=2, Hkv=2, F=12):
     return {k: rng.standard_normal(s) * 0.5 for k, s in llama_block_shapes(C, H, Hkv, F).items()}
 
@@ -265,17 +273,17 @@ def test_block(rng, H, Hkv, dropout):
         g["x"] = llama_block_backward(dout, cache, p, g)
         return g
 
-    check_layer(lambda: llama_block_forward(p["x"], p, H, Hkv, dropout=masks), backward, p, list(p), rng)
+    check_layer(lambda: llama_block_forward(p["x"], p, llama_cfg(H, Hkv), dropout=masks), backward, p, list(p), rng)
 
 
 def test_block_with_the_kv_cache_gives_the_same_output(rng):
     p = block_params(rng, C=8, H=2, Hkv=1)
     x = rng.standard_normal((2, 6, 8))
-    full, _ = llama_block_forward(x, p, 2, 1, rope_theta=50.0, eps=1e-6)
+    full, _ = llama_block_forward(x, p, llama_cfg(2, 1, rope_theta=50.0, norm_eps=1e-6))
     kv = KVCache(1, 2, 1, 6, 4, np.float64)
     pieces = []
     for a, b in [(0, 4), (4, 5), (5, 6)]:
-        pieces.append(llama_block_forward(x[:, a:b], p, 2, 1, rope_theta=50.0, eps=1e-6, kv=kv)[0])
+        pieces.append(llama_block_forward(x[:, a:b], p, llama_cfg(2, 1, rope_theta=50.0, norm_eps=1e-6), kv=kv)[0])
         kv.length = b
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-12, atol=1e-13)
 
@@ -287,13 +295,13 @@ def test_block_on_device_arrays_computes_what_numpy_does_without_reading_back(rn
     x, dout = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 5, 8))
 
     def run(xp, p, x, dout):
-        out, cache = llama_block_forward(x, p, 4, 2)
+        out, cache = llama_block_forward(x, p, llama_cfg(4, 2))
         g = {k: xp.zeros_like(v) for k, v in p.items()}
         dx = llama_block_backward(dout, cache, p, g)
         kv = KVCache(1, 2, 2, 5, 2, np.float64, xp)
-        first, _ = llama_block_forward(x[:, :3], p, 4, 2, kv=kv)
+        first, _ = llama_block_forward(x[:, :3], p, llama_cfg(4, 2), kv=kv)
         kv.length = 3
-        rest, _ = llama_block_forward(x[:, 3:], p, 4, 2, kv=kv)
+        rest, _ = llama_block_forward(x[:, 3:], p, llama_cfg(4, 2), kv=kv)
         return [out, dx, first, rest] + [g[k] for k in sorted(g)]
 
     with whole_array_mode():
@@ -331,7 +339,8 @@ def trunk_loss(p, idx, targets, g=None):
     x = p["wte"][idx]  # (B, T, C)
     caches = []
     for i in range(TRUNK["L"]):
-        x, cache = llama_block_forward(x, layer(p, i), TRUNK["H"], TRUNK["Hkv"], rope_theta=100.0)
+        cfg = llama_cfg(TRUNK["H"], TRUNK["Hkv"], C=TRUNK["C"], rope_theta=100.0)
+        x, cache = llama_block_forward(x, layer(p, i), cfg)
         caches.append(cache)
     h, c_f = rmsnorm_forward(x, p["ln_f.weight"])
     logits = h @ p["wte"].T  # (B, T, V)

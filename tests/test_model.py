@@ -223,7 +223,8 @@ def test_computes_llamas_function(overrides, array_path):
 
 
 def test_llama_parameters_are_the_blocks_of_llama_py_without_biases_or_positions():
-    from llama import block_parameters, init_llama_block, llama_block_shapes
+    from config import llama_block_shapes
+    from llama import block_parameters, init_llama_block
     cfg = ModelConfig(arch="llama", vocab_size=100, d_model=64, n_heads=4, n_kv_heads=2, d_ff=192, n_layers=3,
                       max_seq_len=32, tie_embeddings=False)
     shapes = param_shapes(cfg)

@@ -25,6 +25,7 @@ from helpers import (MPI_ENV, MPIEXEC, REPO, metrics, mpi_flavour, needs_mpi, ne
                      same_arrays, tiny_flags, wait_for_rank_pid, wait_for_steps, write_data)
 from helpers import data  # noqa: F401  (a fixture)
 from language_model import LanguageModel
+from metrics import evaluate
 
 
 def mpirun(n, argv, launcher_flags=(), env=MPI_ENV, **kw):
@@ -195,13 +196,13 @@ def test_gpu_evaluation_under_mpi_sums_only_the_vote_batch_by_batch(tmp_path):
     n_batches = len(list(eval_batches(val, 4, 16)))
     with twin_ranks() as (ranks, comm):
         with whole_array_mode():
-            expected = train.evaluate(LanguageModel(cfg, seed=1), val, 4, 16, world=ranks)
+            expected = evaluate(LanguageModel(cfg, seed=1), val, 4, 16, world=ranks)
         assert len(comm.buffers) == n_batches  # on the CPU: the sums and the vote, batch by batch
         comm.buffers.clear()
         with fake_cupy.installed():
             gpu = LanguageModel(cfg, seed=1, device="cuda", for_training=False)
             copies, syncs = fake_cupy.counts.host_copies, fake_cupy.counts.syncs
-            res = train.evaluate(gpu, val, 4, 16, world=ranks)
+            res = evaluate(gpu, val, 4, 16, world=ranks)
             assert (fake_cupy.counts.host_copies - copies, fake_cupy.counts.syncs - syncs) == (1, 0)
     assert [len(b) for b in comm.buffers] == [1] * n_batches + [2]
     assert res.keys() == expected.keys() and res["val_tokens"] == expected["val_tokens"] > 0

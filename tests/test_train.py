@@ -14,6 +14,7 @@ from checkpoint import load_checkpoint, load_model, read_meta
 from data_loader import load_dataset
 from helpers import IDENTITY, REPO, V, after_each_update, metrics, tiny_flags, write_data
 from helpers import data  # noqa: F401  (a fixture)
+from metrics import evaluate
 
 
 def test_tiny_model_learns_and_everything_is_recorded(data, tmp_path, capsys):
@@ -53,7 +54,7 @@ def test_evaluation_uses_token_sums_and_scales_bits_per_byte(data, tmp_path):
     from language_model import LanguageModel
     model = LanguageModel(ModelConfig(vocab_size=V, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=16))
     val = load_dataset(data[1], vocab_size=V)
-    full = train.evaluate(model, val, batch_size=7, seq_len=16)
+    full = evaluate(model, val, batch_size=7, seq_len=16)
     n_windows = (len(val.tokens) - 1) // 16
     assert full["val_tokens"] == n_windows * 16
     sums = [model.evaluate(x, y) for x, y in __import__("data_loader").eval_batches(val, 7, 16)]
@@ -61,12 +62,12 @@ def test_evaluation_uses_token_sums_and_scales_bits_per_byte(data, tmp_path):
     assert full["val_loss"] == pytest.approx(total / full["val_tokens"])
     assert full["val_perplexity"] == pytest.approx(math.exp(total / full["val_tokens"]))
     # capped: the bytes are scaled to the part evaluated, so bits/byte stays comparable
-    part = train.evaluate(model, val, batch_size=7, seq_len=16, max_batches=2)
+    part = evaluate(model, val, batch_size=7, seq_len=16, max_batches=2)
     assert part["val_tokens"] == 2 * 7 * 16
     bytes_per_token = (4 * (len(val) - val.num_documents) + val.num_documents) / len(val)
     assert part["val_bpb"] == pytest.approx(part["val_loss"] / math.log(2) / bytes_per_token, rel=1e-9)
     no_bytes = load_dataset(write_data(tmp_path / "plain.jsonl", 20, seed=3, identity=None), vocab_size=V)
-    assert train.evaluate(model, no_bytes, 4, 16)["val_bpb"] is None
+    assert evaluate(model, no_bytes, 4, 16)["val_bpb"] is None
 
 
 def test_bits_per_byte_counts_the_byte_of_each_story_separator(tmp_path):
@@ -77,7 +78,7 @@ def test_bits_per_byte_counts_the_byte_of_each_story_separator(tmp_path):
     model = LanguageModel(ModelConfig(vocab_size=V, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=16))
     val = load_dataset(write_data(tmp_path / "bytes.jsonl", 60, seed=4, bytes_per_token=1), vocab_size=V)
     assert val.num_bytes == len(val.tokens)
-    res = train.evaluate(model, val, batch_size=8, seq_len=16)
+    res = evaluate(model, val, batch_size=8, seq_len=16)
     assert res["val_bpb"] == pytest.approx(res["val_loss"] / math.log(2), rel=1e-12)
 
 
@@ -490,10 +491,11 @@ def test_a_preset_sets_the_model_and_the_batch_and_flags_given_win(data, tmp_pat
         return args
     args = parse(["--train_data", "x", "--preset", "medium", "--d_model", "128", "--n_heads", "4"])
     assert (args.d_model, args.n_heads, args.d_ff, args.n_layers, args.batch_size, args.seq_len) == \
-        (128, 4, 1024, 4, 16, 256)
+        (128, 4, 512, 4, 16, 256)  # d_ff, left out: the block's own width for the d_model given, 4 * 128
     assert (args.learning_rate, args.max_steps) == (3e-4, 5000)  # what the preset leaves alone: the defaults
     # a preset may set any flag, the optimizer's too; given flags still win
-    monkeypatch.setitem(config.PRESETS, "laptop", dict(config.PRESETS["tiny"], learning_rate=1e-3, weight_decay=0.1))
+    monkeypatch.setitem(train_flags.PRESETS, "laptop",
+                        dict(train_flags.PRESETS["tiny"], learning_rate=1e-3, weight_decay=0.1))
     args = parse(["--train_data", "x", "--preset", "laptop", "--weight_decay", "0"])
     assert (args.d_model, args.learning_rate, args.weight_decay) == (64, 1e-3, 0.0)
     # --init_from's folder gives the architecture; the preset what the folder does not say
@@ -583,10 +585,12 @@ def test_llama_flags_are_checked_and_take_the_llama_defaults():
         (128, 384, "swiglu", None, None)
     assert parse(["--arch", "llama", "--d_model", "256", "--n_heads", "8"]).d_ff == 704  # 8 * 256 / 3 rounded up to 64s
     assert parse(["--arch", "llama", "--d_ff", "100"]).d_ff == 100  # given: wins
-    laptop = parse(["--preset", "laptop"])  # a Llama recipe
+    laptop = parse(["--preset", "laptop"])  # a Llama recipe: theta and the key/value heads the block's own
     assert (laptop.arch, laptop.d_model, laptop.d_ff, laptop.activation, laptop.rope_theta, laptop.n_kv_heads,
-            laptop.vocab_size) == ("llama", 256, 704, "swiglu", 10000.0, 8, 4096)
-    # with GPT-2's block, its block's flags give way to GPT-2's (4 d_model, gelu, no rotary, no kv heads)
+            laptop.vocab_size) == ("llama", 256, 704, "swiglu", None, None, 4096)
+    cfg = train_flags.config_from_flags(vars(laptop))
+    assert (cfg.d_ff, cfg.rope_theta, cfg.n_kv_heads) == (704, 10000.0, 8)
+    # with GPT-2's block, the block's own flags are GPT-2's (4 d_model, gelu, no rotary, no kv heads)
     laptop = parse(["--arch", "gpt2", "--preset", "laptop"])
     assert (laptop.d_model, laptop.d_ff, laptop.activation, laptop.rope_theta, laptop.n_kv_heads,
             laptop.vocab_size, laptop.learning_rate) == (256, 1024, "gelu", None, None, 4096, 2e-3)
