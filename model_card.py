@@ -55,26 +55,29 @@ def run_metrics(path, step, run_id=None):
     the run up to step, its sessions added (None: unknown)} from metrics.jsonl at path; None when there
     is no such file, it cannot be read, or it belongs to another run than run_id (a later run in the
     same folder). Lines that are not complete records are skipped."""
+    records = []
     try:
-        with open_regular(path, "r", "metrics log", MAX_METRICS_BYTES, ValueError, encoding="utf-8") as f:
-            lines = list(f)
+        with open_regular(path, "rb", "metrics log", MAX_METRICS_BYTES, ValueError) as f:
+            for line in f:
+                record = metrics_record(line, path)
+                if record is not None and (step is None or record["step"] <= step):  # not a later checkpoint's
+                    records.append(record)
     except (OSError, ValueError):
         return None
-    records = []
-    for line in lines:
-        try:
-            record = parse_json(line, path)
-        except ValueError:
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            continue
-        if step is None or record["step"] <= step:  # a later checkpoint's records are not this one's
-            records.append(record)
     runs = {r.get("run_id") for r in records if r.get("type") in ("config", "resume")}
     if run_id is not None and runs and run_id not in runs:
         return None
-    evals = [r for r in records if r.get("type") == "eval" and isinstance(r.get("val_loss"), (int, float))]
+    evals = [r for r in records if r.get("type") == "eval" and isinstance(r.get("val_loss"), float)]
     return {"eval": evals[-1] if evals else None, "seconds": session_seconds(records)}
+
+
+def metrics_record(line, path):
+    """The record of one line of metrics.jsonl, None for a line that is not one (a line cut short)."""
+    try:
+        record = parse_json(line, path)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and type(record.get("step")) is int else None
 
 
 def session_seconds(records):
@@ -83,7 +86,7 @@ def session_seconds(records):
     total, first, last = 0.0, None, None
     for r in records:
         t = r.get("time")
-        if not isinstance(t, (int, float)):
+        if not isinstance(t, float):  # train.py's records: seconds since 1970, as a float
             continue
         if r.get("type") == "ranks" and first is not None:
             total += last - first
@@ -254,7 +257,7 @@ def evaluation_section(facts):
         return lines
     text = f"{code(args['val_data'])}, the run's held-out text" if args.get("val_data") else "the run's held-out text"
     tokens = f" ({evaluation['val_tokens']:,} tokens)" if isinstance(evaluation.get("val_tokens"), int) else ""
-    bpb = evaluation.get("val_bpb")
+    bpb = evaluation.get("val_bpb") if isinstance(evaluation.get("val_bpb"), float) else None
     lines += [f"The last evaluation, at step {evaluation['step']:,}, on {text}{tokens}:", "",
               "| loss (nats per token) | perplexity | bits per byte |", "|---|---|---|",
               f"| {evaluation['val_loss']:.4f} | {math.exp(min(evaluation['val_loss'], 700.0)):.2f} | "

@@ -14,7 +14,7 @@ import train
 from bpe import train_bpe
 from checkpoint import load_checkpoint
 from helpers import metrics, tiny_flags, write_data
-from model_card import DATA_LICENSE, DEFAULT_LICENSE, SAMPLE_PROMPT, SAMPLE_TOKENS
+from model_card import DATA_LICENSE, DEFAULT_LICENSE, SAMPLE_PROMPT, SAMPLE_TOKENS, run_metrics, session_seconds
 from shareable import shareable_record
 from tokenizer import get_tokenizer
 
@@ -191,3 +191,19 @@ def test_the_score_is_this_checkpoints_and_this_runs(exports, tmp_path):
     export_hf.export(str(other / "checkpoint_final.npz"), str(tmp_path / "other_hf"), log=lambda m: None)
     card = (tmp_path / "other_hf" / "README.md").read_text(encoding="utf-8")
     assert "No held-out score" in card and "wall-clock" not in card
+
+
+def test_a_cut_or_damaged_metrics_line_is_skipped_and_a_resumed_runs_pauses_do_not_count(exports, tmp_path):
+    checkpoint, _ = exports[("gpt2", "tiktoken")]
+    ck_dir = Path(checkpoint).parent
+    (tmp_path / "ck").mkdir()
+    shutil.copy(checkpoint, tmp_path / "ck" / "checkpoint_final.npz")
+    good = (ck_dir / "metrics.jsonl").read_bytes()
+    (tmp_path / "ck" / "metrics.jsonl").write_bytes(b"\xff\xfe not text\n" + good + b'{"type": "eval", "step": 4, "val')
+    run = run_metrics(str(tmp_path / "ck" / "metrics.jsonl"), 4, load_checkpoint(checkpoint).meta["run_id"])
+    assert run["eval"] == [r for r in metrics(ck_dir) if r["type"] == "eval"][-1]
+    # two sessions of 10 and 30 seconds, 60 seconds apart: 40 seconds
+    records = [{"type": "ranks", "time": 0.0}, {"type": "train", "time": 10.0}, {"type": "ranks", "time": 70.0},
+               {"type": "train", "time": 90.0}, {"type": "eval", "time": 100.0}]
+    assert session_seconds(records) == 40.0
+    assert session_seconds([{"type": "train"}]) is None
