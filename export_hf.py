@@ -85,8 +85,9 @@ def export(checkpoint_path, out_dir, log=print, license=DEFAULT_LICENSE):
 def main(argv=None):
     p = argparse.ArgumentParser(
         description="Export a numpy-gpt checkpoint as a Hugging Face folder (config.json, model.safetensors, "
-                    "vocab.json + merges.txt, a model card README.md) that transformers' AutoModelForCausalLM and AutoTokenizer load: a "
-                    "GPT2LMHeadModel, or a LlamaForCausalLM for a checkpoint trained with --arch llama.",
+                    "vocab.json + merges.txt, a model card README.md) that transformers' AutoModelForCausalLM and "
+                    "AutoTokenizer load: a GPT2LMHeadModel, or a LlamaForCausalLM for a checkpoint trained with "
+                    "--arch llama. Nothing in it names a path of this machine.",
         epilog="Example: python3 export_hf.py checkpoints_small/checkpoint_final.npz hf_small")
     p.add_argument("checkpoint", help="a .npz checkpoint written by train.py")
     p.add_argument("out_dir", help="folder to write (new, empty, or an earlier export, which is replaced)")

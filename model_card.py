@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import re
+import shlex
 
 import numpy as np
 
@@ -25,7 +26,6 @@ from decoding import generate
 from errors import UserError
 from language_model import LanguageModel
 from metrics import MAX_METRICS_BYTES
-from shareable import file_name
 from tokenizer import tokenizer_from_identity, tokenizer_kind
 from untrusted import open_regular, parse_json
 
@@ -175,11 +175,16 @@ def vocabulary(config, identity):
     if not identity:
         return f"{config.vocab_size:,} tokens (the checkpoint names no tokenizer)"
     kind, name, n = tokenizer_kind(identity.get("type")), identity.get("name"), identity.get("n_vocab")
-    what = "GPT-2's BPE (tiktoken gpt2)" if (kind, name) == ("tiktoken", "gpt2") else \
-        f"byte-level BPE {code(name)} trained with numpy-gpt's tokenizer.py" if kind == "bpe" else f"{kind} {code(name)}"
-    sha = f", sha256 {code(identity['sha256'][:16])}…" if kind == "bpe" and identity.get("sha256") else ""
+    if (kind, name) == ("tiktoken", "gpt2"):
+        what = "GPT-2's BPE (tiktoken gpt2)"
+    elif kind == "bpe":
+        what = f"byte-level BPE {code(name)} trained with numpy-gpt's tokenizer.py"
+        if identity.get("sha256"):
+            what += f", sha256 {code(identity['sha256'][:16])}…"
+    else:
+        what = f"{kind} {code(name)}"
     padded = f" (the model's table: {config.vocab_size:,})" if n and n != config.vocab_size else ""
-    return f"{n or config.vocab_size:,} tokens{padded}: {what}{sha}"
+    return f"{n or config.vocab_size:,} tokens{padded}: {what}"
 
 
 def model_section(facts):
@@ -208,7 +213,7 @@ def recipe(args):
         if value is True:
             words.append(f"--{key}")
         elif value is not None and value is not False:
-            words += [f"--{key}", str(value)]
+            words += [f"--{key}", shlex.quote(str(value))]
     lines, line = [], ""
     for word in words:
         if line and len(line) + len(word) > 90 and word.startswith("--"):
