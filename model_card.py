@@ -156,7 +156,7 @@ def fenced(text):
 
 def duration(seconds):
     if seconds < 120:
-        return f"{seconds:.0f} seconds"
+        return "1 second" if round(seconds) == 1 else f"{round(seconds)} seconds"
     return f"{seconds / 60:.0f} minutes" if seconds < 7200 else f"{seconds / 3600:.1f} hours"
 
 
