@@ -13,6 +13,7 @@ what `save_pretrained` writes for a GPT2LMHeadModel, a Llama one (arch "llama") 
     model.safetensors        float32 tensors (layout below)
     vocab.json, merges.txt   the byte-level BPE in GPT-2's spelling (gpt2_files.write_vocab_merges)
     tokenizer_config.json, special_tokens_map.json    <|endoftext|> as bos/eos/unk
+    README.md                the model card (model_card.py), when the writer gives one
 
 GPT-2: our parameters already have GPT-2's names and layouts: HF's Conv1D keeps its weight as (in,
 out), as we do, so no array is transposed; the safetensors names are transformer.<our name>:
@@ -58,7 +59,7 @@ EXPORT_VERSION = 1
 GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # HF's names for GPT-2's tanh GELU; "gelu" is erf
 # Files an export writes; a re-export into the same folder replaces the whole folder.
 EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
-                "special_tokens_map.json")
+                "special_tokens_map.json", "README.md")
 # Largest config values accepted on import (checked before anything is allocated): GPT2Config's names,
 # then LlamaConfig's for the same sizes.
 LIMITS = {"vocab_size": 1 << 22, "n_positions": MAX_SEQ_LEN, "n_embd": 1 << 16, "n_layer": 1 << 10,
@@ -348,9 +349,10 @@ def check_out_dir(out_dir):
                           "transformers might load instead: remove them or choose a new OUT_DIR")
 
 
-def write_folder(out_dir, config, params, bpe, eot_id, record):
+def write_folder(out_dir, config, params, bpe, eot_id, record, card=None):
     """Write a Hugging Face folder out_dir: the model (config, params), the tokenizer files of bpe (a
-    BPEModel; None: none), `record` as config.json's "numpy_gpt"; returns the files written.
+    BPEModel; None: none), `record` as config.json's "numpy_gpt", the text `card` as README.md (None:
+    none); returns the files written.
 
     The folder is built beside out_dir under a temporary name and renamed into place only when
     complete, so a failure (a full disk, a tokenizer that vocab.json/merges.txt cannot spell) leaves
@@ -367,6 +369,9 @@ def write_folder(out_dir, config, params, bpe, eot_id, record):
             f.write(data)
         if bpe is not None:
             write_tokenizer(bpe, new, config.max_seq_len)
+        if card is not None:
+            with atomic_write(os.path.join(new, "README.md"), "w", encoding="utf-8") as f:
+                f.write(card)
         with atomic_write(os.path.join(new, "config.json"), "w", encoding="utf-8") as f:
             f.write(json.dumps(CONFIG_WRITERS[config.arch](config, eot_id, record), indent=2) + "\n")
         files = sorted(os.listdir(new))

@@ -7,5 +7,6 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt
 .venv/bin/python -m pip install --quiet safetensors  # optional extra: export_hf.py (tests/test_export_hf.py)
+.venv/bin/python -m pip install --quiet huggingface_hub  # only for the test that parses the model card (tests/test_model_card.py)
 .venv/bin/python -m pip install --quiet mpi4py mpich || echo "note: mpi4py + mpich did not install: the MPI tests skip"
 .venv/bin/python -m pytest -q "$@"

@@ -106,7 +106,7 @@ def test_export_then_import_gives_back_the_same_model(tmp_path, variant):
     path, model = checkpoint(tmp_path, cfg)
     out = tmp_path / "hf"
     files = export(path, str(out), log=lambda m: None)
-    assert files == ["config.json", "model.safetensors"]  # vocab 97 and no tokenizer named: no tokenizer files
+    assert files == ["README.md", "config.json", "model.safetensors"]  # vocab 97, no tokenizer named: no tokenizer files
     back, record = load_hf_model(str(out))
     assert back.config == cfg
     assert record["step"] == 7
@@ -374,7 +374,7 @@ def test_export_never_writes_over_other_files_but_replaces_its_own(tmp_path, bpe
     assert "vocab.json" in export(path, str(out), log=lambda m: None)
     plain, _ = checkpoint(tmp_path, ModelConfig(vocab_size=97, d_model=16, n_heads=2, d_ff=24, n_layers=1,
                                                 max_seq_len=12), seed=1)
-    assert export(plain, str(out), log=lambda m: None) == ["config.json", "model.safetensors"]  # old vocab gone
+    assert export(plain, str(out), log=lambda m: None) == ["README.md", "config.json", "model.safetensors"]  # no vocab
     (out / "tokenizer.json").write_text("{}")  # transformers would prefer it to vocab.json
     with pytest.raises(HFError, match="tokenizer.json"):
         export(plain, str(out), log=lambda m: None)
