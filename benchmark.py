@@ -234,7 +234,7 @@ def print_sizes(vocab_size=GPT2_VOCAB_SIZE):
     print("|---|---|---|---|---|---|---|---|")
     for name, p in PRESETS.items():
         vocab = p.get("vocab_size", vocab_size)  # a recipe's own vocabulary (laptop: our BPE's)
-        own = (f", the {p['arch']} block" if "arch" in p else "") + \
+        own = (f", the {p['arch'].capitalize()} block" if "arch" in p else "") + \
             (f", {vocab}-token vocabulary" if vocab != vocab_size else "")
         model = LanguageModel(config_from_flags(dict(p, vocab_size=vocab)), for_training=False)
         print(f"| {name.capitalize()} (`--preset {name}`{own}) | {p['d_model']} | {p['n_heads']} | "

@@ -16,7 +16,8 @@ inside device.whole_array_mode()) the same passes run over whole arrays instead.
     opt = AdamW(model.params, weight_decay=0.01)
     schedule = LRSchedule(base_lr=3e-4, warmup_steps=500, max_steps=5000, min_lr=3e-5)
     for step in range(5000):
-        loss, acc = model.forward_backward(x, y)
+        model.zero_grad()
+        loss_sum, n_correct = model.forward_backward(x, y, n_targets)   # the gradients of loss_sum / n_targets
         grad_norm = clip_grad_norm(model.grads, max_norm=1.0)
         opt.step(model.grads, lr=schedule(step))
 
@@ -382,3 +383,17 @@ class AdamW(Optimizer):
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")  # train.py --optimizer: adam is AdamW with weight_decay 0
+
+
+def build_optimizer(name, params, weight_decay=0.0, decay_embeddings=False, momentum=0.0, betas=(0.9, 0.999),
+                    threads=None):
+    """The optimizer named by train.py's --optimizer (OPTIMIZERS): "sgd", "adamw", or "adam", AdamW
+    without weight decay. A rule that updates whole matrices at once (Muon's Newton-Schulz, to come)
+    belongs beside these two, over the per-name views of the flat vector that state[kind][name] keeps."""
+    if name == "sgd":
+        return SGD(params, momentum=momentum, weight_decay=weight_decay, decay_embeddings=decay_embeddings,
+                   threads=threads)
+    if name not in ("adamw", "adam"):
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return AdamW(params, betas=betas, weight_decay=weight_decay if name == "adamw" else 0.0,
+                 decay_embeddings=decay_embeddings, threads=threads)

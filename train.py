@@ -73,7 +73,7 @@ from hf_format import load_hf_params, read_hf_config
 from language_model import LanguageModel
 from loss import count_targets
 from metrics import Interval, MetricsLog, StepTimer, evaluate, log_eval, log_train, progress_bar
-from optimizer import SGD, AdamW, LRSchedule, clip_grad_norm
+from optimizer import LRSchedule, build_optimizer, clip_grad_norm
 from parallel import cores, keep_freed_memory, split_rows
 from run_dir import FINAL, RunDir, new_run_id, step_name
 from stop import Stop
@@ -86,13 +86,10 @@ NAN_REMEDIES = ("lower --learning_rate (e.g. halve it), keep --grad_clip at 1.0 
 
 
 def make_optimizer(args, params, threads=None):
-    """--optimizer sgd, adamw, or adam: AdamW without weight decay."""
-    if args.optimizer == "sgd":
-        return SGD(params, momentum=args.momentum, weight_decay=args.weight_decay,
-                   decay_embeddings=args.decay_embeddings, threads=threads)
-    weight_decay = args.weight_decay if args.optimizer == "adamw" else 0.0
-    return AdamW(params, betas=(args.beta1, args.beta2), weight_decay=weight_decay,
-                 decay_embeddings=args.decay_embeddings, threads=threads)
+    """The optimizer of --optimizer with the run's hyperparameters (optimizer.build)."""
+    return build_optimizer(args.optimizer, params, weight_decay=args.weight_decay,
+                           decay_embeddings=args.decay_embeddings, momentum=args.momentum,
+                           betas=(args.beta1, args.beta2), threads=threads)
 
 
 def tokenizer_model_json(identity, log):

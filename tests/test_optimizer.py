@@ -315,3 +315,14 @@ def test_grad_norm_is_summed_in_float64_and_cannot_overflow():
         assert global_grad_norm(flat) == pytest.approx(expected, rel=1e-6)
     assert clip_grad_norm(flat, 1.0) == pytest.approx(expected, rel=1e-6)
     assert global_grad_norm(flat) == pytest.approx(1.0, rel=1e-5)  # the flat buffer itself was scaled
+
+
+def test_build_optimizer_names_the_three_rules():
+    from optimizer import build_optimizer
+    params = {"w": np.ones((2, 3), np.float32)}
+    assert build_optimizer("adamw", params, weight_decay=0.1).weight_decay == 0.1
+    assert build_optimizer("adam", params, weight_decay=0.1).weight_decay == 0.0  # Adam: AdamW without decay
+    sgd = build_optimizer("sgd", params, momentum=0.9)
+    assert type(sgd).__name__ == "SGD" and sgd.momentum == 0.9
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
+        build_optimizer("lion", params)
