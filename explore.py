@@ -34,6 +34,7 @@ import numpy as np
 from errors import UserError
 from generate import open_source
 from model_views import kv_head_of, logit_lens, look_inside
+from parallel import blas_controller
 from sampling import check_sampling, kept_tokens, sample_next
 from untrusted import open_regular, parse_json
 
@@ -41,6 +42,7 @@ PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "explore_pag
 PAGE_FILES = {"/": ("index.html", "text/html"), "/index.html": ("index.html", "text/html"),
               "/explore.js": ("explore.js", "text/javascript"), "/explore.css": ("explore.css", "text/css")}
 MAX_BODY_BYTES = 1 << 20  # a request's JSON: text far longer than any model's context fits in 1 MB
+MAX_DISCARD_BYTES = 16 << 20  # a refused body up to this size is read (and dropped) before the answer
 MAX_METRICS_BYTES = 64 << 20  # a metrics.jsonl bigger than this is not drawn
 MAX_CURVE_POINTS = 2000  # points per loss curve sent to the page (evenly thinned)
 TOP_N = 10  # candidates per position in "top"
@@ -120,39 +122,43 @@ class Explorer:
                 self.views.popitem(last=False)
             return views
 
-    def candidates(self, ids, probs):
-        return [{"id": int(i), "text": self.token_text(int(i)), "p": float(probs[i])} for i in ids]
+    def candidates(self, ids, logits, lse):
+        """[{"id", "text", "p"}] of ids, p = softmax(logits)[id] = exp(logit - lse), lse the row's log normalizer."""
+        return [{"id": int(i), "text": self.token_text(int(i)), "p": math.exp(float(logits[i]) - lse)} for i in ids]
 
-    def most_likely(self, probs, n):
-        """(T, V) probabilities -> for each row, its n most likely token ids (decodable ones), most likely first."""
-        probs = probs[:, : self.n_valid]
-        n = min(n, probs.shape[1])
-        ids = np.argpartition(-probs, n - 1, axis=1)[:, :n]  # (T, n) the n largest, unordered
-        order = np.argsort(-np.take_along_axis(probs, ids, axis=1), axis=1, kind="stable")
+    def most_likely(self, logits, n):
+        """(T, V) logits -> (T, n) the ids of each row's n most likely tokens (decodable ones), most likely first.
+        Ranked by logit, as softmax keeps the order: no (T, V) probabilities are made for it."""
+        z = logits[:, : self.n_valid]
+        V = z.shape[1]
+        n = min(n, V)
+        ids = np.argpartition(z, V - n, axis=1)[:, V - n:]  # (T, n) the n largest, unordered
+        order = np.argsort(-np.take_along_axis(z, ids, axis=1), axis=1, kind="stable")
         return np.take_along_axis(ids, order, axis=1)
 
     def analyze(self, body):
         ids, dropped = self.encode(body)
         views = self.look(ids)
-        probs = softmax(views.logits)  # (T, V) at temperature 1
         T = len(ids)
-        loss_bits = [None] + [float(-np.log2(probs[t - 1, ids[t]])) for t in range(1, T)]
+        lse = log_normalizer(views.logits)  # (T,): probabilities at temperature 1 are exp(logit - lse)
+        loss_bits = [None] + [(lse[t - 1] - float(views.logits[t - 1, ids[t]])) / math.log(2) for t in range(1, T)]
         n_bytes = sum(self.token_bytes(i) for i in ids[1:])
         bpb = sum(loss_bits[1:]) / n_bytes if n_bytes else None
-        top = self.most_likely(probs, TOP_N)
+        top = self.most_likely(views.logits, TOP_N)
         lens = [[None] * len(views.residual) for _ in range(T)]  # [position][depth]
         for d in range(len(views.residual)):
             with self.lock:  # the arrays are the model's: one thread at a time
-                p_d = softmax(logit_lens(self.model, views.residual[d]))  # (T, V)
-            best = self.most_likely(p_d, LENS_N)
+                z = logit_lens(self.model, views.residual[d])  # (T, V)
+            lse_d = log_normalizer(z)
+            best = self.most_likely(z, LENS_N)
             for t in range(T):
-                p_next = float(p_d[t, ids[t + 1]]) if t + 1 < T else None
-                lens[t][d] = {"top": self.candidates(best[t], p_d[t]), "p_next": p_next}
+                p_next = math.exp(float(z[t, ids[t + 1]]) - lse_d[t]) if t + 1 < T else None
+                lens[t][d] = {"top": self.candidates(best[t], z[t], lse_d[t]), "p_next": p_next}
         return {"tokens": [{"id": int(i), "text": self.token_text(int(i)), "bytes": self.token_bytes(int(i))}
                            for i in ids],
                 "loss_bits": loss_bits, "bits_per_byte": bpb,
                 "attention": np.round(views.attention.astype(np.float64), ATTENTION_DECIMALS).tolist(),
-                "top": [self.candidates(top[t], probs[t]) for t in range(T)],
+                "top": [self.candidates(top[t], views.logits[t], lse[t]) for t in range(T)],
                 "lens": lens, "truncated": self.truncated(dropped, len(ids))}
 
     def next_token(self, body):
@@ -168,7 +174,7 @@ class Explorer:
             raise ApiError(400, str(e)) from None
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % 2 ** 32)
-        logits = self.look(ids).logits[position, : self.n_valid]  # (V,) float64 (exactly the model's float32)
+        logits = self.look(ids).logits[position, : self.n_valid]  # (V,) the model's, as generate.py samples from
         kept, p = kept_tokens(logits, temperature, top_k, top_p)  # the distribution sample_next draws from
         token = sample_next(logits, np.random.default_rng(seed), temperature, top_k, top_p)
         order = np.argsort(-p, kind="stable")[:DISTRIBUTION_N]
@@ -191,11 +197,13 @@ class Explorer:
                 "kv_head_of": kv_head_of(cfg), "metrics": read_curves(self.source)}
 
 
-def softmax(logits):
-    """(..., V) -> probabilities in float64, each row summing to 1."""
-    z = np.asarray(logits, dtype=np.float64)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def log_normalizer(logits):
+    """(T, V) logits -> (T,) float64 log-sum-exp of each row: softmax(logits)[t, i] = exp(logits[t, i] - lse[t])."""
+    z = logits.astype(np.float64)
+    m = z.max(axis=-1, keepdims=True)  # (T, 1)
+    z -= m
+    np.exp(z, out=z)
+    return m[:, 0] + np.log(z.sum(axis=-1))
 
 
 def number(body, name, default, low, high, low_open=False):
@@ -297,6 +305,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(405, {"error": f"{path} takes a POST with a JSON body"})
         if path in PAGE_FILES:
             return self.send_page_file(*PAGE_FILES[path])
+        if path == "/favicon.ico":  # browsers ask for one; there is none
+            return self.send_bytes(204, b"", "image/x-icon")
         self.send_json(404, {"error": f"no such page: {path[:200]}"})
 
     def do_POST(self):
@@ -330,8 +340,10 @@ class Handler(BaseHTTPRequestHandler):
             length = int(length)
         except ValueError:
             raise ApiError(400, f"Content-Length is not a number: {length[:40]!r}") from None
-        if length > MAX_BODY_BYTES or length < 0:
-            self.close_connection = True  # the body is left unread
+        if length < 0:
+            raise ApiError(400, f"Content-Length is negative: {length}")
+        if length > MAX_BODY_BYTES:
+            self.discard(length)
             raise ApiError(413, f"the request body is {length:,} bytes; at most {MAX_BODY_BYTES:,} are taken")
         data = self.rfile.read(length)
         try:
@@ -342,6 +354,16 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise ApiError(400, 'the request body must be a JSON object, such as {"text": "Once upon a time"}')
         return body
+
+    def discard(self, length):
+        """Read and drop a body that is refused, so that the client reads the answer rather than a reset
+        connection (closing a socket with unread data resets it); one far too big is not waited for."""
+        left = length if length <= MAX_DISCARD_BYTES else 0
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            left -= len(chunk)
 
     def send_json(self, status, obj):
         data = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
@@ -384,6 +406,14 @@ def make_server(explorer, host="127.0.0.1", port=0):
     return server
 
 
+def serve(server):
+    """server.serve_forever(), NumPy's BLAS held to one thread: a request's matrix products are small (128
+    tokens of the laptop model: 60-100 ms on one thread), and a second thread costs more than it saves, most
+    of all on a busy machine (0.3-2 s there with two)."""
+    with blas_controller().limit(limits=1, user_api="blas"):
+        server.serve_forever()
+
+
 def address(server):
     host, port = server.server_address[:2]
     return f"http://{host}:{port}/"
@@ -424,7 +454,7 @@ def main(argv=None, ready=None):
     if ready is not None:
         ready(server)
     try:
-        server.serve_forever()
+        serve(server)
     except KeyboardInterrupt:
         print("\nstopped")
     finally:

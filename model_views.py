@@ -33,7 +33,7 @@ from transformer import block_forward
 
 
 class Views(NamedTuple):
-    logits: np.ndarray  # (T, V) float64 on the host
+    logits: np.ndarray  # (T, V) in the model's dtype, on the host
     attention: np.ndarray  # (L, H, T, T) rows sum to 1, zero above the diagonal
     residual: np.ndarray  # (L + 1, T, C) in the model's dtype, on the host
 
@@ -70,7 +70,7 @@ def look_inside(model, ids):
         attention.append(to_host(att))
         residual.append(to_host(x[0]).copy())
     logits = head(model, x)[0]  # (T, V)
-    return Views(logits.astype(np.float64), np.stack(attention), np.stack(residual))
+    return Views(logits, np.stack(attention), np.stack(residual))
 
 
 def head(model, x):
@@ -82,6 +82,7 @@ def head(model, x):
 
 
 def logit_lens(model, residual):
-    """(D, T, C) residual stream -> (D, T, V) float64 logits: what the model would predict if the stream
-    went straight to the output layer at that depth. The last depth is the model's own output."""
-    return head(model, residual).astype(np.float64)
+    """(..., T, C) residual stream (one depth or several) -> (..., T, V) logits: what the model would predict
+    if the stream went straight to the final norm and the output layer there. The last depth's are the model's
+    own output."""
+    return head(model, residual)

@@ -104,7 +104,7 @@ function drawTokens() {
       span.classList.add("first");
       span.title = `id ${token.id}: the first token (nothing before it predicts it)`;
     } else {
-      span.style.background = `rgba(214, 39, 40, ${Math.min(1, bits / SURPRISE_MAX).toFixed(3)})`;
+      span.style.background = `rgba(214, 39, 40, ${(0.8 * Math.min(1, bits / SURPRISE_MAX)).toFixed(3)})`;
       span.dataset.bits = bits.toFixed(4);
       span.title = `id ${token.id}: ${bits.toFixed(2)} bits (p = ${percent(Math.pow(2, -bits))})`;
     }
@@ -222,7 +222,7 @@ function drawAttention() {
   }
   // the heat map
   const map = $("heatmap");
-  const size = Math.max(4, Math.min(22, Math.floor(720 / T)));
+  const size = Math.max(3, Math.min(24, Math.floor(($("heatmap").parentElement.clientWidth - 4) / T)));
   map.style.gridTemplateColumns = `repeat(${T}, ${size}px)`;
   map.style.gridAutoRows = `${size}px`;
   const cells = [];
@@ -236,11 +236,11 @@ function drawAttention() {
       cell.style.background = k > q ? "#f3f3f3" : `rgba(31, 95, 191, ${Math.sqrt(w).toFixed(3)})`;
       if (q === i) cell.classList.add("row-selected");
       cell.title = `${visible(state.analysis.tokens[q].text)} → ${visible(state.analysis.tokens[k].text)}: ${w.toFixed(4)}`;
-      cell.addEventListener("click", () => select(q));
       cells.push(cell);
     }
   }
   map.replaceChildren(...cells);
+  map.onclick = (e) => { if (e.target.dataset.q !== undefined) select(Number(e.target.dataset.q)); };
 }
 
 // ----------------------------------------------------------------------------- 4. logit lens
@@ -303,7 +303,7 @@ function drawCurves(metrics) {
     return;
   }
   note.textContent = `loss in nats per token, from ${metrics.path}`;
-  const W = 520, H = 260, left = 44, right = 10, top = 10, bottom = 30;
+  const W = 520, H = 240, left = 44, right = 10, top = 10, bottom = 30;
   const all = metrics.train.concat(metrics.eval);
   const xMax = Math.max(...all.map((p) => p[0]), 1), xMin = Math.min(...all.map((p) => p[0]));
   const yMax = Math.max(...all.map((p) => p[1])), yMin = Math.min(...all.map((p) => p[1]));
