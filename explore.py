@@ -407,9 +407,9 @@ def make_server(explorer, host="127.0.0.1", port=0):
 
 
 def serve(server):
-    """server.serve_forever(), NumPy's BLAS held to one thread: a request's matrix products are small (128
-    tokens of the laptop model: 60-100 ms on one thread), and a second thread costs more than it saves, most
-    of all on a busy machine (0.3-2 s there with two)."""
+    """server.serve_forever(), NumPy's BLAS held to one thread: a request's matrix products are small, and a
+    second thread costs more than it saves (the forward pass of 128 tokens through the laptop preset's model,
+    measured on the 2-core machine busy with other work: 60-100 ms on one thread, 0.2-2 s on two)."""
     with blas_controller().limit(limits=1, user_api="blas"):
         server.serve_forever()
 
