@@ -36,6 +36,7 @@ from generate import open_source
 from model_views import kv_head_of, logit_lens, look_inside
 from parallel import blas_controller
 from sampling import check_sampling, kept_tokens, sample_next
+from tokenizer import KINDS
 from untrusted import open_regular, parse_json
 
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "explore_page")
@@ -429,7 +430,7 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; default 127.0.0.1 (this machine only); 0.0.0.0: every interface")
     t = p.add_argument_group("tokenizer (normally taken from the checkpoint, as generate.py takes it)")
-    t.add_argument("--tokenizer_type", choices=("tiktoken", "bpe", "lecture2_bpe"), default=None,
+    t.add_argument("--tokenizer_type", choices=list(KINDS), default=None,
                    help="tiktoken or bpe; used only if the checkpoint names no tokenizer")
     t.add_argument("--encoding", default="gpt2", help="tiktoken encoding (default gpt2), if the checkpoint names none")
     t.add_argument("--model_file", default=None, help="BPE model .json, if the checkpoint lacks its embedded one")

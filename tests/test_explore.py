@@ -63,15 +63,11 @@ def fixed_model(cfg, seed=3, scale=0.4, dtype=np.float64):
     return model
 
 
-class Served:
-    """A server on a free port in a thread, and requests to it."""
+class Client:
+    """Requests to the server at base (its address, "http://127.0.0.1:PORT/")."""
 
-    def __init__(self, explorer):
-        self.server = make_server(explorer, "127.0.0.1", 0)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.base = explore.address(self.server)
-        self.explorer = explorer
+    def __init__(self, base):
+        self.base = base
 
     def request(self, method, path, data=None, headers=None):
         """(status, body bytes) of a request; data: bytes, or an object sent as JSON."""
@@ -92,6 +88,18 @@ class Served:
         status, answer = self.json("POST", path, data)
         assert status == 200, answer
         return answer
+
+
+
+class Served(Client):
+    """A server for explorer on a free port, in a thread."""
+
+    def __init__(self, explorer):
+        self.server = make_server(explorer, "127.0.0.1", 0)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.explorer = explorer
+        super().__init__(explore.address(self.server))
 
     def close(self):
         self.server.shutdown()
@@ -357,7 +365,7 @@ def write_run(folder, tok, arch="llama", step=40):
     return ck, model
 
 
-class Running:
+class Running(Client):
     """explore.main(argv) in a thread, until close()."""
 
     def __init__(self, argv):
@@ -369,11 +377,12 @@ class Running:
             assert self.thread.is_alive() and time.monotonic() < deadline, "explore.main did not start serving"
             time.sleep(0.02)
         self.server = servers[0]
-        self.base = explore.address(self.server)
+        super().__init__(explore.address(self.server))
 
     def get(self, path):
-        with urllib.request.urlopen(self.base + path.lstrip("/"), timeout=60) as r:
-            return r.read()
+        status, body = self.request("GET", path)
+        assert status == 200, body[:300]
+        return body
 
     def close(self):
         self.server.shutdown()
@@ -394,6 +403,26 @@ def test_checkpoint_card_curves_and_page(tmp_path, tok):
         assert "<textarea" in page and "explore.js" in page
         for name in ("explore.js", "explore.css"):
             assert len(run.get(name)) > 1000
+    finally:
+        run.close()
+
+
+def test_a_hugging_face_folder(tmp_path, tok):
+    """A folder export_hf.py wrote is explored as generate.py reads it: the same numbers as its checkpoint."""
+    pytest.importorskip("safetensors")
+    import export_hf
+    ck, model = write_run(tmp_path / "run", tok)
+    assert export_hf.main([str(ck), str(tmp_path / "run" / "hf")]) == 0
+    run = Running(["--checkpoint", str(tmp_path / "run" / "hf"), "--port", "0"])
+    try:
+        card = json.loads(run.get("/api/model"))
+        assert card["step"] == 40 and card["config"]["n_kv_heads"] == 2
+        assert card["metrics"]["eval"] == [[20, 4.9]]  # the metrics.jsonl beside the folder
+        a = run.post("/api/analyze", {"text": TEXT})
+        assert [t["id"] for t in a["tokens"]] == tok.encode(TEXT)
+        probs = softmax(model.forward(np.array([tok.encode(TEXT)]))[0].astype(np.float64))
+        np.testing.assert_allclose([c["p"] for c in a["top"][-1]], probs[-1, [c["id"] for c in a["top"][-1]]],
+                                   rtol=1e-5)
     finally:
         run.close()
 
@@ -482,8 +511,6 @@ def test_the_page_in_a_real_browser(tmp_path, tok):
     driver = browser()
     ck = os.environ.get("EXPLORE_CHECKPOINT") or str(write_run(tmp_path / "run", tok)[0])
     run = Running(["--checkpoint", ck, "--port", "0"])
-    api = Served.__new__(Served)  # requests to the running server
-    api.base = run.base
     try:
         driver.get(run.base)
         find, find_all = driver.find_element, driver.find_elements
@@ -495,7 +522,7 @@ def test_the_page_in_a_real_browser(tmp_path, tok):
         box.clear()
         box.send_keys(text)
         find(By.ID, "analyze").click()
-        a = api.post("/api/analyze", {"text": text})
+        a = run.post("/api/analyze", {"text": text})
         shown = lambda: [int(s.text) for s in find_all(By.CSS_SELECTOR, "#tokens .tok .i")]  # noqa: E731
         wait_for(driver, "the typed text's tokens", lambda: shown() == [t["id"] for t in a["tokens"]])
         spans = find_all(By.CSS_SELECTOR, "#tokens .tok")
@@ -533,7 +560,7 @@ def test_the_page_in_a_real_browser(tmp_path, tok):
         temperature = float(slider.get_attribute("value"))
         assert temperature < 1
         seed = int(find(By.ID, "seed").get_attribute("value"))
-        want = api.post("/api/next", {"text": text, "position": pos, "temperature": temperature, "seed": seed})
+        want = run.post("/api/next", {"text": text, "position": pos, "temperature": temperature, "seed": seed})
 
         def bars():
             return [(int(b.get_attribute("data-id")), float(b.get_attribute("data-p")))
@@ -546,11 +573,11 @@ def test_the_page_in_a_real_browser(tmp_path, tok):
         seed_box = find(By.ID, "seed")
         seed_box.clear()
         seed_box.send_keys("7")
-        nxt = api.post("/api/next", {"text": text, "temperature": temperature, "seed": 7})
+        nxt = run.post("/api/next", {"text": text, "temperature": temperature, "seed": 7})
         find(By.ID, "add-token").click()
         wait_for(driver, "the added token", lambda: find(By.ID, "added").get_attribute("data-id") == str(nxt["token"]["id"]))
         assert box.get_attribute("value") == nxt["text"]
-        after = api.post("/api/analyze", {"text": nxt["text"]})
+        after = run.post("/api/analyze", {"text": nxt["text"]})
         wait_for(driver, "the longer text's tokens", lambda: shown() == [t["id"] for t in after["tokens"]])
         if after["tokens"][-1]["id"] == nxt["token"]["id"]:
             assert "added" in find_all(By.CSS_SELECTOR, "#tokens .tok")[-1].get_attribute("class")
