@@ -165,8 +165,7 @@ function drawBars(distribution, chosen) {
 }
 
 async function addToken() {
-  if (!state.analysis) return;
-  const answer = await api("/api/next", { text: state.text, ...settings() });
+  const answer = await api("/api/next", { text: $("text").value, ...settings() });
   $("text").value = answer.text;
   $("added").textContent = "";
   await analyze(answer.token.id);
@@ -206,7 +205,6 @@ function attentionMatrix() {
 function drawAttention() {
   if (!state.analysis || !$("layer").options.length) return;
   const att = attentionMatrix();
-  const T = att.length;
   const i = state.selected;
   // the selected token's row, on the tokens it can see
   const row = $("att-row");
@@ -220,11 +218,25 @@ function drawAttention() {
     span.title = `weight ${att[i][k].toFixed(4)}`;
     row.appendChild(span);
   }
-  // the heat map
+  // the heat map, made anew only for another text, layer or head; another selection only moves the frame
+  const key = `${$("layer").value}/${$("head").value}`;
+  if (drawnMap.analysis !== state.analysis || drawnMap.key !== key) {
+    drawHeatmap(att);
+    drawnMap = { analysis: state.analysis, key };
+  }
+  document.querySelectorAll("#heatmap .row-selected").forEach((c) => c.classList.remove("row-selected"));
+  document.querySelectorAll(`#heatmap .cell[data-q="${i}"]`).forEach((c) => c.classList.add("row-selected"));
+}
+
+let drawnMap = { analysis: null, key: null }; // what the heat map shows
+
+function drawHeatmap(att) {
+  const T = att.length;
   const map = $("heatmap");
-  const size = Math.max(3, Math.min(24, Math.floor(($("heatmap").parentElement.clientWidth - 4) / T)));
+  const size = Math.max(3, Math.min(24, Math.floor((map.parentElement.clientWidth - 4) / T)));
   map.style.gridTemplateColumns = `repeat(${T}, ${size}px)`;
   map.style.gridAutoRows = `${size}px`;
+  const tokens = state.analysis.tokens;
   const cells = [];
   for (let q = 0; q < T; q++) {
     for (let k = 0; k < T; k++) {
@@ -233,9 +245,9 @@ function drawAttention() {
       cell.dataset.q = q;
       cell.dataset.k = k;
       cell.dataset.w = w;
+      // shade by the square root, so that the many small weights stay visible next to a large one
       cell.style.background = k > q ? "#f3f3f3" : `rgba(31, 95, 191, ${Math.sqrt(w).toFixed(3)})`;
-      if (q === i) cell.classList.add("row-selected");
-      cell.title = `${visible(state.analysis.tokens[q].text)} → ${visible(state.analysis.tokens[k].text)}: ${w.toFixed(4)}`;
+      cell.title = `${visible(tokens[q].text)} → ${visible(tokens[k].text)}: ${w.toFixed(4)}`;
       cells.push(cell);
     }
   }

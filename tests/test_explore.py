@@ -549,6 +549,12 @@ def test_the_page_in_a_real_browser(tmp_path, tok):
         assert len(row) == pos + 1
         for span, w in zip(row, a["attention"][1][2][pos]):
             assert abs(float(span.get_attribute("data-w")) - w) < 1e-12
+        spans[2].click()  # another token: the same map, its frame on that row
+        wait_for(driver, "the new selection", lambda: len(find_all(By.CSS_SELECTOR, "#att-row .tok")) == 3)
+        framed = find_all(By.CSS_SELECTOR, "#heatmap .row-selected")
+        assert len(framed) == T and {c.get_attribute("data-q") for c in framed} == {"2"}
+        spans[pos].click()
+        wait_for(driver, "the selection back", lambda: len(find_all(By.CSS_SELECTOR, "#att-row .tok")) == pos + 1)
         lens_rows = find_all(By.CSS_SELECTOR, "#lens tr[data-depth]")
         assert len(lens_rows) == card["config"]["n_layers"] + 1
 
