@@ -9,4 +9,10 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet safetensors  # optional extra: export_hf.py (tests/test_export_hf.py)
 .venv/bin/python -m pip install --quiet huggingface_hub  # only for the test that parses the model card (tests/test_model_card.py)
 .venv/bin/python -m pip install --quiet mpi4py mpich || echo "note: mpi4py + mpich did not install: the MPI tests skip"
+# the explorer's browser test (tests/test_explore.py) drives headless Chromium; without it that test skips
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+    || echo "note: chromium + chromium-driver did not install: the explorer's browser test skips"
+fi
+.venv/bin/python -m pip install --quiet selenium || echo "note: selenium did not install: the explorer's browser test skips"
 .venv/bin/python -m pytest -q "$@"
