@@ -47,7 +47,7 @@ import time
 import regex
 import tiktoken
 
-from atomic import atomic_write
+from atomic import atomic_write, refuse_inputs
 from bpe import BPE_FORMAT, MAX_MODEL_BYTES, BPEModel, ReferenceEncoding, check_vocab_size, train_bpe_file
 from errors import DataError, TokenizerError, UserError, say
 from gpt2_files import BUNDLED_R50K, R50K_SHA256, gpt2_encoding, in_tiktoken_cache, model_from_vocab_merges
@@ -567,17 +567,8 @@ def build_parser():
 
 
 def refuse_overwriting_inputs(outputs, inputs):
-    """TokenizerError when an output is one of the inputs (the same file, a link to it included),
-    before anything is written: the input would be replaced by what is made from it."""
-    for out in outputs:
-        for what, path in inputs:
-            try:
-                same = os.path.samefile(out, path)
-            except OSError:  # one of them does not exist (yet): not the same file
-                continue
-            if same:
-                raise TokenizerError(f"{out} is the {what} {path}: writing it would replace the input; "
-                                     "choose another output")
+    """TokenizerError when an output is one of the inputs (atomic.refuse_inputs, the rule every script uses)."""
+    refuse_inputs(outputs, inputs, error=TokenizerError)
 
 
 def main(argv=None):

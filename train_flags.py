@@ -17,7 +17,7 @@ batch; a preset may set any flag), else its default. A preset's --time_budget gi
 import argparse
 import math
 
-from config import GPT2_EOT_ID, GPT2_VOCAB_SIZE, MAX_SEQ_LEN, PRESETS, flags_from_config
+from config import FIELD_RANGES, GPT2_EOT_ID, GPT2_VOCAB_SIZE, MAX_SEQ_LEN, PRESETS, flags_from_config
 from errors import TrainError
 from llama import ROPE_THETA, swiglu_hidden
 from optimizer import OPTIMIZERS, LRSchedule
@@ -171,6 +171,8 @@ def check_args(args):
         raise TrainError(f"--eot_id must be a token id >= 0 (got {args.eot_id})")
     if args.seq_len > MAX_SEQ_LEN:
         raise TrainError(f"--seq_len {args.seq_len} is above the longest context this code supports, {MAX_SEQ_LEN}")
+    for flag, field in MODEL_FLAGS:  # the model's ranges: ModelConfig's, which a Hugging Face folder is read with
+        check_model_flag(args, flag, field)
     if args.d_model % args.n_heads:
         raise TrainError(f"--d_model {args.d_model} is not divisible by --n_heads {args.n_heads}")
     check_arch(args)
@@ -189,6 +191,21 @@ def check_args(args):
         raise TrainError(f"--rank_timeout must be a positive number of seconds (got {args.rank_timeout})")
 
 
+MODEL_FLAGS = (("vocab_size", "vocab_size"), ("d_model", "d_model"), ("n_heads", "n_heads"), ("d_ff", "d_ff"),
+               ("n_layers", "n_layers"), ("seq_len", "max_seq_len"))  # (train.py's flag, ModelConfig's field)
+
+
+def check_model_flag(args, flag, field):
+    """TrainError unless --flag (None: not set) is in the range of ModelConfig's field (config.FIELD_RANGES)."""
+    value = getattr(args, flag)
+    if value is None:
+        return
+    try:
+        FIELD_RANGES[field].check(value, f"--{flag}")
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
 def check_arch(args):
     """Flags of one block given with the other."""
     if args.arch == "llama":
@@ -199,8 +216,7 @@ def check_arch(args):
                              "position table) and a SwiGLU feed-forward; leave the flag out")
         if args.n_kv_heads is not None and (args.n_kv_heads < 1 or args.n_heads % args.n_kv_heads):
             raise TrainError(f"--n_kv_heads {args.n_kv_heads} must divide --n_heads {args.n_heads}")
-        if args.rope_theta is not None and not 1 < args.rope_theta < math.inf:
-            raise TrainError(f"--rope_theta must be a number above 1 (got {args.rope_theta})")
+        check_model_flag(args, "rope_theta", "rope_theta")
         if (args.d_model // args.n_heads) % 2:
             raise TrainError(f"--arch llama needs an even head size, --d_model / --n_heads = "
                              f"{args.d_model} / {args.n_heads} = {args.d_model // args.n_heads}: rotary positions "
