@@ -1,7 +1,8 @@
 """The range of a numeric flag, in one place: an argparse type that parses it, refuses NaN, infinity and
 values outside the range with one line, and says the range in --help.
 
-    from flag_types import COUNT, SECONDS, Number
+    from flag_types import COUNT, SECONDS, Number, Parser
+    p = Parser(description=...)                      # argparse's, its errors one line: "error: argument ..."
     p.add_argument("--steps", type=COUNT, default=5, help=f"timed steps: {COUNT} (default 5)")
     p.add_argument("--tol", type=Number(float, 0, 1, low_open=True), ...)   # a number in (0, 1]
 
@@ -13,6 +14,15 @@ every script that takes such a flag uses the same object.
 import argparse
 import math
 import numbers
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose mistakes (a flag out of its range, an unknown flag, a missing argument) end
+    in one line, `error: ...` and the hint to see --help, with argparse's exit code 2, as every other error
+    of the project ends in one line."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 class Number:
