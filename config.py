@@ -21,8 +21,6 @@ left out), so a preset may set any flag, the optimizer's too.
 """
 from dataclasses import asdict, dataclass, fields
 
-import math
-
 import numpy as np
 
 from flag_types import Number

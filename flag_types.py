@@ -18,11 +18,11 @@ import numbers
 
 class Parser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose mistakes (a flag out of its range, an unknown flag, a missing argument) end
-    in one line, `error: ...` and the hint to see --help, with argparse's exit code 2, as every other error
-    of the project ends in one line."""
+    as every user error of the project does (errors.py): one line, `error: ...` (with the hint to see --help),
+    exit code 1."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(1, f"error: {message} (see {self.prog} --help)\n")
 
 
 class Number:
@@ -83,10 +83,10 @@ def _show(bound):
     if bound is None:
         return ""
     if isinstance(bound, int) and bound >= 1 << 10 and bound & (bound - 1) == 0:
-        return f"{bound:,} (2^{bound.bit_length() - 1})"
+        return f"{bound} (2^{bound.bit_length() - 1})"
     if isinstance(bound, float) and bound.is_integer() and abs(bound) < 1e6:
         return str(int(bound))
-    return f"{bound:,}" if isinstance(bound, int) else f"{bound:g}"
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 # Ranges that several scripts' flags share

@@ -625,9 +625,9 @@ def test_more_workers_than_cores_are_capped_with_a_note(tmp_path, capsys):
 
 # ------------------------------------------------------------------------ 14. ordinary mistakes: prepare_tinystories
 
-@pytest.mark.parametrize("flags, name", [(["--data_dir", "FILE"], "FILE"), (["--timeout", "nan"], "--timeout nan"),
-                                         (["--backoff", "-1"], "--backoff -1"),
-                                         (["--valid_size", "0"], "--valid_size 0")])
+@pytest.mark.parametrize("flags, name", [(["--data_dir", "FILE"], "FILE"), (["--timeout", "nan"], "--timeout: must be"),
+                                         (["--backoff", "-1"], "--backoff: must be"),
+                                         (["--valid_size", "0"], "--valid_size: must be")])
 def test_prepare_mistakes_are_one_line(tmp_path, capsys, flags, name):
     import prepare_tinystories
     (tmp_path / "FILE").write_text("not a folder")
