@@ -52,19 +52,24 @@ class MetricsLog:
         a fresh run keeps an old file as metrics.jsonl.old (.old.1, ... when taken), never overwritten."""
         if self.quiet:
             return
-        if resume_step is not None and os.path.exists(self.path):
-            with open_regular(self.path, "rb", "metrics log", MAX_METRICS_BYTES, TrainError) as f, \
-                    atomic_write(self.path, "wb") as out:  # streamed: memory does not grow with the log
-                for line in bounded_lines(f):
-                    if line is not None and self._record_step(line) <= resume_step:
-                        out.write(line)
-        elif resume_step is None and os.path.exists(self.path):  # an earlier run's: kept, never overwritten
-            old, n = self.path + ".old", 0
-            while os.path.lexists(old):
-                n += 1
-                old = f"{self.path}.old.{n}"
-            os.replace(self.path, old)
-        self.file = open(self.path, "a", encoding="utf-8")
+        try:
+            if resume_step is not None and os.path.exists(self.path):
+                with open_regular(self.path, "rb", "metrics log", MAX_METRICS_BYTES, TrainError) as f, \
+                        atomic_write(self.path, "wb") as out:  # streamed: memory does not grow with the log
+                    for line in bounded_lines(f):
+                        if line is not None and self._record_step(line) <= resume_step:
+                            out.write(line)
+            elif resume_step is None and os.path.exists(self.path):  # an earlier run's: kept, never overwritten
+                old, n = self.path + ".old", 0
+                while os.path.lexists(old):
+                    n += 1
+                    old = f"{self.path}.old.{n}"
+                os.replace(self.path, old)
+            self.file = open(self.path, "a", encoding="utf-8")
+        except PermissionError as e:  # the log, or its folder, may not be read or written: nothing changed
+            raise TrainError(f"cannot {'resume' if resume_step is not None else 'start'} the log {self.path}: "
+                             f"{e.strerror} ({e.filename}); give read and write permission to it and its folder, "
+                             "then run again") from None
 
     @staticmethod
     def _record_step(line):
