@@ -73,7 +73,7 @@ class Number:
         try:
             value = self.kind(text.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {self}") from None
+            raise argparse.ArgumentTypeError(f"must be {self}, got {text!r}") from None
         if not self.holds(value):
             raise argparse.ArgumentTypeError(f"must be {self}, got {text}")
         return value

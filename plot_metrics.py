@@ -10,13 +10,12 @@ it, so memory does not grow with the log's length. The picture is written atomic
 the metrics file itself. matplotlib is optional for the project: without it this script says so and
 exits 1.
 """
-import argparse
 import os
 import sys
 
 from atomic import atomic_write, refuse_inputs
 from errors import UserError, say
-from flag_types import Number
+from flag_types import Number, Parser
 from metrics import Records, Thinned
 
 FORMATS = (".png", ".pdf", ".svg")  # what matplotlib writes without extra packages
@@ -50,16 +49,21 @@ def output_path(metrics, out):
 
 
 def plot(path, out, max_points=2000, log=say):
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
+    """Draw the curves of the metrics file path into the picture file out; returns out. The log is read
+    (and its mistakes reported) before matplotlib is needed."""
     refuse_inputs([out], [("metrics file", path)], error=UserError)
     train, evals, skipped = read_curves(path, max_points)
     if skipped:
         log(f"note: {path}: skipped {skipped:,} line(s) that are not train.py records")
     if not len(train) and not len(evals):
         raise UserError(f"{path} has no train or eval records yet")
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("matplotlib is not installed (pip install matplotlib); it is optional for training") from None
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if len(train):
         ax.plot(*train.points(), label="train loss", lw=1)
@@ -80,7 +84,7 @@ def plot(path, out, max_points=2000, log=say):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plot train/val loss from train.py's metrics.jsonl to a picture.")
+    parser = Parser(description="Plot train/val loss from train.py's metrics.jsonl to a picture.")
     parser.add_argument("metrics", help="metrics.jsonl in a --save_dir")
     parser.add_argument("--out", default=None, help="output picture (.png, .pdf or .svg), or a folder to write "
                                                     "loss.png in (default: loss.png next to the metrics file)")
@@ -88,15 +92,13 @@ def main(argv=None):
                         help=f"most points drawn per curve, spread evenly over the run: {MAX_POINTS} (default: 2000)")
     args = parser.parse_args(argv)
     try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        parser.exit(1, "error: matplotlib is not installed (pip install matplotlib); it is optional for training\n")
-    try:
         out = plot(args.metrics, output_path(args.metrics, args.out), args.max_points)
     except UserError as e:
         parser.exit(1, f"error: {e}\n")
     except OSError as e:  # a metrics file that cannot be read, a folder that cannot be written, a full disk
         parser.exit(1, f"error: {e.filename or args.metrics}: {e.strerror}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted; nothing written\n")
     print(f"wrote {out}")
     return 0
 

@@ -17,7 +17,7 @@ batch; a preset may set any flag), else its default. A preset's --time_budget gi
 import argparse
 import math
 
-from config import FIELD_RANGES, GPT2_EOT_ID, GPT2_VOCAB_SIZE, MAX_SEQ_LEN, PRESETS, flags_from_config
+from config import FIELD_RANGES, GPT2_EOT_ID, GPT2_VOCAB_SIZE, PRESETS, flags_from_config
 from errors import TrainError
 from llama import ROPE_THETA, swiglu_hidden
 from optimizer import OPTIMIZERS, LRSchedule
@@ -169,8 +169,6 @@ def check_args(args):
             raise TrainError(f"--{name} must be in [0, 1) (got {getattr(args, name)})")
     if args.eot_id is not None and args.eot_id < 0:
         raise TrainError(f"--eot_id must be a token id >= 0 (got {args.eot_id})")
-    if args.seq_len > MAX_SEQ_LEN:
-        raise TrainError(f"--seq_len {args.seq_len} is above the longest context this code supports, {MAX_SEQ_LEN}")
     for flag, field in MODEL_FLAGS:  # the model's ranges: ModelConfig's, which a Hugging Face folder is read with
         check_model_flag(args, flag, field)
     if args.d_model % args.n_heads:

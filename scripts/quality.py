@@ -230,7 +230,7 @@ def score(save_dir, flags):
     if not ends:
         stopped = [r for r in recs if r["type"] in ("stopped", "error")]
         why = f" ({stopped[-1].get('reason') or stopped[-1].get('message')})" if stopped else ""
-        last = max((r["step"] for r in recs), default=0)
+        last = stopped[-1]["step"] if stopped else max((r["step"] for r in recs), default=0)
         raise UserError(f"{save_dir}: the run stopped at step {last} before its end{why}, so there is no final "
                         "score (see its output above)")
     steps = ends[-1]["step"]

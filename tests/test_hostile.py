@@ -265,8 +265,8 @@ def test_resume_state_out_of_range_is_refused(data, finished_run, tmp_path, caps
 @pytest.mark.parametrize("flags, name", [
     (dict(seed=-1), "--seed"), (dict(beta1=1.0), "--beta1"), (dict(beta2=-0.1), "--beta2"),
     (dict(eot_id=-1), "--eot_id"), (dict(grad_clip="nan"), "--grad_clip"),
-    (dict(seq_len=2**18), "longest context this code supports"),
-    (dict(d_model=2**20, n_heads=1, d_ff=1), "GB"),  # the first allocation fails: say how much it needs
+    (dict(seq_len=2**18), "--seq_len must be an integer from 1 to 131072"),
+    (dict(d_model=2**16, n_heads=1, d_ff=2**18), "GB"),  # the first allocation fails: say how much it needs
 ])
 def test_train_flags_out_of_range_are_one_line(data, tmp_path, capsys, flags, name):
     import train
