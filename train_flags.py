@@ -19,6 +19,7 @@ import math
 
 from config import FIELD_RANGES, GPT2_EOT_ID, GPT2_VOCAB_SIZE, PRESETS, flags_from_config
 from errors import TrainError
+from flag_types import COUNT, COUNT_OR_ZERO, PROBABILITY, SEED, Number
 from llama import ROPE_THETA, swiglu_hidden
 from optimizer import OPTIMIZERS, LRSchedule
 
@@ -32,6 +33,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+# The range of each numeric flag as check_args applies it, which --help states (the model's sizes are
+# config.FIELD_RANGES, the Hugging Face reader's too)
+NON_NEGATIVE = Number(float, 0)
+POSITIVE = Number(float, 0, low_open=True)
+FLAG_RANGES = {"eot_id": Number(int, 0), "vocab_size": FIELD_RANGES["vocab_size"], "d_model": FIELD_RANGES["d_model"],
+               "n_heads": FIELD_RANGES["n_heads"], "d_ff": FIELD_RANGES["d_ff"], "n_layers": FIELD_RANGES["n_layers"],
+               "seq_len": FIELD_RANGES["max_seq_len"], "rope_theta": FIELD_RANGES["rope_theta"],
+               "n_kv_heads": COUNT, "batch_size": COUNT, "grad_accum": COUNT, "max_steps": COUNT,
+               "learning_rate": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_steps": COUNT_OR_ZERO,
+               "weight_decay": NON_NEGATIVE, "beta1": PROBABILITY, "beta2": PROBABILITY, "momentum": PROBABILITY,
+               "grad_clip": NON_NEGATIVE, "dropout": PROBABILITY, "seed": SEED, "workers": COUNT,
+               "log_interval": COUNT, "eval_interval": COUNT_OR_ZERO, "eval_batches": COUNT,
+               "save_interval": COUNT_OR_ZERO, "max_time": POSITIVE, "time_budget": POSITIVE, "rank_timeout": POSITIVE}
 
 
 def build_parser():
@@ -152,6 +168,9 @@ def build_parser():
     r.add_argument("--rank_timeout", type=float, default=30.0,
                    help="under mpiexec: stop when the other ranks give no answer for this many seconds "
                         "(a rank died or hangs); a rank on the same machine that dies stops the others at once")
+    for action in p._actions:  # each numeric flag's range, as check_args applies it
+        if action.dest in FLAG_RANGES:
+            action.help = f"{action.help}; {FLAG_RANGES[action.dest]}"
     return p
 
 
@@ -162,7 +181,7 @@ def check_args(args):
         if getattr(args, name) is not None and getattr(args, name) < 1:  # max_steps None: --time_budget's
             raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     for name in ("warmup_steps", "eval_interval", "save_interval", "grad_clip", "weight_decay", "min_lr", "seed"):
-        if not getattr(args, name) >= 0:  # NaN too: --grad_clip nan would turn clipping off
+        if not 0 <= getattr(args, name) < math.inf:  # NaN too: --grad_clip nan would turn clipping off
             raise TrainError(f"--{name} must be a number >= 0 (got {getattr(args, name)})")
     for name in ("beta1", "beta2", "momentum", "dropout"):
         if not 0 <= getattr(args, name) < 1:
@@ -181,11 +200,11 @@ def check_args(args):
     for name in ("eval_batches", "workers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    if args.max_time is not None and not args.max_time > 0:
+    if args.max_time is not None and not 0 < args.max_time < math.inf:
         raise TrainError(f"--max_time must be a positive number of minutes (got {args.max_time})")
     if args.time_budget is not None and not 0 < args.time_budget < math.inf:
         raise TrainError(f"--time_budget must be a positive number of minutes (got {args.time_budget})")
-    if not args.rank_timeout > 0:
+    if not 0 < args.rank_timeout < math.inf:
         raise TrainError(f"--rank_timeout must be a positive number of seconds (got {args.rank_timeout})")
 
 

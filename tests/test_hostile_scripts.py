@@ -542,3 +542,29 @@ def test_a_second_stop_signal_during_a_save_completes_it_and_exits_with_its_code
     assert not list(d.glob("*.tmp"))
     monkeypatch.setattr(train_state, "save_checkpoint", real)
     assert train.main(train_flags(data, d, resume=True)) == 0  # and the run goes on from it
+
+
+def test_train_py_help_states_the_range_check_args_applies():
+    """train.py's numeric flags keep their own checks (check_args, TrainError); --help states each range from
+    train_flags.FLAG_RANGES, and check_args refuses a value just outside each one: the statement is true."""
+    import train_flags
+    from errors import TrainError
+    parser = train_flags.build_parser()
+    numeric = [a for a in parser._actions if a.type in (int, float)]
+    assert {a.dest for a in numeric} == set(train_flags.FLAG_RANGES)
+    for action in numeric:
+        rng = train_flags.FLAG_RANGES[action.dest]
+        assert action.help.endswith(f"; {rng}"), action.help
+        outside = [math.nan, math.inf] if rng.kind is float else []
+        if rng.low is not None:
+            outside.append(rng.low if rng.low_open else rng.low - (1 if rng.kind is int else 1e-9))
+        if rng.high is not None:
+            outside.append(rng.high if rng.high_open else rng.high + (1 if rng.kind is int else rng.high))
+        llama = ["--arch", "llama"] if action.dest in ("rope_theta", "n_kv_heads") else []
+        argv = ["--train_data", "x", *llama]
+        for value in outside:
+            args = parser.parse_args(argv)
+            train_flags.apply_defaults(args, train_flags.given_flags(parser, argv))
+            setattr(args, action.dest, value)
+            with pytest.raises(TrainError, match=f"--{action.dest}"):
+                train_flags.check_args(args)
