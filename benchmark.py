@@ -290,6 +290,8 @@ def main(argv=None):
         run(args)
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # it writes nothing: nothing to clean up
+        raise SystemExit(130) from None
 
 
 def run(args):

@@ -280,6 +280,8 @@ def main(argv=None):
         parser.exit(1, f"error: {e}\n")
     except OSError as e:  # no permission to read it
         parser.exit(1, f"error: cannot read {e.filename or args.checkpoint}: {e.strerror}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted\n")
     n = sum(p.size for p in ck.params.values())
     print(f"{args.checkpoint}: step {ck.meta.get('step')}, {n:,} parameters, format version {ck.meta['version']}, "
           f"run {ck.meta.get('run_id') or '(no id)'}")

@@ -376,6 +376,8 @@ def main(argv=None):
         parser.exit(1, f"error: {e}\n")
     except OSError as e:  # a folder that cannot be written to, a full disk
         parser.exit(1, f"error: {e.filename or args.files[0]}: {e.strerror}\n")
+    except KeyboardInterrupt:  # a cache being written is removed (atomic_write): the next load converts again
+        parser.exit(130, "interrupted; no partial token cache is left\n")
     return 0
 
 

@@ -19,7 +19,6 @@ tokenizer files to write: GPT-2's BPE for a checkpoint trained with tiktoken's g
 the checkpoint embeds it) in the same spelling, else none. An export onto an earlier one replaces
 the whole folder, only once the new one is complete.
 """
-import argparse
 import os
 import sys
 
@@ -27,6 +26,7 @@ from bpe import BPEModel
 from checkpoint import load_checkpoint
 from config import GPT2_VOCAB_SIZE
 from errors import HFError, TokenizerError, UserError
+from flag_types import Parser
 from gpt2_files import gpt2_bpe_model
 from hf_format import EXPORT_FORMAT, EXPORT_VERSION, safetensors_numpy, write_folder
 from pretokens import ENDOFTEXT, GPT2_PATTERN
@@ -74,7 +74,7 @@ def export(checkpoint_path, out_dir, log=print):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="Export a numpy-gpt checkpoint as a Hugging Face folder (config.json, model.safetensors, "
                     "vocab.json + merges.txt) that transformers' AutoModelForCausalLM and AutoTokenizer load: a "
                     "GPT2LMHeadModel, or a LlamaForCausalLM for a checkpoint trained with --arch llama.",
@@ -88,6 +88,8 @@ def main(argv=None):
         p.exit(1, f"error: {e}\n")
     except OSError as e:  # a folder we may not write to, a full disk
         p.exit(1, f"error: cannot write {args.out_dir}: {e.strerror} ({e.filename or args.out_dir})\n")
+    except KeyboardInterrupt:  # the new folder is removed; an earlier export stays as it was
+        p.exit(130, f"interrupted; nothing was written to {args.out_dir}\n")
     print(f"wrote {args.out_dir}: {', '.join(files)}")
     return 0
 

@@ -22,7 +22,7 @@ import socket
 import time
 from typing import NamedTuple
 
-from atomic import atomic_write
+from atomic import atomic_write, refuse_inputs
 from checkpoint import read_meta
 from errors import CheckpointError
 from untrusted import read_json
@@ -76,6 +76,12 @@ class RunDir:
     def lock(self):
         """The folder's lock, held until the returned SaveDirLock is released (a context manager)."""
         return SaveDirLock(self.save_dir)
+
+    def check_not_inputs(self, inputs):
+        """CheckpointError when a file the run rewrites in the folder (metrics.jsonl, run.json, train.lock) is
+        one of inputs ((what, path) pairs, None paths ignored): data kept under such a name would be lost."""
+        refuse_inputs([self.path(name) for name in (METRICS_FILE, RUN_FILE, LOCK_FILE)], inputs,
+                      error=CheckpointError)
 
     def clean_temp(self):
         """Delete the checkpoint_*.tmp files a crash in the middle of a checkpoint write left."""

@@ -456,6 +456,7 @@ def train(args, world, init=None):
     """Run training for parsed args in world (distributed.world()); returns the exit code (0: done or
     stopped by --max_time, 130: Ctrl-C, 143: SIGTERM)."""
     run_dir = RunDir(args.save_dir)
+    run_dir.check_not_inputs([("training data", args.train_data), ("validation data", args.val_data)])
     # one writer per --save_dir: the process that writes there (under MPI rank 0) holds the lock
     with run_dir.lock() if world.is_root else contextlib.nullcontext():
         os.makedirs(args.save_dir, exist_ok=True)

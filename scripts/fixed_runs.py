@@ -29,6 +29,7 @@ from atomic import atomic_write, refuse_inputs  # noqa: E402
 from config import GPT2_VOCAB_SIZE  # noqa: E402
 from errors import UserError  # noqa: E402
 from flag_types import Parser  # noqa: E402
+from metrics import Records  # noqa: E402
 from untrusted import read_json  # noqa: E402
 SAMPLE = REPO / "data" / "sample"
 PY = sys.executable
@@ -92,11 +93,9 @@ def digest_arrays(checkpoint):
 
 def digest_metrics(save_dir):
     numbers = []
-    with open(os.path.join(save_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if r.get("type") in ("train", "eval"):
-                numbers.append({k: v for k, v in r.items() if k not in ("time", "steps_per_s", "tokens_per_s")})
+    for r in Records(os.path.join(save_dir, "metrics.jsonl")):  # checked records, one at a time
+        if r["type"] in ("train", "eval"):
+            numbers.append({k: v for k, v in r.items() if k not in ("time", "steps_per_s", "tokens_per_s")})
     return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()
 
 

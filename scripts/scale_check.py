@@ -169,7 +169,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     stages = [s for s in STAGES if s in args.stages or (s == "hf" and args.compare_hf)]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="scale_check_"))
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where the folder should be, no permission
+        p.exit(1, f"error: --work_dir {work}: {e.strerror} ({e.filename}): name a folder to write to\n")
     py = sys.executable
     try:
         t0 = time.perf_counter()

@@ -568,3 +568,39 @@ def test_train_py_help_states_the_range_check_args_applies():
             setattr(args, action.dest, value)
             with pytest.raises(TrainError, match=f"--{action.dest}"):
                 train_flags.check_args(args)
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "run.json", "train.lock"])
+def test_training_data_under_the_name_of_a_run_file_is_never_rewritten(data, tmp_path, capsys, name):
+    import shutil
+    import train
+    d = tmp_path / "ck"
+    d.mkdir()
+    shutil.copy(data[0], d / name)
+    shutil.copy(data[0] + ".meta.json", d / f"{name}.meta.json")
+    with unchanged(tmp_path):
+        refused(train.main, train_flags(data, d, train_data=str(d / name), resume=name == "metrics.jsonl"), capsys,
+                d / name, "replace the input")
+
+
+def test_scale_check_says_a_work_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder\n")
+    with unchanged(tmp_path):
+        refused(script("scripts/scale_check.py"), ["--work_dir", str(tmp_path / "file"), "--mb", "1"], capsys,
+                "--work_dir", "file")
+
+
+@pytest.mark.parametrize("name, patch, argv", [
+    ("export_hf.py", "export", ["ck.npz", "out"]), ("data_loader.py", "load_dataset", ["x.jsonl"]),
+    ("checkpoint.py", "load_checkpoint", ["ck.npz"]), ("plot_metrics.py", "read_curves", ["metrics.jsonl"]),
+    ("benchmark.py", "run", []),
+])
+def test_ctrl_c_in_a_script_is_one_line(tmp_path, capsys, monkeypatch, name, patch, argv):
+    module = importlib.import_module(name[:-len(".py")])
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(module, patch, interrupted)
+    monkeypatch.chdir(tmp_path)
+    rc, err = cli(module.main, argv, capsys)
+    assert rc == 130 and "Traceback" not in err and len(err.splitlines()) <= 1, err
