@@ -39,6 +39,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -100,8 +101,10 @@ def parse(argv):
 
 def train(cmd):
     """Run train.py (its output shown as it goes); its exit code. Ctrl-C reaches it too (the same terminal):
-    it saves where it is and stops, which is waited for; a second Ctrl-C stops it at once."""
+    it saves where it is and stops, which is waited for; a second Ctrl-C stops it at once. A SIGTERM sent to
+    this script alone is passed on to it, so that it never goes on training with no one to score it."""
     proc = subprocess.Popen([PY, *map(str, cmd)], cwd=REPO)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -111,6 +114,8 @@ def train(cmd):
             proc.kill()
             proc.wait()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resolve_recipe(recipe, args):
@@ -318,6 +323,10 @@ def main(argv=None):
         print("+ python3 " + " ".join(map(str, cmd)), flush=True)
         t = time.time()
         code = train(cmd)
+        if code in (130, 143):  # stopped by Ctrl-C or SIGTERM: it saved where it was
+            say(f"{'interrupted' if code == 130 else 'terminated'}: no score recorded; the run's folder {save_dir} "
+                "keeps what train.py saved")
+            return code
         if code:
             raise UserError(f"train.py failed (exit {code}): its message is above")
         wall = time.time() - t

@@ -604,3 +604,31 @@ def test_ctrl_c_in_a_script_is_one_line(tmp_path, capsys, monkeypatch, name, pat
     monkeypatch.chdir(tmp_path)
     rc, err = cli(module.main, argv, capsys)
     assert rc == 130 and "Traceback" not in err and len(err.splitlines()) <= 1, err
+
+
+def test_quality_passes_a_sigterm_on_to_its_training_run(tmp_path):
+    """SIGTERM to the benchmark alone (a scheduler ending the job): the training run gets it too, instead of
+    training on with no one left to score it."""
+    import subprocess
+    import time
+    marker, ready = tmp_path / "child got SIGTERM", tmp_path / "ready"
+    child = ("import signal, sys, time, pathlib; "
+             f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(marker)!r}).touch(), sys.exit(143))); "
+             f"pathlib.Path({str(ready)!r}).touch(); time.sleep(30)")
+    driver = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('q', {str(REPO / 'scripts' / 'quality.py')!r}); "
+              "q = importlib.util.module_from_spec(spec); spec.loader.exec_module(q); "
+              f"sys.exit(q.train(['-c', {child!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO)
+    deadline = time.monotonic() + 15
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 143 and marker.exists()
+
+
+def test_quality_says_a_run_stopped_by_a_signal_in_one_line(tmp_path, capsys, monkeypatch):
+    fake_benchmark(tmp_path, monkeypatch, run_records())
+    monkeypatch.setattr(quality, "train", lambda cmd: 143)
+    rc, err = cli(quality.main, quality_argv(tmp_path), capsys)
+    assert rc == 143 and len(err.splitlines()) == 1 and err.startswith("terminated: no score recorded"), err
+    assert not (tmp_path / "work" / "results.jsonl").exists()
