@@ -58,7 +58,7 @@ class MetricsLog:
                         atomic_write(self.path, "wb") as out:  # streamed: memory does not grow with the log
                     for line in bounded_lines(f):
                         if line is not None and self._record_step(line) <= resume_step:
-                            out.write(line)
+                            out.write(line if line.endswith(b"\n") else line + b"\n")
             elif resume_step is None and os.path.exists(self.path):  # an earlier run's: kept, never overwritten
                 old, n = self.path + ".old", 0
                 while os.path.lexists(old):

@@ -632,3 +632,21 @@ def test_quality_says_a_run_stopped_by_a_signal_in_one_line(tmp_path, capsys, mo
     rc, err = cli(quality.main, quality_argv(tmp_path), capsys)
     assert rc == 143 and len(err.splitlines()) == 1 and err.startswith("terminated: no score recorded"), err
     assert not (tmp_path / "work" / "results.jsonl").exists()
+
+
+def test_resuming_the_log_streams_it_and_keeps_whole_lines(tmp_path):
+    """MetricsLog.open on resume reads the log a line at a time (a line past MAX_RECORD_BYTES is dropped, never
+    held whole) and keeps each record up to the step resumed as a line of its own."""
+    from metrics import MAX_RECORD_BYTES, MetricsLog
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"type": "train", "step": 1}\n' + b'{"type": "x", "pad": "' + b"y" * MAX_RECORD_BYTES + b'"}\n' +
+                     b'{"type": "train", "step": 3}\n{"type": "train", "step": 2}')  # the last: no newline
+    log = MetricsLog(str(path))
+    tracemalloc.start()
+    log.open(resume_step=2)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    log.record(type="resume", step=2)
+    log.close()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 2] and peak < MAX_RECORD_BYTES * 3
