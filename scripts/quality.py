@@ -213,8 +213,17 @@ def prepare_data(args, vocab_size, say=print):
 
 
 def read_metrics(save_dir):
-    """The run's records (metrics.Records: checked, lines that are not records left out)."""
-    return list(Records(os.path.join(save_dir, "metrics.jsonl"), error=UserError))
+    """What scoring needs of the run's metrics.jsonl, read one record at a time (metrics.Records: checked,
+    lines that are not records left out): the last record of each type, and the highest step."""
+    last, top = {}, 0
+    for r in Records(os.path.join(save_dir, "metrics.jsonl"), error=UserError):
+        kind = r["type"]
+        if kind == "checkpoint" and os.path.basename(str(r.get("path"))) == FINAL:
+            kind = "final"
+        if kind == "budget" and "budget" in last:
+            continue  # the first: the horizon fixed by the measured speed
+        last[kind], top = r, max(top, r["step"])
+    return last, top
 
 
 def samples(checkpoint, n, max_tokens):
@@ -230,26 +239,23 @@ def samples(checkpoint, n, max_tokens):
 def score(save_dir, flags):
     """The run's numbers from its metrics.jsonl: UserError unless the run reached its end (its final checkpoint
     written) and evaluated there. Its train lines are not needed (a recipe's --log_interval may leave none)."""
-    recs = read_metrics(save_dir)
-    ends = [r for r in recs if r["type"] == "checkpoint" and os.path.basename(str(r.get("path"))) == FINAL]
-    if not ends:
-        stopped = [r for r in recs if r["type"] in ("stopped", "error")]
-        why = f" ({stopped[-1].get('reason') or stopped[-1].get('message')})" if stopped else ""
-        last = stopped[-1]["step"] if stopped else max((r["step"] for r in recs), default=0)
-        raise UserError(f"{save_dir}: the run stopped at step {last} before its end{why}, so there is no final "
-                        "score (see its output above)")
-    steps = ends[-1]["step"]
-    final = [r for r in recs if r["type"] == "eval" and r["step"] == steps]
-    config = [r for r in recs if r["type"] == "config"]
-    if not final or not config:
-        raise UserError(f"{save_dir}/metrics.jsonl has no {'evaluation' if not final else 'config record'} at the "
-                        f"run's end (step {steps}): is --val_data evaluated? (see the run's output above)")
-    final, config = final[-1], config[-1]
-    budget = next((r for r in recs if r["type"] == "budget"), {})
-    # training ends at the last train line of the last step, or (none logged there) at its evaluation
-    last = [r for r in recs if r["type"] == "train" and r["step"] == steps] or [final]
+    last, top = read_metrics(save_dir)
+    if "final" not in last:
+        stopped = last.get("stopped") or last.get("error")
+        why = f" ({stopped.get('reason') or stopped.get('message')})" if stopped else ""
+        raise UserError(f"{save_dir}: the run stopped at step {stopped['step'] if stopped else top} before its "
+                        f"end{why}, so there is no final score (see its output above)")
+    steps = last["final"]["step"]
+    final, config, budget = last.get("eval"), last.get("config"), last.get("budget", {})
+    if final is None or final["step"] != steps or config is None:
+        what = "evaluation" if final is None or final["step"] != steps else "config record"
+        raise UserError(f"{save_dir}/metrics.jsonl has no {what} at the run's end (step {steps}); see the run's "
+                        "output above")
+    # training ends at the last train line, if it is of the last step, else (none logged there) at its evaluation
+    train = last.get("train")
+    end = train if train is not None and train["step"] == steps else final
     return {"steps": steps, "horizon": budget.get("horizon"), "seconds_per_step": budget.get("seconds_per_step"),
-            "train_seconds": last[-1].get("time", math.nan) - config.get("time", math.nan),
+            "train_seconds": end.get("time", math.nan) - config.get("time", math.nan),
             "tokens_seen": steps * flags.batch_size * flags.seq_len,  # every window's seq_len targets, every step
             "num_parameters": config.get("num_parameters"), "config": config.get("config"),
             "val_loss": final["val_loss"], "val_perplexity": math.exp(final["val_loss"]),
