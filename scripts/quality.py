@@ -287,6 +287,8 @@ def check_outputs(args, inputs):
         raise UserError(f"--results {results} is a folder: name a JSON-lines file to append the record to")
     if results.exists() and not results.is_file():
         raise UserError(f"--results {results} is not a regular file: name a JSON-lines file to append the record to")
+    if results.is_file() and not os.access(results, os.W_OK):  # appending replaces the file: it would go through
+        raise UserError(f"--results {results} is read-only: make it writable, or name another file")
     if results.parent.exists() and not results.parent.is_dir():
         raise UserError(f"--results {results}: {results.parent} is a file, not a folder")
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,6 @@ is built here; each must end in one line (no traceback), and every file that was
 import argparse
 import errno
 import importlib.util
-import io
 import json
 import math
 import os
@@ -51,7 +50,7 @@ def no_tools(monkeypatch):
 
 @pytest.mark.parametrize("case", ["the training text", "a link to the validation text", "a hard link to it"])
 def test_quality_never_appends_its_record_to_an_input(tmp_path, capsys, monkeypatch, case):
-    argv = quality_argv(tmp_path)
+    quality_argv(tmp_path)  # writes the two texts
     target = {"the training text": tmp_path / "train.txt", "a link to the validation text": tmp_path / "link.txt",
               "a hard link to it": tmp_path / "hard.txt"}[case]
     if case != "the training text":
@@ -62,7 +61,7 @@ def test_quality_never_appends_its_record_to_an_input(tmp_path, capsys, monkeypa
 
 
 def test_quality_refuses_a_results_file_that_is_one_of_its_tokenized_files(tmp_path, capsys, monkeypatch):
-    argv = quality_argv(tmp_path)
+    quality_argv(tmp_path)  # writes the two texts
     cache = tmp_path / "work" / "tokenized"
     cache.mkdir(parents=True)
     for name in ("t.jsonl", "t.jsonl.meta.json", "v.jsonl", "v.jsonl.meta.json"):
@@ -131,9 +130,9 @@ def test_append_line_keeps_every_old_line_when_the_write_fails(tmp_path, monkeyp
 # ------------------------------------------------------------------------ 2. the quality benchmark's own files
 
 @pytest.mark.parametrize("case", ["work_dir is a file", "results is a folder", "results under a file",
-                                  "results is a fifo", "no space for the results"])
+                                  "results is a fifo", "no space for the results", "results is read-only"])
 def test_quality_checks_what_it_writes_before_training(tmp_path, capsys, monkeypatch, case):
-    argv = quality_argv(tmp_path)
+    quality_argv(tmp_path)  # writes the two texts
     (tmp_path / "file").write_text("a file\n")
     (tmp_path / "folder").mkdir()
     os.mkfifo(tmp_path / "fifo")
@@ -141,7 +140,11 @@ def test_quality_checks_what_it_writes_before_training(tmp_path, capsys, monkeyp
                   "results is a folder": (["--results", str(tmp_path / "folder")], "folder"),
                   "results under a file": (["--results", str(tmp_path / "file" / "r.jsonl")], "file"),
                   "results is a fifo": (["--results", str(tmp_path / "fifo")], "fifo"),
-                  "no space for the results": (["--results", str(tmp_path / "r.jsonl")], "disk is full")}[case]
+                  "no space for the results": (["--results", str(tmp_path / "r.jsonl")], "disk is full"),
+                  "results is read-only": (["--results", str(tmp_path / "file")], "read-only")}[case]
+    if case == "results is read-only":  # as root, chmod alone would not stop a write
+        os.chmod(tmp_path / "file", 0o444)
+        monkeypatch.setattr(quality.os, "access", lambda path, mode: os.stat(path).st_mode & 0o222 != 0)
     if case == "no space for the results":
         real = quality.atomic_write
 
