@@ -1,15 +1,23 @@
 """[engine] Crash-safe file writes: the target is always either the old complete file or the new one.
 
 Checkpoints, token caches, tokenized data, prepared stories and BPE models are written through
-atomic_write, so an interrupted run never leaves a truncated file that looks valid.
+atomic_write, so an interrupted run never leaves a truncated file that looks valid. An output must
+never be one of the command's inputs: every script checks its outputs with refuse_inputs before it
+writes anything (a results file appended to is an output too: append_line).
 
-    from atomic import atomic_write
+    from atomic import atomic_write, append_line, refuse_inputs
+    refuse_inputs(["data/out.txt"], [("input text", "data/in.txt")], error=UserError)
     with atomic_write("data/out.txt", "w", encoding="utf-8") as f:   # or "wb", "w+b"
         f.write(text)
+    append_line("results.jsonl", json.dumps(record))                  # the old lines and the new, or the old
 """
 import contextlib
 import os
 import secrets
+
+from untrusted import open_regular
+
+MAX_APPEND_BYTES = 1 << 28  # a results file appended to: a record per run, a few KB each
 
 
 @contextlib.contextmanager
@@ -62,3 +70,36 @@ def _create_temp(path):
         os.close(fd)  # reopened by name, so that f.name is the temp path rather than a number
         return tmp
     raise FileExistsError(f"no free temporary name next to {path}")
+
+
+def refuse_inputs(outputs, inputs, error=ValueError):
+    """error(...) when an output is one of the inputs, before anything is written: the same file (a link
+    to it, a hard link, another spelling of its path) would be replaced by, or appended with, what is made
+    from it. outputs: paths; inputs: (what, path) pairs. An output that does not exist yet is no input."""
+    for out in outputs:
+        for what, path in inputs:
+            if out is None or path is None:
+                continue
+            try:
+                same = os.path.samefile(out, path)
+            except (OSError, ValueError):  # one of them does not exist (yet), or cannot be looked at
+                continue
+            if same:
+                raise error(f"{out} is the {what} {path}: writing it would replace the input; choose another "
+                            "output")
+
+
+def append_line(path, line, max_bytes=MAX_APPEND_BYTES):
+    """Add one line to the text file path (created if missing), crash-safe: the file is rewritten through
+    atomic_write, so that it holds either its old lines or those and the new one, never half a line; a
+    full disk or a kill leaves it as it was. OSError as open() raises it (a folder there, no permission);
+    ValueError for a path that is not a regular file or is over max_bytes (not a results file)."""
+    path = os.path.realpath(path)  # a link to a results file: that file gets the line, the link stays
+    old = b""
+    if os.path.lexists(path):
+        with open_regular(path, "rb", "results file (JSON lines)", max_bytes) as f:
+            old = f.read(max_bytes + 1)
+        if old and not old.endswith(b"\n"):
+            old += b"\n"  # a last line cut short (by an editor, say) stays a line of its own
+    with atomic_write(path, "wb") as f:
+        f.write(old + line.rstrip("\n").encode("utf-8") + b"\n")

@@ -35,11 +35,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from config import ARCHS, GPT2_VOCAB_SIZE, ModelConfig
+from config import ARCHS, FIELD_RANGES, GPT2_VOCAB_SIZE, MAX_SEQ_LEN, ModelConfig
 from decoding import Decoder
 from device import array_module, gpu_memory, synchronize, to_device
 from dropout import DropoutKey
 from errors import UserError
+from flag_types import COUNT, PROBABILITY, SECONDS_OR_ZERO, Number, Parser
 from language_model import LanguageModel
 from lm_head import ROWS_PER_CHUNK
 from loss import count_targets
@@ -56,6 +57,7 @@ RUNS = {  # --all: the guide's models (train_flags.PRESETS, with their batches),
 }
 DECODE_PRESETS = ("small", "medium")  # --decode: the guide's models, with a context of 256 tokens at least
 DECODE_CONTEXT = 256
+DECODE_TOKENS = Number(int, 2, MAX_SEQ_LEN)  # tokens to decode: a first one fed, at least one timed after it
 
 
 class MatmulsOnly:
@@ -244,24 +246,34 @@ def print_sizes(vocab_size=GPT2_VOCAB_SIZE):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab_size", type=int, default=GPT2_VOCAB_SIZE,
-                    help=f"vocabulary size (default {GPT2_VOCAB_SIZE}, GPT-2's)")
-    ap.add_argument("--d_model", type=int, default=128, help="model width C (default 128)")
-    ap.add_argument("--n_heads", type=int, default=4, help="attention heads (default 4)")
-    ap.add_argument("--d_ff", type=int, default=None,
-                    help="feed-forward width (default: the block's own, 4 d_model for gpt2, SwiGLU's for llama)")
-    ap.add_argument("--n_layers", type=int, default=2, help="Transformer blocks (default 2)")
+    size = FIELD_RANGES
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocab_size", type=size["vocab_size"], default=GPT2_VOCAB_SIZE,
+                    help=f"vocabulary size: {size['vocab_size']} (default {GPT2_VOCAB_SIZE}, GPT-2's)")
+    ap.add_argument("--d_model", type=size["d_model"], default=128,
+                    help=f"model width C: {size['d_model']} (default 128)")
+    ap.add_argument("--n_heads", type=size["n_heads"], default=4,
+                    help=f"attention heads: {size['n_heads']}, dividing --d_model (default 4)")
+    ap.add_argument("--d_ff", type=size["d_ff"], default=None,
+                    help=f"feed-forward width: {size['d_ff']} (default: the block's own, 4 d_model for gpt2, SwiGLU's "
+                         "for llama)")
+    ap.add_argument("--n_layers", type=size["n_layers"], default=2,
+                    help=f"Transformer blocks: {size['n_layers']} (default 2)")
     ap.add_argument("--arch", choices=list(ARCHS), default="gpt2", help="the block, as train.py's --arch")
-    ap.add_argument("--n_kv_heads", type=int, default=None,
-                    help="--arch llama: key/value heads (grouped-query attention; default --n_heads)")
-    ap.add_argument("--batch_size", type=int, default=32, help="sequences per step (default 32)")
-    ap.add_argument("--seq_len", type=int, default=128, help="tokens per sequence (default 128)")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps at least; the median is reported (default 5)")
-    ap.add_argument("--min_seconds", type=float, default=3.0,
-                    help="time at least this many seconds of steps: short steps are noisy (default 3)")
-    ap.add_argument("--dropout", type=float, default=0.0, metavar="P",
-                    help="also time the step with dropout P (train.py --dropout), alternately with the one without")
+    ap.add_argument("--n_kv_heads", type=size["n_kv_heads"], default=None,
+                    help=f"--arch llama: key/value heads (grouped-query attention): {size['n_kv_heads']}, dividing "
+                         "--n_heads (default --n_heads)")
+    ap.add_argument("--batch_size", type=COUNT, default=32, help=f"sequences per step: {COUNT} (default 32)")
+    ap.add_argument("--seq_len", type=size["max_seq_len"], default=128,
+                    help=f"tokens per sequence: {size['max_seq_len']} (default 128)")
+    ap.add_argument("--steps", type=COUNT, default=5,
+                    help=f"timed steps at least; the median is reported: {COUNT} (default 5)")
+    ap.add_argument("--min_seconds", type=SECONDS_OR_ZERO, default=3.0,
+                    help=f"time at least this many seconds of steps, short steps being noisy: {SECONDS_OR_ZERO} "
+                         "(default 3)")
+    ap.add_argument("--dropout", type=PROBABILITY, default=0.0, metavar="P",
+                    help=f"also time the step with dropout P (train.py --dropout), alternately with the one without: "
+                         f"{PROBABILITY} (default 0: not)")
     ap.add_argument("--all", action="store_true",
                     help="run the guide's Tiny, Small, Medium, Small-with-4096-vocab, and Small with --arch llama "
                          "(both vocabularies)")
@@ -269,7 +281,8 @@ def main(argv=None):
     ap.add_argument("--decode", action="store_true",
                     help="time greedy decoding instead (with and without the key/value cache) of the guide's "
                          "Small and Medium models")
-    ap.add_argument("--decode_tokens", type=int, default=256, help="with --decode: tokens to decode (default 256)")
+    ap.add_argument("--decode_tokens", type=DECODE_TOKENS, default=256,
+                    help=f"with --decode: tokens to decode: {DECODE_TOKENS} (default 256)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu (NumPy) or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or cupy-cuda13x)")
     args = ap.parse_args(argv)
@@ -278,13 +291,13 @@ def main(argv=None):
         run(args)
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # it writes nothing: nothing to clean up
+        raise SystemExit(130) from None
 
 
 def run(args):
     array_module(args.device)  # DeviceError: what to install for --device cuda
     if args.decode:
-        if args.decode_tokens < 1:
-            raise UserError(f"--decode_tokens must be at least 1, got {args.decode_tokens}")
         run_decode(decode_models(args.decode_tokens, args.device), args.decode_tokens, args.device)
         return
     if args.sizes:
@@ -302,8 +315,6 @@ def run(args):
                           n_layers=args.n_layers, max_seq_len=args.seq_len, arch=args.arch, n_kv_heads=args.n_kv_heads)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     result = bench(cfg, args.batch_size, args.seq_len, steps=args.steps, min_seconds=args.min_seconds,
                    device=args.device, dropout=args.dropout)
     report("model", cfg, args.batch_size, args.seq_len, result)

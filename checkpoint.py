@@ -22,7 +22,7 @@ CheckpointError naming it. The folder a training run keeps its checkpoints in: r
 Command line (print what a checkpoint holds):
     python3 checkpoint.py checkpoints_small/checkpoint_final.npz
 """
-import argparse
+import errno
 import contextlib
 import json
 import math
@@ -38,6 +38,7 @@ from atomic import atomic_write
 from config import ModelConfig, name_mismatch, param_shapes
 from device import get_array_module, to_device
 from errors import CheckpointError, UserError
+from flag_types import Parser
 from language_model import LanguageModel
 from untrusted import open_regular, parse_json
 
@@ -111,6 +112,9 @@ class _Reader:
                 self.members[info.filename[:-len(".npy")]] = info
         except BaseException as e:
             self.close()
+            if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM):  # the file is fine, its mode is not
+                raise CheckpointError(f"cannot read {self.path}: {e.strerror}; give read permission to it (and its "
+                                      "folder), or pass another checkpoint") from None
             if isinstance(e, _READ_ERRORS) and not isinstance(e, CheckpointError):
                 raise _bad(self.path, f"{type(e).__name__}: {e}") from None
             raise
@@ -267,13 +271,17 @@ def copy_params(dst, src, path="checkpoint"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print what a numpy-gpt checkpoint holds.")
+    parser = Parser(description="Print what a numpy-gpt checkpoint holds.")
     parser.add_argument("checkpoint", help="path to a .npz checkpoint")
     args = parser.parse_args(argv)
     try:
         ck = load_checkpoint(args.checkpoint)
     except UserError as e:
         parser.exit(1, f"error: {e}\n")
+    except OSError as e:  # no permission to read it
+        parser.exit(1, f"error: cannot read {e.filename or args.checkpoint}: {e.strerror}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted\n")
     n = sum(p.size for p in ck.params.values())
     print(f"{args.checkpoint}: step {ck.meta.get('step')}, {n:,} parameters, format version {ck.meta['version']}, "
           f"run {ck.meta.get('run_id') or '(no id)'}")

@@ -17,11 +17,12 @@ ModelConfig is saved inside every checkpoint (checkpoint.py), so generate.py nee
 else. A checkpoint written before a field existed still loads: the field takes its default.
 The training recipes (--preset) and the flag names live with train.py's flags (train_flags.py).
 """
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, NamedTuple
 
 import numpy as np
+
+from flag_types import Number
 
 GPT2_VOCAB_SIZE = 50257  # GPT-2's tiktoken encoding: 50,256 merged tokens, then <|endoftext|>
 GPT2_EOT_ID = 50256
@@ -29,6 +30,16 @@ GPT2_EOT_ID = 50256
 # Hugging Face folder: the sinusoidal table and generation's key/value cache are sized by it, not by any
 # array in a file, so an untrusted number must not choose it freely.
 MAX_SEQ_LEN = 1 << 17
+# The range of each numeric field: the one rule for train.py's flags, the auxiliary scripts' model flags, a
+# checkpoint's config and a Hugging Face config.json (hf_format.py), so that whatever one of them accepts the
+# others read. The upper bounds are far beyond what trains on a CPU; they keep a number in a file from
+# sizing an allocation freely.
+FIELD_RANGES = {"vocab_size": Number(int, 1, 1 << 22), "d_model": Number(int, 1, 1 << 16),
+                "n_heads": Number(int, 1, 1 << 12), "d_ff": Number(int, 1, 1 << 18),
+                "n_layers": Number(int, 1, 1 << 10), "max_seq_len": Number(int, 1, MAX_SEQ_LEN),
+                "n_kv_heads": Number(int, 1, 1 << 12), "rope_theta": Number(float, 1, 1e12, low_open=True),
+                "norm_eps": Number(float, 0, 1, low_open=True, high_open=True),
+                "dropout": Number(float, 0, 1, high_open=True)}
 
 LN_EPS = 1e-5  # GPT-2's layer norm
 # llama2.c's TinyStories models and Llama 2 use 1e-5 (so does our layer norm); HF's LlamaConfig
@@ -100,15 +111,10 @@ def _check_llama(cfg):
         raise ValueError("use_learned_pos: the Llama block has no position table (its positions are rotary)")
     if cfg.rope_theta is None:
         cfg.rope_theta = ROPE_THETA
-    theta = cfg.rope_theta
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1 < theta < math.inf:
-        raise ValueError(f"ModelConfig.rope_theta must be a number above 1, got {theta!r}")
-    cfg.rope_theta = float(theta)
+    cfg.rope_theta = float(FIELD_RANGES["rope_theta"].check(cfg.rope_theta, "ModelConfig.rope_theta"))
     if cfg.n_kv_heads is None:
         cfg.n_kv_heads = cfg.n_heads
-    k = cfg.n_kv_heads
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"ModelConfig.n_kv_heads must be a positive integer, got {k!r}")
+    k = FIELD_RANGES["n_kv_heads"].check(cfg.n_kv_heads, "ModelConfig.n_kv_heads")
     llama_block_shapes(cfg.d_model, cfg.n_heads, k, cfg.d_ff)  # its ValueError: heads that do not fit
 
 
@@ -151,12 +157,7 @@ class ModelConfig:
         if self.d_ff is None and isinstance(self.d_model, (int, np.integer)) and not isinstance(self.d_model, bool):
             self.d_ff = arch.d_ff(self.d_model)
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        if self.max_seq_len > MAX_SEQ_LEN:
-            raise ValueError(f"ModelConfig.max_seq_len {self.max_seq_len} is above the {MAX_SEQ_LEN} this code "
-                             "supports")
+            FIELD_RANGES[name].check(getattr(self, name), f"ModelConfig.{name}")
         for name in ("use_learned_pos", "tie_embeddings"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
@@ -169,11 +170,8 @@ class ModelConfig:
             raise ValueError(f"activation {self.activation!r}: the {self.arch} block's feed-forward "
                              f"({arch.ffn.format(arch.activations[0])}) takes {choices}")
         CHECKS[self.arch](self)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"ModelConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
-        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or \
-                not 0 < self.norm_eps < 1:
-            raise ValueError(f"ModelConfig.norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
+        for name in ("dropout", "norm_eps"):
+            FIELD_RANGES[name].check(getattr(self, name), f"ModelConfig.{name}")
 
     @property
     def positions(self):

@@ -27,7 +27,6 @@ says the last chunk of each story already ends with end-of-text; a plain .jsonl
 Command line (convert ahead of time and print what is in a file):
     python3 data_loader.py data/train_tokenized.jsonl
 """
-import argparse
 import contextlib
 import json
 import os
@@ -36,9 +35,10 @@ import zlib
 
 import numpy as np
 
-from atomic import atomic_write
-from config import GPT2_EOT_ID, GPT2_VOCAB_SIZE
+from atomic import atomic_write, refuse_inputs
+from config import FIELD_RANGES, GPT2_EOT_ID, GPT2_VOCAB_SIZE
 from errors import DataError, UserError
+from flag_types import Number, Parser
 from tokenizer import read_sidecar, same_tokenizer, sidecar_path
 from untrusted import open_regular, parse_json, read_json, regular_file
 
@@ -353,24 +353,31 @@ def eval_batches(dataset, batch_size, seq_len, max_batches=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Convert tokenized .jsonl files to the binary token cache "
-                                     "(train.py does this itself when needed) and print what is in them.")
+    vocab, eot = FIELD_RANGES["vocab_size"], Number(int, 0, FIELD_RANGES["vocab_size"].high - 1)
+    parser = Parser(description="Convert tokenized .jsonl files to the binary token cache "
+                                "(train.py does this itself when needed) and print what is in them.")
     parser.add_argument("files", nargs="+", help="tokenized .jsonl files (one JSON array of ids per line)")
-    parser.add_argument("--vocab_size", type=int, default=None, help="check every id is below this")
-    parser.add_argument("--eot_id", type=int, default=None,
-                        help="end-of-text id to join lines of a plain .jsonl (default: from the sidecar, "
+    parser.add_argument("--vocab_size", type=vocab, default=None, help=f"check every id is below this, {vocab}")
+    parser.add_argument("--eot_id", type=eot, default=None,
+                        help=f"end-of-text id to join lines of a plain .jsonl, {eot} (default: from the sidecar, "
                              f"else {GPT2_EOT_ID} for vocab {GPT2_VOCAB_SIZE}, else vocab_size - 1)")
     parser.add_argument("--rebuild", action="store_true", help="convert again even if the cache is fresh")
     args = parser.parse_args(argv)
-    if args.eot_id is not None and args.eot_id < 0:
-        parser.exit(1, f"error: --eot_id must be a token id >= 0 (got {args.eot_id})\n")
     try:
+        # each file's cache (X.tokens.bin, X.tokens.json) is written next to it: never onto another file given
+        outputs = [p for path in args.files for p in cache_paths(path)]
+        refuse_inputs(outputs, [("tokenized file", path) for path in args.files] +
+                      [("tokenizer sidecar", sidecar_path(path)) for path in args.files], error=DataError)
         for path in args.files:
             ds = load_dataset(path, vocab_size=args.vocab_size, eot_id=args.eot_id, rebuild=args.rebuild,
                               log=lambda m: print(m, file=sys.stderr))
             print(ds)
     except UserError as e:
         parser.exit(1, f"error: {e}\n")
+    except OSError as e:  # a folder that cannot be written to, a full disk
+        parser.exit(1, f"error: {e.filename or args.files[0]}: {e.strerror}\n")
+    except KeyboardInterrupt:  # a cache being written is removed (atomic_write): the next load converts again
+        parser.exit(130, "interrupted; no partial token cache is left\n")
     return 0
 
 

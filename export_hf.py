@@ -25,13 +25,13 @@ shareable.shareable_record of the checkpoint's (the recipe, files by name alone)
 model card (README.md, model_card.py) says of the run. --license is the weights' licence in the card's
 header; its default "other" chooses none on the exporter's behalf, and the card says so.
 """
-import argparse
 import sys
 
 from bpe import BPEModel
 from checkpoint import load_checkpoint
 from config import GPT2_VOCAB_SIZE
 from errors import HFError, TokenizerError, UserError
+from flag_types import Parser
 from gpt2_files import gpt2_bpe_model
 from hf_format import EXPORT_FORMAT, EXPORT_VERSION, safetensors_numpy, write_folder
 from model_card import DEFAULT_LICENSE, card_facts, license_id, model_card
@@ -81,7 +81,7 @@ def export(checkpoint_path, out_dir, log=print, license=DEFAULT_LICENSE):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="Export a numpy-gpt checkpoint as a Hugging Face folder (config.json, model.safetensors, "
                     "vocab.json + merges.txt, a model card README.md) that transformers' AutoModelForCausalLM and "
                     "AutoTokenizer load: a GPT2LMHeadModel, or a LlamaForCausalLM for a checkpoint trained with "
@@ -99,6 +99,8 @@ def main(argv=None):
         p.exit(1, f"error: {e}\n")
     except OSError as e:  # a folder we may not write to, a full disk
         p.exit(1, f"error: cannot write {args.out_dir}: {e.strerror} ({e.filename or args.out_dir})\n")
+    except KeyboardInterrupt:  # the new folder is removed; an earlier export stays as it was
+        p.exit(130, f"interrupted; nothing was written to {args.out_dir}\n")
     print(f"wrote {args.out_dir}: {', '.join(files)}")
     return 0
 

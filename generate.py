@@ -20,8 +20,8 @@ outgrows the model's context), then sampling.py (temperature, top-k, top-p, one 
 --device cuda the weights and the cache live on the GPU; sampling happens on the host.
 --benchmark is benchmark.py's decoding benchmark (`benchmark.py --decode`), run from here.
 """
-import argparse
 import codecs
+import contextlib
 import os
 import sys
 import time
@@ -31,10 +31,11 @@ import numpy as np
 import benchmark
 from bpe import MAX_MODEL_BYTES
 from checkpoint import load_model
-from config import MAX_SEQ_LEN
+from config import FIELD_RANGES
 from decoding import generate
 from device import array_module
 from errors import UserError
+from flag_types import COUNT, SEED, TEMPERATURE, TOP_P, Parser
 from hf_format import load_hf_model, load_hf_tokenizer
 from parallel import keep_freed_memory
 from sampling import check_sampling
@@ -74,19 +75,25 @@ class StreamPrinter:
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Generate text from a numpy-gpt checkpoint (key/value-cached decoding).")
+    p = Parser(description="Generate text from a numpy-gpt checkpoint (key/value-cached decoding).")
     p.add_argument("--checkpoint", help="a .npz checkpoint written by train.py, or a Hugging Face GPT-2 or Llama "
                                         "folder with config.json + model.safetensors as export_hf.py writes "
                                         "(required unless --benchmark)")
     p.add_argument("--prompt", default="", help="text to continue; empty starts from the end-of-text token")
-    p.add_argument("--max_length", type=int, default=100, help="most new tokens per sample, default 100 (stops earlier at end-of-text)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="divides the logits: < 1 more focused, > 1 more random, 0 = greedy (argmax); default 1.0")
-    p.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens (1 = greedy); default: all")
-    p.add_argument("--top_p", type=float, default=None,
-                   help="nucleus sampling: only the most likely tokens whose probability totals p, in (0, 1]; default: off")
-    p.add_argument("--num_samples", type=int, default=1, help="how many samples to generate from the prompt, default 1")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples (default: a fresh one, printed on stderr)")
+    p.add_argument("--max_length", type=COUNT, default=100,
+                   help=f"most new tokens per sample, {COUNT}; default 100 (stops earlier at end-of-text)")
+    p.add_argument("--temperature", type=TEMPERATURE, default=1.0,
+                   help=f"divides the logits: < 1 more focused, > 1 more random, 0 = greedy (argmax); {TEMPERATURE}; "
+                        "default 1.0")
+    p.add_argument("--top_k", type=COUNT, default=None,
+                   help=f"sample only from the k most likely tokens (1 = greedy), {COUNT}; default: all")
+    p.add_argument("--top_p", type=TOP_P, default=None,
+                   help=f"nucleus sampling: only the most likely tokens whose probability totals p, {TOP_P}; "
+                        "default: off")
+    p.add_argument("--num_samples", type=COUNT, default=1,
+                   help=f"how many samples to generate from the prompt, {COUNT}; default 1")
+    p.add_argument("--seed", type=SEED, default=None,
+                   help=f"random seed for reproducible samples, {SEED} (default: a fresh one, printed on stderr)")
     p.add_argument("--stream", action="store_true", help="print each token as soon as it is produced")
     p.add_argument("--no_cache", action="store_true",
                    help="re-run the model over the whole context for every token (slow; for comparison)")
@@ -99,11 +106,10 @@ def build_parser():
     t.add_argument("--model_file", default=None,
                    help="BPE model .json, needed only if the checkpoint lacks the embedded BPE model")
     a = p.add_argument_group("architecture (optional: taken from the checkpoint, checked if given)")
-    a.add_argument("--vocab_size", type=int, default=None, help="vocabulary size the model was trained with")
-    a.add_argument("--d_model", type=int, default=None, help="model width the model was trained with")
-    a.add_argument("--n_heads", type=int, default=None, help="attention heads the model was trained with")
-    a.add_argument("--d_ff", type=int, default=None, help="feed-forward width the model was trained with")
-    a.add_argument("--n_layers", type=int, default=None, help="Transformer blocks the model was trained with")
+    for name, what in (("vocab_size", "vocabulary size"), ("d_model", "model width"), ("n_heads", "attention heads"),
+                       ("d_ff", "feed-forward width"), ("n_layers", "Transformer blocks")):
+        a.add_argument(f"--{name}", type=FIELD_RANGES[name], default=None,
+                       help=f"{what} the model was trained with, {FIELD_RANGES[name]}")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (NumPy), or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or "
                         "cupy-cuda13x); any checkpoint runs on either; default cpu")
@@ -111,7 +117,8 @@ def build_parser():
     b.add_argument("--benchmark", action="store_true",
                    help="report tokens/s with and without the cache, for --checkpoint or else the guide's "
                         "Small and Medium models (random weights, max_seq_len 256)")
-    b.add_argument("--benchmark_tokens", type=int, default=256, help="tokens to decode per benchmark run, default 256")
+    b.add_argument("--benchmark_tokens", type=benchmark.DECODE_TOKENS, default=256,
+                   help=f"tokens to decode per benchmark run, {benchmark.DECODE_TOKENS}; default 256")
     return p
 
 
@@ -120,14 +127,6 @@ def check_args(args):
         check_sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         raise UserError(str(e)) from None
-    for name in ("max_length", "num_samples", "benchmark_tokens"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.seed is not None and args.seed < 0:
-        raise UserError(f"--seed must be a number >= 0, got {args.seed}")
-    if args.benchmark_tokens > MAX_SEQ_LEN:
-        raise UserError(f"--benchmark_tokens {args.benchmark_tokens} is above the longest context this code "
-                        f"supports, {MAX_SEQ_LEN}")
     if not args.checkpoint and not args.benchmark:
         raise UserError("--checkpoint is required (a .npz written by train.py, or a Hugging Face GPT-2 or Llama "
                         "folder)")
@@ -203,7 +202,11 @@ def main(argv=None, out=None, err=None):
     out = out or sys.stdout
     err = err or sys.stderr
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        with contextlib.redirect_stderr(err):  # a flag out of its range: one line, on err
+            args = parser.parse_args(argv)
+    except SystemExit as e:  # that, or --help
+        return e.code
     keep_freed_memory()
     try:
         check_args(args)

@@ -45,7 +45,7 @@ import shutil
 import numpy as np
 
 from atomic import atomic_write
-from config import GPT2_VOCAB_SIZE, LN_EPS, MAX_SEQ_LEN, ROPE_THETA, ModelConfig, name_mismatch, param_shapes
+from config import FIELD_RANGES, GPT2_VOCAB_SIZE, LN_EPS, ROPE_THETA, ModelConfig, name_mismatch, param_shapes
 from embeddings import sinusoidal_positions
 from errors import HFError
 from gpt2_files import write_vocab_merges
@@ -62,11 +62,12 @@ EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", 
                 "special_tokens_map.json", "README.md")
 # Largest config values accepted on import (checked before anything is allocated): GPT2Config's names,
 # then LlamaConfig's for the same sizes.
-LIMITS = {"vocab_size": 1 << 22, "n_positions": MAX_SEQ_LEN, "n_embd": 1 << 16, "n_layer": 1 << 10,
-          "n_head": 1 << 12, "n_inner": 1 << 18,
-          "max_position_embeddings": MAX_SEQ_LEN, "hidden_size": 1 << 16, "num_hidden_layers": 1 << 10,
-          "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12, "head_dim": 1 << 16,
-          "intermediate_size": 1 << 18}
+# config.json's keys -> the ModelConfig field each one is: its range is that field's (config.FIELD_RANGES), the
+# same as train.py's flags, so that every model the project trains can be read back, and nothing else
+FIELDS = {"vocab_size": "vocab_size", "n_positions": "max_seq_len", "n_embd": "d_model", "n_layer": "n_layers",
+          "n_head": "n_heads", "n_inner": "d_ff", "max_position_embeddings": "max_seq_len", "hidden_size": "d_model",
+          "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
+          "head_dim": "d_model", "intermediate_size": "d_ff", "rope_theta": "rope_theta", "rms_norm_eps": "norm_eps"}
 # Not weights: old GPT-2 files keep the causal mask, old Llama files the rotary frequencies.
 BUFFER_RE = re.compile(r"h\.\d+\.attn\.(masked_)?bias$|\.rotary_emb\.inv_freq$")
 
@@ -109,11 +110,16 @@ def gpt2_config_json(config, eot_id, record):
     }
 
 
+def _field(value, key, source):
+    """value, checked against the range of the ModelConfig field that config.json's key is (FIELDS)."""
+    try:
+        return FIELD_RANGES[FIELDS[key]].check(value, key)
+    except ValueError as e:
+        raise HFError(f"{source}: {e}") from None
+
+
 def _int_field(hf, key, source):
-    value = hf.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= LIMITS[key]:
-        raise HFError(f"{source}: {key} must be an integer from 1 to {LIMITS[key]}, got {value!r}")
-    return value
+    return _field(hf.get(key), key, source)
 
 
 def config_from_gpt2_json(hf, source):
@@ -191,9 +197,7 @@ def _rope_theta(hf, source):
             raise HFError(f"{source}: rope_scaling {hf.get('rope_scaling')!r}; numpy-gpt computes the plain rotary "
                           "embedding (rope_scaling null)")
         theta = hf.get("rope_theta", ROPE_THETA)
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1 < theta < 1e12:
-        raise HFError(f"{source}: rope_theta must be a number above 1, got {theta!r}")
-    return float(theta)
+    return float(_field(theta, "rope_theta", source))
 
 
 def config_from_llama_json(hf, source):
@@ -210,9 +214,7 @@ def config_from_llama_json(hf, source):
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key, False) is not False:
             raise HFError(f"{source}: {key} is {hf.get(key)!r}; numpy-gpt's Llama block has no biases")
-    eps = hf.get("rms_norm_eps", 1e-6)  # LlamaConfig's default
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-        raise HFError(f"{source}: rms_norm_eps must be a number in (0, 1), got {eps!r}")
+    eps = _field(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps", source)  # the default: LlamaConfig's
     tie = hf.get("tie_word_embeddings", False)  # LlamaConfig's default
     if not isinstance(tie, bool):
         raise HFError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")

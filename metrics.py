@@ -9,7 +9,13 @@ accuracy, bits per byte), printed lines, metrics.jsonl, and where the time of a 
     log.record(type="train", step=50, loss=4.1)     # one JSON line, with the time
     timer = StepTimer(); timer.start(); ...; timer.lap("model"); ...; timer.stop("bookkeeping")
 
-plot_metrics.py draws the curves from metrics.jsonl.
+Reading it back (plot_metrics.py, scripts/quality.py): one record at a time, each checked, in memory
+that does not grow with the log's length:
+
+    records = Records("checkpoints_small/metrics.jsonl")    # a regular file, or one error naming it
+    for r in records: ...                                   # dicts with a "type" and a whole "step" >= 0
+    records.skipped                                         # lines that were not such records
+    points = Thinned(2000); points.add(step, loss)          # at most 2000 of them kept, evenly spread
 """
 import contextlib
 import json
@@ -27,6 +33,9 @@ from loss import count_targets
 from untrusted import open_regular, parse_json
 
 MAX_METRICS_BYTES = 1 << 30  # metrics.jsonl read back on resume: a record per --log_interval steps, ~200 bytes
+MAX_RECORD_BYTES = 1 << 16  # one line of it: a config record with every flag is ~2 KB
+# the fields a record of each type must hold, as finite numbers, for a reader to use it
+NUMBER_FIELDS = {"train": ("loss",), "eval": ("val_loss",)}
 
 try:
     from tqdm import tqdm
@@ -89,18 +98,24 @@ class MetricsLog:
         a fresh run keeps an old file as metrics.jsonl.old (.old.1, ... when taken), never overwritten."""
         if self.quiet:
             return
-        if resume_step is not None and os.path.exists(self.path):
-            with open_regular(self.path, "r", "metrics log", MAX_METRICS_BYTES, TrainError, encoding="utf-8") as f:
-                keep = [line for line in f if self._record_step(line) <= resume_step]
-            with atomic_write(self.path, "w", encoding="utf-8") as f:
-                f.writelines(keep)
-        elif resume_step is None and os.path.exists(self.path):  # an earlier run's: kept, never overwritten
-            old, n = self.path + ".old", 0
-            while os.path.lexists(old):
-                n += 1
-                old = f"{self.path}.old.{n}"
-            os.replace(self.path, old)
-        self.file = open(self.path, "a", encoding="utf-8")
+        try:
+            if resume_step is not None and os.path.exists(self.path):
+                with open_regular(self.path, "rb", "metrics log", MAX_METRICS_BYTES, TrainError) as f, \
+                        atomic_write(self.path, "wb") as out:  # streamed: memory does not grow with the log
+                    for line in bounded_lines(f):
+                        if line is not None and self._record_step(line) <= resume_step:
+                            out.write(line if line.endswith(b"\n") else line + b"\n")
+            elif resume_step is None and os.path.exists(self.path):  # an earlier run's: kept, never overwritten
+                old, n = self.path + ".old", 0
+                while os.path.lexists(old):
+                    n += 1
+                    old = f"{self.path}.old.{n}"
+                os.replace(self.path, old)
+            self.file = open(self.path, "a", encoding="utf-8")
+        except PermissionError as e:  # the log, or its folder, may not be read or written: nothing changed
+            raise TrainError(f"cannot {'resume' if resume_step is not None else 'start'} the log {self.path}: "
+                             f"{e.strerror} ({e.filename}); give read and write permission to it and its folder, "
+                             "then run again") from None
 
     @staticmethod
     def _record_step(line):
@@ -136,6 +151,97 @@ class MetricsLog:
         if self.file is not None:
             with contextlib.suppress(OSError):  # a full disk was reported already
                 self.file.close()
+
+
+def bounded_lines(f, max_bytes=MAX_RECORD_BYTES):
+    """The lines of the binary file f, each read in at most max_bytes + 1 bytes; None in place of a line
+    longer than max_bytes (read past in pieces, never held whole)."""
+    while True:
+        line = f.readline(max_bytes + 1)
+        if not line:
+            return
+        if len(line) > max_bytes and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # the rest of the long line
+                line = f.readline(max_bytes + 1)
+            yield None
+            continue
+        yield line
+
+
+def finite_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class Records:
+    """The records of a metrics.jsonl, streamed and checked: iterating yields each line that is a JSON object
+    with a string "type" and a whole "step" >= 0 (and, for the types in NUMBER_FIELDS, those fields as finite
+    numbers); any other line (not JSON, nested too deeply, over MAX_RECORD_BYTES, another shape, a record cut
+    short by a kill) is counted in skipped. The path must be a regular file: error(...) names it otherwise;
+    OSError as open() raises it."""
+
+    def __init__(self, path, error=ValueError):
+        self.path, self.error = str(path), error
+        self.skipped = 0
+
+    def __iter__(self):
+        self.skipped = 0
+        with open_regular(self.path, "rb", "metrics log (metrics.jsonl)", MAX_METRICS_BYTES, self.error) as f:
+            for line in bounded_lines(f):
+                record = self.check(line)
+                if record is None:
+                    if line is None or line.strip():
+                        self.skipped += 1
+                    continue
+                yield record
+
+    def check(self, line):
+        """The record on line (bytes), or None when it is not one."""
+        if line is None or not line.strip():
+            return None
+        try:
+            record = parse_json(line, self.path)
+        except ValueError:
+            return None
+        if not isinstance(record, dict) or not isinstance(record.get("type"), str):
+            return None
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            return None
+        if not all(finite_number(record.get(name)) for name in NUMBER_FIELDS.get(record["type"], ())):
+            return None
+        return record
+
+
+class Thinned:
+    """At most max_points (x, y) points of a series too long to keep whole, spread evenly over it: every
+    stride-th point is kept, and when the list is full every second one is dropped and the stride doubles.
+    The first point is always kept; the last one added is kept beside them (last)."""
+
+    def __init__(self, max_points=2000):
+        self.max_points = max(2, int(max_points))
+        self.xs, self.ys = [], []
+        self.stride, self.seen, self.last = 1, 0, None
+
+    def add(self, x, y):
+        if self.seen % self.stride == 0:
+            self.xs.append(x)
+            self.ys.append(y)
+            if len(self.xs) > self.max_points:
+                self.xs, self.ys = self.xs[::2], self.ys[::2]
+                self.stride *= 2
+        self.seen += 1
+        self.last = (x, y)
+
+    def points(self):
+        """(xs, ys) of the kept points, the last one added included."""
+        xs, ys = list(self.xs), list(self.ys)
+        if self.last is not None and (not xs or (xs[-1], ys[-1]) != self.last):
+            xs.append(self.last[0])
+            ys.append(self.last[1])
+        return xs, ys
+
+    def __len__(self):
+        return self.seen
 
 
 class _NoBar:

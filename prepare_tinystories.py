@@ -27,7 +27,6 @@ import argparse
 import codecs
 import errno
 import hashlib
-import math
 import os
 import re
 import sys
@@ -36,8 +35,9 @@ from pathlib import Path
 
 import requests
 
-from atomic import atomic_write
+from atomic import atomic_write, refuse_inputs
 from errors import DownloadError, UserError, say
+from flag_types import COUNT, SECONDS, SECONDS_OR_ZERO, Number, Parser
 from pretokens import ENDOFTEXT
 
 HF_BASE_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main"
@@ -52,6 +52,10 @@ BUNDLED_VALID = SAMPLE_DIR / "TinyStories-valid.sample.txt"
 # Paragraph openings that start a new story in text without <|endoftext|> markers.
 STORY_START = re.compile(r"^(Once upon a time|Once there (was|were|lived)|There once (was|were|lived)|"
                          r"Once,? (a|an|the|in|on|there)\b|Long ago|A long time ago)")
+
+
+RETRIES = Number(int, 0, 100)  # failed requests in a row before giving up
+MAX_DELAY = 3600.0  # the longest wait before a retry, however many came before
 
 
 class _Retry(Exception):
@@ -179,7 +183,7 @@ def _retry_or_give_up(url, err, attempt, retries, backoff, kept=""):
     if attempt > retries:
         raise DownloadError(f"could not download {url} after {retries + 1} attempts in a row "
                             f"(last error: {err}){kept}. Try again later, or use --offline") from None
-    delay = backoff * 2 ** (attempt - 1)
+    delay = min(backoff * 2.0 ** min(attempt - 1, 64), MAX_DELAY)
     say(f"download: {url}: {err}; retry {attempt}/{retries} in {delay:.3g} s")
     time.sleep(delay)
 
@@ -335,6 +339,7 @@ def prepare_offline(data_dir, sample_size=None, valid_size=None):
         if not src.exists():
             raise DownloadError(f"bundled sample {src} is missing; restore data/sample/ from the repository")
         path = os.path.join(data_dir, f"tinystories_{split}_sample.txt")
+        refuse_inputs([path], [("bundled sample", BUNDLED_TRAIN), ("bundled sample", BUNDLED_VALID)], UserError)
         out[split] = (path,) + _atomic_lines(path, _limited(stories_from_file(src), limit))
     if sample_size and out["train"][1] < sample_size:
         say(f"note: the bundled sample has only {out['train'][1]} train stories (asked for {sample_size})")
@@ -364,18 +369,20 @@ def prepare_full(data_dir, base_url, dataset="V2", retries=5, backoff=1.0, timeo
         download(f"{base_url.rstrip('/')}/{name}", raw, KNOWN_SHA256.get(name), retries, backoff, timeout,
                  progress=progress)
         path = os.path.join(data_dir, f"tinystories_{split}.txt")
+        refuse_inputs([path], [("raw download", raw)], UserError)
         say(f"converting {raw} -> {path}")
         out[split] = (path,) + _atomic_lines(path, stories_from_file(raw))
     return out
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="data", help="folder for the outputs (default: data)")
-    p.add_argument("--sample_size", type=int, default=10000,
-                   help="train stories to keep in sample mode; the download stops once it has them (default: 10000)")
-    p.add_argument("--valid_size", type=int, default=None,
-                   help="validation stories to keep in sample mode (default: the whole validation split)")
+    p.add_argument("--sample_size", type=COUNT, default=10000,
+                   help=f"train stories to keep in sample mode, {COUNT}; the download stops once it has them "
+                        "(default: 10000)")
+    p.add_argument("--valid_size", type=COUNT, default=None,
+                   help=f"validation stories to keep in sample mode, {COUNT} (default: the whole validation split)")
     p.add_argument("--full", action="store_true",
                    help="download the whole dataset (about 2.2 GB) and write tinystories_{train,valid}.txt")
     p.add_argument("--offline", action="store_true", help="no network: use the bundled sample in data/sample/")
@@ -384,26 +391,19 @@ def build_parser():
     p.add_argument("--base_url", default=HF_BASE_URL, help=f"where the raw files are (default: {HF_BASE_URL})")
     p.add_argument("--dataset", default="V2", choices=sorted(FILES),
                    help="V2 = TinyStoriesV2-GPT4-*.txt (GPT-4 stories, default), V1 = TinyStories-*.txt")
-    p.add_argument("--retries", type=int, default=5, help="retries in a row after a failed request (default: 5)")
-    p.add_argument("--backoff", type=float, default=1.0,
-                   help="seconds before the first retry, doubled for each further one (default: 1.0)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default: 30)")
+    p.add_argument("--retries", type=RETRIES, default=5,
+                   help=f"retries in a row after a failed request, {RETRIES} (default: 5)")
+    p.add_argument("--backoff", type=SECONDS_OR_ZERO, default=1.0,
+                   help=f"seconds before the first retry, doubled for each further one (up to an hour), "
+                        f"{SECONDS_OR_ZERO} (default: 1.0)")
+    p.add_argument("--timeout", type=SECONDS, default=30.0,
+                   help=f"seconds to wait for the server, {SECONDS} (default: 30)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    wrong = [f"--{name} {value}" for name, value, ok in (
-        ("sample_size", args.sample_size, args.sample_size is None or args.sample_size > 0),
-        ("valid_size", args.valid_size, args.valid_size is None or args.valid_size > 0),  # 0: an empty file
-        ("retries", args.retries, args.retries >= 0),
-        ("backoff", args.backoff, 0 <= args.backoff < math.inf),
-        ("timeout", args.timeout, 0 < args.timeout < math.inf)) if not ok]
-    if wrong:
-        say(f"error: {', '.join(wrong)}: sizes and --timeout must be positive, --retries and --backoff "
-            "not negative (all finite)")
-        return 1
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         say(f"error: --data_dir {args.data_dir} is a file, not a folder: name a folder to write the stories to")
         return 1

@@ -22,7 +22,7 @@ import socket
 import time
 from typing import NamedTuple
 
-from atomic import atomic_write
+from atomic import atomic_write, refuse_inputs
 from checkpoint import read_meta
 from errors import CheckpointError
 from untrusted import read_json
@@ -77,14 +77,33 @@ class RunDir:
         """The folder's lock, held until the returned SaveDirLock is released (a context manager)."""
         return SaveDirLock(self.save_dir)
 
+    def check_not_inputs(self, inputs):
+        """CheckpointError when a file the run rewrites in the folder (metrics.jsonl, run.json, train.lock) is
+        one of inputs ((what, path) pairs, None paths ignored): data kept under such a name would be lost."""
+        refuse_inputs([self.path(name) for name in (METRICS_FILE, RUN_FILE, LOCK_FILE)], inputs,
+                      error=CheckpointError)
+
     def clean_temp(self):
         """Delete the checkpoint_*.tmp files a crash in the middle of a checkpoint write left."""
         for stale in glob.glob(self.path("checkpoint_*.tmp")):
-            os.unlink(stale)
+            try:
+                os.unlink(stale)
+            except FileNotFoundError:  # gone already
+                pass
+            except OSError as e:  # a folder we may not write to: the run could not save either
+                raise CheckpointError(f"cannot remove {stale}, left by an interrupted checkpoint write: {e.strerror}; "
+                                      f"give write permission to {self.save_dir}, or pass another --save_dir") from None
 
     def checkpoints(self):
         """Every checkpoint_step_N.npz and checkpoint_final.npz in the folder, newest first (a final
         checkpoint before a step file of the same step). Unreadable ones are listed with their error."""
+        try:  # glob says nothing of a folder it may not list: it would look empty
+            os.scandir(self.save_dir).close()
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise CheckpointError(f"cannot list {self.save_dir}: {e.strerror}; give read permission to it, or pass "
+                                  "another --save_dir") from None
         found = []
         for path in glob.glob(self.path("checkpoint_*.npz")):
             if not _STEP_RE.search(path) and os.path.basename(path) != FINAL:

@@ -47,9 +47,11 @@ import time
 import regex
 import tiktoken
 
-from atomic import atomic_write
+from atomic import atomic_write, refuse_inputs
 from bpe import BPE_FORMAT, MAX_MODEL_BYTES, BPEModel, ReferenceEncoding, check_vocab_size, train_bpe_file
+from config import FIELD_RANGES
 from errors import DataError, TokenizerError, UserError, say
+from flag_types import COUNT, COUNT_OR_ZERO, Number, Parser
 from gpt2_files import BUNDLED_R50K, R50K_SHA256, gpt2_encoding, in_tiktoken_cache, model_from_vocab_merges
 from parallel import cores, start_workers
 from pretokens import ENDOFTEXT, MAX_UNCUT_BYTES, PATTERN_PROBE, last_cut
@@ -522,8 +524,12 @@ def tokenize_file(tok, input_path, output_path, max_length=512, workers=None, ba
     return sidecar, sidecar_stats
 
 
+# --train_bpe's --vocab_size: the 256 bytes and <|endoftext|> at least, and no more than a model may have
+BPE_VOCAB_SIZE = Number(int, 256 + 1, FIELD_RANGES["vocab_size"].high)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="Tokenize a text file of stories into JSONL token ids (plus a .meta.json sidecar),\n"
                     "or train our own byte-level BPE with --train_bpe.\n\n"
                     "Input layouts (detected from the file's first MB, no flag needed):\n"
@@ -548,40 +554,35 @@ def build_parser():
     p.add_argument("--model_file", help="BPE model JSON to read (bpe; or a vocab.json with merges.txt "
                                         "beside it), or to write with --train_bpe")
     p.add_argument("--merges_file", help="merges.txt to pair with a vocab.json --model_file (default: beside it)")
-    p.add_argument("--max_length", type=int, default=512,
-                   help="most token ids per output line: a longer story is split into consecutive chunks of at "
-                        "most this many ids, never truncated (0: no limit). The end-of-text id is appended to "
-                        "every story, so it ends the story's last chunk (default: 512)")
-    p.add_argument("--workers", type=int, default=cores(),
-                   help=f"processes that tokenize, or count the text's pre-tokens with --train_bpe "
-                        f"(default: all {cores()} cores)")
+    p.add_argument("--max_length", type=COUNT_OR_ZERO, default=512,
+                   help=f"most token ids per output line, {COUNT_OR_ZERO}: a longer story is split into consecutive "
+                        "chunks of at most this many ids, never truncated (0: no limit). The end-of-text id is "
+                        "appended to every story, so it ends the story's last chunk (default: 512)")
+    p.add_argument("--workers", type=COUNT, default=cores(),
+                   help=f"processes that tokenize, or count the text's pre-tokens with --train_bpe, {COUNT}; more "
+                        f"than the cores are capped (default: all {cores()} cores)")
     p.add_argument("--allow_download", action="store_true",
                    help="let tiktoken download the gpt2 files when its cache lacks them (default: use the "
                         "bundled data/sample/r50k_base.tiktoken, no network wait)")
     p.add_argument("--train_bpe", action="store_true",
                    help="train a byte-level BPE on INPUT and write it to --model_file instead of tokenizing")
-    p.add_argument("--vocab_size", type=int, default=4096,
-                   help="with --train_bpe: total ids, i.e. 256 bytes + merges + the <|endoftext|> token (default: 4096)")
+    p.add_argument("--vocab_size", type=BPE_VOCAB_SIZE, default=4096,
+                   help=f"with --train_bpe: total ids, i.e. 256 bytes + merges + the <|endoftext|> token, "
+                        f"{BPE_VOCAB_SIZE} (default: 4096)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def refuse_overwriting_inputs(outputs, inputs):
-    """TokenizerError when an output is one of the inputs (the same file, a link to it included),
-    before anything is written: the input would be replaced by what is made from it."""
-    for out in outputs:
-        for what, path in inputs:
-            try:
-                same = os.path.samefile(out, path)
-            except OSError:  # one of them does not exist (yet): not the same file
-                continue
-            if same:
-                raise TokenizerError(f"{out} is the {what} {path}: writing it would replace the input; "
-                                     "choose another output")
+    """TokenizerError when an output is one of the inputs (atomic.refuse_inputs, the rule every script uses)."""
+    refuse_inputs(outputs, inputs, error=TokenizerError)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a mistake in the flags (its one line printed)
+        return e.code
     n_cores = cores()
     if args.workers is not None and args.workers > n_cores:
         say(f"note: --workers {args.workers} is more than the {n_cores} cores here; using {n_cores}")
@@ -608,8 +609,6 @@ def main(argv=None):
             return 0
         if not args.input or not args.output:
             raise TokenizerError("give an input text file and an output .jsonl (or --train_bpe); see --help")
-        if args.max_length < 0:
-            raise TokenizerError("--max_length must be >= 0 (0 means no limit)")
         inputs = [("input text", args.input)]
         if tokenizer_kind(args.tokenizer) == "bpe" and args.model_file:
             model = os.path.join(args.model_file, "vocab.json") if os.path.isdir(args.model_file) else args.model_file

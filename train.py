@@ -68,7 +68,7 @@ from config import param_shapes
 from data_loader import RandomBatches, check_same_tokenizer, load_dataset, num_eval_windows
 from device import array_module, gpu_name, on_gpu, synchronize
 from dropout import DropoutKey
-from errors import DataError, TrainError, UserError
+from errors import DataError, TrainError, UserError, say
 from hf_format import load_hf_params, read_hf_config
 from language_model import LanguageModel
 from loss import count_targets
@@ -76,7 +76,7 @@ from metrics import Interval, MetricsLog, StepTimer, evaluate, log_eval, log_tra
 from optimizer import LRSchedule, build_optimizer, clip_grad_norm
 from parallel import cores, keep_freed_memory, split_rows
 from run_dir import FINAL, RunDir, new_run_id, step_name
-from stop import Stop
+from stop import Stop, StopNow
 from tokenizer import same_tokenizer, tokenizer_from_identity, tokenizer_kind
 from train_flags import apply_defaults, build_parser, check_args, check_init_from, config_from_flags, given_flags
 from train_state import DISK_FULL, TrainState, restore, save
@@ -417,6 +417,7 @@ def train(args, world, init=None):
     """Run training for parsed args in world (distributed.world()); returns the exit code (0: done or
     stopped by --max_time, 130: Ctrl-C, 143: SIGTERM)."""
     run_dir = RunDir(args.save_dir)
+    run_dir.check_not_inputs([("training data", args.train_data), ("validation data", args.val_data)])
     # one writer per --save_dir: the process that writes there (under MPI rank 0) holds the lock
     with run_dir.lock() if world.is_root else contextlib.nullcontext():
         os.makedirs(args.save_dir, exist_ok=True)
@@ -467,9 +468,22 @@ def main(argv=None):
             where = f" ({e.filename})" if e.filename else ""
             world.abort(f"error: the disk is full ({e.strerror}){where}, writing to {args.save_dir} or next to "
                         "the data; free some space, then run again with the same flags plus --resume")
+        if e.filename:  # a file or folder of the run that cannot be read or written (no permission, say)
+            world.abort(f"error: {e.filename}: {e.strerror}; fix it (its permissions, or what is there), then run "
+                        "again with the same flags" + (" (plus --resume)" if args.resume else ""))
         world.crash()
         raise
-    except (Exception, KeyboardInterrupt):  # a bug, or a second Ctrl-C: under MPI the whole job ends
+    except StopNow as e:  # a second Ctrl-C or SIGTERM: at once, with that signal's exit code
+        say(f"{e}")
+        if world.size > 1:
+            world.end_job(e.exit_code)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (reading the data, say): nothing to save there
+        say("interrupted (Ctrl-C) outside the training loop; every checkpoint written so far is complete")
+        if world.size > 1:
+            world.end_job(130)
+        return 130
+    except Exception:  # a bug: under MPI the whole job ends
         world.crash()
         raise
 

@@ -17,8 +17,9 @@ import argparse
 import math
 from dataclasses import fields
 
-from config import ARCHS, GPT2_EOT_ID, GPT2_VOCAB_SIZE, MAX_SEQ_LEN, ROPE_THETA, ModelConfig
+from config import ARCHS, FIELD_RANGES, GPT2_EOT_ID, GPT2_VOCAB_SIZE, ROPE_THETA, ModelConfig
 from errors import TrainError
+from flag_types import COUNT, COUNT_OR_ZERO, PROBABILITY, SEED, Number
 from optimizer import OPTIMIZERS, LRSchedule
 
 MAX_STEPS = 5000  # --max_steps without --time_budget
@@ -70,6 +71,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+# The range of each numeric flag as check_args applies it, which --help states (the model's sizes are
+# config.FIELD_RANGES, the Hugging Face reader's too)
+NON_NEGATIVE = Number(float, 0)
+POSITIVE = Number(float, 0, low_open=True)
+FLAG_RANGES = {"eot_id": Number(int, 0), "vocab_size": FIELD_RANGES["vocab_size"], "d_model": FIELD_RANGES["d_model"],
+               "n_heads": FIELD_RANGES["n_heads"], "d_ff": FIELD_RANGES["d_ff"], "n_layers": FIELD_RANGES["n_layers"],
+               "seq_len": FIELD_RANGES["max_seq_len"], "rope_theta": FIELD_RANGES["rope_theta"],
+               "n_kv_heads": COUNT, "batch_size": COUNT, "grad_accum": COUNT, "max_steps": COUNT,
+               "learning_rate": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_steps": COUNT_OR_ZERO,
+               "weight_decay": NON_NEGATIVE, "beta1": PROBABILITY, "beta2": PROBABILITY, "momentum": PROBABILITY,
+               "grad_clip": NON_NEGATIVE, "dropout": PROBABILITY, "seed": SEED, "workers": COUNT,
+               "log_interval": COUNT, "eval_interval": COUNT_OR_ZERO, "eval_batches": COUNT,
+               "save_interval": COUNT_OR_ZERO, "max_time": POSITIVE, "time_budget": POSITIVE, "rank_timeout": POSITIVE}
 
 
 def build_parser():
@@ -191,6 +207,9 @@ def build_parser():
     r.add_argument("--rank_timeout", type=float, default=30.0,
                    help="under mpiexec: stop when the other ranks give no answer for this many seconds "
                         "(a rank died or hangs); a rank on the same machine that dies stops the others at once")
+    for action in p._actions:  # each numeric flag's range, as check_args applies it
+        if action.dest in FLAG_RANGES:
+            action.help = f"{action.help}; {FLAG_RANGES[action.dest]}"
     return p
 
 
@@ -201,15 +220,15 @@ def check_args(args):
         if getattr(args, name) is not None and getattr(args, name) < 1:  # max_steps None: --time_budget's
             raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     for name in ("warmup_steps", "eval_interval", "save_interval", "grad_clip", "weight_decay", "min_lr", "seed"):
-        if not getattr(args, name) >= 0:  # NaN too: --grad_clip nan would turn clipping off
+        if not 0 <= getattr(args, name) < math.inf:  # NaN too: --grad_clip nan would turn clipping off
             raise TrainError(f"--{name} must be a number >= 0 (got {getattr(args, name)})")
     for name in ("beta1", "beta2", "momentum", "dropout"):
         if not 0 <= getattr(args, name) < 1:
             raise TrainError(f"--{name} must be in [0, 1) (got {getattr(args, name)})")
     if args.eot_id is not None and args.eot_id < 0:
         raise TrainError(f"--eot_id must be a token id >= 0 (got {args.eot_id})")
-    if args.seq_len > MAX_SEQ_LEN:
-        raise TrainError(f"--seq_len {args.seq_len} is above the longest context this code supports, {MAX_SEQ_LEN}")
+    for flag, field in MODEL_FLAGS:  # the model's ranges: ModelConfig's, which a Hugging Face folder is read with
+        check_model_flag(args, flag, field)
     if args.d_model % args.n_heads:
         raise TrainError(f"--d_model {args.d_model} is not divisible by --n_heads {args.n_heads}")
     check_arch(args)
@@ -220,12 +239,27 @@ def check_args(args):
     for name in ("eval_batches", "workers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    if args.max_time is not None and not args.max_time > 0:
+    if args.max_time is not None and not 0 < args.max_time < math.inf:
         raise TrainError(f"--max_time must be a positive number of minutes (got {args.max_time})")
     if args.time_budget is not None and not 0 < args.time_budget < math.inf:
         raise TrainError(f"--time_budget must be a positive number of minutes (got {args.time_budget})")
-    if not args.rank_timeout > 0:
+    if not 0 < args.rank_timeout < math.inf:
         raise TrainError(f"--rank_timeout must be a positive number of seconds (got {args.rank_timeout})")
+
+
+MODEL_FLAGS = (("vocab_size", "vocab_size"), ("d_model", "d_model"), ("n_heads", "n_heads"), ("d_ff", "d_ff"),
+               ("n_layers", "n_layers"), ("seq_len", "max_seq_len"))  # (train.py's flag, ModelConfig's field)
+
+
+def check_model_flag(args, flag, field):
+    """TrainError unless --flag (None: not set) is in the range of ModelConfig's field (config.FIELD_RANGES)."""
+    value = getattr(args, flag)
+    if value is None:
+        return
+    try:
+        FIELD_RANGES[field].check(value, f"--{flag}")
+    except ValueError as e:
+        raise TrainError(str(e)) from None
 
 
 def check_arch(args):
@@ -238,8 +272,7 @@ def check_arch(args):
                              "position table) and a SwiGLU feed-forward; leave the flag out")
         if args.n_kv_heads is not None and (args.n_kv_heads < 1 or args.n_heads % args.n_kv_heads):
             raise TrainError(f"--n_kv_heads {args.n_kv_heads} must divide --n_heads {args.n_heads}")
-        if args.rope_theta is not None and not 1 < args.rope_theta < math.inf:
-            raise TrainError(f"--rope_theta must be a number above 1 (got {args.rope_theta})")
+        check_model_flag(args, "rope_theta", "rope_theta")
         if (args.d_model // args.n_heads) % 2:
             raise TrainError(f"--arch llama needs an even head size, --d_model / --n_heads = "
                              f"{args.d_model} / {args.n_heads} = {args.d_model // args.n_heads}: rotary positions "

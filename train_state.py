@@ -19,6 +19,7 @@ import distributed
 from budget import on_resume
 from checkpoint import copy_params, load_checkpoint, save_checkpoint
 from errors import CheckpointError, TrainError
+from stop import saving
 from tokenizer import same_tokenizer
 
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too large, over quota
@@ -129,7 +130,13 @@ def restore(run, path):
 
 
 def save(run, name):
-    """Write checkpoint `name` in --save_dir (rank 0 writes, the others wait until it is complete)."""
+    """Write checkpoint `name` in --save_dir (rank 0 writes, the others wait until it is complete); a second
+    stop signal meanwhile waits for it to be complete (stop.saving)."""
+    with saving():
+        return _save(run, name)
+
+
+def _save(run, name):
     world, path = run.world, run.run_dir.path(name)
     # the ranks' weights must not have drifted apart (they would, silently, with a bug)
     world.check_same("the weights", lambda: {"step": run.step,

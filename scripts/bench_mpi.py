@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import distributed  # noqa: E402  (after the path is set)
-from config import GPT2_VOCAB_SIZE, ModelConfig  # noqa: E402
+from config import FIELD_RANGES, GPT2_VOCAB_SIZE, ModelConfig  # noqa: E402
 from errors import UserError  # noqa: E402
+from flag_types import COUNT, COUNT_OR_ZERO, Number, Parser  # noqa: E402
 from language_model import LanguageModel  # noqa: E402
 from loss import count_targets  # noqa: E402
 from optimizer import AdamW, clip_grad_norm  # noqa: E402
@@ -42,8 +43,11 @@ def measure(args):
     world = distributed.world()
     threads = world.limit_threads()
     keep_freed_memory()
-    cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
-                      n_layers=args.n_layers, max_seq_len=args.seq_len)
+    try:
+        cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
+                          n_layers=args.n_layers, max_seq_len=args.seq_len)
+    except ValueError as e:  # --d_model not divisible by --n_heads
+        raise UserError(str(e)) from None
     model = LanguageModel(cfg, seed=0, workers=args.workers or threads)
     optimizer = AdamW(model.params, threads=threads)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1))
@@ -100,22 +104,28 @@ def compare(args, model_flags):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab_size", type=int, default=GPT2_VOCAB_SIZE,
-                    help=f"vocabulary size (default {GPT2_VOCAB_SIZE}, GPT-2's)")
-    ap.add_argument("--d_model", type=int, default=128, help="model width (default 128: the guide's Small)")
-    ap.add_argument("--n_heads", type=int, default=4, help="attention heads (default 4)")
-    ap.add_argument("--d_ff", type=int, default=512, help="feed-forward width (default 512)")
-    ap.add_argument("--n_layers", type=int, default=2, help="Transformer blocks (default 2)")
-    ap.add_argument("--batch_size", type=int, default=32, help="global batch: rows per step over all ranks (32)")
-    ap.add_argument("--seq_len", type=int, default=128, help="tokens per row (default 128)")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported (default 10)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="threads per process (default: its share of the cores, as train.py)")
-    ap.add_argument("--compare", type=int, default=None, metavar="N",
-                    help="launch N ranks x 1 worker and 1 process x N workers in turn and compare them")
-    ap.add_argument("--rounds", type=int, default=3, help="with --compare: launches of each (default 3)")
+    size, ranks = FIELD_RANGES, Number(int, 2)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocab_size", type=size["vocab_size"], default=GPT2_VOCAB_SIZE,
+                    help=f"vocabulary size, {size['vocab_size']} (default {GPT2_VOCAB_SIZE}, GPT-2's)")
+    ap.add_argument("--d_model", type=size["d_model"], default=128,
+                    help=f"model width, {size['d_model']} (default 128: the guide's Small)")
+    ap.add_argument("--n_heads", type=size["n_heads"], default=4,
+                    help=f"attention heads, {size['n_heads']}, dividing --d_model (default 4)")
+    ap.add_argument("--d_ff", type=size["d_ff"], default=512, help=f"feed-forward width, {size['d_ff']} (default 512)")
+    ap.add_argument("--n_layers", type=size["n_layers"], default=2,
+                    help=f"Transformer blocks, {size['n_layers']} (default 2)")
+    ap.add_argument("--batch_size", type=COUNT, default=32,
+                    help=f"global batch: rows per step over all ranks, {COUNT}, at least one per rank (32)")
+    ap.add_argument("--seq_len", type=size["max_seq_len"], default=128,
+                    help=f"tokens per row, {size['max_seq_len']} (default 128)")
+    ap.add_argument("--steps", type=COUNT, default=10, help=f"timed steps; the median is reported, {COUNT} (default 10)")
+    ap.add_argument("--warmup", type=COUNT_OR_ZERO, default=2, help=f"untimed steps first, {COUNT_OR_ZERO} (default 2)")
+    ap.add_argument("--workers", type=COUNT, default=None,
+                    help=f"threads per process, {COUNT} (default: its share of the cores, as train.py)")
+    ap.add_argument("--compare", type=ranks, default=None, metavar="N",
+                    help=f"launch N ranks x 1 worker and 1 process x N workers in turn and compare them, N {ranks}")
+    ap.add_argument("--rounds", type=COUNT, default=3, help=f"with --compare: launches of each, {COUNT} (default 3)")
     args = ap.parse_args(argv)
     try:
         if args.compare:

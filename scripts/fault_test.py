@@ -20,7 +20,6 @@ Each fault hits a real train.py process (a tiny model on generated counting stor
 
 tests/test_faults.py runs a reduced form of the same functions in CI and asserts on what they return.
 """
-import argparse
 import glob
 import io
 import json
@@ -40,6 +39,7 @@ for folder in (ROOT, ROOT / "tests"):  # the toy data and the optimizer hook are
         sys.path.insert(0, str(folder))
 
 from helpers import V, after_each_update, write_data  # noqa: E402
+from flag_types import COUNT_OR_ZERO, SEED, Parser  # noqa: E402
 
 KILLS = ("step", "checkpoint", "eval", "timer")
 
@@ -372,11 +372,13 @@ def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "child":
         fault, at = sys.argv[2], int(sys.argv[3])
         return child(fault, at, sys.argv[5:])
-    p = argparse.ArgumentParser(description="Fault tests for train.py: kills, a full disk, damaged files.")
+    p = Parser(description="Fault tests for train.py: kills, a full disk, damaged files.")
     p.add_argument("--only", choices=("kills", "disk_full", "damage"), default=None, help="run one group only")
-    p.add_argument("--trials", type=int, default=3, help="sequences of five kills (each against one reference run)")
-    p.add_argument("--variants", type=int, default=500, help="damaged copies of each kind of file to load")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
+    p.add_argument("--trials", type=COUNT_OR_ZERO, default=3,
+                   help=f"sequences of five kills (each against one reference run), {COUNT_OR_ZERO} (default 3)")
+    p.add_argument("--variants", type=COUNT_OR_ZERO, default=500,
+                   help=f"damaged copies of each kind of file to load, {COUNT_OR_ZERO} (default 500)")
+    p.add_argument("--seed", type=SEED, default=None, help=f"random seed, {SEED} (default: a fresh one, printed)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (its path is printed)")
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)

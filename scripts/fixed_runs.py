@@ -25,7 +25,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from atomic import atomic_write, refuse_inputs  # noqa: E402
 from config import GPT2_VOCAB_SIZE  # noqa: E402
+from errors import UserError  # noqa: E402
+from flag_types import Parser  # noqa: E402
+from metrics import Records  # noqa: E402
+from untrusted import read_json  # noqa: E402
 SAMPLE = REPO / "data" / "sample"
 PY = sys.executable
 SMALL = ["--d_model", "32", "--n_heads", "2", "--d_ff", "64", "--n_layers", "2", "--batch_size", "8",
@@ -88,11 +93,9 @@ def digest_arrays(checkpoint):
 
 def digest_metrics(save_dir):
     numbers = []
-    with open(os.path.join(save_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if r.get("type") in ("train", "eval"):
-                numbers.append({k: v for k, v in r.items() if k not in ("time", "steps_per_s", "tokens_per_s")})
+    for r in Records(os.path.join(save_dir, "metrics.jsonl")):  # checked records, one at a time
+        if r["type"] in ("train", "eval"):
+            numbers.append({k: v for k, v in r.items() if k not in ("time", "steps_per_s", "tokens_per_s")})
     return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()
 
 
@@ -130,11 +133,17 @@ def run_all(tmp):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--save", metavar="JSON", help="write the digests to this file")
     p.add_argument("--check", metavar="JSON", help="compare with the digests in this file; exit 1 on a difference")
     args = p.parse_args(argv)
+    before = None
+    try:  # before the runs: the digests to compare with are read, and --save may not replace them
+        refuse_inputs([args.save], [("--check file", args.check)], error=UserError)
+        if args.check:
+            before = read_json(args.check, "digests file", error=UserError)
+    except (UserError, OSError) as e:
+        p.exit(1, f"error: {e}\n")
     with tempfile.TemporaryDirectory() as tmp:
         results = run_all(Path(tmp))
     failed = []
@@ -142,11 +151,9 @@ def main(argv=None):
         if same_as and name in results and results[name]["weights"] != results[same_as]["weights"]:
             failed.append(f"{name} ends with other weights than {same_as}")
     if args.save:
-        with open(args.save, "w") as f:
+        with atomic_write(args.save, "w") as f:
             json.dump(results, f, indent=1)
-    if args.check:
-        with open(args.check) as f:
-            before = json.load(f)
+    if before is not None:
         for name, now in results.items():
             for what in ("weights", "metrics"):
                 if name in before and before[name][what] != now[what]:

@@ -21,6 +21,7 @@ from benchmark import RUNS  # noqa: E402
 from config import GPT2_VOCAB_SIZE  # noqa: E402
 from train_flags import config_from_flags  # noqa: E402
 from errors import DeviceError  # noqa: E402
+from flag_types import TOLERANCE, Parser  # noqa: E402
 from language_model import LanguageModel  # noqa: E402
 from loss import count_targets  # noqa: E402
 from optimizer import global_grad_norm  # noqa: E402
@@ -68,11 +69,12 @@ def check(name, tol):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = Parser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help="small or medium, the guide's models (default: both), or small-llama")
-    p.add_argument("--tol", type=float, default=1e-5, help="largest relative difference allowed (default 1e-5)")
+    p.add_argument("--tol", type=TOLERANCE, default=1e-5,
+                   help=f"largest relative difference allowed, {TOLERANCE} (default 1e-5)")
     args = p.parse_args(argv)
     for name in args.models:
         if name not in MODELS + MORE:

@@ -42,7 +42,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from atomic import atomic_write  # noqa: E402
 from config import GPT2_VOCAB_SIZE  # noqa: E402
+from flag_types import COUNT, COUNT_OR_ZERO, Number, Parser  # noqa: E402
+from tokenizer import BPE_VOCAB_SIZE  # noqa: E402
+
+MEGABYTES = Number(int, 1, 1 << 16)  # the input text's size: up to 64 GB
 
 STAGES = ("bpe", "hf", "tokenize", "convert", "train")
 HF_SCRIPT = """
@@ -145,24 +150,29 @@ def run_stage(name, cmd, cwd):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Time and peak memory of BPE training, tokenization, the .jsonl -> "
+    p = Parser(description="Time and peak memory of BPE training, tokenization, the .jsonl -> "
                                             "binary conversion and a training start on a large file made from "
                                             "the bundled sample.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mb", type=int, default=52, help="size of the input text in MB (10^6 bytes)")
+    p.add_argument("--mb", type=MEGABYTES, default=52, help=f"size of the input text in MB (10^6 bytes), {MEGABYTES}")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=["bpe", "tokenize", "convert", "train"],
                    help="stages to run, in this order (hf: HuggingFace tokenizers, if installed)")
     p.add_argument("--compare_hf", action="store_true", help="also run the hf stage after bpe")
-    p.add_argument("--vocab_size", type=int, default=10000, help="BPE vocabulary size (bpe and hf stages)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes of tokenizer.py")
-    p.add_argument("--train_steps", type=int, default=5, help="optimizer steps of the train stage")
-    p.add_argument("--distinct", type=int, default=0, help="made-up words added to the text, each used twice")
+    p.add_argument("--vocab_size", type=BPE_VOCAB_SIZE, default=10000,
+                   help=f"BPE vocabulary size (bpe and hf stages), {BPE_VOCAB_SIZE}")
+    p.add_argument("--workers", type=COUNT, default=os.cpu_count(), help=f"worker processes of tokenizer.py, {COUNT}")
+    p.add_argument("--train_steps", type=COUNT, default=5, help=f"optimizer steps of the train stage, {COUNT}")
+    p.add_argument("--distinct", type=COUNT_OR_ZERO, default=0,
+                   help=f"made-up words added to the text, each used twice, {COUNT_OR_ZERO}")
     p.add_argument("--work_dir", default=None, help="where the files go (default: a temporary folder, deleted)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     stages = [s for s in STAGES if s in args.stages or (s == "hf" and args.compare_hf)]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="scale_check_"))
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where the folder should be, no permission
+        p.exit(1, f"error: --work_dir {work}: {e.strerror} ({e.filename}): name a folder to write to\n")
     py = sys.executable
     try:
         t0 = time.perf_counter()
@@ -201,7 +211,7 @@ def main(argv=None):
                 print(f"{name} failed (exit code {r['rc']}):\n{r['output']}", file=sys.stderr)
                 return 1
         if args.json:
-            with open(args.json, "w") as f:
+            with atomic_write(args.json, "w") as f:
                 json.dump({"mb": args.mb, "bytes": size, "distinct": args.distinct, "cores": os.cpu_count(),
                            "results": [{k: v for k, v in r.items() if k != "output"} for r in results]}, f, indent=1)
         return 0

@@ -165,7 +165,8 @@ def test_values_from_a_hostile_checkpoint_are_checked_before_anything_is_allocat
         assert str(tmp_path / name) in str(e.value)
         return str(e.value)
     # a config asking for a vocabulary of 10^10 or 10^9 layers: refused without allocating either
-    assert "wte" in load(dict(meta, config=dict(CFG.to_dict(), vocab_size=10**10)))
+    assert "wte" in load(dict(meta, config=dict(CFG.to_dict(), vocab_size=10**6)))  # in range, not the file's
+    assert "vocab_size must be an integer from 1 to" in load(dict(meta, config=dict(CFG.to_dict(), vocab_size=10**10)))
     assert "layers" in load(dict(meta, config=dict(CFG.to_dict(), n_layers=10**9)))
     assert "max_seq_len" in load(dict(meta, config=dict(CFG.to_dict(), max_seq_len=10**12)))
     assert "vocab_size" in load(dict(meta, config=dict(CFG.to_dict(), vocab_size=1e10)))

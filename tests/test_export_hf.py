@@ -300,7 +300,7 @@ REFUSED = {"gpt2": [
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'default'"),
-    ({"rope_theta": 0.5}, "rope_theta must be a number above 1"),
+    ({"rope_theta": 0.5}, "rope_theta must be a number in (1, 1e+12]"),
     ({"attention_bias": True}, "attention_bias"),
     ({"head_dim": 8}, "head_dim 8 times num_attention_heads 4"),
     ({"num_key_value_heads": 3}, "divisible by n_kv_heads"),

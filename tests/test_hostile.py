@@ -265,8 +265,8 @@ def test_resume_state_out_of_range_is_refused(data, finished_run, tmp_path, caps
 @pytest.mark.parametrize("flags, name", [
     (dict(seed=-1), "--seed"), (dict(beta1=1.0), "--beta1"), (dict(beta2=-0.1), "--beta2"),
     (dict(eot_id=-1), "--eot_id"), (dict(grad_clip="nan"), "--grad_clip"),
-    (dict(seq_len=2**18), "longest context this code supports"),
-    (dict(d_model=2**20, n_heads=1, d_ff=1), "GB"),  # the first allocation fails: say how much it needs
+    (dict(seq_len=2**18), "--seq_len must be an integer from 1 to 131072"),
+    (dict(d_model=2**16, n_heads=1, d_ff=2**18), "GB"),  # the first allocation fails: say how much it needs
 ])
 def test_train_flags_out_of_range_are_one_line(data, tmp_path, capsys, flags, name):
     import train
@@ -625,9 +625,9 @@ def test_more_workers_than_cores_are_capped_with_a_note(tmp_path, capsys):
 
 # ------------------------------------------------------------------------ 14. ordinary mistakes: prepare_tinystories
 
-@pytest.mark.parametrize("flags, name", [(["--data_dir", "FILE"], "FILE"), (["--timeout", "nan"], "--timeout nan"),
-                                         (["--backoff", "-1"], "--backoff -1"),
-                                         (["--valid_size", "0"], "--valid_size 0")])
+@pytest.mark.parametrize("flags, name", [(["--data_dir", "FILE"], "FILE"), (["--timeout", "nan"], "--timeout: must be"),
+                                         (["--backoff", "-1"], "--backoff: must be"),
+                                         (["--valid_size", "0"], "--valid_size: must be")])
 def test_prepare_mistakes_are_one_line(tmp_path, capsys, flags, name):
     import prepare_tinystories
     (tmp_path / "FILE").write_text("not a folder")

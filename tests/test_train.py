@@ -600,7 +600,7 @@ def test_llama_flags_are_checked_and_take_the_llama_defaults():
     for argv, message in ((["--arch", "llama", "--use_learned_pos"], "--use_learned_pos with --arch llama"),
                           (["--arch", "llama", "--activation", "gelu"], "--activation gelu with --arch llama"),
                           (["--arch", "llama", "--n_kv_heads", "3"], "--n_kv_heads 3 must divide --n_heads 4"),
-                          (["--arch", "llama", "--rope_theta", "1"], "--rope_theta must be a number above 1"),
+                          (["--arch", "llama", "--rope_theta", "1"], r"--rope_theta must be a number in \(1, 1e\+12\]"),
                           (["--arch", "llama", "--d_model", "24", "--n_heads", "8"], "even head size"),
                           (["--rope_theta", "500"], "--rope_theta: the Llama block's"),
                           (["--n_kv_heads", "2"], "--n_kv_heads: the Llama block's"),
