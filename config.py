@@ -100,8 +100,8 @@ class Arch(NamedTuple):
 def _check_gpt2(cfg):
     for name in ("rope_theta", "n_kv_heads"):
         if getattr(cfg, name) is not None:
-            raise ValueError(f"ModelConfig.{name} is the Llama block's (arch 'llama'); GPT-2's has none, got "
-                             f"{getattr(cfg, name)!r}")
+            raise ValueError(f"{name} {getattr(cfg, name)!r}: a field of the Llama block (arch llama); GPT-2's block "
+                             "has none")
     if cfg.norm_eps != LN_EPS:
         raise ValueError(f"ModelConfig.norm_eps {cfg.norm_eps!r}: GPT-2's layer norm uses {LN_EPS}")
 
@@ -162,7 +162,7 @@ class ModelConfig:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.activation is None:
             self.activation = arch.activations[0]
         if self.activation not in arch.activations:

@@ -229,9 +229,7 @@ def check_args(args):
         raise TrainError(f"--eot_id must be a token id >= 0 (got {args.eot_id})")
     for flag, field in MODEL_FLAGS:  # the model's ranges: ModelConfig's, which a Hugging Face folder is read with
         check_model_flag(args, flag, field)
-    if args.d_model % args.n_heads:
-        raise TrainError(f"--d_model {args.d_model} is not divisible by --n_heads {args.n_heads}")
-    check_arch(args)
+    check_model(args)
     if not 0 < args.learning_rate < math.inf:
         raise TrainError(f"--learning_rate must be a positive number (got {args.learning_rate})")
     if args.min_lr > args.learning_rate:
@@ -248,7 +246,8 @@ def check_args(args):
 
 
 MODEL_FLAGS = (("vocab_size", "vocab_size"), ("d_model", "d_model"), ("n_heads", "n_heads"), ("d_ff", "d_ff"),
-               ("n_layers", "n_layers"), ("seq_len", "max_seq_len"))  # (train.py's flag, ModelConfig's field)
+               ("n_layers", "n_layers"), ("seq_len", "max_seq_len"), ("n_kv_heads", "n_kv_heads"),
+               ("rope_theta", "rope_theta"))  # (train.py's flag, ModelConfig's field)
 
 
 def check_model_flag(args, flag, field):
@@ -262,27 +261,13 @@ def check_model_flag(args, flag, field):
         raise TrainError(str(e)) from None
 
 
-def check_arch(args):
-    """Flags of one block given with the other."""
-    if args.arch == "llama":
-        wrong = [f for f, bad in (("--use_learned_pos", args.use_learned_pos),
-                                  (f"--activation {args.activation}", args.activation != "swiglu")) if bad]
-        if wrong:
-            raise TrainError(f"{' and '.join(wrong)} with --arch llama: the Llama block has rotary positions (no "
-                             "position table) and a SwiGLU feed-forward; leave the flag out")
-        if args.n_kv_heads is not None and (args.n_kv_heads < 1 or args.n_heads % args.n_kv_heads):
-            raise TrainError(f"--n_kv_heads {args.n_kv_heads} must divide --n_heads {args.n_heads}")
-        check_model_flag(args, "rope_theta", "rope_theta")
-        if (args.d_model // args.n_heads) % 2:
-            raise TrainError(f"--arch llama needs an even head size, --d_model / --n_heads = "
-                             f"{args.d_model} / {args.n_heads} = {args.d_model // args.n_heads}: rotary positions "
-                             "turn pairs of dimensions")
-        return
-    wrong = [f"--{name}" for name in ("rope_theta", "n_kv_heads") if getattr(args, name) is not None]
-    if args.activation == "swiglu":
-        wrong.append("--activation swiglu")
-    if wrong:
-        raise TrainError(f"{' and '.join(wrong)}: the Llama block's (--arch llama), not GPT-2's")
+def check_model(args):
+    """The model the flags describe, checked once, by ModelConfig's own rules (config.py: each block's
+    fields, heads that fit the width); the sizes' ranges are checked before (check_model_flag)."""
+    try:
+        config_from_flags(vars(args))
+    except ValueError as err:
+        raise TrainError(f"the model flags: {err}") from None
 
 
 def given_flags(parser, argv):

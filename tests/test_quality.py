@@ -97,7 +97,7 @@ def test_the_tokenized_texts_are_cached_by_text_and_tokenizer(benchmark, monkeyp
     (["--time_budget", "1", "--", "--time_budget", "2"], "given twice"),
     (["--time_budget", "1", "--", "--vocab_size", "512"], "not GPT-2's 50257"),
     (["--time_budget", "0", "--", "--d_model", "32"], "--time_budget: must be a number > 0"),
-    (["--time_budget", "1", "--", "--d_model", "30"], "not divisible by --n_heads"),
+    (["--time_budget", "1", "--", "--d_model", "30"], "not divisible by n_heads"),
 ])
 def test_bad_input_is_one_line_before_anything_runs(argv, says, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(quality.subprocess, "run", lambda *a, **k: pytest.fail("ran a tool"))

@@ -597,13 +597,15 @@ def test_llama_flags_are_checked_and_take_the_llama_defaults():
     assert parse(["--arch", "gpt2", "--preset", "laptop", "--activation", "relu2"]).activation == "relu2"
     assert (parse([]).arch, parse([]).d_ff, parse([]).activation) == ("gpt2", 512, "gelu")  # GPT-2's, as before
     assert parse(["--activation", "relu2"]).activation == "relu2"
-    for argv, message in ((["--arch", "llama", "--use_learned_pos"], "--use_learned_pos with --arch llama"),
-                          (["--arch", "llama", "--activation", "gelu"], "--activation gelu with --arch llama"),
-                          (["--arch", "llama", "--n_kv_heads", "3"], "--n_kv_heads 3 must divide --n_heads 4"),
+    # the model's numbers are checked once, by ModelConfig (config.py), in words naming its fields as the flags do
+    for argv, message in ((["--arch", "llama", "--use_learned_pos"], "use_learned_pos: the Llama block has no position"),
+                          (["--arch", "llama", "--activation", "gelu"], "activation 'gelu': the llama block's"),
+                          (["--arch", "llama", "--n_kv_heads", "3"], r"n_heads divisible by n_kv_heads \(3\)"),
                           (["--arch", "llama", "--rope_theta", "1"], r"--rope_theta must be a number in \(1, 1e\+12\]"),
                           (["--arch", "llama", "--d_model", "24", "--n_heads", "8"], "even head size"),
-                          (["--rope_theta", "500"], "--rope_theta: the Llama block's"),
-                          (["--n_kv_heads", "2"], "--n_kv_heads: the Llama block's"),
-                          (["--activation", "swiglu"], "--activation swiglu: the Llama block's")):
+                          (["--rope_theta", "500"], "rope_theta 500.0: a field of the Llama block"),
+                          (["--n_kv_heads", "2"], "n_kv_heads 2: a field of the Llama block"),
+                          (["--activation", "swiglu"], "activation 'swiglu': the gpt2 block's feed-forward"),
+                          (["--d_model", "30", "--n_heads", "4"], "the model flags: d_model 30 is not divisible by n_heads 4")):
         with pytest.raises(train_flags.TrainError, match=message):
             parse(argv)
