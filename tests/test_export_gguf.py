@@ -255,6 +255,14 @@ def test_a_model_without_a_tokenizer_llama_cpp_can_read_is_refused(tmp_path):
         export_gguf.export(path, str(tmp_path / "m.gguf"), log=quiet)
 
 
+def test_a_bpe_that_splits_text_with_another_pattern_is_refused(tmp_path):
+    need_gguf()
+    model = train_bpe(SAMPLE.read_text(encoding="utf-8")[:50_000], 300, pattern=r"\S+|\s+")
+    tok = BPETokenizer(model, model.to_json())
+    with pytest.raises(GGUFError, match="its BPE splits text with another pattern than GPT-2's"):
+        export_gguf.export(save(tmp_path, tiny_model(300, arch="llama"), tok), str(tmp_path / "m.gguf"), log=quiet)
+
+
 def test_outputs_that_are_inputs_folders_or_other_files_are_refused(tmp_path, bpe_tok):
     need_gguf()
     path = save(tmp_path, tiny_model(400, arch="llama"), bpe_tok)
