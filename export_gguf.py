@@ -51,6 +51,7 @@ from export_hf import tokenizer_to_export
 from gpt2_files import gpt2_bpe_model, gpt2_spelling, model_from_vocab_merges
 from hf_format import hf_tensors, load_hf_params, our_record, read_hf_config
 from pretokens import ENDOFTEXT
+from untrusted import open_regular
 
 GGUF_MAGIC = b"GGUF"
 DTYPES = {"float32": (np.float32, 0), "float16": (np.float16, 1)}  # numpy dtype, general.file_type (ALL_F32, MOSTLY_F16)
@@ -255,9 +256,9 @@ def check_output(out_path, source):
                             "another output")
     if os.path.exists(out_path):
         try:
-            with open(out_path, "rb") as f:
+            with open_regular(out_path, "rb", "GGUF file") as f:  # a FIFO is refused, not waited on
                 ours = f.read(4) == GGUF_MAGIC
-        except OSError:
+        except (OSError, ValueError):
             ours = False
         if not ours:
             raise GGUFError(f"{out_path} exists and is not a GGUF file: choose another output")

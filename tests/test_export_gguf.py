@@ -269,8 +269,10 @@ def test_outputs_that_are_inputs_folders_or_other_files_are_refused(tmp_path, bp
     before = Path(path).read_bytes()
     (tmp_path / "notes.txt").write_text("mine")
     os.symlink(path, tmp_path / "link.gguf")
+    os.mkfifo(tmp_path / "fifo.gguf")  # read, it would wait for a writer
     for out, why in ((path, "is the input"), (str(tmp_path / "link.gguf"), "is the input"),
-                     (str(tmp_path), "is a folder"), (str(tmp_path / "notes.txt"), "is not a GGUF file")):
+                     (str(tmp_path), "is a folder"), (str(tmp_path / "notes.txt"), "is not a GGUF file"),
+                     (str(tmp_path / "fifo.gguf"), "is not a GGUF file")):
         with pytest.raises(GGUFError, match=why):
             export_gguf.export(path, out, log=quiet)
     assert Path(path).read_bytes() == before and (tmp_path / "notes.txt").read_text() == "mine"
