@@ -54,7 +54,8 @@ from pretokens import ENDOFTEXT
 from untrusted import open_regular
 
 GGUF_MAGIC = b"GGUF"
-DTYPES = {"float32": (np.float32, 0), "float16": (np.float16, 1)}  # numpy dtype, general.file_type (ALL_F32, MOSTLY_F16)
+# --dtype: (the matrices' NumPy dtype, general.file_type: llama.cpp's ALL_F32 or MOSTLY_F16)
+DTYPES = {"float32": (np.float32, 0), "float16": (np.float16, 1)}
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5  # llama.cpp's token types (gguf.TokenType)
 # The training flags whose numbers the file records (train.py's names), the run's recipe.
 RECIPE_FLAGS = ("batch_size", "seq_len", "grad_accum", "max_steps", "time_budget", "learning_rate", "min_lr",

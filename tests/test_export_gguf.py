@@ -27,8 +27,10 @@ from tokenizer import BPETokenizer, load_tiktoken
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample" / "TinyStoriesV2-GPT4-train.sample.txt"
-TEXTS = ["Once upon a time, there was a little dog named Max.", "It's 12:30 - they'll see.  Two  spaces\n\nand\tabs ",
-         "Ünïcödé café, naïve résumé; 日本語 🐶!", "I'm, you're, we've, he'd, she'll, 'quoted' ''   trailing \n"]
+TEXTS = ["Once upon a time, there was a little dog named Max.",
+         "It's 12:30 - they'll see.  Two  spaces\n\nand\tabs ",
+         "Ünïcödé café, naïve résumé; 日本語 🐶!",
+         "I'm, you're, we've, he'd, she'll, 'quoted' ''   trailing \n"]
 BLOCKS = {"llama": dict(arch="llama", n_kv_heads=2, tie_embeddings=False),
           "llama-tied": dict(arch="llama", n_kv_heads=4, rope_theta=500.0),
           "gpt2-learned": dict(use_learned_pos=True, tie_embeddings=False),
