@@ -1,13 +1,15 @@
-"""Export a checkpoint as one GGUF file for llama.cpp and what is built on it (llama-cli, llama-server,
-ollama, LM Studio, llama-cpp-python): the Llama block as llama.cpp's "llama" architecture, GPT-2's as
+"""Export a checkpoint as one GGUF file for llama.cpp and what is built on it (llama-server, ollama,
+LM Studio, llama-cpp-python): the Llama block as llama.cpp's "llama" architecture, GPT-2's as
 its "gpt2", with the tokenizer inside the file.
 
     python3 export_gguf.py checkpoints_laptop/checkpoint_final.npz laptop.gguf
     python3 export_gguf.py hf_small small-f16.gguf --dtype float16     # a Hugging Face folder we read
 
-then, with llama.cpp:
+then, with llama.cpp through llama-cpp-python (or its own llama-completion -m laptop.gguf -p ...):
 
-    llama-cli -m laptop.gguf -p "Once upon a time" -n 100 --temp 0 -no-cnv
+    from llama_cpp import Llama
+    llm = Llama("laptop.gguf", n_ctx=128, verbose=False)
+    print(llm("Once upon a time", max_tokens=100, temperature=0)["choices"][0]["text"])
 
 Why not export_hf.py and llama.cpp's convert_hf_to_gguf.py: that converter knows a BPE tokenizer only
 by a hash of how it encodes a test string, and refuses any vocabulary it has not seen, our own BPE
