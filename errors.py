@@ -11,6 +11,7 @@ flag is wrong, what is wrong with it, and what to do.
     ├── TokenizerError    a tokenizer, its model file or the text it reads; the Hugging Face export
     │                     adds that it wrote nothing
     ├── HFError           a Hugging Face folder that cannot be exported to or read
+    ├── GGUFError         a model or tokenizer llama.cpp's GGUF file cannot express (export_gguf.py)
     ├── DeviceError       --device cuda cannot run here (scripts/gpu_parity.py stops on it)
     └── DownloadError     a download that failed for good; prepare_tinystories.py falls back on
                           the bundled sample
@@ -42,6 +43,10 @@ class TokenizerError(UserError):
 
 class HFError(UserError):
     """A folder or checkpoint that cannot be exported to or imported from the Hugging Face format."""
+
+
+class GGUFError(UserError):
+    """A checkpoint that cannot be exported as a GGUF file for llama.cpp, or an output that must not be written."""
 
 
 class DeviceError(UserError):

@@ -4,7 +4,8 @@ GPT-2 (and Hugging Face's GPT2Tokenizer) keeps a BPE as two text files:
     vocab.json    {token: id}, every token's bytes spelled as printable characters by
                   bytes_to_unicode (a space is "Ġ"); special tokens as themselves ("<|endoftext|>")
     merges.txt    "#version: 0.2", then one merge "left right" per line, in rank order
-model_from_vocab_merges reads such a pair into our BPEModel, write_vocab_merges writes one.
+model_from_vocab_merges reads such a pair into our BPEModel, write_vocab_merges writes one (its strings:
+gpt2_spelling, which export_gguf.py writes too).
 
 GPT-2's own BPE is tiktoken's r50k_base encoding, bundled as data/sample/r50k_base.tiktoken (its
 sha256 checked) so that it works offline: r50k_ranks() reads it once per process, gpt2_encoding()
@@ -96,12 +97,13 @@ def model_from_vocab_merges(vocab_path, merges_path):
 
 
 
-def write_vocab_merges(model, vocab_path, merges_path):
-    """Write a BPEModel as GPT-2 style vocab.json + merges.txt: the inverse of model_from_vocab_merges.
+def gpt2_spelling(model):
+    """(tok2id, merge_lines): a BPEModel in GPT-2's spelling, what vocab.json ({token string: id}) and
+    merges.txt ("left right" per merge, in rank order) hold, and the GGUF export's token list and merges.
 
-    A token is spelled with bytes_to_unicode (a space is "Ġ"), a special token as its own string;
-    merges.txt lists the merges in rank order, "left right" per line. The pair has no field for a
-    pre-tokenisation pattern, so only models that split text with GPT-2's pattern can be written.
+    A token is spelled with bytes_to_unicode (a space is "Ġ"), a special token as its own string; ids
+    the model leaves empty are left out. There is no field for a pre-tokenisation pattern, so only
+    models that split text with GPT-2's pattern can be spelled; TokenizerError says why not.
     """
     def cannot(why):
         return TokenizerError(f"cannot write this BPE model as vocab.json + merges.txt: {why}")
@@ -122,15 +124,22 @@ def write_vocab_merges(model, vocab_path, merges_path):
         if s in tok2id or not (0 <= i < len(spelled)) or spelled[i] is not None:
             raise cannot(f"special token {s!r} (id {i}) collides with another token")
         tok2id[s] = i
-    lines = ["#version: 0.2"]
+    merge_lines = []
     for (a, b), t in zip(model.merges, model.merge_ids):
         if spelled[t] != spelled[a] + spelled[b]:
             raise cannot(f"merge ({a}, {b}) does not make token {t}")
-        lines.append(f"{spelled[a]} {spelled[b]}")
+        merge_lines.append(f"{spelled[a]} {spelled[b]}")
+    return dict(sorted(tok2id.items(), key=lambda kv: kv[1])), merge_lines
+
+
+def write_vocab_merges(model, vocab_path, merges_path):
+    """Write a BPEModel as GPT-2 style vocab.json + merges.txt (gpt2_spelling): the inverse of
+    model_from_vocab_merges."""
+    tok2id, merge_lines = gpt2_spelling(model)
     with atomic_write(vocab_path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(dict(sorted(tok2id.items(), key=lambda kv: kv[1])), ensure_ascii=False) + "\n")
+        f.write(json.dumps(tok2id, ensure_ascii=False) + "\n")
     with atomic_write(merges_path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(["#version: 0.2"] + merge_lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
