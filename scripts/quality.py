@@ -194,7 +194,7 @@ def score(save_dir, flags):
     final = [r for r in recs if r["type"] == "eval"][-1]
     steps = max(r["step"] for r in recs if r["type"] == "train")
     config = next(r for r in recs if r["type"] == "config")
-    budget = next((r for r in recs if r["type"] == "budget"), {})
+    budget = ([r for r in recs if r["type"] == "budget"] or [{}])[-1]  # the last fit: where the run ended
     last_train = [r for r in recs if r["type"] == "train"][-1]
     if final["step"] != steps:
         raise UserError(f"{save_dir}: the run stopped at step {steps} before its end (see its output above)")
