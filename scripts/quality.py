@@ -13,11 +13,12 @@ The flags after `--` are the recipe: train.py's flags (a --preset and/or any oth
 2. trains with train.py --time_budget (the learning-rate schedule ends when the time is up), into
    a new folder under WORK_DIR/runs; the recipe's evaluations are left to it (none before the end by
    default);
-3. scores the final weights on the whole validation text (train.py's final evaluation: every window of
-   --seq_len tokens, the tail shorter than one window aside): loss in nats per token, perplexity, and
-   bits per byte, the summed loss in bits over the UTF-8 bytes the evaluated tokens stand for (one byte
-   more per story, for the separator, whose token the model predicts too), which does not depend on the
-   tokenizer;
+3. scores the final weights on the whole validation text, less its paragraphs that also occur in the
+   training text (overlap.py, cached in WORK_DIR/held_out; --keep_overlap: as given), with train.py's
+   final evaluation (every window of --seq_len tokens, the tail shorter than one window aside): loss in
+   nats per token, perplexity, and bits per byte, the summed loss in bits over the UTF-8 bytes the
+   evaluated tokens stand for (one byte more per story, for the separator, whose token the model
+   predicts too), which does not depend on the tokenizer;
 4. generates --samples stories from "Once upon a time" (temperature 0.8, top-k 40, seed 0);
 5. prints a markdown table row (with its header) and appends the whole record, as one JSON line, to
    --results (default WORK_DIR/results.jsonl).
@@ -43,6 +44,7 @@ sys.path.insert(0, str(REPO))
 import train_flags  # noqa: E402
 from config import GPT2_VOCAB_SIZE  # noqa: E402
 from errors import TrainError, UserError  # noqa: E402
+from overlap import held_out  # noqa: E402
 
 PY = sys.executable
 SAMPLING = {"prompt": "Once upon a time", "temperature": 0.8, "top_k": 40, "seed": 0}
@@ -67,6 +69,9 @@ def build_parser():
                    help="the tokenized texts (cached), one folder per run (runs/), results.jsonl")
     p.add_argument("--results", default=None, help="JSON-lines file the record is appended to "
                                                    "(default: WORK_DIR/results.jsonl)")
+    p.add_argument("--keep_overlap", action="store_true",
+                   help="score on --valid_text as given; by default its paragraphs that also occur in --train_text "
+                        "are removed first (overlap.py), so that memorizing is not rewarded")
     p.add_argument("--samples", type=int, default=3, help="stories to generate")
     p.add_argument("--sample_tokens", type=int, default=80, help="most tokens per story")
     return p
@@ -225,6 +230,9 @@ def main(argv=None):
             if not os.path.isfile(path):
                 raise UserError(f"{path} is not a text file")
         flags, train_argv = resolve_recipe(recipe, args)
+        overlap = None
+        if not args.keep_overlap:  # the held-out copy (cached in WORK_DIR/held_out) is what gets scored
+            args.valid_text, overlap = held_out(args.valid_text, [args.train_text], Path(args.work_dir) / "held_out")
         train_data, val_data, tok_key = prepare_data(args, flags.vocab_size)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         save_dir = Path(args.work_dir) / "runs" / f"{stamp}-{tok_key.split('-')[0]}-{os.getpid()}"
@@ -247,7 +255,8 @@ def main(argv=None):
                   "train_text": {"path": str(args.train_text), "sha256": sha256_of(args.train_text)},
                   "valid_text": {"path": str(args.valid_text), "sha256": sha256_of(args.valid_text),
                                  "bytes": side["num_bytes"] + side["num_documents"],  # as train.py's evaluation
-                                 "tokens": side["num_tokens"], "stories": side["num_documents"]},
+                                 "tokens": side["num_tokens"], "stories": side["num_documents"],
+                                 "overlap_removed": overlap},
                   "time_budget_minutes": flags.time_budget, "wall_seconds": wall,
                   **score(save_dir, flags), "sampling": dict(SAMPLING, max_length=args.sample_tokens),
                   "save_dir": str(save_dir)}
