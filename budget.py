@@ -13,9 +13,9 @@ timed until 10 of them and 20 s have passed, or a tenth of the budget has since 
 fits the first horizon: the most steps for which the steps left at that speed, plus the periodic
 evaluations and checkpoints that fall before it, fit in what is left of the budget. Then the
 horizon is fitted again each time another 2% of the budget has passed (or the steps the last fit
-expected in that time are done), from the speed of the steps since the last fit (the machine's speed now: a program that starts or stops meanwhile moves
-the horizon), so the run ends within about 2% of the budget. Should the time be up before the
-horizon, the run ends at once. A periodic evaluation or checkpoint is not a step: the step it
+expected in that time are done), from the speed of the steps since the last fit: the machine's
+speed now, so that a program that starts or stops meanwhile moves the horizon, and the run ends
+within about 2% of the budget. Should the time be up before the horizon, the run ends at once. A periodic evaluation or checkpoint is not a step: the step it
 follows takes longer by its cost, which the fits count where such work falls before the horizon.
 --max_steps, when given, caps the horizon. The final evaluation and checkpoint come after the budget.
 
