@@ -379,6 +379,9 @@ def train_loop(run):
             while True:
                 if run.budget is not None:
                     follow_budget(run, run.budget.tick(run.step), bar)
+                    if run.step == run.horizon and interval.steps:  # it ended the run here: the last steps' line
+                        log_train(log, run.step, run.horizon, interval, lr, grad_norm, args.batch_size * args.seq_len)
+                        interval = Interval()
                 last_step = run.step == run.horizon or stop.requested()
                 if run.val_ds is not None and (run.step == run.horizon or due(args.eval_interval, run.step, start)):
                     validate(run, stop, timer)  # a Ctrl-C here skips the evaluation, never the save

@@ -325,6 +325,19 @@ def test_the_run_ends_with_its_budget_when_the_machine_gets_quieter(data, tmp_pa
     assert "training took 30.0 s of 30 s" in capsys.readouterr().out
 
 
+def test_a_run_whose_time_is_up_before_its_horizon_ends_there_and_logs_its_last_steps(data, tmp_path, monkeypatch,
+                                                                                       capsys):
+    d = str(tmp_path / "late")
+    monkeypatch.setattr(budget, "clock", Machine(busy(25, 10**9, 10.0, 0.5)))  # 10 s steps from 25 s on
+    assert train.main(budget_flags(data, d, warmup_steps=5)) == 0
+    final = read_meta(os.path.join(d, "checkpoint_final.npz"))
+    records = metrics(d)
+    last_train = [r for r in records if r["type"] == "train"][-1]
+    last_eval = [r for r in records if r["type"] == "eval"][-1]
+    assert final["step"] == final["horizon"] == last_train["step"] == last_eval["step"] == 51
+    assert "the time is up at step 51" in capsys.readouterr().out and budget_used(d)["seconds"] == 35.0
+
+
 def test_a_resumed_budgeted_run_honours_max_steps_and_leaves_every_file_as_it_was(data, tmp_path, monkeypatch,
                                                                                   capsys):
     """Issue 27, class 6: a budgeted run stopped (Ctrl-C) at step 40, resumed with --max_steps 30, has nothing to
