@@ -79,10 +79,13 @@ def test_the_training_text_is_streamed_with_the_same_result(train, monkeypatch, 
         for chunk in real(paths):
             chunks.append(len(chunk))
             yield chunk
-    monkeypatch.setattr(overlap, "CHUNK_CHARS", 50)  # every line its own chunk: runs cross the chunks
+    monkeypatch.setattr(overlap, "CHUNK_CHARS", 50)  # runs of words cross the chunks
     monkeypatch.setattr(overlap, "training_words", counted)
     assert overlap.overlapping(paragraphs, [big, *train]) == whole == [True, True, True, False]
-    assert len(chunks) > 50 and max(chunks) < 400  # never the whole text at once
+    assert len(chunks) > 1000 and max(chunks) <= 20  # never the whole text, nor a whole line, at once
+    one_line = write(tmp_path / "one_line.txt", " ".join([STORY] * 30))  # no line breaks at all
+    assert overlap.overlapping([STORY], [one_line]) == [True]
+    assert list(overlap.training_words([one_line]))[0] == overlap.words(STORY[:50].rsplit(" ", 1)[0])
 
 
 def test_held_out_makes_its_copy_once_and_says_what_it_removed(train, tmp_path):
