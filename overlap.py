@@ -20,7 +20,7 @@ not repeated stories. No paragraph there shares more than 67% of its 8-grams, an
 first 150 characters: those samples hold no repeat. Removing the formula would take the easiest
 paragraphs out of the score, not the memorized ones.
 
-The validation text is small and held in memory; the training text is streamed in chunks of lines,
+The validation text is small and held in memory; the training text is streamed in blocks cut between words,
 its word n-grams hashed (64 bits) a chunk at a time with NumPy and looked up among the validation
 text's, so memory does not grow with the training text (measured: about 105 MB peak for a 35 MB and
 for a 70 MB training text, at about 2.3 MB/s on one core). The output keeps the layout: a removed
