@@ -63,7 +63,9 @@ class LRSchedule:
     kind="constant": base_lr after warmup.
     After max_steps the rate stays at min_lr (cosine/linear). max_steps None: the horizon is not
     known yet (train.py --time_budget measures the speed first), and the rate after warmup stays at
-    base_lr until max_steps is set.
+    base_lr until max_steps is set. refit(step, max_steps) moves the horizon part way (--time_budget
+    fits it again as the machine's speed changes): the decay goes on from where it is at step, the
+    rate unbroken, and ends at the new max_steps (bend: that step and the decay's progress there).
     ``schedule(step)`` is the rate for the update that follows step `step` (0-based),
     so the first update uses base_lr / warmup_steps, never 0.
     """
@@ -80,16 +82,31 @@ class LRSchedule:
         self.base_lr, self.min_lr = float(base_lr), float(min_lr)
         self.warmup_steps, self.kind = int(warmup_steps), kind
         self.max_steps = None if max_steps is None else int(max_steps)
+        self.bend = None  # (step, progress) where refit last moved the horizon; None: never moved
+
+    def progress(self, step):
+        """How far the decay is at step (>= warmup_steps): 0 at its start, 1 at max_steps and after."""
+        if self.max_steps is None:
+            return 0.0
+        start, done = self.bend or (self.warmup_steps, 0.0)
+        if step >= self.max_steps or self.max_steps <= start:
+            return 1.0
+        return min(1.0, done + (1.0 - done) * max(step - start, 0) / (self.max_steps - start))
+
+    def refit(self, step, max_steps):
+        """End the decay at max_steps instead, going on from where it is at step (the rate unbroken)."""
+        if max_steps == self.max_steps:  # the same end: the same rates, to the last bit
+            return
+        if step > self.warmup_steps:
+            self.bend = (step, self.progress(step))
+        self.max_steps = int(max_steps)
 
     def __call__(self, step):
         if step < self.warmup_steps:
             return self.base_lr * (step + 1) / self.warmup_steps
         if self.kind == "constant" or self.max_steps is None:
             return self.base_lr
-        decay_steps = self.max_steps - self.warmup_steps
-        if decay_steps <= 0:
-            return self.min_lr
-        progress = min(1.0, (step - self.warmup_steps) / decay_steps)  # 0 -> 1
+        progress = self.progress(step)  # 0 -> 1
         if self.kind == "cosine":
             weight = 0.5 * (1.0 + math.cos(math.pi * progress))        # 1 -> 0
         else:

@@ -124,7 +124,7 @@ class Run:
     tokenizer_model_json: str
     run_id: str                   # kept in every checkpoint: a bare --resume continues this run, no other
     horizon: int                  # the step the run and its schedule end at (--time_budget: None until measured)
-    budget: TimeBudget = None     # --time_budget, until it has fixed the horizon
+    budget: TimeBudget = None     # --time_budget: fits the horizon as the run goes (budget.py)
     step: int = 0                 # updates done so far
     last_good: str = None         # newest checkpoint known to be good (named when stopping on NaN)
 
@@ -136,6 +136,12 @@ class Run:
     def end_at(self, horizon):
         """Set the step the run ends at, where the learning-rate schedule ends."""
         self.horizon = self.schedule.max_steps = horizon
+        self.schedule.bend = None
+
+    def refit(self, step, horizon):
+        """Move the end of the run to horizon at step, the schedule bent to end there (LRSchedule.refit)."""
+        self.schedule.refit(step, horizon)
+        self.horizon = horizon
 
     def state(self):
         """The run's state besides the weights, for a checkpoint."""
@@ -145,7 +151,8 @@ class Run:
                           opt_state=self.opt.state_dict(), tokenizer=self.tokenizer,
                           tokenizer_model_json=self.tokenizer_model_json,
                           train_args={k: v for k, v in vars(a).items() if k != "resume"},
-                          split=self.split, horizon=self.horizon if a.time_budget else None)
+                          split=self.split, horizon=self.horizon if a.time_budget else None,
+                          budget=None if self.budget is None else dict(self.budget.record(), bend=self.schedule.bend))
 
 
 def setup(args, world, log, run_dir, init=None):
@@ -180,7 +187,7 @@ def setup(args, world, log, run_dir, init=None):
         restore(run, world.bcast(chosen))
     elif world.is_root:
         check_overwrite(args, run_dir, log)
-    if run.horizon is None:  # --time_budget, not known from a checkpoint: measured in train_loop
+    if run.horizon is None and run.budget is None:  # --time_budget, not continued from a checkpoint
         run.budget = TimeBudget(args.time_budget, world, cap=args.max_steps)
     log.open(resume_step=run.step if args.resume else None)
     if world.is_root:  # after the log, whose metrics.jsonl may be refused: then nothing in the folder changed
@@ -331,13 +338,18 @@ def train_loop(run):
     try:
         with stop, progress_bar(log, run.horizon, run.step, show_bar) as bar:
             while True:
-                if run.budget is not None and run.budget.measured(run.step):
-                    fix_horizon(run, stop, timer, bar)
+                if run.budget is not None:
+                    follow_budget(run, run.budget.tick(run.step), bar)
+                    if run.step == run.horizon and interval.steps:  # it ended the run here: the last steps' line
+                        log_train(log, run.step, run.horizon, interval, lr, grad_norm, args.batch_size * args.seq_len)
+                        interval = Interval()
                 last_step = run.step == run.horizon or stop.requested()
                 if run.val_ds is not None and (run.step == run.horizon or due(args.eval_interval, run.step, start)):
                     validate(run, stop, timer)  # a Ctrl-C here skips the evaluation, never the save
+                    periodic_work(run, "evaluation", args.eval_interval)
                 if last_step or due(args.save_interval, run.step, start):
                     path = save(run, FINAL if run.step == run.horizon else step_name(run.step))
+                    periodic_work(run, "checkpoint", args.save_interval)
                 if last_step:
                     break
                 timer.start()
@@ -371,6 +383,10 @@ def train_loop(run):
         with contextlib.suppress(OSError):  # the error may be a full disk
             log.record(type="error", step=run.step + 1, message=str(e))
         raise
+    if run.budget is not None:
+        log.say(run.budget.summary())
+        log.record(type="budget_used", step=run.step, seconds=run.budget.elapsed, budget_seconds=run.budget.seconds,
+                   fits=run.budget.fits)
     if run.step == run.horizon:
         log.say(f"done: {run.step} steps; final weights in {path}")
     else:
@@ -380,20 +396,26 @@ def train_loop(run):
     return stop.exit_code if run.step != run.horizon else 0
 
 
-def fix_horizon(run, stop, timer, bar):
-    """--time_budget: the step the run ends at, from the speed of its first steps (budget.py), with an
-    evaluation and a checkpoint timed when periodic ones fall before it; logged and recorded."""
-    args, budget = run.args, run.budget
-    evaluate = functools.partial(validate, run, stop, timer) if run.val_ds is not None else None
-    horizon = budget.horizon(run.step, evaluate, args.eval_interval, lambda: save(run, step_name(run.step)),
-                             args.save_interval)
-    run.end_at(horizon)
-    bar.total, run.budget = horizon, None
-    run.log.say(budget.describe(run.step, horizon))
+def follow_budget(run, horizon, bar):
+    """--time_budget fitted the horizon (budget.py; None: it did not): the run and its schedule end there;
+    logged (said the first time and when the time is up) and recorded."""
+    if horizon is None:
+        return
+    budget, first = run.budget, run.horizon is None
+    run.refit(run.step, horizon)
+    bar.total = horizon
+    if first or budget.time_up:
+        run.log.say(budget.describe(run.step, horizon))
     run.log.record(type="budget", step=run.step, horizon=horizon, seconds_per_step=budget.step_s,
-                   minutes=args.time_budget, **{f"{k}_seconds": s for k, (_, s) in budget.costs.items()})
-    if "checkpoint" in budget.costs:  # written to time it, before the horizon was known: again, with it
-        save(run, step_name(run.step))
+                   minutes=run.args.time_budget, elapsed_seconds=budget.elapsed,
+                   **{f"{k}_seconds": s for k, (_, s) in budget.costs.items()})
+
+
+def periodic_work(run, what, every):
+    """Tell --time_budget that a periodic evaluation or checkpoint followed this step (the final ones
+    come after the budget)."""
+    if run.budget is not None and run.step != run.horizon:
+        run.budget.worked(what, every)
 
 
 def lost_rank_message(run, what):

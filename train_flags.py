@@ -17,6 +17,7 @@ import argparse
 import math
 from dataclasses import fields
 
+from budget import MAX_MINUTES
 from config import ARCHS, FIELD_RANGES, GPT2_EOT_ID, GPT2_VOCAB_SIZE, ROPE_THETA, ModelConfig
 from errors import TrainError
 from flag_types import COUNT, COUNT_OR_ZERO, PROBABILITY, SEED, Number
@@ -193,13 +194,16 @@ def build_parser():
                    help="stop after this many minutes of training, saving a checkpoint to resume from (the "
                         "schedule is not changed: see --time_budget)")
     r.add_argument("--time_budget", type=float, default=None, metavar="MINUTES",
-                   help="train for this many minutes of wall time, the learning-rate schedule ending when they "
-                        "are up: the speed of the first steps (the first one not timed; 10 steps and 20 s, or a "
-                        "tenth of the budget) sets how many steps fit, periodic evaluations and checkpoints "
-                        "included, and the run and its schedule end there (the horizon, logged). --max_steps "
-                        "given caps it; warmup stays in steps; the final evaluation and checkpoint come after "
-                        "the budget. The checkpoints record the horizon: --resume continues on it, never "
-                        "measuring again. --max_time still stops the run early")
+                   help=f"train for this many minutes of wall time (0 < MINUTES <= {MAX_MINUTES:g}), the learning-rate "
+                        "schedule ending when they are up: the speed of the first steps (the first one not timed; "
+                        "10 steps and 20 s, or a tenth of the budget) sets how many steps fit, periodic evaluations "
+                        "and checkpoints included, and the run and its schedule end there (the horizon, logged); "
+                        "each time another 2%% of the budget has passed the horizon is fitted again from the speed "
+                        "since, the schedule bending to end there, so a machine that gets busier or quieter "
+                        "meanwhile still ends near the budget. --max_steps given caps it; warmup stays in steps; "
+                        "the final evaluation and checkpoint come after the budget. The checkpoints record what "
+                        "the budget measured and the time used: --resume continues with the time left. --max_time "
+                        "still stops the run early")
     r.add_argument("--profile", action="store_true",
                    help="print where step time goes (model vs data, clipping, optimizer, logging); on a GPU it "
                         "waits for the GPU at each part, to time it")
@@ -239,8 +243,9 @@ def check_args(args):
             raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.max_time is not None and not 0 < args.max_time < math.inf:
         raise TrainError(f"--max_time must be a positive number of minutes (got {args.max_time})")
-    if args.time_budget is not None and not 0 < args.time_budget < math.inf:
-        raise TrainError(f"--time_budget must be a positive number of minutes (got {args.time_budget})")
+    if args.time_budget is not None and not 0 < args.time_budget <= MAX_MINUTES:  # no inf, NaN or overflow
+        raise TrainError(f"--time_budget must be a positive number of minutes, at most {MAX_MINUTES:g} "
+                         f"(got {args.time_budget})")
     if not 0 < args.rank_timeout < math.inf:
         raise TrainError(f"--rank_timeout must be a positive number of seconds (got {args.rank_timeout})")
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, replace
 
 import distributed
-from budget import on_resume
+from budget import TimeBudget, check_record, on_resume
 from checkpoint import copy_params, load_checkpoint, save_checkpoint
 from errors import CheckpointError, TrainError
 from stop import saving
@@ -42,12 +42,15 @@ class TrainState:
     split: tuple              # how each batch was cut: (MPI ranks, workers per rank, micro-batches)
     horizon: int = None       # --time_budget: the step the run and its schedule end at (None: no budget, or
     #                           not measured yet)
+    budget: dict = None       # --time_budget: what it has measured and decided (TimeBudget.record()), and
+    #                           where the schedule last bent ("bend"); None: no budget
 
     def to_meta(self):
         ranks, workers, grad_accum = self.split
         return {"step": self.step, "run_id": self.run_id, "data": self.data, "tokenizer": self.tokenizer,
                 "tokenizer_model_json": self.tokenizer_model_json, "train_args": self.train_args,
-                "ranks": ranks, "workers": workers, "grad_accum": grad_accum, "horizon": self.horizon}
+                "ranks": ranks, "workers": workers, "grad_accum": grad_accum, "horizon": self.horizon,
+                "budget": self.budget}
 
     @classmethod
     def from_checkpoint(cls, ck):
@@ -65,9 +68,16 @@ class TrainState:
         horizon = meta.get("horizon")
         if horizon is not None and not (type(horizon) is int and horizon >= 1):
             raise ValueError(f"the horizon {horizon!r} is not a number of steps")
+        budget = meta.get("budget")
+        if budget is not None:
+            check_record(budget)
+            bend = budget.get("bend")
+            if bend is not None and not (isinstance(bend, list) and len(bend) == 2 and type(bend[0]) is int
+                                         and isinstance(bend[1], float) and 0 <= bend[1] <= 1):
+                raise ValueError(f"the schedule's bend {bend!r} is not [step, progress]")
         return cls(step=int(meta["step"]), run_id=meta.get("run_id"), data=data, opt_state=ck.arrays,
                    tokenizer=meta.get("tokenizer"), tokenizer_model_json=meta.get("tokenizer_model_json"),
-                   train_args=meta.get("train_args") or {}, split=split, horizon=horizon)
+                   train_args=meta.get("train_args") or {}, split=split, horizon=horizon, budget=budget)
 
 
 def same_gradient_sums(a, b):
@@ -117,7 +127,17 @@ def restore(run, path):
         raise TrainError(f"{path} lacks a usable optimizer or data state to resume exactly ({e}); it may be "
                          "a weights-only or damaged file") from None
     run.step, run.last_good = saved.step, path
-    run.end_at(on_resume(saved.horizon, run.args.time_budget, run.args.max_steps, run.log.say))
+    args = run.args
+    horizon, record = on_resume(saved.horizon, saved.budget, args.time_budget, args.max_steps, run.log.say)
+    if record is None:
+        run.end_at(horizon)
+    else:  # the budget goes on: the schedule as it was, bent to end at --max_steps if that is lower
+        bend = record.get("bend")
+        run.end_at(saved.horizon)
+        run.schedule.bend = None if bend is None else tuple(bend)
+        if horizon != saved.horizon:
+            run.refit(run.step, horizon)
+        run.budget = TimeBudget(args.time_budget, run.world, cap=args.max_steps, record=record)
     run.run_id = saved.run_id or run.run_id  # a checkpoint from before runs had ids: a new one
     split = run.split
     was = tuple(now if then is None else then for then, now in zip(saved.split, split))  # None: not recorded

@@ -13,11 +13,12 @@ The flags after `--` are the recipe: train.py's flags (a --preset and/or any oth
 2. trains with train.py --time_budget (the learning-rate schedule ends when the time is up), into
    a new folder under WORK_DIR/runs; the recipe's evaluations are left to it (none before the end by
    default);
-3. scores the final weights on the whole validation text (train.py's final evaluation: every window of
-   --seq_len tokens, the tail shorter than one window aside): loss in nats per token, perplexity, and
-   bits per byte, the summed loss in bits over the UTF-8 bytes the evaluated tokens stand for (one byte
-   more per story, for the separator, whose token the model predicts too), which does not depend on the
-   tokenizer;
+3. scores the final weights on the whole validation text, less its paragraphs that also occur in the
+   training text (overlap.py, cached in WORK_DIR/held_out; --keep_overlap: as given), with train.py's
+   final evaluation (every window of --seq_len tokens, the tail shorter than one window aside): loss in
+   nats per token, perplexity, and bits per byte, the summed loss in bits over the UTF-8 bytes the
+   evaluated tokens stand for (one byte more per story, for the separator, whose token the model
+   predicts too), which does not depend on the tokenizer;
 4. generates --samples stories from "Once upon a time" (temperature 0.8, top-k 40, seed 0);
 5. prints a markdown table row (with its header) and appends the whole record, as one JSON line, to
    --results (default WORK_DIR/results.jsonl).
@@ -53,6 +54,7 @@ from config import GPT2_VOCAB_SIZE  # noqa: E402
 from errors import TrainError, UserError, say  # noqa: E402
 from flag_types import COUNT, COUNT_OR_ZERO, Number, Parser  # noqa: E402
 from metrics import Records  # noqa: E402
+from overlap import held_out  # noqa: E402
 from untrusted import read_json  # noqa: E402
 
 MINUTES = Number(float, 0, low_open=True)  # --time_budget here; train.py checks the recipe's own further
@@ -82,6 +84,9 @@ def build_parser():
                    help="the tokenized texts (cached), one folder per run (runs/), results.jsonl")
     p.add_argument("--results", default=None, help="JSON-lines file the record is appended to "
                                                    "(default: WORK_DIR/results.jsonl)")
+    p.add_argument("--keep_overlap", action="store_true",
+                   help="score on --valid_text as given; by default its paragraphs that also occur in --train_text "
+                        "are removed first (overlap.py), so that memorizing is not rewarded")
     p.add_argument("--samples", type=COUNT_OR_ZERO, default=3, help=f"stories to generate: {COUNT_OR_ZERO}")
     p.add_argument("--sample_tokens", type=COUNT, default=80, help=f"most tokens per story: {COUNT}")
     return p
@@ -318,6 +323,9 @@ def main(argv=None):
         texts = [("training text", args.train_text), ("validation text", args.valid_text)]
         check_outputs(args, texts)
         flags, train_argv = resolve_recipe(recipe, args)
+        overlap = None
+        if not args.keep_overlap:  # the held-out copy (cached in WORK_DIR/held_out) is what gets scored
+            args.valid_text, overlap = held_out(args.valid_text, [args.train_text], Path(args.work_dir) / "held_out")
         train_data, val_data, tok_key = prepare_data(args, flags.vocab_size)
         tokenized_files = [("tokenized text", p) for p in (train_data, val_data, f"{train_data}.meta.json",
                                                            f"{val_data}.meta.json")]
@@ -351,7 +359,8 @@ def main(argv=None):
                   "train_text": {"path": str(args.train_text), "sha256": sha256_of(args.train_text)},
                   "valid_text": {"path": str(args.valid_text), "sha256": sha256_of(args.valid_text),
                                  "bytes": n_bytes,  # as train.py's evaluation: one byte more per story
-                                 "tokens": val_tokens, "stories": val_stories},
+                                 "tokens": val_tokens, "stories": val_stories,
+                                 "overlap_removed": overlap},
                   "time_budget_minutes": flags.time_budget, "wall_seconds": wall,
                   **score(save_dir, flags), "sampling": dict(SAMPLING, max_length=args.sample_tokens),
                   "save_dir": str(save_dir)}

@@ -5,15 +5,20 @@ import os
 import subprocess
 import sys
 
+import json
+import math
+import signal
+
 import numpy as np
 import pytest
 
 import budget
 import distributed
+import optimizer
 import train
 import train_flags
 from checkpoint import load_checkpoint, read_meta
-from helpers import MPI_ENV, MPIEXEC, REPO, metrics, needs_mpi, numbers, tiny_flags
+from helpers import MPI_ENV, MPIEXEC, REPO, after_each_update, metrics, needs_mpi, numbers, tiny_flags
 from helpers import data  # noqa: F401  (a fixture)
 
 
@@ -62,7 +67,12 @@ def same_weights(a, b):
 
 
 def budget_record(save_dir):
-    [rec] = [r for r in metrics(save_dir) if r["type"] == "budget"]
+    """The first fit's record."""
+    return [r for r in metrics(save_dir) if r["type"] == "budget"][0]
+
+
+def budget_used(save_dir):
+    [rec] = [r for r in metrics(save_dir) if r["type"] == "budget_used"]
     return rec
 
 
@@ -85,16 +95,60 @@ def test_fit_is_the_longest_run_whose_steps_and_periodic_work_fit():
     assert budget.fit(10, 1.0, 0.0, cap=1000) == 1000  # a clock that did not move: the cap
 
 
-def test_the_first_step_is_not_timed_and_the_horizon_follows_the_speed():
+class Machine:
+    """A clock read once a step (budget.tick) that moves on by the seconds a step takes on a machine whose
+    speed changes: speed(t) gives a step's seconds when it starts at time t."""
+
+    def __init__(self, speed):
+        self.t, self.speed, self.started = 0.0, speed, False
+
+    def __call__(self):
+        if self.started:
+            self.t += self.speed(self.t)
+        self.started = True
+        return self.t
+
+
+def simulate(speed, minutes=15, cap=None, eval_every=0, eval_s=0.0, warmup=100):
+    """The training loop's use of the budget (train.py), steps taking speed(t) seconds and an evaluation of
+    eval_s seconds every eval_every steps: (the budget, the horizon's fits [(step, horizon)], the schedule)."""
+    clock = Machine(speed)
+    schedule = optimizer.LRSchedule(2e-3, warmup, None, 2e-4)
+    fits, step = [], 0
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(budget, "clock", clock)
+        b = budget.TimeBudget(minutes, distributed.Solo(), cap=cap)
+        rates = []
+        while True:
+            h = b.tick(step)
+            if h is not None:
+                schedule.refit(step, h)
+                fits.append((step, h))
+            if step == b.horizon:
+                break
+            if eval_every and step and step % eval_every == 0:
+                clock.t += eval_s
+                b.worked("evaluation", eval_every)
+            rates.append(schedule(step))
+            step += 1
+    return b, fits, schedule, rates
+
+
+def busy(start, stop, slow, fast):
+    """A machine that is busy (slow seconds a step) from start to stop seconds, else fast."""
+    return lambda t: slow if start <= t < stop else fast
+
+
+def test_the_first_step_is_not_timed_and_the_first_horizon_follows_the_speed():
     clock, world = Manual(), distributed.Solo()
 
     def measure(first_s, step_s, minutes=10):
         b, clock.t = budget.TimeBudget(minutes, world), 0.0
         step = 0
-        while not b.measured(step):
+        while b.tick(step) is None:
             clock.t += first_s if step == 0 else step_s  # then the step is taken
             step += 1
-        return step, b.step_s, b.horizon(step)
+        return step, b.step_s, b.horizon
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(budget, "clock", clock)
@@ -108,22 +162,91 @@ def test_the_first_step_is_not_timed_and_the_horizon_follows_the_speed():
         assert (step, step_s) == (41, 0.5) and h == step + (600 - 25) * 2
 
 
-def test_every_rank_takes_rank_0s_decision_and_horizon():
-    world = Ranks([False, True, 77, 70])  # rank 0: not yet, yes; rough horizon, horizon
+@pytest.mark.parametrize("speed, what", [
+    (busy(0, 30, 1.08, 0.6), "busy for the first 30 s (issue 29's case)"),
+    (busy(0, 300, 1.2, 0.6), "busy for the first third"),
+    (busy(300, 600, 1.2, 0.6), "busy in the middle third"),
+    (busy(600, 10**9, 1.2, 0.6), "busy from two thirds on"),
+    (busy(850, 880, 3.0, 0.6), "very busy near the end"),
+    (lambda t: 0.6 + 0.5 * math.sin(t / 40) ** 2, "a speed that keeps changing"),
+])
+def test_the_run_ends_within_3_percent_of_the_budget_whatever_the_machine_does(speed, what):
+    b, fits, schedule, rates = simulate(speed)
+    assert abs(b.elapsed - 900) <= 0.03 * 900, what
+    assert b.horizon == fits[-1][1] == len(rates) and len(fits) > 10, what
+    # the schedule ends where the run ends, never jumps, and only goes down after warmup
+    assert schedule.progress(b.horizon) == 1.0 and schedule.progress(b.horizon - 1) > 0.97, what
+    decay = np.array(rates[100:])
+    assert np.all(np.diff(decay) <= 1e-12) and np.max(-np.diff(decay)) < 0.02 * 2e-3, what
+
+
+def test_one_fit_from_the_first_steps_wasted_a_third_of_the_budget_that_the_fits_now_use():
+    """Issue 29's run: a machine busy for the first 30 s, measured once, stopped after about 9.5 of its 15 minutes."""
+    speed = busy(0, 30, 1.08, 0.6)
+    b, fits, _, rates = simulate(speed)
+    first, t = fits[0][1], 0.0
+    for _ in range(first):  # the old budget: the first fit's horizon, kept to the end
+        t += speed(t)
+    assert t < 0.7 * 900
+    assert len(rates) > 1.3 * first and b.elapsed > 0.97 * 900
+
+
+def test_periodic_work_is_timed_as_it_happens_and_counted_in_the_fits():
+    b, fits, _, _ = simulate(lambda t: 0.6, eval_every=100, eval_s=20.0)
+    assert b.costs["evaluation"] == (100, pytest.approx(20.0))
+    assert abs(b.elapsed - 900) <= 0.03 * 900
+    assert b.horizon < 900 / 0.6 - 10 * 20 / 0.6  # the evaluations' time is not spent on steps
+
+
+def test_the_time_up_ends_the_run_at_once_and_max_steps_caps_every_fit():
+    b, fits, _, rates = simulate(busy(890, 10**9, 60.0, 0.6))  # 60 s steps in the last 10 s
+    assert b.time_up and b.elapsed <= 900 + 60 and fits[-1] == (len(rates), len(rates))
+    b, fits, _, rates = simulate(busy(0, 100, 2.0, 0.01), cap=5000)
+    assert b.horizon == len(rates) == 5000 and all(h <= 5000 for _, h in fits)
+
+
+def test_a_refitted_schedule_goes_on_from_where_it_is_and_ends_at_the_new_horizon():
+    for kind in ("cosine", "linear"):
+        plain = optimizer.LRSchedule(1.0, 10, 100, 0.1, kind)
+        moved = optimizer.LRSchedule(1.0, 10, 100, 0.1, kind)
+        moved.refit(5, 100)   # the same end: nothing moves
+        moved.refit(8, 60)    # in the warmup: the decay has not begun, it simply ends at 60
+        assert moved.bend is None and [moved(s) for s in range(70)] == \
+            [optimizer.LRSchedule(1.0, 10, 60, 0.1, kind)(s) for s in range(70)]
+        assert [plain(s) for s in range(40)] == [optimizer.LRSchedule(1.0, 10, 100, 0.1, kind)(s) for s in range(40)]
+        plain.refit(40, 200)  # a third of the way to 100: the rest of the decay spread over 40..200
+        assert plain.bend == (40, pytest.approx(30 / 90))
+        assert plain(40) == pytest.approx(optimizer.LRSchedule(1.0, 10, 100, 0.1, kind)(40))
+        assert plain.progress(120) == pytest.approx(30 / 90 + (60 / 90) * 80 / 160)
+        assert plain(200) == plain(300) == pytest.approx(0.1) and plain(199) > 0.1
+
+
+def test_every_rank_takes_rank_0s_clock():
+    world = Ranks([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # rank 0's clock: 1 s a step
     with pytest.MonkeyPatch.context() as m:
         m.setattr(budget, "clock", Ticks(1000.0))  # this rank's clock says the budget is long gone
-        b = budget.TimeBudget(1, world)
-        assert [b.measured(s) for s in range(4)] == [False, False, False, True]
-        assert b.horizon(3) == 70
+        b = budget.TimeBudget(0.5, world)  # 30 s: measured after a tenth of it, 3 s
+        assert [b.tick(s) for s in range(4)] == [None, None, None, 3 + 27]
+        assert b.step_s == 1.0
 
 
-def test_on_resume_keeps_the_recorded_horizon_only_under_a_budget():
+def test_on_resume_continues_the_budget_and_caps_the_horizon_at_max_steps():
     said = []
-    assert budget.on_resume(120, 15, None, said.append) == 120 and "recorded horizon of 120" in said[-1]
-    assert budget.on_resume(None, 15, None, said.append) is None and "measures it again" in said[-1]
-    assert budget.on_resume(120, None, 5000, said.append) == 5000 and "add --time_budget" in said[-1]
+    record = {"used": 120.0, "horizon": 500}
+    assert budget.on_resume(500, record, 15, None, said.append) == (500, record) and "2.00 of its" in said[-1]
+    assert budget.on_resume(500, record, 15, 300, said.append) == (300, record)  # --max_steps caps it
+    assert budget.on_resume(120, None, 15, None, said.append) == (120, None) and "recorded horizon of 120" in said[-1]
+    assert budget.on_resume(120, None, 15, 100, said.append) == (100, None)
+    assert budget.on_resume(None, None, 15, None, said.append) == (None, None) and "measures it again" in said[-1]
+    assert budget.on_resume(120, None, None, 5000, said.append) == (5000, None) and "add --time_budget" in said[-1]
     n = len(said)
-    assert budget.on_resume(None, None, 5000, said.append) == 5000 and len(said) == n  # a plain run: no note
+    assert budget.on_resume(None, None, None, 5000, said.append) == (5000, None) and len(said) == n  # plain: no note
+
+
+def test_the_time_arithmetic_holds_for_every_budget_the_check_accepts():
+    most = 60 * budget.MAX_MINUTES
+    assert budget.fit(0, most, 0.0) == int(most / 1e-9)  # a clock that did not move: the fastest step it allows
+    assert abs(budget.fit(7, most, 1e-9, costs=[(1, 1e-9)]) - (7 + most / 2e-9)) < 16
 
 
 # ----------------------------------------------------------------------------- train.py
@@ -154,32 +277,108 @@ def test_the_horizon_follows_the_speed_and_the_run_is_the_plain_run_of_that_many
     assert numbers[0] == numbers[1] and numbers[0][-1][2] == pytest.approx(1e-3, rel=1e-2)  # ends near min_lr
 
 
-def test_a_resumed_run_keeps_the_recorded_horizon_and_ends_where_the_uninterrupted_one_ends(data, tmp_path,
-                                                                                           monkeypatch, capsys):
-    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+def test_a_resumed_run_continues_the_budget_and_repeats_the_uninterrupted_run_on_the_same_clock(
+        data, tmp_path, monkeypatch, capsys):
+    whole, part, slow = str(tmp_path / "whole"), str(tmp_path / "part"), str(tmp_path / "slow")
     flags = dict(warmup_steps=5, eval_interval=10, save_interval=20)  # decaying while measured; periodic work
     monkeypatch.setattr(budget, "clock", Ticks(0.5))
     assert train.main(budget_flags(data, whole, **flags)) == 0
-    rec = budget_record(whole)
-    k, h = rec["step"], rec["horizon"]
-    assert rec["evaluation_seconds"] == 0.5 and rec["checkpoint_seconds"] == 0.5  # one tick each
-    assert any(r["type"] == "eval" and r["step"] == k for r in metrics(whole))  # the timed evaluation, logged
-    names = sorted(p for p in os.listdir(whole) if p.endswith(".npz"))
-    assert f"checkpoint_step_{k}.npz" in names and len(names) >= 3
-    for name in names:  # the timed checkpoint was written again, with the horizon: every one records it
-        assert read_meta(os.path.join(whole, name))["horizon"] == h, name
-    # resumed from a later checkpoint on a clock ten times slower: the same horizon, the same weights
+    h = read_meta(os.path.join(whole, "checkpoint_final.npz"))["horizon"]
+    assert h == 60 and budget_used(whole)["seconds"] == 30.0  # 30 s at 0.5 s a step (one clock read a step)
+    for name in os.listdir(whole):
+        if name.endswith(".npz"):
+            meta = read_meta(os.path.join(whole, name))
+            assert meta["horizon"] == h and meta["budget"]["used"] == meta["step"] * 0.5, name
+    # resumed from step 40 on the same clock: the same decisions, the same weights
     os.makedirs(part)
-    last = max((n for n in names if n.startswith("checkpoint_step_")), key=lambda n: int(n[16:-4]))
-    monkeypatch.setattr(budget, "clock", Ticks(5.0))
+    monkeypatch.setattr(budget, "clock", Ticks(0.5))
     capsys.readouterr()
-    assert train.main(budget_flags(data, part, resume=os.path.join(whole, last), **flags)) == 0
+    assert train.main(budget_flags(data, part, resume=os.path.join(whole, "checkpoint_step_40.npz"), **flags)) == 0
     out = capsys.readouterr().out
-    assert f"recorded horizon of {h}" in out and "--time_budget 0.5 min:" not in out and "changed flags" not in out
+    assert "resuming the --time_budget run: 0.33 of its minutes used" in out and "changed flags" not in out
     assert read_meta(os.path.join(part, "checkpoint_final.npz"))["step"] == h
     same_weights(os.path.join(part, "checkpoint_final.npz"), os.path.join(whole, "checkpoint_final.npz"))
     assert train.main(budget_flags(data, part, resume=True, **flags)) == 0  # a finished budgeted run
     assert f"already >= the {h} steps its --time_budget fixed" in capsys.readouterr().out
+    # resumed from step 20 on a machine ten times slower: 20 s left at 5 s a step, and the schedule ends there
+    os.makedirs(slow)
+    monkeypatch.setattr(budget, "clock", Ticks(5.0))
+    assert train.main(budget_flags(data, slow, resume=os.path.join(whole, "checkpoint_step_20.npz"), **flags)) == 0
+    final = read_meta(os.path.join(slow, "checkpoint_final.npz"))
+    assert final["step"] == final["horizon"] == 24 and budget_used(slow)["seconds"] == 30.0
+
+
+def test_the_run_ends_with_its_budget_when_the_machine_gets_quieter(data, tmp_path, monkeypatch, capsys):
+    """Busy (1 s a step) for the first 6 s of a 30 s budget, then 0.25 s a step: the first fit, from the busy
+    steps, gives about 30 steps; the run goes on to about 100 and its schedule ends there."""
+    d = str(tmp_path / "quieter")
+    clock = Machine(busy(0, 6, 1.0, 0.25))
+    monkeypatch.setattr(budget, "clock", clock)
+    assert train.main(budget_flags(data, d, warmup_steps=5, log_interval=1)) == 0
+    first, used = budget_record(d), budget_used(d)
+    final = read_meta(os.path.join(d, "checkpoint_final.npz"))
+    assert first["seconds_per_step"] == 1.0 and first["horizon"] < 35
+    assert abs(used["seconds"] - 30) <= 0.03 * 30 and final["step"] == final["horizon"] > 90
+    lrs = [r["lr"] for r in metrics(d) if r["type"] == "train"]
+    assert lrs[-1] < 1.05e-3 and all(b <= a + 1e-15 for a, b in zip(lrs[5:], lrs[6:]))  # down to --min_lr, no jump
+    assert "training took 30.0 s of 30 s" in capsys.readouterr().out
+
+
+def test_a_run_whose_time_is_up_before_its_horizon_ends_there_and_logs_its_last_steps(data, tmp_path, monkeypatch,
+                                                                                       capsys):
+    d = str(tmp_path / "late")
+    monkeypatch.setattr(budget, "clock", Machine(busy(25, 10**9, 10.0, 0.5)))  # 10 s steps from 25 s on
+    assert train.main(budget_flags(data, d, warmup_steps=5)) == 0
+    final = read_meta(os.path.join(d, "checkpoint_final.npz"))
+    records = metrics(d)
+    last_train = [r for r in records if r["type"] == "train"][-1]
+    last_eval = [r for r in records if r["type"] == "eval"][-1]
+    assert final["step"] == final["horizon"] == last_train["step"] == last_eval["step"] == 51
+    assert "the time is up at step 51" in capsys.readouterr().out and budget_used(d)["seconds"] == 35.0
+
+
+def test_a_resumed_budgeted_run_honours_max_steps_and_leaves_every_file_as_it_was(data, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """Issue 27, class 6: a budgeted run stopped (Ctrl-C) at step 40, resumed with --max_steps 30, has nothing to
+    train, as a fresh run with --max_steps 30 would; resumed from step 20 it ends at 30."""
+    d = str(tmp_path / "run")
+    flags = dict(warmup_steps=5, save_interval=20)
+    monkeypatch.setattr(budget, "clock", Ticks(0.5))
+    updates = []
+
+    def ctrl_c_after_40(opt):
+        updates.append(1)
+        if len(updates) == 40:
+            os.kill(os.getpid(), signal.SIGINT)
+    after_each_update(ctrl_c_after_40, monkeypatch.setattr)
+    assert train.main(budget_flags(data, d, **flags)) == 130
+    monkeypatch.undo()
+    monkeypatch.setattr(budget, "clock", Ticks(0.5))
+    assert "checkpoint_final.npz" not in os.listdir(d) and "checkpoint_step_40.npz" in os.listdir(d)
+    before = {}
+    for name in os.listdir(d):
+        with open(os.path.join(d, name), "rb") as f:
+            before[name] = f.read()
+    capsys.readouterr()
+    assert train.main(budget_flags(data, d, max_steps=30, resume=True, **flags)) == 0
+    assert "already >= --max_steps 30: nothing to train" in capsys.readouterr().out
+    assert sorted(os.listdir(d)) == sorted(before)
+    for name, content in before.items():
+        with open(os.path.join(d, name), "rb") as f:
+            now = f.read()
+        # as any resume does, this one appended its records to metrics.jsonl and stamped run.json's time
+        if name == "metrics.jsonl":
+            now = now[:len(content)]
+        elif name == "run.json":
+            now, content = json.loads(now)["run_id"], json.loads(content)["run_id"]
+        assert now == content, name
+    other = str(tmp_path / "other")
+    os.makedirs(other)
+    assert train.main(budget_flags(data, other, max_steps=30, log_interval=1,
+                                   resume=os.path.join(d, "checkpoint_step_20.npz"), **flags)) == 0
+    assert read_meta(os.path.join(other, "checkpoint_final.npz"))["step"] == 30
+    lrs = [r["lr"] for r in metrics(other) if r["type"] == "train"]
+    assert len(lrs) == 10 and lrs[-1] < 1.2e-3  # the schedule bent to end at 30
 
 
 def test_max_steps_caps_the_budget_and_stopping_early_keeps_it_resumable(data, tmp_path, monkeypatch, capsys):
@@ -187,7 +386,7 @@ def test_max_steps_caps_the_budget_and_stopping_early_keeps_it_resumable(data, t
     d = str(tmp_path / "cap")
     assert train.main(budget_flags(data, d, max_steps=40)) == 0
     assert budget_record(d)["horizon"] == 40 and read_meta(os.path.join(d, "checkpoint_final.npz"))["step"] == 40
-    assert "(--max_steps 40)" in capsys.readouterr().out
+    assert "--max_steps 40 came before the speed was measured" in capsys.readouterr().out
     d = str(tmp_path / "tiny_cap")  # the cap comes before the measurement ends
     assert train.main(budget_flags(data, d, max_steps=2)) == 0
     assert read_meta(os.path.join(d, "checkpoint_final.npz"))["step"] == 2
@@ -200,10 +399,17 @@ def test_max_steps_caps_the_budget_and_stopping_early_keeps_it_resumable(data, t
 
 
 def test_bad_time_budgets_are_one_line_errors(data, tmp_path):
-    for bad in ("0", "-1", "nan", "inf"):
+    for bad in ("0", "-1", "nan", "inf", "1e308", "1000000.5"):  # 1e308: an overflow after training started
         with pytest.raises(SystemExit) as e:
-            train.main(budget_flags(data, str(tmp_path / "ck"), time_budget=bad))
-        assert str(e.value.code) == f"error: --time_budget must be a positive number of minutes (got {float(bad)})"
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(budget, "clock", Ticks(0.5))
+                train.main(budget_flags(data, str(tmp_path / "ck"), time_budget=bad))
+        assert str(e.value.code) == \
+            f"error: --time_budget must be a positive number of minutes, at most 1e+06 (got {float(bad)})"
+    with pytest.MonkeyPatch.context() as m:  # the longest budget, capped: the arithmetic holds
+        m.setattr(budget, "clock", Ticks(0.5))
+        assert train.main(budget_flags(data, str(tmp_path / "long"), time_budget="1e6", max_steps=12)) == 0
+    assert read_meta(os.path.join(tmp_path / "long", "checkpoint_final.npz"))["step"] == 12
     proc = subprocess.run([sys.executable, "train.py", "--train_data", "x", "--time_budget", "soon"],
                           cwd=os.path.dirname(os.path.abspath(train.__file__)), capture_output=True, text=True)
     assert proc.returncode == 2 and "--time_budget: invalid float value: 'soon'" in proc.stderr
@@ -220,6 +426,14 @@ def test_a_damaged_recorded_horizon_is_refused(data, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         train.main(budget_flags(data, str(tmp_path / "r"), resume=bad))
     assert "horizon -5 is not a number of steps" in str(e.value.code)
+    for damaged, said in ((dict(ck.meta["budget"], used=-1.0), "seconds used -1.0"),
+                          (dict(ck.meta["budget"], used=1e300), "more than any budget"),
+                          (dict(ck.meta["budget"], costs={"evaluation": [10, "x"]}), "evaluation seconds 'x'"),
+                          (dict(ck.meta["budget"], bend=[3, 2.0]), "bend [3, 2.0]")):
+        save_checkpoint(bad, ck.config, ck.params, dict(ck.meta, budget=damaged), ck.arrays)
+        with pytest.raises(SystemExit) as e:
+            train.main(budget_flags(data, str(tmp_path / "r"), resume=bad))
+        assert said in str(e.value.code)
 
 
 # ----------------------------------------------------------------------------- --preset laptop
@@ -289,6 +503,8 @@ def test_two_ranks_take_rank_0s_horizon_and_train_what_two_workers_train(data, t
     assert run.returncode == 0, run.stdout + run.stderr
     monkeypatch.setattr(budget, "clock", Ticks(0.5))
     assert train.main(budget_flags(data, workers_dir, **dict(flags, workers=2))) == 0
-    assert budget_record(ranks_dir)["horizon"] == budget_record(workers_dir)["horizon"]
+    decided = [[dict(r, time=None) for r in metrics(d) if r["type"].startswith("budget")]
+               for d in (ranks_dir, workers_dir)]
+    assert decided[0] == decided[1]
     assert numbers(ranks_dir) == numbers(workers_dir)
     same_weights(os.path.join(ranks_dir, "checkpoint_final.npz"), os.path.join(workers_dir, "checkpoint_final.npz"))

@@ -50,7 +50,11 @@ def test_the_record_is_complete_and_consistent(benchmark):
     assert r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-12)
     # the whole validation text (bar a tail shorter than one window), its bytes counted from the text itself
     v = r["valid_text"]
-    assert v["bytes"] == story_bytes(VALID) and v["tokens"] - 33 < r["val_tokens"] <= v["tokens"]
+    assert v["bytes"] == story_bytes(v["path"]) and v["tokens"] - 33 < r["val_tokens"] <= v["tokens"]
+    # scored on the held-out copy: the paragraphs that repeat the training text removed (none in the sample)
+    paragraphs = sum(1 for line in VALID.read_text(encoding="utf-8").splitlines() if line.strip())
+    assert v["overlap_removed"] == {"removed": 0, "paragraphs": paragraphs} and Path(v["path"]).parent.name == "held_out"
+    assert f"removed 0 of {paragraphs:,} paragraphs that overlap the training text" in out
     bytes_scored = v["bytes"] * r["val_tokens"] / v["tokens"]
     assert r["val_bpb"] == pytest.approx(r["val_loss"] * r["val_tokens"] / math.log(2) / bytes_scored, rel=1e-12)
     assert r["val_bpb"] < 8  # learnt something: a uniform guess over 512 tokens is log2(512) = 9 bits a token
@@ -68,7 +72,8 @@ def test_the_record_is_complete_and_consistent(benchmark):
 
 def test_the_tokenized_texts_are_cached_by_text_and_tokenizer(benchmark, monkeypatch, tmp_path):
     _, r, work = benchmark
-    args, _ = quality.parse(["--train_text", str(TRAIN), "--valid_text", str(VALID), "--tokenizer", "bpe",
+    held_out = r["valid_text"]["path"]  # what the benchmark tokenized: VALID less its overlap (overlap.py)
+    args, _ = quality.parse(["--train_text", str(TRAIN), "--valid_text", held_out, "--tokenizer", "bpe",
                              "--work_dir", str(work)])
 
     def no_tools(*a, **k):
