@@ -80,6 +80,14 @@ def init_params(cfg, rng, dtype=np.float32):
     return params
 
 
+def memory_needed(cfg, batch_size, seq_len, workers=1):
+    """Bytes a training step of cfg's model needs, roughly: weights, gradients and AdamW's two moments (and
+    one more gradient copy per extra worker), plus the activations a step keeps for its backward pass."""
+    P = sum(math.prod(s) for s in param_shapes(cfg).values())
+    C, F, L, H, T = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.n_heads, seq_len
+    return 4 * P * (4 + max(0, workers - 1)) + 4 * batch_size * T * L * (8 * C + 2 * F + H * T)
+
+
 class FlatDict(dict):
     """{name: array}, each array a view into the one 1-D array `flat`, back to back in key order
     (llm.c's ParameterTensors over params_memory). `layers[i]` holds block i's views without their

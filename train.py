@@ -23,21 +23,12 @@ Continue an interrupted run (same flags plus --resume: the newest checkpoint of 
     python3 train.py <same flags as before> --resume
     python3 train.py <same flags as before> --resume checkpoints_small/checkpoint_step_1000.npz
 
-A tiny smoke run that takes seconds, with a profile of where the time goes:
-    python3 train.py --train_data data/train_tokenized.jsonl --val_data data/valid_tokenized.jsonl \\
-        --d_model 32 --n_heads 2 --d_ff 64 --n_layers 1 --batch_size 8 --seq_len 32 \\
-        --max_steps 200 --warmup_steps 20 --save_dir checkpoints_tiny --log_interval 20 \\
-        --eval_interval 100 --eval_batches 10 --profile
-
 Fine-tune from a Hugging Face GPT-2 or Llama folder (config.json + model.safetensors: export_hf.py's output,
 or GPT-2's own files); the architecture comes from its config.json, so the model flags can be left out:
     python3 train.py --init_from hf_small --train_data data/train_tokenized.jsonl \\
         --val_data data/valid_tokenized.jsonl --max_steps 1000 --learning_rate 1e-4 --save_dir ck_tuned
 
-Every logged number also goes to <save_dir>/metrics.jsonl; draw the curves with
-    python3 plot_metrics.py checkpoints_small/metrics.jsonl      (needs matplotlib)
-
-Ctrl-C finishes the current step, saves checkpoint_step_N.npz and exits; a NaN loss
+Every logged number also goes to <save_dir>/metrics.jsonl (plot_metrics.py draws it). Ctrl-C finishes the current step, saves checkpoint_step_N.npz and exits; a NaN loss
 stops the run without saving and names the last good checkpoint.
 
 Data-parallel over processes, on one machine or several (needs mpi4py, see the README;
@@ -45,9 +36,7 @@ Data-parallel over processes, on one machine or several (needs mpi4py, see the R
     mpiexec -n 2 python3 train.py <the usual flags>
     mpiexec -n 2 python3 train.py <the usual flags> --device cuda     # one rank per GPU
 
-The loop (train_loop) is llm.c's: evaluate and save when due, stop after the last step, else
-one step. Its parts: distributed.py (the processes), run_dir.py (the folder), train_state.py
-(what a checkpoint keeps besides the weights), metrics.py (the log, the timer), stop.py.
+The loop (train_loop) is llm.c's: evaluate and save when due, stop after the last step, else one step.
 """
 import argparse
 import contextlib
@@ -64,13 +53,12 @@ import numpy as np
 import distributed
 from budget import TimeBudget
 from checkpoint import copy_params
-from config import param_shapes
 from data_loader import RandomBatches, check_same_tokenizer, load_dataset, num_eval_windows
 from device import array_module, gpu_name, on_gpu, synchronize
 from dropout import DropoutKey
 from errors import DataError, TrainError, UserError, say
 from hf_format import load_hf_params, read_hf_config
-from language_model import LanguageModel
+from language_model import LanguageModel, memory_needed
 from loss import count_targets
 from metrics import Interval, MetricsLog, StepTimer, evaluate, log_eval, log_train, progress_bar
 from optimizer import LRSchedule, build_optimizer, clip_grad_norm
@@ -333,6 +321,7 @@ def train_loop(run):
         log.say(f"checkpoint is at step {run.step}, already >= {what}: nothing to train")
         return 0
     start, interval = run.step, Interval()
+    lr = grad_norm = None  # the last step's, for its log line
     timer = StepTimer(functools.partial(synchronize, model.xp) if args.profile else None)
     stop, show_bar = Stop(args.max_time, world), world.is_root and not args.no_progress
     try:
@@ -457,15 +446,6 @@ def lost_at_start(what):
     return f"error: {what}. No checkpoint was written yet: start again"
 
 
-def memory_needed(args):
-    """Bytes the flags' model and batch need, roughly: weights, gradients and AdamW's two moments (and one
-    more gradient copy per extra worker), plus the activations a step keeps for its backward pass."""
-    P = sum(math.prod(s) for s in param_shapes(config_from_flags(vars(args))).values())
-    C, F, L, H, T = args.d_model, args.d_ff, args.n_layers, args.n_heads, args.seq_len
-    return 4 * P * (4 + max(0, (args.workers or cores()) - 1)) + \
-        4 * args.batch_size * T * L * (8 * C + 2 * F + H * T)
-
-
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -482,9 +462,10 @@ def main(argv=None):
     except UserError as e:
         world.abort(f"error: {e}")
     except MemoryError:
+        need = memory_needed(config_from_flags(vars(args)), args.batch_size, args.seq_len, args.workers or cores())
         world.abort(f"error: out of memory: --d_model {args.d_model} --n_layers {args.n_layers} --d_ff {args.d_ff} "
                     f"--vocab_size {args.vocab_size} --batch_size {args.batch_size} --seq_len {args.seq_len} need "
-                    f"about {memory_needed(args) / 1e9:,.1f} GB; make the model or the batch smaller")
+                    f"about {need / 1e9:,.1f} GB; make the model or the batch smaller")
     except OSError as e:  # a full disk outside a checkpoint write: metrics.jsonl, the token cache
         if e.errno in DISK_FULL:
             where = f" ({e.filename})" if e.filename else ""

@@ -225,9 +225,7 @@ def read_metrics(save_dir):
         kind = r["type"]
         if kind == "checkpoint" and os.path.basename(str(r.get("path"))) == FINAL:
             kind = "final"
-        if kind == "budget" and "budget" in last:
-            continue  # the first: the horizon fixed by the measured speed
-        last[kind], top = r, max(top, r["step"])
+        last[kind], top = r, max(top, r["step"])  # a budget's last fit: where the run ended
     return last, top
 
 
