@@ -60,7 +60,8 @@ from errors import DataError, TrainError, UserError, say
 from hf_format import load_hf_params, read_hf_config
 from language_model import LanguageModel, memory_needed
 from loss import count_targets
-from metrics import Interval, MetricsLog, StepTimer, evaluate, log_eval, log_train, progress_bar
+from evaluation import evaluate
+from metrics import Interval, MetricsLog, StepTimer, log_eval, log_train, progress_bar
 from optimizer import LRSchedule, build_optimizer, clip_grad_norm
 from parallel import cores, keep_freed_memory, split_rows
 from run_dir import FINAL, RunDir, new_run_id, step_name

@@ -225,18 +225,18 @@ def test_a_gpu_step_reads_one_value_back_and_computes_what_numpy_does(cfg):
 def test_gpu_evaluation_reads_its_sums_back_once_at_the_end(tmp_path):
     """Summed batch after batch on the device: the loss sum and the count of correct predictions are
     read back once each, however many batches, and give what NumPy gives."""
-    import metrics
+    import evaluation
     from data_loader import eval_batches, load_dataset
     from helpers import write_data
     val = load_dataset(write_data(tmp_path / "valid.jsonl", 60, seed=2), vocab_size=64)
     cfg = ModelConfig(vocab_size=64, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=16)
     with whole_array_mode():
-        expected = metrics.evaluate(LanguageModel(cfg, seed=1), val, 4, 16)
+        expected = evaluation.evaluate(LanguageModel(cfg, seed=1), val, 4, 16)
     assert len(list(eval_batches(val, 4, 16))) > 10
     with fake_cupy.installed():
         gpu = LanguageModel(cfg, seed=1, device="cuda", for_training=False)
         before = fake_cupy.counts.syncs
-        res = metrics.evaluate(gpu, val, 4, 16)
+        res = evaluation.evaluate(gpu, val, 4, 16)
         assert fake_cupy.counts.syncs - before == 2
     assert res == expected
 

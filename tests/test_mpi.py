@@ -25,7 +25,7 @@ from helpers import (MPI_ENV, MPIEXEC, REPO, metrics, mpi_flavour, needs_mpi, ne
                      same_arrays, tiny_flags, wait_for_rank_pid, wait_for_steps, write_data)
 from helpers import data  # noqa: F401  (a fixture)
 from language_model import LanguageModel
-from metrics import evaluate
+from evaluation import evaluate
 
 
 def mpirun(n, argv, launcher_flags=(), env=MPI_ENV, **kw):

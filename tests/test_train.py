@@ -14,7 +14,7 @@ from checkpoint import load_checkpoint, load_model, read_meta
 from data_loader import load_dataset
 from helpers import IDENTITY, REPO, V, after_each_update, metrics, tiny_flags, write_data
 from helpers import data  # noqa: F401  (a fixture)
-from metrics import evaluate
+from evaluation import evaluate
 
 
 def test_tiny_model_learns_and_everything_is_recorded(data, tmp_path, capsys):
