@@ -29,10 +29,9 @@ With device="cuda" the arrays live on the GPU (CuPy, see device.py); token ids a
 from the host, where they are checked before the copy.
 """
 import math
+from typing import Callable, NamedTuple
 
 import numpy as np
-
-from typing import Callable, NamedTuple
 
 import llama
 import transformer

@@ -86,7 +86,8 @@ FLAG_RANGES = {"eot_id": Number(int, 0), "vocab_size": FIELD_RANGES["vocab_size"
                "weight_decay": NON_NEGATIVE, "beta1": PROBABILITY, "beta2": PROBABILITY, "momentum": PROBABILITY,
                "grad_clip": NON_NEGATIVE, "dropout": PROBABILITY, "seed": SEED, "workers": COUNT,
                "log_interval": COUNT, "eval_interval": COUNT_OR_ZERO, "eval_batches": COUNT,
-               "save_interval": COUNT_OR_ZERO, "max_time": POSITIVE, "time_budget": POSITIVE, "rank_timeout": POSITIVE}
+               "save_interval": COUNT_OR_ZERO, "max_time": POSITIVE, "rank_timeout": POSITIVE,
+               "time_budget": Number(float, 0, MAX_MINUTES, low_open=True)}
 
 
 def build_parser():
@@ -194,7 +195,7 @@ def build_parser():
                    help="stop after this many minutes of training, saving a checkpoint to resume from (the "
                         "schedule is not changed: see --time_budget)")
     r.add_argument("--time_budget", type=float, default=None, metavar="MINUTES",
-                   help=f"train for this many minutes of wall time (0 < MINUTES <= {MAX_MINUTES:g}), the learning-rate "
+                   help="train for this many minutes of wall time, the learning-rate "
                         "schedule ending when they are up: the speed of the first steps (the first one not timed; "
                         "10 steps and 20 s, or a tenth of the budget) sets how many steps fit, periodic evaluations "
                         "and checkpoints included, and the run and its schedule end there (the horizon, logged); "
