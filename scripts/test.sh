@@ -7,6 +7,7 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt
 .venv/bin/python -m pip install --quiet safetensors  # optional extra: export_hf.py (tests/test_export_hf.py)
+.venv/bin/python -m pip install --quiet matplotlib  # optional extra: plot_metrics.py (its tests draw a real PNG)
 .venv/bin/python -m pip install --quiet huggingface_hub  # only for the test that parses the model card (tests/test_model_card.py)
 .venv/bin/python -m pip install --quiet gguf  # optional extra: export_gguf.py (tests/test_export_gguf.py)
 # llama.cpp itself, for the slow tests that run our GGUF files in it: pip builds it from source (about 5 minutes
