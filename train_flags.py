@@ -20,7 +20,7 @@ from dataclasses import fields
 from budget import MAX_MINUTES
 from config import ARCHS, FIELD_RANGES, GPT2_EOT_ID, GPT2_VOCAB_SIZE, ROPE_THETA, ModelConfig
 from errors import TrainError
-from flag_types import COUNT, COUNT_OR_ZERO, PROBABILITY, SEED, Number
+from flag_types import COUNT, COUNT_OR_ZERO, PROBABILITY, SEED, HelpFormatter, Number
 from optimizer import OPTIMIZERS, LRSchedule
 
 MAX_STEPS = 5000  # --max_steps without --time_budget
@@ -63,15 +63,6 @@ def flags_from_config(config):
             "d_ff": config.d_ff, "n_layers": config.n_layers, "use_learned_pos": config.use_learned_pos,
             "no_tie_embeddings": not config.tie_embeddings, "activation": config.activation, "arch": config.arch,
             "rope_theta": config.rope_theta, "n_kv_heads": config.n_kv_heads}
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: X)" only where there is a default worth showing."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 # The range of each numeric flag as check_args applies it, which --help states (the model's sizes are

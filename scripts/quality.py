@@ -32,7 +32,6 @@ The budget covers training only: tokenizing (once per text and tokenizer), the f
 a second per 10,000 tokens of validation text for the laptop preset on 2 cores) and the samples come
 on top. Run nothing else on the machine meanwhile: the budget's horizon follows the speed it measures.
 """
-import argparse
 import datetime
 import errno
 import hashlib
@@ -52,7 +51,7 @@ import train_flags  # noqa: E402
 from atomic import append_line, atomic_write, refuse_inputs  # noqa: E402
 from config import GPT2_VOCAB_SIZE  # noqa: E402
 from errors import TrainError, UserError, say  # noqa: E402
-from flag_types import COUNT, COUNT_OR_ZERO, Number, Parser  # noqa: E402
+from flag_types import COUNT, COUNT_OR_ZERO, HelpFormatter, Number, Parser  # noqa: E402
 from metrics import Records  # noqa: E402
 from overlap import held_out  # noqa: E402
 from untrusted import read_json  # noqa: E402
@@ -71,7 +70,7 @@ def build_parser():
     p = Parser(
         description="Train a recipe for a wall-clock budget and score it in bits per byte of held-out text. "
                     "Flags after `--` are the recipe: train.py's flags (--preset laptop, --learning_rate 2e-3, ...).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--train_text", required=True, help="training text (.txt, one story per line or the raw layout)")
     p.add_argument("--valid_text", required=True, help="held-out text to score on, the same layouts")
     p.add_argument("--tokenizer", choices=("gpt2", "bpe"), default="gpt2",

@@ -25,7 +25,6 @@ Repeating the sample keeps its ~5,700 distinct pre-tokens, while real text keeps
 typos; the memory of BPE training grows with the distinct pre-tokens, not with the file size.
 --distinct N adds N made-up words (each used twice) to show that growth.
 """
-import argparse
 import importlib.util
 import json
 import os
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from atomic import atomic_write  # noqa: E402
 from config import GPT2_VOCAB_SIZE  # noqa: E402
-from flag_types import COUNT, COUNT_OR_ZERO, Number, Parser  # noqa: E402
+from flag_types import COUNT, COUNT_OR_ZERO, HelpFormatter, Number, Parser  # noqa: E402
 from tokenizer import BPE_VOCAB_SIZE  # noqa: E402
 
 MEGABYTES = Number(int, 1, 1 << 16)  # the input text's size: up to 64 GB
@@ -153,7 +152,7 @@ def main(argv=None):
     p = Parser(description="Time and peak memory of BPE training, tokenization, the .jsonl -> "
                                             "binary conversion and a training start on a large file made from "
                                             "the bundled sample.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--mb", type=MEGABYTES, default=52, help=f"size of the input text in MB (10^6 bytes), {MEGABYTES}")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=["bpe", "tokenize", "convert", "train"],
                    help="stages to run, in this order (hf: HuggingFace tokenizers, if installed)")
