@@ -2,8 +2,10 @@
 
 Times forward + backward + AdamW update steps of the model on random tokens and, in the same
 run, the matrix products such a step cannot avoid done alone with NumPy (same shapes, same
-layouts, preallocated outputs). Prints both, their ratio, tokens/s and peak memory. The two
-are timed alternately, so a busy machine slows both alike; compare ratios, not seconds.
+layouts, preallocated outputs), and the machine's own matmul peak (a 2048^3 float32 product).
+Prints both times, their ratio, tokens/s, peak memory, and what share of the machine's peak the
+step and its products reach. All are timed alternately, so a busy machine slows them alike;
+compare ratios and shares, not seconds.
 The step splits the batch over the cores (parallel.py); the matmuls alone use NumPy's BLAS as
 it comes, on every core. With --device cuda both run on the GPU (the matmuls through CuPy,
 that is cuBLAS), the clock is read only after waiting for the GPU, and the memory printed is
@@ -105,6 +107,20 @@ class MatmulsOnly:
             self.xp.matmul(a, b, out=out)
 
 
+class PeakMatmul:
+    """The machine's own matrix-multiply speed: one (n, n) @ (n, n) float32 product, the shape BLAS runs
+    fastest (both cores on the CPU), to say what share of it a step reaches."""
+
+    def __init__(self, n=2048, xp=np):
+        rng = np.random.default_rng(1)
+        self.a, self.b = (to_device(rng.standard_normal((n, n)).astype(np.float32), xp) for _ in range(2))
+        self.out, self.xp = xp.empty((n, n), np.float32), xp
+        self.flops = 2 * n ** 3
+
+    def run(self):
+        self.xp.matmul(self.a, self.b, out=self.out)
+
+
 def median_time(fn, repeats, xp=np):
     times = []
     for _ in range(repeats):
@@ -141,9 +157,9 @@ def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0
     steps = max(steps, math.ceil(min_seconds / median_time(step, 1, xp)))  # short steps: more of them, less noise
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = gpu_memory(xp)  # (in use, held by the pool) after a step: its arrays, and what it keeps for the next
-    mm = MatmulsOnly(cfg, B, T, xp=xp)
+    mm, peak = MatmulsOnly(cfg, B, T, xp=xp), PeakMatmul(xp=xp)
     mm.run()
-    timed = {"step": step, "matmul": mm.run}
+    timed = {"step": step, "matmul": mm.run, "peak": peak.run}
     if dropout:
         timed["dropout_step"] = dropout_step
     times = {name: [] for name in timed}
@@ -156,8 +172,11 @@ def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0
             times[name].append(median_time(fn, 1, xp))
     t = {name: float(np.median(ts)) for name, ts in times.items()}
     t_step, t_mm = t["step"], t["matmul"]
+    peak_gflops = peak.flops / t["peak"] / 1e9
     return dict(step_s=t_step, matmul_s=t_mm, ratio=t_step / t_mm, tokens_per_s=B * T / t_step,
-                gflops=mm.flops / t_mm / 1e9, peak_mb=peak_mb, params=model.num_parameters(),
+                gflops=mm.flops / t_mm / 1e9, peak_gflops=peak_gflops, step_flops=mm.flops,
+                step_share=mm.flops / t_step / 1e9 / peak_gflops, matmul_share=mm.flops / t_mm / 1e9 / peak_gflops,
+                peak_mb=peak_mb, params=model.num_parameters(),
                 gpu_mb=None if gpu is None else gpu[1] / 2**20, dropout=dropout, dropout_step_s=t.get("dropout_step"))
 
 
@@ -173,6 +192,9 @@ def report(name, cfg, B, T, r):
         memory = f"GPU memory {r['gpu_mb']:.0f} MB (held by CuPy's pool), host peak {r['peak_mb']:.0f} MB"
     print(f"  {times} ({r['gflops']:.0f} GFLOP/s)   ratio {r['ratio']:.2f}   {r['tokens_per_s']:,.0f} tokens/s   "
           f"{memory}", flush=True)
+    print(f"  {r['step_flops'] / 1e9:.0f} GFLOP a step: the step runs at {r['step_share']:.0%} of this machine's "
+          f"matmul peak, {r['peak_gflops']:.0f} GFLOP/s (a 2048^3 float32 product, timed in turn), its matrix "
+          f"products alone at {r['matmul_share']:.0%}", flush=True)
     if r.get("dropout_step_s") is not None:
         t, unit = (r["dropout_step_s"], "s") if r.get("gpu_mb") is None else (1000 * r["dropout_step_s"], "ms")
         print(f"  with dropout {r['dropout']}: step {t:.3f} {unit} "

@@ -38,17 +38,25 @@ def test_bench_figures_follow_from_its_timings():
     assert r["gflops"] == pytest.approx(benchmark.MatmulsOnly(CFG, B, T).flops / r["matmul_s"] / 1e9)
     assert r["params"] == LanguageModel(CFG, for_training=False).num_parameters()
     assert r["gpu_mb"] is None and r["peak_mb"] > 0
+    # the machine's peak, timed in the same run: the step's share of it follows from the same flop count
+    flops = benchmark.MatmulsOnly(CFG, B, T).flops
+    assert r["peak_gflops"] > 0 and r["step_flops"] == flops
+    assert r["step_share"] == pytest.approx(flops / r["step_s"] / 1e9 / r["peak_gflops"])
+    assert r["matmul_share"] == pytest.approx(flops / r["matmul_s"] / 1e9 / r["peak_gflops"])
+    assert benchmark.PeakMatmul(n=64).flops == 2 * 64 ** 3
 
 
 def test_benchmark_prints_its_figures(monkeypatch, capsys):
     figures = dict(step_s=0.5, matmul_s=0.25, ratio=2.0, tokens_per_s=32.0, gflops=7.0, peak_mb=123.0,
-                   params=4321, gpu_mb=None)
+                   params=4321, gpu_mb=None, step_flops=1.75e9, peak_gflops=10.0, step_share=0.35, matmul_share=0.7)
     monkeypatch.setattr(benchmark, "bench", lambda *args, **kwargs: figures)
     benchmark.main(["--vocab_size", "64", "--d_model", "16", "--n_heads", "2", "--d_ff", "32", "--n_layers", "1",
                     "--batch_size", "2", "--seq_len", "8"])
     assert capsys.readouterr().out.splitlines() == [
         "model: arch=gpt2 d_model=16 n_heads=2 d_ff=32 n_layers=1 vocab=64 batch=2 seq=8 params=4,321",
-        "  step 0.500 s   matmuls alone 0.250 s (7 GFLOP/s)   ratio 2.00   32 tokens/s   peak memory 123 MB"]
+        "  step 0.500 s   matmuls alone 0.250 s (7 GFLOP/s)   ratio 2.00   32 tokens/s   peak memory 123 MB",
+        "  2 GFLOP a step: the step runs at 35% of this machine's matmul peak, 10 GFLOP/s (a 2048^3 float32 "
+        "product, timed in turn), its matrix products alone at 70%"]
 
 
 def test_benchmark_runs_end_to_end(capsys):
