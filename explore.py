@@ -19,7 +19,6 @@ loads it (its open_source), tokenizer included. The API and what each number mea
 
 A request that is wrong gets a 4xx and {"error": "one line"}; the server goes on serving.
 """
-import argparse
 import json
 import math
 import os
@@ -32,12 +31,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 
 from errors import UserError
+from flag_types import Number, Parser
 from generate import open_source
 from model_views import kv_head_of, logit_lens, look_inside
 from parallel import blas_controller
 from sampling import check_sampling, kept_tokens, sample_next
 from tokenizer import KINDS
 from untrusted import open_regular, parse_json
+
+PORT = Number(int, 0, 65535)  # --port
 
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "explore_page")
 PAGE_FILES = {"/": ("index.html", "text/html"), "/index.html": ("index.html", "text/html"),
@@ -423,10 +425,10 @@ def address(server):
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Serve a web page that shows what a numpy-gpt model computes.")
+    p = Parser(description="Serve a web page that shows what a numpy-gpt model computes.")
     p.add_argument("--checkpoint", required=True,
                    help="a .npz checkpoint written by train.py, or a Hugging Face GPT-2 or Llama folder")
-    p.add_argument("--port", type=int, default=8000, help="TCP port, 0 to 65535 (0: any free port); default 8000")
+    p.add_argument("--port", type=PORT, default=8000, help=f"TCP port, 0 for any free one: {PORT} (default 8000)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; default 127.0.0.1 (this machine only); 0.0.0.0: every interface")
     t = p.add_argument_group("tokenizer (normally taken from the checkpoint, as generate.py takes it)")
@@ -443,8 +445,6 @@ def main(argv=None, ready=None):
     """ready: called with the server once it listens (tests use it to learn the port and to stop it)."""
     args = build_parser().parse_args(argv)
     try:
-        if not 0 <= args.port <= 65535:
-            raise UserError(f"--port must be in [0, 65535], got {args.port}")
         model, tok, step = open_source(args.checkpoint, args)
         server = make_server(Explorer(model, tok, step, args.checkpoint), args.host, args.port)
     except (UserError, OSError) as e:

@@ -1,4 +1,4 @@
-"""Held-out text that is held out: remove from a validation text every paragraph that also occurs in
+"""[data & text] Held-out text that is held out: remove from a validation text every paragraph that also occurs in
 the training text, so that a score on the rest does not reward memorizing.
 
     python3 overlap.py --valid valid.txt --train train_a.txt train_b.txt --out valid.held_out.txt
@@ -26,7 +26,6 @@ text's, so memory does not grow with the training text (measured: about 105 MB p
 for a 70 MB training text, at about 2.3 MB/s on one core). The output keeps the layout: a removed
 paragraph takes the blank lines after it along, and a story left empty its <|endoftext|> line.
 """
-import argparse
 import hashlib
 import os
 import re
@@ -36,8 +35,10 @@ import numpy as np
 
 from atomic import atomic_write
 from errors import DataError, UserError
+from flag_types import COUNT, Number, Parser
 
 NGRAM, PREFIX_CHARS, SHARE = 8, 150, 0.8
+SHARE_RANGE = Number(float, 0, 1, low_open=True)  # --share
 EOT = "<|endoftext|>"
 CHUNK_CHARS = 1 << 20              # training text read 1M characters at a time
 M = np.uint64(0x9E3779B97F4A7C15)  # the n-gram hash: h = h * M + word hash (mod 2**64)
@@ -202,23 +203,20 @@ def same_file(a, b):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Remove from a validation text the paragraphs that occur in the "
-                                "training text (a shared first ~80 characters, or most word 8-grams).")
+    p = Parser(description="Remove from a validation text the paragraphs that occur in the training text (a shared "
+                       f"first {PREFIX_CHARS} characters, or {SHARE:.0%} of its word 8-grams).")
     p.add_argument("--valid", required=True, help="the validation text (.txt)")
     p.add_argument("--train", required=True, nargs="+", help="the training text(s) (.txt), read as a stream")
     p.add_argument("--out", required=True, help="where the validation text without the overlap goes (a new "
                                                 "file: never one of the inputs)")
-    p.add_argument("--prefix_chars", type=int, default=PREFIX_CHARS,
-                   help="a paragraph whose first this many characters (>= 1; their words) occur in the training "
-                        "text in a row is removed")
-    p.add_argument("--share", type=float, default=SHARE,
-                   help="a paragraph with at least this share (0 < SHARE <= 1) of its word 8-grams in the training "
-                        "text is removed")
+    p.add_argument("--prefix_chars", type=COUNT, default=PREFIX_CHARS,
+                   help="a paragraph whose first this many characters (their words) occur in the training text in "
+                        f"a row is removed: {COUNT} (default {PREFIX_CHARS})")
+    p.add_argument("--share", type=SHARE_RANGE, default=SHARE,
+                   help="a paragraph with at least this share of its word 8-grams in the training text is removed: "
+                        f"{SHARE_RANGE} (default {SHARE})")
     args = p.parse_args(argv)
     try:
-        if args.prefix_chars < 1 or not 0 < args.share <= 1:
-            raise UserError(f"--prefix_chars must be >= 1 and --share in (0, 1] (got {args.prefix_chars}, "
-                            f"{args.share})")
         for path in (args.valid, *args.train):
             if not os.path.isfile(path):
                 raise UserError(f"{path} is not a text file")

@@ -364,7 +364,8 @@ def test_a_numeric_flag_out_of_its_range_is_one_line_before_anything_runs(tmp_pa
 
 MAINS = ["benchmark.py", "prepare_tinystories.py", "generate.py", "tokenizer.py", "data_loader.py", "checkpoint.py",
          "plot_metrics.py", "export_hf.py", "scripts/quality.py", "scripts/bench_mpi.py", "scripts/scale_check.py",
-         "scripts/gpu_parity.py", "scripts/fault_test.py", "scripts/fixed_runs.py"]
+         "scripts/gpu_parity.py", "scripts/fault_test.py", "scripts/fixed_runs.py", "explore.py", "overlap.py",
+         "export_gguf.py"]
 
 
 @pytest.mark.parametrize("name", MAINS)
