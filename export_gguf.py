@@ -44,7 +44,7 @@ import sys
 
 import numpy as np
 
-from atomic import atomic_write
+from atomic import atomic_write, refuse_inputs
 from checkpoint import load_checkpoint
 from config import GPT2_VOCAB_SIZE
 from errors import GGUFError, TokenizerError, UserError
@@ -255,14 +255,7 @@ def check_output(out_path, source):
         inputs = [os.path.join(source, name) for name in sorted(os.listdir(source))]
     if os.path.isdir(out_path):
         raise GGUFError(f"{out_path} is a folder: name the .gguf file to write")
-    for path in inputs:
-        try:
-            same = os.path.samefile(out_path, path)
-        except OSError:  # one of them does not exist (yet)
-            continue
-        if same:
-            raise GGUFError(f"{out_path} is the input {path}: writing it would replace what is read; choose "
-                            "another output")
+    refuse_inputs([out_path], [("input", path) for path in inputs], error=GGUFError)
     if os.path.exists(out_path):
         try:
             with open_regular(out_path, "rb", "GGUF file") as f:  # a FIFO is refused, not waited on

@@ -33,7 +33,7 @@ import sys
 
 import numpy as np
 
-from atomic import atomic_write
+from atomic import atomic_write, refuse_inputs
 from errors import DataError, UserError
 from flag_types import COUNT, Number, Parser
 
@@ -195,13 +195,6 @@ def held_out(valid_path, train_paths, folder, say=print):
     return out, {"removed": removed, "paragraphs": total}
 
 
-def same_file(a, b):
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def main(argv=None):
     p = Parser(description="Remove from a validation text the paragraphs that occur in the training text (a shared "
                        f"first {PREFIX_CHARS} characters, or {SHARE:.0%} of its word 8-grams).")
@@ -220,8 +213,8 @@ def main(argv=None):
         for path in (args.valid, *args.train):
             if not os.path.isfile(path):
                 raise UserError(f"{path} is not a text file")
-        if any(same_file(args.out, path) for path in (args.valid, *args.train)):
-            raise UserError(f"--out {args.out} is one of the input texts; name a new file")
+        refuse_inputs([args.out], [("validation text", args.valid)] + [("training text", t) for t in args.train],
+                      error=UserError)
         with open(args.valid, encoding="utf-8", errors="replace") as f:
             text, removed, total = remove_overlap(f.read(), args.train, args.prefix_chars, args.share)
         with atomic_write(args.out, "w", encoding="utf-8") as f:

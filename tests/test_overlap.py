@@ -107,7 +107,8 @@ def test_the_command_refuses_an_output_that_is_an_input(train, tmp_path):
     for out in (valid, train[0]):
         proc = subprocess.run([sys.executable, "overlap.py", "--valid", valid, "--train", *train, "--out", out],
                               cwd=REPO, capture_output=True, text=True)
-        assert proc.returncode == 1 and proc.stderr.startswith("error: --out") and "Traceback" not in proc.stderr
+        assert proc.returncode == 1 and proc.stderr.startswith(f"error: {out} is the")  # atomic.refuse_inputs
+        assert "would replace the input" in proc.stderr and "Traceback" not in proc.stderr
     assert open(valid, "rb").read() == before
     out = str(tmp_path / "clean.txt")
     proc = subprocess.run([sys.executable, "overlap.py", "--valid", valid, "--train", *train, "--out", out],
