@@ -62,6 +62,18 @@ def data(tmp_path_factory):
     return write_data(d / "train.jsonl", 400, seed=1), write_data(d / "valid.jsonl", 60, seed=2)
 
 
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """(train, valid) .jsonl of 100 and 30 counting stories: enough for runs of a few steps."""
+    d = tmp_path_factory.mktemp("small_data")
+    return write_data(d / "train.jsonl", 100, seed=1), write_data(d / "valid.jsonl", 30, seed=2)
+
+
+def few_steps(data, save_dir, **over):
+    """train.py's argv for a run of 4 steps of the tiny model on data, no evaluation (keyword arguments win)."""
+    return tiny_flags(data, str(save_dir), **dict(dict(max_steps=4, eval_interval=0, log_interval=2), **over))
+
+
 def tiny_flags(data, save_dir, **over):
     """train.py's argv for a tiny model on data (train, valid), flags given as keyword arguments
     (True: the flag alone; None or False: left out)."""

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import tokenizer
+from helpers import few_steps, small_data  # noqa: F401  (small_data: a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 STORIES = "Once upon a time, there was a dog.\nThe dog ran to the park and played all day.\n" * 20
@@ -177,52 +178,41 @@ def test_a_failed_re_export_leaves_the_earlier_export_as_it_was(tmp_path, capsys
 
 # ------------------------------------------------------------------------ 3. a fresh run over a finished one
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Tokenized toy data (test_train's counting stories), converted once."""
-    from helpers import write_data
-    d = tmp_path_factory.mktemp("data")
-    return write_data(d / "train.jsonl", 100, seed=1), write_data(d / "valid.jsonl", 30, seed=2)
 
 
-def train_flags(data, save_dir, **over):
-    from helpers import tiny_flags
-    return tiny_flags(data, str(save_dir), **dict(dict(max_steps=4, eval_interval=0, log_interval=2), **over))
-
-
-def test_a_fresh_run_never_replaces_a_finished_one_and_keeps_every_metrics_file(data, tmp_path, capsys):
+def test_a_fresh_run_never_replaces_a_finished_one_and_keeps_every_metrics_file(small_data, tmp_path, capsys):
     import train
     d = tmp_path / "ck"
-    assert train.main(train_flags(data, d)) == 0
+    assert train.main(few_steps(small_data, d)) == 0
     first = (d / "metrics.jsonl").read_bytes()
     capsys.readouterr()
     with unchanged(d, ignore=("train.lock",)):
-        refused(train.main, train_flags(data, d), capsys, d / "checkpoint_final.npz", "a finished run",
+        refused(train.main, few_steps(small_data, d), capsys, d / "checkpoint_final.npz", "a finished run",
                 "--resume", "--save_dir", "--overwrite")
-    assert train.main(train_flags(data, d, overwrite=True, seed=1)) == 0
+    assert train.main(few_steps(small_data, d, overwrite=True, seed=1)) == 0
     assert "--overwrite: a new run" in capsys.readouterr().out
     second = (d / "metrics.jsonl").read_bytes()
-    assert train.main(train_flags(data, d, overwrite=True, seed=2)) == 0
+    assert train.main(few_steps(small_data, d, overwrite=True, seed=2)) == 0
     assert (d / "metrics.jsonl.old").read_bytes() == first       # a third run keeps the first run's metrics
     assert (d / "metrics.jsonl.old.1").read_bytes() == second
 
 
-def test_a_fresh_run_never_replaces_an_interrupted_one(data, tmp_path, capsys):
+def test_a_fresh_run_never_replaces_an_interrupted_one(small_data, tmp_path, capsys):
     import train
     d = tmp_path / "ck"
-    assert train.main(train_flags(data, d, save_interval=2)) == 0
+    assert train.main(few_steps(small_data, d, save_interval=2)) == 0
     os.unlink(d / "checkpoint_final.npz")  # as if stopped after step 2
     capsys.readouterr()
-    refused(train.main, train_flags(data, d), capsys, d / "checkpoint_step_2.npz", "an earlier run", "--resume")
+    refused(train.main, few_steps(small_data, d), capsys, d / "checkpoint_step_2.npz", "an earlier run", "--resume")
 
 
 # ------------------------------------------------------------------------ 13. resume state out of range
 
 @pytest.fixture(scope="module")
-def finished_run(data, tmp_path_factory):
+def finished_run(small_data, tmp_path_factory):
     import train
     d = tmp_path_factory.mktemp("run")
-    assert train.main(train_flags(data, d)) == 0
+    assert train.main(few_steps(small_data, d)) == 0
     return str(d / "checkpoint_final.npz")
 
 
@@ -246,7 +236,7 @@ def rewrite(src, dst, meta=None, **arrays):
 
 @pytest.mark.parametrize("case", ["data position", "rng state", "optimizer step inf", "optimizer step negative",
                                   "workers of the wrong type", "ranks of the wrong type"])
-def test_resume_state_out_of_range_is_refused(data, finished_run, tmp_path, capsys, case):
+def test_resume_state_out_of_range_is_refused(small_data, finished_run, tmp_path, capsys, case):
     import train
     change = {"data position": dict(meta={"data.batches_drawn": 10**30}),
               "rng state": dict(meta={"data.bit_generator.state.state": 2**200}),
@@ -257,7 +247,7 @@ def test_resume_state_out_of_range_is_refused(data, finished_run, tmp_path, caps
     path = rewrite(finished_run, tmp_path / "checkpoint_step_2.npz", **change)
     capsys.readouterr()
     with unchanged(tmp_path, ignore=("train.lock",)):
-        refused(train.main, train_flags(data, tmp_path, resume=path, max_steps=6), capsys, path, "resume")
+        refused(train.main, few_steps(small_data, tmp_path, resume=path, max_steps=6), capsys, path, "resume")
 
 
 # ------------------------------------------------------------------------ 14, 9, quietly accepted: train flags
@@ -268,24 +258,24 @@ def test_resume_state_out_of_range_is_refused(data, finished_run, tmp_path, caps
     (dict(seq_len=2**18), "--seq_len must be an integer from 1 to 131072"),
     (dict(d_model=2**16, n_heads=1, d_ff=2**18), "GB"),  # the first allocation fails: say how much it needs
 ])
-def test_train_flags_out_of_range_are_one_line(data, tmp_path, capsys, flags, name):
+def test_train_flags_out_of_range_are_one_line(small_data, tmp_path, capsys, flags, name):
     import train
-    refused(train.main, train_flags(data, tmp_path / "ck", **flags), capsys, name)
+    refused(train.main, few_steps(small_data, tmp_path / "ck", **flags), capsys, name)
     assert not list((tmp_path / "ck").glob("*.npz"))
 
 
 # ------------------------------------------------------------------------ 5. paths that are not regular files
 
-def test_a_save_dir_with_a_device_link_and_a_fifo_is_scanned_without_hanging(data, tmp_path, capsys):
+def test_a_save_dir_with_a_device_link_and_a_fifo_is_scanned_without_hanging(small_data, tmp_path, capsys):
     import train
     d = tmp_path / "ck"
     d.mkdir()
     os.symlink("/dev/zero", d / "checkpoint_step_5.npz")
     os.mkfifo(d / "checkpoint_step_6.npz")
     with unchanged(d, ignore=("train.lock",)):
-        refused(train.main, train_flags(data, d), capsys, d / "checkpoint_step_6.npz", "FIFO", "--overwrite")
-        refused(train.main, train_flags(data, d, resume=True), capsys, "no readable checkpoint", "FIFO")
-    assert train.main(train_flags(data, d, overwrite=True)) == 0
+        refused(train.main, few_steps(small_data, d), capsys, d / "checkpoint_step_6.npz", "FIFO", "--overwrite")
+        refused(train.main, few_steps(small_data, d, resume=True), capsys, "no readable checkpoint", "FIFO")
+    assert train.main(few_steps(small_data, d, overwrite=True)) == 0
 
 
 # ------------------------------------------------------------------------ token files: 5, 8, 10, 11, 14
@@ -363,18 +353,18 @@ def test_a_jsonl_without_newlines_is_refused_in_bounded_memory(tmp_path):
     assert rc == 1 and f"{path}:1: a line of more than 64 MB" in the_error(err)
 
 
-def test_damaged_run_records_and_metrics_lines_do_not_stop_a_resume(data, tmp_path, capsys):
+def test_damaged_run_records_and_metrics_lines_do_not_stop_a_resume(small_data, tmp_path, capsys):
     import train
-    assert train.main(train_flags(data, tmp_path, save_interval=2)) == 0
+    assert train.main(few_steps(small_data, tmp_path, save_interval=2)) == 0
     (tmp_path / "run.json").write_text("[" * 200_000)
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write("[" * 200_000 + "\n")
-    assert train.main(train_flags(data, tmp_path, resume=True, max_steps=6)) == 0
+    assert train.main(few_steps(small_data, tmp_path, resume=True, max_steps=6)) == 0
     assert f"resumed from {tmp_path / 'checkpoint_final.npz'} at step 4" in capsys.readouterr().out
     os.unlink(tmp_path / "metrics.jsonl")
     os.mkfifo(tmp_path / "metrics.jsonl")
     with unchanged(tmp_path, ignore=("train.lock",)):
-        refused(train.main, train_flags(data, tmp_path, resume=True, max_steps=8), capsys,
+        refused(train.main, few_steps(small_data, tmp_path, resume=True, max_steps=8), capsys,
                 tmp_path / "metrics.jsonl", "FIFO")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import few_steps, small_data  # noqa: F401  (small_data: a fixture)
 from test_hostile import cli, no_hang, refused, the_error, unchanged  # noqa: F401  (no_hang: the autouse fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -438,23 +439,13 @@ def test_a_checkpoint_over_a_range_is_refused_by_its_config_as_the_reader_would(
 
 # ------------------------------------------------------------------------ 8. the resume path and stop signals
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from helpers import write_data
-    d = tmp_path_factory.mktemp("data")
-    return write_data(d / "train.jsonl", 100, seed=1), write_data(d / "valid.jsonl", 30, seed=2)
-
-
-def train_flags(data, save_dir, **over):
-    from helpers import tiny_flags
-    return tiny_flags(data, str(save_dir), **dict(dict(max_steps=4, eval_interval=0, log_interval=2), **over))
 
 
 @pytest.fixture
-def finished(data, tmp_path):
+def finished(small_data, tmp_path):
     import train
     d = tmp_path / "ck"
-    assert train.main(train_flags(data, d, save_interval=2)) == 0
+    assert train.main(few_steps(small_data, d, save_interval=2)) == 0
     return d
 
 
@@ -473,11 +464,11 @@ def deny(monkeypatch, *paths):
 
 @pytest.mark.parametrize("case", ["the newest checkpoint", "every checkpoint", "--resume PATH", "metrics.jsonl",
                                   "a temp file to clean"])
-def test_permission_errors_on_the_resume_path_are_one_line(data, finished, capsys, monkeypatch, case):
+def test_permission_errors_on_the_resume_path_are_one_line(small_data, finished, capsys, monkeypatch, case):
     import train
     d = finished
     final, step2 = d / "checkpoint_final.npz", d / "checkpoint_step_2.npz"
-    argv = train_flags(data, d, max_steps=6, resume=True)
+    argv = few_steps(small_data, d, max_steps=6, resume=True)
     if case == "the newest checkpoint":
         deny(monkeypatch, final)
         names = [final, "Permission denied"]
@@ -486,7 +477,7 @@ def test_permission_errors_on_the_resume_path_are_one_line(data, finished, capsy
         names = ["no readable checkpoint", "Permission denied"]
     elif case == "--resume PATH":
         deny(monkeypatch, step2)
-        argv = train_flags(data, d, max_steps=6, resume=str(step2))
+        argv = few_steps(small_data, d, max_steps=6, resume=str(step2))
         names = [step2, "Permission denied"]
     elif case == "metrics.jsonl":
         deny(monkeypatch, d / "metrics.jsonl")
@@ -526,7 +517,7 @@ def test_a_second_signal_waits_for_the_checkpoint_being_written():
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_second_stop_signal_during_a_save_completes_it_and_exits_with_its_code(data, tmp_path, capsys, monkeypatch,
+def test_a_second_stop_signal_during_a_save_completes_it_and_exits_with_its_code(small_data, tmp_path, capsys, monkeypatch,
                                                                                sig, code):
     import train
     import train_state
@@ -542,12 +533,12 @@ def test_a_second_stop_signal_during_a_save_completes_it_and_exits_with_its_code
         return real(*a, **k)
     monkeypatch.setattr(train_state, "save_checkpoint", save_checkpoint)
     d = tmp_path / "ck"
-    rc, err = cli(train.main, train_flags(data, d, save_interval=2), capsys)
+    rc, err = cli(train.main, few_steps(small_data, d, save_interval=2), capsys)
     assert rc == code and "Traceback" not in err and "again: stopped at once" in err.splitlines()[-1], err
     assert len(calls) == 1 and load_checkpoint(str(d / "checkpoint_step_2.npz")).meta["step"] == 2
     assert not list(d.glob("*.tmp"))
     monkeypatch.setattr(train_state, "save_checkpoint", real)
-    assert train.main(train_flags(data, d, resume=True)) == 0  # and the run goes on from it
+    assert train.main(few_steps(small_data, d, resume=True)) == 0  # and the run goes on from it
 
 
 def test_train_py_help_states_the_range_check_args_applies():
@@ -577,15 +568,15 @@ def test_train_py_help_states_the_range_check_args_applies():
 
 
 @pytest.mark.parametrize("name", ["metrics.jsonl", "run.json", "train.lock"])
-def test_training_data_under_the_name_of_a_run_file_is_never_rewritten(data, tmp_path, capsys, name):
+def test_training_data_under_the_name_of_a_run_file_is_never_rewritten(small_data, tmp_path, capsys, name):
     import shutil
     import train
     d = tmp_path / "ck"
     d.mkdir()
-    shutil.copy(data[0], d / name)
-    shutil.copy(data[0] + ".meta.json", d / f"{name}.meta.json")
+    shutil.copy(small_data[0], d / name)
+    shutil.copy(small_data[0] + ".meta.json", d / f"{name}.meta.json")
     with unchanged(tmp_path):
-        refused(train.main, train_flags(data, d, train_data=str(d / name), resume=name == "metrics.jsonl"), capsys,
+        refused(train.main, few_steps(small_data, d, train_data=str(d / name), resume=name == "metrics.jsonl"), capsys,
                 d / name, "replace the input")
 
 
