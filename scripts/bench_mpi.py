@@ -112,7 +112,8 @@ def main(argv=None):
                     help=f"model width, {size['d_model']} (default 128: the guide's Small)")
     ap.add_argument("--n_heads", type=size["n_heads"], default=4,
                     help=f"attention heads, {size['n_heads']}, dividing --d_model (default 4)")
-    ap.add_argument("--d_ff", type=size["d_ff"], default=512, help=f"feed-forward width, {size['d_ff']} (default 512)")
+    ap.add_argument("--d_ff", type=size["d_ff"], default=None,
+                    help=f"feed-forward width, {size['d_ff']} (default: the block's own, 4 d_model)")
     ap.add_argument("--n_layers", type=size["n_layers"], default=2,
                     help=f"Transformer blocks, {size['n_layers']} (default 2)")
     ap.add_argument("--batch_size", type=COUNT, default=32,
@@ -130,7 +131,7 @@ def main(argv=None):
     try:
         if args.compare:
             keep = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "batch_size", "seq_len", "steps", "warmup")
-            compare(args, [f"--{k}={getattr(args, k)}" for k in keep])
+            compare(args, [f"--{k}={getattr(args, k)}" for k in keep if getattr(args, k) is not None])
         else:
             measure(args)
     except UserError as e:  # mpi4py missing under mpiexec, ranks that disagree
