@@ -27,7 +27,7 @@ EXPECTED = {  # (row, direction) every step of the block has
              ("softmax", FORWARD), ("feed_forward", FORWARD), ("block", FORWARD), ("final_norm", FORWARD),
              ("head", BOTH), ("final_norm", BACKWARD), ("block", BACKWARD), ("feed_forward", BACKWARD),
              ("norms", BACKWARD), ("attention", BACKWARD), ("softmax", BACKWARD), ("embedding", BACKWARD),
-             ("model", BOTH), ("clip", ""), ("optimizer", "")},
+             ("model", BOTH), ("grad_sum", ""), ("clip", ""), ("optimizer", "")},
 }
 EXPECTED["llama"] = EXPECTED["gpt2"] | {("rope", FORWARD), ("rope", BACKWARD)}
 
@@ -37,8 +37,7 @@ def test_profile_has_every_row_and_they_fit_in_the_step(arch):
     cfg, B, T = CFGS[arch], 4, 8
     r = benchmark.profile(cfg, B, T, steps=2, warmup=1)
     rows = {(x["row"], x["direction"]): x for x in r["rows"]}
-    expected = EXPECTED[arch] | ({("grad_sum", "")} if r["threads"] > 1 else set())
-    assert set(rows) == expected
+    assert set(rows) == EXPECTED[arch]
     assert all(x["seconds"] >= 0 for x in r["rows"])
     assert sum(x["seconds"] for x in r["rows"]) <= r["step_s"] * 1.001
     assert r["step_s"] > 0 and r["plain_step_s"] > 0 and r["peak_gflops"] > 0
@@ -149,3 +148,17 @@ def test_benchmark_prints_the_profile(capsys):
         if "RoPE" not in label and "threads' gradients" not in label:
             assert label[:40] in out, label
     assert "rest: in no row" in out and "the whole step" in out and "GFLOP/s" in out
+
+
+def test_profile_on_the_gpu_path_waits_for_the_gpu_at_every_clock(monkeypatch):
+    """With the stand-in CuPy: one worker does the batch, and every timed call waits for the GPU before it
+    starts its clock and before it reads it."""
+    import fake_cupy
+    waits = []
+    monkeypatch.setattr(step_profile, "synchronize", lambda xp: waits.append(xp))
+    with fake_cupy.installed() as cupy:
+        r = benchmark.profile(CFGS["gpt2"], 2, 8, steps=1, warmup=1, device="cuda")
+    rows = {(x["row"], x["direction"]): x for x in r["rows"]}
+    assert r["threads"] == 1 and set(rows) == EXPECTED["gpt2"]
+    assert len(waits) == 2 * sum(x["calls"] for x in r["rows"]) and all(xp is cupy for xp in waits)
+    assert sum(x["seconds"] for x in r["rows"]) <= r["step_s"] * 1.001
