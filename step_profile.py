@@ -26,9 +26,14 @@ On the GPU each timer waits for the GPU before it reads the clock (else it would
 queueing of work, not the work); that removes the overlap of launching and computing, so a
 profiled GPU step is slower than a plain one.
 
+A new row is a label in LABELS and a line in targets() naming the function. Attention's QKV
+product, its core (scores, softmax, weighted sum) and its output projection share one row (less
+the softmax, a function of its own): attention_forward and _backward compute them inline, so
+there is no call to time apart; were they three pairs of functions, each would be a line here.
+
     with StepProfiler(model, optimizer) as prof:
         training_step(model, optimizer, batches)
-    prof.seconds   # {(row, direction): [seconds outside shards, thread-seconds inside, calls]}
+    prof.rows(steps=1)   # [{row, direction, seconds, calls, sharded}], seconds per step
 """
 import sys
 import threading
@@ -43,7 +48,6 @@ import parallel
 import transformer
 from data_loader import RandomBatches
 from device import synchronize
-from dropout import DropoutKey
 from loss import count_targets
 from optimizer import clip_grad_norm
 
