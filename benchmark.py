@@ -18,6 +18,8 @@ the GPU memory CuPy's pool holds.
     python3 benchmark.py --arch llama                     # the Small model with the Llama block (d_ff 384)
     python3 benchmark.py --device cuda                    # the Small model on an NVIDIA GPU (needs CuPy)
     python3 benchmark.py --dropout 0.1                    # also the step with dropout, timed alternately
+    python3 benchmark.py --profile                        # where the step's time goes: each layer's forward
+                                                          # and backward, the loss, the optimizer (any model flags)
 
 Decoding (`--decode`, also `generate.py --benchmark`): tokens/s of greedy decoding with the
 key/value cache and without it (the whole window again for every token), and the time per token
@@ -48,6 +50,7 @@ from lm_head import ROWS_PER_CHUNK
 from loss import count_targets
 from optimizer import AdamW, clip_grad_norm
 from parallel import keep_freed_memory
+from step_profile import BACKWARD, BOTH, FORWARD, LABELS, StepProfiler, random_batches, training_step
 from train_flags import PRESETS, config_from_flags
 
 RUNS = {  # --all: the guide's models (train_flags.PRESETS, with their batches), Small with a small vocabulary,
@@ -101,6 +104,15 @@ class MatmulsOnly:
         head = [(x[:R], wte.T, o[R, V]), (logits, wte, o[R, C]), (logits.T, x[:R], o[V, C])]
         self.products = layer * cfg.n_layers + head * (-(-N // R))
         self.flops = sum(2 * a.size * b.shape[-1] for a, b, _ in self.products)
+        # the rows of the profile (step_profile.py) the products belong to, in layer's order, then the head's
+        attn_f, ff_f, attn_b, ff_b = (("attention", FORWARD), ("feed_forward", FORWARD),
+                                      ("attention", BACKWARD), ("feed_forward", BACKWARD))
+        layer_rows = [attn_f] * 4 + [ff_f] * 2 + [attn_b] * 8 + [ff_b] * 4
+        assert len(layer_rows) == len(layer), "a product added to layer needs its row here too"
+        rows = layer_rows * cfg.n_layers + [("head", BOTH)] * (len(self.products) - len(layer) * cfg.n_layers)
+        self.flops_by_row = {}  # (row, direction) -> FLOP (2 per multiply-add)
+        for row, (a, b, _) in zip(rows, self.products):
+            self.flops_by_row[row] = self.flops_by_row.get(row, 0) + 2 * a.size * b.shape[-1]
 
     def run(self):
         for a, b, out in self.products:
@@ -199,6 +211,80 @@ def report(name, cfg, B, T, r):
         t, unit = (r["dropout_step_s"], "s") if r.get("gpu_mb") is None else (1000 * r["dropout_step_s"], "ms")
         print(f"  with dropout {r['dropout']}: step {t:.3f} {unit} "
               f"({100 * (r['dropout_step_s'] / r['step_s'] - 1):+.1f}% on the step without)", flush=True)
+
+
+def profile(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0.0):
+    """Where a training step's time goes (step_profile.py): the seconds per step of each row, the profiled
+    step's mean time (the rows' reference), the same step's median time without the profiler, and the
+    machine's matmul peak, all timed in turn; the matrix products' FLOP per row are MatmulsOnly's."""
+    model = LanguageModel(replace(cfg, dropout=dropout), seed=0, device=device)
+    xp = model.xp
+    optimizer = AdamW(model.params)
+    batches = random_batches(cfg.vocab_size, B, T)
+    profiler = StepProfiler(model, optimizer)
+    step_number = itertools.count()
+
+    def step():  # what train.py does each step, less the logging
+        training_step(model, optimizer, batches, dropout=DropoutKey(0, next(step_number)) if dropout else None)
+
+    def profiled_step():
+        with profiler:
+            step()
+
+    for _ in range(warmup):
+        step()
+    steps = max(steps, math.ceil(min_seconds / median_time(step, 1, xp)))
+    peak = PeakMatmul(xp=xp)
+    times = {"peak": [], "step": [], "profiled": []}
+    for _ in range(steps):  # in turn, so all see the same machine
+        peak.run()
+        times["peak"].append(median_time(peak.run, 1, xp))
+        step()  # untimed: after the peak's product, BLAS's threads spin-wait a while (see bench)
+        times["step"].append(median_time(step, 1, xp))
+        times["profiled"].append(median_time(profiled_step, 1, xp))
+    flops = MatmulsOnly(cfg, B, T, xp=xp).flops_by_row
+    rows = profiler.rows(steps)
+    for r in rows:
+        r["flops"] = flops.get((r["row"], r["direction"]), 0)
+    return dict(rows=rows,
+                step_s=float(np.mean(times["profiled"])), plain_step_s=float(np.median(times["step"])),
+                peak_gflops=peak.flops / float(np.median(times["peak"])) / 1e9, steps=steps,
+                threads=profiler.shards / steps, params=model.num_parameters())
+
+
+def report_profile(cfg, B, T, r, out=None):
+    """The profile's table: a row per kind of layer and direction, the rest, and the step."""
+    out = out or sys.stdout
+    ms, peak, threads = 1000 * r["step_s"], r["peak_gflops"], r["threads"]
+    kv = "" if cfg.n_kv_heads is None else f" n_kv_heads={cfg.n_kv_heads}"
+    out.write(f"profile: arch={cfg.arch} d_model={cfg.d_model} n_heads={cfg.n_heads}{kv} d_ff={cfg.d_ff} "
+              f"n_layers={cfg.n_layers} vocab={cfg.vocab_size} batch={B} seq={T} params={r['params']:,}\n")
+    out.write(f"  a training step: {ms:.1f} ms profiled (mean of {r['steps']}), {1000 * r['plain_step_s']:.1f} ms "
+              f"without the profiler (median); matmul peak {peak:.0f} GFLOP/s (a 2048^3 float32 product)\n")
+    if threads > 1:
+        out.write(f"  * the forward and backward pass: the {B} sequences split over {threads:g} threads (one per core) "
+                  f"running at once; a * row is the threads' seconds / {threads:g}\n")
+    out.write(f"  {'row':<62} {'pass':<9} {'ms/step':>8} {'share':>6} {'GFLOP':>7} {'GFLOP/s':>8} {'of peak':>7}\n")
+    accounted, total_flops = 0.0, 0
+    for row in r["rows"]:
+        accounted += row["seconds"]
+        total_flops += row["flops"]
+        mark = "*" if threads > 1 and row["sharded"] else " "
+        out.write(_profile_line(f"{mark} {LABELS[row['row']]}", row["direction"], row["seconds"], r["step_s"],
+                                row["flops"], peak))
+    rest = r["step_s"] - accounted
+    out.write(_profile_line("  rest: in no row (Python, token checks, threads waiting)", "", rest,
+                            r["step_s"], 0, peak))
+    out.write(_profile_line("  the whole step", "", r["step_s"], r["step_s"], total_flops, peak))
+    out.flush()
+
+
+def _profile_line(label, direction, seconds, step_s, flops, peak_gflops):
+    line = f"  {label:<62.62} {direction:<9} {1000 * seconds:8.2f} {seconds / step_s:6.1%}"
+    if flops and seconds > 0:
+        gflops = flops / seconds / 1e9
+        line += f" {flops / 1e9:7.2f} {gflops:8.1f} {gflops / peak_gflops:7.0%}"
+    return line + "\n"
 
 
 def decode_benchmark(model, n_tokens=256, contexts=(16, 64, 128, 256), out=sys.stdout):
@@ -305,6 +391,10 @@ def main(argv=None):
                          "Small and Medium models")
     ap.add_argument("--decode_tokens", type=DECODE_TOKENS, default=256,
                     help=f"with --decode: tokens to decode: {DECODE_TOKENS} (default 256)")
+    ap.add_argument("--profile", action="store_true",
+                    help="print where a training step's time goes instead: each kind of layer's forward and backward, "
+                         "the loss, the optimizer, the batch, with time, share, GFLOP/s and share of the matmul peak "
+                         "(docs/performance.md explains the table)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu (NumPy) or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or cupy-cuda13x)")
     args = ap.parse_args(argv)
@@ -330,6 +420,7 @@ def run(args):
             print(f"== {name}", flush=True)
             argv = [f"--{k}={v}" for k, v in {**flags, "steps": args.steps, "min_seconds": args.min_seconds,
                                                   "device": args.device, "dropout": args.dropout}.items()]
+            argv += ["--profile"] if args.profile else []
             subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
         return
     try:
@@ -337,6 +428,11 @@ def run(args):
                           n_layers=args.n_layers, max_seq_len=args.seq_len, arch=args.arch, n_kv_heads=args.n_kv_heads)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if args.profile:
+        result = profile(cfg, args.batch_size, args.seq_len, steps=args.steps, min_seconds=args.min_seconds,
+                         device=args.device, dropout=args.dropout)
+        report_profile(cfg, args.batch_size, args.seq_len, result)
+        return
     result = bench(cfg, args.batch_size, args.seq_len, steps=args.steps, min_seconds=args.min_seconds,
                    device=args.device, dropout=args.dropout)
     report("model", cfg, args.batch_size, args.seq_len, result)
