@@ -18,6 +18,7 @@ the GPU memory CuPy's pool holds.
     python3 benchmark.py --arch llama                     # the Small model with the Llama block (d_ff 384)
     python3 benchmark.py --device cuda                    # the Small model on an NVIDIA GPU (needs CuPy)
     python3 benchmark.py --dropout 0.1                    # also the step with dropout, timed alternately
+    python3 benchmark.py --optimizer muon                 # the step with Muon's update instead of AdamW's
 
 Decoding (`--decode`, also `generate.py --benchmark`): tokens/s of greedy decoding with the
 key/value cache and without it (the whole window again for every token), and the time per token
@@ -46,7 +47,7 @@ from flag_types import COUNT, PROBABILITY, SECONDS_OR_ZERO, Number, Parser
 from language_model import LanguageModel
 from lm_head import ROWS_PER_CHUNK
 from loss import count_targets
-from optimizer import AdamW, clip_grad_norm
+from optimizer import OPTIMIZERS, build_optimizer, clip_grad_norm
 from parallel import keep_freed_memory
 from train_flags import PRESETS, config_from_flags
 
@@ -131,13 +132,13 @@ def median_time(fn, repeats, xp=np):
     return float(np.median(times))
 
 
-def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0.0):
+def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0.0, optimizer="adamw"):
     """The step's and the matmuls' median times; with dropout > 0 also the step that drops with that
     probability (its masks drawn anew each step), timed in turn with the others."""
     model = LanguageModel(replace(cfg, dropout=dropout), seed=0, device=device)
     xp = model.xp
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
-    optimizer = AdamW(model.params)
+    optimizer = build_optimizer(optimizer, model.params, weight_decay=0.01)  # --optimizer, adamw by default
     x, y = tokens[:, :-1], tokens[:, 1:]
     step_number = itertools.count()
 
@@ -307,6 +308,8 @@ def main(argv=None):
                     help=f"with --decode: tokens to decode: {DECODE_TOKENS} (default 256)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu (NumPy) or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or cupy-cuda13x)")
+    ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw",
+                    help="the update the step times, as train.py's --optimizer (weight decay 0.01)")
     args = ap.parse_args(argv)
     keep_freed_memory()
     try:
@@ -329,7 +332,8 @@ def run(args):
         for name, flags in RUNS.items():
             print(f"== {name}", flush=True)
             argv = [f"--{k}={v}" for k, v in {**flags, "steps": args.steps, "min_seconds": args.min_seconds,
-                                                  "device": args.device, "dropout": args.dropout}.items()]
+                                                  "device": args.device, "dropout": args.dropout,
+                                                  "optimizer": args.optimizer}.items()]
             subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
         return
     try:
@@ -338,8 +342,9 @@ def run(args):
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     result = bench(cfg, args.batch_size, args.seq_len, steps=args.steps, min_seconds=args.min_seconds,
-                   device=args.device, dropout=args.dropout)
-    report("model", cfg, args.batch_size, args.seq_len, result)
+                   device=args.device, dropout=args.dropout, optimizer=args.optimizer)
+    name = "model" if args.optimizer == "adamw" else f"model with {args.optimizer}"
+    report(name, cfg, args.batch_size, args.seq_len, result)
 
 
 if __name__ == "__main__":
