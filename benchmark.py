@@ -18,6 +18,7 @@ the GPU memory CuPy's pool holds.
     python3 benchmark.py --arch llama                     # the Small model with the Llama block (d_ff 384)
     python3 benchmark.py --device cuda                    # the Small model on an NVIDIA GPU (needs CuPy)
     python3 benchmark.py --dropout 0.1                    # also the step with dropout, timed alternately
+    python3 benchmark.py --optimizer muon                 # the step with Muon's update instead of AdamW's
     python3 benchmark.py --profile                        # where the step's time goes: each layer's forward
                                                           # and backward, the loss, the optimizer (any model flags)
 
@@ -48,7 +49,7 @@ from flag_types import COUNT, PROBABILITY, SECONDS_OR_ZERO, Number, Parser
 from language_model import LanguageModel
 from lm_head import ROWS_PER_CHUNK
 from loss import count_targets
-from optimizer import AdamW, clip_grad_norm
+from optimizer import OPTIMIZERS, build_optimizer, clip_grad_norm
 from parallel import keep_freed_memory
 from step_profile import BACKWARD, BOTH, FORWARD, LABELS, StepProfiler, random_batches, training_step
 from train_flags import PRESETS, config_from_flags
@@ -143,13 +144,13 @@ def median_time(fn, repeats, xp=np):
     return float(np.median(times))
 
 
-def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0.0):
+def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0.0, optimizer="adamw"):
     """The step's and the matmuls' median times; with dropout > 0 also the step that drops with that
     probability (its masks drawn anew each step), timed in turn with the others."""
     model = LanguageModel(replace(cfg, dropout=dropout), seed=0, device=device)
     xp = model.xp
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
-    optimizer = AdamW(model.params)
+    optimizer = build_optimizer(optimizer, model.params, weight_decay=0.01)  # --optimizer, adamw by default
     x, y = tokens[:, :-1], tokens[:, 1:]
     step_number = itertools.count()
 
@@ -213,13 +214,13 @@ def report(name, cfg, B, T, r):
               f"({100 * (r['dropout_step_s'] / r['step_s'] - 1):+.1f}% on the step without)", flush=True)
 
 
-def profile(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0.0):
+def profile(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0.0, optimizer="adamw"):
     """Where a training step's time goes (step_profile.py): the seconds per step of each row, the profiled
     step's mean time (the rows' reference), the same step's median time without the profiler, and the
     machine's matmul peak, all timed in turn; the matrix products' FLOP per row are MatmulsOnly's."""
     model = LanguageModel(replace(cfg, dropout=dropout), seed=0, device=device)
     xp = model.xp
-    optimizer = AdamW(model.params)
+    optimizer = build_optimizer(optimizer, model.params, weight_decay=0.01)  # as bench()
     batches = random_batches(cfg.vocab_size, B, T)
     profiler = StepProfiler(model, optimizer)
     step_number = itertools.count()
@@ -397,6 +398,8 @@ def main(argv=None):
                          "(docs/performance.md explains the table)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu (NumPy) or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or cupy-cuda13x)")
+    ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw",
+                    help="the update the step times, as train.py's --optimizer (weight decay 0.01)")
     args = ap.parse_args(argv)
     keep_freed_memory()
     try:
@@ -419,7 +422,8 @@ def run(args):
         for name, flags in RUNS.items():
             print(f"== {name}", flush=True)
             argv = [f"--{k}={v}" for k, v in {**flags, "steps": args.steps, "min_seconds": args.min_seconds,
-                                                  "device": args.device, "dropout": args.dropout}.items()]
+                                                  "device": args.device, "dropout": args.dropout,
+                                                  "optimizer": args.optimizer}.items()]
             argv += ["--profile"] if args.profile else []
             subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
         return
@@ -430,12 +434,13 @@ def run(args):
         raise SystemExit(f"error: {e}") from None
     if args.profile:
         result = profile(cfg, args.batch_size, args.seq_len, steps=args.steps, min_seconds=args.min_seconds,
-                         device=args.device, dropout=args.dropout)
+                         device=args.device, dropout=args.dropout, optimizer=args.optimizer)
         report_profile(cfg, args.batch_size, args.seq_len, result)
         return
     result = bench(cfg, args.batch_size, args.seq_len, steps=args.steps, min_seconds=args.min_seconds,
-                   device=args.device, dropout=args.dropout)
-    report("model", cfg, args.batch_size, args.seq_len, result)
+                   device=args.device, dropout=args.dropout, optimizer=args.optimizer)
+    name = "model" if args.optimizer == "adamw" else f"model with {args.optimizer}"
+    report(name, cfg, args.batch_size, args.seq_len, result)
 
 
 if __name__ == "__main__":

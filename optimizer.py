@@ -1,4 +1,4 @@
-"""[math] Optimizers (SGD and AdamW), learning-rate schedules and gradient clipping.
+"""[math] Optimizers (SGD, AdamW and Muon), learning-rate schedules and gradient clipping.
 
 Everything works on two dicts with the same keys, ``params`` and ``grads``
 (name -> array), like ``LanguageModel.params`` / ``LanguageModel.grads``. There every
@@ -29,6 +29,8 @@ The updates, for the parameters that decay (decay_mask: matrices) and the others
 AdamW is PyTorch's torch.optim.AdamW; with weight_decay 0 it is Adam (train.py --optimizer adam).
 SGD's weight decay is decoupled as AdamW's is, unlike PyTorch's SGD, which adds weight_decay * p to
 the gradient (that is, before the momentum): with momentum the two differ.
+  Muon:  buf = mu buf + g;  p -= lr * 0.2 sqrt(max(rows, cols)) * newton_schulz(g + mu buf)
+         for the blocks' weight matrices (AdamW for the rest): see Muon.
 """
 import math
 
@@ -399,17 +401,146 @@ class AdamW(Optimizer):
         self._run(kernel, grads)
 
 
-OPTIMIZERS = ("adam", "adamw", "sgd")  # train.py --optimizer: adam is AdamW with weight_decay 0
+# ----------------------------------------------------------------------------
+# Muon: momentum, orthogonalized, for the blocks' weight matrices
+
+QUINTIC = (3.4445, -4.7750, 2.0315)  # Keller Jordan's Muon: 5 steps put every singular value in about [0.7, 1.2]
+CUBIC = (1.5, -0.5)                  # the classic Newton-Schulz iteration: slower, but converges to U V^T
+
+
+def polar_factor(g):
+    """The reference: U V^T from the SVD g = U S V^T (g every singular value set to 1), in NumPy on the host."""
+    u, _, vt = np.linalg.svd(g, full_matrices=False)
+    return u @ vt
+
+
+def newton_schulz(g, coefficients=QUINTIC, steps=5, eps=1e-7):
+    """g (m, n) orthogonalized, about polar_factor(g) = U V^T, with matrix products only (no SVD: the GPU
+    and BLAS do these fast, in g's dtype, on either array module).
+
+    X starts as g / ||g|| (Frobenius), so every singular value is at most 1. Each step applies an odd
+    polynomial to the singular values and keeps the singular vectors: with A = X X^T,
+        X <- c0 X + c1 A X + c2 A^2 X      i.e. for each singular value s: s <- c0 s + c1 s^3 + c2 s^5
+    CUBIC (c0, c1) = (1.5, -0.5) has the fixed point s = 1 and converges to U V^T (slowly for small s).
+    QUINTIC grows small s about 3.4 times a step and gives up convergence for speed: 5 steps leave the
+    singular values in a band around 1, which is all Muon needs. A wide g (m <= n) keeps A (m, m) small;
+    a tall one is done transposed.
+    """
+    xp = get_array_module(g)
+    transposed = g.shape[0] > g.shape[1]
+    x = g.T if transposed else g                 # (m, n), m <= n
+    x = x / (xp.sqrt((x * x).sum()) + eps)       # Frobenius norm 1: singular values in [0, 1]
+    for _ in range(steps):
+        a = x @ x.T                              # (m, n) @ (n, m) -> (m, m)
+        power, b = a, coefficients[1] * a        # b = c1 A + c2 A^2 + ...
+        for c in coefficients[2:]:
+            power = power @ a
+            b = b + c * power
+        x = coefficients[0] * x + b @ x          # (m, m) @ (m, n) -> (m, n)
+    return x.T if transposed else x
+
+
+def muon_matrices(params):
+    """{name: column widths} of the parameters Muon updates: the 2-D parameters of the blocks ("h.{i}.*":
+    attention and feed-forward weights), each orthogonalized in the column blocks given. The attention's
+    c_attn (C, C + 2 Hkv hs) holds q, k and v side by side (q's C columns first, then k's and v's, equal):
+    they are three matrices, orthogonalized apart. Every other matrix is one, the Llama block's mlp.c_fc
+    (C, 2F) too: its gate and up halves are orthogonalized together."""
+    parts = {}
+    for name, p in params.items():
+        if not name.startswith("h.") or p.ndim != 2:
+            continue
+        rows, cols = p.shape
+        if name.endswith("attn.c_attn.weight") and cols > rows and (cols - rows) % 2 == 0:
+            kv = (cols - rows) // 2
+            parts[name] = (rows, kv, kv)         # q | k | v
+        else:
+            parts[name] = (cols,)
+    return parts
+
+
+class Muon(Optimizer):
+    """Muon (Keller Jordan, 2024) for the blocks' weight matrices (muon_matrices), AdamW for the rest (the
+    token embedding, also the tied output layer; the position table; the norms' weights; the biases).
+
+    For each matrix W with gradient G (each of c_attn's q, k, v apart):
+        buf = momentum * buf + G                        (the momentum buffer, in the checkpoint)
+        U = G + momentum * buf                          (Nesterov: look one step ahead)
+        O = newton_schulz(U)                            (about U's polar factor: singular values near 1)
+        W *= 1 - lr * weight_decay                      (decoupled weight decay, as AdamW's)
+        W -= lr * 0.2 * sqrt(max(rows, cols)) * O
+    An (m, n) matrix with singular values 1 has an RMS of 1 / sqrt(max(m, n)); the factor (Moonshot AI's
+    "Muon is scalable", 2025) makes the update's RMS 0.2, about AdamW's, so lr and weight_decay mean what
+    they mean for AdamW (the same --learning_rate, --weight_decay and schedule work for both parts).
+
+    The other parameters get AdamW(betas, eps, weight_decay, decay_embeddings) with the same lr. State:
+    "t", "momentum/<matrix>", and AdamW's "m/<name>", "v/<name>" for the rest. Everything runs in the
+    parameters' array module (NumPy or CuPy) and dtype.
+    """
+
+    def __init__(self, params, momentum=0.95, weight_decay=0.01, decay_embeddings=False, betas=(0.9, 0.999),
+                 eps=1e-8, coefficients=QUINTIC, ns_steps=5, threads=None):
+        self.parts = muon_matrices(params)
+        if not self.parts:
+            raise ValueError("Muon found no block weight matrices (h.{i}.* of 2 dimensions) to update")
+        super().__init__({name: params[name] for name in self.parts}, threads=1)  # its work: matrix products
+        self.all_params = params
+        self.adamw = AdamW({name: p for name, p in params.items() if name not in self.parts}, betas=betas, eps=eps,
+                           weight_decay=weight_decay, decay_embeddings=decay_embeddings, threads=threads)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
+        self.coefficients, self.ns_steps = tuple(coefficients), int(ns_steps)
+        self.buf = self._buffer("momentum")
+
+    def step(self, grads, lr):
+        """One update with learning rate lr, in place."""
+        mismatch = name_mismatch(self.all_params, grads)
+        if mismatch:
+            raise ValueError(f"grads and params have different keys: {mismatch}")
+        self.adamw.step({name: grads[name] for name in self.adamw.params}, lr)
+        xp, ty = self.xp, self.dtype.type
+        mu = ty(self.momentum)
+        decay = ty(1.0 - lr * self.weight_decay)
+        for name, p in self.params.items():
+            g, buf = grads[name], self.buf[name]
+            xp.multiply(buf, mu, out=buf)                # buf = mu * buf + g
+            xp.add(buf, g, out=buf)
+            update = g + mu * buf                        # Nesterov
+            if self.weight_decay:
+                xp.multiply(p, decay, out=p)
+            lo = 0
+            for width in self.parts[name]:
+                cols = slice(lo, lo + width)
+                o = newton_schulz(update[:, cols], self.coefficients, self.ns_steps)
+                scale = ty(lr * 0.2 * math.sqrt(max(o.shape)))
+                p[:, cols] -= scale * o
+                lo += width
+        self.t += 1
+
+    def state_dict(self):
+        """The step "t", "momentum/<matrix>" and AdamW's "m/<name>", "v/<name>" (host arrays, for the checkpoint)."""
+        return {**self.adamw.state_dict(), **super().state_dict()}
+
+    def load_state_dict(self, state):
+        self.adamw.load_state_dict(state)
+        super().load_state_dict(state)
+
+
+OPTIMIZERS = ("adam", "adamw", "muon", "sgd")  # train.py --optimizer: adam is AdamW with weight_decay 0
 
 
 def build_optimizer(name, params, weight_decay=0.0, decay_embeddings=False, momentum=0.0, betas=(0.9, 0.999),
-                    threads=None):
-    """The optimizer named by train.py's --optimizer (OPTIMIZERS): "sgd", "adamw", or "adam", AdamW
-    without weight decay. A rule that updates whole matrices at once (Muon's Newton-Schulz, to come)
-    belongs beside these two, over the per-name views of the flat vector that state[kind][name] keeps."""
+                    threads=None, muon_momentum=0.95):
+    """The optimizer named by train.py's --optimizer (OPTIMIZERS): "sgd", "adamw", "adam" (AdamW without
+    weight decay), or "muon" (Muon with muon_momentum for the blocks' matrices, AdamW with betas for the rest,
+    both with weight_decay)."""
     if name == "sgd":
         return SGD(params, momentum=momentum, weight_decay=weight_decay, decay_embeddings=decay_embeddings,
                    threads=threads)
+    if name == "muon":
+        return Muon(params, momentum=muon_momentum, weight_decay=weight_decay, decay_embeddings=decay_embeddings,
+                    betas=betas, threads=threads)
     if name not in ("adamw", "adam"):
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     return AdamW(params, betas=betas, weight_decay=weight_decay if name == "adamw" else 0.0,

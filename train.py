@@ -78,7 +78,7 @@ def make_optimizer(args, params, threads=None):
     """The optimizer of --optimizer with the run's hyperparameters (optimizer.build)."""
     return build_optimizer(args.optimizer, params, weight_decay=args.weight_decay,
                            decay_embeddings=args.decay_embeddings, momentum=args.momentum,
-                           betas=(args.beta1, args.beta2), threads=threads)
+                           betas=(args.beta1, args.beta2), threads=threads, muon_momentum=args.muon_momentum)
 
 
 def tokenizer_model_json(identity, log):

@@ -75,6 +75,7 @@ FLAG_RANGES = {"eot_id": Number(int, 0), "vocab_size": FIELD_RANGES["vocab_size"
                "n_kv_heads": COUNT, "batch_size": COUNT, "grad_accum": COUNT, "max_steps": COUNT,
                "learning_rate": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_steps": COUNT_OR_ZERO,
                "weight_decay": NON_NEGATIVE, "beta1": PROBABILITY, "beta2": PROBABILITY, "momentum": PROBABILITY,
+               "muon_momentum": PROBABILITY,
                "grad_clip": NON_NEGATIVE, "dropout": PROBABILITY, "seed": SEED, "workers": COUNT,
                "log_interval": COUNT, "eval_interval": COUNT_OR_ZERO, "eval_batches": COUNT,
                "save_interval": COUNT_OR_ZERO, "max_time": POSITIVE, "rank_timeout": POSITIVE,
@@ -146,7 +147,7 @@ def build_parser():
                    help="decay after warmup: cosine or linear to --min_lr, or constant")
     o.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw", help="update rule")
     o.add_argument("--weight_decay", type=float, default=0.01,
-                   help="decoupled weight decay for adamw and sgd (plain adam has none) on weight matrices, "
+                   help="decoupled weight decay for adamw, muon and sgd (plain adam has none) on weight matrices, "
                         "never on biases or layer norms")
     o.add_argument("--decay_embeddings", action="store_true", help="also apply weight decay to the embedding tables")
     o.add_argument("--beta1", type=float, default=0.9, help="Adam/AdamW first-moment decay")
@@ -164,6 +165,9 @@ def build_parser():
     o.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (NumPy), or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or cupy-cuda13x); "
                         "checkpoints are the same files either way, so a run resumes on either")
+    o.add_argument("--muon_momentum", type=float, default=0.95,
+                   help="--optimizer muon: Nesterov momentum of the blocks' weight matrices (AdamW for the rest takes "
+                        "--beta1 and --beta2)")
     r = p.add_argument_group("logging, evaluation, checkpoints")
     r.add_argument("--save_dir", default="checkpoints", help="directory for checkpoints and metrics.jsonl")
     r.add_argument("--log_interval", type=int, default=50, help="print training metrics every this many steps")
@@ -218,7 +222,7 @@ def check_args(args):
     for name in ("warmup_steps", "eval_interval", "save_interval", "grad_clip", "weight_decay", "min_lr", "seed"):
         if not 0 <= getattr(args, name) < math.inf:  # NaN too: --grad_clip nan would turn clipping off
             raise TrainError(f"--{name} must be a number >= 0 (got {getattr(args, name)})")
-    for name in ("beta1", "beta2", "momentum", "dropout"):
+    for name in ("beta1", "beta2", "momentum", "dropout", "muon_momentum"):
         if not 0 <= getattr(args, name) < 1:
             raise TrainError(f"--{name} must be in [0, 1) (got {getattr(args, name)})")
     if args.eot_id is not None and args.eot_id < 0:

@@ -451,8 +451,9 @@ def test_the_laptop_preset_sets_every_model_and_optimizer_flag():
     parser = train_flags.build_parser()
     groups = {g.title: {a.dest for a in g._group_actions} for g in parser._action_groups}
     # what a recipe does not choose: which preset or folder, how long in steps, the seed, the hardware
-    # and SGD's momentum (the recipe's optimizer is AdamW)
-    not_recipe = {"preset", "init_from", "max_steps", "seed", "workers", "device", "momentum"}
+    # and the momentum of SGD and of Muon (the recipe's optimizer is AdamW)
+    not_recipe = {"preset", "init_from", "max_steps", "seed", "workers", "device", "momentum",
+                  "muon_momentum"}
     assert (groups["model"] | groups["optimization"]) - not_recipe <= set(train_flags.PRESETS["laptop"])
     args = parse(["--preset", "laptop"])
     assert (args.vocab_size, args.d_model, args.n_layers, args.learning_rate, args.time_budget, args.max_steps) == \
