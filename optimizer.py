@@ -138,7 +138,9 @@ class LRSchedule:
         progress = self.progress(step)  # 0 -> 1
         if self.kind == "cosine":
             weight = 0.5 * (1.0 + math.cos(math.pi * progress))        # 1 -> 0
-        else:  # linear, and wsd's cooldown (progress 0 before it begins)
+        elif self.kind == "wsd" and progress == 0.0:
+            return self.base_lr  # the stable phase: base_lr itself (min_lr + 1.0 * (base_lr - min_lr) may round)
+        else:  # linear, and wsd's cooldown
             weight = 1.0 - progress
         return self.min_lr + weight * (self.base_lr - self.min_lr)
 

@@ -41,7 +41,7 @@ PRESETS = {
                    use_learned_pos=False, no_tie_embeddings=False, activation=None,
                    batch_size=32, grad_accum=1, optimizer="adamw", learning_rate=2e-3, min_lr=2e-4,
                    warmup_steps=100, lr_schedule="cosine", weight_decay=0.01, decay_embeddings=False,
-                   beta1=0.9, beta2=0.999, grad_clip=1.0, dropout=0.0, time_budget=15),
+                   beta1=0.9, beta2=0.999, grad_clip=1.0, dropout=0.0, time_budget=15, cooldown=WSD_COOLDOWN),
 }
 
 

@@ -179,8 +179,8 @@ def test_the_run_ends_within_3_percent_of_the_budget_whatever_the_machine_does(s
     assert schedule.progress(b.horizon) == 1.0 and schedule.progress(b.horizon - 1) > 0.97, what
     decay = np.array(rates[100:])
     assert np.all(np.diff(decay) <= 1e-12) and np.max(-np.diff(decay)) < 0.02 * 2e-3, what
-    if kind == "wsd":  # the refits left the stable phase at the base rate: it lasts well past half the run
-        assert all(r == 2e-3 for r in rates[100:int(0.6 * len(rates))]), what
+    if kind == "wsd":  # the refits left the stable phase at the base rate: it lasts past half the run
+        assert all(r == 2e-3 for r in rates[100:len(rates) // 2]), what
 
 
 def test_one_fit_from_the_first_steps_wasted_a_third_of_the_budget_that_the_fits_now_use():
@@ -360,9 +360,13 @@ def test_the_run_ends_with_its_budget_when_the_machine_gets_quieter(data, tmp_pa
     assert first["seconds_per_step"] == 1.0 and first["horizon"] < 35
     assert abs(used["seconds"] - 30) <= 0.03 * 30 and final["step"] == final["horizon"] > 90
     lrs = [r["lr"] for r in metrics(d) if r["type"] == "train"]
-    assert lrs[-1] < 1.05e-3 and all(b <= a + 1e-15 for a, b in zip(lrs[5:], lrs[6:]))  # down to --min_lr, no jump
-    if schedule == "wsd":  # the horizon grew from about 30 to about 100 before the cooldown began: stable till 60
+    assert all(b <= a + 1e-15 for a, b in zip(lrs[5:], lrs[6:]))  # no jump
+    if schedule == "cosine":
+        assert lrs[-1] < 1.05e-3  # down to --min_lr
+    else:  # the horizon grew from about 30 to about 100 before the cooldown began: stable till 60, no bend
         assert lrs[5:60] == [1e-2] * 55
+        cooldown_steps = 0.3 * (final["horizon"] - 5)  # the last update, one cooldown step before --min_lr
+        assert lrs[-1] == pytest.approx(1e-3 + 9e-3 / cooldown_steps)
     assert "training took 30.0 s of 30 s" in capsys.readouterr().out
 
 

@@ -51,10 +51,13 @@ def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_min_at_max_steps():
     assert [s(i) for i in (95, 109, 110, 500)] == pytest.approx([0.55, 0.13, 0.1, 0.1])
     steps = np.diff([s(i) for i in range(80, 111)])
     assert np.allclose(steps, -0.9 / 30)                                   # one straight line down
-    # cooldown 1: the whole of the steps after warmup, the linear schedule to the last bit
+    # cooldown 1: the whole of the steps after warmup, the linear schedule (to the last bit once it decays)
     whole = LRSchedule(1.0, 10, 110, 0.1, "wsd", cooldown=1.0)
     linear = LRSchedule(1.0, 10, 110, 0.1, "linear")
-    assert [whole(i) for i in range(130)] == [linear(i) for i in range(130)]
+    assert [whole(i) for i in range(130)] == pytest.approx([linear(i) for i in range(130)])
+    assert [whole(i) for i in range(11, 130)] == [linear(i) for i in range(11, 130)]
+    # the stable rate is base_lr itself, not min_lr + (base_lr - min_lr), which may round
+    assert LRSchedule(1e-2, 5, 102, 1e-3, "wsd")(5) == 1e-2 != 1e-3 + (1e-2 - 1e-3)
     # the horizon not known yet (--time_budget measuring): the stable phase goes on
     unknown = LRSchedule(1.0, 10, None, 0.1, "wsd")
     assert unknown.decay_start() == math.inf and unknown(10**6) == 1.0
