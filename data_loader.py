@@ -46,6 +46,7 @@ CACHE_FORMAT = "numpy-gpt token cache"
 CACHE_VERSION = 1
 CHUNK_TOKENS = 1 << 20  # tokens buffered in memory while converting
 MAX_LINE_BYTES = 1 << 26  # a line of ids: 512 of them take ~3 KB; a 64 MB line holds ~10 million
+SCAN_TOKENS = 1 << 24  # tokens compared at a time when finding the story starts (a 16 MB mask)
 
 
 def cache_paths(jsonl_path):
@@ -288,27 +289,66 @@ def check_same_tokenizer(train, val):
                         "Re-tokenize both with the same tokenizer.")
 
 
+def find_story_starts(dataset, seq_len):
+    """The positions where a story starts and a whole window of seq_len + 1 tokens fits: 0 and each one
+    right after an end-of-text token, below len - seq_len. Sorted, uint32 (int64 for files of 2^32
+    tokens or more).
+
+    One pass over the tokens, SCAN_TOKENS at a time, so that a memory-mapped file is never compared
+    whole (its mask alone would be a byte a token: 500 MB for 500M tokens). Memory: the mask of a chunk,
+    16 MB, and the table, 4 bytes a story (held twice while its pieces are joined): a 500M-token file
+    of 200-token stories has 2.5M of them, 10 MB. find_story_starts_plain() is the obvious version.
+    """
+    eot = dataset.meta.get("eot_id")
+    if eot is None:
+        raise DataError(f"{dataset.path}: the end-of-text id is unknown (its tokenizer sidecar names none), so "
+                        "--story_starts cannot find where stories start; leave the flag out")
+    tokens, fits = dataset.tokens, len(dataset.tokens) - seq_len  # a window starting before `fits` fits
+    dtype = np.uint32 if len(tokens) < 2**32 else np.int64
+    parts = [np.zeros(1, dtype=dtype)]   # the first story starts at 0
+    for lo in range(0, fits - 1, SCAN_TOKENS):
+        hi = min(lo + SCAN_TOKENS, fits - 1)
+        ends = np.flatnonzero(tokens[lo:hi] == eot)   # end-of-text at lo + i: a story starts at lo + i + 1
+        parts.append((ends + (lo + 1)).astype(dtype))
+    return np.concatenate(parts)
+
+
+def find_story_starts_plain(dataset, seq_len):
+    """find_story_starts() the obvious way, for tests to compare against (the whole file's mask at once)."""
+    tokens = np.asarray(dataset.tokens)
+    after_eot = np.flatnonzero(tokens[:-1] == dataset.meta["eot_id"]) + 1
+    starts = np.concatenate([[0], after_eot])
+    return starts[starts < len(tokens) - seq_len]
+
+
 class RandomBatches:
     """Random training windows from a seeded generator; its state can be saved and restored.
 
     Each call to next() draws batch_size start offsets uniformly from all
     len - seq_len possible windows and returns (x, y), both (B, T) int64, y = x shifted.
+    With story_starts, the offsets are drawn uniformly from the stories' starts instead
+    (find_story_starts(): computed once); a window may still run on into the next story.
     """
 
-    def __init__(self, dataset, batch_size, seq_len, seed=0):
+    def __init__(self, dataset, batch_size, seq_len, seed=0, story_starts=False):
         n = len(dataset.tokens)
         if n < seq_len + 1:
             raise DataError(f"{dataset.path} has {n} tokens, fewer than one window of seq_len + 1 = "
                             f"{seq_len + 1}; use a smaller --seq_len or more data")
         self.tokens, self.batch_size, self.seq_len = dataset.tokens, batch_size, seq_len
         self.rng = np.random.Generator(np.random.PCG64(seed))
-        self.num_windows = n - seq_len
+        self.starts = None  # None: a window may start anywhere
+        if story_starts:
+            self.starts = find_story_starts(dataset, seq_len)
+        self.num_windows = n - seq_len if self.starts is None else len(self.starts)
         self.batches_drawn = 0
         self._offsets = np.arange(seq_len + 1)
         self._idx = np.empty((batch_size, seq_len + 1), dtype=np.int64)
 
     def next(self):
         starts = self.rng.integers(0, self.num_windows, size=self.batch_size)
+        if self.starts is not None:
+            starts = self.starts[starts]                                # the stories' starts drawn
         np.add(starts[:, None], self._offsets, out=self._idx)          # (B, T+1) token positions
         window = self.tokens[self._idx].astype(np.int64)                # reads only these pages
         self.batches_drawn += 1

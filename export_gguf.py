@@ -62,7 +62,7 @@ TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5  # llama.cpp's token types (
 # The training flags whose numbers the file records (train.py's names), the run's recipe.
 RECIPE_FLAGS = ("batch_size", "seq_len", "grad_accum", "max_steps", "time_budget", "learning_rate", "min_lr",
                 "warmup_steps", "weight_decay", "decay_embeddings", "beta1", "beta2", "momentum", "grad_clip",
-                "dropout", "seed", "muon_momentum")
+                "dropout", "seed", "muon_momentum", "cooldown")
 
 # Hugging Face tensor names (hf_format's layout) -> llama.cpp's (its llama-arch.cpp, gguf-py's
 # tensor_mapping.py). Per-layer names: the part after model.layers.{i}. / transformer.h.{i}.

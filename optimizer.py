@@ -56,6 +56,8 @@ def _flat(a):
 # ----------------------------------------------------------------------------
 # Learning-rate schedules
 
+WSD_COOLDOWN = 0.3  # wsd's share of the steps after warmup spent decaying (train.py --cooldown)
+
 
 class LRSchedule:
     """Linear warmup from 0 to base_lr over warmup_steps, then decay to min_lr.
@@ -63,34 +65,51 @@ class LRSchedule:
     kind="cosine": half a cosine from base_lr at the end of warmup to min_lr at max_steps.
     kind="linear": a straight line from base_lr to min_lr over the same range.
     kind="constant": base_lr after warmup.
-    After max_steps the rate stays at min_lr (cosine/linear). max_steps None: the horizon is not
+    kind="wsd" (warmup-stable-decay): base_lr after warmup, then a straight line to min_lr over the last
+    `cooldown` share of the steps after warmup (cooldown 1: the linear schedule).
+    After max_steps the rate stays at min_lr (cosine/linear/wsd). max_steps None: the horizon is not
     known yet (train.py --time_budget measures the speed first), and the rate after warmup stays at
     base_lr until max_steps is set. refit(step, max_steps) moves the horizon part way (--time_budget
     fits it again as the machine's speed changes): the decay goes on from where it is at step, the
     rate unbroken, and ends at the new max_steps (bend: that step and the decay's progress there).
+    For wsd the horizon matters only once the cooldown has begun: a refit in the stable phase moves the
+    cooldown with the end (the rate stays base_lr), unless the new end's cooldown would have begun
+    already, when it begins at that step; a refit in the cooldown bends it as for the other kinds.
     ``schedule(step)`` is the rate for the update that follows step `step` (0-based),
     so the first update uses base_lr / warmup_steps, never 0.
     """
 
-    KINDS = ("cosine", "linear", "constant")
+    KINDS = ("cosine", "linear", "constant", "wsd")
 
-    def __init__(self, base_lr, warmup_steps=0, max_steps=1, min_lr=0.0, kind="cosine"):
+    def __init__(self, base_lr, warmup_steps=0, max_steps=1, min_lr=0.0, kind="cosine", cooldown=WSD_COOLDOWN):
         if kind not in self.KINDS:
             raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(self.KINDS)}")
+        if not 0 < cooldown <= 1:
+            raise ValueError(f"need 0 < cooldown <= 1 (got {cooldown})")
         if base_lr <= 0 or min_lr < 0 or min_lr > base_lr:
             raise ValueError(f"need 0 <= min_lr <= base_lr and base_lr > 0 (got base_lr={base_lr}, min_lr={min_lr})")
         if warmup_steps < 0 or (max_steps is not None and max_steps < 1):
             raise ValueError(f"need warmup_steps >= 0 and max_steps >= 1 (got {warmup_steps}, {max_steps})")
         self.base_lr, self.min_lr = float(base_lr), float(min_lr)
-        self.warmup_steps, self.kind = int(warmup_steps), kind
+        self.warmup_steps, self.kind, self.cooldown = int(warmup_steps), kind, float(cooldown)
         self.max_steps = None if max_steps is None else int(max_steps)
         self.bend = None  # (step, progress) where refit last moved the horizon; None: never moved
+
+    def decay_start(self):
+        """The step the decay begins at, unbent: the end of warmup; for wsd, where the cooldown begins
+        (infinity while max_steps is None: the stable phase lasts until the horizon is known)."""
+        if self.kind != "wsd":
+            return self.warmup_steps
+        if self.max_steps is None:
+            return math.inf
+        stable = (1.0 - self.cooldown) * (self.max_steps - self.warmup_steps)
+        return self.warmup_steps + stable
 
     def progress(self, step):
         """How far the decay is at step (>= warmup_steps): 0 at its start, 1 at max_steps and after."""
         if self.max_steps is None:
             return 0.0
-        start, done = self.bend or (self.warmup_steps, 0.0)
+        start, done = self.bend or (self.decay_start(), 0.0)
         if step >= self.max_steps or self.max_steps <= start:
             return 1.0
         return min(1.0, done + (1.0 - done) * max(step - start, 0) / (self.max_steps - start))
@@ -99,9 +118,19 @@ class LRSchedule:
         """End the decay at max_steps instead, going on from where it is at step (the rate unbroken)."""
         if max_steps == self.max_steps:  # the same end: the same rates, to the last bit
             return
+        if self.kind == "wsd" and self.bend is None and step <= self.decay_start():
+            self._refit_stable(step, max_steps)
+            return
         if step > self.warmup_steps:
             self.bend = (step, self.progress(step))
         self.max_steps = int(max_steps)
+
+    def _refit_stable(self, step, max_steps):
+        """wsd in its stable phase (rate base_lr): the cooldown moves with the end; should the new end's
+        cooldown have begun before step, it begins at step instead, from base_lr (the rate unbroken)."""
+        self.max_steps = int(max_steps)
+        if self.decay_start() < step:
+            self.bend = (step, 0.0)
 
     def __call__(self, step):
         if step < self.warmup_steps:
@@ -111,7 +140,9 @@ class LRSchedule:
         progress = self.progress(step)  # 0 -> 1
         if self.kind == "cosine":
             weight = 0.5 * (1.0 + math.cos(math.pi * progress))        # 1 -> 0
-        else:
+        elif self.kind == "wsd" and progress == 0.0:
+            return self.base_lr  # the stable phase: base_lr itself (min_lr + 1.0 * (base_lr - min_lr) may round)
+        else:  # linear, and wsd's cooldown
             weight = 1.0 - progress
         return self.min_lr + weight * (self.base_lr - self.min_lr)
 

@@ -166,9 +166,11 @@ def setup(args, world, log, run_dir, init=None):
     horizon = None if args.time_budget else args.max_steps
     run = Run(args=args, world=world, log=log, run_dir=run_dir, train_ds=train_ds, val_ds=val_ds,
               # the batch order has its own random stream, separate from the initial weights'
-              batches=RandomBatches(train_ds, args.batch_size, args.seq_len, seed=[args.seed, 1]),
+              batches=RandomBatches(train_ds, args.batch_size, args.seq_len, seed=[args.seed, 1],
+                                    story_starts=args.story_starts),
               model=model, opt=make_optimizer(args, model.params, threads),
-              schedule=LRSchedule(args.learning_rate, args.warmup_steps, horizon, args.min_lr, args.lr_schedule),
+              schedule=LRSchedule(args.learning_rate, args.warmup_steps, horizon, args.min_lr, args.lr_schedule,
+                                  args.cooldown),
               tokenizer=train_ds.tokenizer, tokenizer_model_json=tokenizer_model_json(train_ds.tokenizer, log.say),
               run_id=world.bcast(new_run_id()), horizon=horizon)  # rank 0's
     if args.resume:  # rank 0 picks the checkpoint, so that every rank loads the same one

@@ -21,7 +21,7 @@ from budget import MAX_MINUTES
 from config import ARCHS, FIELD_RANGES, GPT2_EOT_ID, GPT2_VOCAB_SIZE, ROPE_THETA, ModelConfig
 from errors import TrainError
 from flag_types import COUNT, COUNT_OR_ZERO, PROBABILITY, SEED, HelpFormatter, Number
-from optimizer import OPTIMIZERS, LRSchedule
+from optimizer import OPTIMIZERS, WSD_COOLDOWN, LRSchedule
 
 MAX_STEPS = 5000  # --max_steps without --time_budget
 
@@ -41,7 +41,7 @@ PRESETS = {
                    use_learned_pos=False, no_tie_embeddings=False, activation=None,
                    batch_size=32, grad_accum=1, optimizer="adamw", learning_rate=2e-3, min_lr=2e-4,
                    warmup_steps=100, lr_schedule="cosine", weight_decay=0.01, decay_embeddings=False,
-                   beta1=0.9, beta2=0.999, grad_clip=1.0, dropout=0.0, time_budget=15),
+                   beta1=0.9, beta2=0.999, grad_clip=1.0, dropout=0.0, time_budget=15, cooldown=WSD_COOLDOWN),
 }
 
 
@@ -69,6 +69,7 @@ def flags_from_config(config):
 # config.FIELD_RANGES, the Hugging Face reader's too)
 NON_NEGATIVE = Number(float, 0)
 POSITIVE = Number(float, 0, low_open=True)
+COOLDOWN = Number(float, 0, 1, low_open=True)
 FLAG_RANGES = {"eot_id": Number(int, 0), "vocab_size": FIELD_RANGES["vocab_size"], "d_model": FIELD_RANGES["d_model"],
                "n_heads": FIELD_RANGES["n_heads"], "d_ff": FIELD_RANGES["d_ff"], "n_layers": FIELD_RANGES["n_layers"],
                "seq_len": FIELD_RANGES["max_seq_len"], "rope_theta": FIELD_RANGES["rope_theta"],
@@ -79,7 +80,7 @@ FLAG_RANGES = {"eot_id": Number(int, 0), "vocab_size": FIELD_RANGES["vocab_size"
                "grad_clip": NON_NEGATIVE, "dropout": PROBABILITY, "seed": SEED, "workers": COUNT,
                "log_interval": COUNT, "eval_interval": COUNT_OR_ZERO, "eval_batches": COUNT,
                "save_interval": COUNT_OR_ZERO, "max_time": POSITIVE, "rank_timeout": POSITIVE,
-               "time_budget": Number(float, 0, MAX_MINUTES, low_open=True)}
+               "time_budget": Number(float, 0, MAX_MINUTES, low_open=True), "cooldown": COOLDOWN}
 
 
 def build_parser():
@@ -92,6 +93,10 @@ def build_parser():
     d.add_argument("--eot_id", type=int, default=None,
                    help="end-of-text id joining the lines of a plain .jsonl without tokenizer sidecar "
                         f"(default: {GPT2_EOT_ID} for vocab {GPT2_VOCAB_SIZE}, else vocab_size - 1)")
+    d.add_argument("--story_starts", action="store_true",
+                   help="start every training window at a story's start (right after an end-of-text token, or "
+                        "the file's first token) instead of anywhere; a window may still run on into the next "
+                        "story. Validation and evaluation windows are unchanged")
     m = p.add_argument_group("model")
     m.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="tiny|small|medium|large: a model size of the README's table, which sets the model flags, "
@@ -144,7 +149,13 @@ def build_parser():
     o.add_argument("--min_lr", type=float, default=3e-5, help="learning rate at the end of the decay")
     o.add_argument("--warmup_steps", type=int, default=500, help="steps of linear warmup from 0 to --learning_rate")
     o.add_argument("--lr_schedule", choices=LRSchedule.KINDS, default="cosine",
-                   help="decay after warmup: cosine or linear to --min_lr, or constant")
+                   help="decay after warmup: cosine or linear to --min_lr (--min_lr 0: linear to zero), constant, "
+                        "or wsd (warmup-stable-decay): --learning_rate, then linear to --min_lr over the last "
+                        "--cooldown of the steps after warmup")
+    o.add_argument("--cooldown", type=float, default=WSD_COOLDOWN, metavar="SHARE",
+                   help="--lr_schedule wsd: the share of the steps after warmup spent decaying to --min_lr, at "
+                        "the end (1: the whole of them, the linear schedule); with --time_budget the cooldown "
+                        "follows the horizon as it is fitted again")
     o.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw", help="update rule")
     o.add_argument("--weight_decay", type=float, default=0.01,
                    help="decoupled weight decay for adamw, muon and sgd (plain adam has none) on weight matrices, "
@@ -234,6 +245,8 @@ def check_args(args):
         raise TrainError(f"--learning_rate must be a positive number (got {args.learning_rate})")
     if args.min_lr > args.learning_rate:
         raise TrainError(f"--min_lr {args.min_lr} is above --learning_rate {args.learning_rate}")
+    if not COOLDOWN.holds(args.cooldown):
+        raise TrainError(f"--cooldown must be {COOLDOWN} (got {args.cooldown})")
     for name in ("eval_batches", "workers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainError(f"--{name} must be at least 1 (got {getattr(args, name)})")

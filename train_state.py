@@ -27,7 +27,7 @@ DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file too larg
 # flags that change the sequence of updates: resuming with other values is allowed but not exact
 TRAJECTORY_FLAGS = ("batch_size", "learning_rate", "min_lr", "warmup_steps", "lr_schedule", "weight_decay",
                     "decay_embeddings", "grad_clip", "optimizer", "beta1", "beta2", "momentum", "seed",
-                    "max_steps", "train_data", "muon_momentum")
+                    "max_steps", "train_data", "muon_momentum", "cooldown", "story_starts")
 
 
 @dataclass

@@ -109,11 +109,11 @@ class Machine:
         return self.t
 
 
-def simulate(speed, minutes=15, cap=None, eval_every=0, eval_s=0.0, warmup=100):
+def simulate(speed, minutes=15, cap=None, eval_every=0, eval_s=0.0, warmup=100, kind="cosine"):
     """The training loop's use of the budget (train.py), steps taking speed(t) seconds and an evaluation of
     eval_s seconds every eval_every steps: (the budget, the horizon's fits [(step, horizon)], the schedule)."""
     clock = Machine(speed)
-    schedule = optimizer.LRSchedule(2e-3, warmup, None, 2e-4)
+    schedule = optimizer.LRSchedule(2e-3, warmup, None, 2e-4, kind)
     fits, step = [], 0
     with pytest.MonkeyPatch.context() as m:
         m.setattr(budget, "clock", clock)
@@ -170,14 +170,17 @@ def test_the_first_step_is_not_timed_and_the_first_horizon_follows_the_speed():
     (busy(850, 880, 3.0, 0.6), "very busy near the end"),
     (lambda t: 0.6 + 0.5 * math.sin(t / 40) ** 2, "a speed that keeps changing"),
 ])
-def test_the_run_ends_within_3_percent_of_the_budget_whatever_the_machine_does(speed, what):
-    b, fits, schedule, rates = simulate(speed)
+@pytest.mark.parametrize("kind", ["cosine", "wsd"])
+def test_the_run_ends_within_3_percent_of_the_budget_whatever_the_machine_does(speed, what, kind):
+    b, fits, schedule, rates = simulate(speed, kind=kind)
     assert abs(b.elapsed - 900) <= 0.03 * 900, what
     assert b.horizon == fits[-1][1] == len(rates) and len(fits) > 10, what
     # the schedule ends where the run ends, never jumps, and only goes down after warmup
     assert schedule.progress(b.horizon) == 1.0 and schedule.progress(b.horizon - 1) > 0.97, what
     decay = np.array(rates[100:])
     assert np.all(np.diff(decay) <= 1e-12) and np.max(-np.diff(decay)) < 0.02 * 2e-3, what
+    if kind == "wsd":  # the refits left the stable phase at the base rate: it lasts past half the run
+        assert all(r == 2e-3 for r in rates[100:len(rates) // 2]), what
 
 
 def test_one_fit_from_the_first_steps_wasted_a_third_of_the_budget_that_the_fits_now_use():
@@ -219,6 +222,40 @@ def test_a_refitted_schedule_goes_on_from_where_it_is_and_ends_at_the_new_horizo
         assert plain(40) == pytest.approx(optimizer.LRSchedule(1.0, 10, 100, 0.1, kind)(40))
         assert plain.progress(120) == pytest.approx(30 / 90 + (60 / 90) * 80 / 160)
         assert plain(200) == plain(300) == pytest.approx(0.1) and plain(199) > 0.1
+
+
+def wsd(max_steps):
+    """A warmup-stable-decay schedule: 10 steps of warmup, its last 30% of the rest the cooldown."""
+    return optimizer.LRSchedule(1.0, 10, max_steps, 0.1, "wsd", cooldown=0.3)
+
+
+def test_a_wsd_schedule_refitted_in_its_stable_phase_stays_at_the_base_rate_until_the_new_cooldown():
+    moved = wsd(100)   # its cooldown would begin at 10 + 0.7 * 90 = 73
+    moved.refit(50, 200)
+    moved.refit(60, 150)
+    moved.refit(70, 210)
+    assert moved.bend is None and moved.decay_start() == pytest.approx(150)
+    assert all(moved(s) == 1.0 for s in range(10, 150))
+    assert [moved(s) for s in range(70, 260)] == [wsd(210)(s) for s in range(70, 260)]  # as if 210 all along
+    assert moved(210) == pytest.approx(0.1) and moved(209) > 0.1
+    # a new end whose cooldown would have begun before this step: it begins here, from the base rate
+    late = wsd(100)
+    late.refit(60, 70)  # 70's cooldown would begin at 10 + 0.7 * 60 = 52
+    assert late.bend == (60, 0.0) and late(60) == 1.0
+    assert [late(s) for s in (65, 69, 70, 80)] == pytest.approx([0.55, 0.19, 0.1, 0.1])
+
+
+def test_a_wsd_schedule_refitted_in_its_cooldown_bends_it_to_end_at_the_new_horizon():
+    bent, before = wsd(100), wsd(100)   # the cooldown: 73 -> 100
+    bent.refit(80, 150)
+    assert bent.bend == (80, pytest.approx(7 / 27))
+    assert bent(80) == before(80)  # the rate unbroken
+    rates = [bent(s) for s in range(80, 151)]
+    assert np.allclose(np.diff(rates), (rates[-1] - rates[0]) / 70)  # one straight line from there
+    assert bent(150) == pytest.approx(0.1) and bent(149) > 0.1 and bent(400) == pytest.approx(0.1)
+    bent.refit(120, 130)  # again, shorter: from where it is at 120, down by 130
+    assert bent(120) == pytest.approx(before(80) - 40 * (before(80) - 0.1) / 70)
+    assert bent(130) == pytest.approx(0.1) and bent(129) > 0.1
 
 
 def test_every_rank_takes_rank_0s_clock():
@@ -277,10 +314,12 @@ def test_the_horizon_follows_the_speed_and_the_run_is_the_plain_run_of_that_many
     assert numbers[0] == numbers[1] and numbers[0][-1][2] == pytest.approx(1e-3, rel=1e-2)  # ends near min_lr
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])  # wsd: its cooldown from step 43.5; the slow resume bends it
 def test_a_resumed_run_continues_the_budget_and_repeats_the_uninterrupted_run_on_the_same_clock(
-        data, tmp_path, monkeypatch, capsys):
+        data, tmp_path, monkeypatch, capsys, schedule):
     whole, part, slow = str(tmp_path / "whole"), str(tmp_path / "part"), str(tmp_path / "slow")
-    flags = dict(warmup_steps=5, eval_interval=10, save_interval=20)  # decaying while measured; periodic work
+    # decaying while measured (cosine); periodic work
+    flags = dict(warmup_steps=5, eval_interval=10, save_interval=20, lr_schedule=schedule)
     monkeypatch.setattr(budget, "clock", Ticks(0.5))
     assert train.main(budget_flags(data, whole, **flags)) == 0
     h = read_meta(os.path.join(whole, "checkpoint_final.npz"))["horizon"]
@@ -308,19 +347,26 @@ def test_a_resumed_run_continues_the_budget_and_repeats_the_uninterrupted_run_on
     assert final["step"] == final["horizon"] == 24 and budget_used(slow)["seconds"] == 30.0
 
 
-def test_the_run_ends_with_its_budget_when_the_machine_gets_quieter(data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_the_run_ends_with_its_budget_when_the_machine_gets_quieter(data, tmp_path, monkeypatch, capsys, schedule):
     """Busy (1 s a step) for the first 6 s of a 30 s budget, then 0.25 s a step: the first fit, from the busy
     steps, gives about 30 steps; the run goes on to about 100 and its schedule ends there."""
     d = str(tmp_path / "quieter")
     clock = Machine(busy(0, 6, 1.0, 0.25))
     monkeypatch.setattr(budget, "clock", clock)
-    assert train.main(budget_flags(data, d, warmup_steps=5, log_interval=1)) == 0
+    assert train.main(budget_flags(data, d, warmup_steps=5, log_interval=1, lr_schedule=schedule)) == 0
     first, used = budget_record(d), budget_used(d)
     final = read_meta(os.path.join(d, "checkpoint_final.npz"))
     assert first["seconds_per_step"] == 1.0 and first["horizon"] < 35
     assert abs(used["seconds"] - 30) <= 0.03 * 30 and final["step"] == final["horizon"] > 90
     lrs = [r["lr"] for r in metrics(d) if r["type"] == "train"]
-    assert lrs[-1] < 1.05e-3 and all(b <= a + 1e-15 for a, b in zip(lrs[5:], lrs[6:]))  # down to --min_lr, no jump
+    assert all(b <= a + 1e-15 for a, b in zip(lrs[5:], lrs[6:]))  # no jump
+    if schedule == "cosine":
+        assert lrs[-1] < 1.05e-3  # down to --min_lr
+    else:  # the horizon grew from about 30 to about 100 before the cooldown began: stable till 60, no bend
+        assert lrs[5:60] == [1e-2] * 55
+        cooldown_steps = 0.3 * (final["horizon"] - 5)  # the last update, one cooldown step before --min_lr
+        assert lrs[-1] == pytest.approx(1e-3 + 9e-3 / cooldown_steps)
     assert "training took 30.0 s of 30 s" in capsys.readouterr().out
 
 

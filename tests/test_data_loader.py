@@ -134,6 +134,60 @@ def test_random_batches_are_shifted_windows_and_reproducible(tmp_path):
     assert starts.min() == 0 and starts.max() == 100 - 8
 
 
+def position_stories(tmp_path, n_stories=60, seed=0):
+    """A plain .jsonl of short stories whose every token is its position + 1 (end-of-text: 0), loaded; and
+    the positions where stories start."""
+    rng = np.random.default_rng(seed)
+    lines, starts, pos = [], [], 0
+    for _ in range(n_stories):
+        length = int(rng.integers(1, 30))
+        starts.append(pos)
+        lines.append(list(range(pos + 1, pos + length + 1)))
+        pos += length + 1  # the story, then its end-of-text
+    return load_dataset(write_jsonl(tmp_path / "stories.jsonl", lines), eot_id=0), starts
+
+
+def test_story_starts_windows_start_right_after_end_of_text_and_resume_exactly(tmp_path, monkeypatch):
+    ds, story_starts = position_stories(tmp_path)
+    seq_len = 8
+    fits = [p for p in story_starts if p < len(ds) - seq_len]  # the last stories leave no whole window
+    monkeypatch.setattr(data_loader, "SCAN_TOKENS", 7)  # chunks whose edges fall anywhere, on a story's end too
+    table = data_loader.find_story_starts(ds, seq_len)
+    assert table.dtype == np.uint32 and table.tolist() == fits
+    assert data_loader.find_story_starts_plain(ds, seq_len).tolist() == fits
+    a = RandomBatches(ds, batch_size=16, seq_len=seq_len, seed=3, story_starts=True)
+    assert a.num_windows == len(fits)
+    xs = [a.next()[0] for _ in range(200)]
+    drawn = np.concatenate([x[:, 0] for x in xs]) - 1  # a window's first token is its position + 1
+    assert set(drawn.tolist()) == set(fits)  # every story start, and nothing else
+    assert any((x[:, 1:] == 0).any() for x in xs)  # a window may run on into the next story
+    # the state continues the sequence exactly, as without the flag
+    b = RandomBatches(ds, batch_size=16, seq_len=seq_len, seed=3, story_starts=True)
+    np.testing.assert_array_equal(b.next()[0], xs[0])
+    saved = json.loads(json.dumps(b.state()))
+    expected = [b.next()[0] for _ in range(3)]
+    c = RandomBatches(ds, batch_size=16, seq_len=seq_len, seed=999, story_starts=True)
+    c.set_state(saved)
+    for e in expected:
+        np.testing.assert_array_equal(c.next()[0], e)
+    # without the flag: the windows of before, anywhere (the same draws from the same generator)
+    plain = RandomBatches(ds, batch_size=16, seq_len=seq_len, seed=3)
+    starts = np.random.Generator(np.random.PCG64(3)).integers(0, len(ds) - seq_len, size=16)
+    np.testing.assert_array_equal(plain.next()[0], np.asarray(ds.tokens)[starts[:, None] + np.arange(seq_len)])
+
+
+def test_story_starts_follow_end_of_text_not_lines_and_need_its_id(tmp_path):
+    # tokenizer.py --max_length splits a story over lines; only its last line ends with end-of-text
+    path = write_jsonl(tmp_path / "split.jsonl", [[5, 6], [7, 50256], [8, 50256]], IDENTITY)
+    ds = load_dataset(path, vocab_size=50257)
+    assert data_loader.find_story_starts(ds, seq_len=1).tolist() == [0, 4]
+    assert data_loader.find_story_starts(ds, seq_len=2).tolist() == [0]  # from 4 no window of 3 tokens fits
+    unknown = dict(IDENTITY, eot_id=None)
+    ds = load_dataset(write_jsonl(tmp_path / "no_eot.jsonl", [[5, 6, 50256]], unknown), vocab_size=50257)
+    with pytest.raises(DataError, match="end-of-text id is unknown.*--story_starts"):
+        RandomBatches(ds, batch_size=2, seq_len=1, story_starts=True)
+
+
 def test_eval_batches_cover_every_token_once(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [list(range(50))])
     ds = load_dataset(path, eot_id=50)   # 51 tokens: 0..50

@@ -275,10 +275,12 @@ def test_mpiexec_without_mpi4py_is_a_clear_error(data, tmp_path):
 
 
 @needs_mpi
-def test_two_ranks_train_bit_for_bit_what_two_workers_train(data, tmp_path):
+@pytest.mark.parametrize("story_starts", [False, True])
+def test_two_ranks_train_bit_for_bit_what_two_workers_train(data, tmp_path, story_starts):
     """Same losses, evaluations, weights and optimizer state; then a checkpoint of either resumed by the
     other finishes exactly as the uninterrupted run (and says nothing of the changed split: it changes nothing)."""
-    flags = dict(max_steps=30, log_interval=5, eval_interval=10, save_interval=10, batch_size=7)  # 4 + 3 rows
+    flags = dict(max_steps=30, log_interval=5, eval_interval=10, save_interval=10, batch_size=7,  # 4 + 3 rows
+                 story_starts=story_starts)
     ranks_dir, workers_dir = str(tmp_path / "ranks"), str(tmp_path / "workers")
     run = mpirun(2, tiny_flags(data, ranks_dir, **flags))
     assert run.returncode == 0, run.stderr

@@ -36,6 +36,36 @@ def test_linear_and_constant_schedules():
         LRSchedule(1e-4, min_lr=1e-3)
 
 
+def test_linear_to_zero_ends_at_zero():
+    s = LRSchedule(base_lr=1.0, warmup_steps=0, max_steps=10, min_lr=0.0, kind="linear")
+    assert [s(i) for i in (0, 5, 9, 10, 50)] == pytest.approx([1.0, 0.5, 0.1, 0.0, 0.0])
+    assert s(10) == 0.0
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_min_at_max_steps():
+    # 100 steps after warmup, the last 30 of them the cooldown: it begins at step 80
+    s = LRSchedule(base_lr=1.0, warmup_steps=10, max_steps=110, min_lr=0.1, kind="wsd", cooldown=0.3)
+    assert s.decay_start() == pytest.approx(80)
+    assert [s(i) for i in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])   # the warmup of the other kinds
+    assert all(s(i) == 1.0 for i in range(10, 81))                         # stable, exactly the base rate
+    assert [s(i) for i in (95, 109, 110, 500)] == pytest.approx([0.55, 0.13, 0.1, 0.1])
+    steps = np.diff([s(i) for i in range(80, 111)])
+    assert np.allclose(steps, -0.9 / 30)                                   # one straight line down
+    # cooldown 1: the whole of the steps after warmup, the linear schedule (to the last bit once it decays)
+    whole = LRSchedule(1.0, 10, 110, 0.1, "wsd", cooldown=1.0)
+    linear = LRSchedule(1.0, 10, 110, 0.1, "linear")
+    assert [whole(i) for i in range(130)] == pytest.approx([linear(i) for i in range(130)])
+    assert [whole(i) for i in range(11, 130)] == [linear(i) for i in range(11, 130)]
+    # the stable rate is base_lr itself, not min_lr + (base_lr - min_lr), which may round
+    assert LRSchedule(1e-2, 5, 102, 1e-3, "wsd")(5) == 1e-2 != 1e-3 + (1e-2 - 1e-3)
+    # the horizon not known yet (--time_budget measuring): the stable phase goes on
+    unknown = LRSchedule(1.0, 10, None, 0.1, "wsd")
+    assert unknown.decay_start() == math.inf and unknown(10**6) == 1.0
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="cooldown"):
+            LRSchedule(1.0, 10, 110, 0.1, "wsd", cooldown=bad)
+
+
 def test_clip_grad_norm_scales_to_max_norm_and_reports_the_old_norm():
     grads = {"a": np.array([3.0, 0.0], dtype=np.float32), "b": np.array([[4.0]], dtype=np.float32)}
     a_buf = grads["a"]

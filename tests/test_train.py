@@ -609,3 +609,28 @@ def test_llama_flags_are_checked_and_take_the_llama_defaults():
                           (["--d_model", "30", "--n_heads", "4"], "the model flags: d_model 30 is not divisible by n_heads 4")):
         with pytest.raises(train_flags.TrainError, match=message):
             parse(argv)
+
+
+def test_story_starts_and_the_wsd_and_linear_to_zero_schedules_train_and_are_recorded(data, tmp_path):
+    from optimizer import LRSchedule
+    runs = {"plain": {}, "stories": dict(story_starts=True), "wsd": dict(lr_schedule="wsd", cooldown=0.5),
+            "zero": dict(lr_schedule="linear", min_lr=0)}
+    logged = {}
+    for name, over in runs.items():
+        d = str(tmp_path / name)
+        flags = dict(max_steps=8, warmup_steps=2, log_interval=1, eval_interval=0, save_interval=0, **over)
+        assert train.main(tiny_flags(data, d, **flags)) == 0
+        logged[name] = [(r["loss"], r["lr"]) for r in metrics(d) if r["type"] == "train"]
+        args = read_meta(os.path.join(d, "checkpoint_final.npz"))["train_args"]
+        assert args["story_starts"] == (name == "stories") and args["lr_schedule"] == over.get("lr_schedule", "cosine")
+    # other windows, the same rates
+    assert [lr for _, lr in logged["stories"]] == [lr for _, lr in logged["plain"]]
+    assert [loss for loss, _ in logged["stories"]] != [loss for loss, _ in logged["plain"]]
+    # wsd: 6 steps after warmup, the last half of them the cooldown (from step 5); linear to zero ends at 0
+    wsd, zero = LRSchedule(1e-2, 2, 8, 1e-3, "wsd", 0.5), LRSchedule(1e-2, 2, 8, 0.0, "linear")
+    assert [lr for _, lr in logged["wsd"]] == [wsd(s) for s in range(8)] and wsd(5) == 1e-2 > wsd(6)
+    assert [lr for _, lr in logged["zero"]] == [zero(s) for s in range(8)] and zero(8) == 0.0
+    for bad in ("0", "1.5", "nan"):
+        with pytest.raises(SystemExit) as e:
+            train.main(tiny_flags(data, str(tmp_path / "bad"), lr_schedule="wsd", cooldown=bad))
+        assert str(e.value.code) == f"error: --cooldown must be a number in (0, 1] (got {float(bad)})"
