@@ -8,7 +8,7 @@ F d_ff, T_max max_seq_len, P the number of parameters (params.flat and grads.fla
     loss = cross_entropy(ln_f(x) @ wte.T, targets)   lm_head.py + loss.py
 
 Which block, and its final norm, the model picks once from BLOCKS by config.arch: GPT-2's
-(transformer.py) or Llama's (llama.py: RMSNorm, rotary positions, SwiGLU, no biases), whose
+(transformer.py) or Llama's (llama.py: RMSNorm, rotary positions, SwiGLU or relu2, no biases), whose
 embedding adds no position table (config.positions "rotary") and whose ln_f is an RMSNorm. A
 new kind of block is a row here and one in config.ARCHS.
 

@@ -104,9 +104,9 @@ def build_parser():
     m.add_argument("--d_model", type=int, default=128, help="width of the residual stream")
     m.add_argument("--n_heads", type=int, default=4, help="attention heads per layer (must divide d_model)")
     m.add_argument("--d_ff", type=int, default=None,
-                   help="hidden width of the feed-forward block (default: the block's own, 4 d_model for GPT-2's "
-                        "MLP; with --arch llama SwiGLU's 8/3 d_model rounded up to a multiple of 64, e.g. 384 for "
-                        "d_model 128)")
+                   help="hidden width of the feed-forward block (default: the feed-forward's own, 4 d_model for "
+                        "GPT-2's MLP and --activation relu2; with --arch llama SwiGLU's 8/3 d_model rounded up to a "
+                        "multiple of 64, e.g. 384 for d_model 128)")
     m.add_argument("--n_layers", type=int, default=2, help="number of transformer blocks")
     m.add_argument("--seq_len", type=int, default=128,
                    help="tokens per training window; also the model's max_seq_len (longest context)")
@@ -116,7 +116,9 @@ def build_parser():
                    help="give the output layer its own weight instead of reusing the token embedding")
     m.add_argument("--activation", choices=("gelu", "relu", "relu2", "swiglu"), default=None,
                    help="feed-forward nonlinearity of GPT-2's block: gelu (GPT-2's tanh form), relu, or relu2 "
-                        "(relu(x)^2); --arch llama's is swiglu, its only one (default gelu, with --arch llama swiglu)")
+                        "(relu(x)^2); --arch llama's: swiglu (gated, three matrices) or relu2 (a two-matrix MLP "
+                        "without biases, not exportable to Hugging Face or GGUF) (default gelu, with --arch llama "
+                        "swiglu)")
     m.add_argument("--arch", choices=list(ARCHS), default="gpt2",
                    help="the block: gpt2 (layer norm, position table, GELU MLP, biases) or llama (RMSNorm, rotary "
                         "positions, SwiGLU feed-forward, no biases, no position table), as llama2.c's TinyStories "
@@ -292,10 +294,11 @@ def apply_defaults(args, given, init=None):
         setattr(args, name, value)
     if args.max_steps is None and args.time_budget is None:
         args.max_steps = MAX_STEPS
-    if args.d_ff is None and args.arch in ARCHS and args.d_model >= 1:  # recorded as a number, as the model has it
-        args.d_ff = ARCHS[args.arch].d_ff(args.d_model)
-    if args.activation is None and args.arch in ARCHS:
-        args.activation = ARCHS[args.arch].activations[0]
+    arch = ARCHS.get(args.arch)
+    if args.activation is None and arch:
+        args.activation = arch.activations[0]
+    if args.d_ff is None and arch and args.d_model >= 1 and args.activation in arch.activations:
+        args.d_ff = arch.d_ff(args.d_model, args.activation)  # the activation's width, recorded as the model has it
 
 
 def check_init_from(args, config):

@@ -51,6 +51,7 @@ LLAMA = dict(arch="llama", n_kv_heads=1, rope_theta=100.0)  # grouped-query: 2 q
     {"activation": "relu2"},
     {"arch": "llama"},  # RMSNorm, rotary positions, SwiGLU, no biases, tied head
     {**LLAMA, "tie_embeddings": False},
+    {**LLAMA, "activation": "relu2"},  # the Llama block with a two-matrix relu(x)^2 MLP
 ])
 def test_whole_model_gradients(overrides, array_path):
     rng = np.random.default_rng(0)
