@@ -133,6 +133,10 @@ def build_parser():
                         "model.safetensors, e.g. written by export_hf.py). Its config.json gives the architecture: "
                         "leave the model flags out (any given must agree); --seq_len defaults to its context "
                         "(n_positions, max_position_embeddings) and may be shorter")
+    m.add_argument("--zero_init_proj", action="store_true",
+                   help="start every block's two output projections (attn.c_proj, mlp.c_proj) at zero, so each "
+                        "block begins as the identity (modded-nanogpt's); only the initial weights change, so a "
+                        "--resume keeps the checkpoint's and --init_from refuses it")
     o = p.add_argument_group("optimization")
     o.add_argument("--batch_size", type=int, default=32, help="windows per step")
     o.add_argument("--grad_accum", type=int, default=1, metavar="N",
@@ -242,6 +246,9 @@ def check_args(args):
                          f"(got {args.time_budget})")
     if not 0 < args.rank_timeout < math.inf:
         raise TrainError(f"--rank_timeout must be a positive number of seconds (got {args.rank_timeout})")
+    if args.zero_init_proj and args.init_from:
+        raise TrainError(f"--zero_init_proj sets the initial weights, and --init_from {args.init_from} gives them: "
+                         "leave one of the two out")
 
 
 MODEL_FLAGS = (("vocab_size", "vocab_size"), ("d_model", "d_model"), ("n_heads", "n_heads"), ("d_ff", "d_ff"),

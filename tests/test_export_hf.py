@@ -523,6 +523,10 @@ def test_train_init_from_a_llama_folder_takes_its_weights_and_architecture(tmp_p
     with pytest.raises(SystemExit) as e:
         train.main(base + ["--save_dir", str(tmp_path / "c"), "--arch", "gpt2"])
     assert "--arch gpt2 (folder: llama)" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # the folder gives the initial weights: zeroing them would be lost
+        train.main(base + ["--save_dir", str(tmp_path / "z"), "--zero_init_proj"])
+    assert "--zero_init_proj sets the initial weights, and --init_from" in str(e.value)
+    assert not (tmp_path / "z").exists()
 
 
 def test_given_flags_sees_flags_set_to_their_default_values():
