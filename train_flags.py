@@ -38,7 +38,7 @@ PRESETS = {
     "large": dict(d_model=512, n_heads=16, n_layers=6, batch_size=16, seq_len=256),
     "laptop": dict(vocab_size=4096, d_model=256, n_heads=8, d_ff=None, n_layers=4, seq_len=128,
                    arch="llama", rope_theta=None, n_kv_heads=None,
-                   use_learned_pos=False, no_tie_embeddings=False, activation=None,
+                   use_learned_pos=False, no_tie_embeddings=False, activation=None, zero_init_proj=False,
                    batch_size=32, grad_accum=1, optimizer="adamw", learning_rate=2e-3, min_lr=2e-4,
                    warmup_steps=100, lr_schedule="cosine", weight_decay=0.01, decay_embeddings=False,
                    beta1=0.9, beta2=0.999, grad_clip=1.0, dropout=0.0, time_budget=15),
