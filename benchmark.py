@@ -70,8 +70,8 @@ class MatmulsOnly:
     """The matrix products of one training step, alone: N = B*T rows, per layer and for the head.
 
     The widths are the block's: attn.c_attn (C, A), A = 3C for GPT-2 and (H + 2 Hkv) hs for Llama
-    (fewer key/value heads with grouped-query attention); mlp.c_fc (C, Ffc), F for GPT-2's MLP and
-    2F for SwiGLU's [gate | up]; mlp.c_proj (F, C). Attention's products are timed per query head
+    (fewer key/value heads with grouped-query attention); mlp.c_fc (C, Ffc), F for a two-matrix MLP (GPT-2's,
+    Llama's relu2) and 2F for SwiGLU's [gate | up]; mlp.c_proj (F, C). Attention's products are timed per query head
     (B, H, T, .), which with grouped-query attention are as many multiply-adds."""
 
     def __init__(self, cfg, B, T, dtype=np.float32, xp=np):
@@ -195,7 +195,9 @@ def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0
 
 def report(name, cfg, B, T, r):
     kv = "" if cfg.n_kv_heads is None else f" n_kv_heads={cfg.n_kv_heads}"
-    print(f"{name}: arch={cfg.arch} d_model={cfg.d_model} n_heads={cfg.n_heads}{kv} d_ff={cfg.d_ff} "
+    own = cfg.activation == ARCHS[cfg.arch].activations[0]  # the block's default feed-forward goes unsaid
+    act = "" if own else f" activation={cfg.activation}"
+    print(f"{name}: arch={cfg.arch}{act} d_model={cfg.d_model} n_heads={cfg.n_heads}{kv} d_ff={cfg.d_ff} "
           f"n_layers={cfg.n_layers} vocab={cfg.vocab_size} batch={B} seq={T} params={r['params']:,}")
     if r.get("gpu_mb") is None:
         times = f"step {r['step_s']:.3f} s   matmuls alone {r['matmul_s']:.3f} s"
@@ -372,6 +374,9 @@ def main(argv=None):
     ap.add_argument("--n_kv_heads", type=size["n_kv_heads"], default=None,
                     help=f"--arch llama: key/value heads (grouped-query attention): {size['n_kv_heads']}, dividing "
                          "--n_heads (default --n_heads)")
+    ap.add_argument("--activation", choices=sorted({a for arch in ARCHS.values() for a in arch.activations}),
+                    default=None, help="the feed-forward, as train.py's --activation (default: the block's own, gelu "
+                                       "or swiglu); relu2 with --arch llama is a two-matrix MLP, d_ff 4 d_model")
     ap.add_argument("--batch_size", type=COUNT, default=32, help=f"sequences per step: {COUNT} (default 32)")
     ap.add_argument("--seq_len", type=size["max_seq_len"], default=128,
                     help=f"tokens per sequence: {size['max_seq_len']} (default 128)")
@@ -429,7 +434,8 @@ def run(args):
         return
     try:
         cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
-                          n_layers=args.n_layers, max_seq_len=args.seq_len, arch=args.arch, n_kv_heads=args.n_kv_heads)
+                          n_layers=args.n_layers, max_seq_len=args.seq_len, arch=args.arch, n_kv_heads=args.n_kv_heads,
+                          activation=args.activation)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.profile:

@@ -7,11 +7,12 @@ and shapes of its parameters. A leaf: it imports no layer, so every room may imp
 
 Two kinds of block share the embedding, the head and the parameter names (ARCHS, one row each):
 "gpt2" (transformer.py: layer norm, learned or sinusoidal position table, GELU/ReLU MLP, biases)
-and "llama" (llama.py: RMSNorm, rotary positions, SwiGLU, no biases, no position table). The
-fields only one of them uses (use_learned_pos, activation for GPT-2; rope_theta, n_kv_heads for
+and "llama" (llama.py: RMSNorm, rotary positions, SwiGLU or a relu2 MLP, no biases, no position
+table). The fields only one of them uses (use_learned_pos for GPT-2; rope_theta, n_kv_heads for
 Llama) must keep their GPT-2 values for "gpt2" and Llama's for "llama", so that one model has one
-config. d_ff left out (None) is the block's own width: 4 d_model for GPT-2's MLP, SwiGLU's
-swiglu_hidden(d_model) for Llama's. language_model.BLOCKS holds each kind's math.
+config. The activation chooses the block's feed-forward (its row of feed_forwards: the shapes and the
+default width). d_ff left out (None) is that feed-forward's own width: 4 d_model for a two-matrix MLP
+(GPT-2's, Llama's relu2), SwiGLU's swiglu_hidden(d_model). language_model.BLOCKS holds each kind's math.
 
 ModelConfig is saved inside every checkpoint (checkpoint.py), so generate.py needs nothing
 else. A checkpoint written before a field existed still loads: the field takes its default.
@@ -68,33 +69,64 @@ def swiglu_hidden(d_model, multiple_of=64):
     return multiple_of * -(-hidden // multiple_of)
 
 
-def llama_block_shapes(d_model, n_heads, n_kv_heads=None, d_ff=None):
+def four_times(d_model):
+    """The width of a two-matrix MLP when none is given: 4 d_model, GPT-2's."""
+    return 4 * d_model
+
+
+class FeedForward(NamedTuple):
+    """One feed-forward a block can have, chosen by ModelConfig.activation."""
+    d_ff: Callable  # (d_model) -> the hidden width F when none is given
+    fc_columns: int  # mlp.c_fc's columns per hidden unit: 2 for a gated one ([gate | up]), else 1
+    words: str  # for people (describe)
+
+
+# The Llama block's feed-forwards, its default first: SwiGLU, three matrices (gate and up side by side in
+# mlp.c_fc), or relu2, out = relu(x @ mlp.c_fc)^2 @ mlp.c_proj, two (modded-nanogpt's; no biases either way)
+LLAMA_FEED_FORWARDS = {"swiglu": FeedForward(swiglu_hidden, 2, "SwiGLU"),
+                       "relu2": FeedForward(four_times, 1, "relu2 MLP")}
+
+
+def llama_block_shapes(d_model, n_heads, n_kv_heads=None, d_ff=None, activation="swiglu"):
     """{name: shape} of one Llama block's parameters, in GPT-2's names where the role is the same, so
     that a model's per-layer dict looks alike for both blocks. For HF's LlamaForCausalLM (weights there
     (out, in)): ln_1 = input_layernorm, ln_2 = post_attention_layernorm, attn.c_attn's columns
     [:C | C:C+Hkv hs | C+Hkv hs:] transposed = q_proj, k_proj, v_proj, attn.c_proj.T = o_proj,
-    mlp.c_fc's [:F | F:] transposed = gate_proj, up_proj, mlp.c_proj.T = down_proj."""
+    mlp.c_fc's [:F | F:] transposed = gate_proj, up_proj, mlp.c_proj.T = down_proj. With activation
+    "relu2" mlp.c_fc is (C, F), one matrix (LLAMA_FEED_FORWARDS)."""
     C, H = d_model, n_heads
     Hkv = n_kv_heads or H
     if C % H or H % Hkv or (C // H) % 2:
         raise ValueError(f"the Llama block needs d_model ({C}) divisible by n_heads ({H}), an even head size "
                          f"and n_heads divisible by n_kv_heads ({Hkv})")
-    hs, F = C // H, d_ff or swiglu_hidden(C)
+    ffn = LLAMA_FEED_FORWARDS[activation]
+    hs, F = C // H, d_ff or ffn.d_ff(C)
     return {"ln_1.weight": (C,), "attn.c_attn.weight": (C, (H + 2 * Hkv) * hs), "attn.c_proj.weight": (C, C),
-            "ln_2.weight": (C,), "mlp.c_fc.weight": (C, 2 * F), "mlp.c_proj.weight": (F, C)}
+            "ln_2.weight": (C,), "mlp.c_fc.weight": (C, ffn.fc_columns * F), "mlp.c_proj.weight": (F, C)}
 
 
 # ----------------------------------------------------------------------------- the block table
 
 class Arch(NamedTuple):
     """What one kind of block fixes about the model's record (language_model.BLOCKS holds its math)."""
-    d_ff: Callable  # (d_model) -> the feed-forward width when none is given
-    activations: tuple  # the feed-forward's activations, its default first
+    feed_forwards: dict  # activation -> its FeedForward (default width, shapes, words), the default first
     block_shapes: Callable  # (config) -> {name: shape} of one block's parameters
     final_norm: tuple  # the names of the final norm's parameters
     rotary: bool  # positions turned inside attention (no position table)
     norm: str  # words for people (describe)
-    ffn: str
+
+    @property
+    def activations(self):
+        """The feed-forward's activations, its default first."""
+        return tuple(self.feed_forwards)
+
+    def d_ff(self, d_model, activation):
+        """The feed-forward width when none is given: that of the activation's feed-forward."""
+        return self.feed_forwards[activation].d_ff(d_model)
+
+
+# GPT-2's MLP is two matrices with biases whatever its activation
+GPT2_FEED_FORWARDS = {name: FeedForward(four_times, 1, f"{name} MLP") for name in ("gelu", "relu", "relu2")}
 
 
 def _check_gpt2(cfg):
@@ -115,16 +147,17 @@ def _check_llama(cfg):
     if cfg.n_kv_heads is None:
         cfg.n_kv_heads = cfg.n_heads
     k = FIELD_RANGES["n_kv_heads"].check(cfg.n_kv_heads, "ModelConfig.n_kv_heads")
-    llama_block_shapes(cfg.d_model, cfg.n_heads, k, cfg.d_ff)  # its ValueError: heads that do not fit
+    llama_block_shapes(cfg.d_model, cfg.n_heads, k, cfg.d_ff, cfg.activation)  # its ValueError: heads that do not fit
 
 
 ARCHS = {
-    "gpt2": Arch(d_ff=lambda C: 4 * C, activations=("gelu", "relu", "relu2"),
+    "gpt2": Arch(feed_forwards=GPT2_FEED_FORWARDS,
                  block_shapes=lambda cfg: gpt2_block_shapes(cfg.d_model, cfg.d_ff),
-                 final_norm=("ln_f.weight", "ln_f.bias"), rotary=False, norm="layer norm", ffn="{} MLP"),
-    "llama": Arch(d_ff=swiglu_hidden, activations=("swiglu",),
-                  block_shapes=lambda cfg: llama_block_shapes(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff),
-                  final_norm=("ln_f.weight",), rotary=True, norm="RMSNorm", ffn="SwiGLU"),
+                 final_norm=("ln_f.weight", "ln_f.bias"), rotary=False, norm="layer norm"),
+    "llama": Arch(feed_forwards=LLAMA_FEED_FORWARDS,
+                  block_shapes=lambda cfg: llama_block_shapes(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff,
+                                                              cfg.activation),
+                  final_norm=("ln_f.weight",), rotary=True, norm="RMSNorm"),
 }
 CHECKS = {"gpt2": _check_gpt2, "llama": _check_llama}  # each block's own fields: defaults filled in, then checked
 
@@ -136,13 +169,13 @@ class ModelConfig:
     vocab_size: int = GPT2_VOCAB_SIZE
     d_model: int = 128
     n_heads: int = 4
-    d_ff: int = None  # the feed-forward width; None: the block's own (ARCHS: 4 d_model, or SwiGLU's)
+    d_ff: int = None  # the feed-forward width; None: the feed-forward's own (4 d_model, or SwiGLU's)
     n_layers: int = 2
     max_seq_len: int = 128  # length of the positional table: the longest context
     use_learned_pos: bool = False  # learned wpe (GPT-2) instead of the fixed sinusoidal table
     tie_embeddings: bool = True  # the head projects with wte instead of its own lm_head.weight
-    # GPT-2's MLP: "gelu" (tanh form, as GPT-2), "relu" or "relu2" (relu(x)^2); Llama's is "swiglu", its only
-    # one. None (the default): the architecture's own, "gelu" or "swiglu"
+    # GPT-2's MLP: "gelu" (tanh form, as GPT-2), "relu" or "relu2" (relu(x)^2); Llama's: "swiglu" or "relu2" (a
+    # two-matrix MLP without biases). None (the default): the architecture's own, "gelu" or "swiglu"
     activation: str = None
     arch: str = "gpt2"  # a row of ARCHS: "gpt2" (transformer.py's block) or "llama" (llama.py's)
     rope_theta: float = None  # llama: the base of the rotary frequencies, None: ROPE_THETA (10000); gpt2: None
@@ -154,8 +187,9 @@ class ModelConfig:
         if self.arch not in ARCHS:
             raise ValueError(f"ModelConfig.arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
         arch = ARCHS[self.arch]
+        self._check_activation(arch)  # first: it chooses the default width
         if self.d_ff is None and isinstance(self.d_model, (int, np.integer)) and not isinstance(self.d_model, bool):
-            self.d_ff = arch.d_ff(self.d_model)
+            self.d_ff = arch.d_ff(self.d_model, self.activation)
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
             FIELD_RANGES[name].check(getattr(self, name), f"ModelConfig.{name}")
         for name in ("use_learned_pos", "tie_embeddings"):
@@ -163,15 +197,19 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        CHECKS[self.arch](self)
+        for name in ("dropout", "norm_eps"):
+            FIELD_RANGES[name].check(getattr(self, name), f"ModelConfig.{name}")
+
+    def _check_activation(self, arch):
+        """The activation, None: the block's default; one the block has not is a ValueError."""
         if self.activation is None:
             self.activation = arch.activations[0]
         if self.activation not in arch.activations:
             choices = " or ".join(map(repr, arch.activations))
+            default = arch.feed_forwards[arch.activations[0]].words
             raise ValueError(f"activation {self.activation!r}: the {self.arch} block's feed-forward "
-                             f"({arch.ffn.format(arch.activations[0])}) takes {choices}")
-        CHECKS[self.arch](self)
-        for name in ("dropout", "norm_eps"):
-            FIELD_RANGES[name].check(getattr(self, name), f"ModelConfig.{name}")
+                             f"({default}) takes {choices}")
 
     @property
     def positions(self):
@@ -194,7 +232,7 @@ class ModelConfig:
         pos = f"{self.positions} positions" + (f" (theta {self.rope_theta:g})" if arch.rotary else "")
         biases = "" if "ln_f.bias" in arch.final_norm else ", no biases"
         return (f"{self.arch}: {layers}, d_model {self.d_model}, {self.n_heads} heads{kv}, {arch.norm}, {pos}, "
-                f"{arch.ffn.format(self.activation)} d_ff {self.d_ff}{biases}, {head}")
+                f"{arch.feed_forwards[self.activation].words} d_ff {self.d_ff}{biases}, {head}")
 
     @classmethod
     def from_dict(cls, d):

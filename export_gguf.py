@@ -157,7 +157,11 @@ def model_metadata(config, dtype_name):
 
 
 def llama_metadata(config):
-    """The Llama block's own keys: grouped-query heads, RMSNorm's eps, the rotary positions."""
+    """The Llama block's own keys: grouped-query heads, RMSNorm's eps, the rotary positions; a feed-forward llama.cpp
+    cannot compute (the relu2 MLP: its llama architecture's is always gated, SwiGLU) is refused in one line."""
+    if config.activation != "swiglu":
+        raise GGUFError(f"activation {config.activation}: llama.cpp's llama architecture computes only the gated "
+                        "SwiGLU feed-forward (ffn_gate, ffn_up, ffn_down); nothing was written")
     return {"llama.attention.head_count_kv": ("UINT32", config.n_kv_heads),
             "llama.attention.layer_norm_rms_epsilon": ("FLOAT32", config.norm_eps),
             "llama.rope.freq_base": ("FLOAT32", config.rope_theta),

@@ -68,6 +68,10 @@ FIELDS = {"vocab_size": "vocab_size", "n_positions": "max_seq_len", "n_embd": "d
           "n_head": "n_heads", "n_inner": "d_ff", "max_position_embeddings": "max_seq_len", "hidden_size": "d_model",
           "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
           "head_dim": "d_model", "intermediate_size": "d_ff", "rope_theta": "rope_theta", "rms_norm_eps": "norm_eps"}
+# Our arch -> {our activation: transformers' name for it}, the feed-forwards transformers computes; a model with
+# another is not exported (check_exportable). transformers' Llama MLP is always gated, down(act(gate) * up):
+# the Llama block's SwiGLU exports as hidden_act "silu", its two-matrix relu2 MLP cannot.
+HF_ACTIVATIONS = {"gpt2": {"gelu": "gelu_new", "relu": "relu", "relu2": "relu2"}, "llama": {"swiglu": "silu"}}
 # Not weights: old GPT-2 files keep the causal mask, old Llama files the rotary frequencies.
 BUFFER_RE = re.compile(r"h\.\d+\.attn\.(masked_)?bias$|\.rotary_emb\.inv_freq$")
 
@@ -83,6 +87,16 @@ def safetensors_numpy():
 
 # ----------------------------------------------------------------------------- config.json <-> ModelConfig
 
+def check_exportable(config, source):
+    """HFError in one line for a model of `source` (a checkpoint) that transformers cannot compute: a feed-forward
+    not in HF_ACTIVATIONS (the Llama block's relu2 MLP)."""
+    known = HF_ACTIVATIONS[config.arch]
+    if config.activation not in known:
+        raise HFError(f"{source}: --arch {config.arch} with --activation {config.activation} cannot be exported: "
+                      f"transformers' {config.arch} model takes --activation {' or '.join(known)} only (its Llama MLP "
+                      "is always gated, SwiGLU); nothing was written")
+
+
 def gpt2_config_json(config, eot_id, record):
     """GPT2Config fields (config.json) describing our ModelConfig; `record` goes under "numpy_gpt"."""
     return {
@@ -94,7 +108,7 @@ def gpt2_config_json(config, eot_id, record):
         "n_layer": config.n_layers,
         "n_head": config.n_heads,
         "n_inner": config.d_ff,
-        "activation_function": "gelu_new" if config.activation == "gelu" else config.activation,  # relu, relu2
+        "activation_function": HF_ACTIVATIONS["gpt2"][config.activation],
         "layer_norm_epsilon": LN_EPS,
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "initializer_range": 0.02,
@@ -164,7 +178,7 @@ def llama_config_json(config, eot_id, record):
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.d_model // config.n_heads,
-        "hidden_act": "silu",
+        "hidden_act": HF_ACTIVATIONS["llama"][config.activation],
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,

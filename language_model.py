@@ -8,7 +8,7 @@ F d_ff, T_max max_seq_len, P the number of parameters (params.flat and grads.fla
     loss = cross_entropy(ln_f(x) @ wte.T, targets)   lm_head.py + loss.py
 
 Which block, and its final norm, the model picks once from BLOCKS by config.arch: GPT-2's
-(transformer.py) or Llama's (llama.py: RMSNorm, rotary positions, SwiGLU, no biases), whose
+(transformer.py) or Llama's (llama.py: RMSNorm, rotary positions, SwiGLU or relu2, no biases), whose
 embedding adds no position table (config.positions "rotary") and whose ln_f is an RMSNorm. A
 new kind of block is a row here and one in config.ARCHS.
 
@@ -79,9 +79,25 @@ def init_params(cfg, rng, dtype=np.float32):
     return params
 
 
+# The two projections of each block that write into the residual stream (the same names in both blocks)
+OUTPUT_PROJECTIONS = ("attn.c_proj.weight", "mlp.c_proj.weight")
+
+
+def zero_output_projections(params):
+    """train.py --zero_init_proj: every block's OUTPUT_PROJECTIONS set to zero, in place (params: a dict of
+    arrays, FlatDict views included). Each block then starts as the identity, its branches adding nothing to
+    the residual stream until training moves them: their gradients (input.T @ dout) are not zero. GPT-2's
+    biases of these projections are zero already. Applied after init_params, so every other weight is
+    the very one the same seed gives without it."""
+    for name, p in params.items():
+        if name.startswith("h.") and name.endswith(OUTPUT_PROJECTIONS):
+            p[...] = 0
+
+
 def memory_needed(cfg, batch_size, seq_len, workers=1):
     """Bytes a training step of cfg's model needs, roughly: weights, gradients and AdamW's two moments (and
-    one more gradient copy per extra worker), plus the activations a step keeps for its backward pass."""
+    one more gradient copy per extra worker), plus the activations a step keeps for its backward pass (the
+    feed-forward's: two (B, T, F) arrays, a two-matrix MLP's pre-activation and activation, in either block)."""
     P = sum(math.prod(s) for s in param_shapes(cfg).values())
     C, F, L, H, T = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.n_heads, seq_len
     return 4 * P * (4 + max(0, workers - 1)) + 4 * batch_size * T * L * (8 * C + 2 * F + H * T)

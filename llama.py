@@ -1,4 +1,4 @@
-"""[math] The Llama block: RMSNorm, rotary positions, SwiGLU, and the block built from them.
+"""[math] The Llama block: RMSNorm, rotary positions, SwiGLU (or a ReLU^2 MLP), and the block built from them.
 
 Shapes: B batch, T sequence length (of the queries), S length of the keys (T, or more with a
 key/value cache), C model width, H query heads, Hkv key/value heads (H for plain multi-head
@@ -10,7 +10,9 @@ What differs from GPT-2's block (transformer.py), as in Llama, llama2.c and CS33
 - no position table: rotary position embedding (RoPE) turns each head's q and k by angles
   proportional to their absolute positions, so the scores depend on relative positions only;
 - SwiGLU feed-forward with three matrices, silu(x @ w_gate) * (x @ w_up) @ w_down, whose F of
-  about 8C/3 (swiglu_hidden) keeps the parameters of GPT-2's 4C-wide two-matrix MLP;
+  about 8C/3 (swiglu_hidden) keeps the parameters of GPT-2's 4C-wide two-matrix MLP; or, with
+  activation "relu2", that two-matrix MLP without biases, relu(x @ w_fc)^2 @ w_proj, F = 4C
+  (modded-nanogpt's; transformers' Llama cannot express it, so it is not exported);
 - no biases anywhere; optionally fewer key/value heads than query heads (grouped-query).
 The residual stream, pre-norm order, causal softmax, KV cache and parameter names are GPT-2's.
 
@@ -28,7 +30,7 @@ takes only the attention core (the causal softmax); the shapes of the parameters
 defaults (RMS_EPS, ROPE_THETA, swiglu_hidden) are the model's record, config.py's.
 """
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -36,7 +38,7 @@ from config import RMS_EPS, ROPE_THETA, llama_block_shapes
 from device import (BLOCK, blocks, column_sum, get_array_module, matmul_into, matmul_rows, row_dot_mean, to_device,
                     whole_arrays)
 from dropout import NO_DROPOUT, BlockMasks, DropoutMask, dropout_backward, dropout_forward, residual_add_inplace
-from transformer import causal_softmax_inplace, softmax_backward_inplace
+from transformer import causal_softmax_inplace, relu2_backward_inplace, relu2_forward, softmax_backward_inplace
 
 # ----------------------------------------------------------------------------- RMSNorm
 
@@ -334,20 +336,66 @@ def swiglu_backward(dout, cache, w_fc, w_proj, dw_fc, dw_proj):
     return (dh.T @ w_fc.T).reshape(x.shape)  # (N, 2F) @ (2F, C) -> (N, C)
 
 
+# ----------------------------------------------------------------------------- ReLU^2 feed-forward
+
+class ReLU2MLPCache(NamedTuple):
+    x: np.ndarray  # (B, T, C) input
+    h: np.ndarray  # (B, T, F) pre-activation, x @ w_fc
+    a: np.ndarray  # (B, T, F) relu(h)^2, the input of the output projection
+
+
+def relu2_mlp_forward(x, w_fc, w_proj):
+    """(B, T, C) -> (B, T, C): relu(x @ w_fc)^2 @ w_proj, GPT-2's two-matrix MLP with modded-nanogpt's
+    activation and no biases. w_fc (C, F), w_proj (F, C). The activation is transformer.py's (GPT-2's
+    relu2 MLP), only the biases differ."""
+    h = matmul_rows(x, w_fc)  # (B, T, C) -> (B, T, F)
+    a = relu2_forward(h)
+    out = matmul_rows(a, w_proj)  # (B, T, F) -> (B, T, C)
+    return out, ReLU2MLPCache(x, h, a)
+
+
+def relu2_mlp_backward(dout, cache, w_fc, w_proj, dw_fc, dw_proj):
+    """Reverse of relu2_mlp_forward. Returns dx."""
+    x, h, a = cache
+    C, F = w_fc.shape
+    # forward was: out = a @ w_proj
+    dw_proj += a.reshape(-1, F).T @ dout.reshape(-1, C)  # (F, N) @ (N, C) -> (F, C)
+    da = matmul_rows(dout, w_proj.T)  # (B, T, C) -> (B, T, F)
+    # forward was: a = relu(h)^2
+    relu2_backward_inplace(da, h)  # da -> dh
+    # forward was: h = x @ w_fc
+    dw_fc += x.reshape(-1, C).T @ da.reshape(-1, F)  # (C, N) @ (N, F) -> (C, F)
+    return matmul_rows(da, w_fc.T)  # (B, T, F) -> (B, T, C)
+
+
+class FeedForwardPair(NamedTuple):
+    """One feed-forward's math: forward(x, w_fc, w_proj) -> out, cache and
+    backward(dout, cache, w_fc, w_proj, dw_fc, dw_proj) -> dx."""
+    forward: Callable
+    backward: Callable
+
+
+# ModelConfig.activation -> the feed-forward of the block (config.LLAMA_FEED_FORWARDS holds their shapes)
+FEED_FORWARDS = {"swiglu": FeedForwardPair(swiglu_forward, swiglu_backward),
+                 "relu2": FeedForwardPair(relu2_mlp_forward, relu2_mlp_backward)}
+
+
 # ----------------------------------------------------------------------------- block
 
 class LlamaBlockCache(NamedTuple):
     ln_1: RMSNormCache
     attn: LlamaAttentionCache
     ln_2: RMSNormCache
-    mlp: SwiGLUCache
+    mlp: SwiGLUCache | ReLU2MLPCache
     dropout: BlockMasks  # NO_DROPOUT: none
+    activation: str  # which feed-forward made mlp (FEED_FORWARDS)
 
 
 def llama_block_forward(x, p, cfg, kv=None, layer=0, dropout=None):
-    """Pre-norm block: x + dropout(attn(rmsnorm_1(x))), then + dropout(swiglu(rmsnorm_2(.))). `p` maps the
-    names of llama_block_shapes to arrays; cfg: the ModelConfig (n_heads, n_kv_heads, rope_theta, norm_eps);
-    `dropout`: the block's BlockMasks when training with dropout, None: no dropout."""
+    """Pre-norm block: x + dropout(attn(rmsnorm_1(x))), then + dropout(ffn(rmsnorm_2(.))), ffn SwiGLU or relu2's
+    MLP (FEED_FORWARDS). `p` maps the names of llama_block_shapes to arrays; cfg: the ModelConfig (n_heads,
+    n_kv_heads, rope_theta, norm_eps, activation); `dropout`: the block's BlockMasks when training with
+    dropout, None: no dropout."""
     dropout = dropout or NO_DROPOUT
     h, c_ln1 = rmsnorm_forward(x, p["ln_1.weight"], cfg.norm_eps)
     a, c_attn = llama_attention_forward(h, p["attn.c_attn.weight"], p["attn.c_proj.weight"],
@@ -355,18 +403,19 @@ def llama_block_forward(x, p, cfg, kv=None, layer=0, dropout=None):
     residual_add_inplace(a, x, dropout.attn_out)  # x + dropout(attn(rmsnorm(x))), over attention's output (fresh)
     x = a
     h, c_ln2 = rmsnorm_forward(x, p["ln_2.weight"], cfg.norm_eps)
-    m, c_mlp = swiglu_forward(h, p["mlp.c_fc.weight"], p["mlp.c_proj.weight"])
+    m, c_mlp = FEED_FORWARDS[cfg.activation].forward(h, p["mlp.c_fc.weight"], p["mlp.c_proj.weight"])
     residual_add_inplace(m, x, dropout.mlp_out)  # the residual, over the feed-forward's output
-    return m, LlamaBlockCache(c_ln1, c_attn, c_ln2, c_mlp, dropout)
+    return m, LlamaBlockCache(c_ln1, c_attn, c_ln2, c_mlp, dropout, cfg.activation)
 
 
 def llama_block_backward(dout, cache, p, g):
     """Reverse of llama_block_forward; `g` holds the gradient arrays under the same names as `p`."""
     attn_mask, mlp_mask = cache.dropout.attn_out, cache.dropout.mlp_out
-    # forward was: out = x1 + dropout(swiglu(rmsnorm_2(x1))), so dx1 = dout + the path through the feed-forward
+    # forward was: out = x1 + dropout(ffn(rmsnorm_2(x1))), so dx1 = dout + the path through the feed-forward
     dm = dout if mlp_mask is None else dropout_backward(dout, mlp_mask)  # (B, T, C) a new array: dout is needed below
-    dh = swiglu_backward(dm, cache.mlp, p["mlp.c_fc.weight"], p["mlp.c_proj.weight"],
-                         g["mlp.c_fc.weight"], g["mlp.c_proj.weight"])
+    ffn = FEED_FORWARDS[cache.activation]
+    dh = ffn.backward(dm, cache.mlp, p["mlp.c_fc.weight"], p["mlp.c_proj.weight"],
+                      g["mlp.c_fc.weight"], g["mlp.c_proj.weight"])
     dx1 = rmsnorm_backward(dh, cache.ln_2, g["ln_2.weight"])
     dx1 += dout
     # forward was: x1 = x + dropout(attn(rmsnorm_1(x)))

@@ -58,7 +58,7 @@ from device import array_module, gpu_name, on_gpu, synchronize
 from dropout import DropoutKey
 from errors import DataError, TrainError, UserError, say
 from hf_format import load_hf_params, read_hf_config
-from language_model import LanguageModel, memory_needed
+from language_model import LanguageModel, memory_needed, zero_output_projections
 from loss import count_targets
 from evaluation import evaluate
 from metrics import Interval, MetricsLog, StepTimer, log_eval, log_train, progress_bar
@@ -163,6 +163,8 @@ def setup(args, world, log, run_dir, init=None):
                           device=args.device)
     if init is not None and not args.resume:  # resuming: the checkpoint has the weights
         init_weights(model, args, init, train_ds.tokenizer, log)
+    if args.zero_init_proj and not args.resume:  # an initialisation only: resuming, the checkpoint has the weights
+        zero_output_projections(model.params)
     horizon = None if args.time_budget else args.max_steps
     run = Run(args=args, world=world, log=log, run_dir=run_dir, train_ds=train_ds, val_ds=val_ds,
               # the batch order has its own random stream, separate from the initial weights'

@@ -38,7 +38,7 @@ PRESETS = {
     "large": dict(d_model=512, n_heads=16, n_layers=6, batch_size=16, seq_len=256),
     "laptop": dict(vocab_size=4096, d_model=256, n_heads=8, d_ff=None, n_layers=4, seq_len=128,
                    arch="llama", rope_theta=None, n_kv_heads=None,
-                   use_learned_pos=False, no_tie_embeddings=False, activation=None,
+                   use_learned_pos=False, no_tie_embeddings=False, activation=None, zero_init_proj=False,
                    batch_size=32, grad_accum=1, optimizer="adamw", learning_rate=2e-3, min_lr=2e-4,
                    warmup_steps=100, lr_schedule="cosine", weight_decay=0.01, decay_embeddings=False,
                    beta1=0.9, beta2=0.999, grad_clip=1.0, dropout=0.0, time_budget=15, cooldown=WSD_COOLDOWN),
@@ -110,9 +110,9 @@ def build_parser():
     m.add_argument("--d_model", type=int, default=128, help="width of the residual stream")
     m.add_argument("--n_heads", type=int, default=4, help="attention heads per layer (must divide d_model)")
     m.add_argument("--d_ff", type=int, default=None,
-                   help="hidden width of the feed-forward block (default: the block's own, 4 d_model for GPT-2's "
-                        "MLP; with --arch llama SwiGLU's 8/3 d_model rounded up to a multiple of 64, e.g. 384 for "
-                        "d_model 128)")
+                   help="hidden width of the feed-forward block (default: the feed-forward's own, 4 d_model for "
+                        "GPT-2's MLP and --activation relu2; with --arch llama SwiGLU's 8/3 d_model rounded up to a "
+                        "multiple of 64, e.g. 384 for d_model 128)")
     m.add_argument("--n_layers", type=int, default=2, help="number of transformer blocks")
     m.add_argument("--seq_len", type=int, default=128,
                    help="tokens per training window; also the model's max_seq_len (longest context)")
@@ -122,7 +122,9 @@ def build_parser():
                    help="give the output layer its own weight instead of reusing the token embedding")
     m.add_argument("--activation", choices=("gelu", "relu", "relu2", "swiglu"), default=None,
                    help="feed-forward nonlinearity of GPT-2's block: gelu (GPT-2's tanh form), relu, or relu2 "
-                        "(relu(x)^2); --arch llama's is swiglu, its only one (default gelu, with --arch llama swiglu)")
+                        "(relu(x)^2); --arch llama's: swiglu (gated, three matrices) or relu2 (a two-matrix MLP "
+                        "without biases, not exportable to Hugging Face or GGUF) (default gelu, with --arch llama "
+                        "swiglu)")
     m.add_argument("--arch", choices=list(ARCHS), default="gpt2",
                    help="the block: gpt2 (layer norm, position table, GELU MLP, biases) or llama (RMSNorm, rotary "
                         "positions, SwiGLU feed-forward, no biases, no position table), as llama2.c's TinyStories "
@@ -137,6 +139,10 @@ def build_parser():
                         "model.safetensors, e.g. written by export_hf.py). Its config.json gives the architecture: "
                         "leave the model flags out (any given must agree); --seq_len defaults to its context "
                         "(n_positions, max_position_embeddings) and may be shorter")
+    m.add_argument("--zero_init_proj", action="store_true",
+                   help="start every block's two output projections (attn.c_proj, mlp.c_proj) at zero, so each "
+                        "block begins as the identity (modded-nanogpt's); only the initial weights change, so a "
+                        "--resume keeps the checkpoint's and --init_from refuses it")
     o = p.add_argument_group("optimization")
     o.add_argument("--batch_size", type=int, default=32, help="windows per step")
     o.add_argument("--grad_accum", type=int, default=1, metavar="N",
@@ -257,6 +263,9 @@ def check_args(args):
                          f"(got {args.time_budget})")
     if not 0 < args.rank_timeout < math.inf:
         raise TrainError(f"--rank_timeout must be a positive number of seconds (got {args.rank_timeout})")
+    if args.zero_init_proj and args.init_from:
+        raise TrainError(f"--zero_init_proj sets the initial weights, and --init_from {args.init_from} gives them: "
+                         "leave one of the two out")
 
 
 MODEL_FLAGS = (("vocab_size", "vocab_size"), ("d_model", "d_model"), ("n_heads", "n_heads"), ("d_ff", "d_ff"),
@@ -309,10 +318,11 @@ def apply_defaults(args, given, init=None):
         setattr(args, name, value)
     if args.max_steps is None and args.time_budget is None:
         args.max_steps = MAX_STEPS
-    if args.d_ff is None and args.arch in ARCHS and args.d_model >= 1:  # recorded as a number, as the model has it
-        args.d_ff = ARCHS[args.arch].d_ff(args.d_model)
-    if args.activation is None and args.arch in ARCHS:
-        args.activation = ARCHS[args.arch].activations[0]
+    arch = ARCHS.get(args.arch)
+    if args.activation is None and arch:
+        args.activation = arch.activations[0]
+    if args.d_ff is None and arch and args.d_model >= 1 and args.activation in arch.activations:
+        args.d_ff = arch.d_ff(args.d_model, args.activation)  # the activation's width, recorded as the model has it
 
 
 def check_init_from(args, config):

@@ -247,6 +247,18 @@ def gelu_backward_inplace(dout, x, s):
         gb *= d
 
 
+def relu2_forward(h):
+    """relu(h)^2, modded-nanogpt's feed-forward activation, a new array (..., F). Both blocks' MLPs use it."""
+    a = get_array_module(h).maximum(h, 0)
+    a *= a
+    return a
+
+
+def relu2_backward_inplace(da, h):
+    """da (..., F), the gradient of a = relu(h)^2, becomes dh = da * 2 relu(h), in place."""
+    da *= 2 * get_array_module(h).maximum(h, 0)
+
+
 class MLPCache(NamedTuple):
     x: np.ndarray  # (B, T, C) input
     h: np.ndarray  # (B, T, F) pre-activation
@@ -263,9 +275,8 @@ def mlp_forward(x, w_fc, b_fc, w_proj, b_proj, activation="gelu"):
         a, s = gelu_forward(h, bias=b_fc)  # adds the bias to h in the same pass
     else:
         h += b_fc
-        a, s = get_array_module(h).maximum(h, 0), None
-        if activation == "relu2":
-            a *= a
+        a = relu2_forward(h) if activation == "relu2" else get_array_module(h).maximum(h, 0)
+        s = None
     out = matmul_rows(a, w_proj)  # (B, T, F) -> (B, T, C)
     out += b_proj
     return out, MLPCache(x, h, a, s, activation)
@@ -281,7 +292,7 @@ def mlp_backward(dout, cache, w_fc, w_proj, dw_fc, db_fc, dw_proj, db_proj):
     if activation == "gelu":
         gelu_backward_inplace(da, h, s)
     elif activation == "relu2":
-        da *= 2 * get_array_module(h).maximum(h, 0)  # d/dh relu(h)^2
+        relu2_backward_inplace(da, h)
     else:
         da *= h > 0
     dh = da

@@ -80,13 +80,14 @@ def test_decode_benchmark_command_line(capsys):
     assert "--decode_tokens: must be an integer from 2 to" in capsys.readouterr().err
 
 
-def test_matmuls_only_counts_the_llama_blocks_products():
-    """Llama's fused q, k, v with fewer key/value heads, SwiGLU's (C, 2F) [gate | up] and (F, C) down
-    projection, no biases: the products a step with --arch llama makes."""
+@pytest.mark.parametrize("activation, fc", [("swiglu", 2), ("relu2", 1)])
+def test_matmuls_only_counts_the_llama_blocks_products(activation, fc):
+    """Llama's fused q, k, v with fewer key/value heads, SwiGLU's (C, 2F) [gate | up] (relu2's (C, F)) and
+    (F, C) down projection, no biases: the products a step with --arch llama makes."""
     B, T, C, H, Hkv, F, L, V = 4, 16, 32, 4, 2, 96, 3, 100
     cfg = ModelConfig(vocab_size=V, d_model=C, n_heads=H, n_kv_heads=Hkv, d_ff=F, n_layers=L, max_seq_len=T,
-                      arch="llama")
+                      arch="llama", activation=activation)
     N, hs = B * T, C // H
-    forward_per_layer = 2 * N * (C * (H + 2 * Hkv) * hs + C * C + C * 2 * F + F * C) + 2 * 2 * B * H * T * T * hs
+    forward_per_layer = 2 * N * (C * (H + 2 * Hkv) * hs + C * C + C * fc * F + F * C) + 2 * 2 * B * H * T * T * hs
     assert benchmark.MatmulsOnly(cfg, B, T).flops == 3 * forward_per_layer * L + 3 * 2 * N * C * V
     assert "small-llama" in benchmark.RUNS and benchmark.config_from_flags(benchmark.RUNS["small-llama"]).d_ff == 384

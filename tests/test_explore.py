@@ -26,7 +26,7 @@ from decoding import generate
 from explore import Explorer, make_server
 from language_model import LanguageModel
 from loss import IGNORE_INDEX
-from model_views import look_inside
+from model_views import logit_lens, look_inside
 from sampling import next_token_probs
 from tokenizer import get_tokenizer
 
@@ -119,7 +119,7 @@ def served(request, tok):
 def reference_forward(cfg, p, ids):
     """The model's function in plain float64 NumPy, from the weights: (logits (T, V), attention (L, H, T, T),
     residual (L + 1, T, C)). GPT-2: layer norm, learned positions, GELU (tanh form); Llama: RMSNorm, rotary
-    positions (HF's rotate_half pairs), SwiGLU, query head j reading key/value head j // (H / Hkv)."""
+    positions (HF's rotate_half pairs), SwiGLU or relu2's MLP, query head j reading key/value head j // (H / Hkv)."""
     T, C, H = len(ids), cfg.d_model, cfg.n_heads
     hs, Hkv = C // H, cfg.n_kv_heads or H
     llama = cfg.arch == "llama"
@@ -157,7 +157,10 @@ def reference_forward(cfg, p, ids):
         y = (att @ v).transpose(1, 0, 2).reshape(T, C)
         x = x + y @ w["attn.c_proj.weight"] + (0 if llama else w["attn.c_proj.bias"])
         h = norm(x, f"h.{i}.ln_2")
-        if llama:
+        if llama and cfg.activation == "relu2":  # two matrices, relu(u)^2, no biases
+            u = h @ w["mlp.c_fc.weight"]
+            x = x + np.maximum(u, 0) ** 2 @ w["mlp.c_proj.weight"]
+        elif llama:
             F = w["mlp.c_proj.weight"].shape[0]
             u = h @ w["mlp.c_fc.weight"]
             gate, up = u[:, :F], u[:, F:]
@@ -185,6 +188,21 @@ def test_model_views_logits_are_language_models(served):
     views = look_inside(model, ids)
     np.testing.assert_array_equal(views.logits, model.forward(np.array([ids]))[0])
     assert views.attention.shape == (2, model.config.n_heads, len(ids), len(ids))
+
+
+def test_model_views_follow_the_llama_blocks_relu2_mlp():
+    """look_inside runs the block's own code: a Llama model with the two-matrix relu2 MLP shows its own logits,
+    attention and residual stream, as the independent forward pass computes them."""
+    cfg = ModelConfig(**dict(ARCHES["llama"].to_dict(), activation="relu2", d_ff=None))
+    assert cfg.d_ff == 4 * cfg.d_model
+    model = fixed_model(cfg)
+    ids = [5, 17, 3, 250, 42, 8, 99, 5]
+    views = look_inside(model, ids)
+    ref_logits, ref_att, ref_lens = reference_forward(cfg, model.params, ids)
+    np.testing.assert_array_equal(views.logits, model.forward(np.array([ids]))[0])
+    np.testing.assert_allclose(views.logits, ref_logits, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(views.attention, ref_att, atol=1e-9)
+    np.testing.assert_allclose(logit_lens(model, views.residual), np.stack(ref_lens), rtol=1e-9, atol=1e-9)
 
 
 def test_analyze_numbers_are_the_models_own(served):

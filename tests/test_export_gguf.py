@@ -247,6 +247,15 @@ def test_gpt2s_block_with_relu_is_refused_naming_it(tmp_path, bpe_tok, activatio
     assert not out.exists()
 
 
+def test_the_llama_blocks_relu2_mlp_is_refused_naming_it(tmp_path, bpe_tok):
+    need_gguf()
+    path = save(tmp_path, tiny_model(400, arch="llama", activation="relu2"), bpe_tok)
+    out = tmp_path / "m.gguf"
+    with pytest.raises(GGUFError, match="^activation relu2: llama.cpp's llama architecture computes only the gated"):
+        export_gguf.export(path, str(out), log=quiet)
+    assert not out.exists()
+
+
 def test_a_model_without_a_tokenizer_llama_cpp_can_read_is_refused(tmp_path):
     need_gguf()
     model = tiny_model(97, arch="llama")

@@ -523,6 +523,10 @@ def test_train_init_from_a_llama_folder_takes_its_weights_and_architecture(tmp_p
     with pytest.raises(SystemExit) as e:
         train.main(base + ["--save_dir", str(tmp_path / "c"), "--arch", "gpt2"])
     assert "--arch gpt2 (folder: llama)" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # the folder gives the initial weights: zeroing them would be lost
+        train.main(base + ["--save_dir", str(tmp_path / "z"), "--zero_init_proj"])
+    assert "--zero_init_proj sets the initial weights, and --init_from" in str(e.value)
+    assert not (tmp_path / "z").exists()
 
 
 def test_given_flags_sees_flags_set_to_their_default_values():
@@ -657,3 +661,15 @@ def test_a_folder_without_tokenizer_files_or_gpt2s_vocabulary_asks_for_one(tmp_p
                           "--tokenizer_type", "lecture2_bpe", "--model_file", str(tmp_path / "bpe.json")],
                          out=out, err=err) == 0, err.getvalue()
     assert out.getvalue().splitlines()[1].startswith("Hi")
+
+
+def test_a_llama_model_with_the_relu2_mlp_is_refused_in_one_line(tmp_path, capsys):
+    """transformers' Llama MLP is always gated: a two-matrix relu2 MLP has no Hugging Face form."""
+    path, _ = checkpoint(tmp_path, llama_config(activation="relu2"))
+    out = tmp_path / "hf"
+    with pytest.raises(SystemExit) as e:
+        export_hf.main([path, str(out)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: --arch llama with --activation relu2 cannot be exported: ")
+    assert err.count("\n") == 1 and "nothing was written" in err and not out.exists()

@@ -14,8 +14,8 @@ from config import RMS_EPS, ModelConfig, llama_block_shapes, swiglu_hidden
 from device import blocks
 from dropout import DropoutMask
 from llama import (block_parameters, init_llama_block, llama_attention_backward, llama_attention_forward,
-                   llama_block_backward, llama_block_forward, rmsnorm_backward, rmsnorm_forward, rope_backward,
-                   rope_forward, rope_reference, swiglu_backward, swiglu_forward)
+                   llama_block_backward, llama_block_forward, relu2_mlp_backward, relu2_mlp_forward, rmsnorm_backward,
+                   rmsnorm_forward, rope_backward, rope_forward, rope_reference, swiglu_backward, swiglu_forward)
 from loss import IGNORE_INDEX, cross_entropy_reference
 from transformer import KVCache
 
@@ -161,6 +161,58 @@ def test_swiglu_hidden_width():
     assert all(swiglu_hidden(d) % 64 == 0 and swiglu_hidden(d) >= 8 * d / 3 - 1 for d in range(8, 1000, 8))
 
 
+# ----------------------------------------------------------------------------- ReLU^2 feed-forward
+
+def test_relu2_mlp(rng):
+    C, F = 4, 6
+    p = {"x": rng.standard_normal((2, 3, C)), "w_fc": rng.standard_normal((C, F)),
+         "w_proj": rng.standard_normal((F, C))}
+
+    def backward(dout, cache):
+        g = zeros_like(p, ["w_fc", "w_proj"])
+        g["x"] = relu2_mlp_backward(dout, cache, p["w_fc"], p["w_proj"], g["w_fc"], g["w_proj"])
+        return g
+
+    check_layer(lambda: relu2_mlp_forward(p["x"], p["w_fc"], p["w_proj"]), backward, p, list(p), rng)
+
+
+def test_relu2_mlp_is_gpt2s_relu2_mlp_without_biases(rng):
+    """Forward as written out, relu(x @ w_fc)^2 @ w_proj, with some hidden units negative (the relu cuts
+    them); forward and backward what transformer.py's relu2 MLP gives with zero biases."""
+    from transformer import mlp_backward, mlp_forward
+    C, F = 8, 20
+    x, w_fc, w_proj = rng.standard_normal((2, 5, C)), rng.standard_normal((C, F)), rng.standard_normal((F, C))
+    out, cache = relu2_mlp_forward(x, w_fc, w_proj)
+    h = x @ w_fc
+    assert (h < 0).any() and (h > 0).any()
+    np.testing.assert_allclose(out, np.maximum(h, 0) ** 2 @ w_proj, rtol=1e-12, atol=1e-12)
+    zeros = np.zeros(F), np.zeros(C)
+    gpt2_out, gpt2_cache = mlp_forward(x, w_fc, zeros[0], w_proj, zeros[1], "relu2")
+    np.testing.assert_array_equal(out, gpt2_out)
+    dout = rng.standard_normal(out.shape)
+    ours, gpt2 = [np.zeros((C, F)), np.zeros((F, C))], [np.zeros((C, F)), np.zeros(F), np.zeros((F, C)), np.zeros(C)]
+    dx = relu2_mlp_backward(dout, cache, w_fc, w_proj, *ours)
+    gpt2_dx = mlp_backward(dout, gpt2_cache, w_fc, w_proj, *gpt2)
+    np.testing.assert_array_equal(dx, gpt2_dx)
+    np.testing.assert_array_equal(ours[0], gpt2[0])
+    np.testing.assert_array_equal(ours[1], gpt2[2])
+
+
+def test_relu2_chooses_the_blocks_shapes_and_default_width():
+    """The activation chooses mlp.c_fc's shape and the width left out: relu2's (C, F) with F = 4C, SwiGLU's
+    (C, 2F) with its own F; a width given is kept."""
+    relu2 = ModelConfig(arch="llama", d_model=128, n_heads=4, activation="relu2")
+    assert relu2.d_ff == 512 and ModelConfig(arch="llama", d_model=128, n_heads=4).d_ff == 384
+    assert ModelConfig(arch="llama", d_model=128, n_heads=4, activation="relu2", d_ff=100).d_ff == 100
+    shapes = llama_block_shapes(128, 4, 2, 512, "relu2")
+    assert shapes["mlp.c_fc.weight"] == (128, 512) and shapes["mlp.c_proj.weight"] == (512, 128)
+    assert llama_block_shapes(128, 4, 2, 384)["mlp.c_fc.weight"] == (128, 768)
+    assert "relu2 MLP d_ff 512, no biases" in relu2.describe()
+    with pytest.raises(ValueError, match="activation 'gelu': the llama block's feed-forward \\(SwiGLU\\) takes "
+                                         "'swiglu' or 'relu2'"):
+        ModelConfig(arch="llama", activation="gelu")
+
+
 # ----------------------------------------------------------------------------- attention
 
 def attention_params(rng, C=8, H=2, Hkv=2, T=3, scale=1.0):
@@ -257,23 +309,25 @@ def llama_cfg(H, Hkv, C=8, **kw):
     return ModelConfig(arch="llama", d_model=C, n_heads=H, n_kv_heads=Hkv, **kw)
 
 
-def block_params(rng, C=8, H=2, Hkv=2, F=12):
-    return {k: rng.standard_normal(s) * 0.5 for k, s in llama_block_shapes(C, H, Hkv, F).items()}
+def block_params(rng, C=8, H=2, Hkv=2, F=12, activation="swiglu"):
+    return {k: rng.standard_normal(s) * 0.5 for k, s in llama_block_shapes(C, H, Hkv, F, activation).items()}
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
 @pytest.mark.parametrize("dropout", [False, True])  # True: fixed masks on the attention weights and both branches
 @pytest.mark.parametrize("H, Hkv", [(2, 2), (2, 1)])
-def test_block(rng, H, Hkv, dropout):
-    p = block_params(rng, H=H, Hkv=Hkv)
+def test_block(rng, H, Hkv, dropout, activation):
+    p = block_params(rng, H=H, Hkv=Hkv, activation=activation)
     p["x"] = rng.standard_normal((2, 3, 8))
     masks = block_masks(rng, H=H) if dropout else None
+    cfg = llama_cfg(H, Hkv, activation=activation)
 
     def backward(dout, cache):
         g = zeros_like(p, [k for k in p if k != "x"])
         g["x"] = llama_block_backward(dout, cache, p, g)
         return g
 
-    check_layer(lambda: llama_block_forward(p["x"], p, llama_cfg(H, Hkv), dropout=masks), backward, p, list(p), rng)
+    check_layer(lambda: llama_block_forward(p["x"], p, cfg, dropout=masks), backward, p, list(p), rng)
 
 
 def test_block_with_the_kv_cache_gives_the_same_output(rng):
@@ -288,20 +342,22 @@ def test_block_with_the_kv_cache_gives_the_same_output(rng):
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-12, atol=1e-13)
 
 
-def test_block_on_device_arrays_computes_what_numpy_does_without_reading_back(rng):
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+def test_block_on_device_arrays_computes_what_numpy_does_without_reading_back(rng, activation):
     """With fake_cupy's device arrays (which refuse host arrays and count host reads): the block's
     forward (with and without the cache) and backward give bit for bit the whole-array NumPy results."""
-    p = block_params(rng, H=4, Hkv=2)
+    p = block_params(rng, H=4, Hkv=2, activation=activation)
     x, dout = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 5, 8))
+    cfg = llama_cfg(4, 2, activation=activation)
 
     def run(xp, p, x, dout):
-        out, cache = llama_block_forward(x, p, llama_cfg(4, 2))
+        out, cache = llama_block_forward(x, p, cfg)
         g = {k: xp.zeros_like(v) for k, v in p.items()}
         dx = llama_block_backward(dout, cache, p, g)
         kv = KVCache(1, 2, 2, 5, 2, np.float64, xp)
-        first, _ = llama_block_forward(x[:, :3], p, llama_cfg(4, 2), kv=kv)
+        first, _ = llama_block_forward(x[:, :3], p, cfg, kv=kv)
         kv.length = 3
-        rest, _ = llama_block_forward(x[:, 3:], p, llama_cfg(4, 2), kv=kv)
+        rest, _ = llama_block_forward(x[:, 3:], p, cfg, kv=kv)
         return [out, dx, first, rest] + [g[k] for k in sorted(g)]
 
     with whole_array_mode():
@@ -318,11 +374,11 @@ def test_block_on_device_arrays_computes_what_numpy_does_without_reading_back(rn
 TRUNK = dict(V=11, C=8, H=2, Hkv=1, F=12, L=2)
 
 
-def trunk_params(rng):
+def trunk_params(rng, activation="swiglu"):
     V, C = TRUNK["V"], TRUNK["C"]
     p = {"wte": rng.standard_normal((V, C)) * 0.5, "ln_f.weight": 1 + 0.1 * rng.standard_normal(C)}
     for i in range(TRUNK["L"]):
-        for k, v in block_params(rng, C, TRUNK["H"], TRUNK["Hkv"], TRUNK["F"]).items():
+        for k, v in block_params(rng, C, TRUNK["H"], TRUNK["Hkv"], TRUNK["F"], activation).items():
             p[f"h.{i}.{k}"] = v
     return p
 
@@ -331,7 +387,7 @@ def layer(tree, i):
     return {k[len(f"h.{i}."):]: v for k, v in tree.items() if k.startswith(f"h.{i}.")}
 
 
-def trunk_loss(p, idx, targets, g=None):
+def trunk_loss(p, idx, targets, g=None, activation="swiglu"):
     """A small Llama model assembled from the layers: token embedding (no position table), 2 blocks,
     final RMSNorm, tied head, cross-entropy. With g, adds the gradients of the mean loss into it."""
     B, T = idx.shape
@@ -339,7 +395,7 @@ def trunk_loss(p, idx, targets, g=None):
     x = p["wte"][idx]  # (B, T, C)
     caches = []
     for i in range(TRUNK["L"]):
-        cfg = llama_cfg(TRUNK["H"], TRUNK["Hkv"], C=TRUNK["C"], rope_theta=100.0)
+        cfg = llama_cfg(TRUNK["H"], TRUNK["Hkv"], C=TRUNK["C"], rope_theta=100.0, activation=activation)
         x, cache = llama_block_forward(x, layer(p, i), cfg)
         caches.append(cache)
     h, c_f = rmsnorm_forward(x, p["ln_f.weight"])
@@ -354,16 +410,17 @@ def trunk_loss(p, idx, targets, g=None):
     return loss
 
 
-def test_llama_trunk_gradients_end_to_end(rng):
-    p = trunk_params(rng)
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+def test_llama_trunk_gradients_end_to_end(rng, activation):
+    p = trunk_params(rng, activation)
     idx = rng.integers(0, TRUNK["V"], (2, 4))
     idx[1, 2] = idx[1, 0]  # a token used twice
     targets = rng.integers(0, TRUNK["V"], (2, 4))
     targets[0, 1] = IGNORE_INDEX
     g = {k: np.zeros_like(v) for k, v in p.items()}
-    trunk_loss(p, idx, targets, g)
+    trunk_loss(p, idx, targets, g, activation)
     for name in p:
-        numeric = numerical_gradient(lambda: trunk_loss(p, idx, targets), p[name])
+        numeric = numerical_gradient(lambda: trunk_loss(p, idx, targets, activation=activation), p[name])
         err = rel_error(g[name], numeric)
         assert err < 1e-6, f"{name}: relative error {err:.2e}"
         assert np.abs(numeric).max() > 0, f"gradient of {name} is zero: the check would prove nothing"

@@ -51,6 +51,7 @@ LLAMA = dict(arch="llama", n_kv_heads=1, rope_theta=100.0)  # grouped-query: 2 q
     {"activation": "relu2"},
     {"arch": "llama"},  # RMSNorm, rotary positions, SwiGLU, no biases, tied head
     {**LLAMA, "tie_embeddings": False},
+    {**LLAMA, "activation": "relu2"},  # the Llama block with a two-matrix relu(x)^2 MLP
 ])
 def test_whole_model_gradients(overrides, array_path):
     rng = np.random.default_rng(0)
@@ -417,3 +418,49 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     peak_mb = int(out.stdout.strip()) / 1024
     assert peak_mb < 1200, f"peak resident memory {peak_mb:.0f} MB"
+
+
+# ----------------------------------------------------------------------------- train.py --zero_init_proj
+
+def init_digest(model):
+    """sha256 of the initial weights, name by name in the flat buffer's order."""
+    import hashlib
+    digest = hashlib.sha256()
+    for name, p in model.params.items():
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(p).tobytes())
+    return digest.hexdigest()[:16]
+
+
+# init_digest of TINY's GPT-2 and Llama models at seed 0, taken with the code before --zero_init_proj existed
+DEFAULT_INIT_DIGESTS = ("375a902e56f51f21", "19a04894b1d27a1b")
+
+
+def test_the_default_initialisation_is_unchanged():
+    """A fixed seed gives the very weights it gave before --zero_init_proj existed (digests taken then)."""
+    gpt2 = LanguageModel(ModelConfig(**TINY), seed=0)
+    llama = LanguageModel(ModelConfig(**TINY, **LLAMA), seed=0)
+    assert (init_digest(gpt2), init_digest(llama)) == DEFAULT_INIT_DIGESTS
+
+
+@pytest.mark.parametrize("overrides", [{}, LLAMA, {**LLAMA, "activation": "relu2"}], ids=["gpt2", "llama", "relu2"])
+def test_zero_init_proj_zeroes_both_output_projections_of_every_block_and_training_moves_them(overrides):
+    from language_model import OUTPUT_PROJECTIONS, zero_output_projections
+    from optimizer import AdamW
+    default = tiny_model(seed=5, **overrides)
+    model = tiny_model(seed=5, **overrides)
+    zero_output_projections(model.params)
+    zeroed = [f"h.{i}.{name}" for i in range(TINY["n_layers"]) for name in OUTPUT_PROJECTIONS]
+    for name, p in model.params.items():  # the projections zero, every other weight the seed's own
+        if name in zeroed:
+            assert not p.any(), name
+        else:
+            np.testing.assert_array_equal(p, default.params[name], err_msg=name)
+    idx, targets = batch(np.random.default_rng(6))
+    train_pass(model, idx, targets)
+    for name in zeroed:
+        assert np.abs(model.grads[name]).max() > 0, name  # input.T @ dout: not zero though the weight is
+    AdamW(model.params, weight_decay=0.01).step(model.grads, 1e-3)
+    for name in zeroed:  # one step moves every entry with a gradient off zero (Adam's first step: about lr each)
+        moved = model.params[name] != 0
+        np.testing.assert_array_equal(moved, model.grads[name] != 0, err_msg=name)

@@ -634,3 +634,29 @@ def test_story_starts_and_the_wsd_and_linear_to_zero_schedules_train_and_are_rec
         with pytest.raises(SystemExit) as e:
             train.main(tiny_flags(data, str(tmp_path / "bad"), lr_schedule="wsd", cooldown=bad))
         assert str(e.value.code) == f"error: --cooldown must be a number in (0, 1] (got {float(bad)})"
+
+
+def test_zero_init_proj_starts_the_projections_at_zero_records_the_flag_and_resumes_exactly(data, tmp_path):
+    """--zero_init_proj: after one step at a learning rate of 1e-6 every block's output projections are
+    within about 1e-6 of zero (the seed's own would be about 0.01) and no longer zero; the flag is in the
+    checkpoint's train_args; a run interrupted after step 1 and resumed with the flag continues from the
+    checkpoint's weights and ends with the uninterrupted run's, bit for bit."""
+    from language_model import OUTPUT_PROJECTIONS
+    common = dict(zero_init_proj=True, max_steps=3, learning_rate=1e-6, min_lr=0, warmup_steps=0,
+                  save_interval=0, eval_interval=0, log_interval=1, n_layers=2)
+    ref, d = str(tmp_path / "ref"), str(tmp_path / "ck")
+    with pytest.MonkeyPatch.context() as m:
+        stop_at(1, m)
+        assert train.main(tiny_flags(data, d, **common)) == 130
+    first = load_checkpoint(os.path.join(d, "checkpoint_step_1.npz"))
+    assert first.meta["train_args"]["zero_init_proj"] is True
+    projections = [f"h.{i}.{name}" for i in range(2) for name in OUTPUT_PROJECTIONS]
+    for name in projections:
+        p = first.params[name]
+        assert np.abs(p).max() < 3e-6 and p.any(), name
+    assert np.abs(first.params["h.0.attn.c_attn.weight"]).max() > 0.01  # the other weights: the seed's
+    assert train.main(tiny_flags(data, d, resume=True, **common)) == 0
+    assert train.main(tiny_flags(data, ref, **common)) == 0
+    got, want = (load_checkpoint(os.path.join(p, "checkpoint_final.npz")) for p in (d, ref))
+    for name, p in want.params.items():
+        assert np.array_equal(got.params[name], p), name
