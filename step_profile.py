@@ -26,7 +26,8 @@ On the GPU each timer waits for the GPU before it reads the clock (else it would
 queueing of work, not the work); that removes the overlap of launching and computing, so a
 profiled GPU step is slower than a plain one.
 
-A new row is a label in LABELS and a line in targets() naming the function. Attention's QKV
+A new row is a label in LABELS and a line in targets() naming the function (a table of forward and
+backward pairs the layer code picks from, as llama.FEED_FORWARDS, is a line in PAIR_TABLES). Attention's QKV
 product, its core (scores, softmax, weighted sum) and its output projection share one row (less
 the softmax, a function of its own): attention_forward and _backward compute them inline, so
 there is no call to time apart; were they three pairs of functions, each would be a line here.
@@ -95,7 +96,7 @@ def targets(optimizer):
          Target(type(optimizer), "step", "optimizer", "")]
     for module, pairs in (
             (transformer, [("layernorm", "norms"), ("attention", "attention"), ("mlp", "feed_forward")]),
-            (llama, [("rmsnorm", "norms"), ("llama_attention", "attention"), ("swiglu", "feed_forward")])):
+            (llama, [("rmsnorm", "norms"), ("llama_attention", "attention")])):
         for function, row in pairs:
             t.append(Target(module, f"{function}_forward", row, FORWARD))
             t.append(Target(module, f"{function}_backward", row, BACKWARD))
@@ -104,6 +105,8 @@ def targets(optimizer):
     t.append(Target(llama, "rope_rotate_inplace", "rope", None))  # forward turns q, k; backward turns back
     return t
 
+
+PAIR_TABLES = [(llama.FEED_FORWARDS, "feed_forward")]  # tables of (forward, backward) pairs the layer code picks from
 
 BLOCK_TARGETS = {  # language_model.Block's fields (the model's block, picked from BLOCKS) -> row, direction, opaque
     "forward": ("block", FORWARD, False),
@@ -165,6 +168,11 @@ class StepProfiler:
                 original = getattr(t.owner, t.name)
                 setattr(t.owner, t.name, self._timed(original, t.row, t.direction, t.opaque))
                 self._saved.append((t.owner, t.name, original, own))
+            for table, row in PAIR_TABLES:
+                for key, pair in list(table.items()):
+                    table[key] = pair._replace(forward=self._timed(pair.forward, row, FORWARD, False),
+                                               backward=self._timed(pair.backward, row, BACKWARD, False))
+                    self._saved.append((table, key, pair, None))
             block = self.model.block
             self.model.block = block._replace(**{field: self._timed(getattr(block, field), *spec)
                                                  for field, spec in BLOCK_TARGETS.items()})
@@ -175,7 +183,9 @@ class StepProfiler:
 
     def __exit__(self, *exc_info):
         for owner, name, original, own in reversed(self._saved):
-            if own:
+            if own is None:  # an entry of a PAIR_TABLES table
+                owner[name] = original
+            elif own:
                 setattr(owner, name, original)
             else:
                 delattr(owner, name)
