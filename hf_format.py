@@ -28,6 +28,9 @@ attn.c_proj = o_proj^T, mlp.c_fc = [gate_proj | up_proj]^T, mlp.c_proj = down_pr
 ln_f are input_layernorm, post_attention_layernorm and model.norm, wte is model.embed_tokens. No
 rotary permutation: llama.py pairs dimensions i and i + hs/2 as HF's rotate_half does.
 
+Neither class computes QK-norm or soft-capped logits (ModelConfig.qk_norm, logit_softcap): a model
+with either is refused (check_exportable), since its export would load there and compute another function.
+
 What differs between architectures is in two places: config.json <-> ModelConfig (a writer and a
 reader per model_type, CONFIG_WRITERS and MODEL_TYPES) and the tensors (layout: which HF tensors
 make each of our parameters). Reading trusts nothing in the folder: the tensors' names, shapes and
@@ -82,6 +85,19 @@ def safetensors_numpy():
 
 
 # ----------------------------------------------------------------------------- config.json <-> ModelConfig
+
+def check_exportable(config, source, error=HFError, reader="transformers' GPT2LMHeadModel and LlamaForCausalLM"):
+    """Refuse, in one line, a model with an option that `reader` does not compute (QK-norm, soft-capped
+    logits): its export would load there without complaint and compute another function."""
+    lacks = []
+    if config.qk_norm:
+        lacks.append("QK-norm (--qk_norm)")
+    if config.logit_softcap:
+        lacks.append(f"soft-capped logits (--logit_softcap {config.logit_softcap:g})")
+    if lacks:
+        raise error(f"{source}: the model has {' and '.join(lacks)}, which {reader} do not compute, so the export "
+                    "would be another model; use it with generate.py here, or train without it to export")
+
 
 def gpt2_config_json(config, eot_id, record):
     """GPT2Config fields (config.json) describing our ModelConfig; `record` goes under "numpy_gpt"."""
