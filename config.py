@@ -40,7 +40,8 @@ FIELD_RANGES = {"vocab_size": Number(int, 1, 1 << 22), "d_model": Number(int, 1,
                 "n_layers": Number(int, 1, 1 << 10), "max_seq_len": Number(int, 1, MAX_SEQ_LEN),
                 "n_kv_heads": Number(int, 1, 1 << 12), "rope_theta": Number(float, 1, 1e12, low_open=True),
                 "norm_eps": Number(float, 0, 1, low_open=True, high_open=True),
-                "dropout": Number(float, 0, 1, high_open=True)}
+                "dropout": Number(float, 0, 1, high_open=True),
+                "logit_softcap": Number(float, 0, 1000)}
 
 LN_EPS = 1e-5  # GPT-2's layer norm
 # llama2.c's TinyStories models and Llama 2 use 1e-5 (so does our layer norm); HF's LlamaConfig
@@ -182,6 +183,8 @@ class ModelConfig:
     n_kv_heads: int = None  # llama: key/value heads (fewer: grouped-query attention), None: n_heads; gpt2: None
     norm_eps: float = RMS_EPS  # the eps of the norms: RMSNorm's for llama; GPT-2's layer norm has LN_EPS, the same
     dropout: float = 0.0  # drop probability while training (dropout.py), 0: none; never in evaluation or generation
+    qk_norm: bool = False  # each head's query and key divided by its root mean square (eps norm_eps), no gain
+    logit_softcap: float = 0.0  # the logits z become c tanh(z / c) before the softmax, c > 0; 0: off
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -192,13 +195,13 @@ class ModelConfig:
             self.d_ff = arch.d_ff(self.d_model, self.activation)
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
             FIELD_RANGES[name].check(getattr(self, name), f"ModelConfig.{name}")
-        for name in ("use_learned_pos", "tie_embeddings"):
+        for name in ("use_learned_pos", "tie_embeddings", "qk_norm"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         CHECKS[self.arch](self)
-        for name in ("dropout", "norm_eps"):
+        for name in ("dropout", "norm_eps", "logit_softcap"):
             FIELD_RANGES[name].check(getattr(self, name), f"ModelConfig.{name}")
 
     def _check_activation(self, arch):
@@ -231,8 +234,10 @@ class ModelConfig:
             if self.n_kv_heads not in (None, self.n_heads) else ""
         pos = f"{self.positions} positions" + (f" (theta {self.rope_theta:g})" if arch.rotary else "")
         biases = "" if "ln_f.bias" in arch.final_norm else ", no biases"
-        return (f"{self.arch}: {layers}, d_model {self.d_model}, {self.n_heads} heads{kv}, {arch.norm}, {pos}, "
-                f"{arch.feed_forwards[self.activation].words} d_ff {self.d_ff}{biases}, {head}")
+        qk_norm = ", QK-norm" if self.qk_norm else ""
+        softcap = f", logits soft-capped at {self.logit_softcap:g}" if self.logit_softcap else ""
+        return (f"{self.arch}: {layers}, d_model {self.d_model}, {self.n_heads} heads{kv}{qk_norm}, {arch.norm}, "
+                f"{pos}, {arch.feed_forwards[self.activation].words} d_ff {self.d_ff}{biases}, {head}{softcap}")
 
     @classmethod
     def from_dict(cls, d):

@@ -30,8 +30,8 @@ converter does to such a folder:
 A tied head writes no output.weight: llama.cpp then projects with token_embd, as we do. Float32 by
 default; --dtype float16 stores the matrices in float16 and keeps the 1-D tensors (norms, biases) in
 float32, as the converter's f16 does. What llama.cpp cannot compute is refused, naming it: GPT-2's
-block with relu or relu2 (llama.cpp's gpt2 has only the tanh GELU), a model without a tokenizer
-llama.cpp can read.
+block with relu or relu2 (llama.cpp's gpt2 has only the tanh GELU), QK-norm and soft-capped logits (its gpt2
+and llama have neither: hf_format.check_exportable), a model without a tokenizer llama.cpp can read.
 
 The metadata holds the architecture, its sizes and the recipe's numbers (step, learning rate,
 batch size, ...) and nothing else: no path, user or host name. The file is written atomically; an
@@ -51,7 +51,7 @@ from errors import GGUFError, TokenizerError, UserError
 from flag_types import Parser
 from export_hf import tokenizer_to_export
 from gpt2_files import gpt2_bpe_model, gpt2_spelling, model_from_vocab_merges
-from hf_format import hf_tensors, load_hf_params, our_record, read_hf_config
+from hf_format import check_exportable, hf_tensors, load_hf_params, our_record, read_hf_config
 from pretokens import ENDOFTEXT
 from untrusted import open_regular
 
@@ -298,6 +298,7 @@ def export(source, out_path, dtype="float32", log=print):
     gguf_package()  # first: without it nothing can be written
     check_output(out_path, source)
     config, params, bpe, what, record = read_source(source)
+    check_exportable(config, source, GGUFError, reader="llama.cpp's gpt2 and llama architectures")
     metadata = model_metadata(config, dtype)  # first: a feature llama.cpp cannot compute is refused
     if bpe is None:
         raise GGUFError(f"{source}: llama.cpp needs the tokenizer inside the file, and {what}; nothing was written")

@@ -33,7 +33,8 @@ from config import GPT2_VOCAB_SIZE
 from errors import HFError, TokenizerError, UserError
 from flag_types import Parser
 from gpt2_files import gpt2_bpe_model
-from hf_format import EXPORT_FORMAT, EXPORT_VERSION, check_exportable, safetensors_numpy, write_folder
+from hf_format import (EXPORT_FORMAT, EXPORT_VERSION, check_exportable, check_feed_forward, safetensors_numpy,
+                       write_folder)
 from model_card import DEFAULT_LICENSE, card_facts, license_id, model_card
 from pretokens import ENDOFTEXT, GPT2_PATTERN
 from shareable import file_name, shareable_record
@@ -64,7 +65,8 @@ def export(checkpoint_path, out_dir, log=print, license=DEFAULT_LICENSE):
     with its model card under the weights' licence `license`; returns the files written."""
     safetensors_numpy()  # first: without it nothing can be written
     ck = load_checkpoint(checkpoint_path)
-    check_exportable(ck.config, checkpoint_path)  # before anything is written
+    check_feed_forward(ck.config, checkpoint_path)  # before anything is written
+    check_exportable(ck.config, checkpoint_path)
     bpe, what = tokenizer_to_export(ck.meta, ck.config)
     eot = bpe.specials[ENDOFTEXT] if bpe is not None else (ck.meta.get("tokenizer") or {}).get("eot_id")
     shared = shareable_record(ck.meta)

@@ -28,6 +28,9 @@ attn.c_proj = o_proj^T, mlp.c_fc = [gate_proj | up_proj]^T, mlp.c_proj = down_pr
 ln_f are input_layernorm, post_attention_layernorm and model.norm, wte is model.embed_tokens. No
 rotary permutation: llama.py pairs dimensions i and i + hs/2 as HF's rotate_half does.
 
+Neither class computes QK-norm or soft-capped logits (ModelConfig.qk_norm, logit_softcap): a model
+with either is refused (check_exportable), since its export would load there and compute another function.
+
 What differs between architectures is in two places: config.json <-> ModelConfig (a writer and a
 reader per model_type, CONFIG_WRITERS and MODEL_TYPES) and the tensors (layout: which HF tensors
 make each of our parameters). Reading trusts nothing in the folder: the tensors' names, shapes and
@@ -87,14 +90,27 @@ def safetensors_numpy():
 
 # ----------------------------------------------------------------------------- config.json <-> ModelConfig
 
-def check_exportable(config, source):
-    """HFError in one line for a model of `source` (a checkpoint) that transformers cannot compute: a feed-forward
-    not in HF_ACTIVATIONS (the Llama block's relu2 MLP)."""
+def check_feed_forward(config, source):
+    """HFError in one line for a feed-forward transformers does not compute: one not in HF_ACTIVATIONS (the
+    Llama block's relu2 MLP: transformers' Llama MLP is always gated). export_gguf checks its own."""
     known = HF_ACTIVATIONS[config.arch]
     if config.activation not in known:
         raise HFError(f"{source}: --arch {config.arch} with --activation {config.activation} cannot be exported: "
                       f"transformers' {config.arch} model takes --activation {' or '.join(known)} only (its Llama MLP "
                       "is always gated, SwiGLU); nothing was written")
+
+
+def check_exportable(config, source, error=HFError, reader="transformers' GPT2LMHeadModel and LlamaForCausalLM"):
+    """Refuse, in one line, a model with an option that `reader` does not compute (QK-norm, soft-capped
+    logits): its export would load there without complaint and compute another function."""
+    lacks = []
+    if config.qk_norm:
+        lacks.append("QK-norm (--qk_norm)")
+    if config.logit_softcap:
+        lacks.append(f"soft-capped logits (--logit_softcap {config.logit_softcap:g})")
+    if lacks:
+        raise error(f"{source}: the model has {' and '.join(lacks)}, which {reader} do not compute, so the export "
+                    "would be another model; use it with generate.py here, or train without it to export")
 
 
 def gpt2_config_json(config, eot_id, record):

@@ -10,7 +10,9 @@ F d_ff, T_max max_seq_len, P the number of parameters (params.flat and grads.fla
 Which block, and its final norm, the model picks once from BLOCKS by config.arch: GPT-2's
 (transformer.py) or Llama's (llama.py: RMSNorm, rotary positions, SwiGLU or relu2, no biases), whose
 embedding adds no position table (config.positions "rotary") and whose ln_f is an RMSNorm. A
-new kind of block is a row here and one in config.ARCHS.
+new kind of block is a row here and one in config.ARCHS. Two options serve either block:
+config.qk_norm (each head's q and k normalised inside attention, transformer.qk_rms_norm_inplace) and
+config.logit_softcap (the logits capped by c tanh(z / c) in the head, lm_head.softcap_inplace).
 
 Training with config.dropout > 0 drops out the embeddings' output and, in each block, the
 attention weights and both branches' outputs, with masks drawn per global row of the step's
@@ -272,7 +274,7 @@ class LanguageModel:
         if last_only:
             x = x[:, -1:]  # (B, T, C) -> (B, 1, C): the head is most of the cost
         h, _ = self.block.final_norm_forward(x, self.params, self.config)
-        return lm_head_forward(h, self.head_weight(self.params))
+        return lm_head_forward(h, self.head_weight(self.params), self.config.logit_softcap)
 
     def _dropout_masks(self, key, B, T):
         """The dropout masks of the B rows of `key` (dropout.DropoutKey), None without dropout."""
@@ -289,7 +291,8 @@ class LanguageModel:
         B, T, C = x.shape
         h, norm_cache = self.block.final_norm_forward(x.reshape(B * T, C), p, cfg)
         loss_sum, n_correct, _, dh = lm_head_loss(h, self.head_weight(p), targets.reshape(B * T),
-                                                  self.head_weight(g), workspace, mean_over=n_targets)
+                                                  self.head_weight(g), workspace, mean_over=n_targets,
+                                                  softcap=cfg.logit_softcap)
         dx = self.block.final_norm_backward(dh, norm_cache, g).reshape(B, T, C)
         for i in reversed(range(cfg.n_layers)):
             dx = self.block.backward(dx, caches[i], p.layers[i], g.layers[i])
@@ -304,7 +307,7 @@ class LanguageModel:
         B, T, C = x.shape
         h, _ = self.block.final_norm_forward(x.reshape(B * T, C), self.params, self.config)
         loss_sum, n_correct, _, _ = lm_head_loss(h, self.head_weight(self.params), targets.reshape(B * T),
-                                                 workspace=workspace)
+                                                 workspace=workspace, softcap=self.config.logit_softcap)
         return loss_sum, n_correct
 
     def _to_device(self, idx, targets):

@@ -26,7 +26,7 @@ arrays it is given. Dropout, in training only, goes where GPT-2's block has it: 
 weights after the softmax and on each branch's output before its residual add (dropout.py's
 DropoutMask and BlockMasks; the attention weights' mask is (B, H, T, S), query head j = kv head
 j // G, group member j % G, as the weights themselves are laid out). From GPT-2's block this
-takes only the attention core (the causal softmax); the shapes of the parameters and the
+takes only the attention core (the causal softmax, optional QK-norm); the shapes of the parameters and the
 defaults (RMS_EPS, ROPE_THETA, swiglu_hidden) are the model's record, config.py's.
 """
 import math
@@ -38,7 +38,8 @@ from config import RMS_EPS, ROPE_THETA, llama_block_shapes
 from device import (BLOCK, blocks, column_sum, get_array_module, matmul_into, matmul_rows, row_dot_mean, to_device,
                     whole_arrays)
 from dropout import NO_DROPOUT, BlockMasks, DropoutMask, dropout_backward, dropout_forward, residual_add_inplace
-from transformer import causal_softmax_inplace, relu2_backward_inplace, relu2_forward, softmax_backward_inplace
+from transformer import (causal_softmax_inplace, qk_rms_norm_backward_inplace, qk_rms_norm_inplace,
+                         relu2_backward_inplace, relu2_forward, softmax_backward_inplace)
 
 # ----------------------------------------------------------------------------- RMSNorm
 
@@ -165,14 +166,15 @@ def rope_reference(x, start=0, theta=ROPE_THETA):
 
 class LlamaAttentionCache(NamedTuple):
     x: np.ndarray  # (B, T, C) input
-    q: np.ndarray  # (B, Hkv, G*T, hs) the queries divided by sqrt(hs), then rotated (stack_groups)
-    k: np.ndarray  # (B, Hkv, S, hs) rotated
+    q: np.ndarray  # (B, Hkv, G*T, hs) the queries rotated (QK-norm: normalised), divided by sqrt(hs) (stack_groups)
+    k: np.ndarray  # (B, Hkv, S, hs) rotated; QK-norm: normalised too
     v: np.ndarray  # (B, Hkv, S, hs)
     att: np.ndarray  # (B, Hkv, G*T, S) softmax probabilities
     y: np.ndarray  # (B, T, C) heads re-assembled, input of the output projection
     cos: np.ndarray  # (T, hs/2) the rotation's angles, for the inverse in backward
     sin: np.ndarray  # (T, hs/2)
     att_mask: DropoutMask | None  # (B, Hkv, G*T, S) dropout on att, None: none
+    qk_rstd: np.ndarray | None  # (B, T, H + Hkv, 1) QK-norm's 1 / rms of each q and k head, None: no QK-norm
 
 
 def stack_groups(a):
@@ -182,6 +184,14 @@ def stack_groups(a):
     run a batch of pointers). A view when G = 1; with grouped-query attention a copy."""
     B, Hkv, G, T, n = a.shape
     return a.reshape(B, Hkv, G * T, n)
+
+
+def unstack_groups(a, T):
+    """The reverse of stack_groups and of the transpose before it: (B, Hkv, G*T, n) -> (B, T, H, n), query
+    head j = G * (j // G) + j % G, as the heads lie side by side in qkv. A copy."""
+    B, Hkv, GT, n = a.shape
+    G = GT // T
+    return a.reshape(B, Hkv, G, T, n).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G, n)
 
 
 def matmul_groups_into(a, b, out):
@@ -195,7 +205,7 @@ def matmul_groups_into(a, b, out):
 
 
 def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_theta=ROPE_THETA, kv=None, layer=0,
-                            att_mask=None):
+                            att_mask=None, qk_norm=False, eps=RMS_EPS):
     """Causal self-attention with rotary positions, (B, T, C) -> (B, T, C); no biases.
 
     With `kv` (transformer.KVCache holding Hkv heads), x holds the positions after the kv.length
@@ -203,7 +213,9 @@ def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_th
     is turned once, at its own position. Query head j uses key/value head j // G (HF's repeat_kv):
     the G query heads of a key/value head are stacked as G*T rows against its S keys. With `att_mask`
     (a DropoutMask (B, H, T, S), training only) the attention weights are dropped out before they
-    weigh the values.
+    weigh the values. With `qk_norm` each query and key head, once rotated, is divided by its root
+    mean square (transformer.qk_rms_norm_inplace, with `eps`): nanochat's order, rotate then norm.
+    A rotation keeps a head's rms, so the other order would give the same numbers up to rounding.
     """
     xp = get_array_module(x)
     B, T, C = x.shape
@@ -211,11 +223,18 @@ def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_th
     Hkv = n_kv_heads or H
     hs, G = C // H, H // Hkv
     qkv = matmul_rows(x, w_attn)  # (B, T, C) -> (B, T, (H + 2Hkv) hs)
-    qkv[..., :C] *= 1.0 / math.sqrt(hs)  # the scores' scale, applied to q
     start = kv.length if kv is not None else 0
     cos, sin = rope_angles(start, T, hs, rope_theta, x.dtype, xp)
     heads = qkv.reshape(B, T, H + 2 * Hkv, hs)  # a view
-    rope_rotate_inplace(heads[:, :, : H + Hkv], cos, sin)  # q and k heads, at positions start .. start+T-1
+    qk_heads = heads[:, :, : H + Hkv]  # (B, T, H + Hkv, hs) the q and k heads, a view
+    qk_rstd = None
+    if qk_norm:  # rotated, normalised, then q scaled
+        rope_rotate_inplace(qk_heads, cos, sin)  # at positions start .. start+T-1
+        qk_rstd = qk_rms_norm_inplace(qk_heads, eps)  # (B, T, H + Hkv, 1)
+        qkv[..., :C] *= 1.0 / math.sqrt(hs)  # the scores' scale, applied to q
+    else:  # q scaled, then rotated
+        qkv[..., :C] *= 1.0 / math.sqrt(hs)
+        rope_rotate_inplace(qk_heads, cos, sin)
     q = stack_groups(heads[:, :, :H].reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4))  # (B, Hkv, G*T, hs)
     k = heads[:, :, H : H + Hkv].transpose(0, 2, 1, 3)  # (B, Hkv, T, hs)
     v = heads[:, :, H + Hkv :].transpose(0, 2, 1, 3)
@@ -233,12 +252,13 @@ def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_th
     y_heads = y.reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hs), a view
     matmul_groups_into(weights, v, y_heads)  # (B, Hkv, G*T, S) @ (B, Hkv, S, hs), heads side by side
     y = y.reshape(B, T, C)
-    return matmul_rows(y, w_proj), LlamaAttentionCache(x, q, k, v, att, y, cos, sin, att_mask)  # (B, T, C)
+    cache = LlamaAttentionCache(x, q, k, v, att, y, cos, sin, att_mask, qk_rstd)
+    return matmul_rows(y, w_proj), cache  # (B, T, C)
 
 
 def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
     """Reverse of llama_attention_forward (training only, no key/value cache). Returns dx."""
-    x, q, k, v, att, y, cos, sin, att_mask = cache
+    x, q, k, v, att, y, cos, sin, att_mask, qk_rstd = cache
     xp = get_array_module(x)
     B, T, C = x.shape
     Hkv, hs = k.shape[1], k.shape[3]
@@ -265,10 +285,21 @@ def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
     # forward was: pre = q @ k.T, both rotated, q already divided by sqrt(hs)
     matmul_groups_into(datt, k, dq)  # (B, Hkv, G*T, S) @ (B, Hkv, S, hs)
     matmul_into(datt.transpose(0, 1, 3, 2), q, dk)  # (S, G*T) @ (G*T, hs)
-    # forward was: q, k = R(angle) q, R(angle) k; the inverse rotation takes their gradients back
-    rope_rotate_inplace(dheads[:, :, : H + Hkv], cos, -sin)
+    dqk_heads = dheads[:, :, : H + Hkv]  # (B, T, H + Hkv, hs) the q and k heads' gradients, a view
     dqkv = dheads.reshape(B, T, (H + 2 * Hkv) * hs)
-    dqkv[..., :C] *= 1.0 / math.sqrt(hs)  # forward was: q scaled by 1 / sqrt(hs)
+    if qk_rstd is None:
+        # forward was: q scaled by 1 / sqrt(hs), then q, k = R(angle) q, R(angle) k; the inverse rotation
+        # takes their gradients back
+        rope_rotate_inplace(dqk_heads, cos, -sin)
+        dqkv[..., :C] *= 1.0 / math.sqrt(hs)
+    else:
+        # forward was: q, k rotated, each head divided by its rms, then q scaled by 1 / sqrt(hs)
+        dqkv[..., :C] *= 1.0 / math.sqrt(hs)
+        q_hat = unstack_groups(q, T) * math.sqrt(hs)  # (B, T, H, hs) the normalised queries, as k is
+        k_hat = k.transpose(0, 2, 1, 3)  # (B, T, Hkv, hs)
+        qk_rms_norm_backward_inplace(dheads[:, :, :H], q_hat, qk_rstd[:, :, :H])
+        qk_rms_norm_backward_inplace(dheads[:, :, H : H + Hkv], k_hat, qk_rstd[:, :, H:])
+        rope_rotate_inplace(dqk_heads, cos, -sin)
     # forward was: qkv = x @ w_attn
     dw_attn += x.reshape(-1, C).T @ dqkv.reshape(B * T, -1)  # (C, (H + 2Hkv) hs)
     return matmul_rows(dqkv, w_attn.T)  # (B, T, (H + 2Hkv) hs) -> (B, T, C)
@@ -394,12 +425,13 @@ class LlamaBlockCache(NamedTuple):
 def llama_block_forward(x, p, cfg, kv=None, layer=0, dropout=None):
     """Pre-norm block: x + dropout(attn(rmsnorm_1(x))), then + dropout(ffn(rmsnorm_2(.))), ffn SwiGLU or relu2's
     MLP (FEED_FORWARDS). `p` maps the names of llama_block_shapes to arrays; cfg: the ModelConfig (n_heads,
-    n_kv_heads, rope_theta, norm_eps, activation); `dropout`: the block's BlockMasks when training with
+    n_kv_heads, rope_theta, norm_eps, qk_norm, activation); `dropout`: the block's BlockMasks when training with
     dropout, None: no dropout."""
     dropout = dropout or NO_DROPOUT
     h, c_ln1 = rmsnorm_forward(x, p["ln_1.weight"], cfg.norm_eps)
     a, c_attn = llama_attention_forward(h, p["attn.c_attn.weight"], p["attn.c_proj.weight"],
-                                        cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, kv, layer, dropout.att)
+                                        cfg.n_heads, cfg.n_kv_heads, cfg.rope_theta, kv, layer, dropout.att,
+                                        cfg.qk_norm, cfg.norm_eps)
     residual_add_inplace(a, x, dropout.attn_out)  # x + dropout(attn(rmsnorm(x))), over attention's output (fresh)
     x = a
     h, c_ln2 = rmsnorm_forward(x, p["ln_2.weight"], cfg.norm_eps)

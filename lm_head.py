@@ -1,8 +1,9 @@
-"""[math] The language-model head: projection to the vocabulary, and the loss.
+"""[math] The language-model head: projection to the vocabulary, the optional soft cap, and the loss.
 
 Shapes: N rows (B*T), C model width, V vocabulary size, R rows per chunk.
 
     logits = h @ w_out.T          h (N, C): the final norm's output; w_out (V, C): the token embedding wte when tied
+    logits = c tanh(logits / c)   only with a soft cap c > 0 (ModelConfig.logit_softcap; 0: none)
 
 The final norm before it is the block's own (transformer.final_norm_forward, llama's RMSNorm), which
 the model applies (language_model.BLOCKS). With GPT-2's vocabulary this is over 90% of a small
@@ -13,6 +14,10 @@ dloss/dlogits (up to a scale per row, applied to the small operands), and immedi
 them back into dh and dw_out. `lm_head_forward` is the plain unchunked version (used for generation
 and as the tests' reference). On the whole-array path (the GPU's) one chunk holds every row: a GPU
 has the memory, and each chunk costs kernel launches.
+
+The soft cap (Gemma 2's, modded-nanogpt's) keeps every logit inside (-c, c), smoothly, so that no
+logit can run away while the model memorises; both heads apply it, so training, evaluation and
+generation see the same logits. Training with it keeps a second (R, V) buffer, its slope.
 """
 import numpy as np
 
@@ -22,9 +27,31 @@ from loss import IGNORE_INDEX, softmax_cross_entropy_inplace
 ROWS_PER_CHUNK = 512  # rows of logits per matrix product: big enough for BLAS to run at full speed
 
 
-def lm_head_forward(h, w_out):
-    """(..., C) -> logits (..., V)."""
-    return matmul_rows(h, w_out.T)  # (B, T, C) @ (C, V) -> (B, T, V): one GEMM, no copy of the table
+def softcap_inplace(logits, cap, slope=None):
+    """Logit soft-capping, in place: logits z become cap * tanh(z / cap), inside (-cap, cap), about z
+    where |z| is small next to cap. With `slope` (an array shaped as logits) also writes there what
+    backward needs, d/dz cap tanh(z / cap) = 1 - tanh(z / cap)^2."""
+    xp = get_array_module(logits)
+    logits *= 1.0 / cap
+    xp.tanh(logits, out=logits)
+    if slope is not None:
+        xp.multiply(logits, logits, out=slope)
+        xp.subtract(1.0, slope, out=slope)
+    logits *= cap
+
+
+def softcap_backward_inplace(dlogits, slope):
+    """Forward was: capped = cap * tanh(z / cap), whose slope softcap_inplace kept. dlogits, the
+    gradient of the capped logits, becomes the gradient of z: times 1 - tanh(z / cap)^2, in place."""
+    dlogits *= slope
+
+
+def lm_head_forward(h, w_out, softcap=0.0):
+    """(..., C) -> logits (..., V), soft-capped at `softcap` (0: not capped)."""
+    logits = matmul_rows(h, w_out.T)  # (B, T, C) @ (C, V) -> (B, T, V): one GEMM, no copy of the table
+    if softcap:
+        softcap_inplace(logits, softcap)
+    return logits
 
 
 class HeadWorkspace:
@@ -41,15 +68,15 @@ class HeadWorkspace:
 
 
 def lm_head_loss(h, w_out, targets, dw_out=None, workspace=None, rows_per_chunk=ROWS_PER_CHUNK,
-                 ignore_index=IGNORE_INDEX, mean_over=None):
+                 ignore_index=IGNORE_INDEX, mean_over=None, softcap=0.0):
     """Cross-entropy of the head's logits against targets, chunked over rows.
 
     h (N, C) the final norm's output, targets (N,). `dw_out`: None for evaluation, or the output
     layer's gradient array, into which the gradient of the mean loss is added: the mean over
     `mean_over` targets, by default the counted ones in `targets` (a shard of a batch passes the
-    whole batch's count). Returns (loss_sum, n_correct, n_counted, dh): the loss summed over the
-    counted (not ignored) targets, how many of them had the highest logit, how many there were, and
-    dh (N, C), None for evaluation.
+    whole batch's count). `softcap`: the logits' soft cap, as lm_head_forward's (0: none). Returns
+    (loss_sum, n_correct, n_counted, dh): the loss summed over the counted (not ignored) targets, how
+    many of them had the highest logit, how many there were, and dh (N, C), None for evaluation.
     """
     xp = get_array_module(h)
     N, C = h.shape
@@ -62,20 +89,27 @@ def lm_head_loss(h, w_out, targets, dw_out=None, workspace=None, rows_per_chunk=
         grad_scale = 1.0 / max(int(n_counted) if mean_over is None else mean_over, 1)
     R = N if whole_arrays(h) else min(rows_per_chunk, N)
     buf = ws.get("logits", (R, V), h.dtype, xp)
-    dh = None
+    dh = slope_buf = None
     if training:
         dh = xp.empty_like(h)  # (N, C)
         dw_chunk = ws.get("dw_out", (V, C), h.dtype, xp)
         h_scaled = ws.get("h_scaled", (R, C), h.dtype, xp)
+        if softcap:
+            slope_buf = ws.get("softcap_slope", (R, V), h.dtype, xp)
     loss_sum, n_correct = 0.0, 0  # sums of the chunks' values: on the GPU they stay there
     for r0 in range(0, N, R):
         r1 = min(N, r0 + R)
         logits = buf[: r1 - r0]
         xp.matmul(h[r0:r1], w_out.T, out=logits)  # (R, C) @ (C, V) -> (R, V)
+        slope = None if slope_buf is None else slope_buf[: r1 - r0]
+        if softcap:
+            softcap_inplace(logits, softcap, slope)
         s, c, row_scale = softmax_cross_entropy_inplace(logits, targets[r0:r1], grad_scale, ignore_index)
         loss_sum += s
         n_correct += c
         if training:  # dlogits = row_scale[:, None] * logits: scale the (R, C) operands instead
+            if softcap:  # the gradient of the capped logits -> of the logits themselves
+                softcap_backward_inplace(logits, slope)
             xp.matmul(logits, w_out, out=dh[r0:r1])  # (R, V) @ (V, C) -> (R, C)
             dh[r0:r1] *= row_scale[:, None]
             xp.multiply(h[r0:r1], row_scale[:, None], out=h_scaled[: r1 - r0])

@@ -72,7 +72,7 @@ def head(model, x):
     """The final norm and the output layer: (..., T, C) -> (..., T, V) logits, on the host."""
     x = to_device(np.asarray(x), model.xp)
     h, _ = model.block.final_norm_forward(x, model.params, model.config)
-    return to_host(lm_head_forward(h, model.head_weight(model.params)))
+    return to_host(lm_head_forward(h, model.head_weight(model.params), model.config.logit_softcap))
 
 
 def logit_lens(model, residual):

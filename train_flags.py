@@ -39,6 +39,7 @@ PRESETS = {
     "laptop": dict(vocab_size=4096, d_model=256, n_heads=8, d_ff=None, n_layers=4, seq_len=128,
                    arch="llama", rope_theta=None, n_kv_heads=None,
                    use_learned_pos=False, no_tie_embeddings=False, activation=None, zero_init_proj=False,
+                   qk_norm=False, logit_softcap=0.0,
                    batch_size=32, grad_accum=1, optimizer="adamw", learning_rate=2e-3, min_lr=2e-4,
                    warmup_steps=100, lr_schedule="cosine", weight_decay=0.01, decay_embeddings=False,
                    beta1=0.9, beta2=0.999, grad_clip=1.0, dropout=0.0, time_budget=15, cooldown=WSD_COOLDOWN),
@@ -62,7 +63,8 @@ def flags_from_config(config):
     return {"vocab_size": config.vocab_size, "d_model": config.d_model, "n_heads": config.n_heads,
             "d_ff": config.d_ff, "n_layers": config.n_layers, "use_learned_pos": config.use_learned_pos,
             "no_tie_embeddings": not config.tie_embeddings, "activation": config.activation, "arch": config.arch,
-            "rope_theta": config.rope_theta, "n_kv_heads": config.n_kv_heads}
+            "rope_theta": config.rope_theta, "n_kv_heads": config.n_kv_heads,
+            "qk_norm": config.qk_norm, "logit_softcap": config.logit_softcap}
 
 
 # The range of each numeric flag as check_args applies it, which --help states (the model's sizes are
@@ -80,7 +82,8 @@ FLAG_RANGES = {"eot_id": Number(int, 0), "vocab_size": FIELD_RANGES["vocab_size"
                "grad_clip": NON_NEGATIVE, "dropout": PROBABILITY, "seed": SEED, "workers": COUNT,
                "log_interval": COUNT, "eval_interval": COUNT_OR_ZERO, "eval_batches": COUNT,
                "save_interval": COUNT_OR_ZERO, "max_time": POSITIVE, "rank_timeout": POSITIVE,
-               "time_budget": Number(float, 0, MAX_MINUTES, low_open=True), "cooldown": COOLDOWN}
+               "time_budget": Number(float, 0, MAX_MINUTES, low_open=True), "cooldown": COOLDOWN,
+               "logit_softcap": FIELD_RANGES["logit_softcap"]}
 
 
 def build_parser():
@@ -143,6 +146,12 @@ def build_parser():
                    help="start every block's two output projections (attn.c_proj, mlp.c_proj) at zero, so each "
                         "block begins as the identity (modded-nanogpt's); only the initial weights change, so a "
                         "--resume keeps the checkpoint's and --init_from refuses it")
+    m.add_argument("--qk_norm", action="store_true",
+                   help="QK-norm: divide each attention head's query and key by their root mean square before the "
+                        "scores (either block; no parameters). Not exportable: transformers' GPT-2 and Llama have none")
+    m.add_argument("--logit_softcap", type=float, default=0.0, metavar="C",
+                   help="soft-cap the logits, z -> C tanh(z / C), before the softmax, in training, evaluation and "
+                        "generation (Gemma 2 uses 30; 0: off). Not exportable: transformers' GPT-2 and Llama have none")
     o = p.add_argument_group("optimization")
     o.add_argument("--batch_size", type=int, default=32, help="windows per step")
     o.add_argument("--grad_accum", type=int, default=1, metavar="N",
@@ -270,7 +279,8 @@ def check_args(args):
 
 MODEL_FLAGS = (("vocab_size", "vocab_size"), ("d_model", "d_model"), ("n_heads", "n_heads"), ("d_ff", "d_ff"),
                ("n_layers", "n_layers"), ("seq_len", "max_seq_len"), ("n_kv_heads", "n_kv_heads"),
-               ("rope_theta", "rope_theta"))  # (train.py's flag, ModelConfig's field)
+               ("rope_theta", "rope_theta"),
+               ("logit_softcap", "logit_softcap"))  # (train.py's flag, ModelConfig's field)
 
 
 def check_model_flag(args, flag, field):

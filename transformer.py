@@ -1,5 +1,5 @@
 """[math] GPT-2's Transformer block: layer norm, causal self-attention, feed-forward, residuals; and the
-attention core both blocks use (the causal softmax, the key/value cache).
+attention core both blocks use (the causal softmax, the key/value cache, the optional QK-norm).
 
 Shapes: B batch, T sequence length (of the queries), S length of the keys (T, or more with a
 key/value cache), C model width, H heads, hs = C // H head size, F feed-forward width (d_ff).
@@ -87,12 +87,13 @@ class KVCache:
 
 class AttentionCache(NamedTuple):
     x: np.ndarray  # (B, T, C) input
-    q: np.ndarray  # (B, H, T, hs) the queries already divided by sqrt(hs)
-    k: np.ndarray  # (B, H, S, hs)
+    q: np.ndarray  # (B, H, T, hs) the queries (with QK-norm normalised) already divided by sqrt(hs)
+    k: np.ndarray  # (B, H, S, hs) (with QK-norm normalised)
     v: np.ndarray  # (B, H, S, hs)
     att: np.ndarray  # (B, H, T, S) softmax probabilities
     y: np.ndarray  # (B, T, C) heads re-assembled, input of the output projection
     att_mask: DropoutMask | None  # (B, H, T, S) dropout on att, None: none
+    qk_rstd: np.ndarray | None  # (B, T, 2, H, 1) QK-norm's 1 / rms of each q and k head, None: no QK-norm
 
 
 _masks = {}
@@ -139,19 +140,43 @@ def softmax_backward_inplace(da, a):
     da *= a
 
 
-def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer=0, att_mask=None):
+def qk_rms_norm_inplace(x, eps):
+    """QK-norm (as in OLMo 2, nanochat, modded-nanogpt): x (..., hs), the query and key heads (a view into
+    qkv), each head's vector divided by its root mean square, in place, with no gain: an RMSNorm over the
+    head dimension. The scores q . k then stay within hs in size however large the weights grow.
+    Returns rstd (..., 1) = 1 / sqrt(mean(x^2) + eps), which backward needs."""
+    rstd = 1.0 / get_array_module(x).sqrt(row_dot_mean(x, x) + eps)  # (..., 1)
+    x *= rstd
+    return rstd
+
+
+def qk_rms_norm_backward_inplace(dx, xhat, rstd):
+    """Forward was xhat = x * rstd, rstd = (mean(x^2) + eps)^(-1/2), each head's vector on its own. dx, the
+    gradient of xhat (a view into dqkv), becomes the gradient of x, in place:
+    dx = rstd * (dxhat - xhat * mean(dxhat * xhat))   (RMSNorm's, llama.rmsnorm_backward, without the gain)."""
+    dx -= xhat * row_dot_mean(dx, xhat)
+    dx *= rstd
+
+
+def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer=0, att_mask=None, qk_norm=False,
+                      eps=LN_EPS):
     """Multi-head causal self-attention, (B, T, C) -> (B, T, C).
 
     With `kv` (a KVCache), x holds the positions after the kv.length cached ones: their keys
     and values are written into the cache and the queries attend to all cached positions.
     With `att_mask` (a DropoutMask (B, H, T, S), training only) the attention weights are dropped
-    out before they weigh the values.
+    out before they weigh the values. With `qk_norm` each head's query and key are first divided by
+    their root mean square (qk_rms_norm_inplace, with `eps`): the key/value cache keeps normalised keys.
     """
     B, T, C = x.shape
     H = n_heads
     hs = C // H
     qkv = matmul_rows(x, w_attn)  # (B, T, C) -> (B, T, 3C)
     qkv += b_attn
+    qk_rstd = None
+    if qk_norm:
+        qk_heads = qkv.reshape(B, T, 3, H, hs)[:, :, :2]  # (B, T, 2, H, hs): the q and k heads, a view
+        qk_rstd = qk_rms_norm_inplace(qk_heads, eps)  # (B, T, 2, H, 1)
     qkv[..., :C] *= 1.0 / math.sqrt(hs)  # the scores' scale, applied to q: (B, T, C), not (B, H, T, S)
     qkv = qkv.reshape(B, T, 3, H, hs).transpose(2, 0, 3, 1, 4)  # -> (3, B, H, T, hs), a view
     q, k, v = qkv[0], qkv[1], qkv[2]
@@ -169,12 +194,12 @@ def attention_forward(x, w_attn, b_attn, w_proj, b_proj, n_heads, kv=None, layer
     y = y.reshape(B, T, C)
     out = matmul_rows(y, w_proj)  # (B, T, C)
     out += b_proj
-    return out, AttentionCache(x, q, k, v, att, y, att_mask)
+    return out, AttentionCache(x, q, k, v, att, y, att_mask, qk_rstd)
 
 
 def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, db_proj):
     """Reverse of attention_forward (training only, no key/value cache). Returns dx."""
-    x, q, k, v, att, y, att_mask = cache
+    x, q, k, v, att, y, att_mask, qk_rstd = cache
     B, T, C = x.shape
     H, hs = q.shape[1], q.shape[3]
     # forward was: out = y @ w_proj + b_proj
@@ -196,6 +221,10 @@ def attention_backward(dout, cache, w_attn, w_proj, dw_attn, db_attn, dw_proj, d
     matmul_into(datt.transpose(0, 1, 3, 2), q, dk)  # (B, H, S, hs)
     dqkv = dqkv.reshape(B, T, 3 * C)
     dqkv[..., :C] *= 1.0 / math.sqrt(hs)  # dqs -> dq
+    if qk_rstd is not None:  # forward was: each head's q and k divided by its rms, before q's scale
+        rstd = qk_rstd.transpose(2, 0, 3, 1, 4)  # (B, T, 2, H, 1) -> (2, B, H, T, 1), laid out as dq and dk
+        qk_rms_norm_backward_inplace(dq, q * math.sqrt(hs), rstd[0])  # into dqkv through the view
+        qk_rms_norm_backward_inplace(dk, k, rstd[1])
     # forward was: qkv = x @ w_attn + b_attn
     dw_attn += x.reshape(-1, C).T @ dqkv.reshape(-1, 3 * C)  # (C, 3C)
     db_attn += dqkv.sum(axis=(0, 1))
@@ -313,13 +342,13 @@ class BlockCache(NamedTuple):
 
 def block_forward(x, p, cfg, kv=None, layer=0, dropout=None):
     """Pre-norm block: x + dropout(attn(ln_1(x))), then + dropout(mlp(ln_2(.))). `p` maps 'ln_1.weight'...
-    to arrays; cfg: the ModelConfig (n_heads, activation); `dropout`: the block's BlockMasks when training
-    with dropout, None: no dropout."""
+    to arrays; cfg: the ModelConfig (n_heads, activation, qk_norm, norm_eps); `dropout`: the block's BlockMasks
+    when training with dropout, None: no dropout."""
     dropout = dropout or NO_DROPOUT
     h, c_ln1 = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"])
     a, c_attn = attention_forward(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"],
                                   p["attn.c_proj.weight"], p["attn.c_proj.bias"], cfg.n_heads, kv, layer,
-                                  dropout.att)
+                                  dropout.att, cfg.qk_norm, cfg.norm_eps)
     residual_add_inplace(a, x, dropout.attn_out)  # x + dropout(attn(ln_1(x))), over attn's output (a fresh array)
     x = a
     h, c_ln2 = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,10 @@ CFG = ModelConfig(vocab_size=600, d_model=32, n_heads=4, d_ff=256, n_layers=2, m
 LLAMA_CFG = ModelConfig(vocab_size=600, d_model=32, n_heads=4, n_kv_heads=2, d_ff=96, n_layers=2, max_seq_len=80,
                         arch="llama")
 BOTH = pytest.mark.parametrize("cfg", [CFG, LLAMA_CFG], ids=["gpt2", "llama"])
+# both blocks with QK-norm and soft-capped logits
+OPTIONS = [replace(CFG, qk_norm=True, logit_softcap=10.0), replace(LLAMA_CFG, qk_norm=True, logit_softcap=10.0)]
+WITH_OPTIONS = pytest.mark.parametrize("cfg", [CFG, LLAMA_CFG, *OPTIONS],
+                                      ids=["gpt2", "llama", "gpt2-qk_norm-softcap", "llama-qk_norm-softcap"])
 
 
 def cupy_gpu():
@@ -47,7 +52,7 @@ def max_rel_diff(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-@BOTH
+@WITH_OPTIONS
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-6), (np.float64, 1e-12)])
 def test_whole_arrays_give_what_blocks_and_workers_give(dtype, tol, cfg):
     idx, targets = batch()
@@ -220,6 +225,31 @@ def test_a_gpu_step_reads_one_value_back_and_computes_what_numpy_does(cfg):
         assert float(loss_sum) == pytest.approx(float(evaluated_cpu[0]), rel=1e-6)
         assert int(n_correct) == int(evaluated_cpu[1])
         assert all(type(v) is np.ndarray for v in gpu.host_params().values())
+
+
+@pytest.mark.parametrize("cfg", OPTIONS, ids=["gpt2", "llama"])
+def test_qk_norm_and_the_soft_cap_on_device_arrays_compute_what_numpy_does_without_reading_back(cfg):
+    """QK-norm and soft-capped logits on fake_cupy's device arrays, the embedding gradient added in NumPy's
+    order (the shuffled order's rounding, amplified where a sum cancels, is what the test above allows for):
+    a step's loss, accuracy and gradients and generation's logits are bit for bit the whole-array NumPy
+    ones, and nothing is read back."""
+    idx, targets = batch(3)
+    n = count_targets(targets)
+    with whole_array_mode():
+        cpu = LanguageModel(cfg, seed=4)
+        cpu.zero_grad()
+        loss_cpu, correct_cpu = cpu.forward_backward(idx, targets, n)
+        logits_cpu = cpu.forward(idx[:1, :10])
+    with fake_cupy.installed(shuffle_scatter=False):
+        gpu = LanguageModel(cfg, seed=4, device="cuda")
+        syncs = fake_cupy.counts.syncs
+        gpu.zero_grad()
+        loss, correct = gpu.forward_backward(idx, targets, n)
+        logits = gpu.forward(idx[:1, :10])
+        assert fake_cupy.counts.syncs == syncs
+        assert float(loss) == float(loss_cpu) and int(correct) == int(correct_cpu)
+        np.testing.assert_array_equal(device.to_host(gpu.grads.flat), cpu.grads.flat)
+        np.testing.assert_array_equal(device.to_host(logits), logits_cpu)
 
 
 def test_gpu_evaluation_reads_its_sums_back_once_at_the_end(tmp_path):

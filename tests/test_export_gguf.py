@@ -7,6 +7,7 @@ line. With llama-cpp-python (slow; it builds llama.cpp from source): for a tiny 
 and each tokenizer kind, llama.cpp's tokens, logits and greedy continuation are ours."""
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +254,22 @@ def test_the_llama_blocks_relu2_mlp_is_refused_naming_it(tmp_path, bpe_tok):
     out = tmp_path / "m.gguf"
     with pytest.raises(GGUFError, match="^activation relu2: llama.cpp's llama architecture computes only the gated"):
         export_gguf.export(path, str(out), log=quiet)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("feature, says", [({"qk_norm": True}, r"QK-norm \(--qk_norm\)"),
+                                           ({"logit_softcap": 30.0}, r"soft-capped logits \(--logit_softcap 30\)")])
+def test_qk_norm_and_soft_capped_logits_are_refused_naming_them(tmp_path, bpe_tok, capsys, arch, feature, says):
+    need_gguf()
+    path = save(tmp_path, tiny_model(400, arch=arch, **feature), bpe_tok)
+    out = tmp_path / "m.gguf"
+    with pytest.raises(GGUFError, match=f"^{re.escape(path)}: the model has {says}, which llama.cpp's gpt2 and llama "
+                                        "architectures do not compute"):
+        export_gguf.export(path, str(out), log=quiet)
+    with pytest.raises(SystemExit) as e:
+        export_gguf.main([path, str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith(f"error: {path}: the model has") and err.count("\n") == 1
     assert not out.exists()
 
 

@@ -362,6 +362,23 @@ def test_without_safetensors_export_says_what_to_install(tmp_path, monkeypatch, 
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("feature, says", [({"qk_norm": True}, "QK-norm (--qk_norm)"),
+                                           ({"logit_softcap": 30.0}, "soft-capped logits (--logit_softcap 30)")])
+def test_qk_norm_and_soft_capped_logits_are_refused_in_one_line(tmp_path, capsys, arch, feature, says):
+    """transformers' GPT-2 and Llama compute neither: such an export would load there as another model."""
+    cfg = ModelConfig(vocab_size=97, d_model=16, n_heads=2, d_ff=24, n_layers=1, max_seq_len=12, arch=arch, **feature)
+    path, _ = checkpoint(tmp_path, cfg)
+    with pytest.raises(SystemExit) as e:
+        export_hf.main([path, str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1
+    assert err.startswith(f"error: {path}: the model has {says}, which transformers' GPT2LMHeadModel and "
+                          "LlamaForCausalLM do not compute")
+    assert "train without it to export" in err
+    assert not (tmp_path / "hf").exists() and os.listdir(tmp_path) == [os.path.basename(path)]
+
+
 def test_export_never_writes_over_other_files_but_replaces_its_own(tmp_path, bpe_tok):
     cfg = ModelConfig(vocab_size=bpe_tok.n_vocab, d_model=16, n_heads=2, d_ff=24, n_layers=1, max_seq_len=12)
     path, _ = checkpoint(tmp_path, cfg, bpe_tok)
@@ -504,7 +521,9 @@ def test_train_init_from_takes_the_folders_weights_and_architecture(tmp_path, ca
     for wrong, says in ((["--d_model", "32"], "--d_model 32 (folder: 16)"),
                         (["--seq_len", "48"], "--seq_len 48 (folder's context: 24)"),
                         (["--activation", "gelu"], "--activation gelu (folder: relu)"),
-                        (["--vocab_size", "50257"], "--vocab_size 50257 (folder: 64)")):
+                        (["--vocab_size", "50257"], "--vocab_size 50257 (folder: 64)"),
+                        (["--qk_norm"], "--qk_norm True (folder: False)"),
+                        (["--logit_softcap", "30"], "--logit_softcap 30.0 (folder: 0.0)")):
         with pytest.raises(SystemExit) as e:
             train.main(base + ["--save_dir", str(tmp_path / "c")] + wrong)
         assert says in str(e.value) and "Leave the model flags out" in str(e.value)

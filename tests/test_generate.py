@@ -38,6 +38,9 @@ def fixed_model(cfg=TINY, seed=4, scale=1.0, dtype=np.float64):
     dict(use_learned_pos=True, tie_embeddings=False),
     # the Llama block: keys cached after rotation at their own positions, 2 key/value heads for 4 query heads
     dict(arch="llama", n_heads=4, n_kv_heads=2, rope_theta=50.0),
+    # QK-norm: the keys cached normalised (and, in the Llama block, rotated first); soft-capped logits
+    dict(use_learned_pos=False, qk_norm=True, logit_softcap=5.0),
+    dict(arch="llama", n_heads=4, n_kv_heads=2, rope_theta=50.0, qk_norm=True, logit_softcap=5.0),
 ])
 def test_cached_and_uncached_logits_agree_at_every_step_across_slides(arch):
     cfg = ModelConfig(**{**dict(vocab_size=64, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=8), **arch})

@@ -8,10 +8,11 @@ from gradcheck import block_masks, check_layer, fixed_mask, numerical_gradient, 
 from config import ModelConfig, gpt2_block_shapes
 from dropout import dropout_backward, dropout_forward, residual_add_inplace
 from language_model import BLOCKS
-from lm_head import lm_head_forward, lm_head_loss
+from lm_head import lm_head_forward, lm_head_loss, softcap_backward_inplace, softcap_inplace
 from loss import IGNORE_INDEX, cross_entropy_reference, softmax_cross_entropy_inplace
 from transformer import (attention_backward, attention_forward, block_backward, block_forward,
-                         causal_softmax_inplace, layernorm_backward, layernorm_forward, mlp_backward, mlp_forward)
+                         causal_softmax_inplace, layernorm_backward, layernorm_forward, mlp_backward, mlp_forward,
+                         qk_rms_norm_backward_inplace, qk_rms_norm_inplace)
 
 
 @pytest.fixture
@@ -64,15 +65,17 @@ def attention_params(rng, C=8):
             "w_proj": rng.standard_normal((C, C)) * 0.5, "b_proj": rng.standard_normal(C) * 0.1}
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("dropout", [False, True])  # True: a fixed dropout mask on the attention weights
 @pytest.mark.parametrize("scale", [1, 8])  # 8: scores in the hundreds, past what exp takes unshifted
-def test_attention(rng, scale, dropout):
+def test_attention(rng, scale, dropout, qk_norm):
     p = attention_params(rng)
     p["w_attn"] *= scale
     mask = fixed_mask(rng, (2, 2, 3, 3)) if dropout else None
 
     def forward():
-        return attention_forward(p["x"], p["w_attn"], p["b_attn"], p["w_proj"], p["b_proj"], n_heads=2, att_mask=mask)
+        return attention_forward(p["x"], p["w_attn"], p["b_attn"], p["w_proj"], p["b_proj"], n_heads=2, att_mask=mask,
+                                 qk_norm=qk_norm)
 
     def backward(dout, cache):
         g = zeros_like(p, ["w_attn", "b_attn", "w_proj", "b_proj"])
@@ -81,6 +84,72 @@ def test_attention(rng, scale, dropout):
         return g
 
     check_layer(forward, backward, p, list(p), rng)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 0.5])
+def test_qk_rms_norm(rng, eps):
+    """The pair on the q and k heads of a (B, T, 3, H, hs) qkv, a strided view as attention gives it: against
+    finite differences of the whole qkv, against the plain formula, and the v heads left as they were."""
+    p = {"qkv": rng.standard_normal((2, 3, 3, 2, 4)) * 2}
+
+    def forward():
+        qkv = p["qkv"].copy()
+        qk_heads = qkv[:, :, :2]  # (B, T, 2, H, hs) a view
+        rstd = qk_rms_norm_inplace(qk_heads, eps)
+        return qkv, (qk_heads, rstd)
+
+    def backward(dout, cache):
+        qk_heads, rstd = cache
+        dqkv = dout.copy()
+        qk_rms_norm_backward_inplace(dqkv[:, :, :2], qk_heads, rstd)
+        return {"qkv": dqkv}
+
+    check_layer(forward, backward, p, ["qkv"], rng)
+    out, _ = forward()
+    qk = p["qkv"][:, :, :2]
+    np.testing.assert_allclose(out[:, :, :2], qk / np.sqrt(np.mean(qk * qk, axis=-1, keepdims=True) + eps),
+                               rtol=1e-13)
+    np.testing.assert_array_equal(out[:, :, 2], p["qkv"][:, :, 2])
+
+
+def attention_reference(x, w_attn, b_attn, w_proj, b_proj, H, qk_norm_eps=None):
+    """The plain formula, per head: softmax(q k^T / sqrt(hs) + causal mask) v, with QK-norm (qk_norm_eps given)
+    each head's q and k first divided by their rms."""
+    B, T, C = x.shape
+    hs = C // H
+    q, k, v = (a.reshape(B, T, H, hs).transpose(0, 2, 1, 3) for a in np.split(x @ w_attn + b_attn, 3, axis=-1))
+    if qk_norm_eps is not None:
+        q = q / np.sqrt(np.mean(q * q, axis=-1, keepdims=True) + qk_norm_eps)
+        k = k / np.sqrt(np.mean(k * k, axis=-1, keepdims=True) + qk_norm_eps)
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs) + np.triu(np.full((T, T), -np.inf), 1)
+    att = np.exp(scores - scores.max(-1, keepdims=True))
+    y = (att / att.sum(-1, keepdims=True)) @ v  # (B, H, T, hs)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, C) @ w_proj + b_proj
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_matches_the_plain_formula(rng, qk_norm):
+    p = attention_params(rng)
+    p["x"] = rng.standard_normal((2, 5, 8))
+    args = (p["x"], p["w_attn"], p["b_attn"], p["w_proj"], p["b_proj"])
+    out, _ = attention_forward(*args, n_heads=2, qk_norm=qk_norm, eps=1e-5)
+    np.testing.assert_allclose(out, attention_reference(*args, H=2, qk_norm_eps=1e-5 if qk_norm else None),
+                               rtol=1e-12, atol=1e-13)
+
+
+def test_qk_norm_makes_attention_blind_to_the_size_of_q_and_k(rng):
+    """Queries and keys 10 times larger: with QK-norm the same output (up to eps), without it another."""
+    p = attention_params(rng)
+    larger_w, larger_b = p["w_attn"].copy(), p["b_attn"].copy()
+    larger_w[:, :16] *= 10  # C = 8: columns [q | k | v], 8 each
+    larger_b[:16] *= 10
+
+    def out(w_attn, b_attn, qk_norm):
+        return attention_forward(p["x"], w_attn, b_attn, p["w_proj"], p["b_proj"], n_heads=2, qk_norm=qk_norm,
+                                 eps=1e-12)[0]
+
+    np.testing.assert_allclose(out(larger_w, larger_b, True), out(p["w_attn"], p["b_attn"], True), rtol=1e-9)
+    assert not np.allclose(out(larger_w, larger_b, False), out(p["w_attn"], p["b_attn"], False), rtol=1e-3)
 
 
 @pytest.mark.parametrize("offset", [0, 100, -100, -1e4])
@@ -166,7 +235,8 @@ def block_params(rng, C=8, F=12):
 
 
 @pytest.mark.parametrize("dropout", [False, True])  # True: fixed masks on the attention weights and both branches
-def test_block(rng, dropout):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_block(rng, dropout, qk_norm):
     p = block_params(rng)
     p["x"] = rng.standard_normal((2, 3, 8))
     masks = block_masks(rng) if dropout else None
@@ -176,8 +246,8 @@ def test_block(rng, dropout):
         g["x"] = block_backward(dout, cache, p, g)
         return g
 
-    check_layer(lambda: block_forward(p["x"], p, ModelConfig(d_model=8, n_heads=2), dropout=masks), backward, p,
-                list(p), rng)
+    cfg = ModelConfig(d_model=8, n_heads=2, qk_norm=qk_norm)
+    check_layer(lambda: block_forward(p["x"], p, cfg, dropout=masks), backward, p, list(p), rng)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -254,8 +324,32 @@ def test_cross_entropy_reference_gradient(rng):
     assert rel_error(dlogits, numeric) < 1e-7
 
 
+@pytest.mark.parametrize("cap", [0.5, 3.0, 30.0])
+def test_softcap(rng, cap):
+    p = {"z": rng.standard_normal((4, 7)) * 3}
+
+    def forward():
+        capped, slope = p["z"].copy(), np.empty_like(p["z"])
+        softcap_inplace(capped, cap, slope)
+        return capped, slope
+
+    def backward(dout, slope):
+        dz = dout.copy()
+        softcap_backward_inplace(dz, slope)
+        return {"z": dz}
+
+    check_layer(forward, backward, p, ["z"], rng)
+    capped, _ = forward()
+    np.testing.assert_allclose(capped, cap * np.tanh(p["z"] / cap), rtol=1e-14)
+    assert np.abs(capped).max() <= cap
+    without_slope = p["z"].copy()
+    softcap_inplace(without_slope, cap)  # generation's: no slope kept
+    np.testing.assert_array_equal(without_slope, capped)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 2.0])  # 2: logits of a few units, many of them bent by the cap
 @pytest.mark.parametrize("rows_per_chunk", [1, 4, 1024])
-def test_chunked_head_loss(rng, rows_per_chunk):
+def test_chunked_head_loss(rng, rows_per_chunk, softcap):
     """The chunked head + loss against finite differences and against the plain unchunked version."""
     N, C, V = 6, 4, 11
     p = {"h": rng.standard_normal((N, C)), "w_out": rng.standard_normal((V, C))}
@@ -263,15 +357,19 @@ def test_chunked_head_loss(rng, rows_per_chunk):
     targets[5] = IGNORE_INDEX
 
     def mean_loss():
-        s, _, n, _ = lm_head_loss(p["h"], p["w_out"], targets, rows_per_chunk=rows_per_chunk)
+        s, _, n, _ = lm_head_loss(p["h"], p["w_out"], targets, rows_per_chunk=rows_per_chunk, softcap=softcap)
         return s / n
 
     g = zeros_like(p, ["w_out"])
-    s, n_correct, n, g["h"] = lm_head_loss(p["h"], p["w_out"], targets, g["w_out"], rows_per_chunk=rows_per_chunk)
+    s, n_correct, n, g["h"] = lm_head_loss(p["h"], p["w_out"], targets, g["w_out"], rows_per_chunk=rows_per_chunk,
+                                           softcap=softcap)
     assert n == 5
     for name in p:
         assert rel_error(g[name], numerical_gradient(mean_loss, p[name])) < 1e-6, name
-    ref_loss, ref_acc, _ = cross_entropy_reference(lm_head_forward(p["h"], p["w_out"]), targets)
+    logits = lm_head_forward(p["h"], p["w_out"], softcap)
+    if softcap:
+        np.testing.assert_allclose(logits, softcap * np.tanh(p["h"] @ p["w_out"].T / softcap), rtol=1e-14)
+    ref_loss, ref_acc, _ = cross_entropy_reference(logits, targets)
     assert s / n == pytest.approx(ref_loss, rel=1e-12)
     assert n_correct / n == pytest.approx(ref_acc)
 

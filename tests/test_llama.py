@@ -225,7 +225,8 @@ def attention_params(rng, C=8, H=2, Hkv=2, T=3, scale=1.0):
 @pytest.mark.parametrize("dropout", [False, True])  # True: a fixed dropout mask (B, H, T, T) on the attention weights
 @pytest.mark.parametrize("H, Hkv", [(2, 2), (4, 2), (4, 1)])  # multi-head, grouped-query (G = 2), one key/value head
 @pytest.mark.parametrize("scale", [1, 8])  # 8: scores in the hundreds, past what exp takes unshifted
-def test_attention(rng, H, Hkv, scale, dropout):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention(rng, H, Hkv, scale, dropout, qk_norm):
     p = attention_params(rng, H=H, Hkv=Hkv, scale=scale)
     mask = fixed_mask(rng, (2, H, 3, 3)) if dropout else None
 
@@ -234,8 +235,10 @@ def test_attention(rng, H, Hkv, scale, dropout):
         g["x"] = llama_attention_backward(dout, cache, p["w_attn"], p["w_proj"], g["w_attn"], g["w_proj"])
         return g
 
-    check_layer(lambda: llama_attention_forward(p["x"], p["w_attn"], p["w_proj"], H, Hkv, att_mask=mask), backward,
-                p, list(p), rng)
+    def forward():
+        return llama_attention_forward(p["x"], p["w_attn"], p["w_proj"], H, Hkv, att_mask=mask, qk_norm=qk_norm)
+
+    check_layer(forward, backward, p, list(p), rng)
 
 
 def test_attention_dropout_mask_is_laid_out_as_the_query_heads(rng):
@@ -249,13 +252,22 @@ def test_attention_dropout_mask_is_laid_out_as_the_query_heads(rng):
     assert np.all(y[1, :, 2] == 0) and np.all(y[0] != 0) and np.all(np.delete(y[1], 2, axis=1) != 0)
 
 
-def attention_reference(x, w_attn, w_proj, H, Hkv, theta=10000.0):
-    """An independent HF-style pass: q, k, v projections, RoPE by rotate_half, repeat_kv, per-head softmax."""
+def rms_normalised(a, eps):
+    """Each vector along the last axis divided by its root mean square: QK-norm's formula."""
+    return a / np.sqrt(np.mean(a * a, axis=-1, keepdims=True) + eps)
+
+
+def attention_reference(x, w_attn, w_proj, H, Hkv, theta=10000.0, qk_norm_eps=None):
+    """An independent HF-style pass: q, k, v projections, RoPE by rotate_half, repeat_kv, per-head softmax.
+    With qk_norm_eps, each q and k head normalised first, before RoPE: the other order than llama.py's."""
     B, T, C = x.shape
     hs = C // H
     q, k, v = np.split(x @ w_attn, [C, C + Hkv * hs], axis=-1)
-    q = rope_reference(q.reshape(B, T, H, hs), theta=theta)
-    k = rope_reference(k.reshape(B, T, Hkv, hs), theta=theta)
+    q, k = q.reshape(B, T, H, hs), k.reshape(B, T, Hkv, hs)
+    if qk_norm_eps is not None:
+        q, k = rms_normalised(q, qk_norm_eps), rms_normalised(k, qk_norm_eps)
+    q = rope_reference(q, theta=theta)
+    k = rope_reference(k, theta=theta)
     v = v.reshape(B, T, Hkv, hs)
     y = np.empty((B, T, H, hs))
     for j in range(H):
@@ -266,24 +278,27 @@ def attention_reference(x, w_attn, w_proj, H, Hkv, theta=10000.0):
     return y.reshape(B, T, C) @ w_proj
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("H, Hkv", [(2, 2), (4, 1), (4, 2)])
-def test_attention_matches_the_hf_formula(rng, H, Hkv):
+def test_attention_matches_the_hf_formula(rng, H, Hkv, qk_norm):
     p = attention_params(rng, C=16, H=H, Hkv=Hkv, T=6)
-    out, _ = llama_attention_forward(p["x"], p["w_attn"], p["w_proj"], H, Hkv, rope_theta=100.0)
-    np.testing.assert_allclose(out, attention_reference(p["x"], p["w_attn"], p["w_proj"], H, Hkv, 100.0),
-                               rtol=1e-12, atol=1e-12)
+    out, _ = llama_attention_forward(p["x"], p["w_attn"], p["w_proj"], H, Hkv, rope_theta=100.0, qk_norm=qk_norm,
+                                     eps=1e-5)
+    expected = attention_reference(p["x"], p["w_attn"], p["w_proj"], H, Hkv, 100.0, 1e-5 if qk_norm else None)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])  # True: the keys cached rotated and normalised
 @pytest.mark.parametrize("H, Hkv", [(2, 2), (4, 2)])
-def test_kv_cache_gives_the_same_attention_as_a_full_pass(rng, H, Hkv):
+def test_kv_cache_gives_the_same_attention_as_a_full_pass(rng, H, Hkv, qk_norm):
     """Pieces at positions 0-2, 3, 4-5, 6: each rotated at its own positions, keys stored rotated."""
     C, T = 8, 7
     p = attention_params(rng, C=C, H=H, Hkv=Hkv, T=T)
-    full, full_cache = llama_attention_forward(p["x"], p["w_attn"], p["w_proj"], H, Hkv)
+    full, full_cache = llama_attention_forward(p["x"], p["w_attn"], p["w_proj"], H, Hkv, qk_norm=qk_norm)
     kv = KVCache(1, 2, Hkv, 9, C // H, np.float64)
     pieces = []
     for a, b in [(0, 3), (3, 4), (4, 6), (6, 7)]:
-        out, _ = llama_attention_forward(p["x"][:, a:b], p["w_attn"], p["w_proj"], H, Hkv, kv=kv)
+        out, _ = llama_attention_forward(p["x"][:, a:b], p["w_attn"], p["w_proj"], H, Hkv, kv=kv, qk_norm=qk_norm)
         kv.length += b - a  # the model does this once all layers have seen the new positions
         pieces.append(out)
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-12, atol=1e-13)
@@ -342,13 +357,13 @@ def test_block_with_the_kv_cache_gives_the_same_output(rng):
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
-def test_block_on_device_arrays_computes_what_numpy_does_without_reading_back(rng, activation):
+@pytest.mark.parametrize("activation, qk_norm", [("swiglu", False), ("relu2", False), ("swiglu", True)])
+def test_block_on_device_arrays_computes_what_numpy_does_without_reading_back(rng, activation, qk_norm):
     """With fake_cupy's device arrays (which refuse host arrays and count host reads): the block's
     forward (with and without the cache) and backward give bit for bit the whole-array NumPy results."""
     p = block_params(rng, H=4, Hkv=2, activation=activation)
     x, dout = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 5, 8))
-    cfg = llama_cfg(4, 2, activation=activation)
+    cfg = llama_cfg(4, 2, activation=activation, qk_norm=qk_norm)
 
     def run(xp, p, x, dout):
         out, cache = llama_block_forward(x, p, cfg)

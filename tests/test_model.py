@@ -12,7 +12,8 @@ from dropout import DropoutKey
 from gradcheck import numerical_gradient, rel_error
 from config import ModelConfig, param_shapes
 from language_model import LanguageModel
-from loss import IGNORE_INDEX, count_targets
+from loss import IGNORE_INDEX, count_targets, cross_entropy_reference
+from model_views import logit_lens, look_inside
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(vocab_size=11, d_model=8, n_heads=2, d_ff=12, n_layers=2, max_seq_len=6)
@@ -52,6 +53,10 @@ LLAMA = dict(arch="llama", n_kv_heads=1, rope_theta=100.0)  # grouped-query: 2 q
     {"arch": "llama"},  # RMSNorm, rotary positions, SwiGLU, no biases, tied head
     {**LLAMA, "tie_embeddings": False},
     {**LLAMA, "activation": "relu2"},  # the Llama block with a two-matrix relu(x)^2 MLP
+    {"qk_norm": True},  # each head's q and k normalised
+    {**LLAMA, "qk_norm": True},  # rotated, then normalised; grouped-query
+    {"logit_softcap": 1.5},  # logits of a few units: the cap bends them
+    {**LLAMA, "logit_softcap": 1.5, "tie_embeddings": False},
 ])
 def test_whole_model_gradients(overrides, array_path):
     rng = np.random.default_rng(0)
@@ -254,7 +259,8 @@ def test_parameter_names_and_layouts_follow_gpt2():
     assert sum(np.prod(s) for s in shapes.values()) == 124_439_808  # GPT-2 small's published count
 
 
-@pytest.mark.parametrize("overrides", [{}, LLAMA])
+@pytest.mark.parametrize("overrides", [{}, LLAMA, {"qk_norm": True, "logit_softcap": 3.0},
+                                       {**LLAMA, "qk_norm": True, "logit_softcap": 3.0}])
 def test_kv_cache_gives_the_same_logits_as_a_full_pass(overrides, array_path):
     rng = np.random.default_rng(5)
     model = tiny_model(**overrides)
@@ -268,6 +274,28 @@ def test_kv_cache_gives_the_same_logits_as_a_full_pass(overrides, array_path):
     np.testing.assert_allclose(model.forward(idx, last_only=True), full[:, -1:], rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="max_seq_len"):
         model.forward(idx[:, :1], kv_cache=cache)
+
+
+@pytest.mark.parametrize("overrides", [{}, LLAMA])
+def test_soft_capped_logits_are_the_same_in_generation_evaluation_and_explore(overrides, array_path):
+    """With --logit_softcap every place that computes logits caps them: forward (generation), the fused
+    loss (training and evaluation), and explore.py's views (the model's output and the logit lens)."""
+    rng = np.random.default_rng(8)
+    plain, capped = tiny_model(**overrides), tiny_model(**overrides, logit_softcap=1.5)
+    for k in plain.params:  # the same weights, large enough that the logits reach past the cap
+        capped.params[k][...] = plain.params[k] + rng.standard_normal(plain.params[k].shape)
+        plain.params[k][...] = capped.params[k]
+    idx, targets = batch(rng)
+    logits = capped.forward(idx)
+    assert np.abs(plain.forward(idx)).max() > 3
+    np.testing.assert_allclose(logits, 1.5 * np.tanh(plain.forward(idx) / 1.5), rtol=1e-12)
+    loss_sum, n_correct = capped.evaluate(idx, targets)
+    ref_loss, ref_accuracy, _ = cross_entropy_reference(logits.reshape(-1, 11), targets.reshape(-1))
+    assert float(loss_sum) / targets.size == pytest.approx(ref_loss, rel=1e-12)
+    assert train_pass(capped, idx, targets)[0] == pytest.approx(ref_loss, rel=1e-12)
+    views = look_inside(capped, list(idx[0]))
+    np.testing.assert_allclose(views.logits, logits[0], rtol=1e-12)
+    np.testing.assert_allclose(logit_lens(capped, views.residual)[-1], logits[0], rtol=1e-12)
 
 
 def test_dtype_follows_the_parameters():
@@ -304,6 +332,20 @@ def test_bad_config_gets_a_clear_error():
     with pytest.raises(ValueError, match="unknown"):
         ModelConfig.from_dict({**TINY, "n_embd": 3})
     assert ModelConfig.from_dict(ModelConfig(**TINY).to_dict()) == ModelConfig(**TINY)
+    with pytest.raises(ValueError, match="qk_norm must be true or false"):
+        ModelConfig(**{**TINY, "qk_norm": "yes"})
+    for cap in (-1.0, float("nan"), float("inf"), "30"):
+        with pytest.raises(ValueError, match="logit_softcap must be a number from 0 to 1000"):
+            ModelConfig(**{**TINY, "logit_softcap": cap})
+
+
+def test_a_config_written_before_qk_norm_and_the_soft_cap_has_them_off():
+    old = {k: v for k, v in ModelConfig(**TINY).to_dict().items() if k not in ("qk_norm", "logit_softcap")}
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.qk_norm is False and cfg.logit_softcap == 0.0 and cfg == ModelConfig(**TINY)
+    on = ModelConfig(**TINY, qk_norm=True, logit_softcap=30.0)
+    assert ModelConfig.from_dict(on.to_dict()) == on
+    assert on.describe().endswith("tied head, logits soft-capped at 30") and "2 heads, QK-norm" in on.describe()
 
 
 def test_a_config_without_a_later_field_loads_with_its_default():

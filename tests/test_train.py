@@ -552,7 +552,8 @@ def test_a_llama_run_learns_is_interrupted_and_resumes_bit_for_bit(data, tmp_pat
     got, want = (load_checkpoint(os.path.join(p, "checkpoint_final.npz")) for p in (d, ref))
     assert want.config.to_dict() == dict(vocab_size=V, d_model=16, n_heads=4, d_ff=64, n_layers=1, max_seq_len=16,
                                          use_learned_pos=False, tie_embeddings=True, activation="swiglu",
-                                         arch="llama", rope_theta=500.0, n_kv_heads=2, norm_eps=1e-5, dropout=0.0)
+                                         arch="llama", rope_theta=500.0, n_kv_heads=2, norm_eps=1e-5, dropout=0.0,
+                                         qk_norm=False, logit_softcap=0.0)
     assert "h.0.attn.c_attn.bias" not in want.params and "ln_f.bias" not in want.params
     for tree in ("params", "arrays"):
         for k, v in getattr(want, tree).items():
@@ -568,6 +569,29 @@ def test_a_llama_run_learns_is_interrupted_and_resumes_bit_for_bit(data, tmp_pat
     model, _ = load_model(os.path.join(ref, "checkpoint_final.npz"))
     greedy = [list(generate.generate(model, [5, 6, 7], 40, temperature=0, use_cache=c)) for c in (True, False)]
     assert greedy[0] == greedy[1] and len(greedy[0]) == 40  # past the context of 16: the window slid
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_qk_norm_and_the_soft_cap_are_trained_recorded_and_needed_to_resume(data, tmp_path, arch):
+    """--qk_norm and --logit_softcap reach the model, its checkpoint records them, and resuming without
+    them is another architecture, refused; the soft cap's range is checked and in --help."""
+    import train_flags
+    d = str(tmp_path / "ck")
+    common = dict(arch=arch, max_steps=4, save_interval=2, eval_interval=2, workers=1)
+    assert train.main(tiny_flags(data, d, qk_norm=True, logit_softcap=30, **common)) == 0
+    ck = load_checkpoint(os.path.join(d, "checkpoint_final.npz"))
+    assert (ck.config.qk_norm, ck.config.logit_softcap) == (True, 30.0)
+    assert [r for r in metrics(d) if r["type"] == "eval"]  # evaluated on the way
+    for dropped in ({"qk_norm": None}, {"logit_softcap": None}):
+        with pytest.raises(SystemExit) as e:
+            train.main(tiny_flags(data, d, resume=True, **dict(dict(qk_norm=True, logit_softcap=30), **dropped),
+                                  **common))
+        assert "different architecture" in str(e.value.code)
+    for bad in ("-1", "nan", "1e4"):
+        with pytest.raises(SystemExit) as e:
+            train.main(tiny_flags(data, str(tmp_path / "bad"), logit_softcap=bad, **common))
+        assert "--logit_softcap must be a number from 0 to 1000" in str(e.value.code)
+    assert "a number from 0 to 1000" in train_flags.build_parser().format_help()
 
 
 def test_llama_flags_are_checked_and_take_the_llama_defaults():
