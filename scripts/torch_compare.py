@@ -192,10 +192,10 @@ class TorchLM(Module):
                              "benchmark's flags make it")
         block, final_norm = TORCH_BLOCKS[cfg.arch]
         self.wte = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))  # (V, C)
-        self.pos = None
-        if cfg.positions == "sinusoidal":  # GPT-2's block; the Llama block turns q and k instead
-            table = sinusoidal_positions(cfg.max_seq_len, cfg.d_model)  # ours: (T_max, C), no gradient
-            self.register_buffer("pos", torch.from_numpy(table), persistent=False)
+        table = None  # the Llama block turns q and k instead
+        if cfg.positions == "sinusoidal":  # GPT-2's block: ours, (T_max, C), no gradient
+            table = torch.from_numpy(sinusoidal_positions(cfg.max_seq_len, cfg.d_model))
+        self.register_buffer("pos", table, persistent=False)
         self.h = nn.ModuleList([block(cfg) for _ in range(cfg.n_layers)])
         self.ln_f = final_norm(cfg)
 

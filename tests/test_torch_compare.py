@@ -57,3 +57,11 @@ def test_comparison_prints_the_machine_and_a_table_of_rounds(capsys):
     assert any(line.startswith("| ours | ") and line.endswith(" | 1.00 |") for line in lines)
     assert any(line.startswith("| PyTorch eager | ") for line in lines)
     assert any(line.startswith("eager / ours ") for line in lines)
+
+
+def test_a_preset_gives_the_model_and_batch_under_the_flags_given():
+    args = torch_compare.parse_args(["--preset", "laptop", "--d_model", "64", "--n_heads", "4"])
+    assert (args.arch, args.vocab_size, args.n_layers, args.batch_size, args.seq_len) == ("llama", 4096, 4, 32, 128)
+    assert (args.d_model, args.n_heads) == (64, 4)  # the flags given win
+    args = torch_compare.parse_args(["--preset", "medium"])
+    assert (args.arch, args.d_model, args.n_layers, args.batch_size, args.seq_len) == ("gpt2", 256, 4, 16, 256)
