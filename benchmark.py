@@ -144,21 +144,44 @@ def median_time(fn, repeats, xp=np):
     return float(np.median(times))
 
 
-def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0.0, optimizer="adamw"):
-    """The step's and the matmuls' median times; with dropout > 0 also the step that drops with that
-    probability (its masks drawn anew each step), timed in turn with the others."""
+def fixed_batch_step(cfg, B, T, device="cpu", dropout=0.0, optimizer="adamw"):
+    """The model (seed 0) and its training step on one fixed batch of B random sequences of T tokens: what
+    train.py does each step (forward, backward, gradient clipping at 1.0, the update at lr 3e-4 by --optimizer,
+    AdamW by default), less the data and the logging. Returns (model, step, batch): step(with_dropout=False) runs one step; batch (x, y) are
+    the NumPy token ids, so that another implementation (scripts/torch_compare.py) can take the same ones."""
     model = LanguageModel(replace(cfg, dropout=dropout), seed=0, device=device)
-    xp = model.xp
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
     optimizer = build_optimizer(optimizer, model.params, weight_decay=0.01)  # --optimizer, adamw by default
     x, y = tokens[:, :-1], tokens[:, 1:]
     step_number = itertools.count()
 
-    def step(with_dropout=False):  # what train.py does each step, less the data and the logging
+    def step(with_dropout=False):
         model.zero_grad()
         model.forward_backward(x, y, count_targets(y), DropoutKey(0, next(step_number)) if with_dropout else None)
         clip_grad_norm(model.grads, 1.0)
         optimizer.step(model.grads, lr=3e-4)
+
+    return model, step, (x, y)
+
+
+def time_alternately(timed, rounds, xp=np):
+    """{name: [seconds of each round]} of {name: fn}: each round runs every fn in turn, so all see the same
+    machine. Each is timed right after an untimed run of itself, as in a loop of its own: after the
+    matmuls, OpenBLAS's threads spin-wait for more work for ~0.1 s and would slow a step's first tenth of
+    a second (training runs steps back to back, never this mix)."""
+    times = {name: [] for name in timed}
+    for _ in range(rounds):
+        for name, fn in timed.items():
+            fn()
+            times[name].append(median_time(fn, 1, xp))
+    return times
+
+
+def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0.0, optimizer="adamw"):
+    """The step's and the matmuls' median times; with dropout > 0 also the step that drops with that
+    probability (its masks drawn anew each step), timed in turn with the others."""
+    model, step, _ = fixed_batch_step(cfg, B, T, device, dropout, optimizer)
+    xp = model.xp
 
     def dropout_step():
         step(with_dropout=True)
@@ -175,14 +198,7 @@ def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0
     timed = {"step": step, "matmul": mm.run, "peak": peak.run}
     if dropout:
         timed["dropout_step"] = dropout_step
-    times = {name: [] for name in timed}
-    for _ in range(steps):  # alternate, so all see the same machine
-        # Each is timed right after an untimed run of itself, as in a loop of its own: after
-        # the matmuls, OpenBLAS's threads spin-wait for more work for ~0.1 s and would slow
-        # a step's first tenth of a second (training runs steps back to back, never this mix).
-        for name, fn in timed.items():
-            fn()
-            times[name].append(median_time(fn, 1, xp))
+    times = time_alternately(timed, steps, xp)
     t = {name: float(np.median(ts)) for name, ts in times.items()}
     t_step, t_mm = t["step"], t["matmul"]
     peak_gflops = peak.flops / t["peak"] / 1e9
@@ -356,9 +372,9 @@ def print_sizes(vocab_size=GPT2_VOCAB_SIZE):
               f"{model.num_parameters(include_embeddings=False):,} |")
 
 
-def main(argv=None):
+def add_model_flags(ap):
+    """The model and batch flags, benchmark.py's and scripts/torch_compare.py's."""
     size = FIELD_RANGES
-    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab_size", type=size["vocab_size"], default=GPT2_VOCAB_SIZE,
                     help=f"vocabulary size: {size['vocab_size']} (default {GPT2_VOCAB_SIZE}, GPT-2's)")
     ap.add_argument("--d_model", type=size["d_model"], default=128,
@@ -380,6 +396,11 @@ def main(argv=None):
     ap.add_argument("--batch_size", type=COUNT, default=32, help=f"sequences per step: {COUNT} (default 32)")
     ap.add_argument("--seq_len", type=size["max_seq_len"], default=128,
                     help=f"tokens per sequence: {size['max_seq_len']} (default 128)")
+
+
+def main(argv=None):
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(ap)
     ap.add_argument("--steps", type=COUNT, default=5,
                     help=f"timed steps at least; the median is reported: {COUNT} (default 5)")
     ap.add_argument("--min_seconds", type=SECONDS_OR_ZERO, default=3.0,
