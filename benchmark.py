@@ -213,6 +213,7 @@ def report(name, cfg, B, T, r):
     kv = "" if cfg.n_kv_heads is None else f" n_kv_heads={cfg.n_kv_heads}"
     own = cfg.activation == ARCHS[cfg.arch].activations[0]  # the block's default feed-forward goes unsaid
     act = "" if own else f" activation={cfg.activation}"
+    act += (" qk_norm" if cfg.qk_norm else "") + (f" logit_softcap={cfg.logit_softcap:g}" if cfg.logit_softcap else "")
     print(f"{name}: arch={cfg.arch}{act} d_model={cfg.d_model} n_heads={cfg.n_heads}{kv} d_ff={cfg.d_ff} "
           f"n_layers={cfg.n_layers} vocab={cfg.vocab_size} batch={B} seq={T} params={r['params']:,}")
     if r.get("gpu_mb") is None:
@@ -409,6 +410,10 @@ def main(argv=None):
     ap.add_argument("--dropout", type=PROBABILITY, default=0.0, metavar="P",
                     help=f"also time the step with dropout P (train.py --dropout), alternately with the one without: "
                          f"{PROBABILITY} (default 0: not)")
+    ap.add_argument("--qk_norm", action="store_true", help="the model with QK-norm, as train.py's --qk_norm")
+    ap.add_argument("--logit_softcap", type=FIELD_RANGES["logit_softcap"], default=0.0, metavar="C",
+                    help=f"the model with soft-capped logits, as train.py's --logit_softcap: {FIELD_RANGES['logit_softcap']} "
+                         "(default 0: off)")
     ap.add_argument("--all", action="store_true",
                     help="run the guide's Tiny, Small, Medium, Small-with-4096-vocab, and Small with --arch llama "
                          "(both vocabularies)")
@@ -456,7 +461,7 @@ def run(args):
     try:
         cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
                           n_layers=args.n_layers, max_seq_len=args.seq_len, arch=args.arch, n_kv_heads=args.n_kv_heads,
-                          activation=args.activation)
+                          activation=args.activation, qk_norm=args.qk_norm, logit_softcap=args.logit_softcap)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.profile:

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmark import add_model_flags, fixed_batch_step, median_time, time_alternately  # noqa: E402
-from config import LN_EPS  # noqa: E402
+from config import ARCHS, LN_EPS  # noqa: E402
 from embeddings import sinusoidal_positions  # noqa: E402
 from flag_types import COUNT, COUNT_OR_ZERO, Parser  # noqa: E402
 from llama import rope_angles  # noqa: E402
@@ -407,6 +407,10 @@ def main(argv=None):
         cfg = config_from_flags(vars(args))
     except ValueError as e:
         raise SystemExit(f"error: the model flags: {e}") from None
+    default = ARCHS[cfg.arch].activations[0]
+    if cfg.activation != default:
+        raise SystemExit(f"error: --activation {cfg.activation}: the PyTorch model here has the {cfg.arch} block's own "
+                         f"feed-forward only ({default}); leave --activation out")
     model, step, (x, y) = fixed_batch_step(cfg, args.batch_size, args.seq_len)
     torch.set_num_threads(model.workers)  # as many threads as our step splits the batch over
     print(machine())

@@ -74,6 +74,22 @@ def test_benchmark_times_the_step_with_and_without_dropout(capsys):
     assert "with dropout 0.1: step" in out and "% on the step without" in out
 
 
+def test_benchmark_times_the_model_with_qk_norm_and_soft_capped_logits(monkeypatch, capsys):
+    """--qk_norm and --logit_softcap reach the model benchmark.py times, and its line names them."""
+    seen = {}
+
+    def bench(cfg, *args, **kwargs):
+        seen["cfg"] = cfg
+        return benchmark.bench.__wrapped__(cfg, *args, **kwargs)
+    bench.__wrapped__ = benchmark.bench
+    monkeypatch.setattr(benchmark, "bench", bench)
+    benchmark.main(["--vocab_size", "64", "--d_model", "16", "--n_heads", "2", "--d_ff", "32", "--n_layers", "1",
+                    "--batch_size", "2", "--seq_len", "8", "--steps", "1", "--min_seconds", "0",
+                    "--qk_norm", "--logit_softcap", "30"])
+    assert seen["cfg"].qk_norm is True and seen["cfg"].logit_softcap == 30.0
+    assert "qk_norm logit_softcap=30 " in capsys.readouterr().out
+
+
 def test_decode_benchmark_command_line(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--decode", "--decode_tokens", "0"])

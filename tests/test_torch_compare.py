@@ -65,3 +65,11 @@ def test_a_preset_gives_the_model_and_batch_under_the_flags_given():
     assert (args.d_model, args.n_heads) == (64, 4)  # the flags given win
     args = torch_compare.parse_args(["--preset", "medium"])
     assert (args.arch, args.d_model, args.n_layers, args.batch_size, args.seq_len) == ("gpt2", 256, 4, 16, 256)
+
+
+def test_a_feed_forward_the_torch_model_lacks_is_refused_in_one_line():
+    pytest.importorskip("torch")
+    with pytest.raises(SystemExit) as e:
+        torch_compare.main([*TINY, "--arch", "llama", "--activation", "relu2", "--check", "--no_compile"])
+    assert str(e.value.code) == ("error: --activation relu2: the PyTorch model here has the llama block's own "
+                                 "feed-forward only (swiglu); leave --activation out")
