@@ -307,11 +307,12 @@ def test_two_ranks_train_bit_for_bit_what_two_workers_train(data, tmp_path, stor
 
 
 @needs_mpi
-def test_two_ranks_train_a_llama_model_bit_for_bit_as_two_workers(data, tmp_path):
-    """--arch llama (grouped-query attention, dropout): the same losses, evaluations, weights and optimizer
-    state."""
+@pytest.mark.parametrize("features", [{}, dict(qk_norm=True, logit_softcap=5.0, activation="relu2", zero_init_proj=True)])
+def test_two_ranks_train_a_llama_model_bit_for_bit_as_two_workers(data, tmp_path, features):
+    """--arch llama (grouped-query attention, dropout; also with issue 29's model options): the same losses,
+    evaluations, weights and optimizer state."""
     flags = dict(arch="llama", n_heads=4, n_kv_heads=2, max_steps=12, log_interval=3, eval_interval=6,
-                 save_interval=0, batch_size=7, dropout=0.1)
+                 save_interval=0, batch_size=7, dropout=0.1, **features)
     ranks_dir, workers_dir = str(tmp_path / "ranks"), str(tmp_path / "workers")
     run = mpirun(2, tiny_flags(data, ranks_dir, **flags))
     assert run.returncode == 0, run.stderr

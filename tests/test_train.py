@@ -684,3 +684,21 @@ def test_zero_init_proj_starts_the_projections_at_zero_records_the_flag_and_resu
     got, want = (load_checkpoint(os.path.join(p, "checkpoint_final.npz")) for p in (d, ref))
     for name, p in want.params.items():
         assert np.array_equal(got.params[name], p), name
+
+
+def test_a_run_with_qk_norm_soft_capped_logits_and_relu2_resumes_bit_for_bit(data, tmp_path):
+    """Issue 29's model options on (the Llama block with QK-norm, soft-capped logits and the relu2 MLP):
+    a run interrupted after step 2 and resumed ends with the uninterrupted run's weights, bit for bit."""
+    common = dict(arch="llama", qk_norm=True, logit_softcap=5.0, activation="relu2", max_steps=5,
+                  save_interval=0, eval_interval=0, log_interval=1)
+    ref, d = str(tmp_path / "ref"), str(tmp_path / "ck")
+    with pytest.MonkeyPatch.context() as m:
+        stop_at(2, m)
+        assert train.main(tiny_flags(data, d, **common)) == 130
+    assert os.path.exists(os.path.join(d, "checkpoint_step_2.npz"))
+    assert train.main(tiny_flags(data, d, resume=True, **common)) == 0
+    assert train.main(tiny_flags(data, ref, **common)) == 0
+    got, want = (load_checkpoint(os.path.join(p, "checkpoint_final.npz")) for p in (d, ref))
+    assert got.config.qk_norm and got.config.logit_softcap == 5.0 and got.config.activation == "relu2"
+    for name, p in want.params.items():
+        assert np.array_equal(got.params[name], p), name
