@@ -10,10 +10,10 @@ from device import to_device, to_host, whole_array_mode
 from embeddings import embedding_backward
 from gradcheck import array_path  # noqa: F401  (autouse: every test here runs on both array paths)
 from gradcheck import block_masks, check_layer, fixed_mask, numerical_gradient, rel_error, zeros_like
-from config import RMS_EPS, ModelConfig, llama_block_shapes, swiglu_hidden
+from config import LLAMA_FEED_FORWARDS, RMS_EPS, ModelConfig, llama_block_shapes, swiglu_hidden
 from device import blocks
 from dropout import DropoutMask
-from llama import (block_parameters, init_llama_block, llama_attention_backward, llama_attention_forward,
+from llama import (FEED_FORWARDS, block_parameters, init_llama_block, llama_attention_backward, llama_attention_forward,
                    llama_block_backward, llama_block_forward, relu2_mlp_backward, relu2_mlp_forward, rmsnorm_backward,
                    rmsnorm_forward, rope_backward, rope_forward, rope_reference, swiglu_backward, swiglu_forward)
 from loss import IGNORE_INDEX, cross_entropy_reference
@@ -95,17 +95,21 @@ def test_rope_backward_is_the_inverse_rotation(rng):
 
 # ----------------------------------------------------------------------------- SwiGLU
 
-def test_swiglu(rng):
+@pytest.mark.parametrize("activation", sorted(FEED_FORWARDS))
+def test_feed_forward(rng, activation):
+    """Each feed-forward of the Llama block (FEED_FORWARDS: SwiGLU, relu2's MLP) against finite differences;
+    mlp.c_fc has config.LLAMA_FEED_FORWARDS' columns per hidden unit ([gate | up] for SwiGLU)."""
     C, F = 4, 6
-    p = {"x": rng.standard_normal((2, 3, C)), "w_fc": rng.standard_normal((C, 2 * F)),
+    ffn, columns = FEED_FORWARDS[activation], LLAMA_FEED_FORWARDS[activation].fc_columns
+    p = {"x": rng.standard_normal((2, 3, C)), "w_fc": rng.standard_normal((C, columns * F)),
          "w_proj": rng.standard_normal((F, C))}
 
     def backward(dout, cache):
         g = zeros_like(p, ["w_fc", "w_proj"])
-        g["x"] = swiglu_backward(dout, cache, p["w_fc"], p["w_proj"], g["w_fc"], g["w_proj"])
+        g["x"] = ffn.backward(dout, cache, p["w_fc"], p["w_proj"], g["w_fc"], g["w_proj"])
         return g
 
-    check_layer(lambda: swiglu_forward(p["x"], p["w_fc"], p["w_proj"]), backward, p, list(p), rng)
+    check_layer(lambda: ffn.forward(p["x"], p["w_fc"], p["w_proj"]), backward, p, list(p), rng)
 
 
 def silu(z):
@@ -162,19 +166,6 @@ def test_swiglu_hidden_width():
 
 
 # ----------------------------------------------------------------------------- ReLU^2 feed-forward
-
-def test_relu2_mlp(rng):
-    C, F = 4, 6
-    p = {"x": rng.standard_normal((2, 3, C)), "w_fc": rng.standard_normal((C, F)),
-         "w_proj": rng.standard_normal((F, C))}
-
-    def backward(dout, cache):
-        g = zeros_like(p, ["w_fc", "w_proj"])
-        g["x"] = relu2_mlp_backward(dout, cache, p["w_fc"], p["w_proj"], g["w_fc"], g["w_proj"])
-        return g
-
-    check_layer(lambda: relu2_mlp_forward(p["x"], p["w_fc"], p["w_proj"]), backward, p, list(p), rng)
-
 
 def test_relu2_mlp_is_gpt2s_relu2_mlp_without_biases(rng):
     """Forward as written out, relu(x @ w_fc)^2 @ w_proj, with some hidden units negative (the relu cuts
