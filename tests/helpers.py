@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -112,6 +113,11 @@ def after_each_update(then, setattr=setattr):
         opt.step = update_then
         return opt
     setattr(train, "make_optimizer", make_optimizer)
+
+
+def stop_at(step, monkeypatch):
+    """Make the next train.main() get a Ctrl-C right after update `step` (it saves there and exits 130)."""
+    after_each_update(lambda opt: opt.t == step and os.kill(os.getpid(), signal.SIGINT), monkeypatch.setattr)
 
 
 def wait_until(predicate, timeout=60, what="the condition", poll=0.005):

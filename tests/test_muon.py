@@ -1,7 +1,6 @@
 """Muon (optimizer.py): the Newton-Schulz iteration against the SVD's polar factor, the update against a
 hand-written one, its state in checkpoints, the GPU path, exact resume, and 2 ranks = 2 workers."""
 import os
-import signal
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import train
 from checkpoint import load_checkpoint
 from config import ModelConfig, param_shapes
 from device import to_host, whole_array_mode
-from helpers import (MPI_ENV, MPIEXEC, REPO, after_each_update, metrics, needs_mpi, numbers, same_arrays,
+from helpers import (MPI_ENV, MPIEXEC, REPO, metrics, needs_mpi, numbers, same_arrays, stop_at,
                      tiny_flags)
 from helpers import data  # noqa: F401  (a fixture)
 from language_model import LanguageModel
@@ -204,11 +203,6 @@ def test_a_gpu_step_stays_on_the_device_and_moves_the_weights_as_numpy(arch):
             assert all(type(v) is np.ndarray for v in state.values())
             moves.append(to_host(model.params.flat) - LanguageModel(cfg, seed=3).params.flat)
     assert np.max(np.abs(moves[1] - moves[0])) < 1e-3 * np.max(np.abs(moves[0]))
-
-
-def stop_at(step, monkeypatch):
-    """Make the next train.main() get a Ctrl-C right after update `step` (it saves there and exits 130)."""
-    after_each_update(lambda opt: opt.t == step and os.kill(os.getpid(), signal.SIGINT), monkeypatch.setattr)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -12,7 +12,7 @@ import pytest
 import train
 from checkpoint import load_checkpoint, load_model, read_meta
 from data_loader import load_dataset
-from helpers import IDENTITY, REPO, V, after_each_update, metrics, tiny_flags, write_data
+from helpers import IDENTITY, REPO, V, metrics, stop_at, tiny_flags, write_data
 from helpers import data  # noqa: F401  (a fixture)
 from evaluation import evaluate
 
@@ -279,11 +279,6 @@ def test_progress_bar_with_eta_on_a_terminal(data, tmp_path, monkeypatch):
     assert train.main(flags) == 0
     bar = err.getvalue()
     assert "20/20 [" in bar and "step/s" in bar and "<" in bar   # elapsed<remaining, rate
-
-
-def stop_at(step, monkeypatch):
-    """Make the next train.main() get a Ctrl-C right after update `step` (it saves there and exits 130)."""
-    after_each_update(lambda opt: opt.t == step and os.kill(os.getpid(), signal.SIGINT), monkeypatch.setattr)
 
 
 def test_resume_continues_the_interrupted_run_not_a_newer_checkpoint_of_an_older_run(data, tmp_path, monkeypatch,
