@@ -6,7 +6,7 @@ import pytest
 import fake_cupy
 from config import ModelConfig
 from device import to_host, whole_array_mode
-from dropout import LEVELS, DropoutKey, draw_masks, drop_threshold, mask_shapes
+from dropout import LEVELS, DropoutKey, draw_masks, drop_threshold, mask_shapes, row_numbers
 from language_model import LanguageModel
 from loss import count_targets
 from optimizer import AdamW, clip_grad_norm
@@ -25,6 +25,17 @@ def all_masks(masks):
 def batch(seed=0, B=6, T=12, V=50):
     tokens = np.random.default_rng(seed).integers(0, V, (B, T + 1))
     return tokens[:, :-1], tokens[:, 1:].copy()
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 4097])
+@pytest.mark.parametrize("seed", [[0, 2, 0, 0], [7, 2, 3, 5], [2**40, 2, 10**6, 31]])
+def test_row_numbers_are_the_generators_uint16_draws(seed, n):
+    """The masks' numbers read from the generator's raw outputs are the ones Generator.integers draws
+    (the masks of every run so far), including a count that leaves part of the last output unread."""
+    expected = np.random.default_rng(seed).integers(0, LEVELS, n, dtype=np.uint16)
+    got = row_numbers(seed, n)
+    assert got.dtype == np.uint16 and got.shape == (n,)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_masks_have_the_shapes_of_what_they_drop():
