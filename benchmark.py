@@ -19,6 +19,7 @@ the GPU memory CuPy's pool holds.
     python3 benchmark.py --device cuda                    # the Small model on an NVIDIA GPU (needs CuPy)
     python3 benchmark.py --dropout 0.1                    # also the step with dropout, timed alternately
     python3 benchmark.py --optimizer muon                 # the step with Muon's update instead of AdamW's
+    python3 benchmark.py --compare_workers 1              # also the step unsplit, BLAS on every core, alternately
     python3 benchmark.py --profile                        # where the step's time goes: each layer's forward
                                                           # and backward, the loss, the optimizer (any model flags)
 
@@ -144,12 +145,13 @@ def median_time(fn, repeats, xp=np):
     return float(np.median(times))
 
 
-def fixed_batch_step(cfg, B, T, device="cpu", dropout=0.0, optimizer="adamw"):
+def fixed_batch_step(cfg, B, T, device="cpu", dropout=0.0, optimizer="adamw", workers=None):
     """The model (seed 0) and its training step on one fixed batch of B random sequences of T tokens: what
     train.py does each step (forward, backward, gradient clipping at 1.0, the update at lr 3e-4 by --optimizer,
-    AdamW by default), less the data and the logging. Returns (model, step, batch): step(with_dropout=False) runs one step; batch (x, y) are
+    AdamW by default), less the data and the logging, the batch split over `workers` threads (default: one per
+    core, as train.py's --workers). Returns (model, step, batch): step(with_dropout=False) runs one step; batch (x, y) are
     the NumPy token ids, so that another implementation (scripts/torch_compare.py) can take the same ones."""
-    model = LanguageModel(replace(cfg, dropout=dropout), seed=0, device=device)
+    model = LanguageModel(replace(cfg, dropout=dropout), seed=0, device=device, workers=workers)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
     optimizer = build_optimizer(optimizer, model.params, weight_decay=0.01)  # --optimizer, adamw by default
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -177,10 +179,13 @@ def time_alternately(timed, rounds, xp=np):
     return times
 
 
-def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0.0, optimizer="adamw"):
+def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0.0, optimizer="adamw", workers=None,
+          compare_workers=None):
     """The step's and the matmuls' median times; with dropout > 0 also the step that drops with that
-    probability (its masks drawn anew each step), timed in turn with the others."""
-    model, step, _ = fixed_batch_step(cfg, B, T, device, dropout, optimizer)
+    probability (its masks drawn anew each step), timed in turn with the others. The step splits its batch
+    over `workers` threads (default: one per core); with `compare_workers` the same step split over that many
+    threads is timed in turn too (1: no split, BLAS on every core for each product)."""
+    model, step, _ = fixed_batch_step(cfg, B, T, device, dropout, optimizer, workers)
     xp = model.xp
 
     def dropout_step():
@@ -198,6 +203,10 @@ def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0
     timed = {"step": step, "matmul": mm.run, "peak": peak.run}
     if dropout:
         timed["dropout_step"] = dropout_step
+    if compare_workers is not None:
+        other, timed["compare_step"], _ = fixed_batch_step(cfg, B, T, device, dropout, optimizer, compare_workers)
+        compare_workers = other.workers  # on the GPU always 1
+        timed["compare_step"]()  # the first step allocates
     times = time_alternately(timed, steps, xp)
     t = {name: float(np.median(ts)) for name, ts in times.items()}
     t_step, t_mm = t["step"], t["matmul"]
@@ -206,7 +215,8 @@ def bench(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0
                 gflops=mm.flops / t_mm / 1e9, peak_gflops=peak_gflops, step_flops=mm.flops,
                 step_share=mm.flops / t_step / 1e9 / peak_gflops, matmul_share=mm.flops / t_mm / 1e9 / peak_gflops,
                 peak_mb=peak_mb, params=model.num_parameters(),
-                gpu_mb=None if gpu is None else gpu[1] / 2**20, dropout=dropout, dropout_step_s=t.get("dropout_step"))
+                gpu_mb=None if gpu is None else gpu[1] / 2**20, dropout=dropout, dropout_step_s=t.get("dropout_step"),
+                workers=model.workers, compare_workers=compare_workers, compare_step_s=t.get("compare_step"))
 
 
 def report(name, cfg, B, T, r):
@@ -231,13 +241,19 @@ def report(name, cfg, B, T, r):
         t, unit = (r["dropout_step_s"], "s") if r.get("gpu_mb") is None else (1000 * r["dropout_step_s"], "ms")
         print(f"  with dropout {r['dropout']}: step {t:.3f} {unit} "
               f"({100 * (r['dropout_step_s'] / r['step_s'] - 1):+.1f}% on the step without)", flush=True)
+    if r.get("compare_step_s") is not None:
+        print(f"  the batch split over {r['workers']} thread(s): step {r['step_s']:.3f} s; over "
+              f"{r['compare_workers']}: {r['compare_step_s']:.3f} s, {r['compare_step_s'] / r['step_s']:.2f} x the time over "
+              f"{r['workers']}",
+              flush=True)
 
 
-def profile(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0.0, optimizer="adamw"):
+def profile(cfg, B, T, steps=5, min_seconds=0.0, warmup=2, device="cpu", dropout=0.0, optimizer="adamw", workers=None):
     """Where a training step's time goes (step_profile.py): the seconds per step of each row, the profiled
     step's mean time (the rows' reference), the same step's median time without the profiler, and the
-    machine's matmul peak, all timed in turn; the matrix products' FLOP per row are MatmulsOnly's."""
-    model = LanguageModel(replace(cfg, dropout=dropout), seed=0, device=device)
+    machine's matmul peak, all timed in turn; the matrix products' FLOP per row are MatmulsOnly's. The batch
+    is split over `workers` threads (default: one per core)."""
+    model = LanguageModel(replace(cfg, dropout=dropout), seed=0, device=device, workers=workers)
     xp = model.xp
     optimizer = build_optimizer(optimizer, model.params, weight_decay=0.01)  # as bench()
     batches = random_batches(cfg.vocab_size, B, T)
@@ -431,6 +447,12 @@ def main(argv=None):
                     help="cpu (NumPy) or cuda: an NVIDIA GPU through CuPy (pip install cupy-cuda12x, or cupy-cuda13x)")
     ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw",
                     help="the update the step times, as train.py's --optimizer (weight decay 0.01)")
+    ap.add_argument("--workers", type=COUNT, default=None,
+                    help=f"threads the step splits its batch over, as train.py's --workers: {COUNT} (default: one per "
+                         "core; 1: no split, NumPy's BLAS runs each product on every core)")
+    ap.add_argument("--compare_workers", type=COUNT, default=None, metavar="N",
+                    help=f"also time the step with its batch split over N threads, alternately with the other: {COUNT} "
+                         "(1 against the default: splitting the batch against BLAS on every core)")
     args = ap.parse_args(argv)
     keep_freed_memory()
     try:
@@ -456,6 +478,8 @@ def run(args):
                                                   "device": args.device, "dropout": args.dropout,
                                                   "optimizer": args.optimizer}.items()]
             argv += ["--profile"] if args.profile else []
+            argv += [f"--{k}={v}" for k, v in (("workers", args.workers), ("compare_workers", args.compare_workers))
+                     if v is not None]
             subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
         return
     try:
@@ -466,11 +490,12 @@ def run(args):
         raise SystemExit(f"error: {e}") from None
     if args.profile:
         result = profile(cfg, args.batch_size, args.seq_len, steps=args.steps, min_seconds=args.min_seconds,
-                         device=args.device, dropout=args.dropout, optimizer=args.optimizer)
+                         device=args.device, dropout=args.dropout, optimizer=args.optimizer, workers=args.workers)
         report_profile(cfg, args.batch_size, args.seq_len, result)
         return
     result = bench(cfg, args.batch_size, args.seq_len, steps=args.steps, min_seconds=args.min_seconds,
-                   device=args.device, dropout=args.dropout, optimizer=args.optimizer)
+                   device=args.device, dropout=args.dropout, optimizer=args.optimizer, workers=args.workers,
+                   compare_workers=args.compare_workers)
     name = "model" if args.optimizer == "adamw" else f"model with {args.optimizer}"
     report(name, cfg, args.batch_size, args.seq_len, result)
 

@@ -107,3 +107,29 @@ def test_matmuls_only_counts_the_llama_blocks_products(activation, fc):
     forward_per_layer = 2 * N * (C * (H + 2 * Hkv) * hs + C * C + C * fc * F + F * C) + 2 * 2 * B * H * T * T * hs
     assert benchmark.MatmulsOnly(cfg, B, T).flops == 3 * forward_per_layer * L + 3 * 2 * N * C * V
     assert "small-llama" in benchmark.RUNS and benchmark.config_from_flags(benchmark.RUNS["small-llama"]).d_ff == 384
+
+
+def test_bench_times_the_step_split_two_ways():
+    """--workers and --compare_workers: the step split over each number of threads, both timed in the run."""
+    r = benchmark.bench(CFG, 4, 8, steps=2, warmup=1, workers=2, compare_workers=1)
+    assert r["workers"] == 2 and r["compare_workers"] == 1
+    assert r["step_s"] > 0 and r["compare_step_s"] > 0
+    assert benchmark.bench(CFG, 4, 8, steps=1, warmup=1, workers=1)["workers"] == 1
+
+
+def test_benchmark_prints_the_two_splits(monkeypatch, capsys):
+    seen = {}
+    figures = dict(step_s=0.5, matmul_s=0.25, ratio=2.0, tokens_per_s=32.0, gflops=7.0, peak_mb=123.0,
+                   params=4321, gpu_mb=None, step_flops=1.75e9, peak_gflops=10.0, step_share=0.35, matmul_share=0.7,
+                   workers=2, compare_workers=1, compare_step_s=0.8)
+
+    def bench(*args, **kwargs):
+        seen.update(kwargs)
+        return figures
+
+    monkeypatch.setattr(benchmark, "bench", bench)
+    benchmark.main(["--vocab_size", "64", "--d_model", "16", "--n_heads", "2", "--d_ff", "32", "--n_layers", "1",
+                    "--workers", "2", "--compare_workers", "1"])
+    assert seen["workers"] == 2 and seen["compare_workers"] == 1
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "  the batch split over 2 thread(s): step 0.500 s; over 1: 0.800 s, 1.60 x the time over 2")
