@@ -149,8 +149,8 @@ def fixed_batch_step(cfg, B, T, device="cpu", dropout=0.0, optimizer="adamw", wo
     """The model (seed 0) and its training step on one fixed batch of B random sequences of T tokens: what
     train.py does each step (forward, backward, gradient clipping at 1.0, the update at lr 3e-4 by --optimizer,
     AdamW by default), less the data and the logging, the batch split over `workers` threads (default: one per
-    core, as train.py's --workers). Returns (model, step, batch): step(with_dropout=False) runs one step; batch (x, y) are
-    the NumPy token ids, so that another implementation (scripts/torch_compare.py) can take the same ones."""
+    core, as train.py's --workers). Returns (model, step, batch): step(with_dropout=False) runs one step; batch
+    (x, y) are the NumPy token ids, so that another implementation (scripts/torch_compare.py) can take the same ones."""
     model = LanguageModel(replace(cfg, dropout=dropout), seed=0, device=device, workers=workers)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
     optimizer = build_optimizer(optimizer, model.params, weight_decay=0.01)  # --optimizer, adamw by default
@@ -242,9 +242,9 @@ def report(name, cfg, B, T, r):
         print(f"  with dropout {r['dropout']}: step {t:.3f} {unit} "
               f"({100 * (r['dropout_step_s'] / r['step_s'] - 1):+.1f}% on the step without)", flush=True)
     if r.get("compare_step_s") is not None:
+        ratio = r["compare_step_s"] / r["step_s"]
         print(f"  the batch split over {r['workers']} thread(s): step {r['step_s']:.3f} s; over "
-              f"{r['compare_workers']}: {r['compare_step_s']:.3f} s, {r['compare_step_s'] / r['step_s']:.2f} x the time over "
-              f"{r['workers']}",
+              f"{r['compare_workers']}: {r['compare_step_s']:.3f} s, {ratio:.2f} x the time over {r['workers']}",
               flush=True)
 
 

@@ -54,7 +54,8 @@ RUNS = {
     "llama_mpi2": ("gpt2", ["--workers", "1", *LLAMA], 2, "llama_workers2"),
     "llama_resumed": ("gpt2", ["--workers", "2", *LLAMA, "--resume", "{llama_workers2}/checkpoint_step_20.npz"], 1,
                       "llama_workers2"),
-    "llama_dropout_workers2": ("gpt2", ["--workers", "2", *LLAMA, "--dropout", "0.1", "--weight_decay", "0.2"], 1, None),
+    "llama_dropout_workers2": ("gpt2", ["--workers", "2", *LLAMA, "--dropout", "0.1", "--weight_decay", "0.2"], 1,
+                               None),
 }
 
 
