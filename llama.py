@@ -21,6 +21,8 @@ permutation: RoPE pairs dimension i of each head with dimension i + hs/2 (HF's r
 not the interleaved pairs of Meta's original code), frequencies theta^(-2i/hs); attn.c_attn's
 columns are [q heads | k heads | v heads], head-major as HF's q_proj/k_proj/v_proj rows, and
 mlp.c_fc's are [gate | up]. Weights are (in, out), x @ w, as everywhere in this repository.
+Inside a pass (not in the weights) each q and k head's dimensions are laid out pair by pair, i next to
+i + hs/2 (pair_order): a pair is then one complex number, and its rotation one complex product.
 Each layer is a forward/backward pair as in transformer.py: backward adds into the gradient
 arrays it is given. Dropout, in training only, goes where GPT-2's block has it: on the attention
 weights after the softmax and on each branch's output before its residual add (dropout.py's
@@ -35,7 +37,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from config import RMS_EPS, ROPE_THETA, llama_block_shapes
-from device import (BLOCK, blocks, column_sum, get_array_module, matmul_into, matmul_rows, row_dot_mean, to_device,
+from device import (blocks, column_sum, get_array_module, matmul_into, matmul_rows, row_dot_mean, to_device,
                     whole_arrays)
 from dropout import NO_DROPOUT, BlockMasks, DropoutMask, dropout_backward, dropout_forward, residual_add_inplace
 from transformer import (causal_softmax_inplace, qk_rms_norm_backward_inplace, qk_rms_norm_inplace,
@@ -92,36 +94,47 @@ def rope_angles(start, T, hs, theta=ROPE_THETA, dtype=np.float32, xp=np):
     return cos[start : start + T], sin[start : start + T]
 
 
-def rope_rotate_inplace(x, cos, sin):
-    """x (B, T, n, hs), n heads of q or k (a view into qkv), rotated in place: the pair of
-    dimensions (i, i + hs/2) of each head at position t turns by the angle of cos[t, i], sin[t, i]:
+def pair_order(hs):
+    """The order in which attention lays out each q and k head's hs dimensions during a pass: each rotary pair
+    (i, i + hs/2) side by side, 0, hs/2, 1, hs/2 + 1, ..., so that a pair is one complex number x1 + i x2 and
+    its rotation one complex product. The weights keep HF's order (attention multiplies x by w_attn's columns
+    in this order, and adds the gradients back in it); the scores q . k do not depend on it."""
+    half = hs // 2
+    return np.stack([np.arange(half), np.arange(half) + half], axis=1).reshape(-1)
 
-        x1' = x1 cos - x2 sin,   x2' = x2 cos + x1 sin        x1 = x[..., :hs/2], x2 = x[..., hs/2:]
 
-    in three passes, as HF's x cos + rotate_half(x) sin: r = (-x2 sin, x1 sin) from a view of x
-    with each head's halves swapped, then x *= (cos, cos), x += r. On the CPU a few positions of
-    one sequence at a time, so that the chain runs in cache, with the cosines tiled over the heads:
-    then NumPy runs the last two passes along whole rows of heads, not hs-long pieces."""
+_qk_pair_columns = {}
+
+
+def qk_pair_columns(H, Hkv, hs, xp=np):
+    """The columns of w_attn (C, (H + 2Hkv) hs) with each q and k head's in pair_order and the v heads' as
+    they are (made once per shape and array module)."""
+    key = (H, Hkv, hs, xp)
+    if key not in _qk_pair_columns:
+        heads = [j * hs + pair_order(hs) for j in range(H + Hkv)]
+        columns = np.concatenate(heads + [np.arange((H + Hkv) * hs, (H + 2 * Hkv) * hs)])
+        _qk_pair_columns[key] = to_device(columns, xp)
+    return _qk_pair_columns[key]
+
+
+def rope_rotate_pairs_inplace(x, cos, sin):
+    """x (B, T, n, hs), n heads of q or k in pair_order (a view into qkv), rotated in place: the pair i of
+    each head at position t, the complex number x1 + i x2, times e^(i angle) = cos[t, i] + i sin[t, i]:
+
+        x1' = x1 cos - x2 sin,   x2' = x2 cos + x1 sin
+
+    One pass of complex products over a complex view of x (hs/2 numbers a head). On the CPU a sequence at a
+    time, against the angles tiled over the heads, so that NumPy runs it along whole rows of heads."""
     xp = get_array_module(x)
     B, T, n, hs = x.shape
-    half = hs // 2
-    cos2 = xp.concatenate([cos, cos], axis=-1)[:, None]  # (T, 1, hs)
-    sin2 = xp.stack([-sin, sin], axis=1)[:, None]  # (T, 1, 2, hs/2): the factors of the swapped halves (x2, x1)
+    pairs = x.view(np.result_type(x.dtype, np.complex64))  # (B, T, n, hs/2): the last axis is contiguous
+    turn = (cos + 1j * sin).astype(pairs.dtype)[:, None]  # (T, 1, hs/2)
     if whole_arrays(x):
-        pieces = [(x, cos2, sin2)]  # broadcast over batch and heads
-        scratch = xp.empty((B, T, n, hs), x.dtype)
-    else:
-        cos2 = xp.tile(cos2, (1, n, 1))  # (T, n, hs), each head's row of cosines side by side
-        step = max(1, BLOCK // (n * hs))  # positions per block
-        pieces = ((x[b, t : t + step], cos2[t : t + step], sin2[t : t + step])
-                  for b in range(B) for t in range(0, T, step))
-        scratch = xp.empty((min(step, T), n, hs), x.dtype)
-    for xb, c, s in pieces:
-        r = scratch[: len(xb)]
-        swapped = xb.reshape(*xb.shape[:-1], 2, half)[..., ::-1, :]  # (..., n, 2, hs/2): (x2, x1) of each head, a view
-        xp.multiply(swapped, s, out=r.reshape(swapped.shape))  # r = (-x2 sin, x1 sin)
-        xb *= c
-        xb += r
+        pairs *= turn  # broadcast over batch and heads
+        return
+    turn = xp.tile(turn, (1, n, 1))  # (T, n, hs/2), each head's row side by side
+    for b in range(B):
+        pairs[b] *= turn
 
 
 class RopeCache(NamedTuple):
@@ -130,20 +143,28 @@ class RopeCache(NamedTuple):
 
 
 def rope_forward(x, start=0, theta=ROPE_THETA):
-    """(B, T, n, hs) -> (B, T, n, hs): x rotated at positions start .. start+T-1, into a new array
-    (attention rotates its q and k in place instead)."""
-    cos, sin = rope_angles(start, x.shape[1], x.shape[-1], theta, x.dtype, get_array_module(x))
-    out = x.copy()
-    rope_rotate_inplace(out, cos, sin)
-    return out, RopeCache(cos, sin)
+    """(B, T, n, hs) -> (B, T, n, hs): x rotated at positions start .. start+T-1, into a new array, the
+    dimensions in HF's order (attention rotates its q and k in place instead, in pair order)."""
+    xp = get_array_module(x)
+    cos, sin = rope_angles(start, x.shape[1], x.shape[-1], theta, x.dtype, xp)
+    return _rotate_in_pair_order(x, cos, sin), RopeCache(cos, sin)
+
+
+def _rotate_in_pair_order(x, cos, sin):
+    """x (B, T, n, hs) in HF's order rotated into a new array: put in pair order, turned, put back."""
+    xp = get_array_module(x)
+    order = to_device(pair_order(x.shape[-1]), xp)
+    pairs = xp.take(x, order, axis=-1)  # a C-contiguous copy
+    rope_rotate_pairs_inplace(pairs, cos, sin)
+    out = xp.empty_like(x)
+    out[..., order] = pairs
+    return out
 
 
 def rope_backward(dout, cache):
     """Forward was out = R(angle) x, a rotation: R is orthogonal, so dx = R^T dout = R(-angle) dout,
     the inverse rotation (cos(-a) = cos a, sin(-a) = -sin a). Returns dx."""
-    dx = dout.copy()
-    rope_rotate_inplace(dx, cache.cos, -cache.sin)
-    return dx
+    return _rotate_in_pair_order(dout, cache.cos, -cache.sin)
 
 
 def rotate_half(x):
@@ -166,8 +187,8 @@ def rope_reference(x, start=0, theta=ROPE_THETA):
 
 class LlamaAttentionCache(NamedTuple):
     x: np.ndarray  # (B, T, C) input
-    q: np.ndarray  # (B, Hkv, G*T, hs) the queries rotated (QK-norm: normalised), divided by sqrt(hs) (stack_groups)
-    k: np.ndarray  # (B, Hkv, S, hs) rotated; QK-norm: normalised too
+    q: np.ndarray  # (B, Hkv, G*T, hs) queries rotated (QK-norm: normalised), / sqrt(hs), in pair_order (stack_groups)
+    k: np.ndarray  # (B, Hkv, S, hs) rotated, QK-norm: normalised too; in pair_order, as the key/value cache keeps them
     v: np.ndarray  # (B, Hkv, S, hs)
     att: np.ndarray  # (B, Hkv, G*T, S) softmax probabilities
     y: np.ndarray  # (B, T, C) heads re-assembled, input of the output projection
@@ -222,19 +243,20 @@ def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_th
     H = n_heads
     Hkv = n_kv_heads or H
     hs, G = C // H, H // Hkv
-    qkv = matmul_rows(x, w_attn)  # (B, T, C) -> (B, T, (H + 2Hkv) hs)
+    columns = qk_pair_columns(H, Hkv, hs, xp)  # w_attn's columns with the q and k heads in pair order
+    qkv = matmul_rows(x, w_attn[:, columns])  # (B, T, C) -> (B, T, (H + 2Hkv) hs)
     start = kv.length if kv is not None else 0
     cos, sin = rope_angles(start, T, hs, rope_theta, x.dtype, xp)
     heads = qkv.reshape(B, T, H + 2 * Hkv, hs)  # a view
     qk_heads = heads[:, :, : H + Hkv]  # (B, T, H + Hkv, hs) the q and k heads, a view
     qk_rstd = None
     if qk_norm:  # rotated, normalised, then q scaled
-        rope_rotate_inplace(qk_heads, cos, sin)  # at positions start .. start+T-1
+        rope_rotate_pairs_inplace(qk_heads, cos, sin)  # at positions start .. start+T-1
         qk_rstd = qk_rms_norm_inplace(qk_heads, eps)  # (B, T, H + Hkv, 1)
         qkv[..., :C] *= 1.0 / math.sqrt(hs)  # the scores' scale, applied to q
     else:  # q scaled, then rotated
         qkv[..., :C] *= 1.0 / math.sqrt(hs)
-        rope_rotate_inplace(qk_heads, cos, sin)
+        rope_rotate_pairs_inplace(qk_heads, cos, sin)
     q = stack_groups(heads[:, :, :H].reshape(B, T, Hkv, G, hs).transpose(0, 2, 3, 1, 4))  # (B, Hkv, G*T, hs)
     k = heads[:, :, H : H + Hkv].transpose(0, 2, 1, 3)  # (B, Hkv, T, hs)
     v = heads[:, :, H + Hkv :].transpose(0, 2, 1, 3)
@@ -290,7 +312,7 @@ def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
     if qk_rstd is None:
         # forward was: q scaled by 1 / sqrt(hs), then q, k = R(angle) q, R(angle) k; the inverse rotation
         # takes their gradients back
-        rope_rotate_inplace(dqk_heads, cos, -sin)
+        rope_rotate_pairs_inplace(dqk_heads, cos, -sin)
         dqkv[..., :C] *= 1.0 / math.sqrt(hs)
     else:
         # forward was: q, k rotated, each head divided by its rms, then q scaled by 1 / sqrt(hs)
@@ -299,10 +321,12 @@ def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
         k_hat = k.transpose(0, 2, 1, 3)  # (B, T, Hkv, hs)
         qk_rms_norm_backward_inplace(dheads[:, :, :H], q_hat, qk_rstd[:, :, :H])
         qk_rms_norm_backward_inplace(dheads[:, :, H : H + Hkv], k_hat, qk_rstd[:, :, H:])
-        rope_rotate_inplace(dqk_heads, cos, -sin)
-    # forward was: qkv = x @ w_attn
-    dw_attn += x.reshape(-1, C).T @ dqkv.reshape(B * T, -1)  # (C, (H + 2Hkv) hs)
-    return matmul_rows(dqkv, w_attn.T)  # (B, T, (H + 2Hkv) hs) -> (B, T, C)
+        rope_rotate_pairs_inplace(dqk_heads, cos, -sin)
+    # forward was: qkv = x @ w_attn[:, columns], the q and k heads in pair order
+    columns = qk_pair_columns(H, Hkv, hs, xp)
+    dw_attn[:, columns] += x.reshape(-1, C).T @ dqkv.reshape(B * T, -1)  # (C, (H + 2Hkv) hs), each into its column
+    # (columns is a permutation: no column repeats, so the += through the index adds every one)
+    return matmul_rows(dqkv, w_attn[:, columns].T)  # (B, T, (H + 2Hkv) hs) -> (B, T, C)
 
 
 # ----------------------------------------------------------------------------- SwiGLU feed-forward

@@ -102,7 +102,7 @@ def targets(optimizer):
             t.append(Target(module, f"{function}_backward", row, BACKWARD))
         t.append(Target(module, "causal_softmax_inplace", "softmax", FORWARD))
         t.append(Target(module, "softmax_backward_inplace", "softmax", BACKWARD))
-    t.append(Target(llama, "rope_rotate_inplace", "rope", None))  # forward turns q, k; backward turns back
+    t.append(Target(llama, "rope_rotate_pairs_inplace", "rope", None))  # forward turns q, k; backward turns back
     return t
 
 
