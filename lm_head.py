@@ -92,7 +92,8 @@ def lm_head_loss(h, w_out, targets, dw_out=None, workspace=None, rows_per_chunk=
     dh = slope_buf = None
     if training:
         dh = xp.empty_like(h)  # (N, C)
-        dw_chunk = ws.get("dw_out", (V, C), h.dtype, xp)
+        dw_sum = ws.get("dw_out_t", (C, V), h.dtype, xp)  # the transpose of dw_out's part: the chunks' added up
+        dw_chunk = ws.get("dw_out_t_chunk", (C, V), h.dtype, xp) if N > R else None
         h_scaled = ws.get("h_scaled", (R, C), h.dtype, xp)
         if softcap:
             slope_buf = ws.get("softcap_slope", (R, V), h.dtype, xp)
@@ -113,6 +114,12 @@ def lm_head_loss(h, w_out, targets, dw_out=None, workspace=None, rows_per_chunk=
             xp.matmul(logits, w_out, out=dh[r0:r1])  # (R, V) @ (V, C) -> (R, C)
             dh[r0:r1] *= row_scale[:, None]
             xp.multiply(h[r0:r1], row_scale[:, None], out=h_scaled[: r1 - r0])
-            xp.matmul(logits.T, h_scaled[: r1 - r0], out=dw_chunk)  # (V, R) @ (R, C) -> (V, C)
-            dw_out += dw_chunk
+            # dw_out += logits.T @ h_scaled, made as its transpose: BLAS runs (C, R) @ (R, V), R rows summed into
+            # a short wide result, about a tenth faster than (V, R) @ (R, C) (2-3% of the guide's steps)
+            first = r0 == 0
+            xp.matmul(h_scaled[: r1 - r0].T, logits, out=dw_sum if first else dw_chunk)  # (C, R) @ (R, V) -> (C, V)
+            if not first:
+                dw_sum += dw_chunk
+    if training:
+        dw_out += dw_sum.T  # (C, V) -> (V, C), once a pass
     return loss_sum, n_correct, n_counted, dh
