@@ -37,10 +37,11 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from config import RMS_EPS, ROPE_THETA, llama_block_shapes
-from device import (blocks, column_sum, get_array_module, matmul_into, matmul_rows, row_dot_mean, to_device,
+from device import (blocks, column_sum, get_array_module, matmul_rows, row_dot_mean, to_device,
                     whole_arrays)
 from dropout import NO_DROPOUT, BlockMasks, DropoutMask, dropout_backward, dropout_forward, residual_add_inplace
-from transformer import (causal_softmax_inplace, qk_rms_norm_backward_inplace, qk_rms_norm_inplace,
+from transformer import (causal_scores_into, causal_softmax_inplace, causal_weights_matmul_into,
+                         causal_weights_t_matmul_into, qk_rms_norm_backward_inplace, qk_rms_norm_inplace,
                          relu2_backward_inplace, relu2_forward, softmax_backward_inplace)
 
 # ----------------------------------------------------------------------------- RMSNorm
@@ -216,9 +217,13 @@ def unstack_groups(a, T):
 
 
 def matmul_groups_into(a, b, out):
-    """out (B, Hkv, G, T, n), a strided view, = a (B, Hkv, G*T, k) @ b (B, Hkv, k, n), the stacked
-    rows put back under their query heads."""
-    if whole_arrays(out):
+    """out (B, Hkv, G, T, n), a strided view, = a (B, Hkv, G*T, S) @ b (B, Hkv, S, n), the stacked
+    rows put back under their query heads; a: the causal attention weights or their gradient. With one
+    query head per key/value head (G = 1) they are each head's plain (T, S) weights, which
+    transformer.causal_weights_matmul_into multiplies by blocks of queries."""
+    if out.shape[2] == 1:
+        causal_weights_matmul_into(a, b, out[:, :, 0])
+    elif whole_arrays(out):
         out[...] = (a @ b).reshape(out.shape)
     else:  # NumPy writes straight into the view, b broadcast over the group
         B, Hkv, G, T, n = out.shape
@@ -265,7 +270,8 @@ def llama_attention_forward(x, w_attn, w_proj, n_heads, n_kv_heads=None, rope_th
         kv.v[layer][:, :, start : start + T] = v
         k = kv.k[layer][:, :, : start + T]  # (B, Hkv, S, hs)
         v = kv.v[layer][:, :, : start + T]
-    att = q @ k.transpose(0, 1, 3, 2)  # (B, Hkv, G*T, hs) @ (B, Hkv, hs, S) -> (B, Hkv, G*T, S)
+    att = xp.empty((B, Hkv, G * T, k.shape[2]), x.dtype)
+    causal_scores_into(q, k.transpose(0, 1, 3, 2), att, -np.inf)  # (B, Hkv, G*T, hs) @ (B, Hkv, hs, S) -> (.., G*T, S)
     causal_softmax_inplace(att.reshape(B, Hkv, G, T, -1))  # each query head's (T, S) scores, a view
     if att_mask is not None:  # (B, H, T, S) -> (B, Hkv, G*T, S), a view: head j = G * (j // G) + j % G
         att_mask = att_mask._replace(keep=att_mask.keep.reshape(att.shape))
@@ -298,15 +304,16 @@ def llama_attention_backward(dout, cache, w_attn, w_proj, dw_attn, dw_proj):
     # gradients the product over those rows adds up; weights = dropout(att) (recomputed: cheaper than
     # keeping it) or att
     weights = att if att_mask is None else dropout_forward(att, att_mask)
-    datt = dy @ v.transpose(0, 1, 3, 2)  # (B, Hkv, G*T, S) dweights
-    matmul_into(weights.transpose(0, 1, 3, 2), dy, dv)  # (S, G*T) @ (G*T, hs)
+    datt = xp.empty_like(att)
+    causal_scores_into(dy, v.transpose(0, 1, 3, 2), datt, 0.0)  # (B, Hkv, G*T, S) dweights
+    causal_weights_t_matmul_into(weights, dy, dv)  # (S, G*T) @ (G*T, hs)
     if att_mask is not None:
         dropout_backward(datt, att_mask, out=datt)  # dweights -> datt
     # forward was: att = softmax(pre); masked entries have att = 0, so they get no gradient
     softmax_backward_inplace(datt, att)
     # forward was: pre = q @ k.T, both rotated, q already divided by sqrt(hs)
     matmul_groups_into(datt, k, dq)  # (B, Hkv, G*T, S) @ (B, Hkv, S, hs)
-    matmul_into(datt.transpose(0, 1, 3, 2), q, dk)  # (S, G*T) @ (G*T, hs)
+    causal_weights_t_matmul_into(datt, q, dk)  # (S, G*T) @ (G*T, hs)
     dqk_heads = dheads[:, :, : H + Hkv]  # (B, T, H + Hkv, hs) the q and k heads' gradients, a view
     dqkv = dheads.reshape(B, T, (H + 2 * Hkv) * hs)
     if qk_rstd is None:

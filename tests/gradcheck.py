@@ -15,6 +15,16 @@ def array_path(request):
         yield request.param
 
 
+@pytest.fixture(params=["whole", "by blocks of one query"])
+def causal_blocks(request, monkeypatch):
+    """Attention's causal products made whole, or by blocks (transformer.CAUSAL_BLOCK) of one query, so that the
+    block path runs at the tests' few positions (at least two blocks: T >= 2)."""
+    if request.param != "whole":
+        import transformer
+        monkeypatch.setattr(transformer, "CAUSAL_BLOCK", 1)
+    return request.param
+
+
 def zeros_like(d, names):
     """{name: zeros shaped as d[name]} for the names: gradient buffers to add into."""
     return {k: np.zeros_like(d[k]) for k in names}

@@ -4,6 +4,7 @@ import pytest
 
 from embeddings import embedding_backward, embedding_forward, sinusoidal_positions
 from gradcheck import array_path  # noqa: F401  (autouse: every test here runs on both array paths)
+from gradcheck import causal_blocks  # noqa: F401  (a fixture: attention's products whole and by blocks)
 from gradcheck import block_masks, check_layer, fixed_mask, numerical_gradient, rel_error, zeros_like
 from config import ModelConfig, gpt2_block_shapes
 from dropout import dropout_backward, dropout_forward, residual_add_inplace
@@ -68,7 +69,7 @@ def attention_params(rng, C=8):
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("dropout", [False, True])  # True: a fixed dropout mask on the attention weights
 @pytest.mark.parametrize("scale", [1, 8])  # 8: scores in the hundreds, past what exp takes unshifted
-def test_attention(rng, scale, dropout, qk_norm):
+def test_attention(rng, scale, dropout, qk_norm, causal_blocks):
     p = attention_params(rng)
     p["w_attn"] *= scale
     mask = fixed_mask(rng, (2, 2, 3, 3)) if dropout else None
@@ -128,7 +129,7 @@ def attention_reference(x, w_attn, b_attn, w_proj, b_proj, H, qk_norm_eps=None):
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_attention_matches_the_plain_formula(rng, qk_norm):
+def test_attention_matches_the_plain_formula(rng, qk_norm, causal_blocks):
     p = attention_params(rng)
     p["x"] = rng.standard_normal((2, 5, 8))
     args = (p["x"], p["w_attn"], p["b_attn"], p["w_proj"], p["b_proj"])
@@ -383,3 +384,36 @@ def test_head_loss_accumulates_into_gradients(rng):
     preset = np.ones((5, 4))
     lm_head_loss(h, w_out, targets, preset)
     np.testing.assert_allclose(preset, fresh + 1, rtol=1e-12)
+
+
+@pytest.mark.parametrize("T", [128, 160])  # two blocks of 64 queries; three, the last of 32
+def test_causal_products_by_blocks_are_the_whole_products(rng, T, array_path):
+    """At the real block size, in float32 as training runs: transformer's causal products by blocks of queries
+    against the plain products of the whole (T, T) weights (zero after each query's own key)."""
+    import transformer
+    B, H, hs = 2, 3, 32
+    q, k, v = (rng.standard_normal((B, H, T, hs)).astype(np.float32) for _ in range(3))
+    causal = np.tril(np.ones((T, T), bool))
+    scores = np.empty((B, H, T, T), np.float32)
+    transformer.causal_scores_into(q, k.swapaxes(-1, -2), scores, -np.inf)
+    np.testing.assert_allclose(scores[..., causal], (q @ k.swapaxes(-1, -2))[..., causal], rtol=1e-5, atol=1e-6)
+    att = scores.copy()
+    causal_softmax_inplace(att)
+    whole = q @ k.swapaxes(-1, -2)
+    causal_softmax_inplace(whole)
+    np.testing.assert_allclose(att, whole, rtol=1e-6, atol=1e-7)
+    assert np.all(att[..., ~causal] == 0)
+    out = np.empty((B, H, T, hs), np.float32)
+    transformer.causal_weights_matmul_into(att, v, out)
+    np.testing.assert_allclose(out, att @ v, rtol=1e-5, atol=1e-6)
+    transformer.causal_weights_t_matmul_into(att, v, out)
+    np.testing.assert_allclose(out, att.swapaxes(-1, -2) @ v, rtol=1e-5, atol=1e-6)
+    grad = np.full((B, H, T, T), np.nan, np.float32)
+    transformer.causal_scores_into(q, k.swapaxes(-1, -2), grad, 0.0)
+    blocks = transformer.causal_blocks(T, T, grad)
+    if array_path == "whole arrays":  # the GPU's path makes them whole
+        assert blocks is None
+        return
+    assert len(blocks) == -(-T // 64)
+    for start, end in blocks:  # every entry written: the products up to the block's last query, then the fill
+        assert np.all(grad[..., start:end, end:] == 0) and np.isfinite(grad[..., start:end, :end]).all()

@@ -9,6 +9,7 @@ import fake_cupy
 from device import to_device, to_host, whole_array_mode
 from embeddings import embedding_backward
 from gradcheck import array_path  # noqa: F401  (autouse: every test here runs on both array paths)
+from gradcheck import causal_blocks  # noqa: F401  (a fixture: attention's products whole and by blocks)
 from gradcheck import block_masks, check_layer, fixed_mask, numerical_gradient, rel_error, zeros_like
 from config import LLAMA_FEED_FORWARDS, RMS_EPS, ModelConfig, llama_block_shapes, swiglu_hidden
 from device import blocks
@@ -217,7 +218,7 @@ def attention_params(rng, C=8, H=2, Hkv=2, T=3, scale=1.0):
 @pytest.mark.parametrize("H, Hkv", [(2, 2), (4, 2), (4, 1)])  # multi-head, grouped-query (G = 2), one key/value head
 @pytest.mark.parametrize("scale", [1, 8])  # 8: scores in the hundreds, past what exp takes unshifted
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_attention(rng, H, Hkv, scale, dropout, qk_norm):
+def test_attention(rng, H, Hkv, scale, dropout, qk_norm, causal_blocks):
     p = attention_params(rng, H=H, Hkv=Hkv, scale=scale)
     mask = fixed_mask(rng, (2, H, 3, 3)) if dropout else None
 
@@ -271,7 +272,7 @@ def attention_reference(x, w_attn, w_proj, H, Hkv, theta=10000.0, qk_norm_eps=No
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("H, Hkv", [(2, 2), (4, 1), (4, 2)])
-def test_attention_matches_the_hf_formula(rng, H, Hkv, qk_norm):
+def test_attention_matches_the_hf_formula(rng, H, Hkv, qk_norm, causal_blocks):
     p = attention_params(rng, C=16, H=H, Hkv=Hkv, T=6)
     out, _ = llama_attention_forward(p["x"], p["w_attn"], p["w_proj"], H, Hkv, rope_theta=100.0, qk_norm=qk_norm,
                                      eps=1e-5)
@@ -281,7 +282,7 @@ def test_attention_matches_the_hf_formula(rng, H, Hkv, qk_norm):
 
 @pytest.mark.parametrize("qk_norm", [False, True])  # True: the keys cached rotated and normalised
 @pytest.mark.parametrize("H, Hkv", [(2, 2), (4, 2)])
-def test_kv_cache_gives_the_same_attention_as_a_full_pass(rng, H, Hkv, qk_norm):
+def test_kv_cache_gives_the_same_attention_as_a_full_pass(rng, H, Hkv, qk_norm, causal_blocks):
     """Pieces at positions 0-2, 3, 4-5, 6: each rotated at its own positions, keys stored rotated."""
     C, T = 8, 7
     p = attention_params(rng, C=C, H=H, Hkv=Hkv, T=T)
