@@ -315,6 +315,17 @@ def given_flags(parser, argv):
     return {name for name, value in vars(ns).items() if value is not unset}
 
 
+def take_preset(parser, argv, args):
+    """For a script that takes some of train.py's flags and --preset (scripts/torch_compare.py, compare_trees.py):
+    the preset's values of its flags that argv leaves out, set on args; the flags given win. Returns args."""
+    if args.preset:
+        flags, given = vars(args), given_flags(parser, argv)
+        for name, value in PRESETS[args.preset].items():
+            if name in flags and name not in given:
+                flags[name] = value
+    return args
+
+
 def apply_defaults(args, given, init=None):
     """Flags not given take --init_from's values (init: its (ModelConfig, config.json), whose architecture
     wins; --seq_len its context), then --preset's (its --time_budget not when --max_steps is given),

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from benchmark import add_model_flags  # noqa: E402
 from errors import UserError  # noqa: E402
 from flag_types import COUNT, PROBABILITY, Parser  # noqa: E402
-from train_flags import PRESETS, config_from_flags, given_flags  # noqa: E402
+from train_flags import PRESETS, config_from_flags, take_preset  # noqa: E402
 
 # What each checkout's process runs (its directory first on the path): argv the model's fields that differ
 # from their defaults and (B, T, dropout) as JSON; then one line "n" on stdin -> n step times on stdout.
@@ -148,13 +148,7 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=COUNT, default=5, help=f"rounds, each checkout in turn: {COUNT} (default 5)")
     ap.add_argument("--steps", type=COUNT, default=3,
                     help=f"timed steps of each checkout a round, whose median the round reports: {COUNT} (default 3)")
-    args = ap.parse_args(argv)
-    if args.preset:  # the preset's model and batch, under the flags given
-        flags, given = vars(args), given_flags(ap, argv)
-        for name, value in PRESETS[args.preset].items():
-            if name in flags and name not in given:
-                flags[name] = value
-    return args
+    return take_preset(ap, argv, ap.parse_args(argv))  # the preset's model and batch, under the flags given
 
 
 def main(argv=None):

@@ -44,7 +44,7 @@ from llama import rope_angles  # noqa: E402
 from loss import count_targets  # noqa: E402
 from optimizer import decay_mask  # noqa: E402
 from parallel import blas_controller  # noqa: E402
-from train_flags import PRESETS, config_from_flags, given_flags  # noqa: E402
+from train_flags import config_from_flags, take_preset  # noqa: E402
 
 try:
     import torch
@@ -385,13 +385,7 @@ def parse_args(argv):
                     help="leave torch.compile out (eager only): a machine without a C++ compiler, or a quick look")
     ap.add_argument("--check", action="store_true",
                     help="only check that PyTorch's model computes ours (loss, gradients, one step) and exit")
-    args = ap.parse_args(argv)
-    if args.preset:  # the preset's model and batch, under the flags given
-        flags, given = vars(args), given_flags(ap, argv)
-        for name, value in PRESETS[args.preset].items():
-            if name in flags and name not in given:
-                flags[name] = value
-    return args
+    return take_preset(ap, argv, ap.parse_args(argv))  # the preset's model and batch, under the flags given
 
 
 def main(argv=None):
