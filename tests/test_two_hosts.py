@@ -20,7 +20,7 @@ import pytest
 from checkpoint import load_checkpoint
 from distributed import EXIT_RANK_LOST
 from helpers import (MPI_ENV, MPIEXEC, mpi_flavour, needs_mpi, newest_checkpoint_resumes, numbers, same_arrays,
-                     tiny_flags, wait_for_rank_pid, wait_for_steps)
+                     tiny_flags, wait_for_rank_pid, wait_for_steps, wait_until)
 from helpers import data  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,14 +90,11 @@ class Hosts:
         return [pid for ns in self.ns.values() for pid in sh("ip", "netns", "pids", ns).stdout.split()]
 
     def wait_until_idle(self, ranks, timeout=10):
-        """True once the ranks' processes have ended (their files closed: the save_dir's lock dropped) and
-        no process is left on either host. mpiexec may return while a killed rank is still exiting."""
-        t = time.monotonic()
-        while any(running(pid) for pid in ranks) or self.processes():
-            if time.monotonic() - t > timeout:
-                return False
-            time.sleep(0.1)
-        return True
+        """Wait until the ranks' processes have ended (their files closed: the save_dir's lock dropped) and no
+        process is left on either host (an AssertionError after timeout seconds). mpiexec may return while a
+        killed rank is still exiting."""
+        wait_until(lambda: not any(running(pid) for pid in ranks) and not self.processes(), timeout,
+                   "the end of the job's processes", poll=0.1)
 
     def bytes_sent(self, addr):
         """Bytes the host at addr has sent over its link so far."""
@@ -205,7 +202,7 @@ def test_a_rank_killed_on_the_other_host_ends_the_job_naming_it(hosts, data, tmp
     assert rc != 0 and time.monotonic() - t < 30
     assert f"hostB: 1={pid}" in output, output
     assert f"PID {pid} RUNNING AT 10.77.0.2" in output, output
-    assert hosts.wait_until_idle([wait_for_rank_pid(save_dir, 0), pid]), "processes of the job still run"
+    hosts.wait_until_idle([wait_for_rank_pid(save_dir, 0), pid])
     newest_checkpoint_resumes(data, save_dir)
 
 
@@ -231,7 +228,7 @@ def test_a_rank_hung_on_the_other_host_ends_the_job_after_rank_timeout(hosts, da
         except ProcessLookupError:
             pass
     assert rc == EXIT_RANK_LOST and 2 <= time.monotonic() - t < 30
-    assert hosts.wait_until_idle([wait_for_rank_pid(save_dir, 0), pid]), "processes of the job still run"
+    hosts.wait_until_idle([wait_for_rank_pid(save_dir, 0), pid])
     newest = newest_checkpoint_resumes(data, save_dir)
     assert ("error: no answer from the other ranks for 2 s: one of ranks 1, on other machines, died or hangs, "
             f"so the MPI job stops (seen by rank 0). Resume from {newest}") in output, output
